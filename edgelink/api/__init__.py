@@ -1,0 +1,1 @@
+"""Endpoint handlers, grouped by the API.md section they implement."""

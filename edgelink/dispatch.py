@@ -1,0 +1,89 @@
+"""The glue between the transport and the handlers: correlation id, CORS, routing, auth,
+error rendering, metrics and the access log, the same for every request."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from .gateway import auth
+from .http import cors
+from .http.messages import HTTPError, Request, Response, empty_response, error_response
+from .http.router import Router
+from .http.server import WsHandler
+from .log import log
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+
+class Dispatcher:
+    def __init__(self, router: Router, runtime: "Runtime"):
+        self.router = router
+        self.runtime = runtime
+
+    async def handle(self, req: Request) -> Response:
+        started = time.perf_counter()
+        settings = self.runtime.settings
+        req.app = self.runtime
+        req.correlation_id = auth.correlation_id(req.headers.get("x-correlation-id"))
+        origin = req.headers.get("origin")
+        try:
+            if req.method == "OPTIONS" and settings.cors_origins and origin is not None:
+                response = self._preflight(req, origin)
+            else:
+                route, req.params = self.router.match(req.method, req.path)
+                req.route = route.template
+                if not route.public and settings.enable_auth:
+                    auth.check_token(settings.token, req.headers.get("x-vx11-token"))
+                response = await route.handler(req)
+        except HTTPError as exc:
+            exc.extra.setdefault("correlation_id", req.correlation_id)
+            response = exc.response()
+        except Exception as exc:  # a bug of ours: log it with the id, never show a traceback
+            log.error("handler_failed", error=repr(exc), path=req.path, method=req.method,
+                      correlation_id=req.correlation_id)
+            response = error_response(500, "internal_error", correlation_id=req.correlation_id)
+        response.headers.append((b"x-correlation-id", req.correlation_id.encode()))
+        if settings.cors_origins:
+            response.headers.extend(cors.response_headers(settings.cors_origins, origin))
+        elapsed = time.perf_counter() - started
+        route_label = req.route or "unmatched"
+        metrics = self.runtime.metrics
+        metrics.requests.inc(route_label, req.method, str(response.status))
+        metrics.latency.observe(elapsed, route_label)
+        if settings.access_log:
+            log.info("access", method=req.method, path=req.path, status=response.status,
+                     duration_ms=round(elapsed * 1000, 3), client=req.client and req.client[0],
+                     correlation_id=req.correlation_id)
+        return response
+
+    def _preflight(self, req: Request, origin: str) -> Response:
+        settings = self.runtime.settings
+        allow = self.router.allowed_methods(req.path)
+        if allow is None:
+            raise HTTPError(404, "not_found", detail=f"no route for {req.path}")
+        if not cors.origin_allowed(settings.cors_origins, origin):
+            raise HTTPError(403, "forbidden", detail="origin not allowed")
+        return empty_response(204, cors.preflight_headers(settings.cors_origins, origin, allow))
+
+    def websocket(self, req: Request) -> Response | WsHandler:
+        """Decide on an upgrade before the handshake is answered: a Response refuses it."""
+        settings = self.runtime.settings
+        req.app = self.runtime
+        req.correlation_id = auth.correlation_id(req.headers.get("x-correlation-id"))
+        try:
+            route, req.params = self.router.match(req.method, req.path, websocket=True)
+            req.route = route.template
+            if not cors.origin_allowed(settings.cors_origins, req.headers.get("origin")):
+                raise HTTPError(403, "forbidden", detail="origin not allowed")
+            if not route.public and settings.enable_auth:
+                auth.check_token(settings.token, req.headers.get("x-vx11-token") or req.query.get("token"))
+        except HTTPError as exc:
+            exc.extra.setdefault("correlation_id", req.correlation_id)
+            self.runtime.metrics.requests.inc(req.route or "unmatched", "GET", str(exc.status))
+            log.info("websocket_refused", status=exc.status, error=exc.code, path=req.path,
+                     correlation_id=req.correlation_id)
+            return exc.response()
+        self.runtime.metrics.requests.inc(route.template, "GET", "101")
+        return lambda ws: route.handler(ws)

@@ -1,0 +1,522 @@
+"""The HTTP/1.1 server: an asyncio protocol over h11, handing upgraded connections to wsproto.
+
+Theory of operation. Each connection is an ``HttpProtocol`` in one of these phases:
+
+    IDLE     waiting for the first byte of a request (keep-alive idle timer)
+    HEADERS  a request has started; its header block must be complete in time
+    BODY     reading the body (counted against the body limit as it arrives)
+    HANDLING the handler runs and its response is written; later pipelined requests wait
+             in h11's buffer and are answered in order once this one is done
+    WEBSOCKET the connection belongs to a ``WebSocket``
+
+What the server decides itself (never the handlers): 431 for a header block over the
+limit, 413 for a body over the limit (from Content-Length before reading, or while
+reading a chunked body), 400 for bytes that are not HTTP, 408 when a request does not
+arrive in time, 503 when the connection limit is reached. Each of these answers once and
+closes that connection only.
+
+Flow control: when a transport's write buffer passes the high-water mark we stop reading
+from that socket until it drains, so a client that never reads cannot make us buffer
+without bound; if it stays stuck past the send timeout the connection is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import enum
+import socket
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, Awaitable, Callable, Protocol
+from urllib.parse import unquote
+
+import h11
+import orjson
+
+from ..log import log
+from .messages import Request, Response
+from .websocket import CLOSE_GOING_AWAY, WebSocket, server_connection
+
+WsHandler = Callable[[WebSocket], Awaitable[None]]
+
+
+class Dispatcher(Protocol):
+    """What the server needs from the application."""
+
+    async def handle(self, request: Request) -> Response: ...
+
+    def websocket(self, request: Request) -> Response | WsHandler: ...
+
+
+class Phase(enum.Enum):
+    IDLE = 0
+    HEADERS = 1
+    BODY = 2
+    HANDLING = 3
+    WEBSOCKET = 4
+    CLOSED = 5
+
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+# Bytes a client may pipeline behind a request in progress before we stop reading it.
+_PIPELINE_BUFFER = 64 * 1024
+
+
+class _Clock:
+    """The Date header, formatted once a second rather than per response."""
+
+    second = 0
+    value = b""
+
+    @classmethod
+    def date(cls) -> bytes:
+        now = int(time.time())
+        if now != cls.second:
+            cls.second = now
+            cls.value = formatdate(now, usegmt=True).encode()
+        return cls.value
+
+
+def raw_error(status: int, code: str, **extra: Any) -> bytes:
+    """A complete HTTP/1.1 error response that closes the connection, for answers given
+    when h11's state can no longer be trusted (bad bytes, limits, timeouts)."""
+    body = orjson.dumps({"error": code, "status_code": status, **extra})
+    return b"".join((
+        b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
+        b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+        b"connection: close\r\ndate: ", _Clock.date(), b"\r\n\r\n", body,
+    ))
+
+
+class HttpServer:
+    """Owns the listening socket and the set of live connections; knows nothing of routes."""
+
+    def __init__(self, dispatcher: Dispatcher, settings: Any):
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self.connections: set[HttpProtocol] = set()
+        self.stopping = False
+        self._server: asyncio.AbstractServer | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def start(self, host: str | None = None, port: int | None = None,
+                    sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            self._server = await loop.create_server(self._make_protocol, sock=sock, backlog=1024)
+        else:
+            self._server = await loop.create_server(self._make_protocol, host, port,
+                                                    reuse_address=True, backlog=1024)
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return list(self._server.sockets) if self._server else []
+
+    def _make_protocol(self) -> "HttpProtocol":
+        return HttpProtocol(self)
+
+    def busy_changed(self) -> None:
+        if self.stopping and not any(c.busy for c in self.connections):
+            self._idle.set()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, close WebSockets with 1001, let requests in flight finish within
+        ``grace`` seconds, then drop whatever is left."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.begin_shutdown()
+        if any(c.busy for c in self.connections):
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except asyncio.TimeoutError:
+                log.warning("shutdown_grace_expired", connections=len(self.connections))
+        for conn in list(self.connections):
+            conn.abort()
+        # Give aborted transports one loop turn to run connection_lost.
+        await asyncio.sleep(0)
+
+
+class HttpProtocol(asyncio.Protocol):
+    __slots__ = ("server", "settings", "transport", "conn", "phase", "client", "_timer",
+                 "_request", "_body", "_body_size", "_reading", "_read_blockers",
+                 "_pipelined", "_ws", "_task", "_loop")
+
+    def __init__(self, server: HttpServer):
+        self.server = server
+        self.settings = server.settings
+        self.transport: asyncio.Transport | None = None
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.settings.max_header)
+        self.phase = Phase.IDLE
+        self.client: tuple[str, int] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._request: Request | None = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._reading = True
+        self._read_blockers: set[str] = set()
+        self._pipelined = 0
+        self._ws: WebSocket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+
+    # --- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
+        if len(self.server.connections) >= self.settings.max_connections or self.server.stopping:
+            log.warning("connection_refused", reason="too_many_connections", client=self.client)
+            transport.write(raw_error(503, "too_many_connections" if not self.server.stopping else "stopping"))
+            transport.close()
+            self.phase = Phase.CLOSED
+            return
+        self.server.connections.add(self)
+        transport.set_write_buffer_limits(high=self.settings.write_buffer_high)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._set_timer(self.settings.header_timeout, self._on_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.phase = Phase.CLOSED
+        self._cancel_timer()
+        self.server.connections.discard(self)
+        if self._ws is not None:
+            self._ws.connection_lost()
+        self.server.busy_changed()
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase is Phase.WEBSOCKET:
+            assert self._ws is not None
+            self._ws.feed(data)
+            return
+        if self.phase is Phase.CLOSED:
+            return
+        self.conn.receive_data(data)
+        if self.phase is Phase.HANDLING:
+            # Pipelined bytes wait in h11's buffer; stop reading if they pile up.
+            self._pipelined += len(data)
+            if self._pipelined > _PIPELINE_BUFFER:
+                self._block_reading("pipeline")
+            return
+        if self.phase is Phase.IDLE:
+            self.phase = Phase.HEADERS
+            self._set_timer(self.settings.header_timeout, self._on_timeout)
+        self._process()
+
+    def eof_received(self) -> bool:
+        if self.phase is Phase.WEBSOCKET:
+            assert self._ws is not None
+            self._ws.feed(None)
+            return False
+        self.conn.receive_data(b"")
+        if self.phase is not Phase.HANDLING:
+            self._process()
+        # Keep the transport open so a half-closed client still gets its answer.
+        return True
+
+    def pause_writing(self) -> None:
+        self._block_reading("write")
+        if self._ws is not None:
+            self._ws.pause_writing()
+        # A client that stops reading for this long is gone as far as we are concerned.
+        self._set_timer(max(self.settings.keepalive_timeout, self.settings.header_timeout) * 3,
+                        self._on_send_timeout)
+
+    def resume_writing(self) -> None:
+        self._cancel_timer()
+        self._unblock_reading("write")
+        if self._ws is not None:
+            self._ws.resume_writing()
+        elif self.phase is Phase.IDLE:
+            self._set_timer(self.settings.keepalive_timeout, self._on_timeout)
+
+    # --- state the server looks at -------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """True while a request is in flight (WebSockets are closed separately)."""
+        return self.phase in (Phase.HEADERS, Phase.BODY, Phase.HANDLING)
+
+    def begin_shutdown(self) -> None:
+        if self.phase is Phase.WEBSOCKET and self._ws is not None:
+            self._ws.close(CLOSE_GOING_AWAY, "server shutting down")
+        elif self.phase is Phase.IDLE and self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and self.phase is not Phase.CLOSED:
+            self.transport.abort()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    # --- request parsing --------------------------------------------------------------
+
+    def _process(self) -> None:
+        while self.phase in (Phase.IDLE, Phase.HEADERS, Phase.BODY):
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            if event is h11.NEED_DATA:
+                return
+            if isinstance(event, h11.Request):
+                if self._start_request(event):
+                    continue
+                return
+            if isinstance(event, h11.Data):
+                self._body_size += len(event.data)
+                if self._body_size > self.settings.max_body:
+                    self._refuse(413, "payload_too_large", detail=f"body exceeds {self.settings.max_body} bytes")
+                    return
+                self._body.append(event.data)
+                self._set_timer(self.settings.header_timeout, self._on_timeout)
+            elif isinstance(event, h11.EndOfMessage):
+                self._dispatch()
+                return
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                self._close()
+                return
+
+    def _start_request(self, event: h11.Request) -> bool:
+        # h11 bounds only a block still incomplete; one that arrived whole is measured here.
+        size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers.raw_items())
+        if size > self.settings.max_header:
+            self._refuse(431, "headers_too_large", detail=f"header block exceeds {self.settings.max_header} bytes")
+            return False
+        headers: dict[str, str] = {}
+        for name, value in event.headers:
+            key = name.decode("latin-1")
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        target = event.target.decode("latin-1")
+        self._request = Request(event.method.decode("ascii"), target, headers,
+                                client=self.client, http_version=event.http_version.decode())
+        self._request.path = unquote(self._request.path)
+        self._body = []
+        self._body_size = 0
+        length = headers.get("content-length")
+        if length is not None and int(length) > self.settings.max_body:
+            # Decided before reading a byte of the body (h11 has checked it is a number).
+            self._refuse(413, "payload_too_large", detail=f"body exceeds {self.settings.max_body} bytes")
+            return False
+        if self.conn.they_are_waiting_for_100_continue:
+            self.transport.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        self.phase = Phase.BODY
+        return True
+
+    def _dispatch(self) -> None:
+        request = self._request
+        assert request is not None
+        request.body = b"".join(self._body)
+        self._body = []
+        self.phase = Phase.HANDLING
+        self._pipelined = 0
+        self._cancel_timer()
+        if request.headers.get("upgrade", "").lower() == "websocket":
+            self._upgrade(request)
+            return
+        self._task = self._loop.create_task(self._respond(request))
+
+    async def _respond(self, request: Request) -> None:
+        response = await self.server.dispatcher.handle(request)
+        self._write_response(request, response)
+
+    def _write_response(self, request: Request, response: Response) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        headers = [(b"date", _Clock.date()), (b"server", b"edgelink")]
+        if response.content_type is not None:
+            headers.append((b"content-type", response.content_type))
+        if response.status not in (204, 304):
+            headers.append((b"content-length", str(len(response.body)).encode()))
+        headers.extend(response.headers)
+        if self.server.stopping:
+            headers.append((b"connection", b"close"))
+        try:
+            data = self.conn.send(h11.Response(status_code=response.status, headers=headers,
+                                               reason=_REASONS.get(response.status, b"")))
+            if response.body and request.method != "HEAD" and response.status not in (204, 304):
+                data += self.conn.send(h11.Data(data=response.body))
+            data += self.conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            log.error("response_invalid", error=str(exc), path=request.path,
+                      correlation_id=request.correlation_id)
+            self.transport.write(raw_error(500, "internal_error"))
+            self._close()
+            return
+        self.transport.write(data)
+        self._finish_cycle()
+
+    def _finish_cycle(self) -> None:
+        if self.conn.our_state is h11.MUST_CLOSE or self.server.stopping:
+            self._close()
+            return
+        try:
+            self.conn.start_next_cycle()
+        except h11.LocalProtocolError:
+            self._close()  # the client did not finish its side cleanly
+            return
+        self.phase = Phase.IDLE
+        self._request = None
+        self._task = None
+        self._unblock_reading("pipeline")
+        self._set_timer(self.settings.keepalive_timeout, self._on_timeout)
+        self.server.busy_changed()
+        pending, eof = self.conn.trailing_data
+        if pending or eof:
+            self.phase = Phase.HEADERS
+            self._set_timer(self.settings.header_timeout, self._on_timeout)
+            self._process()
+
+    # --- WebSocket upgrade ------------------------------------------------------------
+
+    def _upgrade(self, request: Request) -> None:
+        problem = _handshake_problem(request)
+        if problem is not None:
+            status, code, detail = problem
+            extra = [(b"sec-websocket-version", b"13")] if status == 426 else []
+            self._write_response(request, Response(status, orjson.dumps(
+                {"error": code, "status_code": status, "detail": detail}), extra + [(b"connection", b"close")]))
+            self._close()
+            return
+        outcome = self.server.dispatcher.websocket(request)
+        if isinstance(outcome, Response):
+            outcome.headers.append((b"connection", b"close"))
+            self._write_response(request, outcome)
+            self._close()
+            return
+        from wsproto.events import AcceptConnection, Request as WsRequest
+        from wsproto.extensions import PerMessageDeflate
+
+        ws_conn = server_connection()
+        raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
+        try:
+            ws_conn.initiate_upgrade_connection(raw_headers, request.target)
+            offer = next(e for e in ws_conn.events() if isinstance(e, WsRequest))
+            extensions = [PerMessageDeflate()] if self.settings.ws_compression else []
+            accept = ws_conn.send(AcceptConnection(extensions=extensions,
+                                                   extra_headers=[(b"x-correlation-id", request.correlation_id.encode())]))
+        except Exception as exc:  # wsproto refused a handshake we thought valid
+            log.info("websocket_handshake_refused", error=str(exc), client=self.client)
+            self.transport.write(raw_error(400, "bad_request", detail="invalid WebSocket handshake"))
+            self._close()
+            return
+        compressed = bool(extensions) and any(
+            "permessage-deflate" in ext for ext in offer.extensions if isinstance(ext, str))
+        trailing, _ = self.conn.trailing_data
+        self.transport.write(accept)
+        self.phase = Phase.WEBSOCKET
+        self._unblock_reading("pipeline")
+        self._ws = WebSocket(
+            self.transport, ws_conn, request,
+            max_message=self.settings.ws_max_frame, queue_limit=self.settings.ws_queue,
+            ping_interval=self.settings.ws_ping_interval, compressed=compressed,
+            set_reading=self._ws_reading, on_closed=lambda ws: None,
+        )
+        self.server.busy_changed()
+        if trailing:
+            self._ws.feed(trailing)
+        self._task = self._loop.create_task(self._run_websocket(outcome, self._ws))
+
+    async def _run_websocket(self, handler: WsHandler, ws: WebSocket) -> None:
+        try:
+            await handler(ws)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a handler bug must not leave the socket hanging
+            log.error("websocket_handler_failed", error=repr(exc), correlation_id=ws.request.correlation_id)
+            ws.close(1011, "internal error")
+        else:
+            ws.close()
+
+    def _ws_reading(self, on: bool) -> None:
+        if on:
+            self._unblock_reading("ws-inbound")
+        else:
+            self._block_reading("ws-inbound")
+
+    # --- errors, timers, reading control ----------------------------------------------------
+
+    def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+        status = exc.error_status_hint
+        if status == 431:
+            self._refuse(431, "headers_too_large", detail=f"header block exceeds {self.settings.max_header} bytes")
+        else:
+            self._refuse(400, "bad_request", detail=str(exc) or "malformed HTTP request")
+
+    def _refuse(self, status: int, code: str, **extra: Any) -> None:
+        log.info("request_refused", status=status, error=code, client=self.client,
+                 **({"detail": extra["detail"]} if "detail" in extra else {}))
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(raw_error(status, code, **extra))
+        self._close()
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self.phase is Phase.IDLE:
+            self._close()  # keep-alive idle: a quiet close is the norm
+        elif self.phase in (Phase.HEADERS, Phase.BODY):
+            self._refuse(408, "request_timeout", detail="request not received in time")
+
+    def _on_send_timeout(self) -> None:
+        self._timer = None
+        log.info("connection_dropped", reason="client not reading", client=self.client)
+        self.abort()
+
+    def _set_timer(self, delay: float, callback: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(delay, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _block_reading(self, reason: str) -> None:
+        self._read_blockers.add(reason)
+        if self._reading and self.transport is not None and not self.transport.is_closing():
+            self._reading = False
+            self.transport.pause_reading()
+
+    def _unblock_reading(self, reason: str) -> None:
+        self._read_blockers.discard(reason)
+        if not self._reading and not self._read_blockers and self.transport is not None \
+                and not self.transport.is_closing():
+            self._reading = True
+            self.transport.resume_reading()
+
+    def _close(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _handshake_problem(request: Request) -> tuple[int, str, str] | None:
+    """Why an upgrade request is not a valid RFC 6455 handshake, or None."""
+    headers = request.headers
+    if request.method != "GET":
+        return 400, "bad_request", "a WebSocket handshake must be a GET"
+    if "upgrade" not in headers.get("connection", "").lower():
+        return 400, "bad_request", "Connection header must include Upgrade"
+    if headers.get("sec-websocket-version", "").strip() != "13":
+        return 426, "upgrade_required", "Sec-WebSocket-Version must be 13"
+    key = headers.get("sec-websocket-key", "").strip()
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError
+    except ValueError:
+        return 400, "bad_request", "Sec-WebSocket-Key must be 16 base64-encoded bytes"
+    return None

@@ -1,0 +1,235 @@
+"""A WebSocket connection after the HTTP upgrade, as handlers see it.
+
+wsproto parses what the client sends; what we send is a complete text frame. Without
+compression a server frame is unmasked, so a broadcast frame is built once
+(``text_frame``) and the same bytes are written to every client.
+
+Each connection has a bounded send queue: writes go straight to the transport while it
+drains, queue up while it is paused, and a client whose queue overflows is closed with
+1013 so that it never slows the others (API.md §6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable
+
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    BytesMessage,
+    CloseConnection,
+    Message,
+    Ping,
+    Pong,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+if TYPE_CHECKING:
+    from .messages import Request
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN_LATER = 1013
+
+# Messages buffered from a client before we stop reading its socket until the handler
+# catches up: a fast sender cannot make us buffer without bound.
+_INBOUND_HIGH = 32
+_CLOSE_WAIT = 5.0  # seconds to wait for the client's close frame before dropping the socket
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One final, unmasked text frame holding ``payload`` (UTF-8 JSON)."""
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload
+
+
+class WebSocket:
+    """One accepted WebSocket. Created by the server protocol, used by one handler task."""
+
+    def __init__(self, transport: asyncio.Transport, conn: WSConnection, request: "Request",
+                 *, max_message: int, queue_limit: int, ping_interval: float, compressed: bool,
+                 set_reading: Callable[[bool], None], on_closed: Callable[["WebSocket"], None]):
+        self.request = request
+        self.close_code: int | None = None
+        self._transport = transport
+        self._conn = conn
+        self._max_message = max_message
+        self._queue_limit = queue_limit
+        self._ping_interval = ping_interval
+        self._compressed = compressed
+        self._set_reading = set_reading
+        self._on_closed = on_closed
+        self._loop = asyncio.get_running_loop()
+        self._out: deque[bytes] = deque()
+        self._write_paused = False
+        self._in: deque[str | bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._parts: list[Any] = []
+        self._size = 0
+        self._closing = False  # we sent a close frame
+        self._done = False  # the socket is gone
+        self._pong_due = False
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(ping_interval, self._tick)
+
+    # --- what handlers use -----------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closing or self._done
+
+    def send(self, payload: bytes, frame: bytes | None = None) -> bool:
+        """Queue one text message (``payload`` is UTF-8). ``frame`` is the prebuilt
+        ``text_frame(payload)`` when the caller shares it among clients. Returns False if
+        the client is closed or has just been closed for not keeping up."""
+        if self._closing or self._done:
+            return False
+        if self._compressed:
+            data = self._conn.send(Message(data=payload.decode()))
+        else:
+            data = frame if frame is not None else text_frame(payload)
+        if not self._write_paused and not self._out:
+            self._transport.write(data)
+            return True
+        if len(self._out) >= self._queue_limit:
+            self._out.clear()
+            self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer")
+            return False
+        self._out.append(data)
+        return True
+
+    async def receive(self) -> str | bytes | None:
+        """The next message from the client (str for text, bytes for binary), or None
+        once the connection is closed."""
+        while not self._in:
+            if self._done or self._closing:
+                return None
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        message = self._in.popleft()
+        if len(self._in) == _INBOUND_HIGH // 2:
+            self._set_reading(True)
+        return message
+
+    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        """Start the close handshake; the socket is dropped when the client answers or
+        after a short wait."""
+        if self._closing or self._done:
+            return
+        self._closing = True
+        self.close_code = code
+        try:
+            data = self._conn.send(CloseConnection(code=code, reason=reason))
+        except LocalProtocolError:  # the client closed first; its close is being answered
+            data = b""
+        # A close frame must not wait behind a queue we are abandoning.
+        self._out.clear()
+        self._transport.write(data)
+        self._cancel_timer()
+        self._timer = self._loop.call_later(_CLOSE_WAIT, self._transport.abort)
+        self._wake()
+
+    # --- what the server protocol calls -----------------------------------------------
+
+    def feed(self, data: bytes | None) -> None:
+        """Bytes from the socket (None at EOF)."""
+        try:
+            self._conn.receive_data(data)
+            for event in self._conn.events():
+                self._on_event(event)
+        except (RemoteProtocolError, LocalProtocolError):
+            self._drop()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        while self._out and not self._write_paused:
+            self._transport.write(self._out.popleft())
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def connection_lost(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self.close_code is None:
+            self.close_code = 1006  # abnormal closure: no close frame seen
+        self._out.clear()
+        self._cancel_timer()
+        self._wake()
+        self._on_closed(self)
+
+    # --- internals --------------------------------------------------------------------
+
+    def _on_event(self, event: Any) -> None:
+        if isinstance(event, (TextMessage, BytesMessage)):
+            self._size += len(event.data)
+            if self._size > self._max_message:
+                self._parts.clear()
+                self._size = 0
+                self.close(CLOSE_TOO_BIG, "message too big")
+                return
+            self._parts.append(event.data)
+            if event.message_finished:
+                message: str | bytes = ("" if isinstance(event, TextMessage) else b"").join(self._parts)
+                self._parts.clear()
+                self._size = 0
+                if not self._closing:
+                    self._in.append(message)
+                    if len(self._in) >= _INBOUND_HIGH:
+                        self._set_reading(False)
+                    self._wake()
+        elif isinstance(event, Ping):
+            self._transport.write(self._conn.send(event.response()))
+        elif isinstance(event, Pong):
+            self._pong_due = False
+        elif isinstance(event, CloseConnection):
+            if not self._closing:
+                self.close_code = event.code
+                self._closing = True
+                try:
+                    self._transport.write(self._conn.send(event.response()))
+                except LocalProtocolError:
+                    pass
+            self._transport.close()
+
+    def _tick(self) -> None:
+        if self._closing or self._done:
+            return
+        if self._pong_due:
+            self.close(CLOSE_INTERNAL_ERROR, "keepalive ping timeout")
+            return
+        self._pong_due = True
+        self._transport.write(self._conn.send(Ping(os.urandom(4))))
+        self._timer = self._loop.call_later(self._ping_interval, self._tick)
+
+    def _drop(self) -> None:
+        self._transport.abort()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def server_connection() -> WSConnection:
+    return WSConnection(ConnectionType.SERVER)

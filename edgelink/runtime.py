@@ -1,0 +1,27 @@
+"""The gateway's live state, shared by every handler as ``request.app``.
+
+It owns the pieces that outlive a request (settings, metrics, module clients, sessions,
+the ledger, the WebSocket hub) and starts and stops them in order.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .config import Settings
+from .gateway.metrics import Registry
+
+
+class Runtime:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Registry()
+        self.stopping = False
+        self.started_at = time.time()
+        self.port = settings.port  # the port actually bound, set once listening
+
+    async def start(self) -> None:
+        """Open what the handlers need before the first request."""
+
+    async def stop(self) -> None:
+        """Flush and close, after the server has stopped serving."""

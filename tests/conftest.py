@@ -1,0 +1,192 @@
+"""Fixtures that run the real ``edgelink`` command as a subprocess on a loopback port."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+import pytest
+
+TOKEN = "test-token-0123456789"
+# The installed console script, as a user runs it (next to this interpreter in a venv).
+EDGELINK = str(Path(sys.executable).with_name("edgelink"))
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    db: Path
+    token: str = TOKEN
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+                token: bool = True, raw: bytes | None = None, timeout: float = 30) -> Reply:
+        """One request on a fresh connection with the stdlib client."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        hdrs = dict(headers or {})
+        if token:
+            hdrs.setdefault("X-VX11-Token", self.token)
+        data = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
+        if data is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        try:
+            conn.request(method, path, body=data, headers=hdrs)
+            resp = conn.getresponse()
+            return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+    def get(self, path: str, **kw: Any) -> Reply:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> Reply:
+        return self.request("POST", path, body, **kw)
+
+    def connect(self) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        return s
+
+    def logs(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_gateway(tmp_path: Path, env: dict[str, str] | None = None, args: list[str] | None = None,
+                  command: str = "serve", name: str = "gw") -> Gateway:
+    """Start ``edgelink <command> --port 0`` and wait for its ``started`` log line."""
+    log_path = tmp_path / f"{name}.log"
+    db = tmp_path / f"{name}.db"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGELINK_", "VX11_", "TENTACULO"))}
+    full_env.update({
+        "VX11_GATEWAY_TOKEN": TOKEN,
+        "EDGELINK_DB": str(db),
+        "EDGELINK_PROBE_INTERVAL": "0",
+        "EDGELINK_HOST": "127.0.0.1",
+    })
+    full_env.update(env or {})
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([EDGELINK, command, "--port", "0", *(args or [])],
+                                stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=tmp_path)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for line in log_path.read_bytes().splitlines():
+            if line.startswith(b"{"):
+                rec = orjson.loads(line)
+                if rec.get("event") == "started":
+                    return Gateway(proc, rec["port"], log_path, db, full_env.get("VX11_GATEWAY_TOKEN", ""), full_env)
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode}:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"gateway did not start:\n{log_path.read_text()}")
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[Gateway] = []
+
+    def factory(env: dict[str, str] | None = None, args: list[str] | None = None, **kw: Any) -> Gateway:
+        gw = start_gateway(tmp_path, env, args, name=f"gw{len(started)}", **kw)
+        started.append(gw)
+        return gw
+
+    yield factory
+    for gw in started:
+        if gw.proc.poll() is None:
+            gw.proc.kill()
+            gw.proc.wait()
+
+
+@pytest.fixture
+def gateway(gateway_factory: Any) -> Gateway:
+    return gateway_factory()
+
+
+def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
+    """Read until the peer closes (or the timeout passes)."""
+    sock.settimeout(timeout)
+    chunks = []
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except (socket.timeout, ConnectionResetError):
+        pass
+    return b"".join(chunks)
+
+
+class RawClient:
+    """A raw socket that reads HTTP/1.1 responses one at a time, keeping what follows."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed by the server; unread: {self.buf!r}")
+        self.buf += chunk
+
+    def read_response(self, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+        self.sock.settimeout(timeout)
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        length = int(headers.get("content-length", "0")) if status >= 200 else 0
+        while len(self.buf) < length:
+            self._fill()
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return status, headers, body
+
+    def closed_by_peer(self, timeout: float = 10) -> bool:
+        """True if the server closes the connection (EOF or reset) within the timeout."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                if not self.sock.recv(65536):
+                    return True
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False

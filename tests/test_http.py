@@ -1,0 +1,323 @@
+"""The HTTP transport over real sockets: framing, keep-alive, limits and bad input.
+
+Every bad-input test ends by checking that the gateway still serves another client and
+that the refusal was logged once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import orjson
+import pytest
+
+from conftest import EDGELINK, RawClient, recv_all
+
+GET_HEALTH = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+def still_serving(gw) -> None:
+    assert gw.get("/health", token=False).status == 200
+
+
+def refusals(gw, error: str) -> int:
+    count = 0
+    for line in gw.logs().splitlines():
+        if line.startswith("{"):
+            rec = orjson.loads(line)
+            if rec.get("event") == "request_refused" and rec.get("error") == error:
+                count += 1
+    return count
+
+
+def wait_for_log(gw, error: str, timeout: float = 5) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and refusals(gw, error) == 0:
+        time.sleep(0.05)
+    return refusals(gw, error)
+
+
+def test_health_shape_and_correlation_id(gateway):
+    r = gateway.get("/health", token=False, headers={"X-Correlation-ID": "abc-123"})
+    assert r.status == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["module"] == "tentaculo_link" and body["version"] == "7.0"
+    assert isinstance(body["edgelink"], str)
+    assert r.headers["x-correlation-id"] == "abc-123"
+    assert r.headers["content-type"] == "application/json"
+    assert gateway.get("/v1/health", token=False).json() == body
+
+
+def test_correlation_id_replaced_when_too_long_or_unprintable(gateway):
+    for bad in ("x" * 129, "has space"):
+        cid = gateway.get("/health", headers={"X-Correlation-ID": bad}).headers["x-correlation-id"]
+        assert cid != bad and len(cid) == 32
+        int(cid, 16)
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(gateway):
+    client = RawClient(gateway.connect())
+    for _ in range(5):
+        client.send(GET_HEALTH)
+        status, headers, body = client.read_response()
+        assert status == 200 and orjson.loads(body)["status"] == "ok"
+
+
+def test_pipelined_requests_answered_in_order(gateway):
+    client = RawClient(gateway.connect())
+    client.send(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Correlation-ID: one\r\n\r\n"
+                b"GET /missing HTTP/1.1\r\nHost: t\r\nX-Correlation-ID: two\r\n\r\n"
+                b"DELETE /v1/health HTTP/1.1\r\nHost: t\r\nX-Correlation-ID: three\r\n\r\n")
+    answers = [client.read_response() for _ in range(3)]
+    assert [a[0] for a in answers] == [200, 404, 405]
+    assert [a[1]["x-correlation-id"] for a in answers] == ["one", "two", "three"]
+
+
+def test_http10_answered_and_closed(gateway):
+    client = RawClient(gateway.connect())
+    client.send(b"GET /health HTTP/1.0\r\n\r\n")
+    status, _, body = client.read_response()
+    assert status == 200 and orjson.loads(body)["status"] == "ok"
+    assert client.closed_by_peer()
+
+
+def test_head_has_length_but_no_body(gateway):
+    client = RawClient(gateway.connect())
+    client.send(b"HEAD /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    client.sock.settimeout(5)
+    while b"\r\n\r\n" not in client.buf:
+        client._fill()
+    head, _, rest = client.buf.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"content-length: 76" in head.lower() or b"content-length:" in head.lower()
+    # The next response on the same connection starts right after the head: no body bytes.
+    client.buf = rest
+    client.send(GET_HEALTH)
+    assert client.read_response()[0] == 200
+
+
+def test_not_found_and_method_not_allowed_are_json_errors(gateway):
+    r = gateway.get("/nope")
+    assert r.status == 404 and r.json()["error"] == "not_found" and r.json()["status_code"] == 404
+    r = gateway.post("/health", {"x": 1})
+    assert r.status == 405 and r.json()["error"] == "method_not_allowed"
+    assert r.headers["allow"] == "GET, HEAD"
+
+
+def test_chunked_body_is_read_and_connection_kept(gateway):
+    client = RawClient(gateway.connect())
+    client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    assert client.read_response()[0] == 405
+    client.send(GET_HEALTH)
+    assert client.read_response()[0] == 200
+
+
+def test_expect_100_continue(gateway):
+    client = RawClient(gateway.connect())
+    client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+    status, _, _ = client.read_response()
+    assert status == 100
+    client.send(b"{}")
+    assert client.read_response()[0] == 405
+
+
+def test_expect_100_continue_over_limit_refused_without_continue(gateway_factory):
+    gw = gateway_factory({"EDGELINK_MAX_BODY": "1000"})
+    client = RawClient(gw.connect())
+    client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+    status, _, body = client.read_response()
+    assert status == 413 and orjson.loads(body)["error"] == "payload_too_large"
+    assert client.closed_by_peer()
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x00\x01\x02\xff garbage\r\n\r\n",
+    b"GET\r\n\r\n",
+    b"GET /health HTTP/9.9 extra\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: t\r\nNoColonHere\r\n\r\n",
+])
+def test_malformed_requests_get_400_and_close(gateway, garbage):
+    client = RawClient(gateway.connect())
+    client.send(garbage)
+    status, _, body = client.read_response()
+    assert status == 400 and orjson.loads(body)["error"] == "bad_request"
+    assert client.closed_by_peer()
+    still_serving(gateway)
+    assert wait_for_log(gateway, "bad_request") == 1
+
+
+def test_header_block_over_limit_gets_431(gateway):
+    client = RawClient(gateway.connect())
+    client.send(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
+    status, _, body = client.read_response()
+    assert status == 431 and orjson.loads(body)["error"] == "headers_too_large"
+    still_serving(gateway)
+    assert wait_for_log(gateway, "headers_too_large") == 1
+
+
+def test_body_over_limit_refused_from_content_length_before_reading(gateway_factory):
+    gw = gateway_factory({"EDGELINK_MAX_BODY": "1000"})
+    client = RawClient(gw.connect())
+    # Only the head is sent: the answer must not wait for the body.
+    client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: 1001\r\n\r\n")
+    status, _, body = client.read_response(timeout=5)
+    assert status == 413 and orjson.loads(body)["status_code"] == 413
+    still_serving(gw)
+
+
+def test_chunked_body_over_limit_refused_while_reading(gateway_factory):
+    gw = gateway_factory({"EDGELINK_MAX_BODY": "1000"})
+    client = RawClient(gw.connect())
+    client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"200\r\n" + b"x" * 0x200 + b"\r\n"
+    client.send(chunk * 2)  # 1024 bytes: over the limit, terminator never sent
+    status, _, _ = client.read_response(timeout=5)
+    assert status == 413
+    assert client.closed_by_peer()
+    still_serving(gw)
+
+
+def test_content_length_longer_than_body_times_out(gateway_factory):
+    gw = gateway_factory({"EDGELINK_HEADER_TIMEOUT": "1"})
+    client = RawClient(gw.connect())
+    client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n0123456789")
+    status, _, body = client.read_response(timeout=10)
+    assert status == 408 and orjson.loads(body)["error"] == "request_timeout"
+    assert client.closed_by_peer()
+    still_serving(gw)
+
+
+def test_content_length_shorter_than_body_extra_bytes_are_a_bad_request(gateway):
+    client = RawClient(gateway.connect())
+    client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}trailing-junk\r\n\r\n")
+    assert client.read_response()[0] == 405
+    assert client.read_response()[0] == 400
+    assert client.closed_by_peer()
+    still_serving(gateway)
+
+
+def test_slow_header_sender_is_cut_off_at_header_timeout(gateway_factory):
+    gw = gateway_factory({"EDGELINK_HEADER_TIMEOUT": "2"})
+    sock = gw.connect()
+    started = time.monotonic()
+    status = None
+    try:
+        for byte in GET_HEALTH[:-2]:  # one byte per 0.25 s, never finishing the header block
+            sock.sendall(bytes([byte]))
+            time.sleep(0.25)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    data = recv_all(sock, timeout=5)
+    status = int(data.split()[1]) if data.startswith(b"HTTP/1.1") else None
+    assert status == 408
+    assert time.monotonic() - started < 2 + 10  # cut off, not served to the end
+    still_serving(gw)
+
+
+def test_keep_alive_idle_connection_closed(gateway_factory):
+    gw = gateway_factory({"EDGELINK_KEEPALIVE_TIMEOUT": "0.5"})
+    client = RawClient(gw.connect())
+    client.send(GET_HEALTH)
+    assert client.read_response()[0] == 200
+    assert client.closed_by_peer(timeout=5)
+
+
+def test_idle_connection_without_request_closed_at_header_timeout(gateway_factory):
+    gw = gateway_factory({"EDGELINK_HEADER_TIMEOUT": "0.5"})
+    client = RawClient(gw.connect())
+    assert client.closed_by_peer(timeout=5)
+
+
+def test_connection_limit(gateway_factory):
+    gw = gateway_factory({"EDGELINK_MAX_CONNECTIONS": "3"})
+    held = [gw.connect() for _ in range(3)]
+    for s in held:  # make sure each is accepted and counted before the next one
+        s.sendall(GET_HEALTH)
+        RawClient(s).read_response()
+    extra = RawClient(gw.connect())
+    status, _, body = extra.read_response()
+    assert status == 503 and orjson.loads(body)["error"] == "too_many_connections"
+    for s in held:
+        s.close()
+    time.sleep(0.2)
+    still_serving(gw)
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_client_that_never_reads_does_not_make_the_server_buffer(gateway):
+    sock = gateway.connect()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    before = _rss_kb(gateway.proc.pid)
+    sent = 0
+    request = GET_HEALTH * 100
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and sent < 50_000_000:
+        try:
+            sent += sock.send(request)
+        except BlockingIOError:
+            time.sleep(0.01)  # the server stopped reading us: that is the point
+    # The server stopped reading well before 50 MB of requests (~430k responses) arrived.
+    assert sent < 50_000_000
+    growth_kb = _rss_kb(gateway.proc.pid) - before
+    assert growth_kb < 20_000, f"server RSS grew by {growth_kb} kB"
+    still_serving(gateway)
+    sock.close()
+
+
+def test_client_vanishing_mid_request_is_harmless(gateway):
+    for partial in (b"GET /hea", b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n{\"a\""):
+        s = gateway.connect()
+        s.sendall(partial)
+        s.close()
+    s = gateway.connect()
+    s.sendall(GET_HEALTH)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.close()  # RST right after the request
+    still_serving(gateway)
+    assert "Traceback" not in gateway.logs()
+
+
+def test_no_traceback_reaches_client_or_log_after_bad_input(gateway):
+    for junk in (b"\r\n\r\n", b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n",
+                 b"GET / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
+        s = gateway.connect()
+        s.sendall(junk)
+        data = recv_all(s, timeout=5)
+        assert b"Traceback" not in data
+        s.close()
+    still_serving(gateway)
+    assert "Traceback" not in gateway.logs()
+
+
+def test_sigterm_exits_zero_and_logs_stop(gateway):
+    assert gateway.stop(signal.SIGTERM) == 0
+    events = [orjson.loads(l)["event"] for l in gateway.logs().splitlines() if l.startswith("{")]
+    assert events[-2:] == ["stopping", "stopped"]
+
+
+def test_refuses_to_start_with_auth_on_and_no_token(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VX11_", "ENABLE_AUTH"))}
+    proc = subprocess.run([EDGELINK, "serve", "--port", "0"], env=env, capture_output=True,
+                          text=True, timeout=30, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "VX11_TENTACULO_LINK_TOKEN" in proc.stderr
+
+
+def test_refuses_to_start_with_a_bad_value_naming_the_setting(tmp_path):
+    env = dict(os.environ, VX11_GATEWAY_TOKEN="t", EDGELINK_MAX_BODY="lots")
+    proc = subprocess.run([EDGELINK, "serve", "--port", "0"], env=env, capture_output=True,
+                          text=True, timeout=30, cwd=tmp_path)
+    assert proc.returncode != 0 and "EDGELINK_MAX_BODY" in proc.stderr
