@@ -1,0 +1,123 @@
+"""``edgelink demo``: the gateway plus simulated VX11 modules on loopback.
+
+The modules answer ``/health`` and the endpoints the route table and proxies call with
+plausible JSON, so a newcomer sees a whole working system from one command. They run on
+the gateway's own HTTP server, in the same process, on ports the kernel picks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+from typing import Any, Callable
+
+import orjson
+
+from .config import MODULE_DEFAULTS, ConfigError, Settings, load_settings
+from .http.messages import Request, Response, error_response, json_response
+from .http.server import HttpServer
+from .log import log
+
+DEMO_TOKEN = "demo-token"
+
+
+def _chat_reply(module: str) -> Callable[[Request], Any]:
+    def reply(req: Request) -> Any:
+        body = orjson.loads(req.body or b"{}")
+        message = str(body.get("message", ""))[:200]
+        return {"response": f"[{module}] you said: {message}", "model_used": f"{module}-demo-local",
+                "tokens": len(message.split())}
+    return reply
+
+
+# (module, method, path) -> a function of the request returning the JSON reply
+_ENDPOINTS: dict[tuple[str, str, str], Callable[[Request], Any]] = {
+    ("switch", "POST", "/switch/route-v5"): _chat_reply("switch"),
+    ("switch", "POST", "/switch/stream"): lambda req: {"status": "ok", "chunks": ["demo ", "stream"]},
+    ("madre", "POST", "/madre/chat"): _chat_reply("madre"),
+    ("madre", "POST", "/madre/task"): lambda req: {"status": "accepted", "task_id": os.urandom(6).hex()},
+    ("hermes", "POST", "/hermes/analyze-audio"): lambda req: {"status": "ok", "transcript": "(silence)"},
+    ("hermes", "GET", "/hermes/resources"): lambda req: {"cpu_percent": round(random.uniform(5, 40), 1),
+                                                         "memory_mb": random.randint(200, 900)},
+    ("hormiguero", "GET", "/queen/status"): lambda req: {"queen": "alive", "ants": random.randint(3, 12)},
+    ("hormiguero", "GET", "/report"): lambda req: {"items": [{"id": i, "state": "done"} for i in
+                                                             range(min(int(req.query.get("limit", "50") or 50), 5))]},
+    ("spawner", "POST", "/spawner/spawn"): lambda req: {"status": "spawned", "pid": random.randint(1000, 9999)},
+    ("shubniggurath", "GET", "/shub/dashboard"): lambda req: {"status": "ok", "tracks": 0},
+}
+
+
+class DemoModule:
+    """A simulated module: the dispatcher its own HttpServer calls."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    async def handle(self, req: Request) -> Response:
+        if req.method == "GET" and req.path == "/health":
+            return json_response({"status": "ok", "module": self.name, "uptime_s": round(time.monotonic(), 1)})
+        endpoint = _ENDPOINTS.get((self.name, req.method, req.path))
+        if endpoint is None:
+            return error_response(404, "not_found", module=self.name)
+        try:
+            return json_response(endpoint(req))
+        except (ValueError, orjson.JSONDecodeError):
+            return error_response(400, "invalid_json", module=self.name)
+
+    def websocket(self, req: Request) -> Response:
+        return error_response(404, "not_found", module=self.name)
+
+
+async def start_modules(settings: Settings) -> tuple[dict[str, str], list[HttpServer]]:
+    """Start every module on 127.0.0.1 with a kernel-chosen port; returns their URLs."""
+    urls: dict[str, str] = {}
+    servers = []
+    for name, _, _ in MODULE_DEFAULTS:
+        server = HttpServer(DemoModule(name), settings)
+        await server.start("127.0.0.1", 0)
+        servers.append(server)
+        urls[name] = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    return urls, servers
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .serve import run, serve
+
+    env = dict(os.environ)
+    env.setdefault("VX11_GATEWAY_TOKEN", DEMO_TOKEN)
+    env.setdefault("SHUB_ENABLED", "true")
+    env.setdefault("EDGELINK_PROBE_INTERVAL", "10")
+    try:
+        base = load_settings(env=env, config_file=args.config,
+                             overrides={"host": args.host or "127.0.0.1", "port": args.port})
+    except ConfigError as exc:
+        raise SystemExit(f"edgelink: {exc}") from None
+
+    async def main() -> None:
+        urls, servers = await start_modules(base)
+        env.update({env_name: urls[name] for name, env_name, _ in MODULE_DEFAULTS})
+        settings = load_settings(env=env, config_file=args.config,
+                                 overrides={"host": args.host or "127.0.0.1", "port": args.port})
+        log.info("demo_modules_started", modules=urls)
+
+        def banner(runtime: Any) -> None:
+            base_url = f"http://{settings.host}:{runtime.port}"
+            token = settings.token
+            print(f"\nedgelink demo: gateway on {base_url} with {len(urls)} simulated modules.\n"
+                  f"  curl {base_url}/vx11/status\n"
+                  f"  curl -H 'X-VX11-Token: {token}' -H 'Content-Type: application/json' "
+                  f"-d '{{\"message\":\"hello\"}}' {base_url}/operator/chat\n"
+                  f"  curl -H 'X-VX11-Token: {token}' -H 'Content-Type: application/json' "
+                  f"-d '{{\"source\":\"demo\",\"type\":\"custom.note\",\"payload\":{{}}}}' {base_url}/events/ingest\n"
+                  f"Stop with Ctrl-C.\n", flush=True)
+
+        try:
+            await serve(settings, on_ready=banner)
+        finally:
+            for server in servers:
+                await server.shutdown(0)
+
+    run(main())
+    return 0
