@@ -1,0 +1,97 @@
+"""Settings: defaults, precedence (flags > env > file > defaults), bad values named."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgelink.config import ConfigError, load_settings
+
+TOKEN = {"VX11_GATEWAY_TOKEN": "t"}
+
+
+def test_defaults_match_the_contract():
+    s = load_settings(env=TOKEN)
+    assert (s.host, s.port, s.enable_auth) == ("0.0.0.0", 8000, True)
+    assert s.db == "./data/edgelink.db" and s.ledger_sync == "full"
+    assert (s.health_timeout, s.probe_interval, s.breaker_failures, s.breaker_recovery) == (2.0, 30.0, 3, 60.0)
+    assert (s.max_body, s.max_header, s.max_connections) == (1_048_576, 16_384, 1000)
+    assert (s.keepalive_timeout, s.header_timeout, s.shutdown_grace) == (5.0, 10.0, 10.0)
+    assert s.cors_origins == () and s.access_log is False
+    assert (s.context7_ttl_seconds, s.context7_cleanup_interval) == (3600.0, 300.0)
+    urls = {m.name: (m.url, m.enabled) for m in s.modules}
+    assert urls["madre"] == ("http://127.0.0.1:8001", True)
+    assert urls["operator"] == ("http://127.0.0.1:8011", True)
+    assert urls["shubniggurath"] == ("http://127.0.0.1:8007", False)
+    chat = s.route("chat")
+    assert (chat.module, chat.endpoint, chat.timeout) == ("switch", "/switch/route-v5", 15.0)
+    assert (chat.fallback.module, chat.fallback.endpoint, chat.fallback.timeout) == ("madre", "/madre/chat", 5.0)
+
+
+def test_first_token_name_wins():
+    s = load_settings(env={"VX11_TENTACULO_LINK_TOKEN": "a", "VX11_GATEWAY_TOKEN": "b"})
+    assert s.token == "a"
+    assert load_settings(env={"VX11_GATEWAY_TOKEN": "b"}).token == "b"
+
+
+def test_precedence_flags_env_file(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('port = 7000\nhealth_timeout = 1.5\nkeepalive_timeout = 9\n'
+                   '[modules.madre]\nurl = "http://10.0.0.5:9001"\n'
+                   '[routes.chat]\ntimeout = 3\n[routes.custom]\nmodule = "mcp"\nendpoint = "/mcp/run"\n')
+    env = {**TOKEN, "TENTACULO_LINK_PORT": "7100", "EDGELINK_HEALTH_TIMEOUT": "0.5"}
+    s = load_settings(env=env, config_file=str(cfg), overrides={"port": "7200"})
+    assert s.port == 7200  # flag over env over file
+    assert s.health_timeout == 0.5  # env over file
+    assert s.keepalive_timeout == 9.0  # file over default
+    assert s.module("madre").url == "http://10.0.0.5:9001"
+    assert s.route("chat").timeout == 3.0 and s.route("chat").fallback.module == "madre"
+    assert s.route("custom").module == "mcp" and s.route("custom").method == "POST"
+    env["MADRE_URL"] = "http://127.0.0.1:9999/"
+    assert load_settings(env=env, config_file=str(cfg)).module("madre").url == "http://127.0.0.1:9999"
+
+
+@pytest.mark.parametrize("value", ["true", "TRUE", "1", "yes", "Yes"])
+def test_booleans_true(value):
+    assert load_settings(env={**TOKEN, "SHUB_ENABLED": value}).module("shubniggurath").enabled
+
+
+@pytest.mark.parametrize("value", ["false", "0", "no", "NO"])
+def test_booleans_false(value):
+    assert load_settings(env={"ENABLE_AUTH": value}).enable_auth is False
+
+
+@pytest.mark.parametrize("name,value", [
+    ("ENABLE_AUTH", "maybe"), ("EDGELINK_MAX_BODY", "big"), ("EDGELINK_MAX_BODY", "0"),
+    ("TENTACULO_LINK_PORT", "70000"), ("EDGELINK_LEDGER_SYNC", "sometimes"),
+    ("EDGELINK_HEALTH_TIMEOUT", "-1"), ("MADRE_URL", "ftp://x"), ("SWITCH_URL", "not a url"),
+    ("EDGELINK_LOG_LEVEL", "loud"),
+])
+def test_bad_values_name_the_setting(name, value):
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={**TOKEN, name: value})
+    assert name in str(info.value)
+
+
+def test_auth_without_token_refused():
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={})
+    assert "VX11_GATEWAY_TOKEN" in str(info.value)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("port = 'x'", "port"), ("nonsense = 1", "nonsense"), ("[modules.nobody]\nurl='http://x'", "nobody"),
+    ("[routes.chat]\nmodule = 'ghost'", "ghost"), ("[routes.new]\nmodule = 'mcp'", "endpoint"),
+    ("this is not toml", "TOML"),
+])
+def test_bad_config_file(tmp_path, text, needle):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(env=TOKEN, config_file=str(cfg))
+    assert needle in str(info.value)
+
+
+def test_missing_config_file_named():
+    with pytest.raises(ConfigError) as info:
+        load_settings(env=TOKEN, config_file="/nonexistent/edgelink.toml")
+    assert "/nonexistent/edgelink.toml" in str(info.value)

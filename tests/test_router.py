@@ -1,0 +1,73 @@
+"""Router unit tests: static and templated paths, 404/405/426, HEAD, Allow."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgelink.http.messages import HTTPError
+from edgelink.http.router import Router
+
+
+async def h(req):  # pragma: no cover - never awaited here
+    return None
+
+
+def router() -> Router:
+    r = Router()
+    r.add("GET", "/health", h, public=True)
+    r.add("POST", "/events/ingest", h)
+    r.add("GET", "/operator/session/{session_id}", h)
+    r.add("DELETE", "/operator/session/{session_id}", h)
+    r.add("POST", "/vx11/intent/{intent}", h)
+    r.add("WS", "/ws", h)
+    return r
+
+
+def test_static_match_and_trailing_slash():
+    r = router()
+    route, params = r.match("GET", "/health")
+    assert route.template == "/health" and params == {} and route.public
+    assert r.match("GET", "/health/")[0].template == "/health"
+
+
+def test_params_extracted():
+    route, params = router().match("DELETE", "/operator/session/abc-123")
+    assert route.method == "DELETE" and params == {"session_id": "abc-123"}
+    assert router().match("POST", "/vx11/intent/chat")[1] == {"intent": "chat"}
+
+
+def test_head_follows_get():
+    assert router().match("HEAD", "/health")[0].method == "GET"
+
+
+@pytest.mark.parametrize("path", ["/", "/nope", "/operator/session", "/operator/session/a/b", "/vx11/intent/"])
+def test_404(path):
+    with pytest.raises(HTTPError) as info:
+        router().match("GET", path)
+    assert info.value.status == 404 and info.value.code == "not_found"
+
+
+def test_405_lists_allowed_methods():
+    with pytest.raises(HTTPError) as info:
+        router().match("PUT", "/operator/session/x")
+    assert info.value.status == 405
+    assert dict(info.value.headers)[b"allow"] == b"DELETE, GET, HEAD"
+    assert router().allowed_methods("/events/ingest") == "POST"
+    assert router().allowed_methods("/missing") is None
+
+
+def test_websocket_routes_only_match_upgrades():
+    r = router()
+    assert r.match("GET", "/ws", websocket=True)[0].method == "WS"
+    with pytest.raises(HTTPError) as info:
+        r.match("GET", "/ws")
+    assert info.value.status == 426
+    with pytest.raises(HTTPError) as info:
+        r.match("GET", "/health", websocket=True)
+    assert info.value.status == 405
+
+
+def test_duplicate_route_refused():
+    r = router()
+    with pytest.raises(ValueError):
+        r.add("GET", "/health", h)
