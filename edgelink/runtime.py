@@ -10,6 +10,9 @@ import time
 
 from .config import Settings
 from .gateway.metrics import Registry
+from .gateway.observe import CardinalityCounter, CorrelationGraph
+from .hub import Hub
+from .ledger import Ledger
 
 
 class Runtime:
@@ -19,9 +22,15 @@ class Runtime:
         self.stopping = False
         self.started_at = time.time()
         self.port = settings.port  # the port actually bound, set once listening
+        self.ledger = Ledger.from_settings(settings)
+        self.hub = Hub(self.metrics, settings.ws_queue)
+        self.cardinality = CardinalityCounter(time.time)
+        self.correlations = CorrelationGraph(time.time)
 
     async def start(self) -> None:
         """Open what the handlers need before the first request."""
+        await self.ledger.start()
 
     async def stop(self) -> None:
         """Flush and close, after the server has stopped serving."""
+        await self.ledger.close()

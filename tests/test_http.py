@@ -321,3 +321,41 @@ def test_refuses_to_start_with_a_bad_value_naming_the_setting(tmp_path):
     proc = subprocess.run([EDGELINK, "serve", "--port", "0"], env=env, capture_output=True,
                           text=True, timeout=30, cwd=tmp_path)
     assert proc.returncode != 0 and "EDGELINK_MAX_BODY" in proc.stderr
+
+
+@pytest.mark.parametrize("path", ["/debug/events/cardinality", "/operator/snapshot"])
+def test_protected_routes_need_the_token(gateway, path):
+    r = gateway.get(path, token=False)
+    assert r.status == 401 and r.json()["error"] == "auth_required"
+    r = gateway.get(path, headers={"X-VX11-Token": "nope"})
+    assert r.status == 403 and r.json()["error"] == "forbidden"
+    assert gateway.get(path).status == 200
+
+
+def test_auth_can_be_turned_off(gateway_factory):
+    gw = gateway_factory({"ENABLE_AUTH": "false", "VX11_GATEWAY_TOKEN": ""})
+    assert gw.get("/debug/events/cardinality", token=False).status == 200
+
+
+def test_cors_preflight_and_echo(gateway_factory):
+    gw = gateway_factory({"EDGELINK_CORS_ORIGINS": "https://ui.example, http://localhost:3000"})
+    r = gw.request("OPTIONS", "/events/ingest", token=False, headers={
+        "Origin": "https://ui.example", "Access-Control-Request-Method": "POST"})
+    assert r.status == 204
+    assert r.headers["access-control-allow-origin"] == "https://ui.example"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert "X-VX11-Token" in r.headers["access-control-allow-headers"]
+    assert r.headers["access-control-allow-credentials"] == "true"
+    r = gw.request("OPTIONS", "/events/ingest", token=False, headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert r.status == 403 and "access-control-allow-origin" not in r.headers
+    r = gw.get("/health", headers={"Origin": "http://localhost:3000"})
+    assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert gw.get("/health", headers={"Origin": "https://evil.example"}).headers.get(
+        "access-control-allow-origin") is None
+
+
+def test_cors_off_by_default(gateway):
+    r = gateway.request("OPTIONS", "/health", token=False, headers={
+        "Origin": "https://ui.example", "Access-Control-Request-Method": "GET"})
+    assert r.status == 405 and "access-control-allow-origin" not in r.headers

@@ -1,0 +1,86 @@
+"""The WebSocket hub: who is connected, and fan-out of broadcast events to them.
+
+A broadcast encodes the frame once and hands the same bytes to every client; each
+client's own bounded queue (in ``WebSocket``) decides whether it keeps up or is closed
+with 1013, so one slow client never slows the others.
+
+Replay without gap or duplicate: a client asking for ``since_seq`` is registered first
+and its live events are held back while the ledger is read; then the replayed events
+are sent, then the held-back ones whose seq the replay did not already cover.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import orjson
+
+from .gateway.events import Event
+from .gateway.metrics import Registry
+from .http.websocket import CLOSE_TRY_AGAIN_LATER, WebSocket, text_frame
+
+
+class Client:
+    __slots__ = ("ws", "client_id", "held")
+
+    def __init__(self, ws: WebSocket, client_id: str, replaying: bool):
+        self.ws = ws
+        self.client_id = client_id
+        # live events that arrive while the replay is read: (seq, payload, frame)
+        self.held: list[tuple[int, bytes, bytes]] | None = [] if replaying else None
+
+
+class Hub:
+    def __init__(self, metrics: Registry, hold_limit: int):
+        self.clients: dict[WebSocket, Client] = {}
+        self.metrics = metrics
+        self.hold_limit = hold_limit  # the same bound as a client's send queue
+
+    def add(self, ws: WebSocket, client_id: str, replaying: bool) -> Client:
+        client = Client(ws, client_id, replaying)
+        self.clients[ws] = client
+        return client
+
+    def remove(self, client: Client) -> None:
+        self.clients.pop(client.ws, None)
+
+    def broadcast(self, event: Event, exclude: WebSocket | None = None) -> int:
+        """Send ``event`` to every client but ``exclude``; returns how many took it."""
+        payload = orjson.dumps(event.frame())
+        frame = text_frame(payload)
+        seq = event.seq or 0
+        delivered = 0
+        for ws, client in list(self.clients.items()):
+            if ws is exclude:
+                continue
+            if client.held is not None:
+                if len(client.held) >= self.hold_limit:
+                    ws.close(CLOSE_TRY_AGAIN_LATER, "slow consumer")
+                    self._dropped(client)
+                else:
+                    client.held.append((seq, payload, frame))
+                    delivered += 1
+            elif ws.send(payload, frame):
+                delivered += 1
+            else:
+                self._dropped(client)
+        return delivered
+
+    def go_live(self, client: Client, replayed: Iterable[Event]) -> int:
+        """Send the replayed events, then the held-back live ones they do not cover."""
+        last = 0
+        count = 0
+        for event in replayed:
+            client.ws.send(orjson.dumps(event.frame()))
+            last = max(last, event.seq or 0)
+            count += 1
+        held, client.held = client.held or [], None
+        for seq, payload, frame in held:
+            if seq > last:
+                client.ws.send(payload, frame)
+        return count
+
+    def _dropped(self, client: Client) -> None:
+        if client.ws.close_code == CLOSE_TRY_AGAIN_LATER:
+            self.metrics.ws_drops.inc()
+        self.remove(client)

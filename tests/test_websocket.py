@@ -1,0 +1,193 @@
+"""The WebSocket transport over real sockets, driven with the `websockets` client library."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import time
+
+import orjson
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from conftest import RawClient
+
+
+def ws_url(gw, query: str = "") -> str:
+    return f"ws://127.0.0.1:{gw.port}/ws?{query}"
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def connected(gw, query: str = "", **kw):
+    ws = await websockets.connect(ws_url(gw, query), additional_headers={"X-VX11-Token": gw.token}, **kw)
+    first = orjson.loads(await ws.recv())
+    assert first["channel"] == "control" and first["type"] == "connected"
+    return ws, first
+
+
+def test_connect_with_header_or_query_token(gateway):
+    async def go():
+        ws, first = await connected(gateway, "client_id=alpha")
+        assert first == {"channel": "control", "type": "connected", "client_id": "alpha",
+                         "last_seq": 0, "replayed": 0, "truncated": False}
+        await ws.close()
+        async with websockets.connect(ws_url(gateway, f"token={gateway.token}")) as ws2:
+            assert orjson.loads(await ws2.recv())["type"] == "connected"
+    run(go())
+
+
+@pytest.mark.parametrize("token,status", [(None, 401), ("wrong", 403)])
+def test_handshake_refused_without_or_with_wrong_token(gateway, token, status):
+    async def go():
+        query = f"token={token}" if token else ""
+        with pytest.raises(InvalidStatus) as info:
+            await websockets.connect(ws_url(gateway, query))
+        assert info.value.response.status_code == status
+        body = orjson.loads(info.value.response.body)
+        assert body["status_code"] == status
+    run(go())
+
+
+def _handshake(gw, headers: dict[str, str], path: str = "/ws") -> tuple[int, dict[str, str], bytes]:
+    client = RawClient(gw.connect())
+    lines = [f"GET {path} HTTP/1.1", "Host: t"] + [f"{k}: {v}" for k, v in headers.items()]
+    client.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return client.read_response()
+
+
+def test_invalid_handshakes_get_http_errors(gateway):
+    good = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), "X-VX11-Token": gateway.token}
+    status, headers, body = _handshake(gateway, {**good, "Sec-WebSocket-Version": "8"})
+    assert status == 426 and headers["sec-websocket-version"] == "13"
+    status, _, body = _handshake(gateway, {**good, "Sec-WebSocket-Key": "short"})
+    assert status == 400 and orjson.loads(body)["error"] == "bad_request"
+    status, _, _ = _handshake(gateway, {k: v for k, v in good.items() if k != "Connection"})
+    assert status == 400
+    status, _, _ = _handshake(gateway, good, path="/nowhere")
+    assert status == 404
+    status, headers, _ = _handshake(gateway, good)
+    assert status == 101 and headers["upgrade"].lower() == "websocket"
+
+
+def test_plain_get_on_ws_endpoint_is_426(gateway):
+    assert gateway.get("/ws").status == 426
+
+
+def test_echo_invalid_json_and_binary(gateway):
+    async def go():
+        ws, _ = await connected(gateway)
+        await ws.send('{"hello": "world"}')
+        assert orjson.loads(await ws.recv()) == {"hello": "world"}
+        await ws.send("not json {")
+        assert orjson.loads(await ws.recv()) == {"channel": "control", "type": "error", "error": "invalid_json"}
+        await ws.send(b"\x00\x01binary")
+        assert orjson.loads(await ws.recv())["type"] == "error"
+        await ws.send('{"still": "connected"}')
+        assert orjson.loads(await ws.recv()) == {"still": "connected"}
+        await ws.close()
+    run(go())
+
+
+def test_frame_over_limit_closes_1009(gateway):
+    async def go():
+        ws, _ = await connected(gateway, max_size=None)
+        await ws.send("x" * (100 * 1024))
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await ws.recv()
+        assert ws.close_code == 1009
+        # others are still served
+        ws2, _ = await connected(gateway)
+        await ws2.close()
+    run(go())
+
+
+def test_fragmented_message_over_limit_closes_1009(gateway):
+    async def go():
+        ws, _ = await connected(gateway)
+        await ws.send(("y" * 20_000 for _ in range(5)))  # 100 kB in five fragments
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await ws.recv()
+        assert ws.close_code == 1009
+    run(go())
+
+
+def test_client_close_handshake(gateway):
+    async def go():
+        ws, _ = await connected(gateway)
+        await ws.close(1000, "bye")
+        assert ws.close_code == 1000
+    run(go())
+
+
+def test_server_pings_and_closes_a_client_that_never_pongs(gateway_factory):
+    gw = gateway_factory({"EDGELINK_WS_PING_INTERVAL": "0.3"})
+
+    async def go():
+        # A responsive client survives several ping periods.
+        ok, _ = await connected(gw)
+        await asyncio.sleep(1.5)
+        await ok.send('{"alive": true}')
+        assert orjson.loads(await ok.recv()) == {"alive": True}
+        await ok.close()
+        # A raw client that never answers pings is closed by the server.
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write((f"GET /ws?token={gw.token} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        started = time.monotonic()
+        data = b""
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            if not chunk:
+                break
+            data += chunk
+            # a close frame: opcode 0x8
+            if b"\x88" in data.split(b"\r\n\r\n", 1)[-1]:
+                break
+        assert b"\x89" in data  # at least one ping (opcode 0x9) was sent first
+        assert time.monotonic() - started < 10
+        writer.close()
+    run(go())
+
+
+def test_sigterm_closes_websockets_with_1001_and_exits_zero(gateway):
+    async def go():
+        ws, _ = await connected(gateway)
+        gateway.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code == 1001
+    run(go())
+    assert gateway.proc.wait(20) == 0
+
+
+def test_origin_checked_when_cors_configured(gateway_factory):
+    gw = gateway_factory({"EDGELINK_CORS_ORIGINS": "https://ui.example"})
+
+    async def go():
+        with pytest.raises(InvalidStatus) as info:
+            await websockets.connect(ws_url(gw, f"token={gw.token}"), origin="https://evil.example")
+        assert info.value.response.status_code == 403
+        async with websockets.connect(ws_url(gw, f"token={gw.token}"), origin="https://ui.example") as ws:
+            assert orjson.loads(await ws.recv())["type"] == "connected"
+    run(go())
+
+
+def test_invalid_since_seq_is_reported_and_closed(gateway):
+    async def go():
+        async with websockets.connect(ws_url(gateway, f"token={gateway.token}&since_seq=abc")) as ws:
+            msg = orjson.loads(await ws.recv())
+            assert msg["error"] == "invalid_since_seq"
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1008
+    run(go())
