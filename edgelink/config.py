@@ -98,6 +98,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("context7_cleanup_interval", ("CONTEXT7_CLEANUP_INTERVAL",), _number(float, 0.01), 300.0),
     Knob("context7_max_sessions", ("EDGELINK_CONTEXT7_MAX_SESSIONS",), _number(int, 1), 10_000),
     Knob("context7_max_messages", ("EDGELINK_CONTEXT7_MAX_MESSAGES",), _number(int, 1), 100),
+    Knob("context7_max_bytes", ("EDGELINK_CONTEXT7_MAX_BYTES",), _number(int, 65536), 16 * 1024 * 1024),
     Knob("db", ("EDGELINK_DB",), _str, "./data/edgelink.db"),
     Knob("ledger_sync", ("EDGELINK_LEDGER_SYNC",), _choice("full", "normal"), "full"),
     Knob("retention_events", ("EDGELINK_RETENTION_EVENTS",), _number(int, 1), 1_000_000),
@@ -189,6 +190,7 @@ class Settings:
     context7_cleanup_interval: float = 300.0
     context7_max_sessions: int = 10_000
     context7_max_messages: int = 100
+    context7_max_bytes: int = 16 * 1024 * 1024
     db: str = "./data/edgelink.db"
     ledger_sync: str = "full"
     retention_events: int = 1_000_000

@@ -1,0 +1,333 @@
+"""Context-7: the in-memory chat sessions behind ``/operator/chat`` (API.md §4).
+
+A pure piece: no sockets and no hidden clock. ``now`` returns epoch seconds, because the
+API reports ``created_at``/``expires_at`` as epoch milliseconds; tests pass a fake clock.
+
+Rules kept:
+
+- Sliding TTL: a session expires ``ttl`` seconds after its last activity. Activity is a
+  chat turn (``open``, ``append``). Reads (``view``, ``list_sessions``,
+  ``context_summary``) are not activity, so an operator watching sessions neither keeps
+  them alive nor changes which one is evicted next.
+- An expired session is dead at once, even before ``sweep`` removes it: every lookup
+  checks expiry. Its history is never served again.
+- Bounds: at most ``max_sessions`` sessions and ``max_messages`` messages per session
+  (API.md §4), and about ``max_bytes`` of memory in all. Counts alone do not bound memory
+  (a reply may be megabytes), and 10,000 x 100 ordinary messages would already be ~300 MB.
+  Over a bound, the oldest messages of a session and the least recently active sessions go
+  first; the session of the current turn is never evicted for another's sake, and keeps at
+  least its newest message.
+
+Theory of operation: sessions live in an ``OrderedDict`` kept in order of last activity
+(every activity moves its session to the end). The TTL is the same for every session and
+slides from the last activity, so that order is also expiry order: eviction pops the front
+in O(1), and ``sweep`` pops from the front until it meets a live session, O(expired). (If
+the wall clock steps backwards the order can be briefly off; lookups still check expiry,
+so a late sweep never serves stale history.)
+
+Memory is counted, not measured: a message costs its text object plus a fixed overhead,
+and its metadata is kept as compact JSON bytes, so its cost is known exactly and a caller
+mutating its dict later cannot rewrite history. The overheads were measured with
+``bench/session_memory.py`` (CPython 3.11, 64-bit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any, Callable, NamedTuple
+
+import orjson
+
+from edgelink.config import Settings
+
+log = logging.getLogger(__name__)
+
+SUMMARY_MESSAGES = 10  # API.md §4: the summary is the last 10 messages...
+SUMMARY_CHARS = 500  # ...each content cut to 500 chars
+
+# Measured bytes beyond the texts: per message the tuple, its GC header, the timestamp int
+# and the list slot; per session the Session object, its id, floats, list and dict entry.
+MESSAGE_OVERHEAD = 128
+SESSION_OVERHEAD = 270
+
+
+class Message(NamedTuple):
+    """One recorded message; a tuple, so it costs no per-instance dict."""
+
+    role: str
+    content: str
+    timestamp: int  # epoch ms
+    metadata: bytes | None  # compact JSON
+
+
+class Session:
+    """One conversation. ``created_at`` and ``last_active`` are epoch seconds."""
+
+    __slots__ = ("session_id", "user_id", "created_at", "last_active", "messages", "size")
+
+    def __init__(self, session_id: str, user_id: str | None, now: float) -> None:
+        self.session_id = session_id
+        self.user_id = user_id
+        self.created_at = now
+        self.last_active = now
+        # A list, not a deque: an empty deque costs ~600 bytes, and dropping the oldest of
+        # at most max_messages entries is cheap.
+        self.messages: list[Message] = []
+        self.size = SESSION_OVERHEAD + sys.getsizeof(session_id)
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def _cost(message: Message) -> int:
+    meta = message.metadata
+    return MESSAGE_OVERHEAD + sys.getsizeof(message.content) + (0 if meta is None else sys.getsizeof(meta))
+
+
+class SessionStore:
+    """The Context-7 sessions, bounded in count, length and memory, with a sliding TTL."""
+
+    def __init__(
+        self,
+        *,
+        ttl: float,
+        max_sessions: int,
+        max_messages: int,
+        max_bytes: int,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        if ttl <= 0 or max_sessions < 1 or max_messages < 1 or max_bytes < 1:
+            raise ValueError("ttl must be > 0; max_sessions, max_messages and max_bytes >= 1")
+        self._ttl = ttl
+        self._max_sessions = max_sessions
+        self._max_messages = max_messages
+        self._max_bytes = max_bytes
+        self._now = now
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._bytes = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, now: Callable[[], float] = time.time) -> "SessionStore":
+        return cls(
+            ttl=settings.context7_ttl_seconds,
+            max_sessions=settings.context7_max_sessions,
+            max_messages=settings.context7_max_messages,
+            max_bytes=settings.context7_max_bytes,
+            now=now,
+        )
+
+    def __len__(self) -> int:
+        """Sessions held, counting expired ones not yet swept."""
+        return len(self._sessions)
+
+    @property
+    def bytes_used(self) -> int:
+        """Estimated memory held by the sessions, in bytes."""
+        return self._bytes
+
+    # -- chat turns (activity) ------------------------------------------------------
+
+    def open(self, session_id: str | None, user_id: str | None = None) -> str:
+        """Continue or start the session for a chat turn, mark it active, return its id.
+
+        No id: a new session with a uuid4 id. An unknown, expired or evicted id: a new,
+        empty session under that same id -- the client keeps using the id it holds (as with
+        Tentáculo Link, which keyed sessions by the caller's id) while the old history is
+        gone for good. A ``user_id`` fills in a session that has none; it never replaces one.
+        """
+        now = self._now()
+        session = self._live(session_id, now) if session_id else None
+        if session is None:
+            session = self._create(session_id or str(uuid.uuid4()), user_id, now)
+        else:
+            if session.user_id is None:
+                session.user_id = user_id
+            self._touch(session, now)
+        return session.session_id
+
+    def append(
+        self,
+        session_id: str,
+        role: str,
+        content: str,
+        *,
+        timestamp: int | None = None,
+        metadata: Any = None,
+    ) -> bool:
+        """Record a message (``timestamp`` in epoch ms, default now) and mark the session active.
+
+        ``metadata`` must be JSON-serialisable (orjson). Returns False and records nothing
+        when the session is unknown, expired or evicted: a reply that outlived its session
+        is dropped rather than starting a session that holds an answer without its question.
+        """
+        now = self._now()
+        session = self._live(session_id, now)
+        if session is None:
+            return False
+        message = Message(
+            role,
+            content,
+            _ms(now) if timestamp is None else timestamp,
+            None if metadata is None else orjson.dumps(metadata),
+        )
+        messages = session.messages
+        messages.append(message)
+        self._resize(session, _cost(message))
+        while len(messages) > self._max_messages or (session.size > self._max_bytes and len(messages) > 1):
+            self._resize(session, -_cost(messages.pop(0)))
+        self._touch(session, now)
+        self._shed(keep=session)
+        return True
+
+    # -- reads (not activity) -------------------------------------------------------
+
+    def context_summary(self, session_id: str) -> str:
+        """The last messages as ``role: content`` lines, contents cut (empty if unknown)."""
+        session = self._live(session_id, self._now())
+        if session is None:
+            return ""
+        return "\n".join(
+            f"{m.role}: {m.content[:SUMMARY_CHARS]}" for m in session.messages[-SUMMARY_MESSAGES:]
+        )
+
+    def view(self, session_id: str) -> dict[str, Any] | None:
+        """The ``GET /operator/session/{id}`` body, or None when unknown or expired."""
+        session = self._live(session_id, self._now())
+        if session is None:
+            return None
+        return {
+            "session_id": session.session_id,
+            "user_id": session.user_id,
+            "created_at": _ms(session.created_at),
+            "last_active_at": _ms(session.last_active),
+            "expires_at": _ms(session.last_active + self._ttl),
+            "message_count": len(session.messages),
+            "messages": [
+                {
+                    "role": m.role,
+                    "content": m.content,
+                    "timestamp": m.timestamp,
+                    "metadata": None if m.metadata is None else orjson.loads(m.metadata),
+                }
+                for m in session.messages
+            ],
+        }
+
+    def list_sessions(self) -> dict[str, Any]:
+        """The ``GET /vx11/context-7/sessions`` body, most recently active first."""
+        now = self._now()
+        sessions = [
+            {
+                "session_id": s.session_id,
+                "created_at": _ms(s.created_at),
+                "expires_at": _ms(s.last_active + self._ttl),
+                "message_count": len(s.messages),
+            }
+            for s in reversed(self._sessions.values())
+            if not self._expired(s, now)
+        ]
+        return {"sessions": sessions, "total": len(sessions)}
+
+    # -- removal --------------------------------------------------------------------
+
+    def delete(self, session_id: str) -> bool:
+        """Forget a session; False when it was unknown or already expired."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return False
+        self._remove(session)
+        return not self._expired(session, self._now())
+
+    def sweep(self) -> int:
+        """Remove expired sessions; returns how many were removed."""
+        now = self._now()
+        removed = 0
+        # Front to back is least to most recently active, i.e. soonest to latest expiry.
+        while self._sessions and self._expired(oldest := next(iter(self._sessions.values())), now):
+            self._remove(oldest)
+            removed += 1
+        return removed
+
+    # -- internals ------------------------------------------------------------------
+
+    def _expired(self, session: Session, now: float) -> bool:
+        return now >= session.last_active + self._ttl
+
+    def _live(self, session_id: str, now: float) -> Session | None:
+        session = self._sessions.get(session_id)
+        if session is not None and self._expired(session, now):
+            self._remove(session)
+            return None
+        return session
+
+    def _touch(self, session: Session, now: float) -> None:
+        session.last_active = now
+        self._sessions.move_to_end(session.session_id)
+
+    def _resize(self, session: Session, delta: int) -> None:
+        session.size += delta
+        self._bytes += delta
+
+    def _remove(self, session: Session) -> None:
+        del self._sessions[session.session_id]
+        self._bytes -= session.size
+
+    def _shed(self, keep: Session) -> None:
+        """Evict least recently active sessions, never ``keep``, until within the bounds."""
+        while len(self._sessions) > self._max_sessions or self._bytes > self._max_bytes:
+            oldest = next(iter(self._sessions.values()))
+            if oldest is keep:
+                return
+            self._remove(oldest)
+
+    def _create(self, session_id: str, user_id: str | None, now: float) -> Session:
+        session = Session(session_id, user_id, now)
+        self._sessions[session_id] = session
+        self._bytes += session.size
+        self._shed(keep=session)
+        return session
+
+
+class Sweeper:
+    """Runs ``store.sweep()`` every ``interval`` seconds as a task on the running loop."""
+
+    def __init__(self, store: SessionStore, interval: float) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be > 0")
+        self._store = store
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start sweeping; call from inside the running event loop."""
+        if self._task is not None:
+            raise RuntimeError("sweeper already started")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="context7-sweeper")
+
+    async def stop(self) -> None:
+        """Stop sweeping and wait for the task to end."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        # wait() rather than await: the task's CancelledError is expected, while one aimed
+        # at our caller must still reach it.
+        await asyncio.wait((task,))
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                removed = self._store.sweep()
+            except Exception:
+                # A bug, but one bad sweep must not end sweeping for the life of the process.
+                log.exception("context-7 sweep failed")
+                continue
+            if removed:
+                log.debug("context-7 sweep removed %d expired session(s)", removed)
