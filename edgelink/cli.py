@@ -9,18 +9,18 @@ from . import __version__
 from .config import ConfigError, Settings, load_settings
 
 
-def _settings(args: argparse.Namespace, **extra: object) -> Settings:
-    overrides = {"host": args.host, "port": args.port, **extra}
-    try:
-        return load_settings(config_file=args.config, overrides=overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"edgelink: {exc}") from None
+def _load(args: argparse.Namespace) -> Settings:
+    return load_settings(config_file=args.config, overrides={"host": args.host, "port": args.port})
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .serve import run, serve
 
-    run(serve(_settings(args)))
+    try:
+        settings = _load(args)
+    except ConfigError as exc:
+        raise SystemExit(f"edgelink: {exc}") from None
+    run(serve(settings, reload=lambda: _load(args)))
     return 0
 
 

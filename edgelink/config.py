@@ -292,13 +292,47 @@ def _route_from_toml(intent: str, table: Mapping[str, Any], base: RouteConfig | 
     return RouteConfig(fallback=fallback, **values)
 
 
+ENV_FILE_VAR = "EDGELINK_ENV_FILE"
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """``KEY=value`` lines (systemd EnvironmentFile syntax: blank lines and ``#`` comments
+    skipped, one pair of surrounding quotes removed)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read environment file {path} ({ENV_FILE_VAR}): {exc}") from None
+    values: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith(("#", ";")):
+            continue
+        key, sep, value = text.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            raise ConfigError(f"environment file {path}, line {number}: expected KEY=value")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
 def load_settings(
     env: Mapping[str, str] | None = None,
     config_file: str | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Build Settings from a TOML file, the environment and flag overrides (highest last)."""
+    """Build Settings from a TOML file, the environment and flag overrides (highest last).
+
+    When ``EDGELINK_ENV_FILE`` names a file, its values are laid over the environment: read
+    again on every reload, so edits to it take effect on SIGHUP even where systemd loaded
+    the same file into the environment at start.
+    """
     env = os.environ if env is None else env
+    if env.get(ENV_FILE_VAR):
+        env = {**env, **read_env_file(env[ENV_FILE_VAR])}
     file_data: dict[str, Any] = {}
     if config_file:
         try:

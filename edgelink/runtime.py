@@ -11,6 +11,7 @@ import time
 from .config import Settings
 from .gateway.metrics import Registry
 from .gateway.observe import CardinalityCounter, CorrelationGraph
+from .http.router import Router
 from .hub import Hub
 from .ledger import Ledger
 
@@ -26,6 +27,8 @@ class Runtime:
         self.hub = Hub(self.metrics, settings.ws_queue)
         self.cardinality = CardinalityCounter(time.time)
         self.correlations = CorrelationGraph(time.time)
+        self.router: Router | None = None  # set by serve(); /openapi.json describes it
+        self.openapi_cache: bytes | None = None
 
     async def start(self) -> None:
         """Open what the handlers need before the first request."""
@@ -34,3 +37,7 @@ class Runtime:
     async def stop(self) -> None:
         """Flush and close, after the server has stopped serving."""
         await self.ledger.close()
+
+    def apply(self, settings: Settings) -> None:
+        """Take reloaded settings: tokens, CORS, limits and routes are read per request."""
+        self.settings = settings

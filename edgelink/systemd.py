@@ -18,12 +18,11 @@ $NOTIFY_SOCKET (sd_notify(3)); passed sockets start at fd 3 (sd_listen_fds(3)).
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
 import time
 
-log = logging.getLogger(__name__)
+from .log import log
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 
@@ -41,13 +40,14 @@ def notify(state: str) -> bool:
     if address[0] == "@":
         address = "\0" + address[1:]  # abstract namespace
     elif address[0] != "/":
-        log.warning("NOTIFY_SOCKET=%r is not an AF_UNIX path or abstract name; not notifying", address)
+        log.warning("systemd_notify_skipped", detail="NOTIFY_SOCKET is not an AF_UNIX path or abstract name",
+                    notify_socket=address)
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.sendto(state.encode(), address)
     except OSError as exc:
-        log.warning("could not notify systemd (%s): %s", state.partition("\n")[0], exc)
+        log.warning("systemd_notify_failed", state=state.partition("\n")[0], error=str(exc))
         return False
     return True
 

@@ -95,3 +95,14 @@ def test_missing_config_file_named():
     with pytest.raises(ConfigError) as info:
         load_settings(env=TOKEN, config_file="/nonexistent/edgelink.toml")
     assert "/nonexistent/edgelink.toml" in str(info.value)
+
+
+def test_env_file_laid_over_environment(tmp_path):
+    envfile = tmp_path / "edgelink.env"
+    envfile.write_text('# comment\n\nVX11_GATEWAY_TOKEN="from-file"\nMADRE_URL=http://127.0.0.1:9101\n')
+    s = load_settings(env={"VX11_GATEWAY_TOKEN": "from-env", "EDGELINK_ENV_FILE": str(envfile)})
+    assert s.token == "from-file" and s.module("madre").url == "http://127.0.0.1:9101"
+    envfile.write_text("this line is wrong\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"EDGELINK_ENV_FILE": str(envfile)})
+    assert "line 1" in str(info.value)

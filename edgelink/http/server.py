@@ -98,22 +98,24 @@ class HttpServer:
         self.settings = settings
         self.connections: set[HttpProtocol] = set()
         self.stopping = False
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
         self._idle = asyncio.Event()
         self._idle.set()
 
     async def start(self, host: str | None = None, port: int | None = None,
-                    sock: socket.socket | None = None) -> None:
+                    socks: list[socket.socket] | None = None) -> None:
+        """Listen on ``host:port``, or on already-bound sockets (systemd socket activation)."""
         loop = asyncio.get_running_loop()
-        if sock is not None:
-            self._server = await loop.create_server(self._make_protocol, sock=sock, backlog=1024)
+        if socks:
+            for sock in socks:
+                self._servers.append(await loop.create_server(self._make_protocol, sock=sock, backlog=1024))
         else:
-            self._server = await loop.create_server(self._make_protocol, host, port,
-                                                    reuse_address=True, backlog=1024)
+            self._servers.append(await loop.create_server(self._make_protocol, host, port,
+                                                          reuse_address=True, backlog=1024))
 
     @property
     def sockets(self) -> list[socket.socket]:
-        return list(self._server.sockets) if self._server else []
+        return [sock for server in self._servers for sock in server.sockets]
 
     def _make_protocol(self) -> "HttpProtocol":
         return HttpProtocol(self)
@@ -126,8 +128,8 @@ class HttpServer:
         """Stop accepting, close WebSockets with 1001, let requests in flight finish within
         ``grace`` seconds, then drop whatever is left."""
         self.stopping = True
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for conn in list(self.connections):
             conn.begin_shutdown()
         if any(c.busy for c in self.connections):
