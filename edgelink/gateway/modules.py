@@ -1,0 +1,206 @@
+"""The module registry: calls to modules behind their circuit breakers, and health probes.
+
+``Modules`` owns, for every module in ``settings.modules``, its URL, whether it is
+enabled, and its breaker (API.md §2), plus one shared ``UpstreamClient``. Handlers call
+``await modules.call(...)`` and get a ``ModuleReply`` or an ``HTTPError`` already in the
+API.md §3 shape:
+
+- breaker open: 503 ``circuit_open`` at once, the module is not contacted;
+- connect error, module hung up, bad HTTP, reply over the size limit, reply not JSON:
+  502 ``upstream_unavailable``;
+- no reply within the call's timeout: 504 ``upstream_timeout``;
+- a disabled module: 503 ``module_disabled``.
+
+Any JSON reply is returned with the module's status, 4xx and 5xx included, for the
+handler to forward. What the breaker counts as a failure: every error above, and 5xx.
+A 4xx reply is a success for the breaker (the module is up and answering); a 4xx
+without a JSON body still answers 502 but does not count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import orjson
+
+from ..config import ModuleConfig, Settings
+from ..http.messages import HTTPError, Response, json_response
+from ..log import log
+from ..upstream import UpstreamClient, UpstreamError
+from .breaker import Breaker
+
+
+# ModuleHealth.status for a probe that got no reply, by UpstreamError.kind.
+_PROBE_STATUS = {"connect": "unreachable", "timeout": "timeout"}
+
+
+class CircuitOpenError(HTTPError):
+    """503 ``circuit_open``, whose body also says ``"status": "circuit_open"`` (API.md §2).
+    That key cannot travel in HTTPError's keywords, where ``status`` is the HTTP status."""
+
+    def __init__(self, module: str, detail: str):
+        super().__init__(503, "circuit_open", module=module, detail=detail)
+
+    def response(self) -> Response:
+        body = {"error": self.code, "status_code": self.status, "status": "circuit_open", **self.extra}
+        return json_response(body, self.status, self.headers)
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleReply:
+    status: int
+    data: Any  # the parsed JSON body (None for an empty 204)
+    latency_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One module's result in a health round: its ModuleHealth, and the start of the body."""
+
+    health: dict[str, Any]
+    snippet: str  # first 200 chars of the reply (for the recorded probe history, API.md §7)
+
+
+class Modules:
+    """``call()`` a module, ``probe_all()`` their health, ``breaker_status()``, ``close()``.
+
+    ``observe(module, outcome, seconds)``, if given, is told about every call that was
+    let through; outcome is ``ok``, ``http_5xx``, ``not_json`` or an UpstreamError kind.
+    """
+
+    def __init__(self, settings: Settings, *, observe: Callable[[str, str, float], None] | None = None,
+                 now: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+        self.settings = settings
+        self.registry: dict[str, ModuleConfig] = {m.name: m for m in settings.modules}
+        self.breakers = {m.name: Breaker(settings.breaker_failures, settings.breaker_recovery, now=now, wall=wall)
+                         for m in settings.modules if m.enabled}
+        self._client = UpstreamClient(settings)
+        self._observe = observe
+        self._now = now
+        self._wall = wall
+        self._token = [(b"x-vx11-token", settings.token.encode())] if settings.token else []
+        self._round: asyncio.Task[dict[str, Probe]] | None = None
+
+    async def call(self, module: str, method: str, path: str, *, json: Any = None,
+                   timeout: float, correlation_id: str) -> ModuleReply:
+        """Call ``module`` behind its breaker; ``json`` (if not None) is sent as the body."""
+        config = self.registry[module]
+        if not config.enabled:
+            raise HTTPError(503, "module_disabled", module=module, detail=f"module {module} is disabled")
+        breaker = self.breakers[module]
+        ticket = breaker.allow()
+        if ticket is None:
+            raise CircuitOpenError(module, f"calls to {module} are refused after {breaker.threshold} "
+                                           f"consecutive failures, until a trial call succeeds")
+        body = b"" if json is None else orjson.dumps(json)
+        headers = self._headers(correlation_id, bool(body))
+        started = self._now()
+        try:
+            reply = await self._client.request(config.url, method, path, headers=headers, body=body,
+                                               timeout=timeout)
+        except UpstreamError as exc:
+            self._verdict(module, breaker, ticket, failed=True)
+            self._done(module, exc.kind, started)
+            log.warning("upstream_failed", module=module, method=method, path=path, kind=exc.kind,
+                        error=str(exc), correlation_id=correlation_id)
+            if exc.kind == "timeout":
+                raise HTTPError(504, "upstream_timeout", module=module, detail=str(exc)) from None
+            raise HTTPError(502, "upstream_unavailable", module=module, detail=str(exc)) from None
+        except BaseException:
+            breaker.release(ticket)  # cancelled: this says nothing about the module
+            raise
+        latency_ms = round((self._now() - started) * 1000, 3)
+        failed = reply.status >= 500
+        try:
+            data = None if reply.status == 204 and not reply.body else orjson.loads(reply.body)
+        except orjson.JSONDecodeError:
+            self._verdict(module, breaker, ticket, failed=failed or not 400 <= reply.status < 500)
+            self._done(module, "not_json", started)
+            log.warning("upstream_not_json", module=module, method=method, path=path,
+                        http_code=reply.status, correlation_id=correlation_id)
+            raise HTTPError(502, "upstream_unavailable", module=module,
+                            detail=f"{module} answered HTTP {reply.status} without a JSON body") from None
+        self._verdict(module, breaker, ticket, failed=failed)
+        self._done(module, "http_5xx" if failed else "ok", started)
+        return ModuleReply(reply.status, data, latency_ms)
+
+    async def probe_all(self) -> dict[str, dict[str, Any]]:
+        """Every module's ModuleHealth (API.md §2), disabled ones included, in registry order."""
+        return {name: dict(p.health) for name, p in (await self.probe_round()).items()}
+
+    async def probe_round(self) -> dict[str, Probe]:
+        """Probe every enabled module concurrently; callers arriving during a round share it."""
+        if self._round is None:
+            self._round = asyncio.create_task(self._probe_round())
+            self._round.add_done_callback(self._round_over)
+        # shield: a caller that gives up must not cancel the round the others wait for
+        return await asyncio.shield(self._round)
+
+    def breaker_status(self) -> dict[str, Any]:
+        """The body of GET /vx11/circuit-breaker/status."""
+        return {"status": "ok", "breakers": {name: b.snapshot() for name, b in self.breakers.items()},
+                "timestamp": self._wall()}
+
+    async def close(self) -> None:
+        """Stop a probe round in progress and close pooled connections."""
+        if self._round is not None:
+            self._round.cancel()
+            await asyncio.gather(self._round, return_exceptions=True)
+        await self._client.close()
+
+    def _headers(self, correlation_id: str, has_body: bool) -> list[tuple[bytes, bytes]]:
+        headers = [*self._token, (b"x-correlation-id", correlation_id.encode()), (b"accept", b"application/json")]
+        if has_body:
+            headers.append((b"content-type", b"application/json"))
+        return headers
+
+    @staticmethod
+    def _verdict(module: str, breaker: Breaker, ticket: int, *, failed: bool) -> None:
+        before = breaker.state
+        (breaker.record_failure if failed else breaker.record_success)(ticket)
+        after = breaker.state
+        if after != before:
+            log.log("info" if after == "closed" else "warning", "breaker_state_changed",
+                    module=module, before=before, after=after)
+
+    def _done(self, module: str, outcome: str, started: float) -> None:
+        if self._observe is not None:
+            self._observe(module, outcome, self._now() - started)
+
+    def _round_over(self, task: asyncio.Task[dict[str, Probe]]) -> None:
+        self._round = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error("probe_round_failed", error=repr(task.exception()))
+
+    async def _probe_round(self) -> dict[str, Probe]:
+        modules = list(self.registry.values())
+        correlation_id = uuid.uuid4().hex
+        probes = await asyncio.gather(*(self._probe(m, correlation_id) for m in modules))
+        return {m.name: p for m, p in zip(modules, probes)}
+
+    # Probes do not feed the breakers: a breaker judges the calls it guards, and a
+    # dashboard polling /vx11/status must not be what opens or closes routing to a module.
+    async def _probe(self, module: ModuleConfig, correlation_id: str) -> Probe:
+        health: dict[str, Any] = {"status": "disabled", "http_code": None, "latency_ms": None,
+                                  "url": module.url, "error": None}
+        if not module.enabled:
+            return Probe(health, "")
+        started = self._now()
+        try:
+            reply = await self._client.request(module.url, "GET", "/health",
+                                               headers=self._headers(correlation_id, False),
+                                               timeout=self.settings.health_timeout)
+        except UpstreamError as exc:
+            health.update(status=_PROBE_STATUS.get(exc.kind, "error"), error=str(exc))
+            snippet = ""
+        else:
+            ok = 200 <= reply.status < 300
+            health.update(status="ok" if ok else "error", http_code=reply.status,
+                          error=None if ok else f"HTTP {reply.status}")
+            snippet = reply.body[:800].decode("utf-8", "replace")[:200]
+        health["latency_ms"] = round((self._now() - started) * 1000, 3)
+        return Probe(health, snippet)

@@ -1,0 +1,288 @@
+"""HTTP/1.1 client for calls to modules: asyncio + h11, with a keep-alive pool per origin.
+
+One ``UpstreamClient`` serves every module. Each call is bounded by a total timeout
+(connect, send, the whole reply, and a retry if there is one) and, inside it, by the connect
+timeout; a reply larger than ``upstream_max_reply`` is refused, decided from
+``Content-Length`` when present and while reading otherwise. Anything that leaves no
+usable reply raises ``UpstreamError`` with a ``kind``: ``connect``, ``timeout``,
+``too_large``, ``closed`` (the module hung up) or ``protocol`` (it spoke bad HTTP).
+
+Pool: up to ``upstream_pool_size`` idle keep-alive connections are kept per origin,
+each closed after ``upstream_pool_idle`` idle seconds. Busy connections are not capped
+here: a pool cap would make a quick call queue behind slow ones to the same module
+(a 60 s analysis ahead of a 5 s chat fallback); the server's connection limit already
+bounds how many calls can be in flight.
+
+Stale keep-alive connections: a module may close an idle connection at any time.
+A pooled connection whose peer has hung up (or sent unsolicited bytes) is found at
+checkout and dropped before anything is sent. If a reused connection still ends before
+the first reply byte (the module closed it while our request was on the wire), the call
+is sent once more on a fresh connection; an idempotent method is also sent again if the
+reused connection ends mid-reply. A fresh connection is never retried: its failure is
+the module's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+from dataclasses import dataclass
+from typing import Iterable
+from urllib.parse import urlsplit
+
+import h11
+
+from .config import Settings
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+
+
+class UpstreamError(Exception):
+    """A call that produced no usable reply; ``kind`` says why (see the module docstring)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    host: str
+    port: int
+    authority: bytes  # the Host header
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection to a module: its h11 state, and a waiter woken by incoming bytes."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.busy = False
+        self.ended = False  # the peer hung up, or we closed the connection
+        self.reply_bytes = 0  # bytes received during the current exchange
+        self.reaper: asyncio.TimerHandle | None = None
+        self._fd = -1
+        self._waiter: asyncio.Future[None] | None = None
+
+    # --- asyncio.Protocol ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._fd = transport.get_extra_info("socket").fileno()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy:  # bytes nobody asked for: the connection cannot be trusted again
+            self.close()
+            return
+        self.reply_bytes += len(data)
+        self.h11.receive_data(data)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._end()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+
+    # --- use -------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        """Still fit for reuse. Polls the socket because the peer's FIN may be waiting in
+        the kernel while the event loop has not told us yet."""
+        if self.ended:
+            return False
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        return not poller.poll(0)  # an idle connection that is readable got EOF, RST or junk
+
+    async def next_event(self) -> h11.Event | type[h11.PAUSED]:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def close(self) -> None:
+        if self.reaper is not None:
+            self.reaper.cancel()
+            self.reaper = None
+        self.ended = True
+        if self.transport is not None:
+            # abort, not close: close would wait to flush to a module that may not be reading
+            self.transport.abort()
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.h11.receive_data(b"")
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class UpstreamClient:
+    """``await request(base_url, method, path, ...) -> Reply``; ``await close()`` on shutdown."""
+
+    def __init__(self, settings: Settings):
+        self._connect_timeout = settings.upstream_connect_timeout
+        self._max_reply = settings.upstream_max_reply
+        self._pool_size = settings.upstream_pool_size
+        self._pool_idle = settings.upstream_pool_idle
+        self._origins: dict[str, _Origin] = {}
+        self._idle: dict[_Origin, list[_Connection]] = {}
+        self._closed = False
+
+    async def request(self, base_url: str, method: str, path: str, *,
+                      headers: Iterable[tuple[bytes, bytes]] = (), body: bytes = b"",
+                      timeout: float) -> Reply:
+        """Send one request (``Host`` and ``Content-Length`` are added) and read the whole reply."""
+        origin = self._origin(base_url)
+        head = [(b"host", origin.authority), *headers]
+        if body or method not in IDEMPOTENT:
+            head.append((b"content-length", str(len(body)).encode()))
+        request = h11.Request(method=method, target=path, headers=head)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._send(origin, request, body, method in IDEMPOTENT)
+        except TimeoutError:
+            raise UpstreamError("timeout", f"no reply within {timeout:g} s") from None
+
+    async def close(self) -> None:
+        """Close idle connections; busy ones are closed when their call ends."""
+        self._closed = True
+        for pool in self._idle.values():
+            for conn in pool:
+                conn.close()
+        self._idle.clear()
+
+    async def _send(self, origin: _Origin, request: h11.Request, body: bytes, idempotent: bool) -> Reply:
+        conn = self._checkout(origin)
+        if conn is None:
+            return await self._exchange(origin, await self._connect(origin), request, body)
+        try:
+            return await self._exchange(origin, conn, request, body)
+        except UpstreamError as exc:
+            if exc.kind != "closed" or (conn.reply_bytes and not idempotent):
+                raise
+        return await self._exchange(origin, await self._connect(origin), request, body)
+
+    def _origin(self, base_url: str) -> _Origin:
+        origin = self._origins.get(base_url)
+        if origin is None:
+            parts = urlsplit(base_url)
+            port = parts.port or 80
+            origin = _Origin(parts.hostname or "", port, parts.netloc.encode())
+            self._origins[base_url] = origin
+        return origin
+
+    def _checkout(self, origin: _Origin) -> _Connection | None:
+        pool = self._idle.get(origin)
+        while pool:
+            conn = pool.pop()  # the most recently used first; the oldest ones age out
+            if conn.reaper is not None:
+                conn.reaper.cancel()
+                conn.reaper = None
+            if conn.alive():
+                return conn
+            conn.close()
+        return None
+
+    def _checkin(self, origin: _Origin, conn: _Connection) -> None:
+        pool = self._idle.setdefault(origin, [])
+        if self._closed or len(pool) >= self._pool_size:
+            conn.close()
+            return
+        conn.h11.start_next_cycle()
+        conn.reaper = asyncio.get_running_loop().call_later(self._pool_idle, self._reap, pool, conn)
+        pool.append(conn)
+
+    @staticmethod
+    def _reap(pool: list[_Connection], conn: _Connection) -> None:
+        conn.reaper = None
+        pool.remove(conn)
+        conn.close()
+
+    async def _connect(self, origin: _Origin) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await loop.create_connection(_Connection, origin.host, origin.port)
+        except TimeoutError:
+            raise UpstreamError(
+                "connect", f"connect to {origin.host}:{origin.port} timed out after {self._connect_timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise UpstreamError("connect", f"cannot connect to {origin.host}:{origin.port}: "
+                                           f"{exc.strerror or exc}") from None
+        return conn
+
+    async def _exchange(self, origin: _Origin, conn: _Connection, request: h11.Request, body: bytes) -> Reply:
+        h = conn.h11
+        conn.busy = True
+        conn.reply_bytes = 0
+        done = False
+        try:
+            if conn.ended:
+                raise UpstreamError("closed", "connection closed before the request was sent")
+            out = [h.send(request)]
+            if body:
+                out.append(h.send(h11.Data(data=body)))
+            out.append(h.send(h11.EndOfMessage()))
+            # No drain: the request is already in memory, and the total timeout bounds a
+            # module that does not read it.
+            conn.transport.write(b"".join(out))
+            reply = await self._read_reply(conn)
+            done = True
+        except h11.RemoteProtocolError as exc:
+            if conn.ended:
+                raise UpstreamError("closed", f"module closed the connection mid-exchange ({exc})") from None
+            raise UpstreamError("protocol", f"bad HTTP from module: {exc}") from None
+        finally:
+            conn.busy = False
+            if not done:
+                conn.close()
+        # bytes after the reply would be read as the next call's reply: such a module gets no reuse
+        if h.our_state is h11.DONE and h.their_state is h11.DONE and not h.trailing_data[0] and not conn.ended:
+            self._checkin(origin, conn)
+        else:
+            conn.close()
+        return reply
+
+    async def _read_reply(self, conn: _Connection) -> Reply:
+        response: h11.Response | None = None
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            event = await conn.next_event()
+            kind = type(event)
+            if kind is h11.Data:
+                size += len(event.data)
+                if size > self._max_reply:
+                    raise UpstreamError("too_large", f"reply exceeds {self._max_reply} bytes")
+                parts.append(event.data)
+            elif kind is h11.Response:
+                response = event
+                for name, value in event.headers:
+                    if name == b"content-length" and int(value) > self._max_reply:
+                        raise UpstreamError("too_large", f"reply of {int(value)} bytes exceeds "
+                                                         f"{self._max_reply} bytes")
+            elif kind is h11.EndOfMessage:
+                assert response is not None  # h11 yields the Response before its end
+                return Reply(response.status_code, list(response.headers), b"".join(parts))
+            elif kind is not h11.InformationalResponse:  # 1xx (100 Continue...) carry nothing for us
+                raise UpstreamError("protocol", f"unexpected {kind.__name__} from module")
