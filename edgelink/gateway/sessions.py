@@ -34,7 +34,6 @@ mutating its dict later cannot rewrite history. The overheads were measured with
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 import time
 import uuid
@@ -43,9 +42,8 @@ from typing import Any, Callable, NamedTuple
 
 import orjson
 
-from edgelink.config import Settings
-
-log = logging.getLogger(__name__)
+from ..config import Settings
+from ..log import log
 
 SUMMARY_MESSAGES = 10  # API.md §4: the summary is the last 10 messages...
 SUMMARY_CHARS = 500  # ...each content cut to 500 chars
@@ -325,9 +323,9 @@ class Sweeper:
             await asyncio.sleep(self._interval)
             try:
                 removed = self._store.sweep()
-            except Exception:
+            except Exception as exc:
                 # A bug, but one bad sweep must not end sweeping for the life of the process.
-                log.exception("context-7 sweep failed")
+                log.error("session_sweep_failed", error=repr(exc))
                 continue
             if removed:
-                log.debug("context-7 sweep removed %d expired session(s)", removed)
+                log.debug("session_sweep", removed=removed)
