@@ -30,6 +30,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from .probe import run_probe
+
+    return run_probe(args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgelink", description="Low-power VX11 gateway (Tentáculo Link v7 API).")
     p.add_argument("--version", action="version", version=f"edgelink {__version__}")
@@ -46,6 +52,11 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the gateway with built-in simulated modules on loopback")
     common(demo)
     demo.set_defaults(func=_cmd_demo)
+    probe = sub.add_parser("probe", help="probe every module once, record it, print a summary")
+    probe.add_argument("--db", help="SQLite file to record into (EDGELINK_DB)")
+    probe.add_argument("--report", help="write a Markdown report to this file")
+    probe.add_argument("--config", help="TOML config file")
+    probe.set_defaults(func=_cmd_probe)
     return p
 
 

@@ -107,6 +107,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("probe_interval", ("EDGELINK_PROBE_INTERVAL",), _number(float, 0), 30.0),
     Knob("breaker_failures", ("EDGELINK_BREAKER_FAILURES",), _number(int, 1), 3),
     Knob("breaker_recovery", ("EDGELINK_BREAKER_RECOVERY",), _number(float, 0.01), 60.0),
+    Knob("proxy_timeout", ("EDGELINK_PROXY_TIMEOUT",), _number(float, 0.01), 10.0),
     Knob("upstream_connect_timeout", ("EDGELINK_UPSTREAM_CONNECT_TIMEOUT",), _number(float, 0.01), 2.0),
     Knob("upstream_max_reply", ("EDGELINK_UPSTREAM_MAX_REPLY",), _number(int, 1024), 8 * 1024 * 1024),
     Knob("upstream_pool_size", ("EDGELINK_UPSTREAM_POOL_SIZE",), _number(int, 1), 8),
@@ -199,6 +200,7 @@ class Settings:
     probe_interval: float = 30.0
     breaker_failures: int = 3
     breaker_recovery: float = 60.0
+    proxy_timeout: float = 10.0
     upstream_connect_timeout: float = 2.0
     upstream_max_reply: int = 8 * 1024 * 1024
     upstream_pool_size: int = 8

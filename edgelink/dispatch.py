@@ -3,6 +3,7 @@ error rendering, metrics and the access log, the same for every request."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,13 @@ class Dispatcher:
         except HTTPError as exc:
             exc.extra.setdefault("correlation_id", req.correlation_id)
             response = exc.response()
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this request is being cancelled (shutdown): nobody waits for an answer
+            # Something the handler awaited was cancelled under it: still answer the client.
+            log.error("handler_cancelled", path=req.path, method=req.method, correlation_id=req.correlation_id)
+            response = error_response(500, "internal_error", correlation_id=req.correlation_id)
         except Exception as exc:  # a bug of ours: log it with the id, never show a traceback
             log.error("handler_failed", error=repr(exc), path=req.path, method=req.method,
                       correlation_id=req.correlation_id)

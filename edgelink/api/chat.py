@@ -1,0 +1,99 @@
+"""Chat with fallback and the Context-7 session endpoints (API.md §4)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..config import RouteConfig
+from ..http.messages import HTTPError, Request, Response, check_fields, empty_response, json_response, \
+    validation_error
+from ..log import log
+
+MAX_MESSAGE = 32_768
+_CHAT_FIELDS = {"message": (str, True), "session_id": (str, False), "user_id": (str, False),
+                "metadata": (dict, False)}
+_TEXT_KEYS = ("response", "message", "text", "content")
+
+
+def _reply_text(data: Any) -> str | None:
+    """The module's answer text: ``response``, else ``message``, ``text``, ``content``."""
+    if isinstance(data, dict):
+        for key in _TEXT_KEYS:
+            value = data.get(key)
+            if isinstance(value, str) and value.strip():
+                return value
+    return None
+
+
+async def _ask(req: Request, route: RouteConfig, body: dict[str, Any]) -> tuple[str, str] | None:
+    """(text, model) from one route, or None if it failed in any way (logged)."""
+    rt = req.app
+    try:
+        reply = await rt.modules.call(route.module, route.method, route.endpoint, json=body,
+                                      timeout=route.timeout, correlation_id=req.correlation_id)
+    except HTTPError as exc:
+        log.warning("chat_route_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
+        return None
+    text = _reply_text(reply.data) if 200 <= reply.status < 300 else None
+    if text is None:
+        log.warning("chat_route_failed", module=route.module, error="no_text", http_code=reply.status,
+                    correlation_id=req.correlation_id)
+        return None
+    # model_used, else model, else the provider name: a value that is not a name (a number,
+    # an object, blank) counts as absent, as for the text keys.
+    names = (reply.data.get(key) for key in ("model_used", "model"))
+    return text, next((m for m in names if isinstance(m, str) and m.strip()), route.module)
+
+
+async def chat(req: Request) -> Response:
+    started = time.perf_counter()
+    rt = req.app
+    body = req.json_object()
+    check_fields(body, _CHAT_FIELDS)
+    message = body["message"]
+    if not 1 <= len(message) <= MAX_MESSAGE:
+        raise validation_error((["body", "message"], f"must be 1 to {MAX_MESSAGE} characters"))
+    sessions = rt.sessions
+    session_id = sessions.open(body.get("session_id"), body.get("user_id"))
+    sessions.append(session_id, "user", message, metadata=body.get("metadata"))
+    outgoing = {
+        "message": message, "session_id": session_id, "user_id": body.get("user_id"),
+        "context_summary": sessions.context_summary(session_id), "metadata": body.get("metadata"),
+        "correlation_id": req.correlation_id,
+    }
+    route = rt.settings.route("chat")
+    answer, answered_by, degraded = None, route, False
+    if route is not None:
+        answer = await _ask(req, route, outgoing)
+        if answer is None and route.fallback is not None:
+            answered_by, degraded = route.fallback, True
+            answer = await _ask(req, route.fallback, outgoing)
+    if answer is None:
+        raise HTTPError(503, "chat_unavailable", session_id=session_id,
+                        detail="neither the chat route nor its fallback answered")
+    text, model = answer
+    sessions.append(session_id, "assistant", text,
+                    metadata={"provider": answered_by.module, "model": model})
+    return json_response({
+        "session_id": session_id, "response": text, "model_used": model, "provider": answered_by.module,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 3), "correlation_id": req.correlation_id,
+        "status": "ok", "degraded": degraded,
+    })
+
+
+async def session(req: Request) -> Response:
+    view = req.app.sessions.view(req.params["session_id"])
+    if view is None:
+        raise HTTPError(404, "session_not_found", session_id=req.params["session_id"])
+    return json_response(view)
+
+
+async def delete_session(req: Request) -> Response:
+    if not req.app.sessions.delete(req.params["session_id"]):
+        raise HTTPError(404, "session_not_found", session_id=req.params["session_id"])
+    return empty_response(204)
+
+
+async def sessions(req: Request) -> Response:
+    return json_response(req.app.sessions.list_sessions())

@@ -1,0 +1,103 @@
+"""Health aggregation, breakers, the route table, intents and module proxies (API.md §2, §3)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from ..config import RouteConfig
+from ..http.messages import HTTPError, Request, Response, json_response
+
+GATEWAY = {"module": "tentaculo_link", "version": "7.0"}
+
+
+def _counted(health: dict[str, dict[str, Any]]) -> tuple[int, int]:
+    """(healthy, total) over enabled modules: disabled ones are listed, not counted."""
+    enabled = [h for h in health.values() if h["status"] != "disabled"]
+    return sum(1 for h in enabled if h["status"] == "ok"), len(enabled)
+
+
+async def status(req: Request) -> Response:
+    rt = req.app
+    health = await rt.modules.probe_all()
+    healthy, total = _counted(health)
+    ports: dict[str, int] = {m.name: m.port for m in rt.settings.modules}
+    ports.update(tentaculo_link=rt.port, gateway=rt.port)
+    return json_response({
+        "ok": True, "status": "ok", **GATEWAY,
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "ports": ports,
+        "modules": health,
+        "summary": {"healthy_modules": healthy, "total_modules": total, "all_healthy": healthy == total},
+    })
+
+
+async def overview(req: Request) -> Response:
+    health = await req.app.modules.probe_all()
+    healthy, total = _counted(health)
+    return json_response({
+        "status": "ok", "gateway": "tentaculo_link", "version": "7.0", "modules_health": health,
+        "summary": {"total_modules": total, "healthy": healthy, "unhealthy": total - healthy},
+    })
+
+
+async def breakers(req: Request) -> Response:
+    return json_response(req.app.modules.breaker_status())
+
+
+def _route_body(route: RouteConfig) -> dict[str, Any]:
+    fallback = route.fallback
+    return {
+        "module": route.module, "endpoint": route.endpoint, "method": route.method, "timeout": route.timeout,
+        "description": route.description, "auth_required": route.auth_required,
+        "fallback": None if fallback is None else {
+            "module": fallback.module, "endpoint": fallback.endpoint, "method": fallback.method,
+            "timeout": fallback.timeout},
+    }
+
+
+async def routes(req: Request) -> Response:
+    return json_response({"routes": {r.intent: _route_body(r) for r in req.app.settings.routes}})
+
+
+async def intent(req: Request) -> Response:
+    rt = req.app
+    route = rt.settings.route(req.params["intent"])
+    if route is None:
+        raise HTTPError(404, "unknown_intent", detail=f"no route for intent {req.params['intent']!r}",
+                        known=[r.intent for r in rt.settings.routes])
+    body = req.json() if req.body.strip() else {}
+    try:
+        reply = await rt.modules.call(route.module, route.method, route.endpoint, json=body,
+                                      timeout=route.timeout, correlation_id=req.correlation_id)
+    except HTTPError:
+        if route.fallback is None:
+            raise
+        fb = route.fallback
+        reply = await rt.modules.call(fb.module, fb.method, fb.endpoint, json=body,
+                                      timeout=fb.timeout, correlation_id=req.correlation_id)
+    return json_response(reply.data, reply.status)
+
+
+async def _proxy(req: Request, module: str, path: str) -> Response:
+    rt = req.app
+    reply = await rt.modules.call(module, "GET", path, timeout=rt.settings.proxy_timeout,
+                                  correlation_id=req.correlation_id)
+    return json_response(reply.data, reply.status)
+
+
+async def shub_dashboard(req: Request) -> Response:
+    return await _proxy(req, "shubniggurath", "/shub/dashboard")
+
+
+async def resources(req: Request) -> Response:
+    return await _proxy(req, "hermes", "/hermes/resources")
+
+
+async def queen_status(req: Request) -> Response:
+    return await _proxy(req, "hormiguero", "/queen/status")
+
+
+async def hormiguero_report(req: Request) -> Response:
+    limit = req.int_query("limit", 50, 1, 1000)
+    return await _proxy(req, "hormiguero", f"/report?limit={limit}")

@@ -1,0 +1,109 @@
+"""Runtime truth and metrics (API.md §7): /metrics, background health recording, the
+snapshot's module view, and the `edgelink probe` command, all against real processes."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import time
+
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import EDGELINK, TOKEN
+from fakemodule import ERROR_500, FakeModule, unused_port
+
+MODULE_ENVS = ("MADRE_URL", "SWITCH_URL", "HERMES_URL", "HORMIGUERO_URL", "MANIFESTATOR_URL", "MCP_URL",
+               "SPAWNER_URL", "OPERATOR_URL", "SHUB_URL")
+
+
+def module_env(url_for: dict[str, str]) -> dict[str, str]:
+    """Every module URL: the given ones, the rest on a closed port."""
+    closed = f"http://127.0.0.1:{unused_port()}"
+    return {name: url_for.get(name, closed) for name in MODULE_ENVS}
+
+
+def test_metrics_parse_and_count(gateway):
+    gateway.get("/health")
+    gateway.get("/nope")
+    gateway.post("/events/ingest", {"source": "t", "type": "system.alert", "payload": {
+        "alert_id": "a", "severity": "low", "message": "m", "timestamp": 1}})
+    gateway.post("/events/ingest", {"source": "t", "type": "system.alert", "payload": {}})
+    r = gateway.get("/metrics", token=False)
+    assert r.status == 200 and r.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(r.body.decode())}
+    for name in ("edgelink_http_requests", "edgelink_http_request_duration_seconds", "edgelink_events",
+                 "edgelink_ws_clients", "edgelink_ws_slow_consumer_closes", "edgelink_breaker_state",
+                 "edgelink_upstream_request_duration_seconds"):
+        assert name in families, name
+
+    def value(family: str, suffix: str = "", **labels: str) -> float:
+        for s in families[family].samples:
+            if s.name == family + suffix and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+        return 0.0
+
+    assert value("edgelink_http_requests", "_total", route="/health", status="200") == 1
+    assert value("edgelink_http_requests", "_total", route="unmatched", status="404") == 1
+    assert value("edgelink_events", "_total", type="system.alert", outcome="accepted") == 1
+    assert value("edgelink_events", "_total", type="system.alert", outcome="rejected") == 1
+    assert value("edgelink_http_request_duration_seconds", "_count", route="/health") == 1
+    assert value("edgelink_breaker_state", module="madre") == 0
+
+
+def test_background_health_recording_feeds_snapshot(gateway_factory, tmp_path):
+    with FakeModule("madre") as madre:
+        before = int(time.time() * 1000)
+        gw = gateway_factory({**module_env({"MADRE_URL": madre.url}), "EDGELINK_PROBE_INTERVAL": "0.2"})
+        deadline = time.monotonic() + 10
+        rows = []
+        while time.monotonic() < deadline and len(rows) < 10:
+            time.sleep(0.2)
+            with sqlite3.connect(f"file:{gw.db}?mode=ro", uri=True) as conn:
+                rows = conn.execute("SELECT service_name, port, status, http_code, latency_ms, endpoint_ok, "
+                                    "snippet, checked_at FROM copilot_runtime_services").fetchall()
+        by_name = {r[0]: r for r in rows}
+        assert by_name["madre"][2] == "ok" and by_name["madre"][3] == 200 and by_name["madre"][5] == 1
+        assert orjson.loads(by_name["madre"][6])["status"] == "ok"
+        assert by_name["switch"][2] == "unreachable" and by_name["switch"][5] == 0
+        assert by_name["shubniggurath"][2] == "disabled"
+        assert by_name["tentaculo_link"][2] == "ok" and by_name["tentaculo_link"][1] == gw.port
+        with sqlite3.connect(f"file:{gw.db}?mode=ro", uri=True) as conn:
+            history = conn.execute("SELECT count(*) FROM copilot_runtime_services_history").fetchone()[0]
+        assert history >= 9
+        snap = gw.get("/operator/snapshot").json()
+        assert snap["modules"]["madre"]["status"] == "ok" and snap["modules"]["madre"]["checked_at"] >= before
+        assert gw.get(f"/operator/snapshot?t={before - 60_000}").json()["modules"] == {}
+
+
+def test_probe_command_report_and_exit_codes(tmp_path):
+    with FakeModule("madre") as madre, FakeModule("switch") as switch:
+        env = {"PATH": "/usr/bin:/bin", **module_env({"MADRE_URL": madre.url, "SWITCH_URL": switch.url}),
+               "VX11_GATEWAY_TOKEN": TOKEN, "EDGELINK_HEALTH_TIMEOUT": "0.5"}
+        report = tmp_path / "report.md"
+        db = tmp_path / "probe.db"
+        proc = subprocess.run([EDGELINK, "probe", "--db", str(db), "--report", str(report)], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1  # seven modules are down
+        # Ten services: the gateway (not running here) and nine modules, seven of them down.
+        assert proc.stdout.strip().splitlines()[-1].startswith("2/10 ok (tentaculo_link unreachable, ")
+        assert "shubniggurath disabled" in proc.stdout
+        text = report.read_text()
+        assert "| service | port | status | HTTP code | latency (ms) | checked at |" in text
+        assert "| madre |" in text and "| switch |" in text
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT count(*) FROM copilot_runtime_services").fetchone()[0] == 10
+        assert madre.requests[0].headers["x-vx11-token"] == TOKEN
+
+        # Every module up, and the gateway's own address answering too.
+        everyone = {name: madre.url for name in MODULE_ENVS}
+        everyone["TENTACULO_LINK_PORT"] = str(switch.port)
+        proc = subprocess.run([EDGELINK, "probe", "--db", str(db)], env={**env, **everyone},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.strip() == "9/10 ok (shubniggurath disabled)"
+
+        madre.behave("/health", ERROR_500)
+        proc = subprocess.run([EDGELINK, "probe", "--db", str(db)], env={**env, **everyone},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and "madre error" in proc.stdout
