@@ -81,11 +81,14 @@ class Gateway:
 
 
 def start_gateway(tmp_path: Path, env: dict[str, str] | None = None, args: list[str] | None = None,
-                  command: str = "serve", name: str = "gw") -> Gateway:
-    """Start ``edgelink <command> --port 0`` and wait for its ``started`` log line."""
+                  command: str = "serve", name: str = "gw", launcher: list[str] | None = None,
+                  stdin: Any = None) -> Gateway:
+    """Start ``edgelink <command> --port 0`` and wait for its ``started`` log line.
+    ``launcher`` is a command prefix that execs the rest (to set up fds as systemd does)."""
     log_path = tmp_path / f"{name}.log"
     db = tmp_path / f"{name}.db"
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGELINK_", "VX11_", "TENTACULO"))}
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("EDGELINK_", "VX11_", "TENTACULO", "NOTIFY_", "WATCHDOG_", "LISTEN_"))}
     full_env.update({
         "VX11_GATEWAY_TOKEN": TOKEN,
         "EDGELINK_DB": str(db),
@@ -93,21 +96,32 @@ def start_gateway(tmp_path: Path, env: dict[str, str] | None = None, args: list[
         "EDGELINK_HOST": "127.0.0.1",
     })
     full_env.update(env or {})
+    argv = [*(launcher or []), EDGELINK, command, "--port", "0", *(args or [])]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([EDGELINK, command, "--port", "0", *(args or [])],
-                                stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=tmp_path)
-    deadline = time.monotonic() + 20
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=tmp_path,
+                                stdin=stdin if stdin is not None else subprocess.DEVNULL)
+    started = wait_for_log(log_path, "started", proc)
+    return Gateway(proc, started["port"], log_path, db, full_env.get("VX11_GATEWAY_TOKEN", ""), full_env)
+
+
+def log_records(log_path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in log_path.read_bytes().splitlines() if line.startswith(b"{")]
+
+
+def wait_for_log(log_path: Path, event: str, proc: subprocess.Popen | None = None, timeout: float = 20,
+                 after: int = 0) -> dict[str, Any]:
+    """The first log record named ``event`` (past the first ``after`` records)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for line in log_path.read_bytes().splitlines():
-            if line.startswith(b"{"):
-                rec = orjson.loads(line)
-                if rec.get("event") == "started":
-                    return Gateway(proc, rec["port"], log_path, db, full_env.get("VX11_GATEWAY_TOKEN", ""), full_env)
-        if proc.poll() is not None:
+        for rec in log_records(log_path)[after:]:
+            if rec.get("event") == event:
+                return rec
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"gateway exited with {proc.returncode}:\n{log_path.read_text()}")
         time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"gateway did not start:\n{log_path.read_text()}")
+    if proc is not None and event == "started":
+        proc.kill()
+    raise RuntimeError(f"no {event!r} log line in time:\n{log_path.read_text()}")
 
 
 @pytest.fixture

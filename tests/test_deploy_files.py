@@ -82,7 +82,7 @@ def test_service_unit_settings():
         "Service.WatchdogSec": ["30"],
         "Service.ExecStart": [f"{INSTALLED_BINARY} serve --config /etc/edgelink/edgelink.toml"],
         "Service.ExecReload": ["/bin/kill -HUP $MAINPID"],
-        "Service.EnvironmentFile": ["-/etc/edgelink/edgelink.env"],
+        "Service.EnvironmentFile": ["/etc/edgelink/edgelink.env"],
         "Service.Restart": ["on-failure"],
         "Service.DynamicUser": ["yes"],
         "Service.StateDirectory": ["edgelink"],
@@ -98,6 +98,8 @@ def test_service_unit_settings():
     }
     assert {key: unit.get(key) for key in expected} == expected
     assert "EDGELINK_DB=/var/lib/edgelink/edgelink.db" in unit["Service.Environment"]
+    # the gateway reads the environment file again on reload
+    assert "EDGELINK_ENV_FILE=/etc/edgelink/edgelink.env" in unit["Service.Environment"]
     assert unit["Service.SystemCallFilter"][0] == "@system-service"
     # SIGKILL must not cut the drain short
     assert float(unit["Service.TimeoutStopSec"][0]) > Settings().shutdown_grace

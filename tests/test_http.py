@@ -34,7 +34,7 @@ def refusals(gw, error: str) -> int:
     return count
 
 
-def wait_for_log(gw, error: str, timeout: float = 5) -> int:
+def wait_for_refusals(gw, error: str, timeout: float = 5) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and refusals(gw, error) == 0:
         time.sleep(0.05)
@@ -148,7 +148,7 @@ def test_malformed_requests_get_400_and_close(gateway, garbage):
     assert status == 400 and orjson.loads(body)["error"] == "bad_request"
     assert client.closed_by_peer()
     still_serving(gateway)
-    assert wait_for_log(gateway, "bad_request") == 1
+    assert wait_for_refusals(gateway, "bad_request") == 1
 
 
 def test_header_block_over_limit_gets_431(gateway):
@@ -157,7 +157,7 @@ def test_header_block_over_limit_gets_431(gateway):
     status, _, body = client.read_response()
     assert status == 431 and orjson.loads(body)["error"] == "headers_too_large"
     still_serving(gateway)
-    assert wait_for_log(gateway, "headers_too_large") == 1
+    assert wait_for_refusals(gateway, "headers_too_large") == 1
 
 
 def test_body_over_limit_refused_from_content_length_before_reading(gateway_factory):
