@@ -6,7 +6,9 @@ with 1013, so one slow client never slows the others.
 
 Replay without gap or duplicate: a client asking for ``since_seq`` is registered first
 and its live events are held back while the ledger is read; then the replayed events
-are sent, then the held-back ones whose seq the replay did not already cover.
+are sent, then the held-back ones whose seq the replay did not already cover. A live
+event at or below the newest replayed seq is not sent either: its commit can reach the
+loop only after the replay read saw it and the client went live.
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ from .http.websocket import CLOSE_TRY_AGAIN_LATER, WebSocket, text_frame
 
 
 class Client:
-    __slots__ = ("ws", "client_id", "held")
+    __slots__ = ("ws", "client_id", "held", "floor")
 
     def __init__(self, ws: WebSocket, client_id: str, replaying: bool):
         self.ws = ws
         self.client_id = client_id
         # live events that arrive while the replay is read: (seq, payload, frame)
         self.held: list[tuple[int, bytes, bytes]] | None = [] if replaying else None
+        # the newest seq the replay sent: an event committed before the replay read but
+        # broadcast only after go_live (its commit reached the loop late) is not sent twice
+        self.floor = 0
 
 
 class Hub:
@@ -51,7 +56,7 @@ class Hub:
         seq = event.seq or 0
         delivered = 0
         for ws, client in list(self.clients.items()):
-            if ws is exclude:
+            if ws is exclude or seq <= client.floor:
                 continue
             if client.held is not None:
                 if len(client.held) >= self.hold_limit:
@@ -74,6 +79,7 @@ class Hub:
             client.ws.send(orjson.dumps(event.frame()))
             last = max(last, event.seq or 0)
             count += 1
+        client.floor = last
         held, client.held = client.held or [], None
         for seq, payload, frame in held:
             if seq > last:

@@ -67,7 +67,9 @@ async def websocket(ws: WebSocket) -> None:
                                     broadcast=True, now_ms=now_ms())
             except SchemaRejected as exc:
                 rt.metrics.events.inc(exc.type, "rejected")
-                ws.send(_control("error", error="schema_validation_failed", type=exc.type, detail=exc.detail))
+                # "event_type", not "type": that key is the control frame's own ("error")
+                ws.send(_control("error", error="schema_validation_failed", event_type=exc.type,
+                                 detail=exc.detail))
                 continue
             if event.canonical:
                 await accept(rt, event, exclude=ws)
