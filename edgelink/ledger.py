@@ -27,7 +27,6 @@ committed at once, with no timer adding latency.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import queue
 import sqlite3
@@ -41,8 +40,8 @@ import orjson
 
 from .config import Settings
 from .gateway.events import Event
+from .log import log
 
-log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 PRUNE_BATCH = 500  # rows deleted per retention transaction: short enough not to delay appends
@@ -318,7 +317,7 @@ class Ledger:
             self.commits += 1
         except Exception as exc:
             # Nothing of the batch is stored; every caller hears it (ingest answers 5xx).
-            log.exception("ledger: write of %d job(s) failed", len(jobs))
+            log.error("ledger_write_failed", jobs=len(jobs), error=repr(exc))
             _rollback(conn)
             results = [(job.future, None, exc) for job in jobs]
         # Only now, after COMMIT, may anyone learn a seq.
@@ -372,9 +371,9 @@ class Ledger:
             conn.execute("COMMIT")
             self.commits += 1
             return len(rows) + history, len(rows) == self.prune_batch or history == self.prune_batch
-        except Exception:
+        except Exception as exc:
             # Retention is retried at the next pass; ingest must not stop because of it.
-            log.exception("ledger: retention pass failed")
+            log.error("ledger_retention_failed", error=repr(exc))
             _rollback(conn)
             return 0, False
 
@@ -508,7 +507,8 @@ class Ledger:
             "SELECT 1 FROM copilot_runtime_services GROUP BY service_name HAVING count(*) > 1 LIMIT 1").fetchone()
         unique = "" if duplicates else "UNIQUE"
         if duplicates:
-            log.warning("ledger: copilot_runtime_services has duplicate service names; kept as they are")
+            log.warning("ledger_duplicate_services", detail="copilot_runtime_services has duplicate service "
+                        "names; kept as they are, without a unique index")
         conn.execute(f"CREATE {unique} INDEX IF NOT EXISTS services_name ON copilot_runtime_services (service_name)")
 
 
@@ -518,8 +518,8 @@ def _rollback(conn: sqlite3.Connection) -> None:
     try:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
-    except sqlite3.Error:
-        log.exception("ledger: rollback failed")
+    except sqlite3.Error as exc:
+        log.error("ledger_rollback_failed", error=repr(exc))
 
 
 def _settle_futures(results: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
