@@ -1,0 +1,734 @@
+"""The OpenAPI 3.1 document served at ``GET /openapi.json`` (API.md §7), built from the router.
+
+Theory of operation
+-------------------
+The router knows what is served: each route's method, path template, summary, tags and
+whether it is public. ``OPERATIONS`` knows what the router cannot: each operation's
+parameters, request body and responses, keyed by ``(method, template)`` spelled exactly
+as the router spells them (``"WS"`` for the WebSocket route, documented as a ``GET``
+that answers ``101 Switching Protocols``).
+
+``document(router)`` walks the router and looks every route up in ``OPERATIONS``. A route
+missing from the table raises ``DocumentError``, so an endpoint cannot ship undocumented;
+table entries for routes this router does not serve are left out of the document.
+
+Responses are assembled from *cases*, one cause of one status code each. An operation
+lists its own cases; protected routes also get 401/403, and every operation gets the
+connection-level cases that the HTTP server answers before any route is chosen
+(400/408/413/431/503). Cases sharing a status merge into one response object: the
+descriptions are joined, the error codes of ``Error`` bodies are united into one enum,
+different body schemas become an ``anyOf``, and the ``X-Correlation-ID`` response header is
+required only when every case sends it (the server's connection-level refusals are written
+before a correlation id exists).
+
+Routes that forward a module's reply (``forwards``) answer with the module's own status
+and JSON body, whatever they are: each of their responses also admits ``ModuleReply``, and
+``default`` covers the statuses not listed.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from . import __version__
+from .api.chat import MAX_MESSAGE as MAX_CHAT_MESSAGE
+from .api.events import RECENT_IN_SNAPSHOT
+from .api.ws import MAX_CLIENT_ID
+from .gateway.auth import MAX_CORRELATION_ID
+from .gateway.events import MAX_NAME_LENGTH
+from .gateway.events import SCHEMAS as EVENT_SCHEMAS
+from .gateway.events import Schema as EventSchema
+from .gateway.observe import MAX_AGE_SECONDS, MAX_NODES, WINDOW_SECONDS
+from .http.router import Route, Router
+
+OPENAPI_VERSION = "3.1.0"
+JSON = "application/json"
+PROMETHEUS = "text/plain; version=0.0.4"
+MAX_SNAPSHOT_T = 2**53  # the bound api/events.py puts on ``t``
+
+
+class DocumentError(RuntimeError):
+    """The router and ``OPERATIONS`` disagree: a route is served but not described, or is
+    described with other path parameters, or two routes would be one operation."""
+
+
+def _schema(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_STR = {"type": "string"}
+_INT = {"type": "integer"}
+_COUNT = {"type": "integer", "minimum": 0}
+_NUMBER = {"type": "number"}
+_BOOL = {"type": "boolean"}
+_MS = {"type": "integer", "description": "Unix epoch milliseconds."}
+_SECONDS = {"type": "number", "description": "Unix epoch seconds."}
+_ISO_UTC = {"type": "string", "format": "date-time", "pattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$"}
+_CORRELATION_VALUE = {"type": "string", "pattern": rf"^[!-~]{{1,{MAX_CORRELATION_ID}}}$"}
+
+
+def _object(required: dict[str, Any], optional: dict[str, Any] | None = None, *, closed: bool = False,
+            description: str | None = None) -> dict[str, Any]:
+    """An object schema whose ``required`` keys must all be present."""
+    schema: dict[str, Any] = {"type": "object", "required": list(required),
+                              "properties": {**required, **(optional or {})}}
+    if closed:
+        schema["additionalProperties"] = False
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def _map(values: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": values, "description": description}
+
+
+# JSON Schema types for the kinds of gateway/events.py. The JSON decoder reads 1.0, 1e3 and
+# integers outside [-2**63, 2**64 - 1] as floats, which the validator refuses where an
+# integer is required, although JSON Schema calls them integers.
+_KIND_TYPES = {"str": "string", "int": "integer", "float": "number", "list": "array", "object": "object"}
+_INTEGER = {"type": "integer", "minimum": -(2**63), "maximum": 2**64 - 1,
+            "description": "Written without a fraction or exponent (`1`, not `1.0` or `1e0`)."}
+
+
+def _payload_name(event_type: str) -> str:
+    return "".join(part.title() for part in re.split(r"[._]", event_type)) + "Payload"
+
+
+def _payload_schema(schema: EventSchema) -> dict[str, Any]:
+    """The JSON Schema of one canonical payload, from the validator's own table."""
+    properties: dict[str, Any] = {}
+    for f in schema.fields:
+        types = {_KIND_TYPES[k] for k in f.kinds}
+        kind = "number" if "number" in types else types.pop()
+        properties[f.name] = dict(_INTEGER) if kind == "integer" else {"type": kind}
+    return {"type": "object", "required": [f.name for f in schema.fields], "properties": properties,
+            "description": f"`{schema.type}` ({schema.nature}): at most {schema.max_bytes} bytes as compact JSON."}
+
+
+def _ingest_request() -> dict[str, Any]:
+    """The ingest envelope; a canonical ``type`` selects its payload schema."""
+    envelope = _object(
+        {"source": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
+         "type": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
+         "payload": {"type": "object"}},
+        {"broadcast": {**_nullable(_BOOL), "default": False,
+                       "description": "Send a canonical event to WebSocket clients."},
+         "metadata": _nullable({"type": "object"})},
+        description="A canonical `type` is checked against its payload schema (else 422 "
+                    "`schema_validation_failed`); any other type is stored unchecked and never broadcast.",
+    )
+    envelope["oneOf"] = [
+        *({"properties": {"type": {"const": t}, "payload": _schema(_payload_name(t))}} for t in EVENT_SCHEMAS),
+        {"properties": {"type": {"not": {"enum": list(EVENT_SCHEMAS)}}}},
+    ]
+    return envelope
+
+
+_MODULE_HEALTH_STATUSES = ["ok", "error", "unreachable", "timeout", "disabled"]
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    # --- errors (API.md §1)
+    "Error": _object(
+        {"error": {"type": "string", "description": "Machine-readable code."},
+         "status_code": {"type": "integer", "minimum": 400, "maximum": 599, "description": "The HTTP status."}},
+        {"detail": {"type": "string", "description": "What went wrong, for a human."},
+         "correlation_id": _STR,
+         "module": {"type": "string", "description": "The module an upstream error is about."}},
+        description="Every error body. Some codes add fields (`session_id`, `known`, `status`).",
+    ),
+    "ValidationProblem": _object({"loc": {"type": "array", "items": {"type": ["string", "integer"]},
+                                          "description": "Where: `body`, `query`, then field names."},
+                                  "msg": _STR}),
+    "ValidationError": _object(
+        {"error": {"const": "validation_error"}, "status_code": {"const": 422},
+         "detail": {"type": "array", "minItems": 1, "items": _schema("ValidationProblem")}},
+        {"correlation_id": _STR},
+        description="A malformed request: every problem found, each with its location.",
+    ),
+    # --- health and modules (API.md §2)
+    "Health": _object(
+        {"status": {"enum": ["ok", "stopping"]}, "module": {"const": "tentaculo_link"},
+         "version": {"const": "7.0"}, "edgelink": {"type": "string", "description": "The package version."}},
+        {"error": {"const": "stopping"}, "status_code": {"const": 503}},
+    ),
+    "ModuleHealth": _object({
+        "status": {"enum": _MODULE_HEALTH_STATUSES},
+        "http_code": _nullable(_INT),
+        "latency_ms": _nullable(_NUMBER),
+        "url": _STR,
+        "error": _nullable(_STR),
+    }, description="One module's `GET <url>/health` probe; a disabled module is listed, not probed."),
+    "Status": _object({
+        "ok": {"const": True},
+        "status": {"const": "ok"},
+        "module": {"const": "tentaculo_link"},
+        "version": {"const": "7.0"},
+        "timestamp": _ISO_UTC,
+        "ports": {**_map(_INT, "Port per module, plus the gateway's own as `tentaculo_link` and `gateway`."),
+                  "required": ["tentaculo_link", "gateway"]},
+        "modules": _map(_schema("ModuleHealth"), "Health per module, disabled ones included."),
+        "summary": _object({"healthy_modules": _COUNT, "total_modules": _COUNT, "all_healthy": _BOOL},
+                           description="Over enabled modules only."),
+    }),
+    "Overview": _object({
+        "status": {"const": "ok"},
+        "gateway": {"const": "tentaculo_link"},
+        "version": {"const": "7.0"},
+        "modules_health": _map(_schema("ModuleHealth"), "Health per module, disabled ones included."),
+        "summary": _object({"total_modules": _COUNT, "healthy": _COUNT, "unhealthy": _COUNT},
+                           description="Over enabled modules only."),
+    }),
+    "Breaker": _object({
+        "state": {"enum": ["closed", "open", "half_open"]},
+        "failure_count": _COUNT,
+        "last_failure": _nullable(_SECONDS),
+    }),
+    "BreakerStatus": _object({
+        "status": {"const": "ok"},
+        "breakers": _map(_schema("Breaker"), "Per enabled module."),
+        "timestamp": _SECONDS,
+    }),
+    # --- routing to modules (API.md §3)
+    "RouteTarget": _object({"module": _STR, "endpoint": _STR, "method": _STR,
+                            "timeout": {"type": "number", "description": "Seconds."}}),
+    "Route": _object({
+        "module": _STR, "endpoint": _STR, "method": _STR,
+        "timeout": {"type": "number", "description": "Seconds."},
+        "description": _STR, "auth_required": _BOOL,
+        "fallback": _nullable(_schema("RouteTarget")),
+    }),
+    "Routes": _object({"routes": _map(_schema("Route"), "Per intent.")}),
+    "IntentRequest": {"type": "object", "description": "Any JSON object; forwarded to the module as is."},
+    "ModuleReply": {"description": "Any JSON value: the module's reply, forwarded as is."},
+    # --- chat and sessions (API.md §4)
+    "ChatRequest": _object(
+        {"message": {"type": "string", "minLength": 1, "maxLength": MAX_CHAT_MESSAGE}},
+        {"session_id": {**_nullable(_STR), "description": "Continue this session; absent: a new one."},
+         "user_id": _nullable(_STR),
+         "metadata": _nullable({"type": "object"})},
+    ),
+    "ChatResponse": _object({
+        "session_id": _STR,
+        "response": _STR,
+        "model_used": _STR,
+        "provider": {"type": "string", "description": "The module that answered: `switch`, or `madre` "
+                                                      "(the fallback) with the default route table."},
+        "latency_ms": _NUMBER,
+        "correlation_id": _STR,
+        "status": {"const": "ok"},
+        "degraded": {"type": "boolean", "description": "True when the fallback answered."},
+    }),
+    "ChatUnavailable": _object(
+        {"error": {"const": "chat_unavailable"}, "status_code": {"const": 503}, "session_id": _STR,
+         "correlation_id": _STR},
+        {"detail": _STR},
+        description="Neither the chat route nor its fallback answered; the user message is in the session.",
+    ),
+    "SessionMessage": _object({
+        "role": {"type": "string", "description": "`user` or `assistant`."},
+        "content": _STR,
+        "timestamp": _MS,
+        "metadata": _nullable({"type": "object"}),
+    }),
+    "Session": _object({
+        "session_id": _STR,
+        "user_id": _nullable(_STR),
+        "created_at": _MS,
+        "last_active_at": _MS,
+        "expires_at": _MS,
+        "message_count": _COUNT,
+        "messages": {"type": "array", "items": _schema("SessionMessage")},
+    }),
+    "SessionSummary": _object({"session_id": _STR, "created_at": _MS, "expires_at": _MS,
+                               "message_count": _COUNT}),
+    "SessionList": _object({
+        "sessions": {"type": "array", "items": _schema("SessionSummary"),
+                     "description": "Live sessions, most recently active first."},
+        "total": _COUNT,
+    }),
+    # --- events (API.md §5)
+    "IngestRequest": _ingest_request(),
+    **{_payload_name(t): _payload_schema(schema) for t, schema in EVENT_SCHEMAS.items()},
+    "IngestAccepted": _object({
+        "status": {"const": "received"},
+        "event_id": _STR,
+        "seq": {"type": "integer", "minimum": 1},
+        "source": _STR,
+        "type": _STR,
+        "canonical": _BOOL,
+        "broadcast": {"type": "boolean", "description": "Whether it went out to WebSocket clients."},
+    }, description="Committed to the ledger before this answer."),
+    "IngestRejected": _object(
+        {"status": {"const": "rejected"}, "reason": {"const": "schema_validation_failed"},
+         "source": _STR, "type": _STR,
+         "detail": {"type": "string", "description": "The rule that failed."},
+         "error": {"const": "schema_validation_failed"}, "status_code": {"const": 422}},
+        {"correlation_id": _STR},
+        description="A canonical event broke its schema; nothing was stored.",
+    ),
+    "Cardinality": _object({
+        "status": {"const": "ok"},
+        "timestamp": _MS,
+        "window_seconds": _NUMBER,
+        "events": _map(_object({"count": {"type": "integer", "minimum": 1}, "rate_per_min": _NUMBER}),
+                       "Per event type."),
+        "total_events": _COUNT,
+    }),
+    "CorrelationNode": _object({
+        "id": {"type": "string", "description": "The event id."},
+        "type": {"enum": list(EVENT_SCHEMAS)},
+        "timestamp": _MS,
+        "severity": _nullable(_STR),
+        "nature": {"enum": list(dict.fromkeys(s.nature for s in EVENT_SCHEMAS.values()))},
+    }),
+    "CorrelationEdge": _object({"source": _STR, "target": _STR, "strength": _NUMBER}),
+    "Correlations": _object({
+        "status": {"const": "ok"},
+        "timestamp": _MS,
+        "graph": _object({
+            "nodes": {"type": "array", "maxItems": MAX_NODES, "items": _schema("CorrelationNode")},
+            "edges": {"type": "array", "items": _schema("CorrelationEdge")},
+            "total_nodes": _COUNT,
+            "total_edges": _COUNT,
+        }),
+    }),
+    "StoredEvent": _object({
+        "event_id": _STR,
+        "seq": {"type": "integer", "minimum": 1},
+        "type": _STR,
+        "source": _STR,
+        "timestamp": _MS,
+        "payload": {"type": "object"},
+        "metadata": _nullable({"type": "object"}),
+    }, closed=True),
+    "RecordedModuleHealth": _object({
+        "status": {"type": "string", "description": "A ModuleHealth status (a database from an older "
+                                                    "version may hold others)."},
+        "http_code": _nullable(_INT),
+        "latency_ms": _nullable(_NUMBER),
+        "url": _nullable(_STR),
+        "error": _nullable(_STR),
+        "checked_at": _MS,
+    }),
+    "Snapshot": _object({
+        "timestamp": _MS,
+        "modules": _map(_schema("RecordedModuleHealth"),
+                        "Per module, its last recorded probe at or before `timestamp`."),
+        "events": _object({
+            "counts_by_type": _map(_COUNT, "Stored events per type at or before `timestamp`."),
+            "recent": {"type": "array", "maxItems": RECENT_IN_SNAPSHOT, "items": _schema("StoredEvent"),
+                       "description": "Newest first."},
+        }),
+    }),
+    # --- WebSocket frames (API.md §6), described by GET /ws
+    "WsConnected": _object({
+        "channel": {"const": "control"}, "type": {"const": "connected"}, "client_id": _STR,
+        "last_seq": _COUNT, "replayed": _COUNT, "truncated": _BOOL,
+    }),
+    "WsEvent": _object({
+        "channel": {"const": "event"},
+        "event_id": _STR,
+        "seq": {"type": "integer", "minimum": 1},
+        "type": _STR,
+        "source": _STR,
+        "timestamp": _MS,
+        "payload": {"type": "object"},
+        "metadata": _nullable({"type": "object"}),
+    }, closed=True),
+    "WsError": _object({"channel": {"const": "control"}, "type": {"const": "error"}, "error": _STR},
+                       {"detail": _STR,
+                        "event_type": {"type": "string", "description": "The type of a rejected event."}}),
+    # --- operations
+    "PrometheusText": {"type": "string", "description": "Prometheus text exposition format 0.0.4."},
+    "OpenAPIDocument": _object({"openapi": {"const": OPENAPI_VERSION}, "info": {"type": "object"},
+                                "paths": {"type": "object"}}),
+}
+
+# --- responses ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """One cause of one status. ``codes``: the body is an ``Error`` with one of these codes;
+    ``schema``: the body has this schema; neither: no body."""
+
+    status: str
+    description: str
+    codes: tuple[str, ...] = ()
+    schema: dict[str, Any] | None = None
+    media_type: str = JSON
+    correlated: bool = True  # sends X-Correlation-ID
+    headers: tuple[tuple[str, str], ...] = ()  # (name, description)
+
+
+def _error(status: int, codes: str | tuple[str, ...], description: str, *, correlated: bool = True,
+           headers: tuple[tuple[str, str], ...] = ()) -> Case:
+    codes = (codes,) if isinstance(codes, str) else codes
+    return Case(str(status), description, codes=codes, correlated=correlated, headers=headers)
+
+
+def _body(status: int, description: str, schema: str, *, media_type: str = JSON) -> Case:
+    return Case(str(status), description, schema=_schema(schema), media_type=media_type)
+
+
+# Answered by the HTTP server before a route is chosen, on any path.
+CONNECTION_CASES = (
+    _error(400, "bad_request", "the request is not valid HTTP/1.1.", correlated=False),
+    _error(408, "request_timeout", "the header block or the body did not arrive within the header "
+                                   "timeout (EDGELINK_HEADER_TIMEOUT, default 10 s).", correlated=False),
+    _error(413, "payload_too_large", "the body is over the limit (EDGELINK_MAX_BODY, default 1 MiB), decided "
+                                     "from Content-Length before reading it, or while reading a chunked body.",
+           correlated=False),
+    _error(431, "headers_too_large", "the header block is over the limit (EDGELINK_MAX_HEADER, default 16 KiB).",
+           correlated=False),
+    _error(503, ("too_many_connections", "stopping"),
+           "the connection limit is reached, or the gateway is shutting down.", correlated=False),
+)
+AUTH_CASES = (
+    _error(401, "auth_required", "no X-VX11-Token header."),
+    _error(403, "forbidden", "the X-VX11-Token header is not the gateway token."),
+)
+WS_AUTH_CASES = (
+    _error(401, "auth_required", "no token, neither as X-VX11-Token header nor as `?token=`."),
+    _error(403, "forbidden", "the token is not the gateway token, or the Origin is not allowed "
+                             "(when EDGELINK_CORS_ORIGINS is set)."),
+)
+INVALID_JSON = _error(400, "invalid_json", "the body is empty or not valid JSON.")
+VALIDATION = Case("422", "`validation_error`: a field is missing, of the wrong type or out of range.",
+                  schema=_schema("ValidationError"))
+UPSTREAM_CASES = (
+    _error(502, "upstream_unavailable", "the module could not be reached, hung up, spoke invalid HTTP, or "
+                                        "answered without JSON or with more than 8 MiB."),
+    _error(503, ("circuit_open", "module_disabled"), "the module's circuit breaker is open (it is not "
+                                                     "contacted), or the module is disabled."),
+    _error(504, "upstream_timeout", "the module did not answer within the route's timeout."),
+)
+FORWARDED = Case("default", "The module's own reply, forwarded with its status and JSON body.",
+                 schema=_schema("ModuleReply"))
+
+# --- parameters -----------------------------------------------------------------------
+
+
+def _param(name: str, where: str, description: str, schema: dict[str, Any], *,
+           required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": where, "description": description, "required": required, "schema": schema}
+
+
+def _query_param(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional query parameter, for which an empty value counts as absent (as in the handlers)."""
+    return {**_param(name, "query", f"{description} Empty: as absent.", schema), "allowEmptyValue": True}
+
+
+def _path_param(name: str, description: str, example: str) -> dict[str, Any]:
+    return {**_param(name, "path", description, {"type": "string", "minLength": 1}, required=True),
+            "example": example}
+
+
+INTENT = _path_param("intent", "A key of the route table (`GET /vx11/routes`).", "chat")
+SESSION_ID = _path_param("session_id", "The session id returned by the chat.",
+                         "0b8e6a56-2f7e-4c8b-9a59-3d1f4f6f2c11")
+
+# --- the table ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """What the router does not know about an endpoint."""
+
+    cases: tuple[Case, ...]
+    description: str = ""
+    parameters: tuple[dict[str, Any], ...] = ()  # path and query parameters, in that order
+    request_body: dict[str, Any] | None = None
+    forwards: bool = False
+    auth_cases: tuple[Case, ...] = AUTH_CASES
+    security: tuple[str, ...] = ("VX11Token",)  # alternatives, for protected routes
+
+
+def _json_body(schema: str, example: Any, *, required: bool = True) -> dict[str, Any]:
+    return {"required": required, "content": {JSON: {"schema": _schema(schema), "example": example}}}
+
+
+HEALTH = Operation(
+    (_body(200, "The gateway is up; answered from memory, never from a module.", "Health"),
+     Case("503", "The gateway is shutting down.", schema=_schema("Health"))),
+)
+STATUS = Operation(
+    (_body(200, "Every module probed concurrently (`GET <url>/health`, each bounded by "
+                "EDGELINK_HEALTH_TIMEOUT); concurrent callers share one probe round.", "Status"),),
+)
+PROXY = Operation((_body(200, "The module's reply.", "ModuleReply"), *UPSTREAM_CASES), forwards=True)
+CHAT = Operation(
+    (_body(200, "The chat route answered, or its fallback did (`degraded`).", "ChatResponse"),
+     INVALID_JSON, VALIDATION,
+     Case("503", "`chat_unavailable`: the chat route and its fallback both failed.",
+          schema=_schema("ChatUnavailable"))),
+    description="Records the user message in the session (a new one when `session_id` is absent), "
+                "calls the `chat` route with the message and a summary of the session, and on any failure "
+                "its fallback. The reply is recorded in the session.",
+    request_body=_json_body("ChatRequest", {"message": "hello", "session_id": None}),
+)
+
+OPERATIONS: dict[tuple[str, str], Operation] = {
+    ("GET", "/health"): HEALTH,
+    ("GET", "/v1/health"): HEALTH,
+    ("GET", "/vx11/status"): STATUS,
+    ("GET", "/v1/status"): STATUS,
+    ("GET", "/vx11/overview"): Operation(
+        (_body(200, "Every module probed, as `GET /vx11/status` does.", "Overview"),)),
+    ("GET", "/vx11/circuit-breaker/status"): Operation((_body(200, "One breaker per enabled module.",
+                                                              "BreakerStatus"),)),
+    ("GET", "/vx11/routes"): Operation((_body(200, "The route table, intent -> module.", "Routes"),)),
+    ("POST", "/vx11/intent/{intent}"): Operation(
+        (_body(200, "The module's reply.", "ModuleReply"),
+         _error(404, "unknown_intent", "no route for this intent; `known` lists the intents."),
+         _error(404, "not_found", "the path matches no route (an `intent` holding `/`)."),
+         INVALID_JSON, VALIDATION, *UPSTREAM_CASES),
+        description="Forwards the JSON body (an empty body is sent as `{}`) to the intent's route, and to its "
+                    "fallback when the route fails; answers with the module's status and JSON body.",
+        parameters=(INTENT,),
+        request_body=_json_body("IntentRequest", {"prompt": "summarise the logs"}, required=False),
+        forwards=True,
+    ),
+    ("GET", "/shub/dashboard"): PROXY,
+    ("GET", "/resources"): PROXY,
+    ("GET", "/hormiguero/queen/status"): PROXY,
+    ("GET", "/hormiguero/report"): Operation(
+        (_body(200, "The module's reply.", "ModuleReply"), VALIDATION, *UPSTREAM_CASES),
+        parameters=(_query_param("limit", "How many report entries to ask the module for.",
+                                 {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}),),
+        forwards=True,
+    ),
+    ("POST", "/operator/chat"): CHAT,
+    ("POST", "/operator/api/chat"): CHAT,
+    ("GET", "/operator/session/{session_id}"): Operation(
+        (_body(200, "The session and its messages, oldest first. Reading is not activity.", "Session"),
+         _error(404, "session_not_found", "unknown or expired session."),
+         _error(404, "not_found", "the path matches no route (a `session_id` holding `/`).")),
+        parameters=(SESSION_ID,),
+    ),
+    ("DELETE", "/operator/session/{session_id}"): Operation(
+        (Case("204", "Deleted."),
+         _error(404, "session_not_found", "unknown or expired session."),
+         _error(404, "not_found", "the path matches no route (a `session_id` holding `/`).")),
+        parameters=(SESSION_ID,),
+    ),
+    ("GET", "/vx11/context-7/sessions"): Operation((_body(200, "Live sessions.", "SessionList"),)),
+    ("POST", "/events/ingest"): Operation(
+        (_body(201, "Accepted and committed to the ledger.", "IngestAccepted"),
+         INVALID_JSON, VALIDATION,
+         Case("422", "`schema_validation_failed`: a canonical event broke its schema; nothing is stored.",
+              schema=_schema("IngestRejected"))),
+        request_body=_json_body("IngestRequest", {
+            "source": "madre", "type": "system.alert", "broadcast": True,
+            "payload": {"alert_id": "a-1", "severity": "high", "message": "disk full", "timestamp": 1700000000000},
+        }),
+    ),
+    ("GET", "/debug/events/cardinality"): Operation(
+        (_body(200, f"Accepted events per type over a sliding {WINDOW_SECONDS} s window.", "Cardinality"),)),
+    ("GET", "/debug/events/correlations"): Operation(
+        (_body(200, f"Recent canonical events (at most {MAX_NODES}, none older than {MAX_AGE_SECONDS} s) and "
+                    f"their links.", "Correlations"),)),
+    ("GET", "/operator/snapshot"): Operation(
+        (_body(200, "Built from the ledger and the recorded health probes.", "Snapshot"), VALIDATION),
+        parameters=(_query_param("t", "The moment, Unix epoch ms; absent or 0: now.",
+                                 {"type": "integer", "minimum": 0, "maximum": MAX_SNAPSHOT_T, "default": 0}),),
+    ),
+    ("GET", "/metrics"): Operation(
+        (_body(200, "Requests by route and status, request latency, events by type and outcome, WebSocket "
+                    "clients and drops, breaker states, upstream latency.", "PrometheusText",
+               media_type=PROMETHEUS),),
+    ),
+    ("GET", "/openapi.json"): Operation((_body(200, "This document.", "OpenAPIDocument"),)),
+    ("WS", "/ws"): Operation(
+        (Case("101", "Switching Protocols: the connection is a WebSocket (RFC 6455). The first frame is "
+                     "`WsConnected`; then replayed and live events as `WsEvent`. Each JSON text frame a client "
+                     "sends is echoed back; a valid canonical event (`{\"type\", \"payload\", ...}`, or `type` "
+                     "with the payload fields at top level) is also stored and broadcast to the other clients. "
+                     "Problems are reported as `WsError` frames (invalid JSON, binary frames, a rejected "
+                     "event); an invalid `client_id` or `since_seq` gets one and close 1008. Frames over the "
+                     "frame limit (EDGELINK_WS_MAX_FRAME, default 64 KiB) close with 1009, a client whose send "
+                     "queue is full with 1013, shutdown with 1001.",
+              headers=(("Upgrade", "`websocket`."), ("Connection", "`Upgrade`."),
+                       ("Sec-WebSocket-Accept", "The RFC 6455 accept key."))),
+         _error(400, "bad_request", "not a valid RFC 6455 handshake (Connection without Upgrade, bad "
+                                    "Sec-WebSocket-Key).", correlated=False),
+         _error(426, "upgrade_required", "a plain GET without `Upgrade: websocket` (auth is not checked).",
+                headers=(("Upgrade", "`websocket`."),)),
+         _error(426, "upgrade_required", "the Sec-WebSocket-Version header is not 13.", correlated=False,
+                headers=(("Sec-WebSocket-Version", "`13`."),))),
+        description="Authenticates with the X-VX11-Token header or the `token` query parameter "
+                    "(browsers cannot set headers on WebSockets).",
+        parameters=(
+            _query_param("client_id", "Names the client in logs and in the `source` (`ws:<client_id>`) of "
+                                      "the events it sends; absent: a random one.",
+                         {"type": "string", "maxLength": MAX_CLIENT_ID}),
+            _query_param("channel", "The channel to follow; `event` is the only one.",
+                         {"type": "string", "default": "event"}),
+            _query_param("since_seq", "Replay broadcast events with a larger `seq` still in the ledger "
+                                      "(at most 1,000) before the live ones, without gap or duplicate.",
+                         {"type": "integer", "minimum": 0}),
+            _param("token", "query", "The gateway token, for clients that cannot set X-VX11-Token.", _STR),
+        ),
+        auth_cases=WS_AUTH_CASES,
+        security=("VX11Token", "VX11TokenQuery"),
+    ),
+}
+
+COMPONENTS: dict[str, Any] = {
+    "securitySchemes": {
+        "VX11Token": {"type": "apiKey", "in": "header", "name": "X-VX11-Token",
+                      "description": "The gateway token (VX11_TENTACULO_LINK_TOKEN or VX11_GATEWAY_TOKEN)."},
+        "VX11TokenQuery": {"type": "apiKey", "in": "query", "name": "token",
+                           "description": "The gateway token as a query parameter; WebSocket only."},
+    },
+    "parameters": {
+        "CorrelationId": _param(
+            "X-Correlation-ID", "header",
+            f"Your id for this request, passed to every module call and sent back. Kept when it is 1 to "
+            f"{MAX_CORRELATION_ID} visible ASCII characters (no spaces), else replaced by a new uuid4 hex.", _STR),
+    },
+    "headers": {
+        "CorrelationId": {"description": "The request's correlation id.", "required": True,
+                          "schema": _CORRELATION_VALUE},
+        "CorrelationIdIfRead": {"description": "The request's correlation id; absent when the connection was "
+                                               "refused before the request was read.",
+                                "required": False, "schema": _CORRELATION_VALUE},
+    },
+    "responses": {
+        "MethodNotAllowed": {
+            "description": "`method_not_allowed`: the path exists with other methods, listed in Allow.",
+            "headers": {"Allow": {"description": "The path's methods (HEAD with GET).", "required": True,
+                                  "schema": _STR},
+                        "X-Correlation-ID": {"$ref": "#/components/headers/CorrelationId"}},
+            "content": {JSON: {"schema": {**_schema("Error"),
+                                          "properties": {"error": {"const": "method_not_allowed"},
+                                                         "status_code": {"const": 405}}}}},
+        },
+    },
+}
+
+DESCRIPTION = f"""\
+edgelink is a drop-in for the VX11 "Tentáculo Link" v7 gateway.
+
+**Auth.** Protected operations need the gateway token in `X-VX11-Token`: without it they answer
+401 `auth_required`, with a wrong one 403 `forbidden`. Public operations have `security: []`.
+
+**Errors.** Every error body is an `Error`: `{{"error": "<code>", "status_code": <int>}}` plus optional
+fields. A method a path does not serve answers 405 `method_not_allowed` with an `Allow` header
+(`#/components/responses/MethodNotAllowed`); a path no route serves answers 404 `not_found`.
+
+**Correlation.** Each request gets a correlation id (`X-Correlation-ID`, see the parameter), sent
+back in the `X-Correlation-ID` response header and passed to every module call.
+
+**HTTP.** HTTP/1.1 with keep-alive and pipelining, and HTTP/1.0. `HEAD` is served on every `GET`
+operation. A query parameter given twice counts with its first value. CORS is off unless
+`EDGELINK_CORS_ORIGINS` is set.
+
+edgelink {__version__}."""
+
+
+def _error_schema(status: str, codes: list[str]) -> dict[str, Any]:
+    return {**_schema("Error"), "properties": {"error": {"enum": codes}, "status_code": {"const": int(status)}}}
+
+
+def _describe(case: Case) -> str:
+    return f"`{'`, `'.join(case.codes)}`: {case.description}" if case.codes else case.description
+
+
+def _response(cases: list[Case]) -> dict[str, Any]:
+    """One response object from the cases of one status (see the module docstring)."""
+    response: dict[str, Any] = {"description": " ".join(_describe(c) for c in cases)}
+    headers: dict[str, Any] = {}
+    if all(c.correlated for c in cases):
+        headers["X-Correlation-ID"] = {"$ref": "#/components/headers/CorrelationId"}
+    elif any(c.correlated for c in cases):
+        headers["X-Correlation-ID"] = {"$ref": "#/components/headers/CorrelationIdIfRead"}
+    for case in cases:
+        for name, description in case.headers:
+            headers.setdefault(name, {"description": description, "schema": _STR})
+    if headers:
+        response["headers"] = headers
+    content: dict[str, Any] = {}
+    for media_type in dict.fromkeys(c.media_type for c in cases if c.codes or c.schema is not None):
+        group = [c for c in cases if c.media_type == media_type]
+        codes = list(dict.fromkeys(code for c in group for code in c.codes))
+        alternatives = [_error_schema(cases[0].status, codes)] if codes else []
+        for case in group:
+            if case.schema is not None and case.schema not in alternatives:
+                alternatives.append(case.schema)
+        content[media_type] = {"schema": alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}}
+    if content:
+        response["content"] = content
+    return response
+
+
+def _operation_id(method: str, template: str) -> str:
+    return f"{method}_{re.sub(r'[^A-Za-z0-9]+', '_', template).strip('_')}"
+
+
+def _operation(route: Route, op: Operation, method: str) -> dict[str, Any]:
+    path_params = [p["name"] for p in op.parameters if p["in"] == "path"]
+    if path_params != route.param_names:
+        raise DocumentError(f"{route.method} {route.template}: the router's path parameters "
+                            f"{route.param_names} are documented as {path_params}")
+    cases = [*op.cases, *(() if route.public else op.auth_cases), *CONNECTION_CASES]
+    by_status: dict[str, list[Case]] = {}
+    for case in cases:
+        by_status.setdefault(case.status, []).append(case)
+    if op.forwards:
+        for group in by_status.values():
+            if FORWARDED.schema not in (c.schema for c in group):
+                group.append(FORWARDED)
+        by_status["default"] = [FORWARDED]
+    responses = {status: _response(by_status[status])
+                 for status in sorted(by_status, key=lambda s: (s == "default", s))}
+    operation: dict[str, Any] = {
+        "operationId": _operation_id(method, route.template),
+        "summary": route.summary,
+        "tags": list(route.tags),
+        "parameters": [*op.parameters, {"$ref": "#/components/parameters/CorrelationId"}],
+        "responses": responses,
+        "security": [] if route.public else [{name: []} for name in op.security],
+    }
+    if op.description:
+        operation["description"] = op.description
+    if op.request_body is not None:
+        operation["requestBody"] = op.request_body
+    return operation
+
+
+def document(router: Router) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every route ``router`` serves.
+
+    Raises ``DocumentError`` for a route ``OPERATIONS`` does not describe."""
+    paths: dict[str, dict[str, Any]] = {}
+    tags: dict[str, None] = {}
+    for route in router.routes:
+        op = OPERATIONS.get((route.method, route.template))
+        if op is None:
+            raise DocumentError(f"{route.method} {route.template} is served but not described in "
+                                f"edgelink/openapi.py OPERATIONS")
+        method = "get" if route.method == "WS" else route.method.lower()
+        item = paths.setdefault(route.template, {})
+        if method in item:
+            raise DocumentError(f"{route.template}: two routes are documented as {method.upper()}")
+        item[method] = _operation(route, op, method)
+        tags.update(dict.fromkeys(route.tags))
+    doc = {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": "edgelink", "version": __version__, "description": DESCRIPTION},
+        "tags": [{"name": t} for t in tags],
+        "paths": paths,
+        "components": {"schemas": SCHEMAS, **COMPONENTS},
+        "security": [{"VX11Token": []}],
+    }
+    # callers get their own copy: the tables above are shared by every call
+    return copy.deepcopy(doc)
