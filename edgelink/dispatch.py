@@ -92,6 +92,8 @@ class Dispatcher:
             self.runtime.metrics.requests.inc(req.route or "unmatched", "GET", str(exc.status))
             log.info("websocket_refused", status=exc.status, error=exc.code, path=req.path,
                      correlation_id=req.correlation_id)
-            return exc.response()
+            response = exc.response()
+            response.headers.append((b"x-correlation-id", req.correlation_id.encode()))
+            return response
         self.runtime.metrics.requests.inc(route.template, "GET", "101")
         return lambda ws: route.handler(ws)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import signal
-import socket
 import sqlite3
 import threading
 import time
@@ -190,6 +189,7 @@ def test_schema_failures_are_rejected_and_nothing_is_stored(shared_gw, event_typ
         assert isinstance(body["detail"], str) and word in body["detail"], (what, body["detail"])
         # the common error shape of §1 is kept as well
         assert body["status_code"] == 422
+        assert body["correlation_id"] == r.headers["x-correlation-id"]
     assert ledger_rows(gw.db) == before_rows
     assert snapshot_counts(gw) == before_counts
 

@@ -17,18 +17,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import orjson
 import pytest
 
-from conftest import TOKEN, Gateway, Reply
+from conftest import TOKEN, URL_ENV, Gateway, Reply, assert_error, module_env, received
 from edgelink.config import MODULE_DEFAULTS
 from fakemodule import (CLOSE_AFTER_REPLY, CLOSE_BEFORE_REPLY, CLOSE_MID_REPLY, ERROR_500, HANG, HEALTHY, HUGE,
-                        HUGE_CHUNKED, NOT_HTTP, NOT_JSON, FakeModule, unused_port)
+                        HUGE_CHUNKED, NOT_HTTP, NOT_JSON)
 
 NAMES = [name for name, _, _ in MODULE_DEFAULTS]
-URL_ENV = {name: env for name, env, _ in MODULE_DEFAULTS}
 HEALTH_STATUSES = {"ok", "error", "unreachable", "timeout", "disabled"}
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 CID = "corr-modules-0123456789"
@@ -47,38 +46,10 @@ DEFAULT_ROUTES = {
 # --- helpers ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake() -> Iterator[Callable[[str], FakeModule]]:
-    """``fake(name)`` starts a FakeModule, stopped after the test."""
-    started: list[FakeModule] = []
-
-    def make(name: str = "fake") -> FakeModule:
-        module = FakeModule(name).start()
-        started.append(module)
-        return module
-
-    yield make
-    for module in started:
-        module.stop()
-
-
-def module_env(fakes: dict[str, FakeModule] | None = None, **extra: str) -> dict[str, str]:
-    """Every module URL: the given fakes, every other module on its own closed port."""
-    fakes = fakes or {}
-    env = {URL_ENV[name]: fakes[name].url if name in fakes else f"http://127.0.0.1:{unused_port()}"
-           for name in NAMES}
-    env.update(extra)
-    return env
-
-
 def write_config(tmp_path: Path, text: str) -> list[str]:
     path = tmp_path / "edgelink.toml"
     path.write_text(text)
     return ["--config", str(path)]
-
-
-def paths(module: FakeModule, path: str) -> list[Any]:
-    return [r for r in module.requests if r.path == path]
 
 
 def intent(gw: Gateway, name: str, body: Any = None, **kw: Any) -> Reply:
@@ -102,15 +73,6 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     started = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - started
-
-
-def assert_error(reply: Reply, status: int, code: str, **fields: Any) -> dict[str, Any]:
-    assert reply.status == status, (reply.status, reply.body)
-    body = reply.json()
-    assert body["error"] == code and body["status_code"] == status, body
-    for key, value in fields.items():
-        assert body[key] == value, (key, body)
-    return body
 
 
 def check_module_health(health: dict[str, Any]) -> None:
@@ -160,7 +122,7 @@ def test_status_with_nine_healthy_modules(fake, gateway_factory) -> None:
             assert health["latency_ms"] is not None
         assert body["summary"] == {"healthy_modules": 9, "total_modules": 9, "all_healthy": True}
     for name in NAMES:
-        probes = paths(fakes[name], "/health")
+        probes = received(fakes[name], "/health")
         assert probes and probes[0].method == "GET"
         assert probes[0].headers["x-vx11-token"] == TOKEN
 
@@ -180,7 +142,7 @@ def test_shub_is_listed_but_not_counted_unless_enabled(fake, gateway_factory) ->
                                                 "url": fakes["shubniggurath"].url, "error": None}
     assert body["ports"]["shubniggurath"] == fakes["shubniggurath"].port
     assert body["summary"] == {"healthy_modules": 8, "total_modules": 8, "all_healthy": True}
-    assert paths(fakes["shubniggurath"], "/health") == []  # a disabled module is not probed
+    assert received(fakes["shubniggurath"], "/health") == []  # a disabled module is not probed
 
     # A disabled shub that would fail its probe does not spoil all_healthy either.
     gw2 = gateway_factory(module_env({n: m for n, m in fakes.items() if n != "shubniggurath"},
@@ -235,8 +197,8 @@ def test_concurrent_status_callers_share_one_probe_round(fake, gateway_factory) 
     replies = concurrently(10, lambda i: gw.get("/vx11/status", token=False))
     assert all(r.status == 200 for r in replies)
     assert all(r.json()["modules"]["hermes"]["status"] == "timeout" for r in replies)
-    hung = len(paths(fakes["hermes"], "/health"))
-    healthy = len(paths(fakes["madre"], "/health"))
+    hung = len(received(fakes["hermes"], "/health"))
+    healthy = len(received(fakes["madre"], "/health"))
     print(f"\nMEASURE 10 concurrent /vx11/status: hanging module saw {hung} /health request(s), "
           f"a healthy one {healthy}")
     # One round for all ten callers (a straggler arriving after it ended may start a second).
@@ -263,7 +225,7 @@ def test_status_in_flight_during_a_reload_still_answers(fake, gateway_factory, t
 
     thread = threading.Thread(target=call)
     thread.start()
-    while not paths(hermes, "/health"):  # the round is in flight
+    while not received(hermes, "/health"):  # the round is in flight
         time.sleep(0.02)
     config.write_text(f'[modules.hermes]\nurl = "{other.url}"\n')
     gw.proc.send_signal(signal.SIGHUP)
@@ -347,8 +309,8 @@ description = "Echo, for tests"
                               "description": "Echo, for tests", "auth_required": True, "fallback": None}
     reply = intent(gw, "echo", {"say": "hello"})
     assert reply.status == 200 and reply.json() == {"echoed": True}
-    [received] = paths(hermes, "/hermes/echo")
-    assert received.method == "POST" and received.json == {"say": "hello"}
+    [request] = received(hermes, "/hermes/echo")
+    assert request.method == "POST" and request.json == {"say": "hello"}
 
 
 # --- POST /vx11/intent/{intent} ---------------------------------------------------------
@@ -363,29 +325,29 @@ def test_intent_forwards_body_token_and_correlation_id(fake, gateway_factory) ->
     reply = intent(gw, "task", payload)
     assert reply.status == 202 and reply.json() == {"task_id": "t-1", "accepted": True}
     assert reply.headers["x-correlation-id"] == CID
-    [received] = paths(madre, "/madre/task")
-    assert received.method == "POST"
-    assert received.json == payload
-    assert received.headers["x-vx11-token"] == TOKEN
-    assert received.headers["x-correlation-id"] == CID
-    assert received.headers["content-type"].startswith("application/json")
+    [request] = received(madre, "/madre/task")
+    assert request.method == "POST"
+    assert request.json == payload
+    assert request.headers["x-vx11-token"] == TOKEN
+    assert request.headers["x-correlation-id"] == CID
+    assert request.headers["content-type"].startswith("application/json")
 
     # Without a caller id the gateway makes one, and the module sees the same one.
     reply = gw.post("/vx11/intent/analysis", {"q": 1})
     assert reply.status == 202
     generated = reply.headers["x-correlation-id"]
     assert generated and generated != CID
-    assert paths(madre, "/madre/task")[-1].headers["x-correlation-id"] == generated
+    assert received(madre, "/madre/task")[-1].headers["x-correlation-id"] == generated
 
     # An empty body is forwarded as an empty object.
     assert gw.request("POST", "/vx11/intent/task").status == 202
-    assert paths(madre, "/madre/task")[-1].json == {}
+    assert received(madre, "/madre/task")[-1].json == {}
 
     # An unusable caller id (over 128 chars) is replaced, and the module sees the replacement.
     reply = intent(gw, "task", headers={"X-Correlation-ID": "x" * 129})
     replaced = reply.headers["x-correlation-id"]
     assert reply.status == 202 and replaced != "x" * 129
-    assert paths(madre, "/madre/task")[-1].headers["x-correlation-id"] == replaced
+    assert received(madre, "/madre/task")[-1].headers["x-correlation-id"] == replaced
 
     assert TOKEN not in gw.logs()
 
@@ -397,7 +359,7 @@ def test_intent_passes_a_module_4xx_through_without_counting_it(fake, gateway_fa
     for _ in range(5):
         reply = intent(gw, "task", {"x": 1})
         assert reply.status == 422 and reply.json() == {"detail": "task field missing"}
-    assert len(paths(madre, "/madre/task")) == 5
+    assert len(received(madre, "/madre/task")) == 5
     assert gw.get("/vx11/circuit-breaker/status").json()["breakers"]["madre"]["state"] == "closed"
     assert gw.get("/vx11/circuit-breaker/status").json()["breakers"]["madre"]["failure_count"] == 0
 
@@ -440,7 +402,7 @@ timeout = 0.5
     reply, elapsed = timed(lambda: intent(gw, "slow", {"q": 1}))
     assert_error(reply, 504, "upstream_timeout", module="madre", correlation_id=CID)
     assert 0.4 < elapsed < 5, elapsed
-    assert len(paths(madre, "/madre/slow")) == 1
+    assert len(received(madre, "/madre/slow")) == 1
 
 
 @pytest.mark.parametrize("behaviour", [NOT_JSON, NOT_HTTP, HUGE, HUGE_CHUNKED, CLOSE_MID_REPLY,
@@ -466,7 +428,7 @@ def test_module_resetting_keepalive_connections_between_requests(fake, gateway_f
     for i in range(30):
         reply = intent(gw, "task", {"i": i})
         assert reply.status == 200, (i, reply.body)
-    assert [r.json for r in paths(madre, "/madre/task")] == [{"i": i} for i in range(30)]
+    assert [r.json for r in received(madre, "/madre/task")] == [{"i": i} for i in range(30)]
 
 
 # --- circuit breaker --------------------------------------------------------------------
@@ -487,7 +449,7 @@ def test_breaker_opens_refuses_without_contacting_and_recovers_through_one_trial
     before = time.time()
     body = assert_error(intent(gw, "task", {"q": 1}), 503, "circuit_open", module="madre", correlation_id=CID)
     assert body["status"] == "circuit_open"
-    assert len(paths(madre, "/madre/task")) == 3  # the 4th call never reached the module
+    assert len(received(madre, "/madre/task")) == 3  # the 4th call never reached the module
 
     breaker = breaker_of(gw, "madre")
     assert breaker["state"] == "open" and breaker["failure_count"] == 3
@@ -496,7 +458,7 @@ def test_breaker_opens_refuses_without_contacting_and_recovers_through_one_trial
     # Healthy again, but the breaker is open until the recovery time has passed.
     madre.behave("/madre/task", HEALTHY, delay=1.0)  # healthy again; the trial will take a while
     assert_error(intent(gw, "task"), 503, "circuit_open", module="madre")  # still open: not contacted
-    assert len(paths(madre, "/madre/task")) == 3
+    assert len(received(madre, "/madre/task")) == 3
     time.sleep(1.3)
     assert breaker_of(gw, "madre")["state"] == "half_open"
 
@@ -505,7 +467,7 @@ def test_breaker_opens_refuses_without_contacting_and_recovers_through_one_trial
     statuses = sorted(r.status for r in replies)
     assert statuses == [200, 503, 503, 503, 503], statuses
     assert all(r.json()["error"] == "circuit_open" for r in replies if r.status == 503)
-    assert len(paths(madre, "/madre/task")) == 4
+    assert len(received(madre, "/madre/task")) == 4
 
     closed = breaker_of(gw, "madre")
     assert closed["state"] == "closed" and closed["failure_count"] == 0
@@ -523,7 +485,7 @@ def test_breaker_trial_failure_reopens(fake, gateway_factory) -> None:
     assert intent(gw, "task").status == 503
     time.sleep(0.7)
     assert intent(gw, "task").status == 500  # the trial, answered by the still failing module
-    assert len(paths(madre, "/madre/task")) == 3
+    assert len(received(madre, "/madre/task")) == 3
     assert breaker_of(gw, "madre")["state"] == "open"
     assert_error(intent(gw, "task"), 503, "circuit_open", module="madre")
 
@@ -548,7 +510,7 @@ def test_open_breaker_fails_fast(fake, gateway_factory) -> None:
             assert resp.status == 503 and body["error"] == "circuit_open" and body["module"] == "madre"
     finally:
         conn.close()
-    assert len(paths(madre, "/madre/task")) == 3
+    assert len(received(madre, "/madre/task")) == 3
     median = statistics.median(durations)
     p95 = sorted(durations)[int(len(durations) * 0.95)]
     print(f"\nMEASURE fail-fast with an open breaker: median {median * 1000:.2f} ms, "
@@ -590,21 +552,21 @@ def test_proxies_forward_to_their_module_paths(fake, gateway_factory) -> None:
         reply = gw.get(path, headers=headers)
         assert reply.status == 200 and reply.json() == data, (path, reply.body)
         assert reply.headers["x-correlation-id"] == CID
-        [received] = paths(fakes[module], upstream)
-        assert received.method == "GET" and received.target == upstream
-        assert received.headers["x-vx11-token"] == TOKEN and received.headers["x-correlation-id"] == CID
+        [request] = received(fakes[module], upstream)
+        assert request.method == "GET" and request.target == upstream
+        assert request.headers["x-vx11-token"] == TOKEN and request.headers["x-correlation-id"] == CID
 
     hormiguero = fakes["hormiguero"]
     for query, limit in (("", 50), ("?limit=", 50), ("?limit=7", 7), ("?limit=1", 1), ("?limit=1000", 1000)):
         reply = gw.get(f"/hormiguero/report{query}")
         assert reply.status == 200 and reply.json() == {"items": []}
-        assert paths(hormiguero, "/report")[-1].target == f"/report?limit={limit}"
-    seen = len(paths(hormiguero, "/report"))
+        assert received(hormiguero, "/report")[-1].target == f"/report?limit={limit}"
+    seen = len(received(hormiguero, "/report"))
     for bad in ("0", "1001", "abc", "-5", "2.5"):
         body = assert_error(gw.get(f"/hormiguero/report?limit={bad}"), 422, "validation_error")
         assert [d["loc"] for d in body["detail"]] == [["query", "limit"]], body
         assert isinstance(body["detail"][0]["msg"], str)
-    assert len(paths(hormiguero, "/report")) == seen  # nothing forwarded
+    assert len(received(hormiguero, "/report")) == seen  # nothing forwarded
 
 
 def test_shub_dashboard_when_shub_is_disabled(fake, gateway_factory) -> None:
@@ -652,4 +614,17 @@ def test_proxy_behind_an_open_breaker(fake, gateway_factory) -> None:
         assert gw.get("/resources").status == 500
     body = assert_error(gw.get("/resources"), 503, "circuit_open", module="hermes")
     assert body["status"] == "circuit_open"
-    assert len(paths(hermes, "/hermes/resources")) == 3
+    assert len(received(hermes, "/hermes/resources")) == 3
+
+
+def test_intent_body_must_be_an_object_and_query_integers_are_strict(fake, gateway_factory) -> None:
+    madre, hormiguero = fake("madre"), fake("hormiguero")
+    gw = gateway_factory(module_env({"madre": madre, "hormiguero": hormiguero}))
+    for body in ([None, None], "text", 3):
+        reply = gw.post("/vx11/intent/task", body)
+        assert assert_error(reply, 422, "validation_error")["detail"][0]["loc"] == ["body"]
+    assert received(madre, "/madre/task") == []
+    for raw in ("1_0", "%20%2B5%20", "5.0", "%D9%A3"):  # underscore, padded sign, float, Arabic-Indic 3
+        reply = gw.get(f"/hormiguero/report?limit={raw}")
+        assert assert_error(reply, 422, "validation_error")["detail"][0]["loc"] == ["query", "limit"]
+    assert received(hormiguero, "/report") == []

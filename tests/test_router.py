@@ -71,3 +71,9 @@ def test_duplicate_route_refused():
     r = router()
     with pytest.raises(ValueError):
         r.add("GET", "/health", h)
+
+
+def test_head_on_a_websocket_route_is_426_not_405():
+    with pytest.raises(HTTPError) as info:
+        router().match("HEAD", "/ws")
+    assert info.value.status == 426

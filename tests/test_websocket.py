@@ -191,3 +191,11 @@ def test_invalid_since_seq_is_reported_and_closed(gateway):
                 await ws.recv()
             assert ws.close_code == 1008
     run(go())
+
+
+def test_refused_handshake_carries_the_correlation_id_header(gateway):
+    status, headers, body = _handshake(gateway, {
+        "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), "X-Correlation-ID": "ws-cid-1"})
+    assert status == 401
+    assert headers["x-correlation-id"] == "ws-cid-1" and orjson.loads(body)["correlation_id"] == "ws-cid-1"

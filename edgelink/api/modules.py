@@ -66,7 +66,7 @@ async def intent(req: Request) -> Response:
     if route is None:
         raise HTTPError(404, "unknown_intent", detail=f"no route for intent {req.params['intent']!r}",
                         known=[r.intent for r in rt.settings.routes])
-    body = req.json() if req.body.strip() else {}
+    body = req.json_object() if req.body.strip() else {}
     try:
         reply = await rt.modules.call(route.module, route.method, route.endpoint, json=body,
                                       timeout=route.timeout, correlation_id=req.correlation_id)

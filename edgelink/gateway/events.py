@@ -158,7 +158,7 @@ class SchemaRejected(HTTPError):
         # built here, not from ``extra``: its "status" key would clash with the status code
         return json_response({"status": "rejected", "reason": "schema_validation_failed", "source": self.source,
                               "type": self.type, "detail": self.detail, "error": self.code,
-                              "status_code": self.status}, self.status, self.headers)
+                              "status_code": self.status, **self.extra}, self.status, self.headers)
 
 
 def build_event(event_type: str, source: str, payload: Any, metadata: dict[str, Any] | None,

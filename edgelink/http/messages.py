@@ -6,6 +6,7 @@ any answer that is an error in the API.md §1 shape; the dispatcher renders it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 from urllib.parse import parse_qsl
@@ -13,6 +14,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 JSON_TYPE = b"application/json"
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 class HTTPError(Exception):
@@ -115,10 +117,10 @@ class Request:
         raw = self.query.get(name)
         if raw is None or raw == "":
             return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise validation_error((["query", name], "must be an integer")) from None
+        # int() alone would take "1_000", " +5 " and non-ASCII digits
+        if not _INTEGER.fullmatch(raw):
+            raise validation_error((["query", name], "must be an integer"))
+        value = int(raw)
         if not minimum <= value <= maximum:
             raise validation_error((["query", name], f"must be between {minimum} and {maximum}"))
         return value

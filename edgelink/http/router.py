@@ -87,7 +87,7 @@ class Router:
         methods, params = found
         wanted = "WS" if websocket else ("GET" if method == "HEAD" else method)
         route = methods.get(wanted)
-        if route is None and not websocket and method == "GET" and "WS" in methods:
+        if route is None and not websocket and method in ("GET", "HEAD") and "WS" in methods:
             raise HTTPError(426, "upgrade_required", headers=[(b"upgrade", b"websocket")],
                             detail="this endpoint is a WebSocket: send an Upgrade request")
         if route is None:
