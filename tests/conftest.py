@@ -16,6 +16,9 @@ from typing import Any, Iterator
 import orjson
 import pytest
 
+from edgelink.config import MODULE_DEFAULTS
+from fakemodule import FakeModule, unused_port
+
 TOKEN = "test-token-0123456789"
 # The installed console script, as a user runs it (next to this interpreter in a venv).
 EDGELINK = str(Path(sys.executable).with_name("edgelink"))
@@ -122,6 +125,48 @@ def wait_for_log(log_path: Path, event: str, proc: subprocess.Popen | None = Non
     if proc is not None and event == "started":
         proc.kill()
     raise RuntimeError(f"no {event!r} log line in time:\n{log_path.read_text()}")
+
+
+URL_ENV = {name: env for name, env, _ in MODULE_DEFAULTS}  # module name -> its URL variable
+
+
+def module_env(fakes: dict[str, FakeModule] | None = None, **extra: str) -> dict[str, str]:
+    """Every module URL: the given fakes, every other module on its own closed port."""
+    fakes = fakes or {}
+    env = {env_name: fakes[name].url if name in fakes else f"http://127.0.0.1:{unused_port()}"
+           for name, env_name in URL_ENV.items()}
+    env.update(extra)
+    return env
+
+
+def received(module: FakeModule, path: str) -> list[Any]:
+    """The requests a fake module got on ``path``."""
+    return [r for r in module.requests if r.path == path]
+
+
+def assert_error(reply: Reply, status: int, code: str, **fields: Any) -> dict[str, Any]:
+    """The reply is an API.md §1 error with this status and code (and these fields)."""
+    assert reply.status == status, (reply.status, reply.body)
+    body = reply.json()
+    assert body["error"] == code and body["status_code"] == status, body
+    for key, value in fields.items():
+        assert body[key] == value, (key, body)
+    return body
+
+
+@pytest.fixture
+def fake() -> Iterator[Any]:
+    """``fake(name)`` starts a FakeModule, stopped after the test."""
+    started: list[FakeModule] = []
+
+    def make(name: str = "fake") -> FakeModule:
+        module = FakeModule(name).start()
+        started.append(module)
+        return module
+
+    yield make
+    for module in started:
+        module.stop()
 
 
 @pytest.fixture

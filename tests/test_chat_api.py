@@ -10,15 +10,13 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
-from conftest import TOKEN, Gateway, Reply
-from edgelink.config import MODULE_DEFAULTS
-from fakemodule import ERROR_500, HANG, HEALTHY, NOT_JSON, FakeModule, unused_port
+from conftest import TOKEN, Gateway, Reply, assert_error, module_env, received
+from fakemodule import ERROR_500, HANG, HEALTHY, NOT_JSON, FakeModule
 
-URL_ENV = {name: env for name, env, _ in MODULE_DEFAULTS}
 SWITCH_PATH = "/switch/route-v5"
 MADRE_PATH = "/madre/chat"
 CID = "corr-chat-0123456789"
@@ -30,46 +28,9 @@ OUTGOING_FIELDS = {"message", "session_id", "user_id", "context_summary", "metad
 # --- helpers ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake() -> Iterator[Callable[[str], FakeModule]]:
-    """``fake(name)`` starts a FakeModule, stopped after the test."""
-    started: list[FakeModule] = []
-
-    def make(name: str = "fake") -> FakeModule:
-        module = FakeModule(name).start()
-        started.append(module)
-        return module
-
-    yield make
-    for module in started:
-        module.stop()
-
-
-def module_env(fakes: dict[str, FakeModule] | None = None, **extra: str) -> dict[str, str]:
-    """Every module URL: the given fakes, every other module on its own closed port."""
-    fakes = fakes or {}
-    env = {env_name: fakes[name].url if name in fakes else f"http://127.0.0.1:{unused_port()}"
-           for name, env_name in URL_ENV.items()}
-    env.update(extra)
-    return env
-
-
 def chat(gw: Gateway, body: Any, path: str = "/operator/chat", **kw: Any) -> Reply:
     headers = {"X-Correlation-ID": CID, **kw.pop("headers", {})}
     return gw.post(path, body, headers=headers, **kw)
-
-
-def received(module: FakeModule, path: str) -> list[Any]:
-    return [r for r in module.requests if r.path == path]
-
-
-def assert_error(reply: Reply, status: int, code: str, **fields: Any) -> dict[str, Any]:
-    assert reply.status == status, (reply.status, reply.body)
-    body = reply.json()
-    assert body["error"] == code and body["status_code"] == status, body
-    for key, value in fields.items():
-        assert body[key] == value, (key, body)
-    return body
 
 
 def locs(reply: Reply) -> list[list[Any]]:

@@ -10,18 +10,8 @@ import time
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import EDGELINK, TOKEN
-from fakemodule import ERROR_500, FakeModule, unused_port
-
-MODULE_ENVS = ("MADRE_URL", "SWITCH_URL", "HERMES_URL", "HORMIGUERO_URL", "MANIFESTATOR_URL", "MCP_URL",
-               "SPAWNER_URL", "OPERATOR_URL", "SHUB_URL")
-
-
-def module_env(url_for: dict[str, str]) -> dict[str, str]:
-    """Every module URL: the given ones, the rest on a closed port."""
-    closed = f"http://127.0.0.1:{unused_port()}"
-    return {name: url_for.get(name, closed) for name in MODULE_ENVS}
-
+from conftest import EDGELINK, TOKEN, URL_ENV, module_env
+from fakemodule import ERROR_500, FakeModule
 
 def test_metrics_parse_and_count(gateway):
     gateway.get("/health")
@@ -54,7 +44,7 @@ def test_metrics_parse_and_count(gateway):
 def test_background_health_recording_feeds_snapshot(gateway_factory, tmp_path):
     with FakeModule("madre") as madre:
         before = int(time.time() * 1000)
-        gw = gateway_factory({**module_env({"MADRE_URL": madre.url}), "EDGELINK_PROBE_INTERVAL": "0.2"})
+        gw = gateway_factory({**module_env({"madre": madre}), "EDGELINK_PROBE_INTERVAL": "0.2"})
         deadline = time.monotonic() + 10
         rows = []
         while time.monotonic() < deadline and len(rows) < 10:
@@ -78,7 +68,7 @@ def test_background_health_recording_feeds_snapshot(gateway_factory, tmp_path):
 
 def test_probe_command_report_and_exit_codes(tmp_path):
     with FakeModule("madre") as madre, FakeModule("switch") as switch:
-        env = {"PATH": "/usr/bin:/bin", **module_env({"MADRE_URL": madre.url, "SWITCH_URL": switch.url}),
+        env = {"PATH": "/usr/bin:/bin", **module_env({"madre": madre, "switch": switch}),
                "VX11_GATEWAY_TOKEN": TOKEN, "EDGELINK_HEALTH_TIMEOUT": "0.5"}
         report = tmp_path / "report.md"
         db = tmp_path / "probe.db"
@@ -96,7 +86,7 @@ def test_probe_command_report_and_exit_codes(tmp_path):
         assert madre.requests[0].headers["x-vx11-token"] == TOKEN
 
         # Every module up, and the gateway's own address answering too.
-        everyone = {name: madre.url for name in MODULE_ENVS}
+        everyone = {env_name: madre.url for env_name in URL_ENV.values()}
         everyone["TENTACULO_LINK_PORT"] = str(switch.port)
         proc = subprocess.run([EDGELINK, "probe", "--db", str(db)], env={**env, **everyone},
                               capture_output=True, text=True, timeout=60)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 import websockets
 
 TS = 1_700_000_000_000
