@@ -359,3 +359,31 @@ def test_cors_off_by_default(gateway):
     r = gateway.request("OPTIONS", "/health", token=False, headers={
         "Origin": "https://ui.example", "Access-Control-Request-Method": "GET"})
     assert r.status == 405 and "access-control-allow-origin" not in r.headers
+
+
+def test_client_that_never_reads_is_dropped_after_the_send_timeout(gateway_factory):
+    gw = gateway_factory({"EDGELINK_SEND_TIMEOUT": "1", "EDGELINK_WRITE_BUFFER_HIGH": "4096"})
+    sock = gw.connect()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # pipeline requests and never read the answers
+        try:
+            sock.send(GET_HEALTH * 100)
+        except BlockingIOError:
+            time.sleep(0.01)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    dropped = False
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not dropped:
+        try:
+            sock.send(GET_HEALTH)
+            time.sleep(0.2)
+        except BlockingIOError:
+            time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            dropped = True
+    assert dropped
+    still_serving(gw)
+    assert '"event":"connection_dropped"' in gw.logs()

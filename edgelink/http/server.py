@@ -60,8 +60,6 @@ class Phase(enum.Enum):
 
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
-# Bytes a client may pipeline behind a request in progress before we stop reading it.
-_PIPELINE_BUFFER = 64 * 1024
 
 
 class _Clock:
@@ -145,9 +143,9 @@ class HttpServer:
 
 
 class HttpProtocol(asyncio.Protocol):
-    __slots__ = ("server", "settings", "transport", "conn", "phase", "client", "_timer",
+    __slots__ = ("server", "settings", "transport", "conn", "phase", "client", "_timer", "_send_timer",
                  "_request", "_body", "_body_size", "_reading", "_read_blockers",
-                 "_pipelined", "_ws", "_task", "_loop")
+                 "_ws", "_task", "_loop")
 
     def __init__(self, server: HttpServer):
         self.server = server
@@ -157,12 +155,12 @@ class HttpProtocol(asyncio.Protocol):
         self.phase = Phase.IDLE
         self.client: tuple[str, int] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
         self._request: Request | None = None
         self._body: list[bytes] = []
         self._body_size = 0
         self._reading = True
         self._read_blockers: set[str] = set()
-        self._pipelined = 0
         self._ws: WebSocket | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
@@ -189,6 +187,8 @@ class HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = Phase.CLOSED
         self._cancel_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
         self.server.connections.discard(self)
         if self._ws is not None:
             self._ws.connection_lost()
@@ -203,10 +203,9 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.conn.receive_data(data)
         if self.phase is Phase.HANDLING:
-            # Pipelined bytes wait in h11's buffer; stop reading if they pile up.
-            self._pipelined += len(data)
-            if self._pipelined > _PIPELINE_BUFFER:
-                self._block_reading("pipeline")
+            # Pipelined bytes wait in h11's buffer until this answer is out; read no more
+            # meanwhile, so what we hold is one read's worth, whatever the client sends.
+            self._block_reading("pipeline")
             return
         if self.phase is Phase.IDLE:
             self.phase = Phase.HEADERS
@@ -228,17 +227,17 @@ class HttpProtocol(asyncio.Protocol):
         self._block_reading("write")
         if self._ws is not None:
             self._ws.pause_writing()
-        # A client that stops reading for this long is gone as far as we are concerned.
-        self._set_timer(max(self.settings.keepalive_timeout, self.settings.header_timeout) * 3,
-                        self._on_send_timeout)
+        # A client that stops reading for this long is gone as far as we are concerned. Its
+        # own timer: the phase timer is re-armed as buffered requests are answered.
+        self._send_timer = self._loop.call_later(self.settings.send_timeout, self._on_send_timeout)
 
     def resume_writing(self) -> None:
-        self._cancel_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         self._unblock_reading("write")
         if self._ws is not None:
             self._ws.resume_writing()
-        elif self.phase is Phase.IDLE:
-            self._set_timer(self.settings.keepalive_timeout, self._on_timeout)
 
     # --- state the server looks at -------------------------------------------------------
 
@@ -269,6 +268,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._protocol_error(exc)
                 return
             if event is h11.NEED_DATA:
+                self._unblock_reading("pipeline")
                 return
             if isinstance(event, h11.Request):
                 if self._start_request(event):
@@ -321,7 +321,6 @@ class HttpProtocol(asyncio.Protocol):
         request.body = b"".join(self._body)
         self._body = []
         self.phase = Phase.HANDLING
-        self._pipelined = 0
         self._cancel_timer()
         if request.headers.get("upgrade", "").lower() == "websocket":
             self._upgrade(request)
@@ -370,14 +369,11 @@ class HttpProtocol(asyncio.Protocol):
         self.phase = Phase.IDLE
         self._request = None
         self._task = None
-        self._unblock_reading("pipeline")
         self._set_timer(self.settings.keepalive_timeout, self._on_timeout)
         self.server.busy_changed()
-        pending, eof = self.conn.trailing_data
-        if pending or eof:
-            self.phase = Phase.HEADERS
-            self._set_timer(self.settings.header_timeout, self._on_timeout)
-            self._process()
+        # Answer what was pipelined behind this request before reading more; _process
+        # resumes reading once h11 needs data.
+        self._process()
 
     # --- WebSocket upgrade ------------------------------------------------------------
 
@@ -422,7 +418,7 @@ class HttpProtocol(asyncio.Protocol):
             self.transport, ws_conn, request,
             max_message=self.settings.ws_max_frame, queue_limit=self.settings.ws_queue,
             ping_interval=self.settings.ws_ping_interval, compressed=compressed,
-            set_reading=self._ws_reading, on_closed=lambda ws: None,
+            set_reading=self._ws_reading,
         )
         self.server.busy_changed()
         if trailing:
@@ -470,7 +466,7 @@ class HttpProtocol(asyncio.Protocol):
             self._refuse(408, "request_timeout", detail="request not received in time")
 
     def _on_send_timeout(self) -> None:
-        self._timer = None
+        self._send_timer = None
         log.info("connection_dropped", reason="client not reading", client=self.client)
         self.abort()
 

@@ -61,7 +61,7 @@ class WebSocket:
 
     def __init__(self, transport: asyncio.Transport, conn: WSConnection, request: "Request",
                  *, max_message: int, queue_limit: int, ping_interval: float, compressed: bool,
-                 set_reading: Callable[[bool], None], on_closed: Callable[["WebSocket"], None]):
+                 set_reading: Callable[[bool], None]):
         self.request = request
         self.close_code: int | None = None
         self._transport = transport
@@ -71,7 +71,6 @@ class WebSocket:
         self._ping_interval = ping_interval
         self._compressed = compressed
         self._set_reading = set_reading
-        self._on_closed = on_closed
         self._loop = asyncio.get_running_loop()
         self._out: deque[bytes] = deque()
         self._write_paused = False
@@ -172,7 +171,6 @@ class WebSocket:
         self._out.clear()
         self._cancel_timer()
         self._wake()
-        self._on_closed(self)
 
     # --- internals --------------------------------------------------------------------
 
