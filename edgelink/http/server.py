@@ -89,7 +89,7 @@ def raw_error(status: int, code: str, **extra: Any) -> bytes:
 
 
 class HttpServer:
-    """Owns the listening socket and the set of live connections; knows nothing of routes."""
+    """Owns the listening sockets and the set of live connections; knows nothing of routes."""
 
     def __init__(self, dispatcher: Dispatcher, settings: Any):
         self.dispatcher = dispatcher
@@ -137,8 +137,8 @@ class HttpServer:
             except asyncio.TimeoutError:
                 log.warning("shutdown_grace_expired", connections=len(self.connections))
         for conn in list(self.connections):
-            conn.abort()
-        # Give aborted transports one loop turn to run connection_lost.
+            conn.finish()
+        # Give closed transports one loop turn to run connection_lost.
         await asyncio.sleep(0)
 
 
@@ -243,14 +243,23 @@ class HttpProtocol(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        """True while a request is in flight (WebSockets are closed separately)."""
-        return self.phase in (Phase.HEADERS, Phase.BODY, Phase.HANDLING)
+        """True while a request is in flight, or, once shutdown began, while a WebSocket
+        is finishing its close handshake."""
+        return self.phase in (Phase.HEADERS, Phase.BODY, Phase.HANDLING) or (
+            self.phase is Phase.WEBSOCKET and self.server.stopping)
 
     def begin_shutdown(self) -> None:
+        # Idle keep-alive connections stay open while requests elsewhere finish: a request
+        # on one is answered (/health with 503 stopping) and then closed.
         if self.phase is Phase.WEBSOCKET and self._ws is not None:
             self._ws.close(CLOSE_GOING_AWAY, "server shutting down")
-        elif self.phase is Phase.IDLE and self.transport is not None:
-            self.transport.close()
+
+    def finish(self) -> None:
+        """At the end of shutdown: close an idle connection, drop anything else."""
+        if self.phase is Phase.IDLE and self.transport is not None:
+            self._close()
+        else:
+            self.abort()
 
     def abort(self) -> None:
         if self.transport is not None and self.phase is not Phase.CLOSED:

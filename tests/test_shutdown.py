@@ -1,0 +1,62 @@
+"""SIGTERM with work in flight: requests finish within the grace period, /health says
+stopping meanwhile, new connections are refused, the process exits 0."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+
+import orjson
+
+from conftest import RawClient, module_env, received
+from fakemodule import HANG, HEALTHY
+
+
+def test_in_flight_request_finishes_and_health_says_stopping(fake, gateway_factory):
+    madre = fake("madre")
+    madre.behave("/madre/task", HEALTHY, delay=2.0)
+    gw = gateway_factory(module_env({"madre": madre}))
+    idle = RawClient(gw.connect())  # a keep-alive connection opened before the signal
+    idle.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert idle.read_response()[0] == 200
+
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(reply=gw.post("/vx11/intent/task", {"n": 1})))
+    thread.start()
+    while not received(madre, "/madre/task"):
+        time.sleep(0.02)
+    gw.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+
+    idle.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    status, headers, body = idle.read_response()
+    assert status == 503 and orjson.loads(body)["status"] == "stopping"
+    assert headers["connection"] == "close"
+    try:  # the listener is closed: a new connection is refused (or reset at once)
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=2) as late:
+            late.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert late.recv(100) == b""
+    except (ConnectionRefusedError, ConnectionResetError):
+        pass
+
+    thread.join(10)
+    assert result["reply"].status == 200 and result["reply"].json()["path"] == "/madre/task"
+    assert gw.proc.wait(15) == 0
+
+
+def test_grace_period_bounds_a_request_that_never_finishes(fake, gateway_factory):
+    madre = fake("madre")
+    madre.behave("/madre/task", HANG)
+    gw = gateway_factory(module_env({"madre": madre}, EDGELINK_SHUTDOWN_GRACE="1"))
+    sock = gw.connect()
+    sock.sendall(b'POST /vx11/intent/task HTTP/1.1\r\nHost: t\r\nX-VX11-Token: ' + gw.token.encode()
+                 + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    while not received(madre, "/madre/task"):
+        time.sleep(0.02)
+    started = time.monotonic()
+    gw.proc.send_signal(signal.SIGTERM)
+    assert gw.proc.wait(15) == 0
+    assert time.monotonic() - started < 8  # about the 1 s grace, not the 30 s route timeout
+    assert '"event":"shutdown_grace_expired"' in gw.logs()
