@@ -1,0 +1,1 @@
+"""Micro-benchmarks of edgelink's hot pure pieces (pytest-benchmark); see bench/README.md."""

@@ -1,0 +1,39 @@
+"""Fixtures of the micro-benchmarks.
+
+Not collected by a plain ``pytest`` (the project's testpaths is ``tests``); run them with
+``.venv/bin/pytest bench/micro --benchmark-only``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from edgelink.config import MODULE_DEFAULTS, load_settings
+
+
+@pytest.fixture(scope="session")
+def settings() -> Any:
+    """Default settings with the nine modules enabled, as in the load benchmark."""
+    return load_settings(env={"VX11_GATEWAY_TOKEN": "bench-token", "SHUB_ENABLED": "true"})
+
+
+@pytest.fixture(scope="session")
+def nine_modules() -> dict[str, dict[str, Any]]:
+    """What a probe round returns when all nine modules answer: ModuleHealth per module."""
+    return {name: {"status": "ok", "http_code": 200, "latency_ms": 1.234, "url": url, "error": None}
+            for name, _, url in MODULE_DEFAULTS}
+
+
+@pytest.fixture()
+def status_request(settings: Any, nine_modules: dict[str, dict[str, Any]]) -> Any:
+    """A stand-in for the request ``GET /vx11/status`` gets: the app's probe round answers at once."""
+
+    async def probe_all() -> dict[str, dict[str, Any]]:
+        return nine_modules
+
+    app = SimpleNamespace(settings=settings, port=8000, stopping=False,
+                          modules=SimpleNamespace(probe_all=probe_all))
+    return SimpleNamespace(app=app)
