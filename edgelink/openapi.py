@@ -134,6 +134,17 @@ def _ingest_request() -> dict[str, Any]:
 
 _MODULE_HEALTH_STATUSES = ["ok", "error", "unreachable", "timeout", "disabled"]
 
+# One stored event, as the snapshot lists it and (with "channel") as /ws broadcasts it.
+_EVENT_FIELDS = {
+    "event_id": _STR,
+    "seq": {"type": "integer", "minimum": 1},
+    "type": _STR,
+    "source": _STR,
+    "timestamp": _MS,
+    "payload": {"type": "object"},
+    "metadata": _nullable({"type": "object"}),
+}
+
 SCHEMAS: dict[str, dict[str, Any]] = {
     # --- errors (API.md §1)
     "Error": _object(
@@ -300,15 +311,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "total_edges": _COUNT,
         }),
     }),
-    "StoredEvent": _object({
-        "event_id": _STR,
-        "seq": {"type": "integer", "minimum": 1},
-        "type": _STR,
-        "source": _STR,
-        "timestamp": _MS,
-        "payload": {"type": "object"},
-        "metadata": _nullable({"type": "object"}),
-    }, closed=True),
+    "StoredEvent": _object(_EVENT_FIELDS, closed=True),
     "RecordedModuleHealth": _object({
         "status": {"type": "string", "description": "A ModuleHealth status (a database from an older "
                                                     "version may hold others)."},
@@ -333,16 +336,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "channel": {"const": "control"}, "type": {"const": "connected"}, "client_id": _STR,
         "last_seq": _COUNT, "replayed": _COUNT, "truncated": _BOOL,
     }),
-    "WsEvent": _object({
-        "channel": {"const": "event"},
-        "event_id": _STR,
-        "seq": {"type": "integer", "minimum": 1},
-        "type": _STR,
-        "source": _STR,
-        "timestamp": _MS,
-        "payload": {"type": "object"},
-        "metadata": _nullable({"type": "object"}),
-    }, closed=True),
+    "WsEvent": _object({"channel": {"const": "event"}, **_EVENT_FIELDS}, closed=True),
     "WsError": _object({"channel": {"const": "control"}, "type": {"const": "error"}, "error": _STR},
                        {"detail": _STR,
                         "event_type": {"type": "string", "description": "The type of a rejected event."}}),
