@@ -9,6 +9,7 @@ Environment names kept from Tentáculo Link stay as they were; new ones carry th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -150,7 +151,7 @@ class ModuleConfig:
     url: str
     enabled: bool = True
 
-    @property
+    @functools.cached_property
     def port(self) -> int:
         return urlsplit(self.url).port or 80
 

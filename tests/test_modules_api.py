@@ -628,3 +628,18 @@ def test_intent_body_must_be_an_object_and_query_integers_are_strict(fake, gatew
         reply = gw.get(f"/hormiguero/report?limit={raw}")
         assert assert_error(reply, 422, "validation_error")["detail"][0]["loc"] == ["query", "limit"]
     assert received(hormiguero, "/report") == []
+
+
+@pytest.mark.parametrize("switch_fails", ["down", "500"])
+def test_intent_with_a_fallback_route_uses_it_when_the_primary_fails(fake, gateway_factory, switch_fails) -> None:
+    madre = fake("madre")
+    madre.reply("/madre/chat", {"response": "from madre"})
+    fakes = {"madre": madre}
+    if switch_fails == "500":
+        switch = fake("switch")
+        switch.behave("/switch/route-v5", ERROR_500)
+        fakes["switch"] = switch
+    gw = gateway_factory(module_env(fakes))
+    reply = intent(gw, "chat", {"message": "hi"})
+    assert reply.status == 200 and reply.json() == {"response": "from madre"}
+    assert received(madre, "/madre/chat")[0].json == {"message": "hi"}

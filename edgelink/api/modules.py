@@ -70,9 +70,13 @@ async def intent(req: Request) -> Response:
     try:
         reply = await rt.modules.call(route.module, route.method, route.endpoint, json=body,
                                       timeout=route.timeout, correlation_id=req.correlation_id)
+        failed = reply.status >= 500
     except HTTPError:
         if route.fallback is None:
             raise
+        failed = True
+    if failed and route.fallback is not None:
+        # the fallback answers for a primary that is down or failing (5xx), as chat does
         fb = route.fallback
         reply = await rt.modules.call(fb.module, fb.method, fb.endpoint, json=body,
                                       timeout=fb.timeout, correlation_id=req.correlation_id)
