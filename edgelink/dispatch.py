@@ -96,4 +96,4 @@ class Dispatcher:
             response.headers.append((b"x-correlation-id", req.correlation_id.encode()))
             return response
         self.runtime.metrics.requests.inc(route.template, "GET", "101")
-        return lambda ws: route.handler(ws)
+        return route.handler

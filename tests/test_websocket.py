@@ -199,3 +199,17 @@ def test_refused_handshake_carries_the_correlation_id_header(gateway):
         "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), "X-Correlation-ID": "ws-cid-1"})
     assert status == 401
     assert headers["x-correlation-id"] == "ws-cid-1" and orjson.loads(body)["correlation_id"] == "ws-cid-1"
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_permessage_deflate_only_when_enabled(gateway_factory, enabled):
+    gw = gateway_factory({"EDGELINK_WS_COMPRESSION": "true" if enabled else "false"})
+
+    async def go():
+        async with websockets.connect(ws_url(gw, f"token={gw.token}"), compression="deflate") as ws:
+            negotiated = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+            assert ("permessage-deflate" in negotiated) is enabled
+            assert orjson.loads(await ws.recv())["type"] == "connected"
+            await ws.send('{"echo": "' + "z" * 2000 + '"}')
+            assert orjson.loads(await ws.recv()) == {"echo": "z" * 2000}
+    run(go())
