@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import sys
 import time
+import uuid
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
@@ -28,20 +29,23 @@ def gateway_url(settings: Settings, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def record_round(modules: Modules, ledger: Ledger, gateway: Probe | None = None) -> dict[str, Probe]:
-    """Probe every module once and record the round (with ``gateway``, the gateway's own
-    state, when the gateway itself records); returns the probes."""
-    probes = await modules.probe_round()
+async def record_round(modules: Modules, ledger: Ledger, gateway: Probe) -> None:
+    """Probe every module once (one shared round) and record it with ``gateway``, the
+    gateway's own state, as the gateway does every probe interval."""
+    probes = {GATEWAY_SERVICE: gateway, **await modules.probe_round()}
+    await record(modules, ledger, probes)
+
+
+async def record(modules: Modules, ledger: Ledger, probes: dict[str, Probe]) -> None:
+    """Write one round to the health tables."""
     ports = {m.name: m.port for m in modules.registry.values()}
-    if gateway is not None:
-        probes = {GATEWAY_SERVICE: gateway, **probes}
-        ports[GATEWAY_SERVICE] = urlsplit(gateway.health["url"]).port
+    if GATEWAY_SERVICE not in ports:
+        ports[GATEWAY_SERVICE] = urlsplit(probes[GATEWAY_SERVICE].health["url"]).port
     checked_at = int(time.time() * 1000)
     await ledger.record_health(
         ProbeRecord(name, ports.get(name), p.health["status"], p.health["http_code"], p.health["latency_ms"],
                     p.health["url"], p.health["error"], p.snippet, checked_at)
         for name, p in probes.items())
-    return probes
 
 
 def summary_line(probes: dict[str, Probe]) -> tuple[str, bool]:
@@ -87,16 +91,23 @@ async def _probe_once(settings: Settings, report: str | None, progress: bool) ->
     try:
         if progress:
             print(f"probing {len(modules.registry)} services (timeout {settings.health_timeout} s)...", flush=True)
-        probes = await record_round(modules, ledger)
+        correlation_id = uuid.uuid4().hex
+        found: dict[str, Probe] = {}
+
+        async def probe_one(name: str) -> None:
+            found[name] = probe = await modules.probe(name, correlation_id)
+            if progress:  # a line per service as it answers, not after the round
+                h = probe.health
+                detail = f"HTTP {h['http_code']}" if h["http_code"] is not None else (h["error"] or "")
+                latency = f"{h['latency_ms']:.1f} ms" if h["latency_ms"] is not None else ""
+                print(f"  {name:<14} {h['status']:<12} {detail:<24} {latency}", flush=True)
+
+        await asyncio.gather(*(probe_one(name) for name in modules.registry))
+        probes = {name: found[name] for name in modules.registry}
+        await record(modules, ledger, probes)
     finally:
         await modules.close()
         await ledger.close()
-    if progress:
-        for name, p in probes.items():
-            h = p.health
-            detail = f"HTTP {h['http_code']}" if h["http_code"] is not None else (h["error"] or "")
-            latency = f"{h['latency_ms']:.1f} ms" if h["latency_ms"] is not None else ""
-            print(f"  {name:<14} {h['status']:<12} {detail:<24} {latency}", flush=True)
     if report:
         with open(report, "w", encoding="utf-8") as fh:
             fh.write(markdown_report(probes, settings, datetime.now(timezone.utc)))

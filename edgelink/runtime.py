@@ -59,6 +59,11 @@ class Runtime:
         """Open what the handlers need before the first request."""
         await self.ledger.start()
         self._sweeper.start()
+
+    def listening(self, port: int) -> None:
+        """The server listens on ``port``: start recording health (the gateway's own row
+        names the port it really has)."""
+        self.port = port
         if self.settings.probe_interval > 0:
             self._recorder = asyncio.create_task(self._record_health(), name="health-recorder")
 

@@ -50,7 +50,7 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     except OSError as exc:
         await runtime.stop()
         raise SystemExit(f"edgelink: cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
-    runtime.port = server.sockets[0].getsockname()[1]
+    runtime.listening(server.sockets[0].getsockname()[1])
     loop = asyncio.get_running_loop()
     log.info("started", version=__version__, host=settings.host, port=runtime.port,
              loop=type(loop).__module__.split(".")[0], auth=settings.enable_auth,

@@ -11,7 +11,7 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import EDGELINK, TOKEN, URL_ENV, module_env
-from fakemodule import ERROR_500, FakeModule
+from fakemodule import ERROR_500, HANG, FakeModule
 
 def test_metrics_parse_and_count(gateway):
     gateway.get("/health")
@@ -97,3 +97,35 @@ def test_probe_command_report_and_exit_codes(tmp_path):
         proc = subprocess.run([EDGELINK, "probe", "--db", str(db)], env={**env, **everyone},
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 1 and "madre error" in proc.stdout
+
+
+def test_probe_on_a_terminal_prints_a_line_per_service_as_it_answers(tmp_path):
+    import os
+    import pty
+
+    with FakeModule("madre") as madre, FakeModule("hermes") as hermes:
+        hermes.behave("/health", HANG)
+        env = {"PATH": "/usr/bin:/bin", **module_env({"madre": madre, "hermes": hermes}),
+               "VX11_GATEWAY_TOKEN": TOKEN, "EDGELINK_HEALTH_TIMEOUT": "1"}
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([EDGELINK, "probe", "--db", str(tmp_path / "p.db")], env=env,
+                                stdout=slave, stderr=subprocess.DEVNULL)
+        os.close(slave)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the pty closes when the child exits
+                break
+            if not chunk:
+                break
+            output += chunk
+        os.close(master)
+        assert proc.wait(30) == 1
+    lines = output.decode().splitlines()
+    assert lines[0].startswith("probing 10 services")
+    names = [line.split()[0] for line in lines[1:-1]]
+    assert sorted(names) == sorted(["tentaculo_link", *URL_ENV])
+    # the hanging module answers last, at the health timeout, after the fast ones
+    assert names[-1] == "hermes" and names.index("madre") < names.index("hermes")
+    assert lines[-1].startswith("1/10 ok (")

@@ -176,6 +176,10 @@ class Modules:
         if not task.cancelled() and task.exception() is not None:
             log.error("probe_round_failed", error=repr(task.exception()))
 
+    async def probe(self, name: str, correlation_id: str) -> Probe:
+        """One module's health, outside any shared round (for ``edgelink probe``'s progress)."""
+        return await self._probe(self.registry[name], correlation_id)
+
     async def _probe_round(self) -> dict[str, Probe]:
         modules = list(self.registry.values())
         correlation_id = uuid.uuid4().hex
