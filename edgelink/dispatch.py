@@ -18,19 +18,39 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 
+# Methods counted by name in metrics; anything a client invents is counted as "other" so
+# that made-up methods cannot grow the metric series without bound.
+_METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class Dispatcher:
     def __init__(self, router: Router, runtime: "Runtime"):
         self.router = router
         self.runtime = runtime
 
+    def _admit(self, req: Request) -> None:
+        """What every request gets first: the gateway state and its correlation id."""
+        req.app = self.runtime
+        req.correlation_id = auth.correlation_id(req.headers.get("x-correlation-id"))
+
+    def _count(self, req: Request, status: int) -> str:
+        route_label = req.route or "unmatched"
+        method = req.method if req.method in _METHOD_LABELS else "other"
+        self.runtime.metrics.requests.inc(route_label, method, str(status))
+        return route_label
+
+    def _refusal(self, req: Request, exc: HTTPError) -> Response:
+        exc.extra.setdefault("correlation_id", req.correlation_id)
+        return exc.response()
+
     async def handle(self, req: Request) -> Response:
         started = time.perf_counter()
         settings = self.runtime.settings
-        req.app = self.runtime
-        req.correlation_id = auth.correlation_id(req.headers.get("x-correlation-id"))
+        self._admit(req)
         origin = req.headers.get("origin")
+        preflight = req.method == "OPTIONS" and bool(settings.cors_origins) and origin is not None
         try:
-            if req.method == "OPTIONS" and settings.cors_origins and origin is not None:
+            if preflight:
                 response = self._preflight(req, origin)
             else:
                 route, req.params = self.router.match(req.method, req.path)
@@ -39,8 +59,7 @@ class Dispatcher:
                     auth.check_token(settings.token, req.headers.get("x-vx11-token"))
                 response = await route.handler(req)
         except HTTPError as exc:
-            exc.extra.setdefault("correlation_id", req.correlation_id)
-            response = exc.response()
+            response = self._refusal(req, exc)
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -53,13 +72,11 @@ class Dispatcher:
                       correlation_id=req.correlation_id)
             response = error_response(500, "internal_error", correlation_id=req.correlation_id)
         response.headers.append((b"x-correlation-id", req.correlation_id.encode()))
-        if settings.cors_origins:
+        if settings.cors_origins and not preflight:  # a preflight answer carries its own
             response.headers.extend(cors.response_headers(settings.cors_origins, origin))
         elapsed = time.perf_counter() - started
-        route_label = req.route or "unmatched"
-        metrics = self.runtime.metrics
-        metrics.requests.inc(route_label, req.method, str(response.status))
-        metrics.latency.observe(elapsed, route_label)
+        route_label = self._count(req, response.status)
+        self.runtime.metrics.latency.observe(elapsed, route_label)
         if settings.access_log:
             log.info("access", method=req.method, path=req.path, status=response.status,
                      duration_ms=round(elapsed * 1000, 3), client=req.client and req.client[0],
@@ -68,9 +85,10 @@ class Dispatcher:
 
     def _preflight(self, req: Request, origin: str) -> Response:
         settings = self.runtime.settings
-        allow = self.router.allowed_methods(req.path)
-        if allow is None:
+        found = self.router.lookup(req.path)
+        if found is None:
             raise HTTPError(404, "not_found", detail=f"no route for {req.path}")
+        req.route, allow = found
         if not cors.origin_allowed(settings.cors_origins, origin):
             raise HTTPError(403, "forbidden", detail="origin not allowed")
         return empty_response(204, cors.preflight_headers(settings.cors_origins, origin, allow))
@@ -78,22 +96,22 @@ class Dispatcher:
     def websocket(self, req: Request) -> Response | WsHandler:
         """Decide on an upgrade before the handshake is answered: a Response refuses it."""
         settings = self.runtime.settings
-        req.app = self.runtime
-        req.correlation_id = auth.correlation_id(req.headers.get("x-correlation-id"))
+        self._admit(req)
         try:
             route, req.params = self.router.match(req.method, req.path, websocket=True)
             req.route = route.template
+            if self.runtime.stopping:
+                raise HTTPError(503, "stopping", detail="the gateway is shutting down")
             if not cors.origin_allowed(settings.cors_origins, req.headers.get("origin")):
                 raise HTTPError(403, "forbidden", detail="origin not allowed")
             if not route.public and settings.enable_auth:
                 auth.check_token(settings.token, req.headers.get("x-vx11-token") or req.query.get("token"))
         except HTTPError as exc:
-            exc.extra.setdefault("correlation_id", req.correlation_id)
-            self.runtime.metrics.requests.inc(req.route or "unmatched", "GET", str(exc.status))
+            self._count(req, exc.status)
             log.info("websocket_refused", status=exc.status, error=exc.code, path=req.path,
                      correlation_id=req.correlation_id)
-            response = exc.response()
+            response = self._refusal(req, exc)
             response.headers.append((b"x-correlation-id", req.correlation_id.encode()))
             return response
-        self.runtime.metrics.requests.inc(route.template, "GET", "101")
+        self._count(req, 101)
         return route.handler

@@ -52,8 +52,9 @@ def test_405_lists_allowed_methods():
         router().match("PUT", "/operator/session/x")
     assert info.value.status == 405
     assert dict(info.value.headers)[b"allow"] == b"DELETE, GET, HEAD"
-    assert router().allowed_methods("/events/ingest") == "POST"
-    assert router().allowed_methods("/missing") is None
+    assert router().lookup("/events/ingest") == ("/events/ingest", "POST")
+    assert router().lookup("/operator/session/abc") == ("/operator/session/{session_id}", "DELETE, GET, HEAD")
+    assert router().lookup("/missing") is None
 
 
 def test_websocket_routes_only_match_upgrades():

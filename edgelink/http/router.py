@@ -95,10 +95,13 @@ class Router:
                             detail=f"{method} is not allowed on {path}")
         return route, params
 
-    def allowed_methods(self, path: str) -> str | None:
-        """The Allow value for a path, or None if no route has it (for CORS preflight)."""
+    def lookup(self, path: str) -> tuple[str, str] | None:
+        """(template, Allow value) for a path, or None if no route has it (CORS preflight)."""
         found = self._methods_for(path)
-        return self.allow(found[0]) if found else None
+        if found is None:
+            return None
+        methods = found[0]
+        return next(iter(methods.values())).template, self.allow(methods)
 
     @staticmethod
     def allow(methods: dict[str, Route]) -> str:
