@@ -118,6 +118,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("max_connections", ("EDGELINK_MAX_CONNECTIONS",), _number(int, 1), 1000),
     Knob("keepalive_timeout", ("EDGELINK_KEEPALIVE_TIMEOUT",), _number(float, 0.01), 5.0),
     Knob("header_timeout", ("EDGELINK_HEADER_TIMEOUT",), _number(float, 0.01), 10.0),
+    Knob("body_timeout", ("EDGELINK_BODY_TIMEOUT",), _number(float, 0.01), 30.0),
     Knob("send_timeout", ("EDGELINK_SEND_TIMEOUT",), _number(float, 0.01), 30.0),
     Knob("shutdown_grace", ("EDGELINK_SHUTDOWN_GRACE",), _number(float, 0), 10.0),
     Knob("write_buffer_high", ("EDGELINK_WRITE_BUFFER_HIGH",), _number(int, 1024), 256 * 1024),
@@ -212,6 +213,7 @@ class Settings:
     max_connections: int = 1000
     keepalive_timeout: float = 5.0
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
     send_timeout: float = 30.0
     shutdown_grace: float = 10.0
     write_buffer_high: int = 256 * 1024

@@ -150,7 +150,7 @@ class HttpServer:
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = ("server", "settings", "transport", "conn", "phase", "client", "_timer", "_send_timer",
-                 "_request", "_body", "_body_size", "_reading", "_read_blockers",
+                 "_request", "_body", "_body_size", "_body_deadline", "_reading", "_read_blockers",
                  "_ws", "_task", "_loop")
 
     def __init__(self, server: HttpServer):
@@ -165,6 +165,7 @@ class HttpProtocol(asyncio.Protocol):
         self._request: Request | None = None
         self._body: list[bytes] = []
         self._body_size = 0
+        self._body_deadline = 0.0
         self._reading = True
         self._read_blockers: set[str] = set()
         self._ws: WebSocket | None = None
@@ -295,7 +296,10 @@ class HttpProtocol(asyncio.Protocol):
                     self._refuse(413, "payload_too_large", detail=f"body exceeds {self.settings.max_body} bytes")
                     return
                 self._body.append(event.data)
-                self._set_timer(self.settings.header_timeout, self._on_timeout)
+                # Each chunk buys another header timeout, but never past the body deadline:
+                # a body trickled in a byte at a time cannot hold the connection for ever.
+                left = self._body_deadline - self._loop.time()
+                self._set_timer(min(self.settings.header_timeout, max(left, 0.0)), self._on_timeout)
             elif isinstance(event, h11.EndOfMessage):
                 self._dispatch()
                 return
@@ -329,6 +333,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.conn.they_are_waiting_for_100_continue:
             self.transport.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         self.phase = Phase.BODY
+        self._body_deadline = self._loop.time() + self.settings.body_timeout
         return True
 
     def _dispatch(self) -> None:
@@ -344,7 +349,14 @@ class HttpProtocol(asyncio.Protocol):
         self._task = self._loop.create_task(self._respond(request))
 
     async def _respond(self, request: Request) -> None:
-        response = await self.server.dispatcher.handle(request)
+        try:
+            response = await self.server.dispatcher.handle(request)
+        except Exception as exc:  # the dispatcher answers handler errors; this is a bug of its own
+            log.error("dispatch_failed", error=repr(exc), path=request.path)
+            if self.phase is not Phase.CLOSED:
+                self.transport.write(raw_error(500, "internal_error"))
+                self._close()
+            return
         self._write_response(request, response)
 
     def _write_response(self, request: Request, response: Response) -> None:
@@ -426,7 +438,7 @@ class HttpProtocol(asyncio.Protocol):
             accept = ws_conn.send(AcceptConnection(extensions=extensions,
                                                    extra_headers=[(b"x-correlation-id", request.correlation_id.encode())]))
         except Exception as exc:  # wsproto refused a handshake we thought valid
-            log.info("websocket_handshake_refused", error=str(exc), client=self.client)
+            log.info("websocket_handshake_refused", error=type(exc).__name__, client=self.client)
             self.transport.write(raw_error(400, "bad_request", detail="invalid WebSocket handshake"))
             self._close()
             return
@@ -471,7 +483,8 @@ class HttpProtocol(asyncio.Protocol):
         if status == 431:
             self._refuse(431, "headers_too_large", detail=f"header block exceeds {self.settings.max_header} bytes")
         else:
-            self._refuse(400, "bad_request", detail=str(exc) or "malformed HTTP request")
+            # Never h11's own message: it quotes the offending line, which may hold a token.
+            self._refuse(400, "bad_request", detail=_bad_request_detail(str(exc)))
 
     def _refuse(self, status: int, code: str, **extra: Any) -> None:
         log.info("request_refused", status=status, error=code, client=self.client,
@@ -522,6 +535,16 @@ class HttpProtocol(asyncio.Protocol):
         self._cancel_timer()
         if self.transport is not None:
             self.transport.close()
+
+
+def _bad_request_detail(message: str) -> str:
+    """A fixed description of what h11 refused, without the bytes it quotes."""
+    for part, detail in (("request line", "malformed request line"), ("header", "malformed header line"),
+                         ("Content-Length", "bad Content-Length"), ("chunk", "malformed chunked body"),
+                         ("Transfer-Encoding", "unsupported Transfer-Encoding")):
+        if part.lower() in message.lower():
+            return detail
+    return "malformed HTTP request"
 
 
 def _keep_alive(request: Request) -> bool:
