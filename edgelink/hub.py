@@ -25,11 +25,11 @@ from .http.websocket import CLOSE_TRY_AGAIN_LATER, WebSocket, text_frame
 class Client:
     __slots__ = ("ws", "client_id", "held", "floor")
 
-    def __init__(self, ws: WebSocket, client_id: str, replaying: bool):
+    def __init__(self, ws: WebSocket, client_id: str):
         self.ws = ws
         self.client_id = client_id
-        # live events that arrive while the replay is read: (seq, payload, frame)
-        self.held: list[tuple[int, bytes, bytes]] | None = [] if replaying else None
+        # live events that arrive before go_live (while the replay is read): (seq, payload, frame)
+        self.held: list[tuple[int, bytes, bytes]] | None = []
         # the newest seq the replay sent: an event committed before the replay read but
         # broadcast only after go_live (its commit reached the loop late) is not sent twice
         self.floor = 0
@@ -41,8 +41,9 @@ class Hub:
         self.metrics = metrics
         self.hold_limit = hold_limit  # the same bound as a client's send queue
 
-    def add(self, ws: WebSocket, client_id: str, replaying: bool) -> Client:
-        client = Client(ws, client_id, replaying)
+    def add(self, ws: WebSocket, client_id: str) -> Client:
+        """Register a client; its live events are held until ``go_live``."""
+        client = Client(ws, client_id)
         self.clients[ws] = client
         return client
 

@@ -182,7 +182,7 @@ class Ledger:
         self.now = now  # wall clock in seconds, for the retention age
         self.prune_interval = prune_interval
         self.prune_batch = prune_batch
-        self.commits = 0  # committed write transactions, for metrics and the group-commit test
+        self.commits = 0  # committed write transactions (the group-commit test counts them)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._readers: ThreadPoolExecutor | None = None

@@ -28,7 +28,6 @@ class Runtime:
         self.settings = settings
         self.metrics = Registry()
         self.stopping = False
-        self.started_at = time.time()
         self.port = settings.port  # the port actually bound, set once listening
         self.ledger = Ledger.from_settings(settings)
         self.hub = Hub(self.metrics, settings.ws_queue)
@@ -41,6 +40,7 @@ class Runtime:
         self._sweeper = Sweeper(self.sessions, settings.context7_cleanup_interval)
         self._recorder: asyncio.Task[None] | None = None
         self._retired: list[Modules] = []  # clients replaced by a reload, still finishing calls
+        self._closing: set[asyncio.Task[None]] = set()  # retired clients being closed
         self.metrics.add(Gauge("edgelink_ws_clients", "Connected WebSocket clients",
                                read=lambda: {(): len(self.hub.clients)}))
         self.metrics.add(Gauge("edgelink_breaker_state", "Circuit breaker state (0 closed, 1 half-open, 2 open)",
@@ -64,14 +64,24 @@ class Runtime:
         """The server listens on ``port``: start recording health (the gateway's own row
         names the port it really has)."""
         self.port = port
-        if self.settings.probe_interval > 0:
+        self._schedule_recorder()
+
+    def _schedule_recorder(self) -> None:
+        """Run the health recorder exactly when the probe interval says so (0 = off)."""
+        on = self.settings.probe_interval > 0
+        if on and self._recorder is None:
             self._recorder = asyncio.create_task(self._record_health(), name="health-recorder")
+        elif not on and self._recorder is not None:
+            self._recorder.cancel()
+            self._recorder = None
 
     async def stop(self) -> None:
         """Flush and close, after the server has stopped serving."""
         if self._recorder is not None:
             self._recorder.cancel()
             await asyncio.gather(self._recorder, return_exceptions=True)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         await self._sweeper.stop()
         for modules in [self.modules, *self._retired]:
             await modules.close()
@@ -80,9 +90,12 @@ class Runtime:
 
     def apply(self, settings: Settings) -> None:
         """Take reloaded settings. Tokens, CORS, limits and routes are read per request;
-        module URLs need a new client (breakers start closed again)."""
+        module URLs need a new client (breakers start closed again); the probe interval
+        starts or stops the recorder."""
         old = self.settings
         self.settings = settings
+        self.hub.hold_limit = settings.ws_queue
+        self._schedule_recorder()
         if settings.modules != old.modules or (settings.breaker_failures, settings.breaker_recovery,
                                                 settings.token) != (old.breaker_failures, old.breaker_recovery,
                                                                     old.token):
@@ -97,7 +110,10 @@ class Runtime:
     def _close_retired(self, modules: Modules) -> None:
         if modules in self._retired:
             self._retired.remove(modules)
-            asyncio.get_running_loop().create_task(modules.close())
+            # keep a reference: the loop holds tasks only weakly
+            task = asyncio.get_running_loop().create_task(modules.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _self_probe(self) -> Probe:
         """The gateway's own row: it is serving, since it is the one recording."""

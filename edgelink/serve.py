@@ -23,7 +23,9 @@ from .log import configure, log
 from .runtime import Runtime
 
 # Settings read once at start: changing them needs a restart.
-RESTART_ONLY = ("host", "port", "db", "ledger_sync")
+RESTART_ONLY = ("host", "port", "db", "ledger_sync", "retention_events", "retention_days",
+                "context7_ttl_seconds", "context7_cleanup_interval", "context7_max_sessions",
+                "context7_max_messages", "context7_max_bytes")
 
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:

@@ -134,3 +134,39 @@ def test_reload_of_restart_only_setting_is_reported(tmp_path):
         assert gw.get("/health").status == 200
     finally:
         gw.stop()
+
+
+def _history_rows(db) -> int:
+    import sqlite3
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        try:
+            return conn.execute("SELECT count(*) FROM copilot_runtime_services_history").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+
+def test_reload_turns_health_recording_on_and_off(tmp_path):
+    envfile = tmp_path / "edgelink.env"
+    envfile.write_text("EDGELINK_PROBE_INTERVAL=0\n")
+    gw = start_gateway(tmp_path, {"EDGELINK_ENV_FILE": str(envfile), "EDGELINK_HEALTH_TIMEOUT": "0.2"})
+    try:
+        time.sleep(0.5)
+        assert _history_rows(gw.db) == 0
+        envfile.write_text("EDGELINK_PROBE_INTERVAL=0.2\n")
+        seen = len(log_records(gw.log_path))
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_for_log(gw.log_path, "reloaded", gw.proc, 10, seen)
+        deadline = time.monotonic() + 10
+        while _history_rows(gw.db) < 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _history_rows(gw.db) >= 20  # two rounds of ten services
+        envfile.write_text("EDGELINK_PROBE_INTERVAL=0\n")
+        seen = len(log_records(gw.log_path))
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_for_log(gw.log_path, "reloaded", gw.proc, 10, seen)
+        time.sleep(0.5)  # a round in flight may still land
+        settled = _history_rows(gw.db)
+        time.sleep(1.0)
+        assert _history_rows(gw.db) == settled  # off means off, not back to back
+    finally:
+        gw.stop()

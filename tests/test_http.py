@@ -387,3 +387,53 @@ def test_client_that_never_reads_is_dropped_after_the_send_timeout(gateway_facto
     assert dropped
     still_serving(gw)
     assert '"event":"connection_dropped"' in gw.logs()
+
+
+def test_cors_preflight_headers_appear_once(gateway_factory):
+    gw = gateway_factory({"EDGELINK_CORS_ORIGINS": "https://ui.example"})
+    client = RawClient(gw.connect())
+    client.send(b"OPTIONS /events/ingest HTTP/1.1\r\nHost: t\r\nOrigin: https://ui.example\r\n"
+                b"Access-Control-Request-Method: POST\r\n\r\n")
+    client.sock.settimeout(5)
+    while b"\r\n\r\n" not in client.buf:
+        client._fill()
+    head = client.buf.split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 204")
+    assert head.count(b"access-control-allow-origin:") == 1  # browsers reject a repeated one
+    assert head.count(b"vary:") == 1
+
+
+@pytest.mark.parametrize("line", [b"GET /ws?token=sekrit-123 HTTP/1.1 junk\r\n\r\n",
+                                  b"GET /health HTTP/1.1\r\nX-VX11-Token : sekrit-123\r\n\r\n"])
+def test_malformed_requests_never_log_or_echo_what_they_carried(gateway, line):
+    client = RawClient(gateway.connect())
+    client.send(line)
+    status, _, body = client.read_response()
+    assert status == 400 and b"sekrit" not in body
+    wait_for_refusals(gateway, "bad_request")
+    assert "sekrit" not in gateway.logs()
+
+
+def test_invented_methods_share_one_metric_label(gateway):
+    for method in ("FOO1", "FOO2", "BARBAZ"):
+        assert gateway.request(method, "/nowhere").status == 404
+    metrics = gateway.get("/metrics").body.decode()
+    assert "FOO1" not in metrics and "BARBAZ" not in metrics
+    assert 'edgelink_http_requests_total{route="unmatched",method="other",status="404"} 3' in metrics
+
+
+def test_a_trickled_body_is_cut_off_at_the_body_timeout(gateway_factory):
+    gw = gateway_factory({"EDGELINK_BODY_TIMEOUT": "1", "EDGELINK_HEADER_TIMEOUT": "10"})
+    sock = gw.connect()
+    sock.sendall(b"POST /events/ingest HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n")
+    started = time.monotonic()
+    try:
+        for _ in range(40):  # one byte every 0.2 s: each arrives well within the header timeout
+            sock.sendall(b"x")
+            time.sleep(0.2)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    data = recv_all(sock, timeout=5)
+    assert data.startswith(b"HTTP/1.1 408")
+    assert time.monotonic() - started < 8
+    still_serving(gw)

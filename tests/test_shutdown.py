@@ -60,3 +60,25 @@ def test_grace_period_bounds_a_request_that_never_finishes(fake, gateway_factory
     assert gw.proc.wait(15) == 0
     assert time.monotonic() - started < 8  # about the 1 s grace, not the 30 s route timeout
     assert '"event":"shutdown_grace_expired"' in gw.logs()
+
+
+def test_websocket_upgrade_during_shutdown_is_refused(fake, gateway_factory):
+    madre = fake("madre")
+    madre.behave("/madre/task", HEALTHY, delay=2.0)
+    gw = gateway_factory(module_env({"madre": madre}))
+    idle = RawClient(gw.connect())
+    idle.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert idle.read_response()[0] == 200
+    thread = threading.Thread(target=lambda: gw.post("/vx11/intent/task", {"n": 1}))
+    thread.start()
+    while not received(madre, "/madre/task"):
+        time.sleep(0.02)
+    gw.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    idle.send(b"GET /ws?token=" + gw.token.encode() + b" HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+              b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    status, _, body = idle.read_response()
+    assert status == 503 and orjson.loads(body)["error"] == "stopping"
+    thread.join(10)
+    assert gw.proc.wait(15) == 0

@@ -521,3 +521,35 @@ def total_after(gw) -> int:
         return conn.execute("SELECT max(seq) FROM events").fetchone()[0]
     finally:
         conn.close()
+
+
+def test_first_frame_is_always_the_control_frame_while_events_flow(gateway):
+    """A client joining while broadcasts flow sees `connected` first, never an event."""
+    stop = threading.Event()
+
+    def ingest_forever():
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+        body = orjson.dumps({"source": "t", "type": "system.alert", "broadcast": True, "payload": {
+            "alert_id": "a", "severity": "low", "message": "m", "timestamp": 1}})
+        while not stop.is_set():
+            conn.request("POST", "/events/ingest", body=body,
+                         headers={"X-VX11-Token": gateway.token, "Content-Type": "application/json"})
+            conn.getresponse().read()
+        conn.close()
+
+    threads = [threading.Thread(target=ingest_forever) for _ in range(3)]
+    for t in threads:
+        t.start()
+
+    async def join_many():
+        for _ in range(60):
+            async with websockets.connect(f"ws://127.0.0.1:{gateway.port}/ws?token={gateway.token}") as ws:
+                first = orjson.loads(await ws.recv())
+                assert first["channel"] == "control" and first["type"] == "connected", first
+
+    try:
+        asyncio.run(asyncio.wait_for(join_many(), 60))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()

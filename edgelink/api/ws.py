@@ -6,7 +6,7 @@ import uuid
 
 import orjson
 
-from ..gateway.events import SchemaRejected, build_event, normalize_client_event
+from ..gateway.events import SCHEMAS, SchemaRejected, build_event, normalize_client_event
 from ..http.websocket import WebSocket
 from ..log import log
 from .events import accept, now_ms
@@ -39,7 +39,9 @@ async def websocket(ws: WebSocket) -> None:
             ws.close(POLICY_VIOLATION, "invalid since_seq")
             return
 
-    client = rt.hub.add(ws, client_id, replaying=since is not None)
+    # Live events are held until the connected frame (and any replay) is out: the first
+    # frame a client sees is always the control frame.
+    client = rt.hub.add(ws, client_id)
     try:
         replayed, truncated = ([], False)
         if since is not None:
@@ -60,8 +62,8 @@ async def websocket(ws: WebSocket) -> None:
                 continue
             ws.send(message.encode())  # the echo
             incoming = normalize_client_event(data, source)
-            if incoming is None:
-                continue
+            if incoming is None or incoming.type not in SCHEMAS:
+                continue  # only canonical events are stored and broadcast
             try:
                 event = build_event(incoming.type, incoming.source, incoming.payload, incoming.metadata,
                                     broadcast=True, now_ms=now_ms())
@@ -71,8 +73,7 @@ async def websocket(ws: WebSocket) -> None:
                 ws.send(_control("error", error="schema_validation_failed", event_type=exc.type,
                                  detail=exc.detail))
                 continue
-            if event.canonical:
-                await accept(rt, event, exclude=ws)
+            await accept(rt, event, exclude=ws)
     except Exception as exc:
         log.error("websocket_failed", error=repr(exc), client_id=client_id,
                   correlation_id=ws.request.correlation_id)

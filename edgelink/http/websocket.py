@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
@@ -84,10 +83,6 @@ class WebSocket:
         self._timer: asyncio.TimerHandle | None = self._loop.call_later(ping_interval, self._tick)
 
     # --- what handlers use -----------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        return self._closing or self._done
 
     def send(self, payload: bytes, frame: bytes | None = None) -> bool:
         """Queue one text message (``payload`` is UTF-8). ``frame`` is the prebuilt
