@@ -4,6 +4,9 @@ RSS sampled throughout the load.
 
 A figure whose measurement saw failed requests, unfinished deliveries or dropped clients is
 listed in ``invalid`` with a warning: it is reported, but neither compared nor budget-checked.
+A paced latency measured at an offered rate close to the target's own saturation throughput
+is listed in ``not_comparable`` with a note: it is reported and budget-checked, but gets no
+ratio, since it compares a loaded server with an idle one.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ from .wsload import fanout, hold
 # shortfall is expected: each connection's cycle is its think time plus the latency.
 PACED_SHORTFALL = 0.8
 
+# A paced run offering at least this share of the same target's saturation throughput keeps
+# that server near saturation, where latency is mostly queueing: its paced latencies are not
+# compared with those of a server that was mostly idle at the same rate.
+NEAR_SATURATION = 0.7
+
 # What ends a target's run: our own checks, sockets, timeouts, and answers that are not JSON.
 FAILURES = (BenchError, OSError, TimeoutError, ValueError)
 
@@ -44,6 +52,7 @@ class HttpFigure:
     load: Load
     connections: int
     offered_rps: float | None = None  # paced runs: the rate the think time aims at
+    saturation: str | None = None     # paced runs: the prefix of the same load's saturation run
 
     def describe(self) -> str:
         pace = "saturation" if self.offered_rps is None else f"paced at ~{self.offered_rps:,.0f} req/s"
@@ -59,10 +68,10 @@ def http_loads(token: str, plan: Plan) -> tuple[HttpFigure, ...]:
     return (
         HttpFigure("health", health, plan.connections),
         HttpFigure("health_paced", health.paced(plan.think_ms(plan.health_paced_rate)), plan.connections,
-                   plan.health_paced_rate),
+                   plan.health_paced_rate, "health"),
         HttpFigure("ingest", ingest, plan.connections),
         HttpFigure("ingest_paced", ingest.paced(plan.think_ms(plan.ingest_paced_rate)), plan.connections,
-                   plan.ingest_paced_rate),
+                   plan.ingest_paced_rate, "ingest"),
         HttpFigure("status", Load("GET", "/vx11/status"), plan.status_connections),
     )
 
@@ -73,8 +82,13 @@ class Measurement:
     def __init__(self, target: Target) -> None:
         self.target = target.name
         self.result: dict[str, Any] = {"command": list(target.argv), "figures": {}, "latency_ms": {},
-                                       "details": {}, "invalid": [], "warnings": [], "notes": [], "error": None}
+                                       "details": {}, "invalid": [], "not_comparable": [], "warnings": [],
+                                       "notes": [], "error": None}
         self.figures: dict[str, float] = self.result["figures"]
+
+    def note(self, note: str) -> None:
+        self.result["notes"].append(note)
+        progress(self.target, f"NOTE: {note}")
 
     def distrust(self, figures: tuple[str, ...], warning: str) -> None:
         self.result["invalid"].extend(figures)
@@ -132,12 +146,22 @@ async def _http_figures(server: ServerProcess, token: str, plan: Plan, m: Measur
             m.distrust(tuple(f"{prefix}_{name}" for name in ("rps", "p50_ms", "p99_ms", "cpu_us")),
                        f"{figure.describe()}: {sum(failed.values())} of {run.requests} requests "
                        f"failed {failed} (status = non-2xx/3xx answers)")
-        if figure.offered_rps is not None and run.rps < PACED_SHORTFALL * figure.offered_rps:
-            # Not distrusted: a server that cannot keep up shows it in its latency as well.
-            note = (f"{figure.describe()}: only {run.rps:,.0f} req/s achieved; the server (or the box) "
-                    f"did not keep up with the paced load")
-            m.result["notes"].append(note)
-            progress(m.target, f"NOTE: {note}")
+        if figure.offered_rps is not None:
+            _check_pace(m, figure, run.rps)
+
+
+def _check_pace(m: Measurement, figure: HttpFigure, achieved: float) -> None:
+    """Notes on a paced run: offered near this target's saturation, or not kept up with."""
+    saturation = m.figures.get(f"{figure.saturation}_rps")
+    if saturation and figure.offered_rps >= NEAR_SATURATION * saturation:
+        m.result["not_comparable"].extend(f"{figure.prefix}_{name}" for name in ("p50_ms", "p99_ms"))
+        m.note(f"{figure.describe()}: the offered rate is {figure.offered_rps / saturation:.0%} of this "
+               f"server's saturation throughput ({saturation:,.0f} req/s), so it ran near saturation and its "
+               f"paced latencies are queueing; they get no ratio")
+    if achieved < PACED_SHORTFALL * figure.offered_rps:
+        # Not distrusted: a server that cannot keep up shows it in its latency as well.
+        m.note(f"{figure.describe()}: only {achieved:,.0f} req/s achieved; the server (or the box) "
+               f"did not keep up with the paced load")
 
 
 async def _websocket_figures(server: ServerProcess, token: str, plan: Plan, m: Measurement,

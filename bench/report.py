@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .measure import NEAR_SATURATION
 from .plan import rate_label
 
 # (figure, label, unit); the table lists them in this order. Labels may use {health_rate} and
@@ -33,7 +34,7 @@ ROWS = (
     ("status_p99_ms", "GET /vx11/status p99", "ms"),
     ("status_cpu_us", "GET /vx11/status server CPU per request", "us"),
     ("ws_fanout_fps", "WebSocket fan-out, 200 clients", "frames/s"),
-    ("ws_fanout_cpu_ms", "fan-out server CPU per 1,000 frames", "ms"),
+    ("ws_fanout_cpu_ms", "ingest + fan-out server CPU per 1,000 frames", "ms"),
     ("rss_peak_mb", "RSS peak under load", "MiB"),
     ("rss_ws1000_mb", "RSS, 1,000 WS clients + events", "MiB"),
 )
@@ -41,6 +42,7 @@ ROWS = (
 PLOTTED = (("health", "health_paced", "GET /health"), ("ingest", "ingest_paced", "POST /events/ingest"),
            ("status", None, "GET /vx11/status"))
 PAIR = ("edgelink", "reference")
+NOT_COMPARABLE = "^"  # marks a paced latency taken near that server's saturation (no ratio)
 
 
 def _labels(plan: Mapping[str, Any]) -> dict[str, str]:
@@ -52,15 +54,20 @@ def _valid(result: Mapping[str, Any], key: str) -> float | None:
     return None if key in result["invalid"] else value
 
 
+def _comparable(result: Mapping[str, Any], key: str) -> bool:
+    return key not in result.get("not_comparable", ())
+
+
 def ratios(targets: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """edgelink / reference for every figure both measured validly."""
+    """edgelink / reference for every figure both measured validly, except paced latencies
+    that either server took near its own saturation."""
     if not all(name in targets for name in PAIR):
         return {}
     ours, theirs = (targets[name] for name in PAIR)
     found = {}
     for key, _, _ in ROWS:
         a, b = _valid(ours, key), _valid(theirs, key)
-        if a is not None and b:
+        if a is not None and b and _comparable(ours, key) and _comparable(theirs, key):
             found[key] = a / b
     return found
 
@@ -72,11 +79,13 @@ def _number(value: float | None) -> str:
 
 
 def _cell(result: Mapping[str, Any], key: str) -> str:
-    return _number(result["figures"].get(key)) + ("*" if key in result["invalid"] else "")
+    return (_number(result["figures"].get(key)) + ("*" if key in result["invalid"] else "")
+            + ("" if _comparable(result, key) else NOT_COMPARABLE))
 
 
 def format_table(document: Mapping[str, Any]) -> str:
-    """Figures side by side with their ratio; ``*`` marks a figure measured with errors."""
+    """Figures side by side with their ratio; ``*`` marks a figure measured with errors, ``^`` a
+    paced latency taken near that server's saturation (shown, but not compared)."""
     targets, found, plan = document["targets"], document["ratios"], document["plan"]
     labels = _labels(plan)
     names = list(targets)
@@ -85,7 +94,12 @@ def format_table(document: Mapping[str, Any]) -> str:
     for key, label, unit in ROWS:
         row = [label.format(**labels), unit, *(_cell(targets[n], key) for n in names)]
         if found:
-            row.append(f"{found[key]:.2f}x" if key in found else "-")
+            if key in found:
+                row.append(f"{found[key]:.2f}x")
+            elif not all(_comparable(targets[n], key) for n in names):
+                row.append("n/c" + NOT_COMPARABLE)
+            else:
+                row.append("-")
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)  # text left, numbers right
@@ -96,6 +110,10 @@ def format_table(document: Mapping[str, Any]) -> str:
                  f"each sending its next request as soon as it has the answer\n"
                  f"paced @N/s: {plan['connections']} connections with random think times, "
                  f"offering about N requests/s in all")
+    if any(result.get("not_comparable") for result in targets.values()):
+        lines.append(f"{NOT_COMPARABLE} offered rate >= {NEAR_SATURATION:.0%} of that server's own saturation throughput: it ran "
+                     f"near saturation, so its paced latency is mostly queueing, not comparable with a server "
+                     f"idling at the same rate (n/c: no ratio)")
     for name, result in targets.items():
         lines += [f"* {name}: {warning}" for warning in result["warnings"]]
         lines += [f"note: {name}: {note}" for note in result.get("notes", ())]

@@ -95,11 +95,12 @@ async def fanout(ws_url: str, poster: Poster, plan: Plan) -> dict[str, Any]:
 
 
 async def hold(ws_url: str, poster: Poster, sampler: RssSampler, plan: Plan) -> dict[str, Any]:
-    """Peak RSS while ``hold_clients`` clients are connected and ``hold_rate`` events/s are broadcast."""
+    """Peak RSS from before the first of ``hold_clients`` clients connects until every broadcast
+    (``hold_rate`` events/s for ``duration`` seconds) has reached them all."""
     clients = plan.hold_clients
+    since = time.monotonic()  # the window opens before the first client connects
     async with Audience(ws_url) as audience:
         await audience.connect(clients, plan.connect_concurrency)
-        since = time.monotonic()
         posted = await poster.post_paced(plan.hold_rate, plan.duration)
         complete = await audience.wait_for(clients * posted, plan.delivery_timeout)
         rss = sampler.peak(since)

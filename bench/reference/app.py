@@ -1,23 +1,26 @@
 """The reference peer's FastAPI application: health, module status, event ingest and ``/ws``.
 
 Error bodies follow API.md §1 (``{"error", "status_code", ...}``) through exception
-handlers; auth is a dependency on ``X-VX11-Token``; the ledger write runs in the
-threadpool; broadcasts go to each WebSocket client in turn.
+handlers; auth is a dependency on ``X-VX11-Token``; the ledger write runs on one dedicated
+writer thread (a single-worker executor: SQLite takes one writer at a time anyway, so a
+pool of threads would only queue on a lock); broadcasts go to each WebSocket client in turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 from typing import Annotated, Any
 
 import httpx
 from fastapi import Depends, FastAPI, Header, Request, WebSocket, WebSocketDisconnect
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -30,7 +33,7 @@ from .correlation import CorrelationMiddleware
 from .hub import Hub
 from .ledger import Ledger
 from .schemas import CANONICAL, EventIn
-from .status import probe_all
+from .status import ProbeRounds
 
 ERROR_CODES = {
     400: "bad_request", 401: "auth_required", 403: "forbidden", 404: "not_found",
@@ -55,15 +58,22 @@ def create_app(settings: Settings) -> FastAPI:
     health_body = {"status": "ok", "module": "tentaculo_link", "version": "7.0", "edgelink": __version__}
     ports = {m.name: m.port for m in settings.modules} | {"tentaculo_link": settings.port, "gateway": settings.port}
 
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ledger.open()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(writer, ledger.open)
         try:
             async with httpx.AsyncClient(timeout=settings.health_timeout) as client:
-                app.state.client = client
-                yield
+                app.state.probes = ProbeRounds(client, settings.modules, settings.token)
+                try:
+                    yield
+                finally:
+                    await app.state.probes.close()
         finally:
-            ledger.close()
+            await loop.run_in_executor(writer, ledger.close)
+            writer.shutdown()
 
     app = FastAPI(title="Tentáculo Link (FastAPI reference)", version="7.0", lifespan=lifespan,
                   max_body_size=settings.max_body)
@@ -100,8 +110,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/vx11/status")
     @app.get("/v1/status")
     async def status(request: Request) -> dict[str, Any]:
-        headers = {"X-VX11-Token": settings.token, "X-Correlation-ID": request.state.correlation_id}
-        modules = await probe_all(request.app.state.client, settings.modules, headers)
+        modules = await request.app.state.probes.health()
         counted = [h for h in modules.values() if h["status"] != "disabled"]
         healthy = sum(h["status"] == "ok" for h in counted)
         return {
@@ -125,8 +134,9 @@ def create_app(settings: Settings) -> FastAPI:
                                       type=event.type, detail=f"{rule}: {first['msg']}")
         canonical = schema is not None
         broadcast = canonical and event.broadcast
-        stored = await run_in_threadpool(ledger.append, event.source, event.type, event.payload,
-                                         event.metadata, canonical=canonical, broadcast=broadcast)
+        stored = await asyncio.get_running_loop().run_in_executor(
+            writer, partial(ledger.append, event.source, event.type, event.payload, event.metadata,
+                            canonical=canonical, broadcast=broadcast))
         if broadcast:
             await hub.broadcast(stored.frame())
         return {"status": "received", "event_id": stored.event_id, "seq": stored.seq,
@@ -140,12 +150,14 @@ def create_app(settings: Settings) -> FastAPI:
             await websocket.send_denial_response(error_response(exc.status_code))
             return
         await websocket.accept()
-        await websocket.send_text(json.dumps({
-            "channel": "control", "type": "connected", "client_id": client_id or uuid.uuid4().hex,
-            "last_seq": ledger.last_seq, "replayed": 0, "truncated": False,
-        }))
+        # Registered before the connected frame, as edgelink does: no broadcast committed after
+        # the last_seq the frame reports can miss this client.
         hub.add(websocket)
         try:
+            await websocket.send_text(json.dumps({
+                "channel": "control", "type": "connected", "client_id": client_id or uuid.uuid4().hex,
+                "last_seq": ledger.last_seq, "replayed": 0, "truncated": False,
+            }))
             while True:
                 text = await websocket.receive_text()
                 try:
