@@ -49,7 +49,8 @@ READERS = 2  # reader connections; the box has few cores and reads are short
 SNIPPET_CHARS = 200  # API.md §7
 BUSY_TIMEOUT_MS = 5000  # another process (``edgelink probe``) may hold the write lock briefly
 
-_SCHEMA = (
+# The events table and its indexes (the benchmark's reference peer creates the same ones).
+EVENTS_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS events (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         event_id TEXT NOT NULL,
@@ -64,6 +65,9 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS events_timestamp ON events (timestamp, type)",
     # replay reads only broadcast events: a partial index keeps that cheap when they are rare
     "CREATE INDEX IF NOT EXISTS events_broadcast ON events (seq) WHERE broadcast = 1",
+)
+_SCHEMA = (
+    *EVENTS_SCHEMA,
     "CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     # the first version of this table; _upgrade adds the later columns and the unique index
     """CREATE TABLE IF NOT EXISTS copilot_runtime_services (

@@ -19,23 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# edgelink's events table and indexes, statement for statement (edgelink/ledger.py, _SCHEMA).
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS events (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        event_id TEXT NOT NULL,
-        type TEXT NOT NULL,
-        source TEXT NOT NULL,
-        timestamp INTEGER NOT NULL,
-        payload BLOB NOT NULL,
-        metadata BLOB,
-        canonical INTEGER NOT NULL,
-        broadcast INTEGER NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS events_timestamp ON events (timestamp, type)",
-    "CREATE INDEX IF NOT EXISTS events_broadcast ON events (seq) WHERE broadcast = 1",
-)
-
+from edgelink.ledger import EVENTS_SCHEMA
 
 @dataclass(frozen=True)
 class StoredEvent:
@@ -69,7 +53,7 @@ class Ledger:
         conn = sqlite3.connect(self._path)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._sync.upper()}")
-        for statement in SCHEMA:
+        for statement in EVENTS_SCHEMA:  # edgelink's own: the same b-trees per insert
             conn.execute(statement)
         conn.commit()
         self.last_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
