@@ -130,6 +130,20 @@ KNOBS: tuple[Knob, ...] = (
     Knob("ws_ping_interval", ("EDGELINK_WS_PING_INTERVAL",), _number(float, 0.01), 20.0),
     Knob("ws_compression", ("EDGELINK_WS_COMPRESSION",), _bool, False),
     Knob("ws_replay_max", ("EDGELINK_WS_REPLAY_MAX",), _number(int, 0), 1000),
+    Knob("ws_queue_bytes", ("EDGELINK_WS_QUEUE_BYTES",), _number(int, 65536), 1024 * 1024),
+    Knob("ledger_max_bytes", ("EDGELINK_LEDGER_MAX_BYTES",), _number(int, 16 * 1024 * 1024), 1024**3),
+    Knob("ledger_full", ("EDGELINK_LEDGER_FULL",), _choice("drop_oldest", "reject"), "drop_oldest"),
+    Knob("stream_idle", ("EDGELINK_STREAM_IDLE",), _number(float, 0.01), 30.0),
+    Knob("edge_id", ("EDGELINK_EDGE_ID",), _str, ""),
+    Knob("forward_url", ("EDGELINK_FORWARD_URL",), _str, ""),
+    Knob("forward_window", ("EDGELINK_FORWARD_WINDOW",), _number(int, 1, 65535), 64),
+    Knob("forward_types", ("EDGELINK_FORWARD_TYPES",), _origins, ()),
+    Knob("forward_user", ("EDGELINK_FORWARD_USER",), _str, ""),
+    Knob("forward_password", ("EDGELINK_FORWARD_PASSWORD",), _str, ""),
+    Knob("forward_token", ("EDGELINK_FORWARD_TOKEN",), _str, ""),
+    Knob("forward_ca", ("EDGELINK_FORWARD_CA",), _str, ""),
+    Knob("forward_cert", ("EDGELINK_FORWARD_CERT",), _str, ""),
+    Knob("forward_key", ("EDGELINK_FORWARD_KEY",), _str, ""),
 )
 
 # name, default URL, enabled by default (shubniggurath follows SHUB_ENABLED)
@@ -225,6 +239,20 @@ class Settings:
     ws_ping_interval: float = 20.0
     ws_compression: bool = False
     ws_replay_max: int = 1000
+    ws_queue_bytes: int = 1024 * 1024
+    ledger_max_bytes: int = 1024**3
+    ledger_full: str = "drop_oldest"
+    stream_idle: float = 30.0
+    edge_id: str = ""  # empty: the host name (API.md §9)
+    forward_url: str = ""
+    forward_window: int = 64
+    forward_types: tuple[str, ...] = ()
+    forward_user: str = ""
+    forward_password: str = ""
+    forward_token: str = ""
+    forward_ca: str = ""
+    forward_cert: str = ""
+    forward_key: str = ""
     modules: tuple[ModuleConfig, ...] = field(default_factory=tuple)
     routes: tuple[RouteConfig, ...] = ROUTE_DEFAULTS
     config_file: str | None = None
