@@ -32,6 +32,7 @@ import queue
 import sqlite3
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -69,6 +70,8 @@ EVENTS_SCHEMA = (
 _SCHEMA = (
     *EVENTS_SCHEMA,
     "CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    # text facts about this database file; ``epoch`` is written once, when the file is created
+    "CREATE TABLE IF NOT EXISTS ledger_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     # the first version of this table; _upgrade adds the later columns and the unique index
     """CREATE TABLE IF NOT EXISTS copilot_runtime_services (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -193,6 +196,7 @@ class Ledger:
         self._reader_pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._open = False
+        self.epoch = ""  # this database file's random id (API.md §5), read by start()
 
     @classmethod
     def from_settings(cls, settings: Settings, now: Callable[[], float] = time.time) -> "Ledger":
@@ -492,6 +496,9 @@ class Ledger:
             for statement in _SCHEMA:
                 conn.execute(statement)
             self._upgrade(conn)
+            # A new file gets a new epoch: seq is only comparable within one epoch.
+            conn.execute("INSERT OR IGNORE INTO ledger_info (key, value) VALUES ('epoch', ?)", (uuid.uuid4().hex,))
+            self.epoch = conn.execute("SELECT value FROM ledger_info WHERE key = 'epoch'").fetchone()[0]
             conn.execute("COMMIT")
         except BaseException:
             conn.close()

@@ -56,7 +56,7 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     loop = asyncio.get_running_loop()
     log.info("started", version=__version__, host=settings.host, port=runtime.port,
              loop=type(loop).__module__.split(".")[0], auth=settings.enable_auth,
-             socket_activated=bool(socks))
+             socket_activated=bool(socks), db=settings.db, epoch=runtime.ledger.epoch)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -108,6 +108,20 @@ def test_append_is_committed_before_it_returns(tmp_path):
     run(main())
 
 
+def test_epoch_is_kept_by_the_file_and_new_with_a_new_file(tmp_path):
+    path = tmp_path / "l.db"
+
+    async def epoch() -> str:
+        async with opened(path) as ledger:
+            return ledger.epoch
+
+    first, again = run(epoch()), run(epoch())
+    assert len(first) == 32 and first == again
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"l.db{suffix}").unlink(missing_ok=True)
+    assert run(epoch()) not in ("", first)
+
+
 def test_seq_is_strictly_increasing_across_reopen(tmp_path):
     path = tmp_path / "l.db"
 

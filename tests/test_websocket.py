@@ -34,6 +34,8 @@ async def connected(gw, query: str = "", **kw):
 def test_connect_with_header_or_query_token(gateway):
     async def go():
         ws, first = await connected(gateway, "client_id=alpha")
+        epoch = first.pop("epoch")
+        assert len(epoch) == 32 and int(epoch, 16) >= 0
         assert first == {"channel": "control", "type": "connected", "client_id": "alpha",
                          "last_seq": 0, "replayed": 0, "truncated": False}
         await ws.close()

@@ -47,7 +47,7 @@ async def websocket(ws: WebSocket) -> None:
         if since is not None:
             replayed, truncated = await rt.ledger.replay(since, rt.settings.ws_replay_max)
         last_seq = await rt.ledger.last_seq()
-        ws.send(_control("connected", client_id=client_id, last_seq=last_seq,
+        ws.send(_control("connected", client_id=client_id, epoch=rt.ledger.epoch, last_seq=last_seq,
                          replayed=len(replayed), truncated=truncated))
         rt.hub.go_live(client, replayed)
         source = f"ws:{client_id}"
