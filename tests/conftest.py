@@ -77,6 +77,16 @@ class Gateway:
     def logs(self) -> str:
         return self.log_path.read_text()
 
+    def status_kib(self, field: str) -> int:
+        """A ``/proc/<pid>/status`` figure in KiB: ``VmHWM`` is the peak RSS, ``VmRSS`` the current."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def peak_rss_mib(self) -> float:
+        return self.status_kib("VmHWM") / 1024
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
