@@ -28,8 +28,7 @@ TRACEBACK_MAX_CHARS = 8192  # a deep recursion must not make one log line unboun
 
 def rfc3339(t: float) -> str:
     """``t`` (Unix seconds) as RFC 3339 UTC with milliseconds."""
-    seconds = int(t)
-    millis = int((t - seconds) * 1000)
+    seconds, millis = divmod(round(t * 1000), 1000)  # whole ms first: 0.123 must not print .122
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % millis
 
 

@@ -321,7 +321,7 @@ class HttpProtocol(asyncio.Protocol):
             return False
         target = event.target.decode("latin-1")
         self._request = Request(event.method.decode("ascii"), target, headers,
-                                client=address(self.client), http_version=event.http_version.decode())
+                                client=self.client, http_version=event.http_version.decode())
         self._request.path = unquote(self._request.path)
         self._body = []
         self._body_size = 0
