@@ -135,10 +135,11 @@ class Runtime:
         while True:
             try:
                 probes = await record_round(self.modules, self.ledger, self._self_probe())
-                for name, probe in probes.items():
-                    if name != GATEWAY_SERVICE and probe.health["status"] != "disabled":
-                        self.metrics.module_up.set(name, value=int(probe.health["status"] == "ok"))
-                        self.metrics.module_probe.set(name, value=probe.health["latency_ms"] / 1000)
+                # replaced whole each round, so a module disabled by a reload leaves no stale series
+                enabled = {(n,): p.health for n, p in probes.items()
+                           if n != GATEWAY_SERVICE and p.health["status"] != "disabled"}
+                self.metrics.module_up.values = {k: int(h["status"] == "ok") for k, h in enabled.items()}
+                self.metrics.module_probe.values = {k: h["latency_ms"] / 1000 for k, h in enabled.items()}
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failed round is logged; the next one still runs

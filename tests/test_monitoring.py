@@ -180,3 +180,24 @@ def test_dashboard_and_alerts_use_metrics_the_gateway_exposes(scraped):
     assert steps[-1]["value"] == 80 * 1024 * 1024  # the budget line
     assert {p["id"] for p in dashboard["panels"]} == set(range(1, len(dashboard["panels"]) + 1))
     assert dashboard["__inputs"][0]["name"] == "DS_PROMETHEUS"
+
+
+def test_ws_queued_bytes_counts_send_queues_and_held_frames():
+    from edgelink.gateway.metrics import Registry
+    from edgelink.hub import Hub
+
+    class Queued:  # stands for a WebSocket with this many bytes waiting
+        def __init__(self, n: int):
+            self.n = n
+
+        def queued_bytes(self) -> int:
+            return self.n
+
+    hub = Hub(Registry(), hold_limit=10)
+    live = hub.add(Queued(100), "live")
+    live.held = None  # went live
+    replaying = hub.add(Queued(5), "replaying")
+    replaying.held = [(1, b"{}", b"\x81\x02{}"), (2, b"{}", b"\x81\x02{}")]
+    assert hub.queued_bytes() == 100 + 5 + 8
+    hub.remove(live)
+    assert hub.queued_bytes() == 13
