@@ -18,7 +18,7 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 import edgelink
-from conftest import module_env
+from conftest import module_env, start_gateway
 from fakemodule import FakeModule
 
 REPO = Path(edgelink.__file__).resolve().parent.parent
@@ -56,8 +56,6 @@ def _value(families: dict, family: str, suffix: str = "", **labels: str) -> floa
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory) -> tuple[str, dict, object]:
     """A gateway that recorded probe rounds, stored events, served a WebSocket client."""
-    from conftest import start_gateway
-
     tmp = tmp_path_factory.mktemp("monitoring")
     with FakeModule("madre") as madre:
         gw = start_gateway(tmp, {**module_env({"madre": madre}), "EDGELINK_PROBE_INTERVAL": "0.2",
