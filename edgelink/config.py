@@ -183,6 +183,7 @@ class RouteConfig:
     description: str = ""
     auth_required: bool = True
     fallback: "RouteConfig | None" = None
+    stream: bool = False  # relay the module's reply as it arrives (API.md §3 streaming routes)
 
 
 ROUTE_DEFAULTS: tuple[RouteConfig, ...] = (
@@ -193,7 +194,7 @@ ROUTE_DEFAULTS: tuple[RouteConfig, ...] = (
     RouteConfig("analysis", "madre", "/madre/task", "POST", 60.0, "Deep analysis task"),
     RouteConfig("task", "madre", "/madre/task", "POST", 30.0, "Generic task"),
     RouteConfig("spawn", "spawner", "/spawner/spawn", "POST", 30.0, "Spawn a worker"),
-    RouteConfig("stream", "switch", "/switch/stream", "POST", 60.0, "Streaming generation"),
+    RouteConfig("stream", "switch", "/switch/stream", "POST", 60.0, "Streaming generation", stream=True),
 )
 
 
@@ -294,7 +295,7 @@ def _route_from_toml(intent: str, table: Mapping[str, Any], base: RouteConfig | 
     where = f"routes.{intent}"
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where} must be a table")
-    known = {"module", "endpoint", "method", "timeout", "description", "auth_required", "fallback"}
+    known = {"module", "endpoint", "method", "timeout", "description", "auth_required", "fallback", "stream"}
     unknown = set(table) - known
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
@@ -311,6 +312,8 @@ def _route_from_toml(intent: str, table: Mapping[str, Any], base: RouteConfig | 
             values["timeout"] = _number(float, 0.01)(table["timeout"])
         if "auth_required" in table:
             values["auth_required"] = _bool(table["auth_required"])
+        if "stream" in table:
+            values["stream"] = _bool(table["stream"])
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"bad value in {where}: {exc}") from None
     for key in ("module", "endpoint"):

@@ -8,19 +8,21 @@ the gateway's own HTTP server, in the same process, on ports the kernel picks.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import random
 import time
-from typing import Any, Callable
+from typing import Any, AsyncGenerator, Callable
 
 import orjson
 
 from .config import MODULE_DEFAULTS, ConfigError, Settings, load_settings
-from .http.messages import Request, Response, error_response, json_response
+from .http.messages import Request, Response, StreamingResponse, error_response, json_response
 from .http.server import HttpServer
 from .log import log
 
 DEMO_TOKEN = "demo-token"
+WORD_INTERVAL = 0.08  # seconds between the words of a simulated streamed reply
 
 
 def _chat_reply(module: str) -> Callable[[Request], Any]:
@@ -35,7 +37,6 @@ def _chat_reply(module: str) -> Callable[[Request], Any]:
 # (module, method, path) -> a function of the request returning the JSON reply
 _ENDPOINTS: dict[tuple[str, str, str], Callable[[Request], Any]] = {
     ("switch", "POST", "/switch/route-v5"): _chat_reply("switch"),
-    ("switch", "POST", "/switch/stream"): lambda req: {"status": "ok", "chunks": ["demo ", "stream"]},
     ("madre", "POST", "/madre/chat"): _chat_reply("madre"),
     ("madre", "POST", "/madre/task"): lambda req: {"status": "accepted", "task_id": os.urandom(6).hex()},
     ("hermes", "POST", "/hermes/analyze-audio"): lambda req: {"status": "ok", "transcript": "(silence)"},
@@ -49,6 +50,24 @@ _ENDPOINTS: dict[tuple[str, str, str], Callable[[Request], Any]] = {
 }
 
 
+async def _words(text: str) -> AsyncGenerator[bytes, None]:
+    """The reply as SSE, a word at a time, as a model router streams tokens."""
+    words = text.split()
+    for i, word in enumerate(words):
+        await asyncio.sleep(WORD_INTERVAL)
+        last = i == len(words) - 1
+        event = {"text": word if last else word + " ", **({"model_used": "switch-demo-stream"} if last else {})}
+        yield b"data: %s\n\n" % orjson.dumps(event)
+    yield b"data: [DONE]\n\n"
+
+
+def _stream_reply(req: Request) -> Response:
+    body = orjson.loads(req.body or b"{}")
+    message = str(body.get("message", "") if isinstance(body, dict) else "")[:200]
+    return StreamingResponse(200, b"", [(b"cache-control", b"no-cache")], b"text/event-stream",
+                             chunks=_words(f"[switch] streaming word by word, you said: {message}"))
+
+
 class DemoModule:
     """A simulated module: the dispatcher its own HttpServer calls."""
 
@@ -58,6 +77,11 @@ class DemoModule:
     async def handle(self, req: Request) -> Response:
         if req.method == "GET" and req.path == "/health":
             return json_response({"status": "ok", "module": self.name, "uptime_s": round(time.monotonic(), 1)})
+        if (self.name, req.method, req.path) == ("switch", "POST", "/switch/stream"):
+            try:
+                return _stream_reply(req)
+            except (ValueError, orjson.JSONDecodeError):
+                return error_response(400, "invalid_json", module=self.name)
         endpoint = _ENDPOINTS.get((self.name, req.method, req.path))
         if endpoint is None:
             return error_response(404, "not_found", module=self.name)
@@ -109,6 +133,8 @@ def run_demo(args: argparse.Namespace) -> int:
                   f"  curl {base_url}/vx11/status\n"
                   f"  curl -H 'X-VX11-Token: {token}' -H 'Content-Type: application/json' "
                   f"-d '{{\"message\":\"hello\"}}' {base_url}/operator/chat\n"
+                  f"  curl -N -H 'X-VX11-Token: {token}' "
+                  f"-d '{{\"message\":\"hi\",\"stream\":true}}' {base_url}/operator/chat\n"
                   f"  curl -H 'X-VX11-Token: {token}' -H 'Content-Type: application/json' "
                   f"-d '{{\"source\":\"demo\",\"type\":\"custom.note\",\"payload\":{{}}}}' {base_url}/events/ingest\n"
                   f"Stop with Ctrl-C.\n", flush=True)

@@ -20,6 +20,13 @@ the first reply byte (the module closed it while our request was on the wire), t
 is sent once more on a fresh connection; an idempotent method is also sent again if the
 reused connection ends mid-reply. A fresh connection is never retried: its failure is
 the module's.
+
+Streams (``stream()``): the call returns once the status and headers are in, within the
+timeout; the body is then read a chunk at a time with ``Stream.read(timeout)``. The reply
+limit does not apply (the caller's idle bound and its going away end a stream). Reading
+from the module is paused while a chunk waits to be taken, so a slow caller holds the
+module back through TCP instead of filling our memory. The connection goes back to the
+pool only after a body read to its end; a stream closed before that closes it.
 """
 
 from __future__ import annotations
@@ -52,6 +59,58 @@ class Reply:
     body: bytes
 
 
+class Stream:
+    """A reply whose body is read as it arrives: ``status``, ``headers``, then
+    ``await read(timeout)`` until it returns None; ``close()`` on every path."""
+
+    def __init__(self, client: "UpstreamClient", origin: "_Origin", conn: _Connection, response: h11.Response):
+        self.status = response.status_code
+        self.headers = list(response.headers)
+        self._client = client
+        self._origin = origin
+        self._conn = conn
+        self._done = False
+
+    async def read(self, timeout: float) -> bytes | None:
+        """The next body chunk, None at the end of the body. UpstreamError ``timeout`` when
+        nothing comes within ``timeout`` seconds, ``closed`` or ``protocol`` otherwise."""
+        if self._done:
+            return None
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    event = await self._conn.next_event()
+                    kind = type(event)
+                    if kind is h11.Data:
+                        if event.data:
+                            return bytes(event.data)
+                    elif kind is h11.EndOfMessage:
+                        self._done = True
+                        return None
+                    else:
+                        raise UpstreamError("protocol", f"unexpected {kind.__name__} from module")
+        except TimeoutError:
+            self.close()
+            raise UpstreamError("timeout", f"nothing from the module for {timeout:g} s") from None
+        except h11.RemoteProtocolError as exc:
+            self.close()
+            if self._conn.ended:
+                raise UpstreamError("closed", f"module closed the connection mid-stream ({exc})") from None
+            raise UpstreamError("protocol", f"bad HTTP from module: {exc}") from None
+        except UpstreamError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Give the connection back if the body was read to its end, else close it."""
+        conn = self._conn
+        conn.streaming = False
+        if not conn.busy:
+            return
+        conn.busy = False
+        self._client._settle(self._origin, conn, clean=self._done)
+
+
 @dataclass(frozen=True, slots=True)
 class _Origin:
     host: str
@@ -68,6 +127,8 @@ class _Connection(asyncio.Protocol):
         self.busy = False
         self.ended = False  # the peer hung up, or we closed the connection
         self.reply_bytes = 0  # bytes received during the current exchange
+        self.streaming = False  # read only as the body is asked for (Stream)
+        self._paused = False
         self.reaper: asyncio.TimerHandle | None = None
         self._fd = -1
         self._waiter: asyncio.Future[None] | None = None
@@ -84,6 +145,9 @@ class _Connection(asyncio.Protocol):
             return
         self.reply_bytes += len(data)
         self.h11.receive_data(data)
+        if self.streaming and not self._paused:
+            self._paused = True  # until the stream's reader needs more (next_event)
+            self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -109,6 +173,9 @@ class _Connection(asyncio.Protocol):
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
+            if self._paused and not self.ended:
+                self._paused = False
+                self.transport.resume_reading()
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -149,8 +216,9 @@ class UpstreamClient:
 
     async def request(self, base_url: str, method: str, path: str, *,
                       headers: Iterable[tuple[bytes, bytes]] = (), body: bytes = b"",
-                      timeout: float) -> Reply:
-        """Send one request (``Host`` and ``Content-Length`` are added) and read the whole reply."""
+                      timeout: float, stream: bool = False) -> Reply | Stream:
+        """Send one request (``Host`` and ``Content-Length`` are added) and read the whole
+        reply (or, with ``stream``, its head: a ``Stream``)."""
         origin = self._origin(base_url)
         head = [(b"host", origin.authority), *headers]
         if body or method not in IDEMPOTENT:
@@ -158,9 +226,16 @@ class UpstreamClient:
         request = h11.Request(method=method, target=path, headers=head)
         try:
             async with asyncio.timeout(timeout):
-                return await self._send(origin, request, body, method in IDEMPOTENT)
+                return await self._send(origin, request, body, method in IDEMPOTENT, stream)
         except TimeoutError:
             raise UpstreamError("timeout", f"no reply within {timeout:g} s") from None
+
+    async def stream(self, base_url: str, method: str, path: str, *,
+                     headers: Iterable[tuple[bytes, bytes]] = (), body: bytes = b"",
+                     timeout: float) -> Stream:
+        """Send one request like ``request()``; return once the reply's head is in."""
+        return await self.request(base_url, method, path, headers=headers, body=body, timeout=timeout,
+                                  stream=True)  # type: ignore[return-value]
 
     async def close(self) -> None:
         """Close idle connections; busy ones are closed when their call ends."""
@@ -170,16 +245,17 @@ class UpstreamClient:
                 conn.close()
         self._idle.clear()
 
-    async def _send(self, origin: _Origin, request: h11.Request, body: bytes, idempotent: bool) -> Reply:
+    async def _send(self, origin: _Origin, request: h11.Request, body: bytes, idempotent: bool,
+                    stream: bool) -> Reply | Stream:
         conn = self._checkout(origin)
         if conn is None:
-            return await self._exchange(origin, await self._connect(origin), request, body)
+            return await self._exchange(origin, await self._connect(origin), request, body, stream)
         try:
-            return await self._exchange(origin, conn, request, body)
+            return await self._exchange(origin, conn, request, body, stream)
         except UpstreamError as exc:
             if exc.kind != "closed" or (conn.reply_bytes and not idempotent):
                 raise
-        return await self._exchange(origin, await self._connect(origin), request, body)
+        return await self._exchange(origin, await self._connect(origin), request, body, stream)
 
     def _origin(self, base_url: str) -> _Origin:
         origin = self._origins.get(base_url)
@@ -231,7 +307,8 @@ class UpstreamClient:
                                            f"{exc.strerror or exc}") from None
         return conn
 
-    async def _exchange(self, origin: _Origin, conn: _Connection, request: h11.Request, body: bytes) -> Reply:
+    async def _exchange(self, origin: _Origin, conn: _Connection, request: h11.Request, body: bytes,
+                        stream: bool) -> Reply | Stream:
         h = conn.h11
         conn.busy = True
         conn.reply_bytes = 0
@@ -246,6 +323,11 @@ class UpstreamClient:
             # No drain: the request is already in memory, and the total timeout bounds a
             # module that does not read it.
             conn.transport.write(b"".join(out))
+            if stream:
+                conn.streaming = True
+                response = await self._read_head(conn, limit=False)
+                done = True
+                return Stream(self, origin, conn, response)  # the Stream owns the connection now
             reply = await self._read_reply(conn)
             done = True
         except h11.RemoteProtocolError as exc:
@@ -253,18 +335,40 @@ class UpstreamClient:
                 raise UpstreamError("closed", f"module closed the connection mid-exchange ({exc})") from None
             raise UpstreamError("protocol", f"bad HTTP from module: {exc}") from None
         finally:
-            conn.busy = False
+            if not (done and stream):
+                conn.busy = False
             if not done:
                 conn.close()
+        self._settle(origin, conn, clean=True)
+        return reply
+
+    def _settle(self, origin: _Origin, conn: _Connection, clean: bool) -> None:
+        """After an exchange: back to the pool if it ended cleanly, else closed."""
+        h = conn.h11
         # bytes after the reply would be read as the next call's reply: such a module gets no reuse
-        if h.our_state is h11.DONE and h.their_state is h11.DONE and not h.trailing_data[0] and not conn.ended:
+        if clean and h.our_state is h11.DONE and h.their_state is h11.DONE and not h.trailing_data[0] \
+                and not conn.ended:
             self._checkin(origin, conn)
         else:
             conn.close()
-        return reply
+
+    async def _read_head(self, conn: _Connection, limit: bool = True) -> h11.Response:
+        """The reply's status and headers (1xx skipped); with ``limit``, a declared length
+        over the reply limit is refused."""
+        while True:
+            event = await conn.next_event()
+            kind = type(event)
+            if kind is h11.Response:
+                for name, value in event.headers:
+                    if limit and name == b"content-length" and int(value) > self._max_reply:
+                        raise UpstreamError("too_large", f"reply of {int(value)} bytes exceeds "
+                                                         f"{self._max_reply} bytes")
+                return event
+            if kind is not h11.InformationalResponse:  # 1xx (100 Continue...) carry nothing for us
+                raise UpstreamError("protocol", f"unexpected {kind.__name__} from module")
 
     async def _read_reply(self, conn: _Connection) -> Reply:
-        response: h11.Response | None = None
+        response = await self._read_head(conn)
         parts: list[bytes] = []
         size = 0
         while True:
@@ -275,14 +379,7 @@ class UpstreamClient:
                 if size > self._max_reply:
                     raise UpstreamError("too_large", f"reply exceeds {self._max_reply} bytes")
                 parts.append(event.data)
-            elif kind is h11.Response:
-                response = event
-                for name, value in event.headers:
-                    if name == b"content-length" and int(value) > self._max_reply:
-                        raise UpstreamError("too_large", f"reply of {int(value)} bytes exceeds "
-                                                         f"{self._max_reply} bytes")
             elif kind is h11.EndOfMessage:
-                assert response is not None  # h11 yields the Response before its end
                 return Reply(response.status_code, list(response.headers), b"".join(parts))
-            elif kind is not h11.InformationalResponse:  # 1xx (100 Continue...) carry nothing for us
+            else:
                 raise UpstreamError("protocol", f"unexpected {kind.__name__} from module")

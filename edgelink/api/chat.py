@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import codecs
 import time
-from typing import Any
+from contextlib import aclosing
+from typing import Any, AsyncGenerator
+
+import orjson
 
 from ..config import RouteConfig
 from ..http.messages import HTTPError, Request, Response, check_fields, empty_response, json_response, \
     validation_error
 from ..log import log
+from . import streams
 
 MAX_MESSAGE = 32_768
 _CHAT_FIELDS = {"message": (str, True), "session_id": (str, False), "user_id": (str, False),
-                "metadata": (dict, False)}
+                "metadata": (dict, False), "stream": (bool, False)}
+# A line of the module's event stream (or of its plain text) held while incomplete.
+MAX_STREAM_LINE = 64 * 1024
 _TEXT_KEYS = ("response", "message", "text", "content")
 
 
@@ -63,6 +70,8 @@ async def chat(req: Request) -> Response:
         "correlation_id": req.correlation_id,
     }
     route = rt.settings.route("chat")
+    if body.get("stream"):
+        return await _chat_stream(req, route, session_id, outgoing, started)
     answer, answered_by, degraded = None, route, False
     if route is not None:
         answer = await _ask(req, route, outgoing)
@@ -80,6 +89,126 @@ async def chat(req: Request) -> Response:
         "latency_ms": round((time.perf_counter() - started) * 1000, 3), "correlation_id": req.correlation_id,
         "status": "ok", "degraded": degraded,
     })
+
+
+async def _chat_stream(req: Request, chat_route: RouteConfig | None, session_id: str, outgoing: dict[str, Any],
+                       started: float) -> Response:
+    """``"stream": true``: SSE meta, delta..., done | error from the ``stream`` route; the
+    chat's fallback answers (as one delta) if the stream fails before its first text."""
+    rt = req.app
+    route = rt.settings.route("stream")
+    if route is not None:
+        try:
+            return await streams.respond(req, 200, streams.SSE_TYPE,
+                                         _streamed_reply(req, route, session_id, outgoing, started), started)
+        except HTTPError as exc:
+            log.warning("chat_route_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
+    fallback = chat_route.fallback if chat_route is not None else None
+    answer = await _ask(req, fallback, outgoing) if fallback is not None else None
+    if answer is None:
+        raise HTTPError(503, "chat_unavailable", session_id=session_id,
+                        detail="neither the stream route nor the chat fallback answered")
+    text, model = answer
+    rt.sessions.append(session_id, "assistant", text, metadata={"provider": fallback.module, "model": model})
+    meta = {"session_id": session_id, "correlation_id": req.correlation_id, "provider": fallback.module}
+    done = {"response": text, "model_used": model, "provider": fallback.module,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3), "degraded": True}
+    return Response(200, b"".join((streams.sse("meta", meta), streams.sse("delta", {"text": text}),
+                                   streams.sse("done", done))), list(streams.NO_BUFFERING), streams.SSE_TYPE)
+
+
+async def _streamed_reply(req: Request, route: RouteConfig, session_id: str, outgoing: dict[str, Any],
+                          started: float) -> AsyncGenerator[bytes, None]:
+    """The SSE answer relayed from ``route``. Until its first text, a failure is raised
+    (for the fallback); after it, the stream ends with an ``error`` event."""
+    rt = req.app
+    stream = await rt.modules.stream(route.module, route.method, route.endpoint, json=outgoing,
+                                     timeout=route.timeout, idle=rt.settings.stream_idle,
+                                     correlation_id=req.correlation_id)
+    deltas = _TextDeltas(stream.content_type or b"")
+    parts: list[str] = []
+    kept = 0  # characters of the reply kept for the session, bounded like a buffered reply
+    try:
+        if not 200 <= stream.status < 300:
+            raise HTTPError(502, "upstream_unavailable", module=route.module,
+                            detail=f"{route.module} answered HTTP {stream.status}")
+        async with aclosing(stream.body()) as body:
+            async for chunk in body:
+                texts = deltas.feed(chunk)
+                if not texts:
+                    continue
+                out = []
+                if not parts:
+                    out.append(streams.sse("meta", {"session_id": session_id, "correlation_id": req.correlation_id,
+                                                    "provider": route.module}))
+                for text in texts:
+                    if kept < rt.settings.upstream_max_reply:
+                        parts.append(text)
+                        kept += len(text)
+                    out.append(streams.sse("delta", {"text": text}))
+                yield b"".join(out)
+        if not parts:
+            raise HTTPError(502, "upstream_unavailable", module=route.module,
+                            detail=f"{route.module} streamed no text")
+    except HTTPError as exc:
+        if not parts:
+            raise
+        log.warning("chat_stream_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
+        rt.sessions.append(session_id, "assistant", "".join(parts),
+                           metadata={"provider": route.module, "model": deltas.model or route.module,
+                                     "incomplete": True})
+        yield streams.sse("error", {"error": "chat_unavailable"})
+        return
+    finally:
+        stream.close()
+    text, model = "".join(parts), deltas.model or route.module
+    rt.sessions.append(session_id, "assistant", text, metadata={"provider": route.module, "model": model})
+    yield streams.sse("done", {"response": text, "model_used": model, "provider": route.module,
+                               "latency_ms": round((time.perf_counter() - started) * 1000, 3), "degraded": False})
+
+
+class _TextDeltas:
+    """The text in a module's stream: SSE ``data:`` lines holding JSON with ``text`` or
+    ``delta`` (or plain text), or any other body as plain text. ``model`` is the last
+    ``model_used``/``model`` named."""
+
+    def __init__(self, content_type: bytes):
+        self.sse = content_type.startswith(streams.SSE_TYPE)
+        self.model: str | None = None
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        if not self.sse:
+            text = self._decoder.decode(chunk)
+            return [text] if text else []
+        lines = (self._pending + chunk).split(b"\n")
+        self._pending = lines.pop()
+        if len(self._pending) > MAX_STREAM_LINE:
+            raise HTTPError(502, "upstream_unavailable", detail=f"a stream line over {MAX_STREAM_LINE} bytes")
+        return [text for text in map(self._line, lines) if text]
+
+    def _line(self, line: bytes) -> str | None:
+        if not line.startswith(b"data:"):
+            return None  # event:, id:, retry:, comments and the blank line between events
+        payload = line[5:].rstrip(b"\r")
+        payload = payload[1:] if payload.startswith(b" ") else payload
+        if payload == b"[DONE]":
+            return None
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return payload.decode("utf-8", "replace")
+        if isinstance(data, str):
+            return data
+        if not isinstance(data, dict):
+            return payload.decode("utf-8", "replace")
+        for key in ("model_used", "model"):
+            if isinstance(data.get(key), str) and data[key].strip():
+                self.model = data[key]
+                break
+        text = data.get("text", data.get("delta"))
+        return text if isinstance(text, str) else None
 
 
 async def session(req: Request) -> Response:

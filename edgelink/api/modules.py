@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from contextlib import aclosing
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, AsyncGenerator
 
 from ..config import RouteConfig
+from ..gateway.modules import ModuleStream
 from ..http.messages import HTTPError, Request, Response, json_response
+from . import streams
 
 GATEWAY = {"module": "tentaculo_link", "version": "7.0"}
 
@@ -49,7 +53,7 @@ def _route_body(route: RouteConfig) -> dict[str, Any]:
     fallback = route.fallback
     return {
         "module": route.module, "endpoint": route.endpoint, "method": route.method, "timeout": route.timeout,
-        "description": route.description, "auth_required": route.auth_required,
+        "description": route.description, "auth_required": route.auth_required, "stream": route.stream,
         "fallback": None if fallback is None else {
             "module": fallback.module, "endpoint": fallback.endpoint, "method": fallback.method,
             "timeout": fallback.timeout},
@@ -61,6 +65,7 @@ async def routes(req: Request) -> Response:
 
 
 async def intent(req: Request) -> Response:
+    started = time.perf_counter()
     rt = req.app
     route = rt.settings.route(req.params["intent"])
     if route is None:
@@ -68,6 +73,8 @@ async def intent(req: Request) -> Response:
                         known=[r.intent for r in rt.settings.routes])
     body = req.json_object() if req.body.strip() else {}
     try:
+        if route.stream:
+            return await _relay(req, route, body, started)
         reply = await rt.modules.call(route.module, route.method, route.endpoint, json=body,
                                       timeout=route.timeout, correlation_id=req.correlation_id)
         failed = reply.status >= 500
@@ -81,6 +88,40 @@ async def intent(req: Request) -> Response:
         reply = await rt.modules.call(fb.module, fb.method, fb.endpoint, json=body,
                                       timeout=fb.timeout, correlation_id=req.correlation_id)
     return json_response(reply.data, reply.status)
+
+
+async def _relay(req: Request, route: RouteConfig, body: Any, started: float) -> Response:
+    """A streaming route: the module's reply passed on as it arrives (API.md §3)."""
+    rt = req.app
+    stream = await rt.modules.stream(route.module, route.method, route.endpoint, json=body, timeout=route.timeout,
+                                     idle=rt.settings.stream_idle, correlation_id=req.correlation_id)
+    try:
+        if stream.status >= 500 and route.fallback is not None:
+            raise HTTPError(502, "upstream_unavailable", module=route.module,
+                            detail=f"{route.module} answered HTTP {stream.status}")
+        content_type = stream.content_type or b"application/octet-stream"
+        return await streams.respond(req, stream.status, content_type,
+                                     _passthrough(stream, content_type.startswith(streams.SSE_TYPE)), started)
+    except BaseException:
+        stream.close()
+        raise
+
+
+async def _passthrough(stream: ModuleStream, sse: bool) -> AsyncGenerator[bytes, None]:
+    """The module's chunks. A failure after the first one ends an SSE stream with an
+    ``error`` event, and any other body truncated (the server sends no last chunk)."""
+    sent = False
+    try:
+        async with aclosing(stream.body()) as body:
+            async for chunk in body:
+                sent = True
+                yield chunk
+    except HTTPError as exc:
+        if not sse or not sent:
+            raise
+        # a blank line first ends whatever event the module had half sent
+        yield b"\n\n" + streams.sse("error", {"error": exc.code, "module": stream.module,
+                                              "detail": exc.extra.get("detail")})
 
 
 async def _proxy(req: Request, module: str, path: str) -> Response:

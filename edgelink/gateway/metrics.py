@@ -138,6 +138,13 @@ class Registry:
             "edgelink_ws_slow_consumer_closes_total", "WebSocket clients closed with 1013 for not keeping up"))
         self.upstream_latency = self.add(Histogram(
             "edgelink_upstream_request_duration_seconds", "Upstream module call latency", ("module", "outcome")))
+        self.streams_open = self.add(Gauge(
+            "edgelink_streams_open", "Streamed responses being sent, by route template", ("route",)))
+        self.stream_bytes = self.add(Counter(
+            "edgelink_stream_bytes_total", "Body bytes of streamed responses, by route template", ("route",)))
+        self.stream_first_byte = self.add(Histogram(
+            "edgelink_stream_first_byte_seconds", "Time from request to the first body byte of a stream",
+            ("route",)))
         from .. import __version__
 
         self.add(Gauge("edgelink_build_info", "The running edgelink version (always 1)", ("version",),

@@ -15,6 +15,12 @@ Any JSON reply is returned with the module's status, 4xx and 5xx included, for t
 handler to forward. What the breaker counts as a failure: every error above, and 5xx.
 A 4xx reply is a success for the breaker (the module is up and answering); a 4xx
 without a JSON body still answers 502 but does not count.
+
+``await modules.stream(...)`` is the same call for a reply relayed as it arrives: it
+returns a ``ModuleStream`` once the module's status and headers are in (within the
+timeout), whose ``body()`` yields the chunks. Its breaker verdict is the status line and
+the first body byte (which must come within the timeout too, and within the idle bound);
+what fails later is the caller's to see, not the breaker's to count.
 """
 
 from __future__ import annotations
@@ -23,14 +29,14 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, AsyncGenerator, Callable
 
 import orjson
 
 from ..config import ModuleConfig, Settings
 from ..http.messages import HTTPError, Response, json_response
 from ..log import log
-from ..upstream import UpstreamClient, UpstreamError
+from ..upstream import Stream, UpstreamClient, UpstreamError
 from .breaker import Breaker
 
 
@@ -65,6 +71,63 @@ class Probe:
     snippet: str  # first 200 chars of the reply (for the recorded probe history, API.md §7)
 
 
+class ModuleStream:
+    """A module's reply being relayed: ``status`` and ``headers`` now, ``body()`` as it
+    comes (HTTPError 504/502 when the module goes quiet for ``idle`` seconds or breaks
+    off), ``close()`` when the caller is done with it (the generator closes it too)."""
+
+    def __init__(self, modules: "Modules", module: str, ticket: int, stream: Stream, *, call: tuple[str, str],
+                 deadline: float, idle: float, started: float, correlation_id: str):
+        self.module = module
+        self._call = call  # (method, path), for the log
+        self.status = stream.status
+        self.headers = stream.headers
+        self.content_type = next((v for k, v in stream.headers if k == b"content-type"), None)
+        self._modules = modules
+        self._ticket: int | None = ticket
+        self._stream = stream
+        self._deadline = deadline
+        self._idle = idle
+        self._started = started
+        self._correlation_id = correlation_id
+        if stream.status >= 500:
+            self._judge(failed=True, outcome="http_5xx")
+
+    async def body(self) -> AsyncGenerator[bytes, None]:
+        m = self._modules
+        # The first byte is bounded by what is left of the call's timeout as well.
+        wait = min(self._idle, max(self._deadline - m._now(), 0.0))
+        try:
+            while True:
+                try:
+                    chunk = await self._stream.read(wait)
+                except UpstreamError as exc:
+                    if self._ticket is not None:
+                        self._judge(failed=True, outcome=exc.kind)
+                    raise m._failure(self.module, exc, *self._call, self._correlation_id) from None
+                if self._ticket is not None:
+                    self._judge(failed=False, outcome="ok")
+                if chunk is None:
+                    return
+                wait = self._idle
+                yield chunk
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stream.close()
+        if self._ticket is not None:  # over before any verdict (the caller went away)
+            self._modules.breakers[self.module].release(self._ticket)
+            self._ticket = None
+
+    def _judge(self, *, failed: bool, outcome: str) -> None:
+        m, ticket = self._modules, self._ticket
+        assert ticket is not None
+        self._ticket = None
+        m._verdict(self.module, m.breakers[self.module], ticket, failed=failed)
+        m._done(self.module, outcome, self._started)
+
+
 class Modules:
     """``call()`` a module, ``probe_all()`` their health, ``breaker_status()``, ``close()``.
 
@@ -88,14 +151,7 @@ class Modules:
     async def call(self, module: str, method: str, path: str, *, json: Any = None,
                    timeout: float, correlation_id: str) -> ModuleReply:
         """Call ``module`` behind its breaker; ``json`` (if not None) is sent as the body."""
-        config = self.registry[module]
-        if not config.enabled:
-            raise HTTPError(503, "module_disabled", module=module, detail=f"module {module} is disabled")
-        breaker = self.breakers[module]
-        ticket = breaker.allow()
-        if ticket is None:
-            raise CircuitOpenError(module, f"calls to {module} are refused after {breaker.threshold} "
-                                           f"consecutive failures, until a trial call succeeds")
+        config, breaker, ticket = self._admit(module)
         body = b"" if json is None else orjson.dumps(json)
         headers = self._headers(correlation_id, bool(body))
         started = self._now()
@@ -105,11 +161,7 @@ class Modules:
         except UpstreamError as exc:
             self._verdict(module, breaker, ticket, failed=True)
             self._done(module, exc.kind, started)
-            log.warning("upstream_failed", module=module, method=method, path=path, kind=exc.kind,
-                        error=str(exc), correlation_id=correlation_id)
-            if exc.kind == "timeout":
-                raise HTTPError(504, "upstream_timeout", module=module, detail=str(exc)) from None
-            raise HTTPError(502, "upstream_unavailable", module=module, detail=str(exc)) from None
+            raise self._failure(module, exc, method, path, correlation_id) from None
         except BaseException:
             breaker.release(ticket)  # cancelled: this says nothing about the module
             raise
@@ -127,6 +179,47 @@ class Modules:
         self._verdict(module, breaker, ticket, failed=failed)
         self._done(module, "http_5xx" if failed else "ok", started)
         return ModuleReply(reply.status, data, latency_ms)
+
+    async def stream(self, module: str, method: str, path: str, *, json: Any = None, timeout: float,
+                     idle: float, correlation_id: str) -> ModuleStream:
+        """Call ``module`` behind its breaker for a reply relayed as it arrives."""
+        config, breaker, ticket = self._admit(module)
+        body = b"" if json is None else orjson.dumps(json)
+        headers = self._headers(correlation_id, bool(body), accept=b"text/event-stream, application/json")
+        started = self._now()
+        try:
+            stream = await self._client.stream(config.url, method, path, headers=headers, body=body,
+                                               timeout=timeout)
+        except UpstreamError as exc:
+            self._verdict(module, breaker, ticket, failed=True)
+            self._done(module, exc.kind, started)
+            raise self._failure(module, exc, method, path, correlation_id) from None
+        except BaseException:
+            breaker.release(ticket)  # cancelled: this says nothing about the module
+            raise
+        return ModuleStream(self, module, ticket, stream, call=(method, path), deadline=started + timeout, idle=idle,
+                            started=started, correlation_id=correlation_id)
+
+    def _admit(self, module: str) -> tuple[ModuleConfig, Breaker, int]:
+        """The module's config, breaker and a ticket, or the HTTPError refusing the call."""
+        config = self.registry[module]
+        if not config.enabled:
+            raise HTTPError(503, "module_disabled", module=module, detail=f"module {module} is disabled")
+        breaker = self.breakers[module]
+        ticket = breaker.allow()
+        if ticket is None:
+            raise CircuitOpenError(module, f"calls to {module} are refused after {breaker.threshold} "
+                                           f"consecutive failures, until a trial call succeeds")
+        return config, breaker, ticket
+
+    @staticmethod
+    def _failure(module: str, exc: UpstreamError, method: str, path: str, correlation_id: str) -> HTTPError:
+        """The API.md §3 answer for a call that got no usable reply (logged)."""
+        log.warning("upstream_failed", module=module, method=method, path=path, kind=exc.kind, error=str(exc),
+                    correlation_id=correlation_id)
+        if exc.kind == "timeout":
+            return HTTPError(504, "upstream_timeout", module=module, detail=str(exc))
+        return HTTPError(502, "upstream_unavailable", module=module, detail=str(exc))
 
     async def probe_all(self) -> dict[str, dict[str, Any]]:
         """Every module's ModuleHealth (API.md §2), disabled ones included, in registry order."""
@@ -152,8 +245,9 @@ class Modules:
             await asyncio.gather(self._round, return_exceptions=True)
         await self._client.close()
 
-    def _headers(self, correlation_id: str, has_body: bool) -> list[tuple[bytes, bytes]]:
-        headers = [*self._token, (b"x-correlation-id", correlation_id.encode()), (b"accept", b"application/json")]
+    def _headers(self, correlation_id: str, has_body: bool,
+                 accept: bytes = b"application/json") -> list[tuple[bytes, bytes]]:
+        headers = [*self._token, (b"x-correlation-id", correlation_id.encode()), (b"accept", accept)]
         if has_body:
             headers.append((b"content-type", b"application/json"))
         return headers

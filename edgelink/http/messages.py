@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, AsyncGenerator, Iterable
 from urllib.parse import parse_qsl
 
 import orjson
@@ -42,6 +42,16 @@ class Response:
     body: bytes = b""
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     content_type: bytes | None = JSON_TYPE
+
+
+@dataclass(slots=True)
+class StreamingResponse(Response):
+    """A body produced over time: the server writes ``chunks`` as they come (chunked to
+    HTTP/1.1, close-delimited to HTTP/1.0), pausing while the client is slow. An exception
+    from ``chunks`` ends the body truncated (no last chunk) so the caller sees it failed;
+    the server closes the generator on every path, which releases what it holds."""
+
+    chunks: AsyncGenerator[bytes, None] | None = None
 
 
 def json_response(data: Any, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None) -> Response:

@@ -24,6 +24,12 @@ closes that connection only.
 Flow control: when a transport's write buffer passes the high-water mark we stop reading
 from that socket until it drains, so a client that never reads cannot make us buffer
 without bound; if it stays stuck past the send timeout the connection is dropped.
+
+Streamed bodies (``StreamingResponse``): the head goes out at once, then each chunk as the
+handler's generator yields it. While more than ``STREAM_WINDOW`` bytes wait in the
+transport the generator is not asked for the next chunk, so a slow client slows the
+producer instead of growing our buffer. A client that goes away cancels the stream; at the
+end of the shutdown grace a stream still running is ended with its last chunk and closed.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import h11
 import orjson
 
 from ..log import address, log, traceback_text
-from .messages import Request, Response
+from .messages import Request, Response, StreamingResponse
 from .websocket import CLOSE_GOING_AWAY, WebSocket, server_connection
 
 WsHandler = Callable[[WebSocket], Awaitable[None]]
@@ -64,6 +70,9 @@ class Phase(enum.Enum):
     WEBSOCKET = 4
     CLOSED = 5
 
+
+# Bytes a streamed response may have waiting in the transport before its producer is paused.
+STREAM_WINDOW = 64 * 1024
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
@@ -151,7 +160,7 @@ class HttpServer:
 class HttpProtocol(asyncio.Protocol):
     __slots__ = ("server", "settings", "transport", "conn", "phase", "client", "_timer", "_send_timer",
                  "_request", "_body", "_body_size", "_body_deadline", "_reading", "_read_blockers",
-                 "_ws", "_task", "_loop")
+                 "_ws", "_task", "_loop", "_streaming", "_drain")
 
     def __init__(self, server: HttpServer):
         self.server = server
@@ -171,6 +180,8 @@ class HttpProtocol(asyncio.Protocol):
         self._ws: WebSocket | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
+        self._streaming = False
+        self._drain: asyncio.Future[None] | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -199,6 +210,8 @@ class HttpProtocol(asyncio.Protocol):
         self.server.connections.discard(self)
         if self._ws is not None:
             self._ws.connection_lost()
+        if self._streaming and self._task is not None:
+            self._task.cancel()  # nobody reads the stream any more: stop producing it
         self.server.busy_changed()
 
     def data_received(self, data: bytes) -> None:
@@ -245,6 +258,8 @@ class HttpProtocol(asyncio.Protocol):
         self._unblock_reading("write")
         if self._ws is not None:
             self._ws.resume_writing()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
 
     # --- state the server looks at -------------------------------------------------------
 
@@ -265,6 +280,8 @@ class HttpProtocol(asyncio.Protocol):
         """At the end of shutdown: close an idle connection, drop anything else."""
         if self.phase is Phase.IDLE and self.transport is not None:
             self._close()
+        elif self._streaming and self._task is not None:
+            self._task.cancel()  # the stream writes its last chunk and closes (_write_stream)
         else:
             self.abort()
 
@@ -357,39 +374,110 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.write(raw_error(500, "internal_error"))
                 self._close()
             return
-        self._write_response(request, response)
+        if isinstance(response, StreamingResponse):
+            await self._write_stream(request, response)
+        else:
+            self._write_response(request, response)
 
     def _write_response(self, request: Request, response: Response) -> None:
         if self.phase is Phase.CLOSED:
             return
+        head = self._head(request, response, b"content-length: %d\r\n" % len(response.body))
+        if head is None:
+            return
+        parts, keep_alive = head
+        if response.body and request.method != "HEAD" and response.status not in (204, 304):
+            parts.append(response.body)
+        self.transport.write(b"".join(parts))
+        self._end_response(keep_alive)
+
+    def _head(self, request: Request, response: Response, framing: bytes) -> tuple[list[bytes], bool] | None:
+        """The status line and headers (``framing`` says how the body is delimited), and
+        whether the connection stays open; None if the handler's headers were invalid (a
+        500 has been sent and the connection closed)."""
         status = response.status
         keep_alive = _keep_alive(request) and not self.server.stopping
         parts = [b"HTTP/1.1 %d %s\r\ndate: %s\r\nserver: edgelink\r\n"
                  % (status, _REASONS.get(status, b""), _Clock.date())]
         if response.content_type is not None:
             parts.append(b"content-type: %s\r\n" % response.content_type)
-        bodyless = status in (204, 304)
-        if not bodyless:
-            parts.append(b"content-length: %d\r\n" % len(response.body))
+        if status not in (204, 304):
+            parts.append(framing)
         for name, value in response.headers:
             if b"\n" in value or b"\r" in value or b"\n" in name or b":" in name:
                 log.error("response_invalid", header=name.decode("latin-1"), path=request.path,
                           correlation_id=request.correlation_id)
                 self.transport.write(raw_error(500, "internal_error"))
                 self._close()
-                return
+                return None
             if name == b"connection" and b"close" in value.lower():
                 keep_alive = False
                 continue
             parts.append(b"%s: %s\r\n" % (name, value))
         parts.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
-        if response.body and request.method != "HEAD" and not bodyless:
-            parts.append(response.body)
-        self.transport.write(b"".join(parts))
+        return parts, keep_alive
+
+    def _end_response(self, keep_alive: bool) -> None:
         if keep_alive:
             self._next_cycle()
         else:
             self._close()
+
+    async def _write_stream(self, request: Request, response: StreamingResponse) -> None:
+        """Write a streamed body: chunked to HTTP/1.1, close-delimited to HTTP/1.0."""
+        chunks = response.chunks
+        assert chunks is not None
+        chunked = request.http_version == "1.1"
+        try:
+            head = None if self.phase is Phase.CLOSED else \
+                self._head(request, response, b"transfer-encoding: chunked\r\n" if chunked else b"")
+            if head is None:
+                return
+            parts, keep_alive = head
+            if request.method == "HEAD" or response.status in (204, 304):
+                self.transport.write(b"".join(parts))
+                self._end_response(keep_alive)
+                return
+            if response.body:  # what the handler already has goes out with the head
+                parts.append(b"%x\r\n%s\r\n" % (len(response.body), response.body) if chunked else response.body)
+            self.transport.write(b"".join(parts))
+            self._streaming = True
+            self.transport.set_write_buffer_limits(high=STREAM_WINDOW)
+            try:
+                await self._drained()
+                async for chunk in chunks:
+                    if chunk:
+                        self.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                        await self._drained()
+            except asyncio.CancelledError:
+                if self.phase is not Phase.CLOSED:  # shutdown grace over: end it, not cut it
+                    if chunked:
+                        self.transport.write(b"0\r\n\r\n")
+                    self._close()
+                raise
+            except Exception as exc:  # the producer failed: a truncated body tells the caller
+                log.warning("stream_failed", error=repr(exc), path=request.path,
+                            correlation_id=request.correlation_id)
+                self._close()
+                return
+            finally:
+                self._streaming = False
+                self._drain = None
+            if self.phase is Phase.CLOSED:
+                return
+            self.transport.set_write_buffer_limits(high=self.settings.write_buffer_high)
+            if chunked:
+                self.transport.write(b"0\r\n\r\n")
+            self._end_response(keep_alive)
+        finally:
+            await chunks.aclose()
+
+    async def _drained(self) -> None:
+        """Return once the transport holds no more than STREAM_WINDOW (its high-water mark
+        while streaming): the next chunk is not asked for before."""
+        if "write" in self._read_blockers:
+            self._drain = self._loop.create_future()
+            await self._drain
 
     def _next_cycle(self) -> None:
         # A fresh parser for the next request, fed what was pipelined behind this one: we

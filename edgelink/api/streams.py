@@ -1,0 +1,53 @@
+"""Streamed answers (API.md §3 streaming routes, §4 ``"stream": true``): SSE framing, stream
+metrics, and committing to a stream only once its first chunk is in hand.
+
+A handler builds an async generator of body chunks and hands it to ``respond()``, which
+takes the first chunk before anything is sent: a failure up to that point is still an
+ordinary error answer (504, 502, a fallback), never a 200 cut short.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+from typing import Any, AsyncGenerator
+
+import orjson
+
+from ..gateway.metrics import Registry
+from ..http.messages import Request, Response, StreamingResponse
+
+SSE_TYPE = b"text/event-stream"
+# Proxies in front of us (nginx) must not buffer a stream either.
+NO_BUFFERING = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
+
+
+def sse(event: str, data: Any) -> bytes:
+    """One server-sent event whose data is JSON."""
+    return b"event: %s\ndata: %s\n\n" % (event.encode(), orjson.dumps(data))
+
+
+async def respond(req: Request, status: int, content_type: bytes, chunks: AsyncGenerator[bytes, None],
+                  started: float) -> Response:
+    """The answer that streams ``chunks``; whatever it raises before its first chunk
+    propagates (and ``chunks`` is closed). A body that ends at once is a plain answer."""
+    metrics: Registry = req.app.metrics
+    route = req.route or "unmatched"
+    metered = _metered(metrics, route, chunks)
+    try:
+        first = await anext(metered)
+    except StopAsyncIteration:
+        return Response(status, b"", list(NO_BUFFERING), content_type)
+    metrics.stream_first_byte.observe(time.perf_counter() - started, route)
+    return StreamingResponse(status, first, list(NO_BUFFERING), content_type, chunks=metered)
+
+
+async def _metered(metrics: Registry, route: str, chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+    metrics.streams_open.inc(route)
+    try:
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                metrics.stream_bytes.inc(route, amount=len(chunk))
+                yield chunk
+    finally:
+        metrics.streams_open.inc(route, amount=-1)
