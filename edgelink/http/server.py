@@ -237,6 +237,12 @@ class HttpProtocol(asyncio.Protocol):
             assert self._ws is not None
             self._ws.feed(None)
             return False
+        if self._streaming and self._task is not None:
+            # A caller that stops sending mid-stream has gone (clients do not half-close to
+            # read a stream): stop now rather than at the next write or idle timeout.
+            self._close()
+            self._task.cancel()
+            return False
         self.conn.receive_data(b"")
         if self.phase is not Phase.HANDLING:
             self._process()
