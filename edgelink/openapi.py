@@ -225,6 +225,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "timeout": {"type": "number", "description": "Seconds."},
         "description": _STR, "auth_required": _BOOL,
         "fallback": _nullable(_schema("RouteTarget")),
+        "stream": {**_BOOL, "description": "The module's reply is relayed as it arrives (API.md §3)."},
     }),
     "Routes": _object({"routes": _map(_schema("Route"), "Per intent.")}),
     "IntentRequest": {"type": "object", "description": "Any JSON object; forwarded to the module as is."},
@@ -234,8 +235,21 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         {"message": {"type": "string", "minLength": 1, "maxLength": MAX_CHAT_MESSAGE}},
         {"session_id": {**_nullable(_STR), "description": "Continue this session; absent: a new one."},
          "user_id": _nullable(_STR),
-         "metadata": _nullable({"type": "object"})},
+         "metadata": _nullable({"type": "object"}),
+         "stream": {**_BOOL, "description": "true: answer `text/event-stream` (meta, delta..., done | error)."}},
     ),
+    # text/event-stream answers are described one event at a time ({event, data, id, retry}).
+    "ChatEvent": _object(
+        {"event": {"enum": ["meta", "delta", "done", "error"]},
+         "data": {"type": "string", "contentMediaType": JSON, "description": (
+             "JSON: `meta` {session_id, correlation_id, provider}, then `delta` {text} as the `stream` route "
+             "produces text, then `done` {response, model_used, provider, latency_ms, degraded} or `error` "
+             "{error: \"chat_unavailable\"}.")}},
+        description="One server-sent event of a streamed chat."),
+    "StreamedEvent": {"type": "object", "description": (
+        "One event of the module's stream, relayed as it arrives. A module silent for EDGELINK_STREAM_IDLE after "
+        "the first byte ends an SSE stream with an `error` event (data {error, module, detail}), and any other "
+        "body without its last chunk.")},
     "ChatResponse": _object({
         "session_id": _STR,
         "response": _STR,
@@ -415,6 +429,8 @@ UPSTREAM_CASES = (
                                                      "contacted), or the module is disabled."),
     _error(504, "upstream_timeout", "the module did not answer within the route's timeout."),
 )
+STREAM_HEADERS = (("Cache-Control", "`no-cache`"), ("X-Accel-Buffering", "`no`: proxies must not buffer it."))
+SSE = "text/event-stream"
 FORWARDED = Case("default", "The module's own reply, forwarded with its status and JSON body.",
                  schema=_schema("ModuleReply"))
 
@@ -471,6 +487,9 @@ STATUS = Operation(
 PROXY = Operation((_body(200, "The module's reply.", "ModuleReply"), *UPSTREAM_CASES), forwards=True)
 CHAT = Operation(
     (_body(200, "The chat route answered, or its fallback did (`degraded`).", "ChatResponse"),
+     Case("200", "`\"stream\": true`: the `stream` route's text as it comes; if it fails before its first "
+                 "byte, the fallback's whole reply as one `delta` (`degraded`).",
+          schema=_schema("ChatEvent"), media_type=SSE, headers=STREAM_HEADERS),
      INVALID_JSON, VALIDATION,
      Case("503", "`chat_unavailable`: the chat route and its fallback both failed.",
           schema=_schema("ChatUnavailable"))),
@@ -492,6 +511,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/vx11/routes"): Operation((_body(200, "The route table, intent -> module.", "Routes"),)),
     ("POST", "/vx11/intent/{intent}"): Operation(
         (_body(200, "The module's reply.", "ModuleReply"),
+         Case("200", "A route with `stream = true`: the module's reply relayed as it arrives, with its status and "
+                     "content type (chunked to HTTP/1.1, close-delimited to HTTP/1.0).",
+              schema=_schema("StreamedEvent"), media_type=SSE, headers=STREAM_HEADERS),
          _error(404, "unknown_intent", "no route for this intent; `known` lists the intents."),
          _error(404, "not_found", "the path matches no route (an `intent` holding `/`)."),
          INVALID_JSON, VALIDATION, *UPSTREAM_CASES),
