@@ -385,3 +385,112 @@ def test_text_deltas_read_sse_split_anywhere_and_plain_text():
     assert texts == ["a\u00e9", "plain words"]
     plain = _TextDeltas(b"text/plain")
     assert plain.feed(b"caf\xc3") + plain.feed(b"\xa9!") == ["caf", "\u00e9!"]
+
+
+# --- the transport alone: an in-process HttpServer on a loopback socket -------------------
+
+class _Producer:
+    """A dispatcher answering every request with a stream of ``size``-byte chunks; it
+    notes how much it produced and whether its generator was closed."""
+
+    def __init__(self, size: int = 16384, count: int | None = None, fail_after: int | None = None):
+        self.size, self.count, self.fail_after = size, count, fail_after
+        self.produced = 0
+        self.closed = asyncio.Event()
+
+    async def _chunks(self) -> Any:
+        try:
+            i = 0
+            while self.count is None or i < self.count:
+                if i == self.fail_after:
+                    raise RuntimeError("producer failed")
+                self.produced += self.size
+                yield b"z" * self.size
+                i += 1
+        finally:
+            self.closed.set()
+
+    async def handle(self, req: Any) -> Any:
+        from edgelink.http.messages import StreamingResponse
+        return StreamingResponse(200, b"first", [], b"text/plain", chunks=self._chunks())
+
+    def websocket(self, req: Any) -> Any:
+        raise AssertionError("no WebSocket here")
+
+
+async def _serving(producer: _Producer) -> Any:
+    from edgelink.config import Settings
+    from edgelink.http.server import HttpServer
+    server = HttpServer(producer, Settings())
+    await server.start("127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_a_client_that_does_not_read_holds_at_most_the_stream_window():
+    from edgelink.http.server import STREAM_WINDOW
+
+    async def run() -> None:
+        producer = _Producer()
+        server, port = await _serving(producer)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # keep the kernel's share small
+        writer.write(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+        last = -1
+        while producer.produced != last:  # until the producer is no longer asked for chunks
+            last = producer.produced
+            await asyncio.sleep(0.2)
+        [conn] = server.connections
+        assert conn.transport.get_write_buffer_size() <= STREAM_WINDOW + producer.size + 16
+        assert not producer.closed.is_set()
+        writer.close()
+        await asyncio.wait_for(producer.closed.wait(), 5)  # the caller left: the generator is closed
+        await server.shutdown(0)
+
+    asyncio.run(run())
+
+
+def test_head_gets_the_head_only_and_a_failing_producer_truncates_the_body():
+    async def run() -> None:
+        producer = _Producer(count=3)
+        server, port = await _serving(producer)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"HEAD /x HTTP/1.1\r\nHost: t\r\n\r\n")
+        h = h11.Connection(h11.CLIENT)
+        h.send(h11.Request(method="HEAD", target="/x", headers=[("host", "t")]))
+        h.send(h11.EndOfMessage())
+        events = []
+        while not any(isinstance(e, h11.EndOfMessage) for e in events):
+            event = h.next_event()
+            if event is h11.NEED_DATA:
+                h.receive_data(await reader.read(65536))
+            else:
+                events.append(event)
+        assert events[0].status_code == 200 and [type(e) for e in events[1:]] == [h11.EndOfMessage]
+        assert producer.produced == 0  # never asked for a chunk
+        h.start_next_cycle()
+        h.send(h11.Request(method="GET", target="/x", headers=[("host", "t")]))
+        h.send(h11.EndOfMessage())
+        writer.write(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+        body = b""
+        while True:  # the same connection serves the next request
+            event = h.next_event()
+            if event is h11.NEED_DATA:
+                h.receive_data(await reader.read(65536))
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        assert body == b"first" + b"z" * 3 * producer.size
+        writer.close()
+
+        failing = _Producer(count=3, fail_after=1)
+        server.dispatcher = failing
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), 5)  # the server closes the connection
+        assert raw.endswith(b"z" * failing.size + b"\r\n") and b"\r\n0\r\n\r\n" not in raw
+        writer.close()
+        await server.shutdown(0)
+
+    asyncio.run(run())
