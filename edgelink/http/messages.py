@@ -46,10 +46,13 @@ class Response:
 
 @dataclass(slots=True)
 class StreamingResponse(Response):
-    """A body produced over time: the server writes ``chunks`` as they come (chunked to
-    HTTP/1.1, close-delimited to HTTP/1.0), pausing while the client is slow. An exception
-    from ``chunks`` ends the body truncated (no last chunk) so the caller sees it failed;
-    the server closes the generator on every path, which releases what it holds."""
+    """A body produced over time: ``body`` (if any) goes out with the head, then ``chunks``
+    as they come (chunked to HTTP/1.1, close-delimited to HTTP/1.0), the next one asked for
+    only while the client keeps up. An exception from ``chunks`` ends the body truncated (no
+    last chunk) so the caller sees it failed. The server closes the generator on every path
+    (``aclose()``); a generator never started (a HEAD) runs none of its code, so one that
+    holds something (an upstream call) must be started before it is returned, as
+    ``api/streams.respond`` does by taking the first chunk."""
 
     chunks: AsyncGenerator[bytes, None] | None = None
 
