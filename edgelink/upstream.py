@@ -216,9 +216,22 @@ class UpstreamClient:
 
     async def request(self, base_url: str, method: str, path: str, *,
                       headers: Iterable[tuple[bytes, bytes]] = (), body: bytes = b"",
-                      timeout: float, stream: bool = False) -> Reply | Stream:
-        """Send one request (``Host`` and ``Content-Length`` are added) and read the whole
-        reply (or, with ``stream``, its head: a ``Stream``)."""
+                      timeout: float) -> Reply:
+        """Send one request (``Host`` and ``Content-Length`` are added) and read the whole reply."""
+        reply = await self._call(base_url, method, path, headers, body, timeout, stream=False)
+        assert isinstance(reply, Reply)
+        return reply
+
+    async def stream(self, base_url: str, method: str, path: str, *,
+                     headers: Iterable[tuple[bytes, bytes]] = (), body: bytes = b"",
+                     timeout: float) -> Stream:
+        """Send one request like ``request()``; return once the reply's head is in."""
+        reply = await self._call(base_url, method, path, headers, body, timeout, stream=True)
+        assert isinstance(reply, Stream)
+        return reply
+
+    async def _call(self, base_url: str, method: str, path: str, headers: Iterable[tuple[bytes, bytes]],
+                    body: bytes, timeout: float, stream: bool) -> Reply | Stream:
         origin = self._origin(base_url)
         head = [(b"host", origin.authority), *headers]
         if body or method not in IDEMPOTENT:
@@ -229,13 +242,6 @@ class UpstreamClient:
                 return await self._send(origin, request, body, method in IDEMPOTENT, stream)
         except TimeoutError:
             raise UpstreamError("timeout", f"no reply within {timeout:g} s") from None
-
-    async def stream(self, base_url: str, method: str, path: str, *,
-                     headers: Iterable[tuple[bytes, bytes]] = (), body: bytes = b"",
-                     timeout: float) -> Stream:
-        """Send one request like ``request()``; return once the reply's head is in."""
-        return await self.request(base_url, method, path, headers=headers, body=body, timeout=timeout,
-                                  stream=True)  # type: ignore[return-value]
 
     async def close(self) -> None:
         """Close idle connections; busy ones are closed when their call ends."""
