@@ -122,13 +122,13 @@ async def _streamed_reply(req: Request, route: RouteConfig, session_id: str, out
     """The SSE answer relayed from ``route``. Until its first text, a failure is raised
     (for the fallback); after it, the stream ends with an ``error`` event."""
     rt = req.app
+    parts: list[str] = []
+    kept = 0  # characters of the reply kept for the session, bounded like a buffered reply
     stream = await rt.modules.stream(route.module, route.method, route.endpoint, json=outgoing,
                                      timeout=route.timeout, idle=rt.settings.stream_idle,
                                      correlation_id=req.correlation_id)
-    deltas = _TextDeltas(stream.content_type or b"")
-    parts: list[str] = []
-    kept = 0  # characters of the reply kept for the session, bounded like a buffered reply
     try:
+        deltas = _TextDeltas(stream.content_type or b"")
         if not 200 <= stream.status < 300:
             raise HTTPError(502, "upstream_unavailable", module=route.module,
                             detail=f"{route.module} answered HTTP {stream.status}")
