@@ -494,3 +494,21 @@ def test_head_gets_the_head_only_and_a_failing_producer_truncates_the_body():
         await server.shutdown(0)
 
     asyncio.run(run())
+
+
+def test_demo_switch_streams_the_chat_word_by_word(gateway_factory):
+    gw = gateway_factory(command="demo")
+    client = StreamClient(gw.port)
+    client.send("POST", "/operator/chat", {"message": "hi there", "stream": True}, gw.token)
+    assert client.head()[0] == 200
+    chunks = []
+    while (chunk := client.chunk()) is not None:
+        chunks.append(chunk)
+    client.close()
+    got = events(b"".join(chunks))
+    words = [d["text"] for e, d in got if e == "delta"]
+    # The words come 80 ms apart, each in its own chunk unless a loaded box delays some together.
+    assert len(words) > 5 and len(chunks) > 3
+    done = got[-1]
+    assert done[0] == "done" and done[1]["response"] == "".join(words) and done[1]["response"].endswith("hi there")
+    assert done[1]["provider"] == "switch" and done[1]["degraded"] is False
