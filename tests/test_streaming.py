@@ -185,6 +185,11 @@ def test_intent_relays_each_chunk_as_it_arrives_and_keeps_the_connection(switch,
     assert 'edgelink_streams_open{route="/vx11/intent/{intent}"} 0' in metrics
     assert 'edgelink_stream_first_byte_seconds_count{route="/vx11/intent/{intent}"} 1' in metrics
     assert f'edgelink_stream_bytes_total{{route="/vx11/intent/{{intent}}"}} {3 * len(data("one")) + 2}' in metrics
+    # A stream read to its end gives its upstream connection back to the pool.
+    switch.reply("/switch/stream", StreamPlan([data("again")]))
+    assert gw.post("/vx11/intent/stream", {}).body == data("again")
+    first, second = received(switch, "/switch/stream")
+    assert second.connection == first.connection
 
 
 def test_http10_caller_gets_a_close_delimited_stream(switch, gateway_factory):
