@@ -517,3 +517,18 @@ def test_demo_switch_streams_the_chat_word_by_word(gateway_factory):
     done = got[-1]
     assert done[0] == "done" and done[1]["response"] == "".join(words) and done[1]["response"].endswith("hi there")
     assert done[1]["provider"] == "switch" and done[1]["degraded"] is False
+
+
+def test_stream_flag_in_the_route_table(tmp_path):
+    from edgelink.config import ConfigError, load_settings
+
+    env = {"VX11_GATEWAY_TOKEN": "t"}
+    assert [r.intent for r in load_settings(env=env).routes if r.stream] == ["stream"]
+    config = tmp_path / "edgelink.toml"
+    config.write_text('[routes.stream]\nstream = false\n[routes.code]\nstream = true\n')
+    routes = {r.intent: r for r in load_settings(env=env, config_file=str(config)).routes}
+    assert routes["stream"].stream is False and routes["stream"].endpoint == "/switch/stream"
+    assert routes["code"].stream is True
+    config.write_text('[routes.code]\nstream = "sometimes"\n')
+    with pytest.raises(ConfigError, match="routes.code"):
+        load_settings(env=env, config_file=str(config))
