@@ -456,7 +456,8 @@ class HttpProtocol(asyncio.Protocol):
                         self.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
                         await self._drained()
             except asyncio.CancelledError:
-                if self.phase is not Phase.CLOSED:  # shutdown grace over: end it, not cut it
+                # shutdown grace over (not the caller gone, nor dropped): end it, not cut it
+                if self.phase is not Phase.CLOSED and not self.transport.is_closing():
                     if chunked:
                         self.transport.write(b"0\r\n\r\n")
                     self._close()
