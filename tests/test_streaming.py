@@ -532,3 +532,25 @@ def test_stream_flag_in_the_route_table(tmp_path):
     config.write_text('[routes.code]\nstream = "sometimes"\n')
     with pytest.raises(ConfigError, match="routes.code"):
         load_settings(env=env, config_file=str(config))
+
+
+@pytest.mark.parametrize("path", ["/vx11/intent/stream", "/operator/chat"])
+def test_caller_leaving_before_the_first_byte_closes_the_module_connection(switch, gateway_factory, path):
+    # Headers, then nothing: within the 30 s idle bound only the caller's leaving ends this.
+    switch.reply("/switch/stream", StreamPlan([], then="stall"))
+    madre = StreamingModule("madre").start()
+    try:
+        gw = gateway_factory(module_env({"switch": switch, "madre": madre}))
+        client = StreamClient(gw.port)
+        client.send("POST", path, {"message": "hi", "stream": True}, gw.token)
+        wait_until(lambda: received(switch, "/switch/stream"))
+        time.sleep(0.2)  # the module's head is in: the gateway waits for its first byte
+        left = time.monotonic()
+        client.close()
+        wait_until(lambda: switch.ended, timeout=5)
+        assert switch.ended[0] - left < 1.0, "the module's connection outlived the caller by over 1 s"
+        assert not received(madre, "/madre/chat")  # nobody to answer: no fallback
+        breaker = gw.get("/vx11/circuit-breaker/status").json()["breakers"]["switch"]
+        assert breaker == {"state": "closed", "failure_count": 0, "last_failure": None}
+    finally:
+        madre.stop()

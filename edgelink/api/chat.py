@@ -101,6 +101,8 @@ async def _chat_stream(req: Request, chat_route: RouteConfig | None, session_id:
         try:
             return await streams.respond(req, 200, streams.SSE_TYPE,
                                          _streamed_reply(req, route, session_id, outgoing, started), started)
+        except streams.CallerGone:
+            raise
         except HTTPError as exc:
             log.warning("chat_route_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
     fallback = chat_route.fallback if chat_route is not None else None

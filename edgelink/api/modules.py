@@ -78,6 +78,8 @@ async def intent(req: Request) -> Response:
         reply = await rt.modules.call(route.module, route.method, route.endpoint, json=body,
                                       timeout=route.timeout, correlation_id=req.correlation_id)
         failed = reply.status >= 500
+    except streams.CallerGone:
+        raise
     except HTTPError:
         if route.fallback is None:
             raise

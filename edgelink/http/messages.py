@@ -6,6 +6,7 @@ any answer that is an error in the API.md §1 shape; the dispatcher renders it.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 from typing import Any, AsyncGenerator, Iterable
@@ -78,7 +79,7 @@ class Request:
     """One parsed HTTP request. ``app`` is the gateway state the dispatcher attaches."""
 
     __slots__ = ("method", "target", "path", "query_string", "headers", "body", "client",
-                 "http_version", "params", "route", "correlation_id", "app", "_query", "_json")
+                 "http_version", "params", "route", "correlation_id", "app", "_query", "_json", "_gone")
 
     def __init__(self, method: str, target: str, headers: dict[str, str], body: bytes = b"",
                  client: tuple[str, int] | None = None, http_version: str = "1.1"):
@@ -96,6 +97,18 @@ class Request:
         self.app: Any = None
         self._query: dict[str, str] | None = None
         self._json: Any = _NO_BODY
+        self._gone: asyncio.Event | None = None
+
+    def caller_gone(self) -> asyncio.Event:
+        """Set once the caller has closed or dropped its connection (for a handler that
+        would rather stop waiting on a module than answer nobody)."""
+        if self._gone is None:
+            self._gone = asyncio.Event()
+        return self._gone
+
+    def hang_up(self) -> None:
+        """Called by the transport when the caller goes away."""
+        self.caller_gone().set()
 
     @property
     def query(self) -> dict[str, str]:

@@ -210,6 +210,8 @@ class HttpProtocol(asyncio.Protocol):
         self.server.connections.discard(self)
         if self._ws is not None:
             self._ws.connection_lost()
+        if self._request is not None:
+            self._request.hang_up()
         if self._streaming and self._task is not None:
             self._task.cancel()  # nobody reads the stream any more: stop producing it
         self.server.busy_changed()
@@ -237,6 +239,8 @@ class HttpProtocol(asyncio.Protocol):
             assert self._ws is not None
             self._ws.feed(None)
             return False
+        if self._request is not None and self.phase is Phase.HANDLING:
+            self._request.hang_up()
         if self._streaming and self._task is not None:
             # A caller that stops sending mid-stream has gone (clients do not half-close to
             # read a stream): stop now rather than at the next write or idle timeout.
