@@ -30,6 +30,8 @@ handler's generator yields it. While more than ``STREAM_WINDOW`` bytes wait in t
 transport the generator is not asked for the next chunk, so a slow client slows the
 producer instead of growing our buffer. A client that goes away cancels the stream; at the
 end of the shutdown grace a stream still running is ended with its last chunk and closed.
+The request is told when its caller goes away (``Request.hang_up``), so a handler still
+waiting for a stream's first byte can give up on the module at once.
 """
 
 from __future__ import annotations
