@@ -30,7 +30,7 @@ class Dispatcher:
 
     def _admit(self, req: Request) -> None:
         """What every request gets first: the gateway state and its correlation id."""
-        req.app = self.runtime
+        req.runtime = self.runtime
         req.correlation_id = auth.correlation_id(req.headers.get("x-correlation-id"))
 
     def _count(self, req: Request, status: int) -> str:

@@ -9,7 +9,6 @@ config file and environment file; if they are valid, apply what can change at ru
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import signal
 from typing import Any, Awaitable, Callable, Coroutine
@@ -21,12 +20,6 @@ from .dispatch import Dispatcher
 from .http.server import HttpServer
 from .log import configure, log
 from .runtime import Runtime
-
-# Settings read once at start: changing them needs a restart.
-RESTART_ONLY = ("host", "port", "db", "ledger_sync", "retention_events", "retention_days",
-                "context7_ttl_seconds", "context7_cleanup_interval", "context7_max_sessions",
-                "context7_max_messages", "context7_max_bytes")
-
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:
     """Run ``main`` on uvloop, or on the standard loop (saying so) when uvloop is missing."""
@@ -91,12 +84,7 @@ def _reload(runtime: Runtime, server: HttpServer, reload: Callable[[], Settings]
         log.error("reload_refused", error=str(exc), detail="keeping the running configuration")
         systemd.ready()
         return
-    fixed = [name for name in RESTART_ONLY if getattr(new, name) != getattr(runtime.settings, name)]
-    if fixed:
-        log.warning("reload_needs_restart", settings=fixed, detail="these keep their running values")
-        new = dataclasses.replace(new, **{name: getattr(runtime.settings, name) for name in fixed})
-    configure(new.log_level)
     runtime.apply(new)
-    server.settings = new  # connections accepted from now on get the new limits
+    server.settings = runtime.settings  # connections accepted from now on get the new limits
     log.info("reloaded", config_file=new.config_file)
     systemd.ready()

@@ -9,6 +9,10 @@ from edgelink.config import ConfigError, load_settings
 TOKEN = {"VX11_GATEWAY_TOKEN": "t"}
 
 
+def module(settings, name):
+    return next(m for m in settings.modules if m.name == name)
+
+
 def test_defaults_match_the_contract():
     s = load_settings(env=TOKEN)
     assert (s.host, s.port, s.enable_auth) == ("0.0.0.0", 8000, True)
@@ -43,16 +47,16 @@ def test_precedence_flags_env_file(tmp_path):
     assert s.port == 7200  # flag over env over file
     assert s.health_timeout == 0.5  # env over file
     assert s.keepalive_timeout == 9.0  # file over default
-    assert s.module("madre").url == "http://10.0.0.5:9001"
+    assert module(s, "madre").url == "http://10.0.0.5:9001"
     assert s.route("chat").timeout == 3.0 and s.route("chat").fallback.module == "madre"
     assert s.route("custom").module == "mcp" and s.route("custom").method == "POST"
     env["MADRE_URL"] = "http://127.0.0.1:9999/"
-    assert load_settings(env=env, config_file=str(cfg)).module("madre").url == "http://127.0.0.1:9999"
+    assert module(load_settings(env=env, config_file=str(cfg)), "madre").url == "http://127.0.0.1:9999"
 
 
 @pytest.mark.parametrize("value", ["true", "TRUE", "1", "yes", "Yes"])
 def test_booleans_true(value):
-    assert load_settings(env={**TOKEN, "SHUB_ENABLED": value}).module("shubniggurath").enabled
+    assert module(load_settings(env={**TOKEN, "SHUB_ENABLED": value}), "shubniggurath").enabled
 
 
 @pytest.mark.parametrize("value", ["false", "0", "no", "NO"])
@@ -101,7 +105,7 @@ def test_env_file_laid_over_environment(tmp_path):
     envfile = tmp_path / "edgelink.env"
     envfile.write_text('# comment\n\nVX11_GATEWAY_TOKEN="from-file"\nMADRE_URL=http://127.0.0.1:9101\n')
     s = load_settings(env={"VX11_GATEWAY_TOKEN": "from-env", "EDGELINK_ENV_FILE": str(envfile)})
-    assert s.token == "from-file" and s.module("madre").url == "http://127.0.0.1:9101"
+    assert s.token == "from-file" and module(s, "madre").url == "http://127.0.0.1:9101"
     envfile.write_text("this line is wrong\n")
     with pytest.raises(ConfigError) as info:
         load_settings(env={"EDGELINK_ENV_FILE": str(envfile)})

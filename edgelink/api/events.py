@@ -37,7 +37,7 @@ async def accept(rt: "Runtime", event: Event, exclude: WebSocket | None = None) 
 
 
 async def ingest(req: Request) -> Response:
-    rt = req.app
+    rt = req.runtime
     body = req.json()
     try:
         event = parse_ingest(body, now_ms())
@@ -55,15 +55,15 @@ async def ingest(req: Request) -> Response:
 
 
 async def cardinality(req: Request) -> Response:
-    return json_response(req.app.cardinality.snapshot())
+    return json_response(req.runtime.cardinality.snapshot())
 
 
 async def correlations(req: Request) -> Response:
-    return json_response(req.app.correlations.snapshot())
+    return json_response(req.runtime.correlations.snapshot())
 
 
 async def snapshot(req: Request) -> Response:
-    rt = req.app
+    rt = req.runtime
     t = req.int_query("t", 0, 0, 2**53)
     at = t or now_ms()
     ledger = rt.ledger

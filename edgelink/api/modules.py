@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from ..config import RouteConfig
+from ..config import Intent
 from ..http.messages import HTTPError, Request, Response, json_response
 
 GATEWAY = {"module": "tentaculo_link", "version": "7.0"}
@@ -18,7 +18,7 @@ def _counted(health: dict[str, dict[str, Any]]) -> tuple[int, int]:
 
 
 async def status(req: Request) -> Response:
-    rt = req.app
+    rt = req.runtime
     health = await rt.modules.probe_all()
     healthy, total = _counted(health)
     ports: dict[str, int] = {m.name: m.port for m in rt.settings.modules}
@@ -33,7 +33,7 @@ async def status(req: Request) -> Response:
 
 
 async def overview(req: Request) -> Response:
-    health = await req.app.modules.probe_all()
+    health = await req.runtime.modules.probe_all()
     healthy, total = _counted(health)
     return json_response({
         "status": "ok", "gateway": "tentaculo_link", "version": "7.0", "modules_health": health,
@@ -42,14 +42,14 @@ async def overview(req: Request) -> Response:
 
 
 async def breakers(req: Request) -> Response:
-    return json_response(req.app.modules.breaker_status())
+    return json_response(req.runtime.modules.breaker_status())
 
 
-def _route_body(route: RouteConfig) -> dict[str, Any]:
+def _route_body(route: Intent) -> dict[str, Any]:
     fallback = route.fallback
     return {
         "module": route.module, "endpoint": route.endpoint, "method": route.method, "timeout": route.timeout,
-        "description": route.description, "auth_required": route.auth_required,
+        "description": route.description, "auth_required": route.auth_required, "stream": route.stream,
         "fallback": None if fallback is None else {
             "module": fallback.module, "endpoint": fallback.endpoint, "method": fallback.method,
             "timeout": fallback.timeout},
@@ -57,11 +57,11 @@ def _route_body(route: RouteConfig) -> dict[str, Any]:
 
 
 async def routes(req: Request) -> Response:
-    return json_response({"routes": {r.intent: _route_body(r) for r in req.app.settings.routes}})
+    return json_response({"routes": {r.intent: _route_body(r) for r in req.runtime.settings.routes}})
 
 
 async def intent(req: Request) -> Response:
-    rt = req.app
+    rt = req.runtime
     route = rt.settings.route(req.params["intent"])
     if route is None:
         raise HTTPError(404, "unknown_intent", detail=f"no route for intent {req.params['intent']!r}",
@@ -84,7 +84,7 @@ async def intent(req: Request) -> Response:
 
 
 async def _proxy(req: Request, module: str, path: str) -> Response:
-    rt = req.app
+    rt = req.runtime
     reply = await rt.modules.call(module, "GET", path, timeout=rt.settings.proxy_timeout,
                                   correlation_id=req.correlation_id)
     return json_response(reply.data, reply.status)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 from urllib.parse import parse_qsl
 
 import orjson
+
+if TYPE_CHECKING:  # for the annotation only: the transport does not use the runtime
+    from ..runtime import Runtime
 
 JSON_TYPE = b"application/json"
 _INTEGER = re.compile(r"-?[0-9]+")
@@ -62,10 +65,10 @@ _NO_BODY = object()
 
 
 class Request:
-    """One parsed HTTP request. ``app`` is the gateway state the dispatcher attaches."""
+    """One parsed HTTP request. ``runtime`` is the gateway state the dispatcher attaches."""
 
     __slots__ = ("method", "target", "path", "query_string", "headers", "body", "client",
-                 "http_version", "params", "route", "correlation_id", "app", "_query", "_json")
+                 "http_version", "params", "route", "correlation_id", "runtime", "_query", "_json")
 
     def __init__(self, method: str, target: str, headers: dict[str, str], body: bytes = b"",
                  client: tuple[str, int] | None = None, http_version: str = "1.1"):
@@ -80,7 +83,7 @@ class Request:
         self.params: dict[str, str] = {}
         self.route: str | None = None  # the matched route template, for metrics and logs
         self.correlation_id = ""
-        self.app: Any = None
+        self.runtime: Runtime = None  # type: ignore[assignment]  # set by the dispatcher
         self._query: dict[str, str] | None = None
         self._json: Any = _NO_BODY
 
