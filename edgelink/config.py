@@ -385,7 +385,7 @@ def _table(value: Any, where: str, problems: list[str], keys: tuple[str, ...] | 
         problems.append(f"{where} must be a table")
         return {}
     if keys is not None:
-        problems.extend(f"{where}: unknown key {key!r} (known: {', '.join(keys)})" for key in value if key not in keys)
+        problems.extend(f"{where}.{key}: unknown key (known: {', '.join(keys)})" for key in value if key not in keys)
     return value
 
 
@@ -509,7 +509,7 @@ def load_settings(
     top_keys = {k.toml.partition(".")[0] for k in KNOBS} | {"modules", "routes"}
     for key in file_data:
         if key not in top_keys:
-            problems.append(f"config file {config_file}: unknown setting {key!r}")
+            problems.append(f"{key}: unknown setting in config file {config_file}")
     for section, keys in KNOB_SECTIONS.items():
         if section in file_data:
             _table(file_data[section], section, problems, keys)
