@@ -17,6 +17,7 @@ from .gateway.modules import Modules, Probe
 from .gateway.observe import CardinalityCounter, CorrelationGraph
 from .gateway.sessions import SessionStore, Sweeper
 from .http.router import Router
+from .http.server import HttpServer
 from .hub import Hub
 from .ledger import Ledger
 from .log import configure, log
@@ -38,6 +39,7 @@ class Runtime:
         self.sessions = SessionStore.from_settings(settings)
         self.modules = self._modules(settings)
         self.router: Router | None = None  # set by serve(); /openapi.json describes it
+        self.server: HttpServer | None = None  # set by serve(); takes new limits on reload
         self.openapi_cache: bytes | None = None
         self._sweeper = Sweeper(self.sessions, settings.context7_cleanup_interval)
         self._recorder: asyncio.Task[None] | None = None
@@ -108,6 +110,8 @@ class Runtime:
         self.settings = new
         configure(new.log_level)
         self.hub.hold_limit = new.ws_queue
+        if self.server is not None:
+            self.server.settings = new  # connections accepted from now on get the new limits
         self._schedule_recorder()
         for piece in sorted(pieces):
             self.rebuilders[piece](old, new)

@@ -38,7 +38,7 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     runtime = Runtime(settings)
     await runtime.start()
     runtime.router = build_router()
-    server = HttpServer(Dispatcher(runtime.router, runtime), settings)
+    server = runtime.server = HttpServer(Dispatcher(runtime.router, runtime), settings)
     socks = systemd.listen_fds()
     try:
         await server.start(settings.host, settings.port, socks=socks)
@@ -54,7 +54,7 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if reload is not None:
-        loop.add_signal_handler(signal.SIGHUP, _reload, runtime, server, reload)
+        loop.add_signal_handler(signal.SIGHUP, _reload, runtime, reload)
     # What start-up allocated lives as long as the process: keep it out of the collector's
     # full passes, which would otherwise walk it again and again under load.
     gc.freeze()
@@ -76,7 +76,7 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     log.info("stopped")
 
 
-def _reload(runtime: Runtime, server: HttpServer, reload: Callable[[], Settings]) -> None:
+def _reload(runtime: Runtime, reload: Callable[[], Settings]) -> None:
     systemd.reloading()
     try:
         new = reload()
@@ -85,6 +85,5 @@ def _reload(runtime: Runtime, server: HttpServer, reload: Callable[[], Settings]
         systemd.ready()
         return
     runtime.apply(new)
-    server.settings = runtime.settings  # connections accepted from now on get the new limits
     log.info("reloaded", config_file=new.config_file)
     systemd.ready()
