@@ -110,3 +110,25 @@ def test_env_file_laid_over_environment(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_settings(env={"EDGELINK_ENV_FILE": str(envfile)})
     assert "line 1" in str(info.value)
+
+
+def test_intents_carry_a_stream_flag(tmp_path):
+    assert [r.intent for r in load_settings(env=TOKEN).routes if r.stream] == ["stream"]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[routes.code]\nstream = true\n[routes.stream]\nstream = false\n'
+                   '[routes.live]\nmodule = "mcp"\nendpoint = "/mcp/live"\nstream = true\n')
+    s = load_settings(env=TOKEN, config_file=str(cfg))
+    assert (s.route("code").stream, s.route("stream").stream, s.route("live").stream) == (True, False, True)
+    cfg.write_text('[routes.code]\nstream = "sometimes"\n')
+    with pytest.raises(ConfigError, match="routes.code.stream"):
+        load_settings(env=TOKEN, config_file=str(cfg))
+
+
+def test_every_problem_is_reported(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('port = "x"\n[modules.madre]\nurll = "http://127.0.0.1:1"\n[forward]\nwindo = 1\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"EDGELINK_MAX_BODY": "big"}, config_file=str(cfg))
+    assert [p.split(" ")[0] for p in info.value.problems] == [
+        "forward.windo:", "bad", "bad", "modules.madre.urll:", "auth"]
+    assert "port in" in info.value.problems[1] and "EDGELINK_MAX_BODY" in info.value.problems[2]

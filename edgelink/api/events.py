@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ..runtime import Runtime
 
 RECENT_IN_SNAPSHOT = 20
+MAX_SNAPSHOT_T = 2**53  # the largest ``t`` a snapshot takes (a JSON-safe integer)
 
 
 def now_ms() -> int:
@@ -64,7 +65,7 @@ async def correlations(req: Request) -> Response:
 
 async def snapshot(req: Request) -> Response:
     rt = req.runtime
-    t = req.int_query("t", 0, 0, 2**53)
+    t = req.int_query("t", 0, 0, MAX_SNAPSHOT_T)
     at = t or now_ms()
     ledger = rt.ledger
     modules = await ledger.health_at(at)
