@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from edgelink.config import ConfigError, load_settings
+from edgelink.config import KNOBS, ConfigError, load_settings, markdown_table
 
 TOKEN = {"VX11_GATEWAY_TOKEN": "t"}
 
@@ -132,3 +134,11 @@ def test_every_problem_is_reported(tmp_path):
     assert [p.split(" ")[0] for p in info.value.problems] == [
         "forward.windo:", "bad", "bad", "modules.madre.urll:", "auth"]
     assert "port in" in info.value.problems[1] and "EDGELINK_MAX_BODY" in info.value.problems[2]
+
+
+def test_readme_lists_every_setting_as_the_table_says():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("<!-- settings:begin -->\n")[1].split("\n<!-- settings:end -->")[0]
+    assert block == markdown_table(), "regenerate with: python -c 'from edgelink.config import markdown_table as " \
+                                      "t; print(t())'"
+    assert len(block.splitlines()) == len(KNOBS) + 2
