@@ -27,11 +27,11 @@ from typing import Any, Callable
 
 import orjson
 
-from ..config import ModuleConfig, Settings
-from ..http.messages import HTTPError, Response, json_response
-from ..log import log
-from ..upstream import UpstreamClient, UpstreamError
-from .breaker import Breaker
+from .config import ModuleConfig, Settings
+from .http.messages import HTTPError, Response, json_response
+from .log import log
+from .upstream import UpstreamClient, UpstreamError
+from .gateway.breaker import Breaker
 
 
 # ModuleHealth.status for a probe that got no reply, by UpstreamError.kind.

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 from .config import ConfigError, ModuleConfig, Settings, load_settings
-from .gateway.modules import Modules, Probe
+from .modules import Modules, Probe
 from .ledger import Ledger, ProbeRecord
 
 

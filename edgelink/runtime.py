@@ -13,7 +13,7 @@ from typing import Callable
 
 from .config import MODULES_PIECE, REBUILD, RESTART, Settings, changed
 from .gateway.metrics import Gauge, Registry
-from .gateway.modules import Modules, Probe
+from .modules import Modules, Probe
 from .gateway.observe import CardinalityCounter, CorrelationGraph
 from .gateway.sessions import SessionStore, Sweeper
 from .http.router import Router

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from edgelink.config import ModuleConfig, Settings
-from edgelink.gateway.modules import Modules, ModuleReply
+from edgelink.modules import Modules, ModuleReply
 from edgelink.http.messages import HTTPError
 from edgelink.upstream import UpstreamClient, UpstreamError
 from fakemodule import (CLOSE_AFTER_REPLY, CLOSE_BEFORE_REPLY, CLOSE_MID_REPLY, ERROR_500, HANG, HUGE,
