@@ -21,17 +21,20 @@ _INTEGER = re.compile(r"-?[0-9]+")
 
 
 class HTTPError(Exception):
-    """An error answer: ``{"error": code, "status_code": status, **extra}``."""
+    """An error answer: ``{"error": code, "status_code": status, **body, **extra}``. ``body``
+    carries fields whose names cannot be keywords here (``status``, for one)."""
 
-    def __init__(self, status: int, code: str, headers: Iterable[tuple[bytes, bytes]] = (), **extra: Any):
+    def __init__(self, status: int, code: str, headers: Iterable[tuple[bytes, bytes]] = (),
+                 body: dict[str, Any] | None = None, **extra: Any):
         super().__init__(code)
         self.status = status
         self.code = code
-        self.extra = extra
+        self.extra = {**(body or {}), **extra}
         self.headers = list(headers)
 
     def response(self) -> "Response":
-        return error_response(self.status, self.code, headers=self.headers, **self.extra)
+        return json_response({"error": self.code, "status_code": self.status, **self.extra}, self.status,
+                             self.headers)
 
 
 def validation_error(*problems: tuple[list[Any], str]) -> HTTPError:
@@ -52,9 +55,7 @@ def json_response(data: Any, status: int = 200, headers: list[tuple[bytes, bytes
 
 
 def error_response(status: int, code: str, headers: list[tuple[bytes, bytes]] | None = None, **extra: Any) -> Response:
-    body = {"error": code, "status_code": status}
-    body.update(extra)
-    return json_response(body, status, headers)
+    return HTTPError(status, code, headers or (), **extra).response()  # one way to build an error body
 
 
 def empty_response(status: int = 204, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
