@@ -2,14 +2,14 @@
 
 ``Modules`` owns, for every module in ``settings.modules``, its URL, whether it is
 enabled, and its breaker (API.md §2), plus one shared ``UpstreamClient``. Handlers call
-``await modules.call(...)`` and get a ``ModuleReply`` or an ``HTTPError`` already in the
-API.md §3 shape:
+``await modules.call(...)`` and get a ``ModuleReply`` or a ``ModuleError`` whose ``code``
+says why (api/modules.py maps it to the API.md §3 answer):
 
-- breaker open: 503 ``circuit_open`` at once, the module is not contacted;
+- breaker open: ``circuit_open`` at once, the module is not contacted;
 - connect error, module hung up, bad HTTP, reply over the size limit, reply not JSON:
-  502 ``upstream_unavailable``;
-- no reply within the call's timeout: 504 ``upstream_timeout``;
-- a disabled module: 503 ``module_disabled``.
+  ``upstream_unavailable``;
+- no reply within the call's timeout: ``upstream_timeout``;
+- a disabled module: ``module_disabled``.
 
 Any JSON reply is returned with the module's status, 4xx and 5xx included, for the
 handler to forward. What the breaker counts as a failure: every error above, and 5xx.
@@ -28,7 +28,6 @@ from typing import Any, Callable
 import orjson
 
 from .config import ModuleConfig, Settings
-from .http.messages import HTTPError, Response, json_response
 from .log import log
 from .upstream import UpstreamClient, UpstreamError
 from .gateway.breaker import Breaker
@@ -38,16 +37,14 @@ from .gateway.breaker import Breaker
 _PROBE_STATUS = {"connect": "unreachable", "timeout": "timeout"}
 
 
-class CircuitOpenError(HTTPError):
-    """503 ``circuit_open``, whose body also says ``"status": "circuit_open"`` (API.md §2).
-    That key cannot travel in HTTPError's keywords, where ``status`` is the HTTP status."""
+class ModuleError(Exception):
+    """A call that got no usable reply from ``module``; ``code`` is one of the four above."""
 
-    def __init__(self, module: str, detail: str):
-        super().__init__(503, "circuit_open", module=module, detail=detail)
-
-    def response(self) -> Response:
-        body = {"error": self.code, "status_code": self.status, "status": "circuit_open", **self.extra}
-        return json_response(body, self.status, self.headers)
+    def __init__(self, code: str, module: str, detail: str):
+        super().__init__(detail)
+        self.code = code
+        self.module = module
+        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +87,12 @@ class Modules:
         """Call ``module`` behind its breaker; ``json`` (if not None) is sent as the body."""
         config = self.registry[module]
         if not config.enabled:
-            raise HTTPError(503, "module_disabled", module=module, detail=f"module {module} is disabled")
+            raise ModuleError("module_disabled", module, f"module {module} is disabled")
         breaker = self.breakers[module]
         ticket = breaker.allow()
         if ticket is None:
-            raise CircuitOpenError(module, f"calls to {module} are refused after {breaker.threshold} "
-                                           f"consecutive failures, until a trial call succeeds")
+            raise ModuleError("circuit_open", module, f"calls to {module} are refused after {breaker.threshold} "
+                                                      f"consecutive failures, until a trial call succeeds")
         body = b"" if json is None else orjson.dumps(json)
         headers = self._headers(correlation_id, bool(body))
         started = self._now()
@@ -108,8 +105,8 @@ class Modules:
             log.warning("upstream_failed", module=module, method=method, path=path, kind=exc.kind,
                         error=str(exc), correlation_id=correlation_id)
             if exc.kind == "timeout":
-                raise HTTPError(504, "upstream_timeout", module=module, detail=str(exc)) from None
-            raise HTTPError(502, "upstream_unavailable", module=module, detail=str(exc)) from None
+                raise ModuleError("upstream_timeout", module, str(exc)) from None
+            raise ModuleError("upstream_unavailable", module, str(exc)) from None
         except BaseException:
             breaker.release(ticket)  # cancelled: this says nothing about the module
             raise
@@ -122,8 +119,8 @@ class Modules:
             self._done(module, "not_json", started)
             log.warning("upstream_not_json", module=module, method=method, path=path,
                         http_code=reply.status, correlation_id=correlation_id)
-            raise HTTPError(502, "upstream_unavailable", module=module,
-                            detail=f"{module} answered HTTP {reply.status} without a JSON body") from None
+            raise ModuleError("upstream_unavailable", module,
+                              f"{module} answered HTTP {reply.status} without a JSON body") from None
         self._verdict(module, breaker, ticket, failed=failed)
         self._done(module, "http_5xx" if failed else "ok", started)
         return ModuleReply(reply.status, data, latency_ms)

@@ -9,6 +9,8 @@ from ..config import Intent
 from ..http.messages import HTTPError, Request, Response, check_fields, empty_response, json_response, \
     validation_error
 from ..log import log
+from ..modules import ModuleError
+from .modules import call
 
 MAX_MESSAGE = 32_768
 _CHAT_FIELDS = {"message": (str, True), "session_id": (str, False), "user_id": (str, False),
@@ -28,11 +30,9 @@ def _reply_text(data: Any) -> str | None:
 
 async def _ask(req: Request, route: Intent, body: dict[str, Any]) -> tuple[str, str] | None:
     """(text, model) from one route, or None if it failed in any way (logged)."""
-    rt = req.runtime
     try:
-        reply = await rt.modules.call(route.module, route.method, route.endpoint, json=body,
-                                      timeout=route.timeout, correlation_id=req.correlation_id)
-    except HTTPError as exc:
+        reply = await call(req, route, body)
+    except ModuleError as exc:
         log.warning("chat_route_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
         return None
     text = _reply_text(reply.data) if 200 <= reply.status < 300 else None
