@@ -41,6 +41,7 @@ import orjson
 
 from .config import Settings
 from .gateway.events import Event
+from .gateway.health import HealthCheck
 from .log import log
 
 
@@ -117,25 +118,6 @@ _HEALTH_COLUMNS = "service_name, status, http_code, latency_ms, url, error, chec
 
 class LedgerClosed(RuntimeError):
     """The ledger is not open (not started yet, or closed)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeRecord:
-    """One module's result in a health round; ``status`` is a ModuleHealth status."""
-
-    service_name: str
-    port: int | None
-    status: str
-    http_code: int | None
-    latency_ms: float | None
-    url: str
-    error: str | None
-    snippet: str
-    checked_at: int  # Unix ms
-
-    @property
-    def endpoint_ok(self) -> bool:
-        return self.status == "ok"
 
 
 def _event_from_row(row: tuple) -> Event:
@@ -247,10 +229,10 @@ class Ledger:
                int(event.canonical), int(event.broadcast))
         return await self._submit(lambda fut: _Append(row, fut))
 
-    async def record_health(self, records: Iterable[ProbeRecord]) -> None:
+    async def record_health(self, records: Iterable[HealthCheck]) -> None:
         """Record one health round: the latest row per service and one history row each."""
         rows = [(r.port, r.status, r.http_code, r.latency_ms, int(r.endpoint_ok), r.snippet[:SNIPPET_CHARS],
-                 r.url, r.error, r.checked_at, r.service_name) for r in records]
+                 r.url, r.error, r.checked_at, r.service) for r in records]
         await self._submit(lambda fut: _Health(rows, fut))
 
     async def prune(self) -> int:

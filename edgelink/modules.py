@@ -31,6 +31,7 @@ from .config import ModuleConfig, Settings
 from .log import log
 from .upstream import UpstreamClient, UpstreamError
 from .gateway.breaker import Breaker
+from .gateway.health import HealthCheck
 
 
 # ModuleHealth.status for a probe that got no reply, by UpstreamError.kind.
@@ -54,14 +55,6 @@ class ModuleReply:
     latency_ms: float
 
 
-@dataclass(frozen=True, slots=True)
-class Probe:
-    """One module's result in a health round: its ModuleHealth, and the start of the body."""
-
-    health: dict[str, Any]
-    snippet: str  # first 200 chars of the reply (for the recorded probe history, API.md §7)
-
-
 class Modules:
     """``call()`` a module, ``probe_all()`` their health, ``breaker_status()``, ``close()``.
 
@@ -80,7 +73,7 @@ class Modules:
         self._now = now
         self._wall = wall
         self._token = [(b"x-vx11-token", settings.token.encode())] if settings.token else []
-        self._round: asyncio.Task[dict[str, Probe]] | None = None
+        self._round: asyncio.Task[dict[str, HealthCheck]] | None = None
 
     async def call(self, module: str, method: str, path: str, *, json: Any = None,
                    timeout: float, correlation_id: str) -> ModuleReply:
@@ -127,9 +120,9 @@ class Modules:
 
     async def probe_all(self) -> dict[str, dict[str, Any]]:
         """Every module's ModuleHealth (API.md §2), disabled ones included, in registry order."""
-        return {name: dict(p.health) for name, p in (await self.probe_round()).items()}
+        return {name: check.module_health() for name, check in (await self.probe_round()).items()}
 
-    async def probe_round(self) -> dict[str, Probe]:
+    async def probe_round(self) -> dict[str, HealthCheck]:
         """Probe every enabled module concurrently; callers arriving during a round share it."""
         if self._round is None:
             self._round = asyncio.create_task(self._probe_round())
@@ -168,16 +161,16 @@ class Modules:
         if self._observe is not None:
             self._observe(module, outcome, self._now() - started)
 
-    def _round_over(self, task: asyncio.Task[dict[str, Probe]]) -> None:
+    def _round_over(self, task: asyncio.Task[dict[str, HealthCheck]]) -> None:
         self._round = None
         if not task.cancelled() and task.exception() is not None:
             log.error("probe_round_failed", error=repr(task.exception()))
 
-    async def probe(self, name: str, correlation_id: str) -> Probe:
+    async def probe(self, name: str, correlation_id: str) -> HealthCheck:
         """One module's health, outside any shared round (for ``edgelink probe``'s progress)."""
         return await self._probe(self.registry[name], correlation_id)
 
-    async def _probe_round(self) -> dict[str, Probe]:
+    async def _probe_round(self) -> dict[str, HealthCheck]:
         modules = list(self.registry.values())
         correlation_id = uuid.uuid4().hex
         probes = await asyncio.gather(*(self._probe(m, correlation_id) for m in modules))
@@ -185,23 +178,19 @@ class Modules:
 
     # Probes do not feed the breakers: a breaker judges the calls it guards, and a
     # dashboard polling /vx11/status must not be what opens or closes routing to a module.
-    async def _probe(self, module: ModuleConfig, correlation_id: str) -> Probe:
-        health: dict[str, Any] = {"status": "disabled", "http_code": None, "latency_ms": None,
-                                  "url": module.url, "error": None}
+    async def _probe(self, module: ModuleConfig, correlation_id: str) -> HealthCheck:
         if not module.enabled:
-            return Probe(health, "")
+            return HealthCheck(module.name, "disabled", None, None, module.url, None, port=module.port)
         started = self._now()
         try:
             reply = await self._client.request(module.url, "GET", "/health",
                                                headers=self._headers(correlation_id, False),
                                                timeout=self.settings.health_timeout)
         except UpstreamError as exc:
-            health.update(status=_PROBE_STATUS.get(exc.kind, "error"), error=str(exc))
-            snippet = ""
+            status, http_code, error, snippet = _PROBE_STATUS.get(exc.kind, "error"), None, str(exc), ""
         else:
             ok = 200 <= reply.status < 300
-            health.update(status="ok" if ok else "error", http_code=reply.status,
-                          error=None if ok else f"HTTP {reply.status}")
+            status, http_code, error = "ok" if ok else "error", reply.status, None if ok else f"HTTP {reply.status}"
             snippet = reply.body[:800].decode("utf-8", "replace")[:200]
-        health["latency_ms"] = round((self._now() - started) * 1000, 3)
-        return Probe(health, snippet)
+        latency_ms = round((self._now() - started) * 1000, 3)
+        return HealthCheck(module.name, status, http_code, latency_ms, module.url, error, snippet, module.port)

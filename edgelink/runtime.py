@@ -13,7 +13,8 @@ from typing import Callable
 
 from .config import MODULES_PIECE, REBUILD, RESTART, Settings, changed
 from .gateway.metrics import Gauge, Registry
-from .modules import Modules, Probe
+from .gateway.health import HealthCheck
+from .modules import Modules
 from .gateway.observe import CardinalityCounter, CorrelationGraph
 from .gateway.sessions import SessionStore, Sweeper
 from .http.router import Router
@@ -21,7 +22,7 @@ from .http.server import HttpServer
 from .hub import Hub
 from .ledger import Ledger
 from .log import configure, log
-from .probe import gateway_url, record_round
+from .probe import GATEWAY_SERVICE, gateway_url, record_round
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -134,12 +135,13 @@ class Runtime:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    def _self_probe(self) -> Probe:
+    def _self_probe(self) -> HealthCheck:
         """The gateway's own row: it is serving, since it is the one recording."""
-        status = "error" if self.stopping else "ok"
-        return Probe({"status": status, "http_code": 503 if self.stopping else 200, "latency_ms": 0.0,
-                      "url": gateway_url(self.settings, self.port), "error": "stopping" if self.stopping else None},
-                     '{"status":"%s","module":"tentaculo_link"}' % ("stopping" if self.stopping else "ok"))
+        stopping = self.stopping
+        return HealthCheck(GATEWAY_SERVICE, "error" if stopping else "ok", 503 if stopping else 200, 0.0,
+                           gateway_url(self.settings, self.port), "stopping" if stopping else None,
+                           '{"status":"%s","module":"tentaculo_link"}' % ("stopping" if stopping else "ok"),
+                           self.port)
 
     async def _record_health(self) -> None:
         """Every probe interval: one probe round, written to the ledger's health tables."""

@@ -16,7 +16,8 @@ import pytest
 
 from edgelink.config import Settings
 from edgelink.gateway.events import Event, build_event
-from edgelink.ledger import SNIPPET_CHARS, Ledger, LedgerClosed, ProbeRecord
+from edgelink.gateway.health import HealthCheck
+from edgelink.ledger import SNIPPET_CHARS, Ledger, LedgerClosed
 
 T0 = 1_700_000_000.0  # seconds
 DAY_MS = 86_400_000
@@ -389,10 +390,10 @@ def test_appends_are_served_between_retention_batches(tmp_path):
 # --- health ------------------------------------------------------------------------------
 
 
-def probe(name: str, status: str, checked_at: int, snippet: str = "{}", port: int = 8001) -> ProbeRecord:
+def probe(name: str, status: str, checked_at: int, snippet: str = "{}", port: int = 8001) -> HealthCheck:
     ok = status == "ok"
-    return ProbeRecord(name, port, status, 200 if ok else None, 12.5 if ok else None,
-                       f"http://127.0.0.1:{port}", None if ok else "connection refused", snippet, checked_at)
+    return HealthCheck(name, status, 200 if ok else None, 12.5 if ok else None, f"http://127.0.0.1:{port}",
+                       None if ok else "connection refused", snippet, port, checked_at)
 
 
 def test_health_rounds_latest_history_and_health_at(tmp_path):
