@@ -424,15 +424,6 @@ class Ledger:
             return [_event_from_row(r) for r in rows]
         return await self._read(query)
 
-    async def between(self, start_ms: int, end_ms: int, limit: int) -> list[Event]:
-        """Events with ``start_ms <= timestamp <= end_ms``, oldest first, at most ``limit``."""
-        def query(conn: sqlite3.Connection) -> list[Event]:
-            rows = conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE timestamp BETWEEN ? AND ? ORDER BY timestamp, seq"
-                " LIMIT ?", (start_ms, end_ms, limit)).fetchall()
-            return [_event_from_row(r) for r in rows]
-        return await self._read(query)
-
     async def health_at(self, t_ms: int) -> dict[str, dict[str, Any]]:
         """Per service, the last health recorded at or before ``t_ms``: ModuleHealth plus
         ``checked_at``. Services never recorded by then are absent."""

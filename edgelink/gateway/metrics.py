@@ -43,21 +43,17 @@ class Counter:
 
 
 class Gauge(Counter):
-    """A value set from outside, or read from a callback at scrape time."""
+    """Values read from a callback at scrape time: labels -> value."""
 
     kind = "gauge"
 
-    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
-                 read: Callable[[], dict[tuple[str, ...], float]] | None = None):
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (), *,
+                 read: Callable[[], dict[tuple[str, ...], float]]):
         super().__init__(name, help_text, labels)
         self.read = read
 
-    def set(self, *labels: str, value: float) -> None:
-        self.values[labels] = value
-
     def samples(self) -> Iterable[str]:
-        if self.read is not None:
-            self.values = self.read()
+        self.values = self.read()
         return super().samples()
 
 
