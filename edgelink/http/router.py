@@ -44,11 +44,10 @@ class Router:
         self._dynamic: list[tuple[tuple[str, ...], dict[str, Route]]] = []
 
     def add(self, method: str, template: str, handler: Handler, *, public: bool = False, summary: str = "",
-            tags: tuple[str, ...] = (), doc: Any = None, aliases: tuple[str, ...] = ()) -> Route:
+            tags: tuple[str, ...] = (), doc: Any = None, aliases: tuple[str, ...] = ()) -> None:
         route = self._add(Route(method.upper(), template, handler, public, summary, tags, doc))
         for alias in aliases:
             self._add(Route(route.method, alias, handler, public, summary, tags, doc, alias_of=template))
-        return route
 
     def _add(self, route: Route) -> Route:
         template = route.template
