@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import __version__
-from .config import ConfigError, Settings, load_settings, render
+from .config import KNOB, ConfigError, Settings, load_settings, render
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -55,8 +55,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--host", help="listen address (EDGELINK_HOST, default 0.0.0.0)")
-        sp.add_argument("--port", help="listen port (TENTACULO_LINK_PORT, default 8000)")
+        sp.add_argument("--host", help=f"listen address ({KNOB['host'].quote()})")
+        sp.add_argument("--port", help=f"listen port ({KNOB['port'].quote()})")
         sp.add_argument("--config", help="TOML config file")
 
     serve = sub.add_parser("serve", help="run the gateway")
