@@ -165,6 +165,8 @@ class Knob:
 
 _int, _positive_s = _number(int, 1), _number(float, 0.01)
 
+# A new setting is one line here. A live or rebuild one also gets its line in
+# tests/test_reload.py, which reloads it and reads every piece holding it.
 KNOBS: tuple[Knob, ...] = (
     Knob("host", ("EDGELINK_HOST",), _str, "0.0.0.0", "Listen address.", RESTART),
     Knob("port", ("TENTACULO_LINK_PORT", "EDGELINK_PORT"), _number(int, 0, 65535), 8000, "Listen port.", RESTART),
@@ -427,6 +429,9 @@ def _read_toml(config_file: str | None, problems: list[str]) -> dict[str, Any]:
 def _intent_from_toml(intent: str, value: Any, base: Intent | None, problems: list[str],
                       where: str | None = None) -> Intent | None:
     where = where or f"routes.{intent}"
+    if not isinstance(value, Mapping):
+        problems.append(f"{where} must be a table")
+        return base
     table = _table(value, where, problems, INTENT_KEYS)
     values: dict[str, Any] = dataclasses.asdict(base) if base else {"stream": False}
     values.pop("fallback", None)
