@@ -564,6 +564,17 @@ def load_settings(
 # showing
 
 
+def _without_password(value: Any) -> Any:
+    """A URL with its ``user:password@`` password redacted (a broker URL may carry one)."""
+    if not isinstance(value, str) or "@" not in value:
+        return value
+    parts = urlsplit(value)
+    if parts.password is None:
+        return value
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username}:<redacted>@{host}").geturl()
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, tuple):
         value = list(value)
@@ -577,7 +588,7 @@ def render(settings: Settings) -> str:
     sections: dict[str, list[str]] = {}
     for knob in KNOBS:
         value = getattr(settings, knob.name)
-        shown = '"<redacted>"' if knob.secret and value else _toml_value(value)
+        shown = '"<redacted>"' if knob.secret and value else _toml_value(_without_password(value))
         section, _, key = knob.toml.rpartition(".")
         sections.setdefault(section, []).append(f"{key} = {shown}")
     lines += sections.pop("")
