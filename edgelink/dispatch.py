@@ -22,6 +22,16 @@ if TYPE_CHECKING:
 # that made-up methods cannot grow the metric series without bound.
 _METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
+AUTH_STATUS = {"auth_required": 401, "forbidden": 403}
+
+
+def _check_token(expected: str, provided: str | None) -> None:
+    """The domain's refusal (gateway/auth.py) as the API.md §1 answer."""
+    try:
+        auth.check_token(expected, provided)
+    except auth.AuthRefused as exc:
+        raise HTTPError(AUTH_STATUS[exc.code], exc.code, detail=exc.detail) from None
+
 
 class Dispatcher:
     def __init__(self, router: Router, runtime: "Runtime"):
@@ -56,7 +66,7 @@ class Dispatcher:
                 route, req.params = self.router.match(req.method, req.path)
                 req.route = route.template
                 if not route.public and settings.enable_auth:
-                    auth.check_token(settings.token, req.headers.get("x-vx11-token"))
+                    _check_token(settings.token, req.headers.get("x-vx11-token"))
                 response = await route.handler(req)
         except HTTPError as exc:
             response = self._refusal(req, exc)
@@ -105,7 +115,7 @@ class Dispatcher:
             if not cors.origin_allowed(settings.cors_origins, req.headers.get("origin")):
                 raise HTTPError(403, "forbidden", detail="origin not allowed")
             if not route.public and settings.enable_auth:
-                auth.check_token(settings.token, req.headers.get("x-vx11-token") or req.query.get("token"))
+                _check_token(settings.token, req.headers.get("x-vx11-token") or req.query.get("token"))
         except HTTPError as exc:
             self._count(req, exc.status)
             log.info("websocket_refused", status=exc.status, error=exc.code, path=req.path,
