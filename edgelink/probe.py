@@ -29,10 +29,12 @@ def gateway_url(settings: Settings, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def record_round(modules: Modules, ledger: Ledger, gateway: HealthCheck) -> None:
+async def record_round(modules: Modules, ledger: Ledger, gateway: HealthCheck) -> dict[str, HealthCheck]:
     """Probe every module once (one shared round) and record it with ``gateway``, the
-    gateway's own state, as the gateway does every probe interval."""
-    await record(ledger, {GATEWAY_SERVICE: gateway, **await modules.probe_round()})
+    gateway's own state, as the gateway does every probe interval; returns the round."""
+    checks = {GATEWAY_SERVICE: gateway, **await modules.probe_round()}
+    await record(ledger, checks)
+    return checks
 
 
 async def record(ledger: Ledger, checks: dict[str, HealthCheck]) -> None:
