@@ -25,6 +25,16 @@ _METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OP
 # Refusals a client causes at will, logged at warning even without the access log (API.md §7).
 _LOGGED_REFUSALS = frozenset({"auth_required", "forbidden", "invalid_json"})
 
+AUTH_STATUS = {"auth_required": 401, "forbidden": 403}
+
+
+def _check_token(expected: str, provided: str | None) -> None:
+    """The domain's refusal (gateway/auth.py) as the API.md §1 answer."""
+    try:
+        auth.check_token(expected, provided)
+    except auth.AuthRefused as exc:
+        raise HTTPError(AUTH_STATUS[exc.code], exc.code, detail=exc.detail) from None
+
 
 class Dispatcher:
     def __init__(self, router: Router, runtime: "Runtime"):
@@ -34,7 +44,7 @@ class Dispatcher:
 
     def _admit(self, req: Request) -> None:
         """What every request gets first: the gateway state and its correlation id."""
-        req.app = self.runtime
+        req.runtime = self.runtime
         req.correlation_id = auth.correlation_id(req.headers.get("x-correlation-id"))
 
     def _count(self, req: Request, status: int) -> str:
@@ -67,7 +77,7 @@ class Dispatcher:
                 route, req.params = self.router.match(req.method, req.path)
                 req.route = route.template
                 if not route.public and settings.enable_auth:
-                    auth.check_token(settings.token, req.headers.get("x-vx11-token"))
+                    _check_token(settings.token, req.headers.get("x-vx11-token"))
                 response = await route.handler(req)
         except HTTPError as exc:
             response = self._refusal(req, exc)
@@ -116,7 +126,7 @@ class Dispatcher:
             if not cors.origin_allowed(settings.cors_origins, req.headers.get("origin")):
                 raise HTTPError(403, "forbidden", detail="origin not allowed")
             if not route.public and settings.enable_auth:
-                auth.check_token(settings.token, req.headers.get("x-vx11-token") or req.query.get("token"))
+                _check_token(settings.token, req.headers.get("x-vx11-token") or req.query.get("token"))
         except HTTPError as exc:
             self._count(req, exc.status)
             if exc.code not in _LOGGED_REFUSALS:  # those _refusal logs, rate-limited

@@ -41,6 +41,7 @@ import orjson
 
 from .config import Settings
 from .gateway.events import Event
+from .gateway.health import HealthCheck
 from .log import log
 
 
@@ -117,25 +118,6 @@ _HEALTH_COLUMNS = "service_name, status, http_code, latency_ms, url, error, chec
 
 class LedgerClosed(RuntimeError):
     """The ledger is not open (not started yet, or closed)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeRecord:
-    """One module's result in a health round; ``status`` is a ModuleHealth status."""
-
-    service_name: str
-    port: int | None
-    status: str
-    http_code: int | None
-    latency_ms: float | None
-    url: str
-    error: str | None
-    snippet: str
-    checked_at: int  # Unix ms
-
-    @property
-    def endpoint_ok(self) -> bool:
-        return self.status == "ok"
 
 
 def _event_from_row(row: tuple) -> Event:
@@ -248,10 +230,10 @@ class Ledger:
                int(event.canonical), int(event.broadcast))
         return await self._submit(lambda fut: _Append(row, fut))
 
-    async def record_health(self, records: Iterable[ProbeRecord]) -> None:
+    async def record_health(self, records: Iterable[HealthCheck]) -> None:
         """Record one health round: the latest row per service and one history row each."""
         rows = [(r.port, r.status, r.http_code, r.latency_ms, int(r.endpoint_ok), r.snippet[:SNIPPET_CHARS],
-                 r.url, r.error, r.checked_at, r.service_name) for r in records]
+                 r.url, r.error, r.checked_at, r.service) for r in records]
         await self._submit(lambda fut: _Health(rows, fut))
 
     async def prune(self) -> int:
@@ -456,15 +438,6 @@ class Ledger:
             rows = conn.execute(
                 f"SELECT {_EVENT_COLUMNS} FROM events WHERE timestamp <= ? ORDER BY timestamp DESC, seq DESC"
                 " LIMIT ?", (at_ms, limit)).fetchall()
-            return [_event_from_row(r) for r in rows]
-        return await self._read(query)
-
-    async def between(self, start_ms: int, end_ms: int, limit: int) -> list[Event]:
-        """Events with ``start_ms <= timestamp <= end_ms``, oldest first, at most ``limit``."""
-        def query(conn: sqlite3.Connection) -> list[Event]:
-            rows = conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE timestamp BETWEEN ? AND ? ORDER BY timestamp, seq"
-                " LIMIT ?", (start_ms, end_ms, limit)).fetchall()
             return [_event_from_row(r) for r in rows]
         return await self._read(query)
 

@@ -9,7 +9,6 @@ config file and environment file; if they are valid, apply what can change at ru
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import signal
 from typing import Any, Awaitable, Callable, Coroutine
@@ -22,12 +21,6 @@ from .gateway.metrics import Gauge
 from .http.server import HttpServer
 from .log import configure, log
 from .runtime import Runtime
-
-# Settings read once at start: changing them needs a restart.
-RESTART_ONLY = ("host", "port", "db", "ledger_sync", "retention_events", "retention_days",
-                "context7_ttl_seconds", "context7_cleanup_interval", "context7_max_sessions",
-                "context7_max_messages", "context7_max_bytes")
-
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:
     """Run ``main`` on uvloop, or on the standard loop (saying so) when uvloop is missing."""
@@ -46,7 +39,7 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     runtime = Runtime(settings)
     await runtime.start()
     runtime.router = build_router()
-    server = HttpServer(Dispatcher(runtime.router, runtime), settings)
+    server = runtime.server = HttpServer(Dispatcher(runtime.router, runtime), settings)
     runtime.metrics.add(Gauge("edgelink_http_connections", "Open client connections (HTTP and WebSocket)",
                               read=lambda: {(): len(server.connections)}))
     runtime.metrics.add(Gauge("edgelink_http_connections_limit", "The connection limit (EDGELINK_MAX_CONNECTIONS)",
@@ -66,7 +59,7 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if reload is not None:
-        loop.add_signal_handler(signal.SIGHUP, _reload, runtime, server, reload)
+        loop.add_signal_handler(signal.SIGHUP, _reload, runtime, reload)
     # What start-up allocated lives as long as the process: keep it out of the collector's
     # full passes, which would otherwise walk it again and again under load.
     gc.freeze()
@@ -88,7 +81,7 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     log.info("stopped")
 
 
-def _reload(runtime: Runtime, server: HttpServer, reload: Callable[[], Settings]) -> None:
+def _reload(runtime: Runtime, reload: Callable[[], Settings]) -> None:
     systemd.reloading()
     try:
         new = reload()
@@ -96,12 +89,6 @@ def _reload(runtime: Runtime, server: HttpServer, reload: Callable[[], Settings]
         log.error("reload_refused", error=str(exc), detail="keeping the running configuration")
         systemd.ready()
         return
-    fixed = [name for name in RESTART_ONLY if getattr(new, name) != getattr(runtime.settings, name)]
-    if fixed:
-        log.warning("reload_needs_restart", settings=fixed, detail="these keep their running values")
-        new = dataclasses.replace(new, **{name: getattr(runtime.settings, name) for name in fixed})
-    configure(new.log_level)
     runtime.apply(new)
-    server.settings = new  # connections accepted from now on get the new limits
     log.info("reloaded", config_file=new.config_file)
     systemd.ready()

@@ -384,11 +384,11 @@ def test_streamed_chat_with_nothing_answering_is_503(gateway_factory):
 
 
 def test_text_deltas_read_sse_split_anywhere_and_plain_text():
-    deltas = _TextDeltas(b"text/event-stream; charset=utf-8")
+    deltas = _TextDeltas(b"text/event-stream; charset=utf-8", "switch")
     stream = b'event: x\ndata: {"delta": "a\xc3\xa9"}\r\n\r\ndata: plain words\n\ndata: {"status": 1}\n\n'
     texts = [t for i in range(len(stream)) for t in deltas.feed(stream[i:i + 1])]
     assert texts == ["a\u00e9", "plain words"]
-    plain = _TextDeltas(b"text/plain")
+    plain = _TextDeltas(b"text/plain", "switch")
     assert plain.feed(b"caf\xc3") + plain.feed(b"\xa9!") == ["caf", "\u00e9!"]
 
 

@@ -9,11 +9,13 @@ from typing import Any, AsyncGenerator
 
 import orjson
 
-from ..config import RouteConfig
+from ..config import Intent
 from ..http.messages import HTTPError, Request, Response, check_fields, empty_response, json_response, \
     validation_error
 from ..log import log
+from ..modules import ModuleError
 from . import streams
+from .modules import call
 
 MAX_MESSAGE = 32_768
 _CHAT_FIELDS = {"message": (str, True), "session_id": (str, False), "user_id": (str, False),
@@ -33,13 +35,11 @@ def _reply_text(data: Any) -> str | None:
     return None
 
 
-async def _ask(req: Request, route: RouteConfig, body: dict[str, Any]) -> tuple[str, str] | None:
+async def _ask(req: Request, route: Intent, body: dict[str, Any]) -> tuple[str, str] | None:
     """(text, model) from one route, or None if it failed in any way (logged)."""
-    rt = req.app
     try:
-        reply = await rt.modules.call(route.module, route.method, route.endpoint, json=body,
-                                      timeout=route.timeout, correlation_id=req.correlation_id)
-    except HTTPError as exc:
+        reply = await call(req, route, body)
+    except ModuleError as exc:
         log.warning("chat_route_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
         return None
     text = _reply_text(reply.data) if 200 <= reply.status < 300 else None
@@ -55,7 +55,7 @@ async def _ask(req: Request, route: RouteConfig, body: dict[str, Any]) -> tuple[
 
 async def chat(req: Request) -> Response:
     started = time.perf_counter()
-    rt = req.app
+    rt = req.runtime
     body = req.json_object()
     check_fields(body, _CHAT_FIELDS)
     message = body["message"]
@@ -95,15 +95,13 @@ async def _chat_stream(req: Request, chat_route: RouteConfig | None, session_id:
                        started: float) -> Response:
     """``"stream": true``: SSE meta, delta..., done | error from the ``stream`` route; the
     chat's fallback answers (as one delta) if the stream fails before its first text."""
-    rt = req.app
+    rt = req.runtime
     route = rt.settings.route("stream")
     if route is not None:
         try:
             return await streams.respond(req, 200, streams.SSE_TYPE,
                                          _streamed_reply(req, route, session_id, outgoing, started), started)
-        except streams.CallerGone:
-            raise
-        except HTTPError as exc:
+        except ModuleError as exc:
             log.warning("chat_route_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
     fallback = chat_route.fallback if chat_route is not None else None
     answer = await _ask(req, fallback, outgoing) if fallback is not None else None
@@ -123,17 +121,16 @@ async def _streamed_reply(req: Request, route: RouteConfig, session_id: str, out
                           started: float) -> AsyncGenerator[bytes, None]:
     """The SSE answer relayed from ``route``. Until its first text, a failure is raised
     (for the fallback); after it, the stream ends with an ``error`` event."""
-    rt = req.app
+    rt = req.runtime
     parts: list[str] = []
     kept = 0  # characters of the reply kept for the session, bounded like a buffered reply
     stream = await rt.modules.stream(route.module, route.method, route.endpoint, json=outgoing,
                                      timeout=route.timeout, idle=rt.settings.stream_idle,
                                      correlation_id=req.correlation_id)
     try:
-        deltas = _TextDeltas(stream.content_type or b"")
+        deltas = _TextDeltas(stream.content_type or b"", route.module)
         if not 200 <= stream.status < 300:
-            raise HTTPError(502, "upstream_unavailable", module=route.module,
-                            detail=f"{route.module} answered HTTP {stream.status}")
+            raise ModuleError("upstream_unavailable", route.module, f"{route.module} answered HTTP {stream.status}")
         async with aclosing(stream.body()) as body:
             async for chunk in body:
                 texts = deltas.feed(chunk)
@@ -150,9 +147,8 @@ async def _streamed_reply(req: Request, route: RouteConfig, session_id: str, out
                     out.append(streams.sse("delta", {"text": text}))
                 yield b"".join(out)
         if not parts:
-            raise HTTPError(502, "upstream_unavailable", module=route.module,
-                            detail=f"{route.module} streamed no text")
-    except HTTPError as exc:
+            raise ModuleError("upstream_unavailable", route.module, f"{route.module} streamed no text")
+    except ModuleError as exc:
         if not parts:
             raise
         log.warning("chat_stream_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
@@ -174,8 +170,9 @@ class _TextDeltas:
     ``delta`` (or plain text), or any other body as plain text. ``model`` is the last
     ``model_used``/``model`` named."""
 
-    def __init__(self, content_type: bytes):
+    def __init__(self, content_type: bytes, module: str):
         self.sse = content_type.startswith(streams.SSE_TYPE)
+        self.module = module
         self.model: str | None = None
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._pending = b""
@@ -187,7 +184,7 @@ class _TextDeltas:
         lines = (self._pending + chunk).split(b"\n")
         self._pending = lines.pop()
         if len(self._pending) > MAX_STREAM_LINE:
-            raise HTTPError(502, "upstream_unavailable", detail=f"a stream line over {MAX_STREAM_LINE} bytes")
+            raise ModuleError("upstream_unavailable", self.module, f"a stream line over {MAX_STREAM_LINE} bytes")
         return [text for text in map(self._line, lines) if text]
 
     def _line(self, line: bytes) -> str | None:
@@ -214,17 +211,17 @@ class _TextDeltas:
 
 
 async def session(req: Request) -> Response:
-    view = req.app.sessions.view(req.params["session_id"])
+    view = req.runtime.sessions.view(req.params["session_id"])
     if view is None:
         raise HTTPError(404, "session_not_found", session_id=req.params["session_id"])
     return json_response(view)
 
 
 async def delete_session(req: Request) -> Response:
-    if not req.app.sessions.delete(req.params["session_id"]):
+    if not req.runtime.sessions.delete(req.params["session_id"]):
         raise HTTPError(404, "session_not_found", session_id=req.params["session_id"])
     return empty_response(204)
 
 
 async def sessions(req: Request) -> Response:
-    return json_response(req.app.sessions.list_sessions())
+    return json_response(req.runtime.sessions.list_sessions())

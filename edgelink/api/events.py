@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ..runtime import Runtime
 
 RECENT_IN_SNAPSHOT = 20
+MAX_SNAPSHOT_T = 2**53  # the largest ``t`` a snapshot takes (a JSON-safe integer)
 
 
 def now_ms() -> int:
@@ -37,7 +38,7 @@ async def accept(rt: "Runtime", event: Event, exclude: WebSocket | None = None) 
 
 
 async def ingest(req: Request) -> Response:
-    rt = req.app
+    rt = req.runtime
     body = req.json()
     try:
         event = parse_ingest(body, now_ms())
@@ -55,16 +56,16 @@ async def ingest(req: Request) -> Response:
 
 
 async def cardinality(req: Request) -> Response:
-    return json_response(req.app.cardinality.snapshot())
+    return json_response(req.runtime.cardinality.snapshot())
 
 
 async def correlations(req: Request) -> Response:
-    return json_response(req.app.correlations.snapshot())
+    return json_response(req.runtime.correlations.snapshot())
 
 
 async def snapshot(req: Request) -> Response:
-    rt = req.app
-    t = req.int_query("t", 0, 0, 2**53)
+    rt = req.runtime
+    t = req.int_query("t", 0, 0, MAX_SNAPSHOT_T)
     at = t or now_ms()
     ledger = rt.ledger
     modules = await ledger.health_at(at)

@@ -15,7 +15,7 @@ PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
 async def metrics(req: Request) -> Response:
-    rt = req.app
+    rt = req.runtime
     m = rt.metrics
     m.ledger_max_bytes.set(value=rt.settings.ledger_max_bytes)
     try:
@@ -29,7 +29,7 @@ async def metrics(req: Request) -> Response:
 
 
 async def openapi_json(req: Request) -> Response:
-    rt = req.app
+    rt = req.runtime
     if rt.openapi_cache is None:
         rt.openapi_cache = orjson.dumps(openapi.document(rt.router))
     return Response(200, rt.openapi_cache)

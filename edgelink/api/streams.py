@@ -40,7 +40,7 @@ async def respond(req: Request, status: int, content_type: bytes, chunks: AsyncG
     """The answer that streams ``chunks``; whatever it raises before its first chunk
     propagates (and ``chunks`` is closed), and ``CallerGone`` if the caller leaves while
     it waits. A body that ends at once is a plain answer."""
-    metrics: Registry = req.app.metrics
+    metrics: Registry = req.runtime.metrics
     route = req.route or "unmatched"
     metered = _metered(metrics, route, chunks)
     # The wait for the first chunk is its own task, so that the caller leaving can stop it

@@ -20,7 +20,7 @@ def _control(kind: str, **fields: object) -> bytes:
 
 
 async def websocket(ws: WebSocket) -> None:
-    rt = ws.request.app
+    rt = ws.request.runtime
     query = ws.request.query
     client_id = query.get("client_id") or uuid.uuid4().hex[:12]
     since_raw = query.get("since_seq")

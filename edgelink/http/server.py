@@ -47,10 +47,11 @@ from typing import Any, Awaitable, Callable, Protocol
 from urllib.parse import unquote
 
 import h11
-import orjson
+from wsproto.events import AcceptConnection, Request as WsRequest
+from wsproto.extensions import PerMessageDeflate
 
 from ..log import address, log, traceback_text
-from .messages import Request, Response, StreamingResponse
+from .messages import HTTPError, Request, Response, StreamingResponse
 from .websocket import CLOSE_GOING_AWAY, WebSocket, server_connection
 
 WsHandler = Callable[[WebSocket], Awaitable[None]]
@@ -97,7 +98,7 @@ class _Clock:
 def raw_error(status: int, code: str, **extra: Any) -> bytes:
     """A complete HTTP/1.1 error response that closes the connection, for answers given
     when h11's state can no longer be trusted (bad bytes, limits, timeouts)."""
-    body = orjson.dumps({"error": code, "status_code": status, **extra})
+    body = HTTPError(status, code, **extra).response().body
     return b"".join((
         b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
         b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
@@ -517,8 +518,8 @@ class HttpProtocol(asyncio.Protocol):
         if problem is not None:
             status, code, detail = problem
             extra = [(b"sec-websocket-version", b"13")] if status == 426 else []
-            self._write_response(request, Response(status, orjson.dumps(
-                {"error": code, "status_code": status, "detail": detail}), extra + [(b"connection", b"close")]))
+            self._write_response(request, HTTPError(status, code, extra + [(b"connection", b"close")],
+                                                    detail=detail).response())
             self._close()
             return
         outcome = self.server.dispatcher.websocket(request)
@@ -527,9 +528,6 @@ class HttpProtocol(asyncio.Protocol):
             self._write_response(request, outcome)
             self._close()
             return
-        from wsproto.events import AcceptConnection, Request as WsRequest
-        from wsproto.extensions import PerMessageDeflate
-
         ws_conn = server_connection()
         raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
         try:
