@@ -10,7 +10,7 @@ import asyncio
 import time
 
 from .config import Settings
-from .gateway.metrics import Gauge, Registry
+from .gateway.metrics import CounterView, Gauge, Registry
 from .gateway.modules import Modules, Probe
 from .gateway.observe import CardinalityCounter, CorrelationGraph
 from .gateway.sessions import SessionStore, Sweeper
@@ -47,6 +47,14 @@ class Runtime:
                                ("module",), read=self._breaker_states))
         self.metrics.add(Gauge("edgelink_context7_sessions", "Live Context-7 sessions",
                                read=lambda: {(): len(self.sessions)}))
+        self.metrics.add(Gauge("edgelink_ledger_bytes", "Ledger database file plus WAL, in bytes",
+                               read=lambda: {(): self.ledger.file_bytes()}))
+        self.metrics.add(CounterView("edgelink_ledger_pruned_events_total",
+                                     "Events deleted from the ledger, by rule (count, age, bytes)", ("reason",),
+                                     read=lambda: {(k,): v for k, v in self.ledger.pruned.items()}))
+        self.metrics.add(CounterView("edgelink_ledger_write_failures_total",
+                                     "Ledger write transactions the disk refused (answered 503)",
+                                     read=lambda: {(): self.ledger.write_failures}))
 
     def _modules(self, settings: Settings) -> Modules:
         latency = self.metrics.upstream_latency
@@ -95,6 +103,7 @@ class Runtime:
         old = self.settings
         self.settings = settings
         self.hub.hold_limit = settings.ws_queue
+        self.ledger.max_bytes, self.ledger.full_policy = settings.ledger_max_bytes, settings.ledger_full
         self._schedule_recorder()
         if settings.modules != old.modules or (settings.breaker_failures, settings.breaker_recovery,
                                                 settings.token) != (old.breaker_failures, old.breaker_recovery,

@@ -19,6 +19,7 @@ from .app import build_router
 from .config import ConfigError, Settings
 from .dispatch import Dispatcher
 from .http.server import HttpServer
+from .ledger import LedgerUnusable
 from .log import configure, log
 from .runtime import Runtime
 
@@ -43,7 +44,10 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     """Serve until SIGTERM or SIGINT. ``reload`` builds fresh settings on SIGHUP."""
     configure(settings.log_level)
     runtime = Runtime(settings)
-    await runtime.start()
+    try:
+        await runtime.start()
+    except LedgerUnusable as exc:
+        raise SystemExit(f"edgelink: EDGELINK_DB {settings.db} is not a usable SQLite database: {exc}") from None
     runtime.router = build_router()
     server = HttpServer(Dispatcher(runtime.router, runtime), settings)
     socks = systemd.listen_fds()

@@ -16,7 +16,7 @@ import pytest
 
 from edgelink.config import Settings
 from edgelink.gateway.events import Event, build_event
-from edgelink.ledger import SNIPPET_CHARS, Ledger, LedgerClosed, ProbeRecord
+from edgelink.ledger import SNIPPET_CHARS, Ledger, LedgerClosed, LedgerUnavailable, ProbeRecord
 
 T0 = 1_700_000_000.0  # seconds
 DAY_MS = 86_400_000
@@ -161,7 +161,7 @@ def test_a_failed_write_reaches_its_callers_and_the_ledger_goes_on(tmp_path):
         async with opened(path) as ledger:
             raw(path).execute("CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.type = 'boom'"
                               " BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
-            with pytest.raises(sqlite3.IntegrityError, match="disk says no"):
+            with pytest.raises(LedgerUnavailable, match="disk says no"):
                 await ledger.append(event("boom"))
             assert await ledger.append(event("fine")) >= 1
             assert await ledger.counts_by_type(2**62) == {"fine": 1}
