@@ -386,7 +386,12 @@ class Ledger:
             raise LedgerClosed("the ledger is not open")
         future = self._loop.create_future()
         self._queue.put(make_job(future))
-        return await future
+        try:
+            return await future
+        finally:
+            # a raised error's traceback holds this frame: without this, frame -> future ->
+            # error -> traceback is a cycle keeping the 1 MiB row alive until a full GC
+            del future
 
     # --- the writer thread ------------------------------------------------------------
 
