@@ -448,19 +448,21 @@ class Ledger:
             chunk.append(job)
             size += job.size
             if size >= WRITE_CHUNK_BYTES:
-                self._commit_chunk(conn, chunk, size)
+                self._commit_chunk(conn, chunk)
                 chunk, size = [], 0
         if chunk:
-            self._commit_chunk(conn, chunk, size)
+            self._commit_chunk(conn, chunk)
 
-    def _commit_chunk(self, conn: sqlite3.Connection, jobs: list[_Append | _Health], size: int) -> None:
+    def _commit_chunk(self, conn: sqlite3.Connection, jobs: list[_Append | _Health]) -> None:
         results: list[tuple[asyncio.Future, Any, BaseException | None]] = []
         dropped = (0, 0, 0)
         try:
             conn.execute("BEGIN IMMEDIATE")
             room = self._room(conn)
-            if size > room and self.full_policy == "drop_oldest":
-                dropped, freed = self._drop_oldest(conn, size - room)
+            # an event bigger than the whole bound never fits: nothing is dropped for it
+            fitting = sum(job.size for job in jobs if job.size <= self.max_bytes - BOUND_RESERVE)
+            if fitting > room and self.full_policy == "drop_oldest":
+                dropped, freed = self._drop_oldest(conn, fitting - room)
                 room += freed
             for job in jobs:
                 if isinstance(job, _Append):
@@ -569,8 +571,13 @@ class Ledger:
             surplus = free - VACUUM_KEEP // self._page_size
             if surplus <= 0:
                 return False
-            conn.execute(f"PRAGMA incremental_vacuum({min(surplus, VACUUM_STEP)})").fetchall()
-            return surplus > VACUUM_STEP
+            # executescript steps the pragma to its end; execute() would free a single page
+            conn.executescript(f"PRAGMA incremental_vacuum({min(surplus, VACUUM_STEP)});")
+            if surplus > VACUUM_STEP:
+                return True
+            # in WAL mode the file shrinks when the checkpoint writes the vacuum back
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            return False
         except sqlite3.Error as exc:
             # space not returned yet is reused by inserts; try again after the next write
             log.warning("ledger_vacuum_failed", error=str(exc))
