@@ -519,7 +519,11 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         (_body(201, "Accepted and committed to the ledger.", "IngestAccepted"),
          INVALID_JSON, VALIDATION,
          Case("422", "`schema_validation_failed`: a canonical event broke its schema; nothing is stored.",
-              schema=_schema("IngestRejected"))),
+              schema=_schema("IngestRejected")),
+         _error(503, "ledger_unavailable", "the disk refused the write (full, read-only, I/O error); nothing is "
+                                           "stored. Retried by itself: the next write tries again."),
+         _error(507, "ledger_full", "the ledger is at EDGELINK_LEDGER_MAX_BYTES and EDGELINK_LEDGER_FULL is "
+                                    "`reject`; nothing is stored.")),
         request_body=_json_body("IngestRequest", {
             "source": "madre", "type": "system.alert", "broadcast": True,
             "payload": {"alert_id": "a-1", "severity": "high", "message": "disk full", "timestamp": 1700000000000},
