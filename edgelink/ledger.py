@@ -64,7 +64,7 @@ SNIPPET_CHARS = 200  # API.md §7
 BUSY_TIMEOUT_MS = 5000  # another process (``edgelink probe``) may hold the write lock briefly
 MIB = 1024 * 1024
 WRITE_CHUNK_BYTES = MIB  # appends per transaction, in bytes: bounds what one commit adds to the WAL
-WAL_LIMIT = 2 * MIB  # journal_size_limit, and the auto-checkpoint threshold
+WAL_LIMIT = 4 * MIB  # the auto-checkpoint threshold (SQLite's default of 1000 pages, about 4 MiB)
 # Room kept under max_bytes for the WAL (limit plus one chunk) and for the error of
 # estimating a row's pages from its bytes.
 BOUND_RESERVE = WAL_LIMIT + 3 * WRITE_CHUNK_BYTES
@@ -800,8 +800,9 @@ class Ledger:
             if mode.lower() != "wal":
                 raise sqlite3.OperationalError(f"{self.path}: cannot use WAL journal mode (got {mode})")
             (self._page_size,) = conn.execute("PRAGMA page_size").fetchone()
-            # the WAL is reset after each full checkpoint and truncated back to WAL_LIMIT
-            conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
+            # After a checkpoint the WAL is reset and cut back to this; one chunk above the
+            # threshold, so the usual WAL is reused rather than cut and regrown each time.
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT + WRITE_CHUNK_BYTES}")
             conn.execute(f"PRAGMA wal_autocheckpoint = {max(1, WAL_LIMIT // self._page_size)}")
             conn.execute("BEGIN IMMEDIATE")  # DDL is transactional: the upgrade happens whole or not at all
             for statement in _SCHEMA:
