@@ -285,7 +285,6 @@ class Ledger:
         self.on_commit: Callable[[float, int], None] | None = None  # (seconds, writes) per commit, for /metrics
         # Counters for /metrics, written by the writer thread only.
         self.pruned = {"count": 0, "age": 0, "bytes": 0}  # events deleted, by the rule that deleted them
-        self.refused_full = 0  # appends refused with LedgerFull
         self.write_failures = 0  # write transactions the disk refused
         self.reclaimable = False  # auto_vacuum is on: pruned space goes back to the file system
         self._page_size = 4096
@@ -542,7 +541,6 @@ class Ledger:
     def _note_full(self, refused: int) -> None:
         # logged once per run of refusals, not per request
         if refused:
-            self.refused_full += refused
             if not self._full:
                 self._full = True
                 log.warning("ledger_full", max_bytes=self.max_bytes, policy=self.full_policy,

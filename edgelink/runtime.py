@@ -10,7 +10,7 @@ import asyncio
 import time
 
 from .config import Settings
-from .gateway.metrics import CounterView, Gauge, Registry
+from .gateway.metrics import Gauge, Registry
 from .gateway.modules import Modules, Probe
 from .gateway.observe import CardinalityCounter, CorrelationGraph
 from .gateway.sessions import SessionStore, Sweeper
@@ -47,12 +47,12 @@ class Runtime:
                                ("module",), read=self._breaker_states))
         self.metrics.add(Gauge("edgelink_context7_sessions", "Live Context-7 sessions",
                                read=lambda: {(): len(self.sessions)}))
-        self.metrics.add(CounterView("edgelink_ledger_pruned_events_total",
-                                     "Events deleted from the ledger, by rule (count, age, bytes)", ("reason",),
-                                     read=lambda: {(k,): v for k, v in self.ledger.pruned.items()}))
-        self.metrics.add(CounterView("edgelink_ledger_write_failures_total",
-                                     "Ledger write transactions the disk refused (answered 503)",
-                                     read=lambda: {(): self.ledger.write_failures}))
+        self.metrics.add(Gauge("edgelink_ledger_pruned_events_total",
+                               "Events deleted from the ledger, by rule (count, age, bytes)", ("reason",),
+                               read=lambda: {(k,): v for k, v in self.ledger.pruned.items()}, kind="counter"))
+        self.metrics.add(Gauge("edgelink_ledger_write_failures_total",
+                               "Ledger write transactions the disk refused (answered 503)",
+                               read=lambda: {(): self.ledger.write_failures}, kind="counter"))
         self.metrics.add(Gauge("edgelink_ws_queued_bytes", "Bytes queued for WebSocket clients, all together",
                                read=lambda: {(): self.hub.queued_bytes()}))
         self.ledger.on_commit = self._observe_commit

@@ -67,12 +67,6 @@ class Gauge(Counter):
         return super().samples()
 
 
-class CounterView(Gauge):
-    """A counter kept elsewhere (for example by another thread), read at scrape time."""
-
-    kind = "counter"
-
-
 class Histogram:
     kind = "histogram"
 
