@@ -316,8 +316,9 @@ class Ledger:
         self._loop = asyncio.get_running_loop()
         try:
             conn = await asyncio.to_thread(self._open_database)
-        except (sqlite3.Error, OSError) as exc:
-            raise LedgerUnusable(str(exc)) from None
+        except (LedgerUnusable, sqlite3.Error, OSError) as exc:
+            # the operator's message, in one line: the setting, the path, the reason
+            raise LedgerUnusable(f"EDGELINK_DB {self.path} is not a usable SQLite database: {exc}") from None
         try:
             readers = await asyncio.to_thread(lambda: [self._connect(read_only=True) for _ in range(READERS)])
         except BaseException:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from .config import ConfigError, ModuleConfig, Settings, load_settings
 from .gateway.modules import Modules, Probe
-from .ledger import Ledger, ProbeRecord
+from .ledger import Ledger, LedgerUnusable, ProbeRecord
 
 
 GATEWAY_SERVICE = "tentaculo_link"  # the gateway is a VX11 service too, recorded beside the modules
@@ -88,7 +88,11 @@ async def _probe_once(settings: Settings, report: str | None, progress: bool) ->
     # The gateway is probed over HTTP like the modules, at the address it listens on.
     gateway = ModuleConfig(GATEWAY_SERVICE, gateway_url(settings, settings.port))
     modules = Modules(dataclasses.replace(settings, modules=(gateway, *settings.modules)))
-    await ledger.start()
+    try:
+        await ledger.start()
+    except LedgerUnusable as exc:
+        await modules.close()
+        raise SystemExit(f"edgelink probe: {exc}") from None
     try:
         if progress:
             print(f"probing {len(modules.registry)} services (timeout {settings.health_timeout} s)...", flush=True)

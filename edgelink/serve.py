@@ -71,7 +71,7 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     try:
         await runtime.start()
     except LedgerUnusable as exc:
-        raise SystemExit(f"edgelink: EDGELINK_DB {settings.db} is not a usable SQLite database: {exc}") from None
+        raise SystemExit(f"edgelink: {exc}") from None
     runtime.router = build_router()
     server = HttpServer(Dispatcher(runtime.router, runtime), settings)
     runtime.metrics.add(Gauge("edgelink_http_connections", "Open client connections (HTTP and WebSocket)",

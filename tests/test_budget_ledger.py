@@ -177,10 +177,10 @@ def test_full_disk_answers_503_stores_nothing_unacknowledged_and_recovers(tmp_pa
     assert rows == acked + 2
 
 
-def run_serve(tmp_path: Path, db: Path) -> subprocess.CompletedProcess:
+def run_edgelink(tmp_path: Path, db: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGELINK_", "VX11_"))}
     env.update({"VX11_GATEWAY_TOKEN": TOKEN, "EDGELINK_DB": str(db), "EDGELINK_HOST": "127.0.0.1"})
-    return subprocess.run([EDGELINK, "serve", "--port", "0"], env=env, cwd=tmp_path, capture_output=True,
+    return subprocess.run([EDGELINK, *args], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=30)
 
 
@@ -195,7 +195,8 @@ def assert_one_line_refusal(done: subprocess.CompletedProcess, db: Path) -> None
 def test_a_file_that_is_not_sqlite_stops_the_start_in_one_line(tmp_path):
     db = tmp_path / "garbage.db"
     db.write_bytes(b"this is not a database\n" * 200)
-    assert_one_line_refusal(run_serve(tmp_path, db), db)
+    assert_one_line_refusal(run_edgelink(tmp_path, db, "serve", "--port", "0"), db)
+    assert_one_line_refusal(run_edgelink(tmp_path, db, "probe"), db)
     assert db.read_bytes() == b"this is not a database\n" * 200  # left as it was, for the operator
 
 
@@ -207,7 +208,7 @@ def test_a_truncated_database_stops_the_start_in_one_line(tmp_path):
     conn.commit()
     conn.close()
     os.truncate(db, os.path.getsize(db) // 2)
-    assert_one_line_refusal(run_serve(tmp_path, db), db)
+    assert_one_line_refusal(run_edgelink(tmp_path, db, "serve", "--port", "0"), db)
 
 
 def test_a_deleted_database_is_noticed_at_the_next_start(tmp_path):
