@@ -704,11 +704,18 @@ class Ledger:
     async def counts_by_type(self, at_ms: int) -> dict[str, int]:
         """How many stored events of each type have ``timestamp <= at_ms``.
 
-        Read from the per-minute counts, never from all the events: the whole minutes on
-        the nearer side of ``at_ms`` (those before it, or the totals minus those after
-        it), corrected by the events of its own minute, counted from the index."""
+        Read from the per-minute counts, never from all the events: the minutes before
+        ``at_ms``'s own minute (summed directly, or as the totals minus the later minutes,
+        whichever side has fewer), corrected by the events of its own minute on the nearer
+        side of ``at_ms``, counted from the timestamp index."""
         bucket = at_ms // BUCKET_MS
         start, end = bucket * BUCKET_MS, (bucket + 1) * BUCKET_MS
+        # counts(t) = C(minutes < b) + events in [start, t] = C(minutes <= b) - events in (t, end)
+        head = at_ms - start < end - at_ms
+        partial = ("SELECT type, count(*) FROM events WHERE timestamp >= ? AND timestamp <= ? GROUP BY type",
+                   (start, at_ms)) if head else (
+                   "SELECT type, count(*) FROM events WHERE timestamp > ? AND timestamp < ? GROUP BY type",
+                   (at_ms, end))
 
         def query(conn: sqlite3.Connection) -> dict[str, int]:
             first, last = conn.execute("SELECT min(bucket), max(bucket) FROM event_counts").fetchone()
@@ -716,22 +723,16 @@ class Ledger:
                 return {}
             if bucket - first <= last - bucket:
                 counts = dict(conn.execute(
-                    "SELECT type, sum(n) FROM event_counts WHERE bucket < ? GROUP BY type", (bucket,)))
-                partial = conn.execute(
-                    "SELECT type, count(*) FROM events WHERE timestamp >= ? AND timestamp <= ? GROUP BY type",
-                    (start, at_ms))
-                sign = 1
+                    f"SELECT type, sum(n) FROM event_counts WHERE bucket {'<' if head else '<='} ? GROUP BY type",
+                    (bucket,)))
             else:
                 counts = dict(conn.execute("SELECT type, n FROM event_type_counts"))
                 for type_, n in conn.execute(
-                        "SELECT type, sum(n) FROM event_counts WHERE bucket > ? GROUP BY type", (bucket,)):
+                        f"SELECT type, sum(n) FROM event_counts WHERE bucket {'>=' if head else '>'} ? GROUP BY type",
+                        (bucket,)):
                     counts[type_] -= n
-                partial = conn.execute(
-                    "SELECT type, count(*) FROM events WHERE timestamp > ? AND timestamp < ? GROUP BY type",
-                    (at_ms, end))
-                sign = -1
-            for type_, n in partial:
-                counts[type_] = counts.get(type_, 0) + sign * n
+            for type_, n in conn.execute(*partial):
+                counts[type_] = counts.get(type_, 0) + (n if head else -n)
             return {type_: n for type_, n in counts.items() if n > 0}
         return await self._read(query)
 
