@@ -19,7 +19,7 @@ Rules it keeps
   allowed past ``protect_after``; ``on_forced_drop`` tells the forwarder) and ``reject``
   refuses the appends (``LedgerFull``). Free pages beyond a small reserve go back to the
   file system by ``incremental_vacuum`` in small steps between batches; the WAL is held
-  near ``WAL_LIMIT`` by ``journal_size_limit`` and a lower auto-checkpoint.
+  near ``WAL_LIMIT`` by the auto-checkpoint and ``journal_size_limit``.
 * A write the disk refuses (full, read-only, I/O error) raises ``LedgerUnavailable``:
   nothing of it is stored. The next write simply tries again, so ingest recovers by
   itself when space returns.
@@ -290,6 +290,7 @@ class Ledger:
         self._page_size = 4096
         self._full = False  # in a run of LedgerFull refusals (logged once per run)
         self._failing = False  # in a run of refused writes (logged once per run)
+        self._vacuum_failing = False
         self._drops_unlogged = [0, 0]  # events, unforwarded dropped at the bound since the last log line
         self._drop_logged_at = -DROP_LOG_INTERVAL
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -580,10 +581,13 @@ class Ledger:
                 return True
             # in WAL mode the file shrinks when the checkpoint writes the vacuum back
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self._vacuum_failing = False
             return False
         except sqlite3.Error as exc:
-            # space not returned yet is reused by inserts; try again after the next write
-            log.warning("ledger_vacuum_failed", error=str(exc))
+            # space not returned yet is reused by inserts; tried again after the next write
+            if not self._vacuum_failing:  # once per run of failures, as for writes
+                self._vacuum_failing = True
+                log.warning("ledger_vacuum_failed", error=str(exc))
             return False
 
     def _settle(self, results: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
