@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -175,6 +176,47 @@ def test_full_disk_answers_503_stores_nothing_unacknowledged_and_recovers(tmp_pa
         gw.proc.wait()
     rows = sqlite3.connect(db).execute("SELECT count(*) FROM events").fetchone()[0]
     assert rows == acked + 2
+
+
+@pytest.fixture
+def ext4_disk(tmp_path: Path):
+    """A loop-mounted ext4 file system, where ``chattr +i`` makes a file refuse writes
+    even through descriptors already open (needs root, mkfs.ext4 and chattr)."""
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("mkfs.ext4", "chattr")):
+        pytest.skip("needs root, mkfs.ext4 and chattr")
+    image, mount = tmp_path / "ext4.img", tmp_path / "ext4"
+    mount.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(64 * MIB)
+    if subprocess.run(["mkfs.ext4", "-q", str(image)]).returncode or \
+            subprocess.run(["mount", "-o", "loop", str(image), str(mount)]).returncode:
+        pytest.skip("cannot make or mount an ext4 image here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(mount)], check=False, capture_output=True)
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_read_only_ledger_answers_503_and_recovers_when_writable_again(tmp_path, ext4_disk):
+    db = ext4_disk / "edgelink.db"
+    gw = start_gateway(tmp_path, {"EDGELINK_DB": str(db)})
+    try:
+        still_serves(gw)
+        # the database and its WAL refuse writes (not the -shm index, which is mapped)
+        files = [str(db), f"{db}-wal"]
+        subprocess.run(["chattr", "+i", *files], check=True)
+        for i in range(5):
+            assert_error(post_big(gw, i, {"n": i}), 503, "ledger_unavailable")
+        assert gw.get("/health").status == 200
+        subprocess.run(["chattr", "-i", *files], check=True)
+        still_serves(gw)
+        counts = gw.get("/operator/snapshot").json()["events"]["counts_by_type"]
+        assert counts == {"system.alert": 2}  # the refused events were not stored
+        assert metric(gw, "edgelink_ledger_write_failures_total") >= 1
+    finally:
+        gw.proc.kill()
+        gw.proc.wait()
 
 
 def run_edgelink(tmp_path: Path, db: Path, *args: str) -> subprocess.CompletedProcess:
