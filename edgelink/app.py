@@ -88,7 +88,11 @@ def build_router() -> Router:
               (reply(201, "Accepted and committed to the ledger.", "IngestAccepted"),
                INVALID_JSON, VALIDATION,
                reply(422, "`schema_validation_failed`: a canonical event broke its schema; nothing is stored.",
-                     "IngestRejected")),
+                     "IngestRejected"),
+               error(503, "ledger_unavailable", "the disk refused the write (full, read-only, I/O error); nothing "
+                                                "is stored. Retried by itself: the next write tries again."),
+               error(507, "ledger_full", "the ledger is at EDGELINK_LEDGER_MAX_BYTES and EDGELINK_LEDGER_FULL is "
+                                         "`reject`; nothing is stored.")),
               request_body=json_body("IngestRequest", {
                   "source": "madre", "type": "system.alert", "broadcast": True,
                   "payload": {"alert_id": "a-1", "severity": "high", "message": "disk full",

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 
 from .config import ConfigError, ModuleConfig, Settings, load_settings
 from .gateway.health import HealthCheck
-from .ledger import Ledger
+from .ledger import Ledger, LedgerUnusable
 from .modules import Modules
 
 
@@ -81,7 +81,11 @@ async def _probe_once(settings: Settings, report: str | None, progress: bool) ->
     # The gateway is probed over HTTP like the modules, at the address it listens on.
     gateway = ModuleConfig(GATEWAY_SERVICE, gateway_url(settings, settings.port))
     modules = Modules(dataclasses.replace(settings, modules=(gateway, *settings.modules)))
-    await ledger.start()
+    try:
+        await ledger.start()
+    except LedgerUnusable as exc:
+        await modules.close()
+        raise SystemExit(f"edgelink probe: {exc}") from None
     try:
         if progress:
             print(f"probing {len(modules.registry)} services (timeout {settings.health_timeout} s)...", flush=True)

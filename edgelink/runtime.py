@@ -54,6 +54,12 @@ class Runtime:
                                ("module",), read=self._breaker_states))
         self.metrics.add(Gauge("edgelink_context7_sessions", "Live Context-7 sessions",
                                read=lambda: {(): len(self.sessions)}))
+        self.metrics.add(Gauge("edgelink_ledger_pruned_events_total",
+                               "Events deleted from the ledger, by rule (count, age, bytes)", ("reason",),
+                               read=lambda: {(k,): v for k, v in self.ledger.pruned.items()}, kind="counter"))
+        self.metrics.add(Gauge("edgelink_ledger_write_failures_total",
+                               "Ledger write transactions the disk refused (answered 503)",
+                               read=lambda: {(): self.ledger.write_failures}, kind="counter"))
         self.metrics.add(Gauge("edgelink_ws_queued_bytes", "Bytes queued for WebSocket clients, all together",
                                read=lambda: {(): self.hub.queued_bytes()}))
         self.ledger.on_commit = self._observe_commit
@@ -119,6 +125,7 @@ class Runtime:
         self.settings = new
         configure(new.log_level)
         self.hub.hold_limit = new.ws_queue
+        self.ledger.max_bytes, self.ledger.full_policy = new.ledger_max_bytes, new.ledger_full
         if self.server is not None:
             self.server.settings = new  # connections accepted from now on get the new limits
         self._schedule_recorder()

@@ -84,9 +84,11 @@ NEW: dict[str, tuple[Any, Callable[[Runtime], list[Any]]]] = {
     "ws_compression": (True, _server("ws_compression")),
     "ws_replay_max": (5, _settings("ws_replay_max")),
     "ws_queue_bytes": (131072, _settings("ws_queue_bytes")),
+    "ledger_max_bytes": (32 * 1024 * 1024, lambda rt: [rt.settings.ledger_max_bytes, rt.ledger.max_bytes]),
+    "ledger_full": ("reject", lambda rt: [rt.settings.ledger_full, rt.ledger.full_policy]),
 }
 # restart settings changed by the same reload: they must keep their running values
-KEPT = {"host": "127.0.0.2", "context7_max_sessions": 5, "retention_events": 10, "ledger_full": "reject",
+KEPT = {"host": "127.0.0.2", "context7_max_sessions": 5, "retention_events": 10,
         "forward_window": 3, "stream_idle": 1.0}
 
 
