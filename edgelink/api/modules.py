@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..config import RouteConfig
+from ..gateway.modules import ModuleReply
 from ..http.messages import HTTPError, Request, Response, json_response
 
 GATEWAY = {"module": "tentaculo_link", "version": "7.0"}
@@ -80,14 +81,20 @@ async def intent(req: Request) -> Response:
         fb = route.fallback
         reply = await rt.modules.call(fb.module, fb.method, fb.endpoint, json=body,
                                       timeout=fb.timeout, correlation_id=req.correlation_id)
-    return json_response(reply.data, reply.status)
+    return _forwarded(reply)
+
+
+def _forwarded(reply: ModuleReply) -> Response:
+    # the module's own bytes, already checked to be JSON: encoding the parsed value again
+    # would cost another copy of a reply of up to 8 MiB
+    return Response(reply.status, reply.raw)
 
 
 async def _proxy(req: Request, module: str, path: str) -> Response:
     rt = req.app
     reply = await rt.modules.call(module, "GET", path, timeout=rt.settings.proxy_timeout,
                                   correlation_id=req.correlation_id)
-    return json_response(reply.data, reply.status)
+    return _forwarded(reply)
 
 
 async def shub_dashboard(req: Request) -> Response:
