@@ -21,6 +21,8 @@ from .log import log
 from .probe import gateway_url, record_round
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+# upstream call outcomes that are refusals by a budget of the gateway's, by budget name
+BUDGET_OUTCOMES = {"local": "file_descriptors", "too_large": "module_reply", "too_costly": "module_reply"}
 
 
 class Runtime:
@@ -49,8 +51,13 @@ class Runtime:
                                read=lambda: {(): len(self.sessions)}))
 
     def _modules(self, settings: Settings) -> Modules:
-        latency = self.metrics.upstream_latency
-        return Modules(settings, observe=lambda module, outcome, seconds: latency.observe(seconds, module, outcome))
+        return Modules(settings, observe=self._upstream_call)
+
+    def _upstream_call(self, module: str, outcome: str, seconds: float) -> None:
+        self.metrics.upstream_latency.observe(seconds, module, outcome)
+        budget = BUDGET_OUTCOMES.get(outcome)
+        if budget is not None:
+            self.metrics.budget_refusals.inc(budget)
 
     def _breaker_states(self) -> dict[tuple[str, ...], float]:
         return {(name, ): BREAKER_STATES[b.state] for name, b in self.modules.breakers.items()}

@@ -260,6 +260,19 @@ def test_chat_validation(switch, gateway_factory) -> None:
     assert locs(chat(gw, {"message": "é" * 32_769})) == [["body", "message"]]
 
 
+def test_session_and_user_ids_are_at_most_256_characters(switch, gateway_factory) -> None:
+    gw = gateway_factory(module_env({"switch": switch}))
+    assert locs(chat(gw, {"message": "hi", "user_id": "u" * 257})) == [["body", "user_id"]]
+    assert locs(chat(gw, {"message": "hi", "session_id": "s" * 257})) == [["body", "session_id"]]
+    assert sorted(locs(chat(gw, {"message": "", "session_id": "s" * 300, "user_id": "u" * 1_000_000}))) == \
+        [["body", "message"], ["body", "session_id"], ["body", "user_id"]]
+    assert switch.requests == []
+    assert gw.get("/vx11/context-7/sessions").json()["total"] == 0  # nothing was stored
+    reply = chat(gw, {"message": "hi", "session_id": "é" * 256, "user_id": "ü" * 256})
+    assert reply.status == 200, reply.body
+    assert gw.get("/operator/session/" + "%C3%A9" * 256).json()["user_id"] == "ü" * 256
+
+
 # --- sessions ---------------------------------------------------------------------------
 
 

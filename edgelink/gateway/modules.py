@@ -103,8 +103,8 @@ class Modules:
     """``call()`` a module, ``probe_all()`` their health, ``breaker_status()``, ``close()``.
 
     ``observe(module, outcome, seconds)``, if given, is told about every call that was
-    let through; outcome is ``ok``, ``http_5xx``, ``not_json`` or an UpstreamError kind
-    (``local`` for the gateway's own limits).
+    let through; outcome is ``ok``, ``http_5xx``, ``not_json``, ``too_costly`` (to parse)
+    or an UpstreamError kind (``local`` for the gateway's own limits).
     """
 
     def __init__(self, settings: Settings, *, observe: Callable[[str, str, float], None] | None = None,
@@ -156,9 +156,9 @@ class Modules:
                 raise HTTPError(502, "upstream_unavailable", module=module, detail=str(exc)) from None
             latency_ms = round((self._now() - started) * 1000, 3)
             failed = reply.status >= 500
-            data, problem = None, ""
+            data, problem, costly = None, "", ""
             if reply.status != 204 or reply.body:
-                problem = parse_cost_problem(reply.body)
+                problem = costly = parse_cost_problem(reply.body)
                 if not problem:
                     try:
                         data = orjson.loads(reply.body)
@@ -167,7 +167,7 @@ class Modules:
             if problem:
                 # a 4xx that is not JSON still shows the module up and answering
                 failed = failed or not 400 <= reply.status < 500
-                self._done(module, "not_json", started)
+                self._done(module, "too_costly" if costly else "not_json", started)
                 log.warning("upstream_not_json", module=module, method=method, path=path,
                             http_code=reply.status, detail=problem, correlation_id=correlation_id)
                 raise HTTPError(502, "upstream_unavailable", module=module, detail=problem)
