@@ -32,7 +32,7 @@ class Runtime:
         self.stopping = False
         self.port = settings.port  # the port actually bound, set once listening
         self.ledger = Ledger.from_settings(settings)
-        self.hub = Hub(self.metrics, settings.ws_queue)
+        self.hub = Hub(self.metrics, settings.ws_queue, settings.ws_queue_bytes)
         self.cardinality = CardinalityCounter(time.time)
         self.correlations = CorrelationGraph(time.time)
         self.sessions = SessionStore.from_settings(settings)
@@ -45,6 +45,8 @@ class Runtime:
         self._closing: set[asyncio.Task[None]] = set()  # retired clients being closed
         self.metrics.add(Gauge("edgelink_ws_clients", "Connected WebSocket clients",
                                read=lambda: {(): len(self.hub.clients)}))
+        self.metrics.add(Gauge("edgelink_ws_queued_bytes", "Bytes waiting in WebSocket send queues",
+                               read=lambda: {(): self.hub.queued_bytes()}))
         self.metrics.add(Gauge("edgelink_breaker_state", "Circuit breaker state (0 closed, 1 half-open, 2 open)",
                                ("module",), read=self._breaker_states))
         self.metrics.add(Gauge("edgelink_context7_sessions", "Live Context-7 sessions",
@@ -101,7 +103,9 @@ class Runtime:
         starts or stops the recorder."""
         old = self.settings
         self.settings = settings
-        self.hub.hold_limit = settings.ws_queue
+        self.hub.hold_limit, self.hub.hold_bytes = settings.ws_queue, settings.ws_queue_bytes
+        if settings.enable_auth and (settings.token, True) != (old.token, old.enable_auth):
+            self.hub.close_other_tokens(settings.token)  # API.md §6: old tokens are closed 1008
         self._schedule_recorder()
         if settings.modules != old.modules or (settings.breaker_failures, settings.breaker_recovery,
                                                 settings.token) != (old.breaker_failures, old.breaker_recovery,
