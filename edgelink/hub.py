@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from .ledger import Ledger
 
 POLICY_VIOLATION = 1008
-REPLAY_PAGE = 32  # rows per ledger read: a page of max-size events is ~230 KiB
+# rows per ledger read: a replay paused mid-page holds the rest, ~58 KiB of max-size events
+REPLAY_PAGE = 8
 FRAME_CACHE_BYTES = 2 * 1024 * 1024  # recent frames by seq, shared by replaying clients
 
 

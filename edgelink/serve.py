@@ -14,7 +14,7 @@ import gc
 import signal
 from typing import Any, Awaitable, Callable, Coroutine
 
-from . import __version__, systemd
+from . import __version__, memory, systemd
 from .app import build_router
 from .config import ConfigError, Settings
 from .dispatch import Dispatcher
@@ -42,6 +42,7 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
                 on_ready: Callable[[Runtime], Awaitable[None] | None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT. ``reload`` builds fresh settings on SIGHUP."""
     configure(settings.log_level)
+    memory.return_big_buffers()
     runtime = Runtime(settings)
     await runtime.start()
     runtime.router = build_router()

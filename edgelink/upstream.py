@@ -90,6 +90,9 @@ class _Connection(asyncio.Protocol):
             return
         self.reply_bytes += len(data)
         self.h11.receive_data(data)
+        # One read at a time until the reply reader has taken it: the event loop may read a
+        # fast module many times per turn, and h11 would buffer a whole 8 MiB reply again.
+        self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -115,6 +118,8 @@ class _Connection(asyncio.Protocol):
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
+            if not self.ended:
+                self.transport.resume_reading()
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -214,6 +219,7 @@ class UpstreamClient:
             conn.close()
             return
         conn.h11.start_next_cycle()
+        conn.transport.resume_reading()  # an idle connection must see the module hang up
         conn.reaper = asyncio.get_running_loop().call_later(self._pool_idle, self._reap, pool, conn)
         pool.append(conn)
 

@@ -42,6 +42,9 @@ CLOSE_TRY_AGAIN_LATER = 1013
 # catches up: a fast sender cannot make us buffer without bound.
 _INBOUND_HIGH = 32
 _CLOSE_WAIT = 5.0  # seconds to wait for the client's close frame before dropping the socket
+# The transport's own buffer before it pauses: what waits beyond it is in the send queue,
+# counted against the client's byte bound, so this one is kept small.
+_TRANSPORT_HIGH = 64 * 1024
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -65,6 +68,7 @@ class WebSocket:
         self.request = request
         self.close_code: int | None = None
         self._transport = transport
+        transport.set_write_buffer_limits(high=min(transport.get_write_buffer_limits()[1], _TRANSPORT_HIGH))
         self._conn = conn
         self._max_message = max_message
         self._queue_limit = queue_limit
