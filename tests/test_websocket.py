@@ -215,6 +215,15 @@ def test_permessage_deflate_only_when_enabled(gateway_factory, enabled):
             assert orjson.loads(await ws.recv())["type"] == "connected"
             await ws.send('{"echo": "' + "z" * 2000 + '"}')
             assert orjson.loads(await ws.recv()) == {"echo": "z" * 2000}
+            # shared broadcast frames, small and large, live and replayed, either way
+            alerts = [{"alert_id": "a", "severity": "info", "message": "m" * n, "timestamp": 1} for n in (10, 1900)]
+            for alert in alerts:
+                assert gw.post("/events/ingest", {"source": "s", "type": "system.alert", "payload": alert,
+                                                  "broadcast": True}).status == 201
+                assert orjson.loads(await ws.recv())["payload"] == alert
+        async with websockets.connect(ws_url(gw, f"token={gw.token}&since_seq=0"), compression="deflate") as ws:
+            assert orjson.loads(await ws.recv())["replayed"] == 2
+            assert [orjson.loads(await ws.recv())["payload"] for _ in alerts] == alerts
     run(go())
 
 
