@@ -9,7 +9,7 @@ import orjson
 
 from ..gateway.events import SCHEMAS, SchemaRejected, build_event, normalize_client_event
 from ..http.messages import HTTPError
-from ..http.websocket import WebSocket
+from ..http.websocket import CLOSE_INTERNAL_ERROR, WebSocket
 from ..log import log
 from .events import accept, now_ms
 
@@ -30,6 +30,15 @@ def _since(raw: str | None) -> int | None:
     if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_SEQ:
         raise ValueError(raw)
     return int(raw)
+
+
+def _replay_over(task: "asyncio.Task[None]", ws: WebSocket, client_id: str) -> None:
+    # a replay that failed (the ledger closing under it, say) would leave the client
+    # connected but never live: close it so that it reconnects and resumes
+    if not task.cancelled() and task.exception() is not None:
+        log.error("websocket_replay_failed", error=repr(task.exception()), client_id=client_id,
+                  correlation_id=ws.request.correlation_id)
+        ws.close(CLOSE_INTERNAL_ERROR, "replay failed")
 
 
 async def websocket(ws: WebSocket) -> None:
@@ -69,6 +78,7 @@ async def websocket(ws: WebSocket) -> None:
                          replayed=count, truncated=truncated))
         # paced by the client's socket, while its own messages are still read (and pongs seen)
         replay = asyncio.create_task(rt.hub.replay(client, after, ledger))
+        replay.add_done_callback(lambda task: _replay_over(task, ws, client_id))
         source = f"ws:{client_id}"
         while (message := await ws.receive()) is not None:
             if isinstance(message, bytes):
