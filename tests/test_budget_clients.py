@@ -154,7 +154,7 @@ def costly_module(fake) -> FakeModule:
     return module
 
 
-def test_modules_answering_8_mib_of_empty_lists(costly_module, fake, gateway_factory) -> None:
+def test_modules_answering_8_mib_of_empty_lists(costly_module, gateway_factory) -> None:
     gw = gateway_factory(module_env({"switch": costly_module, "hermes": costly_module,
                                      "hormiguero": costly_module},
                                     EDGELINK_BREAKER_FAILURES="1000"))
