@@ -9,13 +9,12 @@ config file and environment file; if they are valid, apply what can change at ru
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import os
 import signal
 from typing import Any, Awaitable, Callable, Coroutine
 
-from . import __version__, systemd
+from . import __version__, memory, systemd
 from .app import build_router
 from .config import ConfigError, Settings
 from .dispatch import Dispatcher
@@ -25,8 +24,6 @@ from .ledger import LedgerUnusable
 from .log import configure, log
 from .runtime import Runtime
 
-MMAP_THRESHOLD = 256 * 1024  # buffers this big get their own mapping, unmapped when freed
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:
     """Run ``main`` on uvloop, or on the standard loop (saying so) when uvloop is missing."""
@@ -38,28 +35,11 @@ def run(main: Coroutine[Any, Any, Any]) -> Any:
     return uvloop.run(main)
 
 
-def pin_mmap_threshold() -> None:
-    """Keep big buffers (request bodies, event rows) out of the malloc heaps.
-
-    glibc raises its mmap threshold each time a mapped buffer is freed, up to 32 MiB; from
-    then on 1 MiB bodies are carved from the heap of whichever thread touched them and
-    fragmentation keeps the memory. Measured: 4 clients posting 1 MiB events peaked at
-    105 MiB RSS, 51 MiB with the threshold pinned. An explicit MALLOC_MMAP_THRESHOLD_ wins.
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not a C library with mallopt: nothing to pin
-        return
-    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
 async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = None,
                 on_ready: Callable[[Runtime], Awaitable[None] | None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT. ``reload`` builds fresh settings on SIGHUP."""
     configure(settings.log_level)
-    pin_mmap_threshold()
+    memory.return_big_buffers()
     runtime = Runtime(settings)
     try:
         await runtime.start()

@@ -83,7 +83,7 @@ NEW: dict[str, tuple[Any, Callable[[Runtime], list[Any]]]] = {
     "ws_ping_interval": (7.0, _server("ws_ping_interval")),
     "ws_compression": (True, _server("ws_compression")),
     "ws_replay_max": (5, _settings("ws_replay_max")),
-    "ws_queue_bytes": (131072, _settings("ws_queue_bytes")),
+    "ws_queue_bytes": (131072, lambda rt: [rt.settings.ws_queue_bytes, rt.hub.hold_bytes]),
     "ledger_max_bytes": (32 * 1024 * 1024, lambda rt: [rt.settings.ledger_max_bytes, rt.ledger.max_bytes]),
     "ledger_full": ("reject", lambda rt: [rt.settings.ledger_full, rt.ledger.full_policy]),
 }

@@ -10,6 +10,7 @@ from typing import Any, AsyncGenerator
 import orjson
 
 from ..config import Intent
+from ..modules import GATEWAY_OVERLOADED
 from ..http.messages import HTTPError, Request, Response, check_fields, empty_response, json_response, \
     validation_error
 from ..log import log
@@ -18,6 +19,7 @@ from . import streams
 from .modules import call
 
 MAX_MESSAGE = 32_768
+MAX_ID = 256  # session_id and user_id (API.md §4): both are stored with the session
 _CHAT_FIELDS = {"message": (str, True), "session_id": (str, False), "user_id": (str, False),
                 "metadata": (dict, False), "stream": (bool, False)}
 # A line of the module's event stream (or of its plain text) held while incomplete.
@@ -35,18 +37,19 @@ def _reply_text(data: Any) -> str | None:
     return None
 
 
-async def _ask(req: Request, route: Intent, body: dict[str, Any]) -> tuple[str, str] | None:
-    """(text, model) from one route, or None if it failed in any way (logged)."""
+async def _ask(req: Request, route: Intent, body: dict[str, Any]) -> tuple[str, str] | str:
+    """(text, model) from one route, or the error code if it failed in any way (logged)."""
+    rt = req.runtime
     try:
         reply = await call(req, route, body)
     except ModuleError as exc:
         log.warning("chat_route_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
-        return None
+        return exc.code
     text = _reply_text(reply.data) if 200 <= reply.status < 300 else None
     if text is None:
         log.warning("chat_route_failed", module=route.module, error="no_text", http_code=reply.status,
                     correlation_id=req.correlation_id)
-        return None
+        return "no_text"
     # model_used, else model, else the provider name: a value that is not a name (a number,
     # an object, blank) counts as absent, as for the text keys.
     names = (reply.data.get(key) for key in ("model_used", "model"))
@@ -59,8 +62,12 @@ async def chat(req: Request) -> Response:
     body = req.json_object()
     check_fields(body, _CHAT_FIELDS)
     message = body["message"]
+    problems = [(["body", name], f"must be at most {MAX_ID} characters")
+                for name in ("session_id", "user_id") if len(body.get(name) or "") > MAX_ID]
     if not 1 <= len(message) <= MAX_MESSAGE:
-        raise validation_error((["body", "message"], f"must be 1 to {MAX_MESSAGE} characters"))
+        problems.insert(0, (["body", "message"], f"must be 1 to {MAX_MESSAGE} characters"))
+    if problems:
+        raise validation_error(*problems)
     sessions = rt.sessions
     session_id = sessions.open(body.get("session_id"), body.get("user_id"))
     sessions.append(session_id, "user", message, metadata=body.get("metadata"))
@@ -72,13 +79,19 @@ async def chat(req: Request) -> Response:
     route = rt.settings.route("chat")
     if body.get("stream"):
         return await _chat_stream(req, route, session_id, outgoing, started)
-    answer, answered_by, degraded = None, route, False
+    answer: tuple[str, str] | str = "no_route"
+    answered_by, degraded = route, False
+    failures = set()
     if route is not None:
         answer = await _ask(req, route, outgoing)
-        if answer is None and route.fallback is not None:
+        if isinstance(answer, str) and route.fallback is not None:
+            failures.add(answer)
             answered_by, degraded = route.fallback, True
             answer = await _ask(req, route.fallback, outgoing)
-    if answer is None:
+    if isinstance(answer, str):
+        if failures | {answer} == {GATEWAY_OVERLOADED}:  # no module was at fault: say so
+            raise HTTPError(503, GATEWAY_OVERLOADED, session_id=session_id,
+                            detail="the gateway is out of connections to reach the chat modules")
         raise HTTPError(503, "chat_unavailable", session_id=session_id,
                         detail="neither the chat route nor its fallback answered")
     text, model = answer
@@ -104,8 +117,8 @@ async def _chat_stream(req: Request, chat_route: RouteConfig | None, session_id:
         except ModuleError as exc:
             log.warning("chat_route_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
     fallback = chat_route.fallback if chat_route is not None else None
-    answer = await _ask(req, fallback, outgoing) if fallback is not None else None
-    if answer is None:
+    answer = await _ask(req, fallback, outgoing) if fallback is not None else "no_route"
+    if isinstance(answer, str):
         raise HTTPError(503, "chat_unavailable", session_id=session_id,
                         detail="neither the stream route nor the chat fallback answered")
     text, model = answer

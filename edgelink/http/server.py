@@ -550,6 +550,7 @@ class HttpProtocol(asyncio.Protocol):
         self._ws = WebSocket(
             self.transport, ws_conn, request,
             max_message=self.settings.ws_max_frame, queue_limit=self.settings.ws_queue,
+            queue_bytes=self.settings.ws_queue_bytes,
             ping_interval=self.settings.ws_ping_interval, compressed=compressed,
             set_reading=self._ws_reading,
         )
