@@ -115,6 +115,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("upstream_pool_idle", ("EDGELINK_UPSTREAM_POOL_IDLE",), _number(float, 0.1), 30.0),
     Knob("max_body", ("EDGELINK_MAX_BODY",), _number(int, 1), 1_048_576),
     Knob("max_header", ("EDGELINK_MAX_HEADER",), _number(int, 1024), 16_384),
+    Knob("max_request_line", ("EDGELINK_MAX_REQUEST_LINE",), _number(int, 256), 8192),
     Knob("max_connections", ("EDGELINK_MAX_CONNECTIONS",), _number(int, 1), 1000),
     Knob("keepalive_timeout", ("EDGELINK_KEEPALIVE_TIMEOUT",), _number(float, 0.01), 5.0),
     Knob("header_timeout", ("EDGELINK_HEADER_TIMEOUT",), _number(float, 0.01), 10.0),
@@ -224,6 +225,7 @@ class Settings:
     upstream_pool_idle: float = 30.0
     max_body: int = 1_048_576
     max_header: int = 16_384
+    max_request_line: int = 8192
     max_connections: int = 1000
     keepalive_timeout: float = 5.0
     header_timeout: float = 10.0

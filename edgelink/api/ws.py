@@ -7,6 +7,7 @@ import uuid
 import orjson
 
 from ..gateway.events import SCHEMAS, SchemaRejected, build_event, normalize_client_event
+from ..http.messages import InvalidJSON, parse_json
 from ..http.websocket import WebSocket
 from ..log import log
 from .events import accept, now_ms
@@ -55,12 +56,13 @@ async def websocket(ws: WebSocket) -> None:
             if isinstance(message, bytes):
                 ws.send(_control("error", error="binary_not_supported", detail="send JSON in text frames"))
                 continue
+            raw = message.encode()
             try:
-                data = orjson.loads(message)
-            except orjson.JSONDecodeError:
-                ws.send(_control("error", error="invalid_json"))
+                data = parse_json(raw)
+            except InvalidJSON as exc:
+                ws.send(_control("error", error="invalid_json", detail=f"message is {exc}"))
                 continue
-            ws.send(message.encode())  # the echo
+            ws.send(raw)  # the echo
             incoming = normalize_client_event(data, source)
             if incoming is None or incoming.type not in SCHEMAS:
                 continue  # only canonical events are stored and broadcast

@@ -7,7 +7,9 @@ any answer that is an error in the API.md §1 shape; the dispatcher renders it.
 from __future__ import annotations
 
 import re
+from array import array
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, Iterable
 from urllib.parse import parse_qsl
 
@@ -15,6 +17,34 @@ import orjson
 
 JSON_TYPE = b"application/json"
 _INTEGER = re.compile(r"-?[0-9]+")
+
+# API.md §1. orjson itself accepts ~1024 levels but refuses to encode past 255, so a deeper
+# document would fail later, after it was stored or sent on: refuse it at the door.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# translate() tables: keep only brackets, openers as +1 and closers as -1 (signed bytes)
+_BRACKET_SIGNS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[{]}")
+
+
+class InvalidJSON(ValueError):
+    """A document refused by ``parse_json``; the message says why, after "body is"."""
+
+
+def parse_json(raw: bytes) -> Any:
+    """``orjson.loads`` for anything a client sends, refusing depth > ``MAX_JSON_DEPTH``.
+
+    The depth scan runs in C: with fewer brackets than the limit there is nothing to do;
+    otherwise strings are cut out (their brackets do not nest) and the running sum of the
+    remaining brackets is the depth."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+        brackets = _JSON_STRING.sub(b"", raw).translate(_BRACKET_SIGNS, _NOT_BRACKETS)
+        if max(accumulate(array("b", brackets)), default=0) > MAX_JSON_DEPTH:
+            raise InvalidJSON(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"not valid JSON: {exc}") from None
 
 
 class HTTPError(Exception):
@@ -100,9 +130,9 @@ class Request:
             if not self.body.strip():
                 raise HTTPError(400, "invalid_json", detail="request body is empty; a JSON document is required")
             try:
-                self._json = orjson.loads(self.body)
-            except orjson.JSONDecodeError as exc:
-                raise HTTPError(400, "invalid_json", detail=f"body is not valid JSON: {exc}") from None
+                self._json = parse_json(self.body)
+            except InvalidJSON as exc:
+                raise HTTPError(400, "invalid_json", detail=f"body is {exc}") from None
         return self._json
 
     def json_object(self) -> dict[str, Any]:
