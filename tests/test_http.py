@@ -119,11 +119,30 @@ def test_chunked_body_is_read_and_connection_kept(gateway):
 
 def test_expect_100_continue(gateway):
     client = RawClient(gateway.connect())
-    client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+    client.send(b"POST /vx11/intent/nope HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n"
+                b"X-VX11-Token: " + gateway.token.encode() + b"\r\n\r\n")
     status, _, _ = client.read_response()
     assert status == 100
     client.send(b"{}")
-    assert client.read_response()[0] == 405
+    status, _, body = client.read_response()
+    assert status == 404 and orjson.loads(body)["error"] == "unknown_intent"
+
+
+@pytest.mark.parametrize("target,token,status,error", [
+    ("/vx11/intent/chat", None, 401, "auth_required"),
+    ("/vx11/intent/chat", "wrong", 403, "forbidden"),
+    ("/no/such/route", None, 404, "not_found"),
+    ("/health", None, 405, "method_not_allowed"),
+])
+def test_expect_100_continue_only_after_route_and_token(gateway, target, token, status, error):
+    client = RawClient(gateway.connect())
+    auth = b"X-VX11-Token: %s\r\n" % token.encode() if token else b""
+    client.send(b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n%s\r\n"
+                % (target.encode(), auth))
+    got, headers, body = client.read_response()
+    assert got == status and orjson.loads(body)["error"] == error  # no 100 first
+    assert headers["connection"] == "close" and client.closed_by_peer()
+    still_serving(gateway)
 
 
 def test_expect_100_continue_over_limit_refused_without_continue(gateway_factory):

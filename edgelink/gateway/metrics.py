@@ -108,6 +108,9 @@ class Registry:
             "edgelink_events_total", "Events by type and outcome (accepted, rejected)", ("type", "outcome")))
         self.ws_drops = self.add(Counter(
             "edgelink_ws_slow_consumer_closes_total", "WebSocket clients closed with 1013 for not keeping up"))
+        self.budget_refusals = self.add(Counter(
+            "edgelink_budget_refusals_total", "Requests and connections refused by a memory, size or time budget",
+            ("budget",)))
         self.upstream_latency = self.add(Histogram(
             "edgelink_upstream_request_duration_seconds", "Upstream module call latency", ("module", "outcome")))
 
