@@ -606,3 +606,41 @@ def test_budget_refusals_are_counted_in_metrics(gateway_factory):
     text = gw.get("/metrics", token=False).body.decode()
     for budget in ("request_line", "header_block", "body", "connections"):
         assert f'edgelink_budget_refusals_total{{budget="{budget}"}} 1' in text, (budget, text)
+
+
+def _nofile(pid: int) -> tuple[int, int]:
+    for line in open(f"/proc/{pid}/limits"):
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no Max open files")
+
+
+def test_fd_limit_raised_to_what_the_limits_need(gateway_factory):
+    gw = gateway_factory({"EDGELINK_MAX_CONNECTIONS": "300"}, launcher=["prlimit", "--nofile=64:4096", "--"])
+    soft, hard = _nofile(gw.proc.pid)
+    assert hard == 4096 and soft >= 2 * 300 + 64 and soft < hard
+    assert '"event":"fd_limit_raised"' in gw.logs()
+
+
+def test_fd_limit_too_low_is_a_warning_naming_both_figures(gateway_factory):
+    gw = gateway_factory({}, launcher=["prlimit", "--nofile=48:64", "--"])
+    rec = next(orjson.loads(line) for line in gw.logs().splitlines() if '"fd_limit_low"' in line)
+    assert rec["limit"] == 64 and rec["needed"] > 2000 and rec["level"] == "warning"
+    assert _nofile(gw.proc.pid) == (64, 64)
+    still_serving(gw)
+
+
+def test_accept_loop_survives_running_out_of_descriptors(gateway_factory):
+    gw = gateway_factory({}, launcher=["prlimit", "--nofile=64:64", "--"])
+    first = RawClient(gw.connect())
+    first.send(GET_HEALTH)
+    assert first.read_response()[0] == 200
+    held = [gw.connect() for _ in range(100)]  # past the limit: accept() gets EMFILE
+    time.sleep(0.5)
+    first.send(GET_HEALTH)  # existing connections keep being served meanwhile
+    assert first.read_response()[0] == 200
+    for s in held:
+        s.close()
+    time.sleep(0.5)
+    still_serving(gw)
