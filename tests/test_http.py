@@ -644,3 +644,21 @@ def test_accept_loop_survives_running_out_of_descriptors(gateway_factory):
         s.close()
     time.sleep(0.5)
     still_serving(gw)
+
+
+def _depth_of(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth_of, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth_of, value), default=0)
+    return 0
+
+
+@pytest.mark.parametrize("doc", [
+    {}, [], "x", 1, {"a": [[[]]]}, {"s": "[[[[{{{{"}, {"s": "]]]]}}"}, {"s": 'q"[[[', "t": ["\\", ["\\\\\""]]},
+    [{"k": "\\\"]", "v": [["\\\\"], {"x": "}"}]}], {"deep": nested(70)[:-1].decode()},
+])
+def test_json_depth_scan_matches_the_parsed_depth(doc):
+    from edgelink.http.messages import _json_depth
+
+    assert _json_depth(orjson.dumps(doc)) == _depth_of(doc)
