@@ -496,7 +496,7 @@ def test_websocket_message_nested_too_deep_gets_invalid_json_and_stays_open(gate
             assert orjson.loads(await ws.recv())["type"] == "connected"
             await ws.send(nested(300).decode())
             frame = orjson.loads(await ws.recv())
-            assert frame["type"] == "error" and frame["error"] == "invalid_json" and "64" in frame["detail"]
+            assert frame == {"channel": "control", "type": "error", "error": "invalid_json"}
             await ws.send('{"hello": 1}')
             assert orjson.loads(await ws.recv()) == {"hello": 1}  # the echo: still connected
 

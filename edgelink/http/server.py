@@ -232,6 +232,10 @@ class HttpProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # The kernel's send buffer counts against the unit's memory too, and autotuned
+            # it grows to megabytes for a client that never reads, each bit of growth
+            # looking like progress to the send timeout: bound it like our own buffer.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.write_buffer_high)
         self._set_timer(self.settings.header_timeout, self._on_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -293,7 +297,9 @@ class HttpProtocol(asyncio.Protocol):
         if self._ws is not None:
             self._ws.resume_writing()
         elif self.phase is Phase.IDLE:
-            self._process()  # answer what was pipelined while the client was not reading
+            # Answer what was pipelined while the client was not reading.
+            self._set_timer(self.settings.keepalive_timeout, self._on_timeout)
+            self._process()
 
     # --- state the server looks at -------------------------------------------------------
 
@@ -484,12 +490,14 @@ class HttpProtocol(asyncio.Protocol):
         self._task = None
         self._line_checked = False
         self._stall_read = False
-        self._set_timer(self.settings.keepalive_timeout, self._on_timeout)
         self.server.busy_changed()
         if "write" in self._read_blockers:
             # The client is not reading what we send: answering what it pipelined would
-            # only pile answers up in memory. resume_writing carries on from here.
+            # only pile answers up in memory. resume_writing carries on from here; until
+            # then the send timeout, not the keep-alive one, decides how long it may wait.
+            self._cancel_timer()
             return
+        self._set_timer(self.settings.keepalive_timeout, self._on_timeout)
         # Answer what was pipelined behind this request before reading more; _process
         # resumes reading once h11 needs data.
         self._process()
@@ -666,7 +674,15 @@ class HttpProtocol(asyncio.Protocol):
         if not self._reading:
             self._reading = True
             transport.resume_reading()
-        self._timer = self._loop.call_later(self.settings.keepalive_timeout, transport.close)
+        self._timer = self._loop.call_later(self.settings.keepalive_timeout, self._linger_expired)
+
+    def _linger_expired(self) -> None:
+        # A client that has not read its answer by now will not: drop what is left of it.
+        if self.transport is not None:
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()
+            else:
+                self.transport.close()
 
 
 def _unread_bytes(transport: asyncio.Transport) -> int:
