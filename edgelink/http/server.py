@@ -24,11 +24,12 @@ connection only. Before a body is read (or ``100 Continue`` sent) the dispatcher
 ``admit`` may refuse the request (unknown route, missing token): a client without a token
 never makes us buffer a body.
 
-Flow control, bounded in bytes per connection: when a transport's write buffer passes the
-high-water mark we stop reading from that socket and stop answering what it pipelined
-until the buffer drains, so what waits is at most the high-water mark plus the one answer
-that crossed it, and on input one read plus a header block; a client stuck past the send
-timeout is dropped.
+Flow control, bounded in bytes per connection: the kernel's send buffer is sized by the
+write-buffer setting; once it is full and anything waits in ours, we stop reading from
+that socket and stop answering what it pipelined until ours is empty again, so what waits
+in the process is at most the one answer that did not fit, and on input one read plus a
+header block; a client stuck past the send timeout is dropped. After a WebSocket upgrade
+our buffer may fill up to the setting before frames queue in the WebSocket.
 
 Closing: a connection is half-closed (FIN) and what the client still sends is read and
 discarded for a short while, because closing a socket with unread data sends a RST that
@@ -85,6 +86,7 @@ class Phase(enum.Enum):
 
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_SHARE_BODY_OVER = 16 * 1024  # below this, one joined write is cheaper than two buffers
 
 
 class _Clock:
@@ -228,13 +230,16 @@ class HttpProtocol(asyncio.Protocol):
             self.phase = Phase.CLOSED
             return
         self.server.connections.add(self)
-        transport.set_write_buffer_limits(high=self.settings.write_buffer_high)
+        # HTTP: "paused" means anything waits in our buffer, the kernel's being full (it is
+        # sized by write_buffer_high below); the next pipelined answer waits until ours is
+        # empty, so a connection holds at most the one answer that did not fit.
+        transport.set_write_buffer_limits(high=0)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # The kernel's send buffer counts against the unit's memory too, and autotuned
             # it grows to megabytes for a client that never reads, each bit of growth
-            # looking like progress to the send timeout: bound it like our own buffer.
+            # looking like progress to the send timeout: bound it by the setting.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.write_buffer_high)
         self._set_timer(self.settings.header_timeout, self._on_timeout)
 
@@ -468,9 +473,14 @@ class HttpProtocol(asyncio.Protocol):
                 continue
             parts.append(b"%s: %s\r\n" % (name, value))
         parts.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
-        if response.body and request.method != "HEAD" and not bodyless:
-            parts.append(response.body)
-        self.transport.write(b"".join(parts))
+        body = response.body if request.method != "HEAD" and not bodyless else b""
+        if len(body) > _SHARE_BODY_OVER:
+            # Written as it is: a body shared by many answers (a cached document) is then
+            # held once, not copied into each slow client's buffer.
+            self.transport.writelines((b"".join(parts), body))
+        else:
+            parts.append(body)
+            self.transport.write(b"".join(parts))
         if keep_alive:
             self._next_cycle()
         else:
@@ -538,6 +548,7 @@ class HttpProtocol(asyncio.Protocol):
         compressed = bool(extensions) and any(
             "permessage-deflate" in ext for ext in offer.extensions if isinstance(ext, str))
         trailing, _ = self.conn.trailing_data
+        self.transport.set_write_buffer_limits(high=self.settings.write_buffer_high)  # the WS queue takes over
         self.transport.write(accept)
         self.phase = Phase.WEBSOCKET
         self._unblock_reading("pipeline")
