@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .api import chat, events, health, modules, ops, ws
+from .api import chat, console, events, health, modules, ops, ws
 from .http.router import Router
 
 
@@ -42,5 +42,12 @@ def build_router() -> Router:
           tags=("events",))
     r.add("GET", "/metrics", ops.metrics, public=True, summary="Prometheus metrics", tags=("operations",))
     r.add("GET", "/openapi.json", ops.openapi_json, public=True, summary="This document", tags=("operations",))
+    r.add("GET", "/vx11/health/history", health.history, summary="Recorded probes of one module",
+          tags=("operations",))
+    r.add("GET", "/console", console.console, public=True, summary="Operator console (HTML page)", tags=("console",))
+    r.add("GET", "/console/{asset}", console.asset, public=True, summary="Operator console files", tags=("console",))
+    r.add("GET", "/docs", console.docs, public=True, summary="Interactive API reference (HTML page)",
+          tags=("console",))
+    r.add("GET", "/redoc", console.redoc, public=True, summary="Redirect to /docs", tags=("console",))
     r.add("WS", "/ws", ws.websocket, summary="Event stream (WebSocket)", tags=("events",))
     return r

@@ -35,7 +35,9 @@ from typing import Any
 
 from . import __version__
 from .api.chat import MAX_MESSAGE as MAX_CHAT_MESSAGE
+from .api.console import ASSETS as CONSOLE_ASSETS
 from .api.events import RECENT_IN_SNAPSHOT
+from .api.health import DEFAULT_HISTORY, MAX_HISTORY
 from .api.ws import MAX_CLIENT_ID
 from .gateway.auth import MAX_CORRELATION_ID
 from .gateway.events import MAX_NAME_LENGTH
@@ -47,6 +49,7 @@ from .http.router import Route, Router
 OPENAPI_VERSION = "3.1.0"
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4"
+HTML = "text/html"
 MAX_SNAPSHOT_T = 2**53  # the bound api/events.py puts on ``t``
 
 
@@ -340,8 +343,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "WsError": _object({"channel": {"const": "control"}, "type": {"const": "error"}, "error": _STR},
                        {"detail": _STR,
                         "event_type": {"type": "string", "description": "The type of a rejected event."}}),
+    "HealthPoint": _object({"checked_at": _MS, "status": _STR, "http_code": _nullable(_INT),
+                            "latency_ms": _nullable(_NUMBER)}),
+    "HealthHistory": _object({"module": _STR, "points": {"type": "array", "maxItems": MAX_HISTORY,
+                                                         "items": _schema("HealthPoint"),
+                                                         "description": "Oldest first."}}),
     # --- operations
     "PrometheusText": {"type": "string", "description": "Prometheus text exposition format 0.0.4."},
+    "Text": {"type": "string", "description": "An HTML page, a stylesheet or a script."},
     "OpenAPIDocument": _object({"openapi": {"const": OPENAPI_VERSION}, "info": {"type": "object"},
                                 "paths": {"type": "object"}}),
 }
@@ -458,6 +467,18 @@ STATUS = Operation(
     (_body(200, "Every module probed concurrently (`GET <url>/health`, each bounded by "
                 "EDGELINK_HEALTH_TIMEOUT); concurrent callers share one probe round.", "Status"),),
 )
+_STATIC_CASES = (
+    Case("304", "Not Modified: `If-None-Match` names the current ETag.", headers=(("ETag", "The file's tag."),)),
+)
+_IF_NONE_MATCH = _param("If-None-Match", "header", "ETags the client holds; the current one answers 304.", _STR)
+PAGE = Operation(
+    (Case("200", "The page (gzip when `Accept-Encoding` admits it), sent with `Cache-Control: no-cache`, an "
+                 "`ETag` and a `Content-Security-Policy` of the gateway's own origin. The data it shows needs "
+                 "the token, entered in the page.", schema=_schema("Text"), media_type=HTML,
+          headers=(("ETag", "The file's tag."), ("Content-Security-Policy", "Only the gateway's own origin."))),
+     *_STATIC_CASES),
+    parameters=(_IF_NONE_MATCH,),
+)
 PROXY = Operation((_body(200, "The module's reply.", "ModuleReply"), *UPSTREAM_CASES), forwards=True)
 CHAT = Operation(
     (_body(200, "The chat route answered, or its fallback did (`degraded`).", "ChatResponse"),
@@ -541,6 +562,31 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
                media_type=PROMETHEUS),),
     ),
     ("GET", "/openapi.json"): Operation((_body(200, "This document.", "OpenAPIDocument"),)),
+    ("GET", "/vx11/health/history"): Operation(
+        (_body(200, "The module's recorded probe rounds (EDGELINK_PROBE_INTERVAL), oldest first: the newest "
+                    "`limit` at or after `since`.", "HealthHistory"),
+         _error(404, "not_found", "not a configured module (nor `tentaculo_link`, the gateway's own row)."),
+         VALIDATION),
+        parameters=(_param("module", "query", "A module name, or `tentaculo_link` for the gateway.",
+                           {"type": "string", "minLength": 1}, required=True),
+                    _query_param("since", "Only probes at or after this moment, Unix epoch ms.",
+                                 {"type": "integer", "minimum": 0, "maximum": MAX_SNAPSHOT_T, "default": 0}),
+                    _query_param("limit", "At most this many points (the newest).",
+                                 {"type": "integer", "minimum": 1, "maximum": MAX_HISTORY,
+                                  "default": DEFAULT_HISTORY})),
+    ),
+    ("GET", "/console"): PAGE,
+    ("GET", "/docs"): PAGE,
+    ("GET", "/console/{asset}"): Operation(
+        (Case("200", "The file, sent as the pages are: a stylesheet as `text/css`,", schema=_schema("Text"),
+              media_type="text/css", headers=(("ETag", "The file's tag."),)),
+         Case("200", "a script as `text/javascript`.", schema=_schema("Text"), media_type="text/javascript"),
+         *_STATIC_CASES,
+         _error(404, "not_found", "not one of the console's files.")),
+        parameters=(_path_param("asset", f"One of {', '.join(CONSOLE_ASSETS)}.", "console.js"), _IF_NONE_MATCH),
+    ),
+    ("GET", "/redoc"): Operation(
+        (Case("308", "Permanent Redirect to `/docs`, the API reference.", headers=(("Location", "`/docs`."),)),)),
     ("WS", "/ws"): Operation(
         (Case("101", "Switching Protocols: the connection is a WebSocket (RFC 6455). The first frame is "
                      "`WsConnected`; then replayed and live events as `WsEvent`. Each JSON text frame a client "
