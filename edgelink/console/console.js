@@ -189,7 +189,7 @@ async function forwarder() {
 
 const stream = {
   ws: null, epoch: null, lastSeq: null, seen: new Set(), events: [], types: new Set(),
-  attempt: 0, timer: null, paused: false, wanted: false,
+  attempt: 0, timer: null, paused: false, held: 0, wanted: false,
 
   open() {
     this.wanted = true;
@@ -241,7 +241,10 @@ const stream = {
       this.types.add(f.type);
       $("type-filter").append(h("option", { value: f.type }, f.type));
     }
-    if (!this.paused && matches(f)) {
+    if (this.paused) {
+      this.held += 1;
+      $("stream-note").textContent = `${this.held} new while paused`;
+    } else if (matches(f)) {
       const list = $("events");
       list.prepend(eventItem(f));
       while (list.childElementCount > MAX_EVENTS) list.lastElementChild.remove();
@@ -263,6 +266,7 @@ function link(text, state) {
   const el = $("link");
   el.textContent = `stream: ${text}`;
   el.className = `pill ${state}`;
+  el.dataset.attempts = stream.attempt; // failed connects in a row (tests wait on it)
 }
 
 function matches(f) {
@@ -292,7 +296,11 @@ async function main() {
     stream.paused = !stream.paused;
     $("pause").setAttribute("aria-pressed", String(stream.paused));
     $("pause").textContent = stream.paused ? "Resume" : "Pause";
-    if (!stream.paused) rerender();
+    if (!stream.paused) {
+      stream.held = 0;
+      $("stream-note").textContent = "";
+      rerender();
+    }
   });
   try {
     const doc = await api("/openapi.json", { auth: false });
