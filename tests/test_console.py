@@ -198,9 +198,10 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
-def start_demo(tmp_path: Path, port: int = 0, **env: str) -> Gateway:
+def start_demo(tmp_path: Path, port: int = 0, name: str = "demo", **env: str) -> Gateway:
+    """``edgelink demo``; the same ``name`` is the same database (and log) file."""
     return start_gateway(tmp_path, {"EDGELINK_PROBE_INTERVAL": "1", **env},
-                         args=["--port", str(port)] if port else None, command="demo", name="demo")
+                         args=["--port", str(port)] if port else None, command="demo", name=name)
 
 
 class Watched:
@@ -225,8 +226,10 @@ class Watched:
         self.page.fill("#token", token)
         self.page.press("#token", "Enter")
 
-    def seqs(self) -> list[int]:
-        return [int(s) for s in self.page.eval_on_selector_all("#events li", "els => els.map(e => e.dataset.seq)")]
+    def seqs(self, epoch: str | None = None) -> list[int]:
+        """The seqs listed, newest first (of one ledger epoch if given)."""
+        found = self.page.eval_on_selector_all("#events li", "els => els.map(e => [e.dataset.seq, e.dataset.epoch])")
+        return [int(seq) for seq, e in found if epoch is None or e == epoch]
 
     def wait_for_seq(self, seq: int) -> None:
         self.page.wait_for_selector(f"#events li[data-seq='{seq}']", timeout=WAIT_MS)
@@ -351,6 +354,35 @@ def test_console_resumes_after_a_restart_without_gap_or_duplicate(tmp_path: Path
         assert seqs == sorted(seqs, reverse=True)
         assert len(seqs) == len(set(seqs)), seqs
         assert set(seqs) == {*before, *meanwhile, after}
+    finally:
+        gw.stop()
+
+
+def test_console_reads_a_replaced_ledger_from_its_start(tmp_path: Path, watched: Any) -> None:
+    """A new database file (a new epoch) restarts seq at 1: the page must not skip its events
+    as seen, nor resume from the old ledger's position."""
+    gw = start_demo(tmp_path)
+    port = gw.port
+    try:
+        w = watched(gw)
+        w.sign_in(gw.token)
+        w.page.wait_for_selector("#link.ok", timeout=WAIT_MS)
+        old = [gw.post("/events/ingest", alert(n)).json()["seq"] for n in range(4)]
+        w.wait_for_seq(old[-1])
+        gw.stop()
+        w.page.wait_for_function("() => Number(document.querySelector('#link').dataset.attempts) >= 3",
+                                 timeout=WAIT_MS * 2)
+        gw = start_demo(tmp_path, port=port, name="other")
+        new = [gw.post("/events/ingest", alert(n)).json()["seq"] for n in range(10, 12)]
+        assert new == [1, 2]  # below the old position: a plain resume would miss them
+        w.page.wait_for_function("() => document.querySelectorAll('#events li').length === 6", timeout=WAIT_MS)
+        epochs = {e for _, e in w.page.eval_on_selector_all(
+            "#events li", "els => els.map(e => [e.dataset.seq, e.dataset.epoch])")}
+        assert len(epochs) == 2
+        old_epoch = w.page.get_attribute(f"#events li[data-seq='{old[0]}']:last-child", "data-epoch")
+        new_epoch = (epochs - {old_epoch}).pop()
+        assert w.seqs(new_epoch) == [2, 1]
+        assert w.seqs(old_epoch) == old[::-1]
     finally:
         gw.stop()
 

@@ -80,11 +80,19 @@ async function modules() {
   note("modules-note", status);
   if (status.status !== 200) return;
   const names = Object.keys(status.data.modules);
-  const histories = await Promise.all(names.map((name) => status.data.modules[name].status === "disabled"
-    ? null : api(`/vx11/health/history?module=${encodeURIComponent(name)}&limit=${HISTORY_POINTS}`)));
+  await Promise.all(names.map((name) => (status.data.modules[name].status === "disabled" ? null : trend(name))));
   const states = breakers.status === 200 ? breakers.data.breakers : {};
-  fill($("modules"), names.map((name, i) => moduleCard(name, status.data.modules[name], states[name],
-    histories[i] && histories[i].status === 200 ? histories[i].data.points : [])));
+  fill($("modules"), names.map((name) => moduleCard(name, status.data.modules[name], states[name], trends.get(name) || [])));
+}
+
+// Per module, its last HISTORY_POINTS recorded probes; each refresh asks only for newer ones.
+const trends = new Map();
+
+async function trend(name) {
+  const known = trends.get(name) || [];
+  const since = known.length ? known[known.length - 1].checked_at + 1 : 0;
+  const r = await api(`/vx11/health/history?module=${encodeURIComponent(name)}&since=${since}&limit=${HISTORY_POINTS}`);
+  if (r.status === 200) trends.set(name, known.concat(r.data.points).slice(-HISTORY_POINTS));
 }
 
 function moduleCard(name, health, breaker, points) {
@@ -211,6 +219,7 @@ const stream = {
   },
 
   frame(ws, raw) {
+    if (ws !== this.ws || ws.readyState !== WebSocket.OPEN) return; // a socket being dropped
     let f;
     try { f = JSON.parse(raw); } catch { return; }
     if (f.channel === "control" && f.type === "connected") {
@@ -235,6 +244,7 @@ const stream = {
     this.seen.add(f.seq);
     if (this.seen.size > MAX_SEEN) this.seen.delete(this.seen.values().next().value);
     this.lastSeq = Math.max(this.lastSeq || 0, f.seq);
+    f.epoch = this.epoch;
     this.events.unshift(f);
     if (this.events.length > MAX_EVENTS) this.events.length = MAX_EVENTS;
     if (!this.types.has(f.type)) {
@@ -276,7 +286,7 @@ function matches(f) {
 
 function eventItem(f) {
   const payload = JSON.stringify(f.payload);
-  return h("li", { dataset: { seq: f.seq, type: f.type } },
+  return h("li", { dataset: { seq: f.seq, type: f.type, epoch: f.epoch } },
     h("span", { class: "seq" }, `#${f.seq}`), " ", h("time", { datetime: new Date(f.timestamp).toISOString() }, time(f.timestamp)), " ",
     h("strong", {}, f.type), " ", h("span", { class: "muted" }, f.source), " ",
     h("code", { class: "payload" }, payload.length > 300 ? `${payload.slice(0, 300)}…` : payload));
