@@ -304,7 +304,7 @@ def test_console_shows_modules_and_live_events(tmp_path: Path, watched: Any) -> 
             page.set_viewport_size({"width": width, "height": 900})
             page.emulate_media(color_scheme=scheme)
             page.screenshot(path=str(tmp_path / f"console-{width}.png"), full_page=True)
-            overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+            overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
             assert overflow <= 0, f"the page scrolls sideways at {width} px"
         assert w.errors == []
         assert w.foreign == []
@@ -425,9 +425,13 @@ def test_docs_lists_every_operation_and_tries_one(tmp_path: Path, watched: Any) 
 
         page.fill("#filter", "/vx11/context-7")
         assert page.eval_on_selector_all("#operations details.op:not([hidden])", "els => els.length") == 1
+        page.fill("#filter", "")
+        page.click("#operations details[data-path='/vx11/health/history'] summary")  # a parameter table
         for width in (360, 1280):
             page.set_viewport_size({"width": width, "height": 900})
-            page.screenshot(path=str(tmp_path / f"docs-{width}.png"))
+            page.screenshot(path=str(tmp_path / f"docs-{width}.png"), full_page=True)
+            overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+            assert overflow <= 0, f"the page scrolls sideways at {width} px"
         assert w.errors == []
         assert w.foreign == []
     finally:

@@ -8,6 +8,13 @@ let doc = null;
 
 const pretty = (value) => JSON.stringify(value, null, 2);
 
+// The descriptions' Markdown, as far as they use it: `code` and **bold**, as elements.
+function inline(text) {
+  return String(text || "").split(/(`[^`]+`|\*\*[^*]+\*\*)/).filter(Boolean).map((part) =>
+    part.startsWith("`") ? h("code", {}, part.slice(1, -1))
+      : part.startsWith("**") ? h("strong", {}, part.slice(2, -2)) : part);
+}
+
 function refName(ref) {
   return ref.slice(ref.lastIndexOf("/") + 1);
 }
@@ -61,13 +68,14 @@ function operationBody(method, path, op, websocket) {
   const body = op.requestBody;
   const media = body && body.content ? Object.entries(body.content)[0] : null;
   return h("div", { class: "body" },
-    op.description ? h("p", {}, op.description) : null,
+    op.description ? h("p", {}, inline(op.description)) : null,
     h("p", { class: "small muted" }, op.security && op.security.length ? "needs the token (X-VX11-Token)" : "public",
       ` · operationId ${op.operationId}`),
-    params.length ? [h("h4", {}, "Parameters"), h("table", {},
-      h("thead", {}, h("tr", {}, ["name", "in", "", "schema", "description"].map((c) => h("th", { scope: "col" }, c)))),
-      h("tbody", {}, params.map((p) => h("tr", {}, h("td", {}, h("code", {}, p.name)), h("td", {}, p.in),
-        h("td", {}, p.required ? "required" : ""), h("td", {}, schemaSummary(p.schema)), h("td", {}, p.description || "")))))] : null,
+    params.length ? [h("h4", {}, "Parameters"), h("table", { class: "params" },
+      h("thead", {}, h("tr", {}, ["parameter", "schema", "description"].map((c) => h("th", { scope: "col" }, c)))),
+      h("tbody", {}, params.map((p) => h("tr", {},
+        h("td", {}, h("code", {}, p.name), " ", h("span", { class: "muted" }, p.in, p.required ? ", required" : "")),
+        h("td", {}, schemaSummary(p.schema)), h("td", {}, inline(p.description))))))] : null,
     media ? [h("h4", {}, `Request body (${media[0]}${body.required ? ", required" : ""})`),
       h("pre", {}, pretty(media[1].schema)), schemaLinks(media[1].schema),
       media[1].example !== undefined ? [h("p", { class: "small" }, "example"), h("pre", {}, pretty(media[1].example))] : null] : null,
@@ -75,7 +83,7 @@ function operationBody(method, path, op, websocket) {
     h("dl", { class: "facts" }, Object.entries(op.responses).map(([status, r]) => {
       const resp = resolve(r);
       const types = Object.entries(resp.content || {});
-      return [h("dt", {}, h("code", {}, status)), h("dd", {}, resp.description,
+      return [h("dt", {}, h("code", {}, status)), h("dd", {}, inline(resp.description),
         types.map(([type, m]) => h("div", { class: "small" }, h("code", {}, type), " ", schemaSummary(m.schema))))];
     })),
     websocket ? h("p", { class: "muted" }, "A WebSocket: open it with a WebSocket client (the console does), not from this form.")
@@ -144,7 +152,8 @@ function render() {
     }
   }
   const count = [...byTag.values()].reduce((n, ops) => n + ops.length, 0);
-  fill($("doc-info"), `${doc.info.title} ${doc.info.version} · OpenAPI ${doc.openapi} · ${count} operations`);
+  fill($("doc-info"), h("strong", {}, `${doc.info.title} ${doc.info.version} · OpenAPI ${doc.openapi} · ${count} operations`),
+    (doc.info.description || "").split(/\n\n+/).map((para) => h("p", {}, inline(para.replaceAll("\n", " ")))));
   fill($("operations"), [...byTag].map(([tag, ops]) => h("section", { dataset: { tag } },
     h("h2", {}, tag),
     ops.map(({ path, method, op }) => {
