@@ -583,7 +583,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
          Case("200", "a script as `text/javascript`.", schema=_schema("Text"), media_type="text/javascript"),
          *_STATIC_CASES,
          _error(404, "not_found", "not one of the console's files.")),
-        parameters=(_path_param("asset", f"One of {', '.join(CONSOLE_ASSETS)}.", "console.js"), _IF_NONE_MATCH),
+        parameters=({**_param("asset", "path", "The file.", {"enum": list(CONSOLE_ASSETS)}, required=True),
+                     "example": "console.js"}, _IF_NONE_MATCH),
     ),
     ("GET", "/redoc"): Operation(
         (Case("308", "Permanent Redirect to `/docs`, the API reference.", headers=(("Location", "`/docs`."),)),)),

@@ -221,10 +221,12 @@ class Watched:
         self.gw = gw
 
     def sign_in(self, token: str) -> None:
+        """With the keyboard: the token field has the focus when the page asks for it."""
         self.page.goto(f"{self.gw.base_url}/console")
         self.page.wait_for_selector("#token", state="visible", timeout=WAIT_MS)
-        self.page.fill("#token", token)
-        self.page.press("#token", "Enter")
+        assert self.page.evaluate("() => document.activeElement.id") == "token"
+        self.page.keyboard.type(token)
+        self.page.keyboard.press("Enter")
 
     def seqs(self, epoch: str | None = None) -> list[int]:
         """The seqs listed, newest first (of one ledger epoch if given)."""
@@ -276,7 +278,8 @@ def test_console_shows_modules_and_live_events(tmp_path: Path, watched: Any) -> 
         assert "disk full 1" in page.inner_text(f"#events li[data-seq='{seq}']")
 
         # pause holds the list still; resume shows what came meanwhile, newest first
-        page.click("#pause")
+        page.focus("#pause")
+        page.keyboard.press("Enter")
         assert page.get_attribute("#pause", "aria-pressed") == "true"
         held = gw.post("/events/ingest", alert(2)).json()["seq"]
         page.wait_for_selector("#stream-note:has-text('1 new while paused')", timeout=WAIT_MS)

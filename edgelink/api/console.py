@@ -78,7 +78,8 @@ def _matches(if_none_match: str, etag: bytes) -> bool:
     return "*" in tags or etag.decode() in tags
 
 
-def serve(req: Request, name: str) -> Response:
+def respond(req: Request, name: str) -> Response:
+    """The file ``name``: 304 when the client holds it, else the body (gzip if accepted)."""
     asset = load(name)
     gzipped = accepts_gzip(req.headers.get("accept-encoding", ""))
     etag = asset.gzip_etag if gzipped else asset.etag
@@ -91,18 +92,18 @@ def serve(req: Request, name: str) -> Response:
 
 
 async def console(req: Request) -> Response:
-    return serve(req, "index.html")
+    return respond(req, "index.html")
 
 
 async def docs(req: Request) -> Response:
-    return serve(req, "docs.html")
+    return respond(req, "docs.html")
 
 
 async def asset(req: Request) -> Response:
     name = req.params["asset"]
     if name not in ASSETS:
         raise HTTPError(404, "not_found", detail=f"no console file {name!r}; the files are {', '.join(ASSETS)}")
-    return serve(req, name)
+    return respond(req, name)
 
 
 async def redoc(req: Request) -> Response:

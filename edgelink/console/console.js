@@ -35,7 +35,7 @@ async function signIn(event) {
     await tokenWorks();
   } catch (err) {
     token.clear();
-    showLogin(err instanceof AuthError ? `${err.message} Check it and try again.` : `The gateway did not answer: ${err.message}`);
+    showLogin(err instanceof AuthError ? `${err.message} Check it and try again.` : `Could not check the token: ${err.message}`);
     return;
   }
   $("token").value = "";
