@@ -87,6 +87,11 @@ class Hub:
                 client.ws.send(payload, frame)
         return count
 
+    def queued_bytes(self) -> int:
+        """Bytes waiting for all clients: their send queues and held-back live events."""
+        return sum(c.ws.queued_bytes() + sum(len(frame) for _, _, frame in c.held or ())
+                   for c in self.clients.values())
+
     def _dropped(self, client: Client) -> None:
         if client.ws.close_code == CLOSE_TRY_AGAIN_LATER:
             self.metrics.ws_drops.inc()

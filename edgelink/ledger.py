@@ -190,6 +190,7 @@ class Ledger:
         self.prune_interval = prune_interval
         self.prune_batch = prune_batch
         self.commits = 0  # committed write transactions (the group-commit test counts them)
+        self.on_commit: Callable[[float, int], None] | None = None  # (seconds, writes) per commit, for /metrics
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._readers: ThreadPoolExecutor | None = None
@@ -310,6 +311,7 @@ class Ledger:
 
     def _commit_writes(self, conn: sqlite3.Connection, jobs: list[_Append | _Health]) -> None:
         results: list[tuple[asyncio.Future, Any, BaseException | None]] = []
+        started = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in jobs:
@@ -323,6 +325,8 @@ class Ledger:
                     results.append((job.future, None, None))
             conn.execute("COMMIT")
             self.commits += 1
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - started, len(jobs))
         except Exception as exc:
             # Nothing of the batch is stored; every caller hears it (ingest answers 5xx).
             log.error("ledger_write_failed", jobs=len(jobs), error=repr(exc))
@@ -411,6 +415,19 @@ class Ledger:
         def query(conn: sqlite3.Connection) -> int:
             row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
             return row[0] if row else 0
+        return await self._read(query)
+
+    async def stats(self) -> tuple[int, int]:
+        """(events stored, bytes of the database file and its WAL), for /metrics."""
+        def query(conn: sqlite3.Connection) -> tuple[int, int]:
+            (events,) = conn.execute("SELECT count(*) FROM events").fetchone()
+            size = 0
+            for path in (self.path, self.path + "-wal"):
+                try:
+                    size += os.path.getsize(path)
+                except OSError:  # no WAL file right after a checkpoint
+                    pass
+            return events, size
         return await self._read(query)
 
     async def replay(self, since_seq: int, limit: int) -> tuple[list[Event], bool]:

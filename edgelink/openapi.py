@@ -112,27 +112,37 @@ def _payload_schema(schema: EventSchema) -> dict[str, Any]:
         types = {_KIND_TYPES[k] for k in f.kinds}
         kind = "number" if "number" in types else types.pop()
         properties[f.name] = dict(_INTEGER) if kind == "integer" else {"type": kind}
+        if kind == "array":  # any items (the validator checks only the list); generators need the key
+            properties[f.name]["items"] = {}
     return {"type": "object", "required": [f.name for f in schema.fields], "properties": properties,
             "description": f"`{schema.type}` ({schema.nature}): at most {schema.max_bytes} bytes as compact JSON."}
 
 
-def _ingest_request() -> dict[str, Any]:
-    """The ingest envelope; a canonical ``type`` selects its payload schema."""
-    envelope = _object(
-        {"source": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
-         "type": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
-         "payload": {"type": "object"}},
-        {"broadcast": {**_nullable(_BOOL), "default": False,
-                       "description": "Send a canonical event to WebSocket clients."},
-         "metadata": _nullable({"type": "object"})},
-        description="A canonical `type` is checked against its payload schema (else 422 "
-                    "`schema_validation_failed`); any other type is stored unchecked and never broadcast.",
-    )
-    envelope["oneOf"] = [
-        *({"properties": {"type": {"const": t}, "payload": _schema(_payload_name(t))}} for t in EVENT_SCHEMAS),
-        {"properties": {"type": {"not": {"enum": list(EVENT_SCHEMAS)}}}},
-    ]
-    return envelope
+def _ingest_requests() -> dict[str, dict[str, Any]]:
+    """The ingest envelope: ``IngestRequest`` is one of a complete, named schema per canonical
+    ``type`` (with its payload schema) and one for any other type, so that a generated
+    client has a model per branch with every field (``source`` included)."""
+    def branch(type_schema: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+        return _object(
+            {"source": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
+             "type": type_schema, "payload": payload},
+            {"broadcast": {**_nullable(_BOOL), "default": False,
+                           "description": "Send a canonical event to WebSocket clients."},
+             "metadata": _nullable({"type": "object"})})
+
+    branches = {f"Ingest{_payload_name(t).removesuffix('Payload')}": branch({"const": t}, _schema(_payload_name(t)))
+                for t in EVENT_SCHEMAS}
+    branches["IngestOtherEvent"] = branch(
+        {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH, "not": {"enum": list(EVENT_SCHEMAS)}},
+        {"type": "object"})
+    return {
+        "IngestRequest": {
+            "oneOf": [_schema(name) for name in branches],
+            "description": "A canonical `type` is checked against its payload schema (else 422 "
+                           "`schema_validation_failed`); any other type is stored unchecked and never broadcast.",
+        },
+        **branches,
+    }
 
 
 _MODULE_HEALTH_STATUSES = ["ok", "error", "unreachable", "timeout", "disabled"]
@@ -269,7 +279,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "total": _COUNT,
     }),
     # --- events (API.md §5)
-    "IngestRequest": _ingest_request(),
+    **_ingest_requests(),
     **{_payload_name(t): _payload_schema(schema) for t, schema in EVENT_SCHEMAS.items()},
     "IngestAccepted": _object({
         "status": {"const": "received"},

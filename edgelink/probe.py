@@ -29,11 +29,12 @@ def gateway_url(settings: Settings, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def record_round(modules: Modules, ledger: Ledger, gateway: Probe) -> None:
+async def record_round(modules: Modules, ledger: Ledger, gateway: Probe) -> dict[str, Probe]:
     """Probe every module once (one shared round) and record it with ``gateway``, the
-    gateway's own state, as the gateway does every probe interval."""
+    gateway's own state, as the gateway does every probe interval; returns the round."""
     probes = {GATEWAY_SERVICE: gateway, **await modules.probe_round()}
     await record(modules, ledger, probes)
+    return probes
 
 
 async def record(modules: Modules, ledger: Ledger, probes: dict[str, Probe]) -> None:

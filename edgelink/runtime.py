@@ -18,7 +18,7 @@ from .http.router import Router
 from .hub import Hub
 from .ledger import Ledger
 from .log import log
-from .probe import gateway_url, record_round
+from .probe import GATEWAY_SERVICE, gateway_url, record_round
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -48,10 +48,18 @@ class Runtime:
                                ("module",), read=self._breaker_states))
         self.metrics.add(Gauge("edgelink_context7_sessions", "Live Context-7 sessions",
                                read=lambda: {(): len(self.sessions)}))
+        self.metrics.add(Gauge("edgelink_ws_queued_bytes", "Bytes queued for WebSocket clients, all together",
+                               read=lambda: {(): self.hub.queued_bytes()}))
+        self.ledger.on_commit = self._observe_commit
 
     def _modules(self, settings: Settings) -> Modules:
         latency = self.metrics.upstream_latency
         return Modules(settings, observe=lambda module, outcome, seconds: latency.observe(seconds, module, outcome))
+
+    def _observe_commit(self, seconds: float, writes: int) -> None:
+        # called on the ledger's writer thread: the histograms' one series already exists
+        self.metrics.ledger_commit.observe(seconds)
+        self.metrics.ledger_batch.observe(writes)
 
     def _breaker_states(self) -> dict[tuple[str, ...], float]:
         return {(name, ): BREAKER_STATES[b.state] for name, b in self.modules.breakers.items()}
@@ -127,7 +135,12 @@ class Runtime:
         """Every probe interval: one probe round, written to the ledger's health tables."""
         while True:
             try:
-                await record_round(self.modules, self.ledger, self._self_probe())
+                probes = await record_round(self.modules, self.ledger, self._self_probe())
+                # replaced whole each round, so a module disabled by a reload leaves no stale series
+                enabled = {(n,): p.health for n, p in probes.items()
+                           if n != GATEWAY_SERVICE and p.health["status"] != "disabled"}
+                self.metrics.module_up.values = {k: int(h["status"] == "ok") for k, h in enabled.items()}
+                self.metrics.module_probe.values = {k: h["latency_ms"] / 1000 for k, h in enabled.items()}
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failed round is logged; the next one still runs

@@ -18,6 +18,7 @@ from . import __version__, systemd
 from .app import build_router
 from .config import ConfigError, Settings
 from .dispatch import Dispatcher
+from .gateway.metrics import Gauge
 from .http.server import HttpServer
 from .log import configure, log
 from .runtime import Runtime
@@ -46,6 +47,10 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     await runtime.start()
     runtime.router = build_router()
     server = HttpServer(Dispatcher(runtime.router, runtime), settings)
+    runtime.metrics.add(Gauge("edgelink_http_connections", "Open client connections (HTTP and WebSocket)",
+                              read=lambda: {(): len(server.connections)}))
+    runtime.metrics.add(Gauge("edgelink_http_connections_limit", "The connection limit (EDGELINK_MAX_CONNECTIONS)",
+                              read=lambda: {(): server.settings.max_connections}))
     socks = systemd.listen_fds()
     try:
         await server.start(settings.host, settings.port, socks=socks)

@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import gzip
+import sqlite3
 
 import orjson
 
 from .. import openapi
 from ..http.messages import Request, Response
+from ..ledger import LedgerClosed
+from ..log import log
 from .console import accepts_gzip
 
 PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
 async def metrics(req: Request) -> Response:
-    return Response(200, req.app.metrics.render(), content_type=PROMETHEUS_TYPE)
+    rt = req.app
+    m = rt.metrics
+    m.ledger_max_bytes.set(value=rt.settings.ledger_max_bytes)
+    try:
+        events, size = await rt.ledger.stats()
+    except (LedgerClosed, sqlite3.Error) as exc:  # the rest of /metrics still answers
+        log.warning("metrics_ledger_unavailable", error=repr(exc))
+    else:
+        m.ledger_events.set(value=events)
+        m.ledger_bytes.set(value=size)
+    return Response(200, m.render(), content_type=PROMETHEUS_TYPE)
 
 
 async def openapi_json(req: Request) -> Response:
