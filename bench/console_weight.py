@@ -4,8 +4,9 @@ Starts ``edgelink demo`` on a free loopback port, opens ``/console`` in the syst
 Chromium (Playwright, ``/usr/bin/chromium``), signs in, ingests a few events and lets the
 page refresh. Prints the page's transfer size (every response of the page load, headers and
 encoded bodies, gzip as the browser asks for it), the same for ``/docs``, and the gateway's
-VmRSS before the page is opened and after it has been open for ``--seconds``. With
-``--screenshots DIR`` it also writes the console at 360 and 1280 px (the README's picture).
+VmRSS growth over ``--seconds`` with the console open, beside that of a second, fresh demo
+that gets the same events with no page open. With ``--screenshots DIR`` it also writes the
+console at 360 and 1280 px (the README's picture).
 
     .venv/bin/python bench/console_weight.py [--seconds 30] [--screenshots docs]
 """
@@ -94,6 +95,17 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         proc, port = start_demo(Path(tmp))
+        try:
+            time.sleep(3)
+            idle_before = rss_bytes(proc.pid) / MIB
+            some_events(port)
+            time.sleep(args.seconds)
+            idle_after = rss_bytes(proc.pid) / MIB
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = start_demo(Path(tmp))
         base = f"http://127.0.0.1:{port}"
         try:
             time.sleep(3)  # a couple of probe rounds recorded
@@ -118,8 +130,8 @@ def main() -> int:
             proc.wait(30)
     print(f"console page load: {console_bytes / 1024:.1f} KiB transferred (gzip)")
     print(f"docs page load:    {docs_bytes / 1024:.1f} KiB transferred (gzip, /openapi.json included)")
-    print(f"gateway VmRSS: {before:.1f} MiB before, {after:.1f} MiB after {args.seconds:.0f} s with the console "
-          f"open ({after - before:+.2f} MiB)")
+    print(f"gateway VmRSS over {args.seconds:.0f} s: {before:.1f} -> {after:.1f} MiB ({after - before:+.2f}) with the "
+          f"console open; {idle_before:.1f} -> {idle_after:.1f} MiB ({idle_after - idle_before:+.2f}) without")
     return 0
 
 

@@ -9,7 +9,7 @@ const MAX_SEEN = 2000; // seqs remembered for dedupe within an epoch
 const BACKOFF_MS = [500, 1000, 2000, 4000, 8000, 15000];
 
 let refreshTimer = null;
-let forwardRoute = false; // whether this gateway serves GET /vx11/forward/status
+let forwardRoute = true; // false once GET /vx11/forward/status answered 404: this gateway has no forwarder
 
 // --- sign in ---------------------------------------------------------------------------
 
@@ -186,6 +186,7 @@ async function sessions() {
 async function forwarder() {
   if (!forwardRoute) return;
   const r = await api("/vx11/forward/status");
+  if (r.status === 404) forwardRoute = false;
   const on = r.status === 200 && r.data && r.data.enabled === true;
   $("forward-section").hidden = !on;
   if (!on) return;
@@ -312,10 +313,6 @@ async function main() {
       rerender();
     }
   });
-  try {
-    const doc = await api("/openapi.json", { auth: false });
-    forwardRoute = doc.status === 200 && Boolean(doc.data.paths && doc.data.paths["/vx11/forward/status"]);
-  } catch { forwardRoute = false; }
   if (!token.get()) return showLogin();
   try {
     await tokenWorks();
