@@ -17,7 +17,7 @@ from typing import Any, AsyncGenerator, Callable
 import orjson
 
 from .config import MODULE_DEFAULTS, ConfigError, Settings, load_settings
-from .http.messages import Request, Response, StreamingResponse, error_response, json_response
+from .http.messages import Request, Response, StreamingResponse, error_response, json_response, parse_json
 from .http.server import HttpServer
 from .log import log
 
@@ -27,7 +27,7 @@ WORD_INTERVAL = 0.08  # seconds between the words of a simulated streamed reply
 
 def _chat_reply(module: str) -> Callable[[Request], Any]:
     def reply(req: Request) -> Any:
-        body = orjson.loads(req.body or b"{}")
+        body = parse_json(req.body) if req.body.strip() else {}
         message = str(body.get("message", ""))[:200]
         return {"response": f"[{module}] you said: {message}", "model_used": f"{module}-demo-local",
                 "tokens": len(message.split())}
@@ -61,8 +61,11 @@ async def _words(text: str) -> AsyncGenerator[bytes, None]:
     yield b"data: [DONE]\n\n"
 
 
+_STREAM = ("switch", "POST", "/switch/stream")  # answered by _stream_reply, not _ENDPOINTS
+
+
 def _stream_reply(req: Request) -> Response:
-    body = orjson.loads(req.body or b"{}")
+    body = parse_json(req.body) if req.body.strip() else {}
     message = str(body.get("message", "") if isinstance(body, dict) else "")[:200]
     return StreamingResponse(200, b"", [(b"cache-control", b"no-cache")], b"text/event-stream",
                              chunks=_words(f"[switch] streaming word by word, you said: {message}"))
@@ -77,21 +80,29 @@ class DemoModule:
     async def handle(self, req: Request) -> Response:
         if req.method == "GET" and req.path == "/health":
             return json_response({"status": "ok", "module": self.name, "uptime_s": round(time.monotonic(), 1)})
-        if (self.name, req.method, req.path) == ("switch", "POST", "/switch/stream"):
+        if (self.name, req.method, req.path) == _STREAM:
             try:
                 return _stream_reply(req)
-            except (ValueError, orjson.JSONDecodeError):
+            except ValueError:  # parse_json's InvalidJSON included
                 return error_response(400, "invalid_json", module=self.name)
         endpoint = _ENDPOINTS.get((self.name, req.method, req.path))
         if endpoint is None:
             return error_response(404, "not_found", module=self.name)
         try:
             return json_response(endpoint(req))
-        except (ValueError, orjson.JSONDecodeError):
+        except ValueError:  # parse_json's InvalidJSON included
             return error_response(400, "invalid_json", module=self.name)
 
     def websocket(self, req: Request) -> Response:
         return error_response(404, "not_found", module=self.name)
+
+    def admit(self, req: Request) -> Response | None:
+        if req.method == "GET" and req.path == "/health" or (self.name, req.method, req.path) in (*_ENDPOINTS, _STREAM):
+            return None
+        return error_response(404, "not_found", module=self.name)
+
+    def refused(self, budget: str) -> None:
+        """Demo modules keep no metrics; the server has logged the refusal."""
 
 
 async def start_modules(settings: Settings) -> tuple[dict[str, str], list[HttpServer]]:

@@ -790,6 +790,17 @@ class Ledger:
             return result
         return await self._read(query)
 
+    async def health_history(self, service: str, since_ms: int, limit: int) -> list[dict[str, Any]]:
+        """The recorded probes of ``service`` with ``checked_at >= since_ms``, oldest first:
+        the newest ``limit`` of them, so a trend ends at the latest round."""
+        def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT checked_at, status, http_code, latency_ms FROM copilot_runtime_services_history"
+                " WHERE service_name = ? AND checked_at >= ? ORDER BY checked_at DESC, id DESC LIMIT ?",
+                (service, since_ms, limit)).fetchall()
+            return [{"checked_at": t, "status": s, "http_code": c, "latency_ms": ms} for t, s, c, ms in reversed(rows)]
+        return await self._read(query)
+
     # --- opening and upgrading --------------------------------------------------------
 
     def _connect(self, read_only: bool = False) -> sqlite3.Connection:

@@ -97,8 +97,9 @@ class ModuleReply:
 
 class ModuleStream:
     """A module's reply being relayed: ``status`` and ``headers`` now, ``body()`` as it
-    comes (ModuleError ``upstream_timeout``/``upstream_unavailable`` when the module goes quiet for ``idle`` seconds or breaks
-    off), ``close()`` when the caller is done with it (the generator closes it too)."""
+    comes (ModuleError ``upstream_timeout`` / ``upstream_unavailable`` when the module goes
+    quiet for ``idle`` seconds or breaks off), ``close()`` when the caller is done with it
+    (the generator closes it too)."""
 
     def __init__(self, modules: "Modules", module: str, ticket: int, stream: Stream, *, call: tuple[str, str],
                  deadline: float, idle: float, started: float, correlation_id: str):

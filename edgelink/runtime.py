@@ -44,6 +44,7 @@ class Runtime:
         self.router: Router | None = None  # set by serve(); /openapi.json describes it
         self.server: HttpServer | None = None  # set by serve(); takes new limits on reload
         self.openapi_cache: bytes | None = None
+        self.openapi_gzip = b""  # openapi_cache compressed, made with it
         self._sweeper = Sweeper(self.sessions, settings.context7_cleanup_interval)
         self._recorder: asyncio.Task[None] | None = None
         self._retired: list[Modules] = []  # clients replaced by a reload, still finishing calls

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
+import resource
 import signal
 from typing import Any, Awaitable, Callable, Coroutine
 
@@ -23,6 +23,37 @@ from .http.server import HttpServer
 from .ledger import LedgerUnusable
 from .log import configure, log
 from .runtime import Runtime
+
+# Descriptors beyond connections: listening sockets, the ledger (db, WAL, shm), stdio and
+# the log, the loop's own (epoll, signal pipe), health probes, systemd's notify socket.
+FD_HEADROOM = 64
+
+
+def fd_need(settings: Settings) -> int:
+    """Descriptors the limits can use at once: each client connection may hold one
+    upstream call, plus each module's idle pool, plus the headroom."""
+    return 2 * settings.max_connections + settings.upstream_pool_size * len(settings.modules) + FD_HEADROOM
+
+
+def check_fd_limit(settings: Settings) -> None:
+    """Raise the soft RLIMIT_NOFILE to what the limits need if the hard one allows, else
+    raise it to the hard one and warn naming both figures (as nginx does)."""
+    need = fd_need(settings)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY or hard >= need else hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("fd_limit_unchanged", error=str(exc), soft=soft)
+        target = soft
+    if target >= need:
+        log.info("fd_limit_raised", soft=soft, to=target, needed=need)
+    else:
+        log.warning("fd_limit_low", needed=need, limit=target, max_connections=settings.max_connections,
+                    detail=f"{need} file descriptors needed but the limit is {target}: raise LimitNOFILE "
+                           "or lower EDGELINK_MAX_CONNECTIONS")
 
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:
@@ -40,6 +71,7 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     """Serve until SIGTERM or SIGINT. ``reload`` builds fresh settings on SIGHUP."""
     configure(settings.log_level)
     memory.return_big_buffers()
+    check_fd_limit(settings)
     runtime = Runtime(settings)
     try:
         await runtime.start()

@@ -68,6 +68,7 @@ NEW: dict[str, tuple[Any, Callable[[Runtime], list[Any]]]] = {
     "upstream_pool_idle": (5.5, _modules("upstream_pool_idle", lambda rt: rt.modules._client._pool_idle)),
     "max_body": (5000, _server("max_body")),
     "max_header": (4096, _server("max_header")),
+    "max_request_line": (2048, _server("max_request_line")),
     "max_connections": (17, _server("max_connections")),
     "keepalive_timeout": (2.5, _server("keepalive_timeout")),
     "header_timeout": (3.5, _server("header_timeout")),

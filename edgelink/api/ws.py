@@ -8,7 +8,7 @@ import uuid
 import orjson
 
 from ..gateway.events import SCHEMAS, SchemaRejected, build_event, normalize_client_event
-from ..http.messages import HTTPError
+from ..http.messages import HTTPError, InvalidJSON, parse_json
 from ..http.websocket import CLOSE_INTERNAL_ERROR, WebSocket
 from ..log import log, traceback_text
 from .events import accept, now_ms
@@ -84,12 +84,13 @@ async def websocket(ws: WebSocket) -> None:
             if isinstance(message, bytes):
                 ws.send(_control("error", error="binary_not_supported", detail="send JSON in text frames"))
                 continue
+            raw = message.encode()
             try:
-                data = orjson.loads(message)
-            except orjson.JSONDecodeError:
+                data = parse_json(raw)
+            except InvalidJSON:  # too deep included; the frame's shape is fixed by API.md §6
                 ws.send(_control("error", error="invalid_json"))
                 continue
-            ws.send(message.encode())  # the echo
+            ws.send(raw)  # the echo
             incoming = normalize_client_event(data, source)
             if incoming is None or incoming.type not in SCHEMAS:
                 continue  # only canonical events are stored and broadcast
