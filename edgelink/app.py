@@ -16,6 +16,8 @@ def build_router() -> Router:
     r.add("GET", "/vx11/circuit-breaker/status", modules.breakers, summary="Circuit breaker per module",
           tags=("modules",))
     r.add("GET", "/vx11/routes", modules.routes, summary="The intent route table", tags=("modules",))
+    r.add("GET", "/vx11/forward/status", ops.forward_status, summary="Forwarding to the fleet broker",
+          tags=("operations",))
     r.add("POST", "/vx11/intent/{intent}", modules.intent, summary="Forward an intent to its module",
           tags=("modules",))
     r.add("GET", "/shub/dashboard", modules.shub_dashboard, summary="Proxy: shubniggurath dashboard",

@@ -137,6 +137,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("edge_id", ("EDGELINK_EDGE_ID",), _str, ""),
     Knob("forward_url", ("EDGELINK_FORWARD_URL",), _str, ""),
     Knob("forward_window", ("EDGELINK_FORWARD_WINDOW",), _number(int, 1, 65535), 64),
+    Knob("forward_ack_timeout", ("EDGELINK_FORWARD_ACK_TIMEOUT",), _number(float, 0.1), 10.0),
     Knob("forward_types", ("EDGELINK_FORWARD_TYPES",), _origins, ()),
     Knob("forward_user", ("EDGELINK_FORWARD_USER",), _str, ""),
     Knob("forward_password", ("EDGELINK_FORWARD_PASSWORD",), _str, ""),
@@ -246,6 +247,7 @@ class Settings:
     edge_id: str = ""  # empty: the host name (API.md §9)
     forward_url: str = ""
     forward_window: int = 64
+    forward_ack_timeout: float = 10.0  # seconds for a connect or the oldest ack in flight
     forward_types: tuple[str, ...] = ()
     forward_user: str = ""
     forward_password: str = ""

@@ -72,6 +72,8 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     # text facts about this database file; ``epoch`` is written once, when the file is created
     "CREATE TABLE IF NOT EXISTS ledger_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # the forwarder's cursor (API.md §9): the last seq the broker acknowledged, per epoch
+    "CREATE TABLE IF NOT EXISTS forward_cursor (epoch TEXT PRIMARY KEY, acked_seq INTEGER NOT NULL)",
     # the first version of this table; _upgrade adds the later columns and the unique index
     """CREATE TABLE IF NOT EXISTS copilot_runtime_services (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -166,6 +168,12 @@ class _Health:
 
 
 @dataclass(slots=True)
+class _Cursor:
+    seq: int
+    future: asyncio.Future
+
+
+@dataclass(slots=True)
 class _Prune:
     future: asyncio.Future
 
@@ -197,6 +205,10 @@ class Ledger:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._open = False
         self.epoch = ""  # this database file's random id (API.md §5), read by start()
+        # Set by the forwarder to its stored cursor: count/age retention keeps every event
+        # above it (API.md §9); None = not forwarding, nothing protected.
+        self.protect_after: int | None = None
+        self.forward_dropped = 0  # unforwarded events the byte bound pruned (drop_oldest)
 
     @classmethod
     def from_settings(cls, settings: Settings, now: Callable[[], float] = time.time) -> "Ledger":
@@ -275,7 +287,7 @@ class Ledger:
             while True:
                 pass_due = waiters is not None or time.monotonic() >= next_pass
                 jobs = self._take_jobs(0.0 if pass_due else next_pass - time.monotonic())
-                writes = [j for j in jobs if isinstance(j, (_Append, _Health))]
+                writes = [j for j in jobs if isinstance(j, (_Append, _Health, _Cursor))]
                 if writes:
                     self._commit_writes(conn, writes)
                 requests = [j for j in jobs if isinstance(j, _Prune)]
@@ -308,7 +320,7 @@ class Ledger:
             pass
         return jobs
 
-    def _commit_writes(self, conn: sqlite3.Connection, jobs: list[_Append | _Health]) -> None:
+    def _commit_writes(self, conn: sqlite3.Connection, jobs: list[_Append | _Health | _Cursor]) -> None:
         results: list[tuple[asyncio.Future, Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -318,6 +330,8 @@ class Ledger:
                         "INSERT INTO events (event_id, type, source, timestamp, payload, metadata, canonical,"
                         " broadcast) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", job.row)
                     results.append((job.future, cursor.lastrowid, None))
+                elif isinstance(job, _Cursor):
+                    results.append((job.future, self._write_cursor(conn, job.seq), None))
                 else:
                     self._write_health(conn, job.rows)
                     results.append((job.future, None, None))
@@ -359,13 +373,17 @@ class Ledger:
             (max_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
             # Seqs are unique integers, so at most retention_events rows lie above this line.
             keep_above = max_seq - self.retention_events
+            protect = self.protect_after
+            if protect is not None:  # an event not yet forwarded is never pruned by count or age
+                keep_above = min(keep_above, protect)
             rows = conn.execute(
                 "SELECT seq, broadcast FROM events WHERE seq <= ? ORDER BY seq LIMIT ?",
                 (keep_above, self.prune_batch)).fetchall()
             if len(rows) < self.prune_batch:
                 rows += conn.execute(
-                    "SELECT seq, broadcast FROM events WHERE timestamp < ? AND seq > ? LIMIT ?",
-                    (cutoff_ms, keep_above, self.prune_batch - len(rows))).fetchall()
+                    "SELECT seq, broadcast FROM events WHERE timestamp < ? AND seq > ? AND seq <= ? LIMIT ?",
+                    (cutoff_ms, keep_above, max_seq if protect is None else protect,
+                     self.prune_batch - len(rows))).fetchall()
             conn.executemany("DELETE FROM events WHERE seq = ?", [(seq,) for seq, _ in rows])
             lost = max((seq for seq, broadcast in rows if broadcast), default=None)
             if lost is not None:
@@ -471,6 +489,61 @@ class Ledger:
                     result[name] = _health_from_row(max(rows, key=lambda r: r[-1]))
             return result
         return await self._read(query)
+
+    # --- forwarding (API.md §9) -------------------------------------------------------
+
+    async def forward_cursor(self) -> int:
+        """The last seq the broker acknowledged in this epoch (0: nothing forwarded yet)."""
+        def query(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT acked_seq FROM forward_cursor WHERE epoch = ?", (self.epoch,)).fetchone()
+            return row[0] if row else 0
+        return await self._read(query)
+
+    async def store_forward_cursor(self, seq: int) -> int:
+        """Move the cursor forward to ``seq`` (never back); returns the stored cursor, which
+        the byte bound may have moved further."""
+        return await self._submit(lambda fut: _Cursor(seq, fut))
+
+    async def forward_page(self, after_seq: int, limit: int, max_bytes: int) -> list[tuple]:
+        """Up to ``limit`` events with ``seq > after_seq``, oldest first, as raw rows
+        (seq, event_id, type, source, timestamp, payload JSON, metadata JSON or None,
+        canonical); cut once their payload and metadata exceed ``max_bytes`` (at least
+        one row, so a single large event still moves)."""
+        def query(conn: sqlite3.Connection) -> list[tuple]:
+            rows, size = [], 0
+            # iterating the cursor reads row by row: the byte cut bounds what is held
+            for row in conn.execute(
+                    "SELECT seq, event_id, type, source, timestamp, payload, metadata, canonical FROM events"
+                    " WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)):
+                size += len(row[5]) + len(row[6] or b"")
+                if rows and size > max_bytes:
+                    break
+                rows.append(row)
+            return rows
+        return await self._read(query)
+
+    def _write_cursor(self, conn: sqlite3.Connection, seq: int) -> int:
+        conn.execute("INSERT INTO forward_cursor (epoch, acked_seq) VALUES (?, ?) ON CONFLICT (epoch)"
+                     " DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq)", (self.epoch, seq))
+        (stored,) = conn.execute("SELECT acked_seq FROM forward_cursor WHERE epoch = ?", (self.epoch,)).fetchone()
+        if self.protect_after is not None:
+            self.protect_after = max(self.protect_after, stored)
+        return stored
+
+    def drop_unforwarded(self, conn: sqlite3.Connection, deleted_seqs: Iterable[int]) -> int:
+        """For the byte-bound prune under ``drop_oldest``, inside its transaction: the
+        events it deleted that were not yet forwarded are lost to the broker, so the cursor
+        moves past them. Returns how many there were (counted and logged)."""
+        protect = self.protect_after
+        if protect is None:
+            return 0
+        lost = [seq for seq in deleted_seqs if seq > protect]
+        if lost:
+            self._write_cursor(conn, max(lost))
+            self.forward_dropped += len(lost)
+            log.warning("forward_events_dropped", events=len(lost), up_to_seq=max(lost),
+                        detail="the ledger byte bound pruned events not yet forwarded")
+        return len(lost)
 
     # --- opening and upgrading --------------------------------------------------------
 

@@ -340,6 +340,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "WsError": _object({"channel": {"const": "control"}, "type": {"const": "error"}, "error": _STR},
                        {"detail": _STR,
                         "event_type": {"type": "string", "description": "The type of a rejected event."}}),
+    # --- forwarding (API.md §9)
+    "ForwardStatus": _object({
+        "enabled": _BOOL, "engine": _nullable({"enum": ["nats", "mqtt"]}),
+        "url": _nullable({"type": "string", "description": "The broker URL without credentials."}),
+        "edge_id": _STR, "epoch": _STR, "state": {"enum": ["disabled", "connecting", "connected", "backoff"]},
+        "acked_seq": _COUNT, "last_seq": _COUNT, "backlog": _COUNT, "in_flight": _COUNT,
+        "last_error": _nullable(_STR), "last_ack_at": _nullable(_MS), "dropped": _COUNT,
+    }, closed=True),
     # --- operations
     "PrometheusText": {"type": "string", "description": "Prometheus text exposition format 0.0.4."},
     "OpenAPIDocument": _object({"openapi": {"const": OPENAPI_VERSION}, "info": {"type": "object"},
@@ -480,6 +488,8 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/vx11/circuit-breaker/status"): Operation((_body(200, "One breaker per enabled module.",
                                                               "BreakerStatus"),)),
     ("GET", "/vx11/routes"): Operation((_body(200, "The route table, intent -> module.", "Routes"),)),
+    ("GET", "/vx11/forward/status"): Operation((_body(200, "The forwarder's connection, cursor and backlog.",
+                                                      "ForwardStatus"),)),
     ("POST", "/vx11/intent/{intent}"): Operation(
         (_body(200, "The module's reply.", "ModuleReply"),
          _error(404, "unknown_intent", "no route for this intent; `known` lists the intents."),

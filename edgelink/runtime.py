@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+from . import forward
 from .config import Settings
+from .forward.forwarder import Forwarder
 from .gateway.metrics import Gauge, Registry
 from .gateway.modules import Modules, Probe
 from .gateway.observe import CardinalityCounter, CorrelationGraph
@@ -35,6 +37,7 @@ class Runtime:
         self.correlations = CorrelationGraph(time.time)
         self.sessions = SessionStore.from_settings(settings)
         self.modules = self._modules(settings)
+        self.forwarder: Forwarder | None = None  # set by start() when EDGELINK_FORWARD_URL is
         self.router: Router | None = None  # set by serve(); /openapi.json describes it
         self.openapi_cache: bytes | None = None
         self._sweeper = Sweeper(self.sessions, settings.context7_cleanup_interval)
@@ -59,6 +62,14 @@ class Runtime:
         """Open what the handlers need before the first request."""
         await self.ledger.start()
         self._sweeper.start()
+        s = self.settings
+        if s.forward_url:
+            target = forward.target(s)
+            self.forwarder = Forwarder(
+                self.ledger, lambda: forward.open_engine(s), self.metrics, engine=forward.SCHEMES[target.scheme][0],
+                url=target.safe_url, edge_id=forward.edge_id(s), window=s.forward_window,
+                ack_timeout=s.forward_ack_timeout, types=s.forward_types)
+            await self.forwarder.start()
 
     def listening(self, port: int) -> None:
         """The server listens on ``port``: start recording health (the gateway's own row
@@ -83,6 +94,8 @@ class Runtime:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         await self._sweeper.stop()
+        if self.forwarder is not None:
+            await self.forwarder.stop()
         for modules in [self.modules, *self._retired]:
             await modules.close()
         self._retired.clear()

@@ -14,7 +14,7 @@ import gc
 import signal
 from typing import Any, Awaitable, Callable, Coroutine
 
-from . import __version__, systemd
+from . import __version__, forward, systemd
 from .app import build_router
 from .config import ConfigError, Settings
 from .dispatch import Dispatcher
@@ -25,7 +25,9 @@ from .runtime import Runtime
 # Settings read once at start: changing them needs a restart.
 RESTART_ONLY = ("host", "port", "db", "ledger_sync", "retention_events", "retention_days",
                 "context7_ttl_seconds", "context7_cleanup_interval", "context7_max_sessions",
-                "context7_max_messages", "context7_max_bytes")
+                "context7_max_messages", "context7_max_bytes", "edge_id", "forward_url", "forward_window",
+                "forward_ack_timeout", "forward_types", "forward_user", "forward_password", "forward_token",
+                "forward_ca", "forward_cert", "forward_key")
 
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:
@@ -42,6 +44,10 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
                 on_ready: Callable[[Runtime], Awaitable[None] | None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT. ``reload`` builds fresh settings on SIGHUP."""
     configure(settings.log_level)
+    try:
+        forward.check(settings)
+    except ConfigError as exc:
+        raise SystemExit(f"edgelink: {exc}") from None
     runtime = Runtime(settings)
     await runtime.start()
     runtime.router = build_router()

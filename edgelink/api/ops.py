@@ -1,11 +1,11 @@
-"""Operations endpoints (API.md §7): Prometheus metrics and the OpenAPI document."""
+"""Operations endpoints (API.md §7, §9): Prometheus metrics, the OpenAPI document, the forwarder."""
 
 from __future__ import annotations
 
 import orjson
 
-from .. import openapi
-from ..http.messages import Request, Response
+from .. import forward, openapi
+from ..http.messages import Request, Response, json_response
 
 PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -19,3 +19,16 @@ async def openapi_json(req: Request) -> Response:
     if rt.openapi_cache is None:
         rt.openapi_cache = orjson.dumps(openapi.document(rt.router))
     return Response(200, rt.openapi_cache)
+
+
+async def forward_status(req: Request) -> Response:
+    rt = req.app
+    if rt.forwarder is not None:
+        return json_response(rt.forwarder.status())
+    ledger = rt.ledger
+    acked = await ledger.forward_cursor()
+    return json_response({
+        "enabled": False, "engine": None, "url": None, "edge_id": forward.edge_id(rt.settings),
+        "epoch": ledger.epoch, "state": "disabled", "acked_seq": acked, "last_seq": await ledger.last_seq(),
+        "backlog": 0, "in_flight": 0, "last_error": None, "last_ack_at": None, "dropped": ledger.forward_dropped,
+    })

@@ -28,16 +28,22 @@ def _num(value: float) -> str:
 
 
 class Counter:
+    """A count kept here, or read from a callback at scrape time (one kept elsewhere)."""
+
     kind = "counter"
 
-    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = ()):
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
+                 read: Callable[[], dict[tuple[str, ...], float]] | None = None):
         self.name, self.help, self.label_names = name, help_text, labels
         self.values: dict[tuple[str, ...], float] = {}
+        self.read = read
 
     def inc(self, *labels: str, amount: float = 1) -> None:
         self.values[labels] = self.values.get(labels, 0) + amount
 
     def samples(self) -> Iterable[str]:
+        if self.read is not None:
+            self.values = self.read()
         for labels, value in self.values.items():
             yield f"{self.name}{_labels(self.label_names, labels)} {_num(value)}"
 
@@ -47,18 +53,8 @@ class Gauge(Counter):
 
     kind = "gauge"
 
-    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
-                 read: Callable[[], dict[tuple[str, ...], float]] | None = None):
-        super().__init__(name, help_text, labels)
-        self.read = read
-
     def set(self, *labels: str, value: float) -> None:
         self.values[labels] = value
-
-    def samples(self) -> Iterable[str]:
-        if self.read is not None:
-            self.values = self.read()
-        return super().samples()
 
 
 class Histogram:
