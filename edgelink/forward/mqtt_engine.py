@@ -118,7 +118,7 @@ class MqttEngine:
                 pass  # the connection is gone either way
             sock = client.socket()
             if sock is not None:
-                self._forget(sock)
+                self._forget(sock.fileno())
                 sock.close()
 
     # --- paho callbacks ---------------------------------------------------------------
@@ -161,22 +161,24 @@ class MqttEngine:
 
     # --- driving paho from the loop ---------------------------------------------------
 
+    # Registered by file descriptor, taken when paho calls: by the time a hop from its
+    # connect thread runs, it may have closed the socket object already.
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
-        self._loop.call_soon_threadsafe(self._loop.add_reader, sock, self._readable, client)
+        self._loop.call_soon_threadsafe(self._loop.add_reader, sock.fileno(), self._readable, client)
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
-        self._loop.call_soon_threadsafe(self._forget, sock)
+        self._loop.call_soon_threadsafe(self._forget, sock.fileno())
 
     def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
-        self._loop.call_soon_threadsafe(self._loop.add_writer, sock, self._writable, client)
+        self._loop.call_soon_threadsafe(self._loop.add_writer, sock.fileno(), self._writable, client)
 
     def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
-        self._loop.call_soon_threadsafe(self._loop.remove_writer, sock)
+        self._loop.call_soon_threadsafe(self._loop.remove_writer, sock.fileno())
 
-    def _forget(self, sock: socket.socket) -> None:
-        if sock.fileno() >= 0:
-            self._loop.remove_reader(sock)
-            self._loop.remove_writer(sock)
+    def _forget(self, fd: int) -> None:
+        if fd >= 0:
+            self._loop.remove_reader(fd)
+            self._loop.remove_writer(fd)
 
     def _readable(self, client: mqtt.Client) -> None:
         self._drive(client, client.loop_read)
