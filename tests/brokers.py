@@ -117,7 +117,9 @@ class Nats(Broker):
                 except nats.errors.TimeoutError:
                     msgs = []
                 for m in msgs:
-                    bodies.append(orjson.loads(m.data))
+                    body = orjson.loads(m.data)
+                    body["_msg_id"] = (m.headers or {}).get("Nats-Msg-Id")
+                    bodies.append(body)
                     await m.ack()
                 if expect is None and not msgs:
                     break
@@ -137,6 +139,8 @@ class Mosquitto(Broker):
                  # broker's defaults (1800 s, 1000 messages) lose acked messages in a SIGKILL
                  "persistence true", f"persistence_location {self.dir}/", "autosave_interval 1",
                  "max_queued_messages 0", "max_inflight_messages 0", "max_queued_bytes 0"]
+        if os.geteuid() == 0:  # as root mosquitto drops to its own user, which cannot read our temp dir
+            lines.append("user root")
         if auth:
             (self.dir / "passwd").write_text("")
             subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b",

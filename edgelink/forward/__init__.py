@@ -95,7 +95,11 @@ def check(settings: "Settings") -> None:
     if bool(settings.forward_cert) != bool(settings.forward_key):
         raise ConfigError("EDGELINK_FORWARD_CERT and EDGELINK_FORWARD_KEY go together: set both or neither")
     _, _, extra, library = SCHEMES[found.scheme]
-    if importlib.util.find_spec(library.split(".")[0]) is None:
+    try:
+        found_library = importlib.util.find_spec(library.split(".")[0]) is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as missing
+        found_library = False
+    if not found_library:
         raise ConfigError(f"EDGELINK_FORWARD_URL {found.scheme}:// needs the '{extra}' extra: "
                           f"pip install 'edgelink[{extra}]'")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -46,6 +47,7 @@ class MqttEngine:
     async def connect(self, edge_id: str, timeout: float) -> None:
         t = self.target
         loop = self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._prefix = f"vx11/{edge_id}/events/"
         self._connected = loop.create_future()
         protocol = mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
@@ -123,8 +125,16 @@ class MqttEngine:
 
     # --- paho callbacks ---------------------------------------------------------------
 
+    def _on_loop(self, callback: Any, *args: Any) -> None:
+        """Run ``callback`` now on the loop's thread (so a CONNACK's reason is settled
+        before the disconnect that follows it), or hop there from paho's connect thread."""
+        if threading.get_ident() == self._loop_thread:
+            callback(*args)
+        else:
+            self._loop.call_soon_threadsafe(callback, *args)
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, code: Any, properties: Any) -> None:
-        self._loop.call_soon_threadsafe(self._settle_connect, code)
+        self._on_loop(self._settle_connect, code)
 
     def _settle_connect(self, code: Any) -> None:
         if self._connected is None or self._connected.done():
@@ -136,7 +146,7 @@ class MqttEngine:
             self._connected.set_result(None)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, code: Any, properties: Any) -> None:
-        self._loop.call_soon_threadsafe(self._disconnected, str(code))
+        self._on_loop(self._disconnected, str(code))
 
     def _disconnected(self, reason: str) -> None:
         error = EngineError("disconnected", f"connection to the broker lost ({reason})")

@@ -14,7 +14,7 @@ import asyncio
 
 import nats
 import orjson
-from nats.errors import Error as NatsError
+from nats.errors import AuthorizationError, Error as NatsError
 
 from . import Target
 from .engine import EngineError, Message, safe_type, tls_context
@@ -31,6 +31,7 @@ class NatsEngine:
         self._inbox = ""
         self._prefix = ""
         self._pending: dict[str, asyncio.Future[None]] = {}
+        self._last_error: Exception | None = None
 
     async def connect(self, edge_id: str, timeout: float) -> None:
         t = self.target
@@ -39,7 +40,8 @@ class NatsEngine:
         try:
             self._nc = await asyncio.wait_for(nats.connect(
                 f"{'tls' if t.tls else 'nats'}://{t.host}:{t.port}", name=f"edgelink-{edge_id}",
-                allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=timeout,
+                # one server, tried at most twice at once (nats-py's "0" means forever)
+                allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0, connect_timeout=timeout,
                 tls=tls_context(t), error_cb=self._on_error, disconnected_cb=self._on_disconnected,
                 closed_cb=self._on_disconnected, **{k: v for k, v in options.items() if v is not None}),
                 timeout)
@@ -52,8 +54,9 @@ class NatsEngine:
             raise EngineError("timeout", f"no answer from {t.safe_url} within {timeout:g} s") from None
         except (OSError, NatsError) as exc:
             await self.close()
-            text = str(exc) or type(exc).__name__
-            kind = "auth" if "authorization" in text.lower() or "auth" in type(exc).__name__.lower() else "unreachable"
+            cause = self._last_error or exc  # nats-py reports the real cause to error_cb only
+            text = str(cause) or type(cause).__name__
+            kind = "auth" if "authorization" in text.lower() or isinstance(cause, AuthorizationError) else "unreachable"
             raise EngineError(kind, f"{t.safe_url}: {text}") from None
 
     async def publish(self, msg: Message) -> asyncio.Future[None]:
@@ -93,6 +96,7 @@ class NatsEngine:
             future.set_result(None)
 
     async def _on_error(self, exc: Exception) -> None:
+        self._last_error = exc
         self._fail(EngineError("disconnected", str(exc) or type(exc).__name__))
 
     async def _on_disconnected(self) -> None:
