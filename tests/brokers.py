@@ -51,10 +51,10 @@ def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 15)
 class Broker:
     """A broker process that can be killed and started again on the same port and files."""
 
-    def __init__(self, tmp: Path, name: str):
+    def __init__(self, tmp: Path, name: str, port: int | None = None):
         self.dir = tmp / name
         self.dir.mkdir(exist_ok=True)
-        self.port = unused_port()
+        self.port = port or unused_port()
         self.proc: subprocess.Popen | None = None
         self.log = self.dir / "broker.log"
 
@@ -78,8 +78,8 @@ class Broker:
 
 
 class Nats(Broker):
-    def __init__(self, tmp: Path, auth: tuple[str, str] | None = None):
-        super().__init__(tmp, "nats")
+    def __init__(self, tmp: Path, auth: tuple[str, str] | None = None, port: int | None = None):
+        super().__init__(tmp, "nats", port)
         self.binary = need_binary("nats-server")
         self.auth = auth
 
@@ -106,21 +106,23 @@ class Nats(Broker):
         until ``expect`` distinct seqs are there (or the timeout)."""
         async def go() -> list[dict]:
             import nats
+            from nats.js.api import AckPolicy, ConsumerConfig
             nc = await nats.connect(self.url, user=self.auth and self.auth[0], password=self.auth and self.auth[1])
             js = nc.jetstream()
             bodies: list[dict] = []
-            sub = await js.pull_subscribe("vx11.>", stream=name)
+            # no acks: the reader only counts, and 100,000 acks would take a minute
+            sub = await js.pull_subscribe("vx11.>", stream=name,
+                                          config=ConsumerConfig(ack_policy=AckPolicy.NONE))
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 try:
-                    msgs = await sub.fetch(2000, timeout=0.5)
+                    msgs = await sub.fetch(10_000, timeout=0.5)
                 except nats.errors.TimeoutError:
                     msgs = []
                 for m in msgs:
                     body = orjson.loads(m.data)
                     body["_msg_id"] = (m.headers or {}).get("Nats-Msg-Id")
                     bodies.append(body)
-                    await m.ack()
                 if expect is None and not msgs:
                     break
                 if expect is not None and len({(b["epoch"], b["seq"]) for b in bodies}) >= expect:
@@ -131,13 +133,14 @@ class Nats(Broker):
 
 
 class Mosquitto(Broker):
-    def __init__(self, tmp: Path, auth: tuple[str, str] | None = None):
-        super().__init__(tmp, "mosquitto")
+    def __init__(self, tmp: Path, auth: tuple[str, str] | None = None, port: int | None = None):
+        super().__init__(tmp, "mosquitto", port)
         self.binary = need_binary("mosquitto")
         lines = [f"listener {self.port} 127.0.0.1",
                  # persistence saved often and no silent drop for a queued subscriber: the
                  # broker's defaults (1800 s, 1000 messages) lose acked messages in a SIGKILL
-                 "persistence true", f"persistence_location {self.dir}/", "autosave_interval 1",
+                 "persistence true", f"persistence_location {self.dir}/", "autosave_on_changes true",
+                 "autosave_interval 1",
                  "max_queued_messages 0", "max_inflight_messages 0", "max_queued_bytes 0"]
         if os.geteuid() == 0:  # as root mosquitto drops to its own user, which cannot read our temp dir
             lines.append("user root")
@@ -211,6 +214,7 @@ class Proxy:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: asyncio.AbstractServer | None = None
+        self.tasks: set[asyncio.Task] = set()
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(5)
 
@@ -218,13 +222,17 @@ class Proxy:
         self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.tasks.add(asyncio.current_task())
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             writer.close()
             return
-        await asyncio.gather(self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True),
-                             return_exceptions=True)
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True),
+                                 return_exceptions=True)
+        finally:
+            self.tasks.discard(asyncio.current_task())
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool) -> None:
         try:
@@ -241,6 +249,9 @@ class Proxy:
     def close(self) -> None:
         async def stop() -> None:
             self.server.close()
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
