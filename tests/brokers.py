@@ -235,15 +235,26 @@ class Proxy:
             self.tasks.discard(asyncio.current_task())
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool) -> None:
-        try:
-            while data := await reader.read(65536):
-                if self.delay:
-                    await asyncio.sleep(self.delay)
-                if replies and self.blackhole:
-                    continue
+        # a delay line: each chunk is written ``delay`` after it was read, without holding
+        # back the chunks read meanwhile (so a window of messages stays in flight)
+        line: asyncio.Queue = asyncio.Queue()
+
+        async def deliver() -> None:
+            while (item := await line.get()) is not None:
+                due, data = item
+                await asyncio.sleep(due - time.monotonic())
                 writer.write(data)
                 await writer.drain()
+
+        sender = asyncio.ensure_future(deliver())
+        try:
+            while data := await reader.read(65536):
+                if not (replies and self.blackhole):
+                    line.put_nowait((time.monotonic() + self.delay, data))
+            line.put_nowait(None)
+            await sender
         finally:
+            sender.cancel()
             writer.close()
 
     def close(self) -> None:
