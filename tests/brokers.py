@@ -231,6 +231,8 @@ class Proxy:
         try:
             await asyncio.gather(self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True),
                                  return_exceptions=True)
+        except asyncio.CancelledError:
+            pass  # close(): asyncio's server callback would report a cancelled handler as an error
         finally:
             self.tasks.discard(asyncio.current_task())
 
