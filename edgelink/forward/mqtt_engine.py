@@ -172,18 +172,19 @@ class MqttEngine:
     # --- driving paho from the loop ---------------------------------------------------
 
     # Registered by file descriptor, taken when paho calls: by the time a hop from its
-    # connect thread runs, it may have closed the socket object already.
+    # connect thread runs, it may have closed the socket object already. On the loop's own
+    # thread (every publish registers the writer) they run at once, without a wake-up.
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
-        self._loop.call_soon_threadsafe(self._loop.add_reader, sock.fileno(), self._readable, client)
+        self._on_loop(self._loop.add_reader, sock.fileno(), self._readable, client)
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
-        self._loop.call_soon_threadsafe(self._forget, sock.fileno())
+        self._on_loop(self._forget, sock.fileno())
 
     def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
-        self._loop.call_soon_threadsafe(self._loop.add_writer, sock.fileno(), self._writable, client)
+        self._on_loop(self._loop.add_writer, sock.fileno(), self._writable, client)
 
     def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
-        self._loop.call_soon_threadsafe(self._loop.remove_writer, sock.fileno())
+        self._on_loop(self._loop.remove_writer, sock.fileno())
 
     def _forget(self, fd: int) -> None:
         if fd >= 0:
