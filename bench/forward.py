@@ -81,19 +81,20 @@ def rate(tmp: Path, url: str, window: int, name: str) -> float:
         gw.stop(signal.SIGKILL)
 
 
-def engine_figures(kind: str, root: Path) -> dict[str, Any]:
+def engine_figures(kind: str, root: Path, rates: bool = True) -> dict[str, Any]:
     tmp = root / kind
     tmp.mkdir()
     b, consumer = broker(kind, tmp)
     out: dict[str, Any] = {}
     try:
-        proxy = Proxy(b.port, delay=0.010)  # 10 ms each way
-        scheme = "nats" if kind == "nats" else "mqtt"
-        for window in (1, 16, 64, 128):
-            out[f"events_per_s_w{window}"] = round(rate(tmp, b.url, window, f"r{window}"))
-            out[f"events_per_s_w{window}_20ms"] = round(rate(tmp, f"{scheme}://{proxy.port_url}", window,
-                                                             f"d{window}"))
-        proxy.close()
+        if rates:
+            proxy = Proxy(b.port, delay=0.010)  # 10 ms each way
+            scheme = "nats" if kind == "nats" else "mqtt"
+            for window in (1, 16, 64, 128):
+                out[f"events_per_s_w{window}"] = round(rate(tmp, b.url, window, f"r{window}"))
+                out[f"events_per_s_w{window}_20ms"] = round(rate(tmp, f"{scheme}://{proxy.port_url}", window,
+                                                                 f"d{window}"))
+            proxy.close()
 
         base_dir = tmp / "base"
         base_dir.mkdir()
@@ -127,10 +128,11 @@ def engine_figures(kind: str, root: Path) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", choices=("nats", "mqtt", "both"), default="both")
+    parser.add_argument("--skip-rates", action="store_true", help="only catch-up, RSS, CPU and restart")
     args = parser.parse_args()
     kinds = ("nats", "mqtt") if args.engine == "both" else (args.engine,)
     with tempfile.TemporaryDirectory() as root:
-        figures = {kind: engine_figures(kind, Path(root)) for kind in kinds}
+        figures = {kind: engine_figures(kind, Path(root), not args.skip_rates) for kind in kinds}
     print(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
     return 0
 
