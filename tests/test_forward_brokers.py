@@ -26,7 +26,7 @@ import orjson
 import pytest
 
 from brokers import Mosquitto, MqttSubscriber, Nats, Proxy, check_delivery
-from conftest import EDGELINK, Gateway, log_records, start_gateway, wait_for_log
+from conftest import Gateway, log_records, start_gateway
 from edgelink.ledger import Ledger
 from fakemodule import unused_port
 

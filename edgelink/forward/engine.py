@@ -1,10 +1,11 @@
 """The small interface both broker engines implement, and what they publish.
 
-An engine is one connection: ``connect`` (bounded by a timeout), then ``await publish`` for
-each event, which hands it to the socket and returns a future that settles when the broker has stored the
-message (NATS PubAck, MQTT PUBACK) or fails with ``EngineError``. Losing the connection
-fails every pending future. The forwarder never reuses an engine after an error: it closes
-it and builds a new one, so no library keeps a queue of its own across connections.
+An engine is one connection: ``connect`` (bounded by a timeout), then ``await publish``
+for each event, which hands it to the socket and returns a future that settles when the
+broker has stored the message (NATS PubAck, MQTT PUBACK) or fails with ``EngineError``.
+Losing the connection fails every pending future. The forwarder never reuses an engine
+after an error: it closes it and builds a new one, so no library keeps a queue of its own
+across connections.
 """
 
 from __future__ import annotations
