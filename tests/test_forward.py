@@ -365,3 +365,19 @@ def test_base_install_imports_no_broker_library() -> None:
             "bad = [m for m in sys.modules if m.split('.')[0] in ('nats', 'paho', 'aiomqtt')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_status_when_forwarding_is_off(gateway) -> None:
+    assert gateway.get("/vx11/forward/status", token=False).status == 401
+    st = gateway.get("/vx11/forward/status").json()
+    assert st == {"enabled": False, "engine": None, "url": None, "edge_id": st["edge_id"], "epoch": st["epoch"],
+                  "state": "disabled", "acked_seq": 0, "last_seq": 0, "backlog": 0, "in_flight": 0,
+                  "last_error": None, "last_ack_at": None, "dropped": 0}
+    assert forward.EDGE_ID.fullmatch(st["edge_id"]) and len(st["epoch"]) == 32
+    assert "edgelink_forward_" not in gateway.get("/metrics").body.decode()  # no forwarder, no series
+
+
+def test_bad_edge_id_stops_the_start(tmp_path: Path) -> None:
+    from conftest import start_gateway
+    with pytest.raises(RuntimeError, match="EDGELINK_EDGE_ID"):
+        start_gateway(tmp_path, {"EDGELINK_EDGE_ID": "no spaces allowed"})

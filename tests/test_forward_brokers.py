@@ -287,6 +287,13 @@ def assert_degraded(gw: Gateway, kind_word: str) -> None:
 def test_unreachable_broker(kind: str, gateway_factory) -> None:
     gw = gateway_factory(forward_env(f"{kind}://127.0.0.1:{unused_port()}"))
     assert_degraded(gw, "unreachable")
+    assert_ingest_ok(gw)
+    metrics = gw.get("/metrics").body.decode()
+    for name in ("edgelink_forward_forwarded_total 0", "edgelink_forward_acked_total 0",
+                 "edgelink_forward_resent_total 0", "edgelink_forward_reconnects_total 0",
+                 "edgelink_forward_dropped_total 0", "edgelink_forward_backlog 2",
+                 'edgelink_forward_state{state="connected"} 0'):
+        assert name in metrics, (name, metrics)
 
 
 @pytest.mark.parametrize("kind", ["nats", "mqtt"])
