@@ -1,48 +1,147 @@
-"""The endpoint table: every path the gateway serves, in one place (API.md)."""
+"""The endpoint table: every path the gateway serves, in one place (API.md), each declared
+once with its handler, auth, summary, tags and OpenAPI operation (openapi.py builds the
+document from this table). Aliases share their route's handler and documentation."""
 
 from __future__ import annotations
 
 from .api import chat, events, health, modules, ops, ws
+from .api.events import MAX_SNAPSHOT_T
+from .api.ws import MAX_CLIENT_ID
+from .config import KNOB
+from .gateway.observe import MAX_AGE_SECONDS, MAX_NODES, WINDOW_SECONDS
 from .http.router import Router
+from .openapi import (INVALID_JSON, PROMETHEUS, UPSTREAM_CASES, VALIDATION, WS_AUTH_CASES, Case, Operation, error,
+                      json_body, param, path_param, query_param, reply)
+
+# Pieces several entries share.
+PROXY = Operation((reply(200, "The module's reply.", "ModuleReply"), *UPSTREAM_CASES), forwards=True)
+SESSION_ID = path_param("session_id", "The session id returned by the chat.", "0b8e6a56-2f7e-4c8b-9a59-3d1f4f6f2c11")
+NO_SESSION = (error(404, "session_not_found", "unknown or expired session."),
+              error(404, "not_found", "the path matches no route (a `session_id` holding `/`)."))
+STRING = {"type": "string"}
 
 
 def build_router() -> Router:
     r = Router()
-    r.add("GET", "/health", health.health, public=True, summary="Gateway liveness", tags=("health",))
-    r.add("GET", "/v1/health", health.health, public=True, summary="Gateway liveness", tags=("health",))
-    r.add("GET", "/vx11/status", modules.status, public=True, summary="Gateway and module health", tags=("modules",))
-    r.add("GET", "/v1/status", modules.status, public=True, summary="Gateway and module health", tags=("modules",))
-    r.add("GET", "/vx11/overview", modules.overview, summary="Module health overview", tags=("modules",))
+    r.add("GET", "/health", health.health, public=True, summary="Gateway liveness", tags=("health",),
+          aliases=("/v1/health",), doc=Operation((
+              reply(200, "The gateway is up; answered from memory, never from a module.", "Health"),
+              reply(503, "The gateway is shutting down.", "Health"))))
+    r.add("GET", "/vx11/status", modules.status, public=True, summary="Gateway and module health",
+          tags=("modules",), aliases=("/v1/status",), doc=Operation((
+              reply(200, f"Every module probed concurrently (`GET <url>/health`, each bounded by "
+                         f"{KNOB['health_timeout'].quote()}); concurrent callers share one probe round.", "Status"),)))
+    r.add("GET", "/vx11/overview", modules.overview, summary="Module health overview", tags=("modules",),
+          doc=Operation((reply(200, "Every module probed, as `GET /vx11/status` does.", "Overview"),)))
     r.add("GET", "/vx11/circuit-breaker/status", modules.breakers, summary="Circuit breaker per module",
-          tags=("modules",))
-    r.add("GET", "/vx11/routes", modules.routes, summary="The intent route table", tags=("modules",))
+          tags=("modules",), doc=Operation((reply(200, "One breaker per enabled module.", "BreakerStatus"),)))
+    r.add("GET", "/vx11/routes", modules.routes, summary="The intent route table", tags=("modules",),
+          doc=Operation((reply(200, "The route table, intent -> module.", "Routes"),)))
     r.add("GET", "/vx11/forward/status", ops.forward_status, summary="Forwarding to the fleet broker",
-          tags=("operations",))
+          tags=("operations",), doc=Operation((reply(200, "The forwarder's connection, cursor and backlog.",
+                                                     "ForwardStatus"),)))
     r.add("POST", "/vx11/intent/{intent}", modules.intent, summary="Forward an intent to its module",
-          tags=("modules",))
+          tags=("modules",), doc=Operation(
+              (reply(200, "The module's reply.", "ModuleReply"),
+               error(404, "unknown_intent", "no route for this intent; `known` lists the intents."),
+               error(404, "not_found", "the path matches no route (an `intent` holding `/`)."),
+               INVALID_JSON, VALIDATION, *UPSTREAM_CASES),
+              description="Forwards the JSON body (an empty body is sent as `{}`) to the intent's route, and to "
+                          "its fallback when the route fails; answers with the module's status and JSON body.",
+              parameters=(path_param("intent", "A key of the route table (`GET /vx11/routes`).", "chat"),),
+              request_body=json_body("IntentRequest", {"prompt": "summarise the logs"}, required=False),
+              forwards=True))
     r.add("GET", "/shub/dashboard", modules.shub_dashboard, summary="Proxy: shubniggurath dashboard",
-          tags=("modules",))
-    r.add("GET", "/resources", modules.resources, summary="Proxy: hermes resources", tags=("modules",))
+          tags=("modules",), doc=PROXY)
+    r.add("GET", "/resources", modules.resources, summary="Proxy: hermes resources", tags=("modules",), doc=PROXY)
     r.add("GET", "/hormiguero/queen/status", modules.queen_status, summary="Proxy: hormiguero queen status",
-          tags=("modules",))
+          tags=("modules",), doc=PROXY)
     r.add("GET", "/hormiguero/report", modules.hormiguero_report, summary="Proxy: hormiguero report",
-          tags=("modules",))
+          tags=("modules",), doc=Operation(
+              (reply(200, "The module's reply.", "ModuleReply"), VALIDATION, *UPSTREAM_CASES),
+              parameters=(query_param("limit", "How many report entries to ask the module for.",
+                                      {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}),),
+              forwards=True))
 
-    r.add("POST", "/operator/chat", chat.chat, summary="Chat with fallback", tags=("chat",))
-    r.add("POST", "/operator/api/chat", chat.chat, summary="Chat with fallback", tags=("chat",))
-    r.add("GET", "/operator/session/{session_id}", chat.session, summary="One Context-7 session", tags=("chat",))
+    r.add("POST", "/operator/chat", chat.chat, summary="Chat with fallback", tags=("chat",),
+          aliases=("/operator/api/chat",), doc=Operation(
+              (reply(200, "The chat route answered, or its fallback did (`degraded`).", "ChatResponse"),
+               INVALID_JSON, VALIDATION,
+               reply(503, "`chat_unavailable`: the chat route and its fallback both failed.", "ChatUnavailable")),
+              description="Records the user message in the session (a new one when `session_id` is absent), "
+                          "calls the `chat` route with the message and a summary of the session, and on any "
+                          "failure its fallback. The reply is recorded in the session.",
+              request_body=json_body("ChatRequest", {"message": "hello", "session_id": None})))
+    r.add("GET", "/operator/session/{session_id}", chat.session, summary="One Context-7 session", tags=("chat",),
+          doc=Operation((reply(200, "The session and its messages, oldest first. Reading is not activity.",
+                                     "Session"), *NO_SESSION), parameters=(SESSION_ID,)))
     r.add("DELETE", "/operator/session/{session_id}", chat.delete_session, summary="Delete a session",
-          tags=("chat",))
-    r.add("GET", "/vx11/context-7/sessions", chat.sessions, summary="Live Context-7 sessions", tags=("chat",))
+          tags=("chat",), doc=Operation((Case("204", "Deleted."), *NO_SESSION), parameters=(SESSION_ID,)))
+    r.add("GET", "/vx11/context-7/sessions", chat.sessions, summary="Live Context-7 sessions", tags=("chat",),
+          doc=Operation((reply(200, "Live sessions.", "SessionList"),)))
 
-    r.add("POST", "/events/ingest", events.ingest, summary="Validate and store an event", tags=("events",))
+    r.add("POST", "/events/ingest", events.ingest, summary="Validate and store an event", tags=("events",),
+          doc=Operation(
+              (reply(201, "Accepted and committed to the ledger.", "IngestAccepted"),
+               INVALID_JSON, VALIDATION,
+               reply(422, "`schema_validation_failed`: a canonical event broke its schema; nothing is stored.",
+                     "IngestRejected"),
+               error(503, "ledger_unavailable", "the disk refused the write (full, read-only, I/O error); nothing "
+                                                "is stored. Retried by itself: the next write tries again."),
+               error(507, "ledger_full", "the ledger is at EDGELINK_LEDGER_MAX_BYTES and EDGELINK_LEDGER_FULL is "
+                                         "`reject`; nothing is stored.")),
+              request_body=json_body("IngestRequest", {
+                  "source": "madre", "type": "system.alert", "broadcast": True,
+                  "payload": {"alert_id": "a-1", "severity": "high", "message": "disk full",
+                              "timestamp": 1700000000000}})))
     r.add("GET", "/debug/events/cardinality", events.cardinality, summary="Events per type, last 60 s",
-          tags=("events",))
+          tags=("events",), doc=Operation((
+              reply(200, f"Accepted events per type over a sliding {WINDOW_SECONDS} s window.", "Cardinality"),)))
     r.add("GET", "/debug/events/correlations", events.correlations, summary="Correlation graph of recent events",
-          tags=("events",))
+          tags=("events",), doc=Operation((
+              reply(200, f"Recent canonical events (at most {MAX_NODES}, none older than {MAX_AGE_SECONDS} s) "
+                         f"and their links.", "Correlations"),)))
     r.add("GET", "/operator/snapshot", events.snapshot, summary="Module health and events at time t",
-          tags=("events",))
-    r.add("GET", "/metrics", ops.metrics, public=True, summary="Prometheus metrics", tags=("operations",))
-    r.add("GET", "/openapi.json", ops.openapi_json, public=True, summary="This document", tags=("operations",))
-    r.add("WS", "/ws", ws.websocket, summary="Event stream (WebSocket)", tags=("events",))
+          tags=("events",), doc=Operation(
+              (reply(200, "Built from the ledger and the recorded health probes.", "Snapshot"), VALIDATION),
+              parameters=(query_param("t", "The moment, Unix epoch ms; absent or 0: now.",
+                                      {"type": "integer", "minimum": 0, "maximum": MAX_SNAPSHOT_T, "default": 0}),)))
+    r.add("GET", "/metrics", ops.metrics, public=True, summary="Prometheus metrics", tags=("operations",),
+          doc=Operation((reply(200, "Requests by route and status, request latency, events by type and outcome, "
+                                    "WebSocket clients and drops, breaker states, upstream latency.",
+                               "PrometheusText", media_type=PROMETHEUS),)))
+    r.add("GET", "/openapi.json", ops.openapi_json, public=True, summary="This document", tags=("operations",),
+          doc=Operation((reply(200, "This document.", "OpenAPIDocument"),)))
+    r.add("WS", "/ws", ws.websocket, summary="Event stream (WebSocket)", tags=("events",), doc=Operation(
+        (Case("101", "Switching Protocols: the connection is a WebSocket (RFC 6455). The first frame is "
+                     "`WsConnected`; then replayed and live events as `WsEvent`. Each JSON text frame a client "
+                     "sends is echoed back; a valid canonical event (`{\"type\", \"payload\", ...}`, or `type` "
+                     "with the payload fields at top level) is also stored and broadcast to the other clients. "
+                     "Problems are reported as `WsError` frames (invalid JSON, binary frames, a rejected "
+                     "event); an invalid `client_id` or `since_seq` gets one and close 1008. Frames over the "
+                     f"frame limit ({KNOB['ws_max_frame'].quote()}) close with 1009, a client whose send "
+                     "queue is full with 1013, shutdown with 1001.",
+              headers=(("Upgrade", "`websocket`."), ("Connection", "`Upgrade`."),
+                       ("Sec-WebSocket-Accept", "The RFC 6455 accept key."))),
+         error(400, "bad_request", "not a valid RFC 6455 handshake (Connection without Upgrade, bad "
+                                   "Sec-WebSocket-Key).", correlated=False),
+         error(426, "upgrade_required", "a plain GET without `Upgrade: websocket` (auth is not checked).",
+               headers=(("Upgrade", "`websocket`."),)),
+         error(426, "upgrade_required", "the Sec-WebSocket-Version header is not 13.", correlated=False,
+               headers=(("Sec-WebSocket-Version", "`13`."),))),
+        description="Authenticates with the X-VX11-Token header or the `token` query parameter "
+                    "(browsers cannot set headers on WebSockets).",
+        parameters=(
+            query_param("client_id", "Names the client in logs and in the `source` (`ws:<client_id>`) of "
+                                     "the events it sends; absent: a random one.",
+                        {"type": "string", "maxLength": MAX_CLIENT_ID}),
+            query_param("channel", "The channel to follow; `event` is the only one.",
+                        {"type": "string", "default": "event"}),
+            query_param("since_seq", f"Replay broadcast events with a larger `seq` still in the ledger (at most "
+                                     f"{KNOB['ws_replay_max'].quote()}) before the live ones, without gap or "
+                                     f"duplicate.", {"type": "integer", "minimum": 0}),
+            param("token", "query", "The gateway token, for clients that cannot set X-VX11-Token.", STRING),
+        ),
+        auth_cases=WS_AUTH_CASES,
+        security=("VX11Token", "VX11TokenQuery")))
     return r

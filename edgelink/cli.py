@@ -1,4 +1,4 @@
-"""The ``edgelink`` command: serve, demo, probe."""
+"""The ``edgelink`` command: serve, check, demo, probe."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import argparse
 import sys
 
 from . import __version__
-from .config import ConfigError, Settings, load_settings
+from .config import KNOB, ConfigError, Settings, load_settings, render
 
 
 def _load(args: argparse.Namespace) -> Settings:
+    """The settings, read the same way by serve, its reloads and check."""
     return load_settings(config_file=args.config, overrides={"host": args.host, "port": args.port})
 
 
@@ -19,8 +20,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = _load(args)
     except ConfigError as exc:
-        raise SystemExit(f"edgelink: {exc}") from None
+        raise SystemExit("\n".join(f"edgelink: {problem}" for problem in exc.problems)) from None
     run(serve(settings, reload=lambda: _load(args)))
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Validate without binding or opening the ledger: ``ok``, or one problem a line."""
+    from . import forward
+
+    try:
+        settings = _load(args)
+        forward.check(settings)  # as serve does at start: edge id, URL scheme, the extra installed
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"edgelink check: {problem}", file=sys.stderr)
+        return 1
+    print(render(settings) if args.print else "ok", end="" if args.print else "\n")
     return 0
 
 
@@ -42,13 +58,17 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--host", help="listen address (EDGELINK_HOST, default 0.0.0.0)")
-        sp.add_argument("--port", help="listen port (TENTACULO_LINK_PORT, default 8000)")
+        sp.add_argument("--host", help=f"listen address ({KNOB['host'].quote()})")
+        sp.add_argument("--port", help=f"listen port ({KNOB['port'].quote()})")
         sp.add_argument("--config", help="TOML config file")
 
     serve = sub.add_parser("serve", help="run the gateway")
     common(serve)
     serve.set_defaults(func=_cmd_serve)
+    check = sub.add_parser("check", help="validate the settings as serve would read them, then exit")
+    common(check)
+    check.add_argument("--print", action="store_true", help="print the effective settings (secrets redacted)")
+    check.set_defaults(func=_cmd_check)
     demo = sub.add_parser("demo", help="run the gateway with built-in simulated modules on loopback")
     common(demo)
     demo.set_defaults(func=_cmd_demo)

@@ -1,28 +1,42 @@
 """Settings: one table of every knob, read from defaults < TOML file < environment < flags.
 
-Environment names kept from Tentáculo Link stay as they were; new ones carry the
-``EDGELINK_`` prefix. A bad value stops the start with a message naming the setting
-(API.md §8). The TOML file uses the field names below as top-level keys, plus
+Each setting is declared once, in ``KNOBS``: its field name, its environment names (the old
+Tentáculo Link name first where there is one; new ones carry the ``EDGELINK_`` prefix), its
+TOML key, parser, default, a one-line doc and its reload policy. The ``Settings`` dataclass,
+the reload logic (runtime.py), ``edgelink check --print``, the README settings list and the
+OpenAPI text that quotes defaults are all built from it. Besides the knobs, the TOML file has
 ``[modules.<name>]`` (``url``, ``enabled``) and ``[routes.<intent>]`` tables.
+
+A bad value stops the start with a message naming the setting (API.md §8); loading reports
+every problem it finds, one a line, not only the first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import tomllib
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
+
+import orjson
 
 
 class ConfigError(ValueError):
-    """A setting has a bad value; the message names the setting."""
+    """Settings that cannot serve; ``problems`` has one line per problem, each naming the
+    setting or TOML key."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
 
 
 # ---------------------------------------------------------------------------
-# value parsers: each takes the raw value (str from env/flags, typed from TOML)
+# value parsers: each takes the raw value (str from env/flags, typed from TOML) and raises
+# ValueError with a message for people
 
 
 def _bool(raw: Any) -> bool:
@@ -37,12 +51,18 @@ def _bool(raw: Any) -> bool:
 
 
 def _number(kind: type, minimum: float, maximum: float | None = None) -> Callable[[Any], Any]:
+    noun = "an integer" if kind is int else "a number"
+    bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+
     def parse(raw: Any) -> Any:
-        if isinstance(raw, bool):
-            raise ValueError("expected a number")
-        value = kind(raw.strip() if isinstance(raw, str) else raw)
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        # TOML hands over typed values: 2.5 must not become the integer 2, true not 1
+        if isinstance(raw, bool) or (kind is int and isinstance(raw, float)):
+            raise ValueError(f"expected {noun}")
+        try:
+            value = kind(raw.strip() if isinstance(raw, str) else raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected {noun}") from None
+        if not math.isfinite(value) or value < minimum or (maximum is not None and value > maximum):
             raise ValueError(f"must be {bound}")
         return value
 
@@ -65,9 +85,19 @@ def _str(raw: Any) -> str:
     return raw
 
 
+def _names(raw: Any) -> tuple[str, ...]:
+    """A comma-separated list (env) or a list of strings (TOML)."""
+    if isinstance(raw, list):
+        if not all(isinstance(item, str) for item in raw):
+            raise ValueError("expected a list of strings")
+        items = raw
+    else:
+        items = _str(raw).split(",")
+    return tuple(item.strip() for item in items if item.strip())
+
+
 def _origins(raw: Any) -> tuple[str, ...]:
-    items = raw if isinstance(raw, list) else str(raw).split(",")
-    return tuple(o.strip().rstrip("/") for o in items if str(o).strip())
+    return tuple(origin.rstrip("/") for origin in _names(raw))
 
 
 def _url(raw: Any) -> str:
@@ -75,79 +105,177 @@ def _url(raw: Any) -> str:
     parts = urlsplit(text)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError("expected an http://host[:port] URL")
-    parts.port  # raises ValueError on a bad port
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("the port is not a number between 0 and 65535") from None
     return text
+
+
+# reload policies: what a SIGHUP does with a changed value
+LIVE = "live"  # every piece reads it from the runtime's settings, or is handed it by Runtime.apply
+REBUILD = "rebuild"  # the piece that copied it (``Knob.piece``) is built anew
+RESTART = "restart"  # kept at its running value, logged as needing a restart
+MIB, KIB = 1024 * 1024, 1024
 
 
 @dataclass(frozen=True)
 class Knob:
-    """One scalar setting: its field, its environment names (first wins), its parser."""
+    """One scalar setting. ``env``: environment names, the first one set wins; ``toml``:
+    its key in the TOML file (dotted for a table), the field name when empty; ``unit``:
+    ``s`` or ``bytes``, for the docs; ``secret``: redacted when printed."""
 
     name: str
     env: tuple[str, ...]
     parse: Callable[[Any], Any]
     default: Any
+    doc: str
+    reload: str
+    piece: str = ""  # for REBUILD: the runtime piece that holds a copy
+    toml: str = ""
+    unit: str = ""
+    secret: bool = False
+
+    def __post_init__(self) -> None:
+        if self.reload not in (LIVE, REBUILD, RESTART) or (self.reload == REBUILD) != bool(self.piece):
+            raise ValueError(f"{self.name}: reload must be live, restart, or rebuild with its piece")
+        if not self.toml:
+            object.__setattr__(self, "toml", self.name)
+
+    def shown(self, value: Any = None) -> str:
+        """A value as people read it in docs: ``10 s``, ``16 MiB``, ``off``."""
+        value = self.default if value is None else value
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if self.unit == "bytes":
+            for size, suffix in ((MIB, "MiB"), (KIB, "KiB")):
+                if value >= size and value % size == 0:
+                    return f"{value // size} {suffix}"
+            return f"{value} bytes"
+        if self.unit == "s":
+            return f"{value:g} s"
+        if isinstance(value, tuple):
+            return ",".join(value) or "(empty)"
+        return str(value) if value != "" else "(empty)"
+
+    def quote(self) -> str:
+        """How the OpenAPI text names a setting: ``EDGELINK_MAX_BODY, default 1 MiB``."""
+        return f"{self.env[0]}, default {self.shown()}"
 
 
+_int, _positive_s = _number(int, 1), _number(float, 0.01)
+
+# A new setting is one line here. A live or rebuild one also gets its line in
+# tests/test_reload.py, which reloads it and reads every piece holding it.
 KNOBS: tuple[Knob, ...] = (
-    Knob("host", ("EDGELINK_HOST",), _str, "0.0.0.0"),
-    Knob("port", ("TENTACULO_LINK_PORT", "EDGELINK_PORT"), _number(int, 0, 65535), 8000),
-    Knob("token", ("VX11_TENTACULO_LINK_TOKEN", "VX11_GATEWAY_TOKEN"), _str, ""),
-    Knob("enable_auth", ("ENABLE_AUTH",), _bool, True),
-    Knob("shub_enabled", ("SHUB_ENABLED",), _bool, False),
-    Knob("context7_ttl_seconds", ("CONTEXT7_TTL_SECONDS",), _number(float, 1), 3600.0),
-    Knob("context7_cleanup_interval", ("CONTEXT7_CLEANUP_INTERVAL",), _number(float, 0.01), 300.0),
-    Knob("context7_max_sessions", ("EDGELINK_CONTEXT7_MAX_SESSIONS",), _number(int, 1), 10_000),
-    Knob("context7_max_messages", ("EDGELINK_CONTEXT7_MAX_MESSAGES",), _number(int, 1), 100),
-    Knob("context7_max_bytes", ("EDGELINK_CONTEXT7_MAX_BYTES",), _number(int, 65536), 16 * 1024 * 1024),
-    Knob("db", ("EDGELINK_DB",), _str, "./data/edgelink.db"),
-    Knob("ledger_sync", ("EDGELINK_LEDGER_SYNC",), _choice("full", "normal"), "full"),
-    Knob("retention_events", ("EDGELINK_RETENTION_EVENTS",), _number(int, 1), 1_000_000),
-    Knob("retention_days", ("EDGELINK_RETENTION_DAYS",), _number(float, 0.0001), 7.0),
-    Knob("health_timeout", ("EDGELINK_HEALTH_TIMEOUT",), _number(float, 0.01), 2.0),
-    Knob("probe_interval", ("EDGELINK_PROBE_INTERVAL",), _number(float, 0), 30.0),
-    Knob("breaker_failures", ("EDGELINK_BREAKER_FAILURES",), _number(int, 1), 3),
-    Knob("breaker_recovery", ("EDGELINK_BREAKER_RECOVERY",), _number(float, 0.01), 60.0),
-    Knob("proxy_timeout", ("EDGELINK_PROXY_TIMEOUT",), _number(float, 0.01), 10.0),
-    Knob("upstream_connect_timeout", ("EDGELINK_UPSTREAM_CONNECT_TIMEOUT",), _number(float, 0.01), 2.0),
-    Knob("upstream_max_reply", ("EDGELINK_UPSTREAM_MAX_REPLY",), _number(int, 1024), 8 * 1024 * 1024),
-    Knob("upstream_pool_size", ("EDGELINK_UPSTREAM_POOL_SIZE",), _number(int, 1), 8),
-    Knob("upstream_pool_idle", ("EDGELINK_UPSTREAM_POOL_IDLE",), _number(float, 0.1), 30.0),
-    Knob("max_body", ("EDGELINK_MAX_BODY",), _number(int, 1), 1_048_576),
-    Knob("max_header", ("EDGELINK_MAX_HEADER",), _number(int, 1024), 16_384),
-    Knob("max_connections", ("EDGELINK_MAX_CONNECTIONS",), _number(int, 1), 1000),
-    Knob("keepalive_timeout", ("EDGELINK_KEEPALIVE_TIMEOUT",), _number(float, 0.01), 5.0),
-    Knob("header_timeout", ("EDGELINK_HEADER_TIMEOUT",), _number(float, 0.01), 10.0),
-    Knob("body_timeout", ("EDGELINK_BODY_TIMEOUT",), _number(float, 0.01), 30.0),
-    Knob("send_timeout", ("EDGELINK_SEND_TIMEOUT",), _number(float, 0.01), 30.0),
-    Knob("shutdown_grace", ("EDGELINK_SHUTDOWN_GRACE",), _number(float, 0), 10.0),
-    Knob("write_buffer_high", ("EDGELINK_WRITE_BUFFER_HIGH",), _number(int, 1024), 256 * 1024),
-    Knob("cors_origins", ("EDGELINK_CORS_ORIGINS",), _origins, ()),
-    Knob("access_log", ("EDGELINK_ACCESS_LOG",), _bool, False),
-    Knob("log_level", ("EDGELINK_LOG_LEVEL",), _choice("debug", "info", "warning", "error"), "info"),
-    Knob("ws_max_frame", ("EDGELINK_WS_MAX_FRAME",), _number(int, 1024), 64 * 1024),
-    Knob("ws_queue", ("EDGELINK_WS_QUEUE",), _number(int, 1), 1000),
-    Knob("ws_ping_interval", ("EDGELINK_WS_PING_INTERVAL",), _number(float, 0.01), 20.0),
-    Knob("ws_compression", ("EDGELINK_WS_COMPRESSION",), _bool, False),
-    Knob("ws_replay_max", ("EDGELINK_WS_REPLAY_MAX",), _number(int, 0), 1000),
-    Knob("ws_queue_bytes", ("EDGELINK_WS_QUEUE_BYTES",), _number(int, 65536), 1024 * 1024),
-    Knob("ledger_max_bytes", ("EDGELINK_LEDGER_MAX_BYTES",), _number(int, 16 * 1024 * 1024), 1024**3),
-    Knob("ledger_full", ("EDGELINK_LEDGER_FULL",), _choice("drop_oldest", "reject"), "drop_oldest"),
-    Knob("stream_idle", ("EDGELINK_STREAM_IDLE",), _number(float, 0.01), 30.0),
-    Knob("edge_id", ("EDGELINK_EDGE_ID",), _str, ""),
-    Knob("forward_url", ("EDGELINK_FORWARD_URL",), _str, ""),
-    Knob("forward_window", ("EDGELINK_FORWARD_WINDOW",), _number(int, 1, 65535), 64),
-    Knob("forward_ack_timeout", ("EDGELINK_FORWARD_ACK_TIMEOUT",), _number(float, 0.1), 10.0),
-    Knob("forward_types", ("EDGELINK_FORWARD_TYPES",), _origins, ()),
-    Knob("forward_user", ("EDGELINK_FORWARD_USER",), _str, ""),
-    Knob("forward_password", ("EDGELINK_FORWARD_PASSWORD",), _str, ""),
-    Knob("forward_token", ("EDGELINK_FORWARD_TOKEN",), _str, ""),
-    Knob("forward_ca", ("EDGELINK_FORWARD_CA",), _str, ""),
-    Knob("forward_cert", ("EDGELINK_FORWARD_CERT",), _str, ""),
-    Knob("forward_key", ("EDGELINK_FORWARD_KEY",), _str, ""),
+    Knob("host", ("EDGELINK_HOST",), _str, "0.0.0.0", "Listen address.", RESTART),
+    Knob("port", ("TENTACULO_LINK_PORT", "EDGELINK_PORT"), _number(int, 0, 65535), 8000, "Listen port.", RESTART),
+    Knob("token", ("VX11_TENTACULO_LINK_TOKEN", "VX11_GATEWAY_TOKEN"), _str, "",
+         "The gateway token; also sent to modules.", REBUILD, "modules", secret=True),
+    Knob("enable_auth", ("ENABLE_AUTH",), _bool, True, "Require the token on protected routes.", LIVE),
+    Knob("shub_enabled", ("SHUB_ENABLED",), _bool, False, "Enable the shubniggurath module.", REBUILD, "modules"),
+    Knob("context7_ttl_seconds", ("CONTEXT7_TTL_SECONDS",), _number(float, 1), 3600.0,
+         "Idle time after which a chat session expires.", RESTART, unit="s"),
+    Knob("context7_cleanup_interval", ("CONTEXT7_CLEANUP_INTERVAL",), _positive_s, 300.0,
+         "How often expired sessions are swept.", RESTART, unit="s"),
+    Knob("context7_max_sessions", ("EDGELINK_CONTEXT7_MAX_SESSIONS",), _int, 10_000,
+         "Most live sessions; the least recently active go first.", RESTART),
+    Knob("context7_max_messages", ("EDGELINK_CONTEXT7_MAX_MESSAGES",), _int, 100,
+         "Most messages kept per session.", RESTART),
+    Knob("context7_max_bytes", ("EDGELINK_CONTEXT7_MAX_BYTES",), _number(int, 65536), 16 * MIB,
+         "Bytes all sessions may hold together.", RESTART, unit="bytes"),
+    Knob("db", ("EDGELINK_DB",), _str, "./data/edgelink.db", "The SQLite ledger file.", RESTART),
+    Knob("ledger_sync", ("EDGELINK_LEDGER_SYNC",), _choice("full", "normal"), "full",
+         "full survives power loss, normal a process crash.", RESTART),
+    Knob("retention_events", ("EDGELINK_RETENTION_EVENTS",), _int, 1_000_000, "Most events kept.", RESTART),
+    Knob("retention_days", ("EDGELINK_RETENTION_DAYS",), _number(float, 0.0001), 7.0,
+         "Events older than this are pruned (days).", RESTART),
+    Knob("health_timeout", ("EDGELINK_HEALTH_TIMEOUT",), _positive_s, 2.0,
+         "Bound on each module health probe.", REBUILD, "modules", unit="s"),
+    Knob("probe_interval", ("EDGELINK_PROBE_INTERVAL",), _number(float, 0), 30.0,
+         "Seconds between recorded probe rounds; 0 = off.", LIVE, unit="s"),
+    Knob("breaker_failures", ("EDGELINK_BREAKER_FAILURES",), _int, 3,
+         "Failures in a row that open a module's breaker.", REBUILD, "modules"),
+    Knob("breaker_recovery", ("EDGELINK_BREAKER_RECOVERY",), _positive_s, 60.0,
+         "Time an open breaker waits before a trial call.", REBUILD, "modules", unit="s"),
+    Knob("proxy_timeout", ("EDGELINK_PROXY_TIMEOUT",), _positive_s, 10.0,
+         "Bound on proxied module calls.", LIVE, unit="s"),
+    Knob("upstream_connect_timeout", ("EDGELINK_UPSTREAM_CONNECT_TIMEOUT",), _positive_s, 2.0,
+         "Bound on connecting to a module.", REBUILD, "modules", unit="s"),
+    Knob("upstream_max_reply", ("EDGELINK_UPSTREAM_MAX_REPLY",), _number(int, 1024), 8 * MIB,
+         "Largest module reply read.", REBUILD, "modules", unit="bytes"),
+    Knob("upstream_pool_size", ("EDGELINK_UPSTREAM_POOL_SIZE",), _int, 8,
+         "Idle keep-alive connections kept per module.", REBUILD, "modules"),
+    Knob("upstream_pool_idle", ("EDGELINK_UPSTREAM_POOL_IDLE",), _number(float, 0.1), 30.0,
+         "Idle time after which a pooled connection is closed.", REBUILD, "modules", unit="s"),
+    Knob("max_body", ("EDGELINK_MAX_BODY",), _int, MIB, "Largest request body.", LIVE, unit="bytes"),
+    Knob("max_header", ("EDGELINK_MAX_HEADER",), _number(int, 1024), 16 * KIB,
+         "Largest request header block.", LIVE, unit="bytes"),
+    Knob("max_connections", ("EDGELINK_MAX_CONNECTIONS",), _int, 1000, "Most open client connections.", LIVE),
+    Knob("keepalive_timeout", ("EDGELINK_KEEPALIVE_TIMEOUT",), _positive_s, 5.0,
+         "Idle time before a keep-alive connection is closed.", LIVE, unit="s"),
+    Knob("header_timeout", ("EDGELINK_HEADER_TIMEOUT",), _positive_s, 10.0,
+         "Time for the header block (and the body) to arrive.", LIVE, unit="s"),
+    Knob("body_timeout", ("EDGELINK_BODY_TIMEOUT",), _positive_s, 30.0,
+         "Time for a whole request body to arrive.", LIVE, unit="s"),
+    Knob("send_timeout", ("EDGELINK_SEND_TIMEOUT",), _positive_s, 30.0,
+         "Time a client may take to read a reply.", LIVE, unit="s"),
+    Knob("shutdown_grace", ("EDGELINK_SHUTDOWN_GRACE",), _number(float, 0), 10.0,
+         "Time in-flight requests get to finish on SIGTERM.", LIVE, unit="s"),
+    Knob("write_buffer_high", ("EDGELINK_WRITE_BUFFER_HIGH",), _number(int, 1024), 256 * KIB,
+         "Per-connection write buffer before reading pauses.", LIVE, unit="bytes"),
+    Knob("cors_origins", ("EDGELINK_CORS_ORIGINS",), _origins, (),
+         "Comma-separated allowed origins; empty = CORS off.", LIVE),
+    Knob("access_log", ("EDGELINK_ACCESS_LOG",), _bool, False, "Log one line per request.", LIVE),
+    Knob("log_level", ("EDGELINK_LOG_LEVEL",), _choice("debug", "info", "warning", "error"), "info",
+         "debug, info, warning or error.", LIVE),
+    Knob("ws_max_frame", ("EDGELINK_WS_MAX_FRAME",), _number(int, 1024), 64 * KIB,
+         "Largest WebSocket message; larger ones close with 1009.", LIVE, unit="bytes"),
+    Knob("ws_queue", ("EDGELINK_WS_QUEUE",), _int, 1000, "Frames queued per WebSocket client.", LIVE),
+    Knob("ws_ping_interval", ("EDGELINK_WS_PING_INTERVAL",), _positive_s, 20.0,
+         "Time between pings; no pong in as long closes.", LIVE, unit="s"),
+    Knob("ws_compression", ("EDGELINK_WS_COMPRESSION",), _bool, False, "Negotiate permessage-deflate.", LIVE),
+    Knob("ws_replay_max", ("EDGELINK_WS_REPLAY_MAX",), _number(int, 0), 1000,
+         "Most events replayed for since_seq.", LIVE),
+    Knob("ws_queue_bytes", ("EDGELINK_WS_QUEUE_BYTES",), _number(int, 65536), MIB,
+         "Bytes queued per WebSocket client.", LIVE, unit="bytes"),
+    Knob("ledger_max_bytes", ("EDGELINK_LEDGER_MAX_BYTES",), _number(int, 16 * MIB), 1024 * MIB,
+         "Largest ledger database.", LIVE, unit="bytes"),
+    Knob("ledger_full", ("EDGELINK_LEDGER_FULL",), _choice("drop_oldest", "reject"), "drop_oldest",
+         "At the ledger bound: drop_oldest or reject.", LIVE),
+    Knob("stream_idle", ("EDGELINK_STREAM_IDLE",), _positive_s, 30.0,
+         "Idle time after which a streamed reply is cut.", RESTART, unit="s"),
+    Knob("edge_id", ("EDGELINK_EDGE_ID",), _str, "", "This gateway's name upstream; empty = the host name.",
+         RESTART),
+    Knob("forward_url", ("EDGELINK_FORWARD_URL",), _str, "", "Where events are forwarded; empty = off.",
+         RESTART, toml="forward.url"),
+    Knob("forward_window", ("EDGELINK_FORWARD_WINDOW",), _number(int, 1, 65535), 64,
+         "Events in flight to the forward target.", RESTART, toml="forward.window"),
+    Knob("forward_ack_timeout", ("EDGELINK_FORWARD_ACK_TIMEOUT",), _positive_s, 10.0,
+         "Bound on a broker connect and on the oldest unacknowledged event.", RESTART, toml="forward.ack_timeout",
+         unit="s"),
+    Knob("forward_types", ("EDGELINK_FORWARD_TYPES",), _names, (),
+         "Comma-separated event types forwarded; empty = all.", RESTART, toml="forward.types"),
+    Knob("forward_user", ("EDGELINK_FORWARD_USER",), _str, "", "User for the forward target.", RESTART,
+         toml="forward.user"),
+    Knob("forward_password", ("EDGELINK_FORWARD_PASSWORD",), _str, "", "Password for the forward target.",
+         RESTART, toml="forward.password", secret=True),
+    Knob("forward_token", ("EDGELINK_FORWARD_TOKEN",), _str, "", "Token for the forward target.", RESTART,
+         toml="forward.token", secret=True),
+    Knob("forward_ca", ("EDGELINK_FORWARD_CA",), _str, "", "CA file for the forward target's TLS.", RESTART,
+         toml="forward.ca"),
+    Knob("forward_cert", ("EDGELINK_FORWARD_CERT",), _str, "", "Client certificate file for TLS.", RESTART,
+         toml="forward.cert"),
+    Knob("forward_key", ("EDGELINK_FORWARD_KEY",), _str, "", "Client key file for TLS.", RESTART,
+         toml="forward.key"),
 )
+KNOB = {k.name: k for k in KNOBS}
 
-# name, default URL, enabled by default (shubniggurath follows SHUB_ENABLED)
+# The module table and the intent table are not scalars: a changed module (URL, enabled)
+# rebuilds the module clients, a changed intent applies live (handlers read it per request).
+MODULES_PIECE = "modules"
+
+# name, the environment name of its URL, default URL (shubniggurath follows SHUB_ENABLED)
 MODULE_DEFAULTS: tuple[tuple[str, str, str], ...] = (
     ("madre", "MADRE_URL", "http://127.0.0.1:8001"),
     ("switch", "SWITCH_URL", "http://127.0.0.1:8002"),
@@ -159,6 +287,7 @@ MODULE_DEFAULTS: tuple[tuple[str, str, str], ...] = (
     ("spawner", "SPAWNER_URL", "http://127.0.0.1:8008"),
     ("operator", "OPERATOR_URL", "http://127.0.0.1:8011"),
 )
+MODULE_KEYS = ("url", "enabled")
 
 
 @dataclass(frozen=True)
@@ -173,8 +302,9 @@ class ModuleConfig:
 
 
 @dataclass(frozen=True)
-class RouteConfig:
-    """Where an intent goes. ``fallback`` is tried when the primary fails in any way."""
+class Intent:
+    """Where an intent goes. ``fallback`` is tried when the primary fails in any way;
+    ``stream``: the module's reply may be streamed through."""
 
     intent: str
     module: str
@@ -183,150 +313,157 @@ class RouteConfig:
     timeout: float = 30.0
     description: str = ""
     auth_required: bool = True
-    fallback: "RouteConfig | None" = None
+    stream: bool = False
+    fallback: "Intent | None" = None
 
 
-ROUTE_DEFAULTS: tuple[RouteConfig, ...] = (
-    RouteConfig("chat", "switch", "/switch/route-v5", "POST", 15.0, "Conversational chat",
-                fallback=RouteConfig("chat", "madre", "/madre/chat", "POST", 5.0, "Chat fallback")),
-    RouteConfig("code", "switch", "/switch/route-v5", "POST", 20.0, "Code generation"),
-    RouteConfig("audio", "hermes", "/hermes/analyze-audio", "POST", 30.0, "Audio analysis"),
-    RouteConfig("analysis", "madre", "/madre/task", "POST", 60.0, "Deep analysis task"),
-    RouteConfig("task", "madre", "/madre/task", "POST", 30.0, "Generic task"),
-    RouteConfig("spawn", "spawner", "/spawner/spawn", "POST", 30.0, "Spawn a worker"),
-    RouteConfig("stream", "switch", "/switch/stream", "POST", 60.0, "Streaming generation"),
+INTENT_KEYS = ("module", "endpoint", "method", "timeout", "description", "auth_required", "stream", "fallback")
+INTENT_DEFAULTS: tuple[Intent, ...] = (
+    Intent("chat", "switch", "/switch/route-v5", "POST", 15.0, "Conversational chat",
+           fallback=Intent("chat", "madre", "/madre/chat", "POST", 5.0, "Chat fallback")),
+    Intent("code", "switch", "/switch/route-v5", "POST", 20.0, "Code generation"),
+    Intent("audio", "hermes", "/hermes/analyze-audio", "POST", 30.0, "Audio analysis"),
+    Intent("analysis", "madre", "/madre/task", "POST", 60.0, "Deep analysis task"),
+    Intent("task", "madre", "/madre/task", "POST", 30.0, "Generic task"),
+    Intent("spawn", "spawner", "/spawner/spawn", "POST", 30.0, "Spawn a worker"),
+    Intent("stream", "switch", "/switch/stream", "POST", 60.0, "Streaming generation", stream=True),
 )
 
 
-@dataclass(frozen=True)
-class Settings:
-    host: str = "0.0.0.0"
-    port: int = 8000
-    token: str = ""
-    enable_auth: bool = True
-    shub_enabled: bool = False
-    context7_ttl_seconds: float = 3600.0
-    context7_cleanup_interval: float = 300.0
-    context7_max_sessions: int = 10_000
-    context7_max_messages: int = 100
-    context7_max_bytes: int = 16 * 1024 * 1024
-    db: str = "./data/edgelink.db"
-    ledger_sync: str = "full"
-    retention_events: int = 1_000_000
-    retention_days: float = 7.0
-    health_timeout: float = 2.0
-    probe_interval: float = 30.0
-    breaker_failures: int = 3
-    breaker_recovery: float = 60.0
-    proxy_timeout: float = 10.0
-    upstream_connect_timeout: float = 2.0
-    upstream_max_reply: int = 8 * 1024 * 1024
-    upstream_pool_size: int = 8
-    upstream_pool_idle: float = 30.0
-    max_body: int = 1_048_576
-    max_header: int = 16_384
-    max_connections: int = 1000
-    keepalive_timeout: float = 5.0
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    send_timeout: float = 30.0
-    shutdown_grace: float = 10.0
-    write_buffer_high: int = 256 * 1024
-    cors_origins: tuple[str, ...] = ()
-    access_log: bool = False
-    log_level: str = "info"
-    ws_max_frame: int = 64 * 1024
-    ws_queue: int = 1000
-    ws_ping_interval: float = 20.0
-    ws_compression: bool = False
-    ws_replay_max: int = 1000
-    ws_queue_bytes: int = 1024 * 1024
-    ledger_max_bytes: int = 1024**3
-    ledger_full: str = "drop_oldest"
-    stream_idle: float = 30.0
-    edge_id: str = ""  # empty: the host name (API.md §9)
-    forward_url: str = ""
-    forward_window: int = 64
-    forward_ack_timeout: float = 10.0  # seconds for a connect or the oldest ack in flight
-    forward_types: tuple[str, ...] = ()
-    forward_user: str = ""
-    forward_password: str = ""
-    forward_token: str = ""
-    forward_ca: str = ""
-    forward_cert: str = ""
-    forward_key: str = ""
-    modules: tuple[ModuleConfig, ...] = field(default_factory=tuple)
-    routes: tuple[RouteConfig, ...] = ROUTE_DEFAULTS
-    config_file: str | None = None
+class _SettingsMethods:
+    """What Settings does besides holding values (the fields come from ``KNOBS``)."""
 
-    def module(self, name: str) -> ModuleConfig | None:
-        for m in self.modules:
-            if m.name == name:
-                return m
-        return None
+    modules: tuple[ModuleConfig, ...]
+    routes: tuple[Intent, ...]
+    enable_auth: bool
+    token: str
 
-    def route(self, intent: str) -> RouteConfig | None:
+    def route(self, intent: str) -> Intent | None:
         for r in self.routes:
             if r.intent == intent:
                 return r
         return None
 
-    def check(self) -> None:
-        """Refuse configurations that cannot serve (auth on without a token, dangling routes)."""
+    def problems(self) -> list[str]:
+        """Why these settings cannot serve (auth on without a token, dangling routes)."""
+        found = []
         if self.enable_auth and not self.token:
-            raise ConfigError(
-                "auth is on (ENABLE_AUTH) but no token is configured: set "
-                "VX11_TENTACULO_LINK_TOKEN or VX11_GATEWAY_TOKEN, or ENABLE_AUTH=false"
-            )
+            found.append("auth is on (ENABLE_AUTH) but no token is configured: set "
+                         "VX11_TENTACULO_LINK_TOKEN or VX11_GATEWAY_TOKEN, or ENABLE_AUTH=false")
         names = {m.name for m in self.modules}
         for r in self.routes:
             for target in (r, r.fallback):
                 if target is not None and target.module not in names:
-                    raise ConfigError(f"routes.{r.intent}: unknown module {target.module!r}")
+                    found.append(f"routes.{r.intent}: unknown module {target.module!r} "
+                                 f"(known: {', '.join(sorted(names))})")
+        return found
 
 
-def _knob_value(knob: Knob, raw: Any, where: str) -> Any:
+Settings = dataclasses.make_dataclass(
+    "Settings",
+    [*((k.name, type(k.default), dataclasses.field(default=k.default)) for k in KNOBS),
+     ("modules", tuple, dataclasses.field(default=())),
+     ("routes", tuple, dataclasses.field(default=INTENT_DEFAULTS)),
+     ("config_file", "str | None", dataclasses.field(default=None))],
+    bases=(_SettingsMethods,), frozen=True,
+)
+Settings.__module__ = __name__
+Settings.__doc__ = "The effective settings: one field per knob, plus the module and intent tables."
+
+
+# ---------------------------------------------------------------------------
+# reading
+
+
+def _parsed(parse: Callable[[Any], Any], raw: Any, where: str, problems: list[str], fallback: Any) -> Any:
+    """``parse(raw)``, or ``fallback`` with the problem noted (loading goes on to find more)."""
     try:
-        return knob.parse(raw)
+        return parse(raw)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"bad value for {where}: {raw!r} ({exc})") from None
+        problems.append(f"bad value for {where}: {raw!r} ({exc})")
+        return fallback
 
 
-def _route_from_toml(intent: str, table: Mapping[str, Any], base: RouteConfig | None) -> RouteConfig:
-    where = f"routes.{intent}"
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"{where} must be a table")
-    known = {"module", "endpoint", "method", "timeout", "description", "auth_required", "fallback"}
-    unknown = set(table) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-    values: dict[str, Any] = dataclasses.asdict(base) if base else {}
+def _table(value: Any, where: str, problems: list[str], keys: tuple[str, ...] | None = None) -> Mapping[str, Any]:
+    """``value`` as a TOML table whose keys are among ``keys``; an empty one after a problem."""
+    if not isinstance(value, Mapping):
+        problems.append(f"{where} must be a table")
+        return {}
+    if keys is not None:
+        problems.extend(f"{where}.{key}: unknown key (known: {', '.join(keys)})" for key in value if key not in keys)
+    return value
+
+
+_MISSING = object()
+
+
+def _knob_sections() -> dict[str, tuple[str, ...]]:
+    """The TOML tables knobs live in (``forward``) and the keys each holds."""
+    sections: dict[str, list[str]] = {}
+    for knob in KNOBS:
+        section, dot, key = knob.toml.rpartition(".")
+        if dot:
+            sections.setdefault(section, []).append(key)
+    return {section: tuple(keys) for section, keys in sections.items()}
+
+
+KNOB_SECTIONS = _knob_sections()
+
+
+def _file_value(data: Mapping[str, Any], knob: Knob) -> Any:
+    section, dot, key = knob.toml.rpartition(".")
+    table = data.get(section, {}) if dot else data
+    return table.get(key, _MISSING) if isinstance(table, Mapping) else _MISSING
+
+
+def _read_toml(config_file: str | None, problems: list[str]) -> dict[str, Any]:
+    if not config_file:
+        return {}
+    try:
+        with open(config_file, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        problems.append(f"cannot read config file {config_file}: {exc.strerror}")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        problems.append(f"config file {config_file} is not valid TOML: {exc}")
+    return {}
+
+
+def _intent_from_toml(intent: str, value: Any, base: Intent | None, problems: list[str],
+                      where: str | None = None) -> Intent | None:
+    where = where or f"routes.{intent}"
+    if not isinstance(value, Mapping):
+        problems.append(f"{where} must be a table")
+        return base
+    table = _table(value, where, problems, INTENT_KEYS)
+    values: dict[str, Any] = dataclasses.asdict(base) if base else {"stream": False}
     values.pop("fallback", None)
     values["intent"] = intent
-    try:
-        for key in ("module", "endpoint", "description"):
-            if key in table:
-                values[key] = _str(table[key])
-        if "method" in table:
-            values["method"] = _choice("get", "post", "put", "patch", "delete")(table["method"]).upper()
-        if "timeout" in table:
-            values["timeout"] = _number(float, 0.01)(table["timeout"])
-        if "auth_required" in table:
-            values["auth_required"] = _bool(table["auth_required"])
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"bad value in {where}: {exc}") from None
-    for key in ("module", "endpoint"):
-        if key not in values:
-            raise ConfigError(f"{where}: missing {key}")
-    if not values["endpoint"].startswith("/"):
-        raise ConfigError(f"{where}.endpoint must start with '/'")
+    parsers: dict[str, Callable[[Any], Any]] = {
+        "module": _str, "endpoint": _str, "description": _str, "auth_required": _bool, "stream": _bool,
+        "timeout": _positive_s,
+        "method": lambda raw: _choice("get", "post", "put", "patch", "delete")(raw).upper(),
+    }
+    for key, parse in parsers.items():
+        if key in table:
+            values[key] = _parsed(parse, table[key], f"{where}.{key}", problems, values.get(key))
+    missing = [key for key in ("module", "endpoint") if values.get(key) is None]
+    problems.extend(f"{where}: missing {key}" for key in missing)
+    if isinstance(values.get("endpoint"), str) and not values["endpoint"].startswith("/"):
+        problems.append(f"{where}.endpoint must start with '/'")
     fallback = base.fallback if base else None
     if "fallback" in table:
         fb = table["fallback"]
-        fallback = None if fb in (False, None, "") else _route_from_toml(intent, fb, None)
-        if fallback is not None and fallback.fallback is not None:
-            raise ConfigError(f"{where}.fallback cannot have its own fallback")
-    return RouteConfig(fallback=fallback, **values)
+        if fb in (False, ""):
+            fallback = None
+        elif isinstance(fb, Mapping) and "fallback" in fb:
+            problems.append(f"{where}.fallback cannot have its own fallback")
+            fallback = None
+        else:
+            fallback = _intent_from_toml(intent, fb, None, problems, f"{where}.fallback")
+    if missing:
+        return None
+    return Intent(fallback=fallback, **values)
 
 
 ENV_FILE_VAR = "EDGELINK_ENV_FILE"
@@ -341,6 +478,7 @@ def read_env_file(path: str) -> dict[str, str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read environment file {path} ({ENV_FILE_VAR}): {exc}") from None
     values: dict[str, str] = {}
+    problems = []
     for number, line in enumerate(lines, 1):
         text = line.strip()
         if not text or text.startswith(("#", ";")):
@@ -348,11 +486,14 @@ def read_env_file(path: str) -> dict[str, str]:
         key, sep, value = text.partition("=")
         key = key.strip()
         if not sep or not key.replace("_", "").isalnum():
-            raise ConfigError(f"environment file {path}, line {number}: expected KEY=value")
+            problems.append(f"environment file {path}, line {number}: expected KEY=value")
+            continue
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
         values[key] = value
+    if problems:
+        raise ConfigError(problems)
     return values
 
 
@@ -362,71 +503,122 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
     """Build Settings from a TOML file, the environment and flag overrides (highest last).
+    ``serve``, its reloads and ``edgelink check`` all read settings through this function.
 
     When ``EDGELINK_ENV_FILE`` names a file, its values are laid over the environment: read
     again on every reload, so edits to it take effect on SIGHUP even where systemd loaded
-    the same file into the environment at start.
+    the same file into the environment at start. Raises ConfigError with every problem found.
     """
     env = os.environ if env is None else env
     if env.get(ENV_FILE_VAR):
         env = {**env, **read_env_file(env[ENV_FILE_VAR])}
-    file_data: dict[str, Any] = {}
-    if config_file:
-        try:
-            with open(config_file, "rb") as fh:
-                file_data = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from None
+    problems: list[str] = []
+    file_data = _read_toml(config_file, problems)
+    top_keys = {k.toml.partition(".")[0] for k in KNOBS} | {"modules", "routes"}
+    for key in file_data:
+        if key not in top_keys:
+            problems.append(f"{key}: unknown setting in config file {config_file}")
+    for section, keys in KNOB_SECTIONS.items():
+        if section in file_data:
+            _table(file_data[section], section, problems, keys)
 
     values: dict[str, Any] = {}
-    knob_names = {k.name for k in KNOBS}
-    unknown = set(file_data) - knob_names - {"modules", "routes"}
-    if unknown:
-        raise ConfigError(f"config file {config_file}: unknown setting(s) {', '.join(sorted(unknown))}")
     for knob in KNOBS:
         value = knob.default
-        if knob.name in file_data:
-            value = _knob_value(knob, file_data[knob.name], f"{knob.name} in {config_file}")
+        raw = _file_value(file_data, knob)
+        if raw is not _MISSING:
+            value = _parsed(knob.parse, raw, f"{knob.toml} in {config_file}", problems, value)
         for name in reversed(knob.env):  # the first name listed wins
             if env.get(name, "") != "":
-                value = _knob_value(knob, env[name], name)
+                value = _parsed(knob.parse, env[name], name, problems, value)
         if overrides and overrides.get(knob.name) is not None:
-            value = _knob_value(knob, overrides[knob.name], f"--{knob.name.replace('_', '-')}")
+            value = _parsed(knob.parse, overrides[knob.name], f"--{knob.name.replace('_', '-')}", problems, value)
         values[knob.name] = value
 
-    file_modules = file_data.get("modules", {})
-    if not isinstance(file_modules, Mapping):
-        raise ConfigError("modules in the config file must be a table")
-    known_modules = {name for name, _, _ in MODULE_DEFAULTS}
-    for name in file_modules:
-        if name not in known_modules:
-            raise ConfigError(f"modules.{name}: unknown module (known: {', '.join(sorted(known_modules))})")
+    file_modules = _table(file_data.get("modules", {}), "modules", problems, tuple(n for n, _, _ in MODULE_DEFAULTS))
     modules = []
     for name, env_name, default_url in MODULE_DEFAULTS:
-        table = file_modules.get(name, {})
+        table = _table(file_modules.get(name, {}), f"modules.{name}", problems, MODULE_KEYS)
         url = default_url
         enabled = values["shub_enabled"] if name == "shubniggurath" else True
         if "url" in table:
-            url = _knob_value(Knob(name, (), _url, None), table["url"], f"modules.{name}.url")
+            url = _parsed(_url, table["url"], f"modules.{name}.url", problems, url)
         if "enabled" in table:
-            enabled = _knob_value(Knob(name, (), _bool, None), table["enabled"], f"modules.{name}.enabled")
+            enabled = _parsed(_bool, table["enabled"], f"modules.{name}.enabled", problems, enabled)
         if env.get(env_name, "") != "":
-            url = _knob_value(Knob(name, (), _url, None), env[env_name], env_name)
+            url = _parsed(_url, env[env_name], env_name, problems, url)
         if name == "shubniggurath" and env.get("SHUB_ENABLED", "") != "":
             enabled = values["shub_enabled"]
         modules.append(ModuleConfig(name, url, enabled))
 
-    routes = {r.intent: r for r in ROUTE_DEFAULTS}
-    file_routes = file_data.get("routes", {})
-    if not isinstance(file_routes, Mapping):
-        raise ConfigError("routes in the config file must be a table")
-    for intent, table in file_routes.items():
-        routes[intent] = _route_from_toml(intent, table, routes.get(intent))
+    routes: dict[str, Intent | None] = {r.intent: r for r in INTENT_DEFAULTS}
+    for intent, table in _table(file_data.get("routes", {}), "routes", problems).items():
+        routes[intent] = _intent_from_toml(intent, table, routes.get(intent), problems)
 
-    settings = Settings(
-        modules=tuple(modules), routes=tuple(routes.values()), config_file=config_file, **values
-    )
-    settings.check()
+    settings = Settings(modules=tuple(modules), routes=tuple(r for r in routes.values() if r is not None),
+                        config_file=config_file, **values)
+    problems.extend(settings.problems())
+    if problems:
+        raise ConfigError(problems)
     return settings
+
+
+# ---------------------------------------------------------------------------
+# showing
+
+
+def _without_password(value: Any) -> Any:
+    """A URL with its ``user:password@`` password redacted (a broker URL may carry one)."""
+    if not isinstance(value, str) or "@" not in value:
+        return value
+    parts = urlsplit(value)
+    if parts.password is None:
+        return value
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username}:<redacted>@{host}").geturl()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    return orjson.dumps(value).decode()  # JSON strings, numbers, booleans, arrays are TOML too
+
+
+def render(settings: Settings) -> str:
+    """The effective settings as a TOML file (``edgelink check --print``), secrets redacted:
+    read back, it gives the same settings but for the secrets."""
+    lines = [f"# effective settings (config file: {settings.config_file or 'none'})"]
+    sections: dict[str, list[str]] = {}
+    for knob in KNOBS:
+        value = getattr(settings, knob.name)
+        shown = '"<redacted>"' if knob.secret and value else _toml_value(_without_password(value))
+        section, _, key = knob.toml.rpartition(".")
+        sections.setdefault(section, []).append(f"{key} = {shown}")
+    lines += sections.pop("")
+    for section, entries in sections.items():
+        lines += ["", f"[{section}]", *entries]
+    for m in settings.modules:
+        lines += ["", f"[modules.{m.name}]", f"url = {_toml_value(m.url)}", f"enabled = {_toml_value(m.enabled)}"]
+    for r in settings.routes:
+        for header, target in ((f"routes.{r.intent}", r), (f"routes.{r.intent}.fallback", r.fallback)):
+            if target is None:
+                continue
+            lines += ["", f"[{header}]"]
+            lines += [f"{key} = {_toml_value(getattr(target, key))}" for key in INTENT_KEYS if key != "fallback"]
+        if r.fallback is None and any(d.intent == r.intent and d.fallback for d in INTENT_DEFAULTS):
+            lines.append("fallback = false")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table() -> str:
+    """The README's settings list."""
+    rows = ["| Environment | TOML key | Default | Reload | What |", "|---|---|---|---|---|"]
+    for k in KNOBS:
+        env = " / ".join(f"`{name}`" for name in k.env)
+        rows.append(f"| {env} | `{k.toml}` | {k.shown()} | {k.reload} | {k.doc} |")
+    return "\n".join(rows)
+
+
+def changed(old: Settings, new: Settings) -> Iterator[Knob]:
+    """The knobs whose value differs between two settings."""
+    return (k for k in KNOBS if getattr(old, k.name) != getattr(new, k.name))

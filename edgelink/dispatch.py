@@ -12,7 +12,7 @@ from .http import cors
 from .http.messages import HTTPError, Request, Response, empty_response, error_response
 from .http.router import Router
 from .http.server import WsHandler
-from .log import log
+from .log import Throttle, address, log, traceback_text
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -22,15 +22,29 @@ if TYPE_CHECKING:
 # that made-up methods cannot grow the metric series without bound.
 _METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
+# Refusals a client causes at will, logged at warning even without the access log (API.md §7).
+_LOGGED_REFUSALS = frozenset({"auth_required", "forbidden", "invalid_json"})
+
+AUTH_STATUS = {"auth_required": 401, "forbidden": 403}
+
+
+def _check_token(expected: str, provided: str | None) -> None:
+    """The domain's refusal (gateway/auth.py) as the API.md §1 answer."""
+    try:
+        auth.check_token(expected, provided)
+    except auth.AuthRefused as exc:
+        raise HTTPError(AUTH_STATUS[exc.code], exc.code, detail=exc.detail) from None
+
 
 class Dispatcher:
     def __init__(self, router: Router, runtime: "Runtime"):
         self.router = router
         self.runtime = runtime
+        self.refusals = Throttle()  # per client address: a flood of bad tokens is a few lines
 
     def _admit(self, req: Request) -> None:
         """What every request gets first: the gateway state and its correlation id."""
-        req.app = self.runtime
+        req.runtime = self.runtime
         req.correlation_id = auth.correlation_id(req.headers.get("x-correlation-id"))
 
     def _count(self, req: Request, status: int) -> str:
@@ -41,6 +55,13 @@ class Dispatcher:
 
     def _refusal(self, req: Request, exc: HTTPError) -> Response:
         exc.extra.setdefault("correlation_id", req.correlation_id)
+        if exc.code in _LOGGED_REFUSALS:
+            client = address(req.client)
+            suppressed = self.refusals.allow(client)
+            if suppressed is not None:
+                log.warning("request_refused", status=exc.status, error=exc.code, client=client,
+                            method=req.method, path=req.path, correlation_id=req.correlation_id,
+                            detail=str(exc.extra.get("detail", "")), suppressed=suppressed)
         return exc.response()
 
     async def handle(self, req: Request) -> Response:
@@ -56,7 +77,7 @@ class Dispatcher:
                 route, req.params = self.router.match(req.method, req.path)
                 req.route = route.template
                 if not route.public and settings.enable_auth:
-                    auth.check_token(settings.token, req.headers.get("x-vx11-token"))
+                    _check_token(settings.token, req.headers.get("x-vx11-token"))
                 response = await route.handler(req)
         except HTTPError as exc:
             response = self._refusal(req, exc)
@@ -69,7 +90,7 @@ class Dispatcher:
             response = error_response(500, "internal_error", correlation_id=req.correlation_id)
         except Exception as exc:  # a bug of ours: log it with the id, never show a traceback
             log.error("handler_failed", error=repr(exc), path=req.path, method=req.method,
-                      correlation_id=req.correlation_id)
+                      correlation_id=req.correlation_id, traceback=traceback_text(exc))
             response = error_response(500, "internal_error", correlation_id=req.correlation_id)
         response.headers.append((b"x-correlation-id", req.correlation_id.encode()))
         if settings.cors_origins and not preflight:  # a preflight answer carries its own
@@ -79,7 +100,7 @@ class Dispatcher:
         self.runtime.metrics.latency.observe(elapsed, route_label)
         if settings.access_log:
             log.info("access", method=req.method, path=req.path, status=response.status,
-                     duration_ms=round(elapsed * 1000, 3), client=req.client and req.client[0],
+                     duration_ms=round(elapsed * 1000, 3), client=address(req.client),
                      correlation_id=req.correlation_id)
         return response
 
@@ -105,11 +126,12 @@ class Dispatcher:
             if not cors.origin_allowed(settings.cors_origins, req.headers.get("origin")):
                 raise HTTPError(403, "forbidden", detail="origin not allowed")
             if not route.public and settings.enable_auth:
-                auth.check_token(settings.token, req.headers.get("x-vx11-token") or req.query.get("token"))
+                _check_token(settings.token, req.headers.get("x-vx11-token") or req.query.get("token"))
         except HTTPError as exc:
             self._count(req, exc.status)
-            log.info("websocket_refused", status=exc.status, error=exc.code, path=req.path,
-                     correlation_id=req.correlation_id)
+            if exc.code not in _LOGGED_REFUSALS:  # those _refusal logs, rate-limited
+                log.info("websocket_refused", status=exc.status, error=exc.code, path=req.path,
+                         correlation_id=req.correlation_id)
             response = self._refusal(req, exc)
             response.headers.append((b"x-correlation-id", req.correlation_id.encode()))
             return response

@@ -50,12 +50,11 @@ class Hub:
     def remove(self, client: Client) -> None:
         self.clients.pop(client.ws, None)
 
-    def broadcast(self, event: Event, exclude: WebSocket | None = None) -> int:
-        """Send ``event`` to every client but ``exclude``; returns how many took it."""
+    def broadcast(self, event: Event, exclude: WebSocket | None = None) -> None:
+        """Send ``event`` to every client but ``exclude``."""
         payload = orjson.dumps(event.frame())
         frame = text_frame(payload)
         seq = event.seq or 0
-        delivered = 0
         for ws, client in list(self.clients.items()):
             if ws is exclude or seq <= client.floor:
                 continue
@@ -65,27 +64,25 @@ class Hub:
                     self._dropped(client)
                 else:
                     client.held.append((seq, payload, frame))
-                    delivered += 1
-            elif ws.send(payload, frame):
-                delivered += 1
-            else:
+            elif not ws.send(payload, frame):
                 self._dropped(client)
-        return delivered
 
-    def go_live(self, client: Client, replayed: Iterable[Event]) -> int:
+    def go_live(self, client: Client, replayed: Iterable[Event]) -> None:
         """Send the replayed events, then the held-back live ones they do not cover."""
         last = 0
-        count = 0
         for event in replayed:
             client.ws.send(orjson.dumps(event.frame()))
             last = max(last, event.seq or 0)
-            count += 1
         client.floor = last
         held, client.held = client.held or [], None
         for seq, payload, frame in held:
             if seq > last:
                 client.ws.send(payload, frame)
-        return count
+
+    def queued_bytes(self) -> int:
+        """Bytes waiting for all clients: their send queues and held-back live events."""
+        return sum(c.ws.queued_bytes() + sum(len(frame) for _, _, frame in c.held or ())
+                   for c in self.clients.values())
 
     def _dropped(self, client: Client) -> None:
         if client.ws.close_code == CLOSE_TRY_AGAIN_LATER:

@@ -11,7 +11,20 @@ Rules it keeps
   reads run on a small pool of reader connections in threads (WAL lets them read
   while the writer writes).
 * Retention (count and age) runs on the writer thread in small batches, each its own
-  short transaction, with pending appends served between batches.
+  short transaction, with pending appends served between batches. It never deletes an
+  event above ``protect_after`` (the forwarder's cursor, when forwarding is on).
+* The file (main database + WAL) stays under ``max_bytes``: before a chunk of appends is
+  inserted, the pages in use plus the chunk are compared with the bound; at the bound
+  ``drop_oldest`` deletes the oldest events in the same transaction (the only deletion
+  allowed past ``protect_after``; ``on_forced_drop`` tells the forwarder) and ``reject``
+  refuses the appends (``LedgerFull``). Free pages beyond a small reserve go back to the
+  file system by ``incremental_vacuum`` in small steps between batches; the WAL is held
+  near ``WAL_LIMIT`` by the auto-checkpoint and ``journal_size_limit``.
+* A write the disk refuses (full, read-only, I/O error) raises ``LedgerUnavailable``:
+  nothing of it is stored. The next write simply tries again, so ingest recovers by
+  itself when space returns.
+* Per-type event counts per minute bucket are kept by triggers, in the transaction of
+  every insert and delete, so ``counts_by_type`` never scans all the events.
 * An older database is upgraded in place: missing columns are added, nothing is dropped.
 
 Theory of operation (group commit)
@@ -41,6 +54,7 @@ import orjson
 
 from .config import Settings
 from .gateway.events import Event
+from .gateway.health import HealthCheck
 from .log import log
 
 
@@ -49,6 +63,18 @@ PRUNE_BATCH = 500  # rows deleted per retention transaction: short enough not to
 READERS = 2  # reader connections; the box has few cores and reads are short
 SNIPPET_CHARS = 200  # API.md §7
 BUSY_TIMEOUT_MS = 5000  # another process (``edgelink probe``) may hold the write lock briefly
+MIB = 1024 * 1024
+WRITE_CHUNK_BYTES = MIB  # appends per transaction, in bytes: bounds what one commit adds to the WAL
+WAL_LIMIT = 4 * MIB  # the auto-checkpoint threshold (SQLite's default of 1000 pages, about 4 MiB)
+# Room kept under max_bytes for the WAL (limit plus one chunk) and for the error of
+# estimating a row's pages from its bytes.
+BOUND_RESERVE = WAL_LIMIT + 3 * WRITE_CHUNK_BYTES
+ROW_OVERHEAD = 64  # bytes an event row costs beyond its fields: record header, index entries
+VACUUM_KEEP = 4 * MIB  # free pages kept for reuse; beyond this they go back to the file system
+VACUUM_STEP = 256  # pages per incremental_vacuum step (1 MiB at 4 KiB pages): one short write
+CONVERT_MAX_BYTES = 64 * MIB  # an older file without auto_vacuum is VACUUMed at start up to this size
+BUCKET_MS = 60_000  # per-type counts are kept per minute of event timestamp
+DROP_LOG_INTERVAL = 60.0  # seconds between log lines about events dropped at the byte bound
 
 # The events table and its indexes (the benchmark's reference peer creates the same ones).
 EVENTS_SCHEMA = (
@@ -97,6 +123,37 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS history_time ON copilot_runtime_services_history (checked_at)",
 )
 
+# Events per (minute of timestamp, type) and per type, kept by triggers in the
+# transaction of every insert and delete: counting at a time t reads the counts, not the
+# events. An older database gets them filled once, when they are created (_upgrade_counts).
+_COUNTS_TABLES = (
+    """CREATE TABLE event_counts (
+        bucket INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (bucket, type)
+    ) WITHOUT ROWID""",
+    "CREATE TABLE event_type_counts (type TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID",
+)
+_COUNTS_FILL = (
+    f"INSERT INTO event_counts SELECT timestamp / {BUCKET_MS}, type, count(*) FROM events GROUP BY 1, 2",
+    "INSERT INTO event_type_counts SELECT type, count(*) FROM events GROUP BY type",
+)
+_COUNTS_TRIGGERS = (
+    f"""CREATE TRIGGER IF NOT EXISTS event_counts_insert AFTER INSERT ON events BEGIN
+        INSERT INTO event_counts (bucket, type, n) VALUES (new.timestamp / {BUCKET_MS}, new.type, 1)
+        ON CONFLICT (bucket, type) DO UPDATE SET n = n + 1;
+        INSERT INTO event_type_counts (type, n) VALUES (new.type, 1)
+        ON CONFLICT (type) DO UPDATE SET n = n + 1;
+    END""",
+    f"""CREATE TRIGGER IF NOT EXISTS event_counts_delete AFTER DELETE ON events BEGIN
+        UPDATE event_counts SET n = n - 1 WHERE bucket = old.timestamp / {BUCKET_MS} AND type = old.type;
+        DELETE FROM event_counts WHERE bucket = old.timestamp / {BUCKET_MS} AND type = old.type AND n <= 0;
+        UPDATE event_type_counts SET n = n - 1 WHERE type = old.type;
+        DELETE FROM event_type_counts WHERE type = old.type AND n <= 0;
+    END""",
+)
+
 # Columns of the latest-health table added after its first version; an older database
 # gets each missing one with ALTER TABLE ADD COLUMN (API.md §7).
 _SERVICE_COLUMNS = (
@@ -121,23 +178,16 @@ class LedgerClosed(RuntimeError):
     """The ledger is not open (not started yet, or closed)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ProbeRecord:
-    """One module's result in a health round; ``status`` is a ModuleHealth status."""
+class LedgerUnavailable(RuntimeError):
+    """The disk refused a write (full, read-only, I/O error); nothing of it is stored."""
 
-    service_name: str
-    port: int | None
-    status: str
-    http_code: int | None
-    latency_ms: float | None
-    url: str
-    error: str | None
-    snippet: str
-    checked_at: int  # Unix ms
 
-    @property
-    def endpoint_ok(self) -> bool:
-        return self.status == "ok"
+class LedgerFull(RuntimeError):
+    """The byte bound is reached and ``ledger_full`` is ``reject``; nothing of it is stored."""
+
+
+class LedgerUnusable(RuntimeError):
+    """The database file cannot be used (not SQLite, truncated, unreadable): the start stops."""
 
 
 def _event_from_row(row: tuple) -> Event:
@@ -145,6 +195,13 @@ def _event_from_row(row: tuple) -> Event:
     return Event(event_id, type_, source, timestamp, orjson.loads(payload),
                  orjson.loads(metadata) if metadata is not None else None,
                  bool(canonical), bool(broadcast), seq)
+
+
+def _field(value: bytes | None, size: int | None) -> Any:
+    """A stored JSON field, or its summary when the query left out a long one."""
+    if value is None:
+        return None if size is None else {"truncated": True, "bytes": size}
+    return orjson.loads(value)
 
 
 def _health_from_row(row: tuple) -> dict[str, Any]:
@@ -159,18 +216,21 @@ def _health_from_row(row: tuple) -> dict[str, Any]:
 class _Append:
     row: tuple
     future: asyncio.Future
+    size: int  # bytes the row costs in the file, estimated from its fields
 
 
 @dataclass(slots=True)
 class _Health:
     rows: list[tuple]  # (port, status, http_code, latency_ms, endpoint_ok, snippet, url, error, checked_at, name)
     future: asyncio.Future
+    size: int = 0  # a few short rows: not held against the bound
 
 
 @dataclass(slots=True)
 class _Cursor:
     seq: int
     future: asyncio.Future
+    size: int = 0  # one small row, updated in place
 
 
 @dataclass(slots=True)
@@ -182,22 +242,48 @@ _STOP = object()
 
 
 class Ledger:
-    """The event and health store. ``await start()`` before use, ``await close()`` after."""
+    """The event and health store. ``await start()`` before use, ``await close()`` after.
+
+    Hook for forwarding (API.md §9): ``protect_after`` is the seq of the last forwarded
+    event (``None`` = forwarding off). Count and age retention never delete an event above
+    it; only the byte bound under ``drop_oldest`` does, and then calls
+    ``on_forced_drop(dropped, unforwarded, last_seq)`` on the event loop after the commit:
+    how many events it deleted, how many of them were above ``protect_after``, and the
+    highest seq deleted (so a forwarder can move its cursor past it).
+    """
 
     def __init__(self, path: str, *, sync: str = Settings.ledger_sync,
                  retention_events: int = Settings.retention_events, retention_days: float = Settings.retention_days,
+                 max_bytes: int = Settings.ledger_max_bytes, full_policy: str = Settings.ledger_full,
                  now: Callable[[], float] = time.time,
                  prune_interval: float = PRUNE_INTERVAL, prune_batch: int = PRUNE_BATCH):
         if sync not in ("full", "normal"):
             raise ValueError(f"ledger sync must be 'full' or 'normal', not {sync!r}")
+        if full_policy not in ("drop_oldest", "reject"):
+            raise ValueError(f"ledger full policy must be 'drop_oldest' or 'reject', not {full_policy!r}")
         self.path = path
         self.sync = sync
         self.retention_events = retention_events
         self.retention_days = retention_days
+        self.max_bytes = max_bytes  # read by the writer thread per chunk: a reload may change it
+        self.full_policy = full_policy
         self.now = now  # wall clock in seconds, for the retention age
         self.prune_interval = prune_interval
         self.prune_batch = prune_batch
+        self.protect_after: int | None = None
+        self.on_forced_drop: Callable[[int, int, int], None] | None = None
         self.commits = 0  # committed write transactions (the group-commit test counts them)
+        self.on_commit: Callable[[float, int], None] | None = None  # (seconds, writes) per commit, for /metrics
+        # Counters for /metrics, written by the writer thread only.
+        self.pruned = {"count": 0, "age": 0, "bytes": 0}  # events deleted, by the rule that deleted them
+        self.write_failures = 0  # write transactions the disk refused
+        self.reclaimable = False  # auto_vacuum is on: pruned space goes back to the file system
+        self._page_size = 4096
+        self._full = False  # in a run of LedgerFull refusals (logged once per run)
+        self._failing = False  # in a run of refused writes (logged once per run)
+        self._vacuum_failing = False
+        self._drops_unlogged = [0, 0]  # events, unforwarded dropped at the bound since the last log line
+        self._drop_logged_at = -DROP_LOG_INTERVAL
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._readers: ThreadPoolExecutor | None = None
@@ -205,22 +291,26 @@ class Ledger:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._open = False
         self.epoch = ""  # this database file's random id (API.md §5), read by start()
-        # Set by the forwarder to its stored cursor: count/age retention keeps every event
-        # above it (API.md §9); None = not forwarding, nothing protected.
-        self.protect_after: int | None = None
-        self.forward_dropped = 0  # unforwarded events the byte bound pruned (drop_oldest)
 
     @classmethod
     def from_settings(cls, settings: Settings, now: Callable[[], float] = time.time) -> "Ledger":
         return cls(settings.db, sync=settings.ledger_sync, retention_events=settings.retention_events,
-                   retention_days=settings.retention_days, now=now)
+                   retention_days=settings.retention_days, max_bytes=settings.ledger_max_bytes,
+                   full_policy=settings.ledger_full, now=now)
 
     # --- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open (creating or upgrading) the database and start the writer thread."""
+        """Open (creating or upgrading) the database and start the writer thread.
+
+        Raises ``LedgerUnusable`` when the file is not a usable SQLite database.
+        """
         self._loop = asyncio.get_running_loop()
-        conn = await asyncio.to_thread(self._open_database)
+        try:
+            conn = await asyncio.to_thread(self._open_database)
+        except (LedgerUnusable, sqlite3.Error, OSError) as exc:
+            # the operator's message, in one line: the setting, the path, the reason
+            raise LedgerUnusable(f"EDGELINK_DB {self.path} is not a usable SQLite database: {exc}") from None
         try:
             readers = await asyncio.to_thread(lambda: [self._connect(read_only=True) for _ in range(READERS)])
         except BaseException:
@@ -244,25 +334,39 @@ class Ledger:
         while not self._reader_pool.empty():
             self._reader_pool.get().close()
 
+    def file_bytes(self) -> int:
+        """What the ledger holds on disk: the database file plus its WAL."""
+        total = 0
+        for name in (self.path, self.path + "-wal"):
+            try:
+                total += os.path.getsize(name)
+            except OSError:
+                pass
+        return total
+
     # --- writes -----------------------------------------------------------------------
 
     async def append(self, event: Event) -> int:
         """Store ``event``; return its ``seq`` once its row is committed.
 
-        Raises ``sqlite3.Error`` if the transaction failed (nothing of it is stored) and
+        Raises ``LedgerUnavailable`` if the disk refused the transaction, ``LedgerFull``
+        at the byte bound under ``reject`` (nothing is stored in either case) and
         ``LedgerClosed`` if the ledger is not open. If the caller is cancelled while
         waiting, the event is still committed.
         """
         # serialise on the caller's side so a bad value fails this event, not its whole batch
-        row = (event.event_id, event.type, event.source, event.timestamp, orjson.dumps(event.payload),
-               None if event.metadata is None else orjson.dumps(event.metadata),
+        payload = orjson.dumps(event.payload)
+        metadata = None if event.metadata is None else orjson.dumps(event.metadata)
+        row = (event.event_id, event.type, event.source, event.timestamp, payload, metadata,
                int(event.canonical), int(event.broadcast))
-        return await self._submit(lambda fut: _Append(row, fut))
+        size = (len(payload) + (len(metadata) if metadata is not None else 0) + len(event.event_id)
+                + len(event.type) + len(event.source) + ROW_OVERHEAD)
+        return await self._submit(lambda fut: _Append(row, fut, size))
 
-    async def record_health(self, records: Iterable[ProbeRecord]) -> None:
+    async def record_health(self, records: Iterable[HealthCheck]) -> None:
         """Record one health round: the latest row per service and one history row each."""
         rows = [(r.port, r.status, r.http_code, r.latency_ms, int(r.endpoint_ok), r.snippet[:SNIPPET_CHARS],
-                 r.url, r.error, r.checked_at, r.service_name) for r in records]
+                 r.url, r.error, r.checked_at, r.service) for r in records]
         await self._submit(lambda fut: _Health(rows, fut))
 
     async def prune(self) -> int:
@@ -275,7 +379,12 @@ class Ledger:
             raise LedgerClosed("the ledger is not open")
         future = self._loop.create_future()
         self._queue.put(make_job(future))
-        return await future
+        try:
+            return await future
+        finally:
+            # a raised error's traceback holds this frame: without this, frame -> future ->
+            # error -> traceback is a cycle keeping the 1 MiB row alive until a full GC
+            del future
 
     # --- the writer thread ------------------------------------------------------------
 
@@ -283,10 +392,12 @@ class Ledger:
         next_pass = time.monotonic()  # a pass at start-up catches up after a long downtime
         waiters: list[_Prune] | None = None  # not None while a retention pass is under way
         deleted = 0
+        vacuuming = True  # free pages may be waiting to go back (a pass, or the last run)
         try:
             while True:
                 pass_due = waiters is not None or time.monotonic() >= next_pass
-                jobs = self._take_jobs(0.0 if pass_due else next_pass - time.monotonic())
+                busy = pass_due or vacuuming
+                jobs = self._take_jobs(0.0 if busy else next_pass - time.monotonic())
                 writes = [j for j in jobs if isinstance(j, (_Append, _Health, _Cursor))]
                 if writes:
                     self._commit_writes(conn, writes)
@@ -306,6 +417,7 @@ class Ledger:
                         self._settle([(w.future, deleted, None) for w in waiters])
                         waiters, deleted = None, 0
                         next_pass = time.monotonic() + self.prune_interval
+                vacuuming = self._vacuum_step(conn)
         finally:
             conn.close()
 
@@ -321,11 +433,38 @@ class Ledger:
         return jobs
 
     def _commit_writes(self, conn: sqlite3.Connection, jobs: list[_Append | _Health | _Cursor]) -> None:
+        # Chunks of about WRITE_CHUNK_BYTES, each its own transaction: one commit adds a
+        # bounded amount to the WAL, and the byte bound is checked before each.
+        chunk: list[_Append | _Health | _Cursor] = []
+        size = 0
+        for job in jobs:
+            chunk.append(job)
+            size += job.size
+            if size >= WRITE_CHUNK_BYTES:
+                self._commit_chunk(conn, chunk)
+                chunk, size = [], 0
+        if chunk:
+            self._commit_chunk(conn, chunk)
+
+    def _commit_chunk(self, conn: sqlite3.Connection, jobs: list[_Append | _Health | _Cursor]) -> None:
         results: list[tuple[asyncio.Future, Any, BaseException | None]] = []
+        dropped = (0, 0, 0)
+        started = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")
+            room = self._room(conn)
+            # an event bigger than the whole bound never fits: nothing is dropped for it
+            fitting = sum(job.size for job in jobs if job.size <= self.max_bytes - BOUND_RESERVE)
+            if fitting > room and self.full_policy == "drop_oldest":
+                dropped, freed = self._drop_oldest(conn, fitting - room)
+                room += freed
             for job in jobs:
                 if isinstance(job, _Append):
+                    if job.size > room:
+                        results.append((job.future, None, LedgerFull(
+                            f"the ledger is at its bound of {self.max_bytes} bytes")))
+                        continue
+                    room -= job.size
                     cursor = conn.execute(
                         "INSERT INTO events (event_id, type, source, timestamp, payload, metadata, canonical,"
                         " broadcast) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", job.row)
@@ -337,13 +476,112 @@ class Ledger:
                     results.append((job.future, None, None))
             conn.execute("COMMIT")
             self.commits += 1
-        except Exception as exc:
-            # Nothing of the batch is stored; every caller hears it (ingest answers 5xx).
-            log.error("ledger_write_failed", jobs=len(jobs), error=repr(exc))
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - started, len(jobs))
+        except sqlite3.Error as exc:
+            # Nothing of the chunk is stored; every caller hears it (ingest answers 503).
             _rollback(conn)
-            results = [(job.future, None, exc) for job in jobs]
+            self.write_failures += 1
+            if not self._failing:
+                self._failing = True
+                log.error("ledger_unavailable", jobs=len(jobs), error=str(exc), db=self.path,
+                          detail="writes are refused until the disk accepts them again")
+            error = LedgerUnavailable(str(exc))
+            self._settle([(job.future, None, error) for job in jobs])
+            return
+        if self._failing:
+            self._failing = False
+            log.info("ledger_recovered", db=self.path)
+        if any(isinstance(job, _Append) for job in jobs):
+            self._note_full(sum(1 for _, _, exc in results if isinstance(exc, LedgerFull)))
+        if dropped[0]:
+            self._note_dropped(*dropped)
         # Only now, after COMMIT, may anyone learn a seq.
         self._settle(results)
+
+    def _room(self, conn: sqlite3.Connection) -> int:
+        """Bytes that may still be added under the bound: its target minus the pages in use."""
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        (free,) = conn.execute("PRAGMA freelist_count").fetchone()
+        return self.max_bytes - BOUND_RESERVE - (pages - free) * self._page_size
+
+    def _drop_oldest(self, conn: sqlite3.Connection, need: int) -> tuple[tuple[int, int, int], int]:
+        """Delete the oldest events, inside the caller's transaction, until about ``need``
+        bytes are free: ((events, of them unforwarded, highest seq), bytes freed)."""
+        protect = self.protect_after
+        freed = count = unforwarded = last = 0
+        lost_broadcast = None
+        while freed < need:
+            rows = conn.execute(
+                "SELECT seq, broadcast, length(payload) + coalesce(length(metadata), 0) + length(event_id)"
+                " + length(type) + length(source) FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                (last, self.prune_batch)).fetchall()
+            if not rows:
+                break
+            for seq, broadcast, nbytes in rows:
+                freed += nbytes + ROW_OVERHEAD
+                last = seq
+                count += 1
+                if broadcast:
+                    lost_broadcast = seq
+                if protect is not None and seq > protect:
+                    unforwarded += 1
+                if freed >= need:
+                    break
+        if count:
+            conn.execute("DELETE FROM events WHERE seq <= ?", (last,))
+            self._record_lost_broadcast(conn, lost_broadcast)
+        return (count, unforwarded, last), freed
+
+    def _note_full(self, refused: int) -> None:
+        # logged once per run of refusals, not per request
+        if refused:
+            if not self._full:
+                self._full = True
+                log.warning("ledger_full", max_bytes=self.max_bytes, policy=self.full_policy,
+                            detail="ingest answers 507 until retention frees space")
+        elif self._full:
+            self._full = False
+            log.info("ledger_accepting", max_bytes=self.max_bytes)
+
+    def _note_dropped(self, count: int, unforwarded: int, last_seq: int) -> None:
+        self.pruned["bytes"] += count
+        pending = self._drops_unlogged
+        pending[0] += count
+        pending[1] += unforwarded
+        # one line per DROP_LOG_INTERVAL at most: at the bound every chunk may drop some
+        if time.monotonic() - self._drop_logged_at >= DROP_LOG_INTERVAL:
+            log.warning("ledger_dropped_oldest", events=pending[0], unforwarded=pending[1], last_seq=last_seq,
+                        max_bytes=self.max_bytes)
+            self._drops_unlogged = [0, 0]
+            self._drop_logged_at = time.monotonic()
+        if self.on_forced_drop is not None:
+            self._loop.call_soon_threadsafe(self.on_forced_drop, count, unforwarded, last_seq)
+
+    def _vacuum_step(self, conn: sqlite3.Connection) -> bool:
+        """Give up to VACUUM_STEP free pages back to the file system, keeping VACUUM_KEEP
+        bytes of them for reuse; true while more are waiting."""
+        if not self.reclaimable:
+            return False
+        try:
+            (free,) = conn.execute("PRAGMA freelist_count").fetchone()
+            surplus = free - VACUUM_KEEP // self._page_size
+            if surplus <= 0:
+                return False
+            # executescript steps the pragma to its end; execute() would free a single page
+            conn.executescript(f"PRAGMA incremental_vacuum({min(surplus, VACUUM_STEP)});")
+            if surplus > VACUUM_STEP:
+                return True
+            # in WAL mode the file shrinks when the checkpoint writes the vacuum back
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self._vacuum_failing = False
+            return False
+        except sqlite3.Error as exc:
+            # space not returned yet is reused by inserts; tried again after the next write
+            if not self._vacuum_failing:  # once per run of failures, as for writes
+                self._vacuum_failing = True
+                log.warning("ledger_vacuum_failed", error=str(exc))
+            return False
 
     def _settle(self, results: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
         if results:
@@ -365,37 +603,45 @@ class Ledger:
             conn.execute(f"INSERT INTO copilot_runtime_services_history ({columns}) VALUES ({', '.join('?' * 10)})",
                          row)
 
+    @staticmethod
+    def _record_lost_broadcast(conn: sqlite3.Connection, seq: int | None) -> None:
+        # a replay from below this seq has missed events
+        if seq is not None:
+            conn.execute(
+                "INSERT INTO ledger_meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
+                " DO UPDATE SET value = max(value, excluded.value)", (_PRUNED_BROADCAST, seq))
+
     def _prune_batch(self, conn: sqlite3.Connection) -> tuple[int, bool]:
         """Delete one batch of expired rows in one short transaction: (rows deleted, more left?)."""
         cutoff_ms = int((self.now() - self.retention_days * 86_400) * 1000)
+        # events not yet forwarded are kept whatever their count or age
+        protect = self.protect_after
         try:
             conn.execute("BEGIN IMMEDIATE")
             (max_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
             # Seqs are unique integers, so at most retention_events rows lie above this line.
             keep_above = max_seq - self.retention_events
-            protect = self.protect_after
-            if protect is not None:  # an event not yet forwarded is never pruned by count or age
-                keep_above = min(keep_above, protect)
-            rows = conn.execute(
+            limit = keep_above if protect is None else min(keep_above, protect)
+            by_count = conn.execute(
                 "SELECT seq, broadcast FROM events WHERE seq <= ? ORDER BY seq LIMIT ?",
-                (keep_above, self.prune_batch)).fetchall()
-            if len(rows) < self.prune_batch:
-                rows += conn.execute(
+                (limit, self.prune_batch)).fetchall()
+            by_age = []
+            if len(by_count) < self.prune_batch:
+                by_age = conn.execute(
                     "SELECT seq, broadcast FROM events WHERE timestamp < ? AND seq > ? AND seq <= ? LIMIT ?",
                     (cutoff_ms, keep_above, max_seq if protect is None else protect,
-                     self.prune_batch - len(rows))).fetchall()
+                     self.prune_batch - len(by_count))).fetchall()
+            rows = by_count + by_age
             conn.executemany("DELETE FROM events WHERE seq = ?", [(seq,) for seq, _ in rows])
-            lost = max((seq for seq, broadcast in rows if broadcast), default=None)
-            if lost is not None:
-                conn.execute(
-                    "INSERT INTO ledger_meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
-                    " DO UPDATE SET value = max(value, excluded.value)", (_PRUNED_BROADCAST, lost))
+            self._record_lost_broadcast(conn, max((seq for seq, broadcast in rows if broadcast), default=None))
             history = conn.execute(
                 "DELETE FROM copilot_runtime_services_history WHERE id IN (SELECT id FROM"
                 " copilot_runtime_services_history WHERE checked_at < ? LIMIT ?)",
                 (cutoff_ms, self.prune_batch)).rowcount
             conn.execute("COMMIT")
             self.commits += 1
+            self.pruned["count"] += len(by_count)
+            self.pruned["age"] += len(by_age)
             return len(rows) + history, len(rows) == self.prune_batch or history == self.prune_batch
         except Exception as exc:
             # Retention is retried at the next pass; ingest must not stop because of it.
@@ -431,6 +677,14 @@ class Ledger:
             return row[0] if row else 0
         return await self._read(query)
 
+    async def stats(self) -> tuple[int, int]:
+        """(events stored, bytes of the database file and its WAL), for /metrics: from the
+        per-type counts, so a scrape costs O(types) also with a million events."""
+        def query(conn: sqlite3.Connection) -> tuple[int, int]:
+            (events,) = conn.execute("SELECT coalesce(sum(n), 0) FROM event_type_counts").fetchone()
+            return events, self.file_bytes()
+        return await self._read(query)
+
     async def replay(self, since_seq: int, limit: int) -> tuple[list[Event], bool]:
         """Broadcast events with ``seq > since_seq``, oldest first: the newest ``limit`` of
         them, so they join live events without a gap. ``truncated`` is true when events
@@ -445,28 +699,59 @@ class Ledger:
         return await self._read(query)
 
     async def counts_by_type(self, at_ms: int) -> dict[str, int]:
-        """How many stored events of each type have ``timestamp <= at_ms``."""
+        """How many stored events of each type have ``timestamp <= at_ms``.
+
+        Read from the per-minute counts, never from all the events: the minutes before
+        ``at_ms``'s own minute (summed directly, or as the totals minus the later minutes,
+        whichever side has fewer), corrected by the events of its own minute on the nearer
+        side of ``at_ms``, counted from the timestamp index."""
+        bucket = at_ms // BUCKET_MS
+        start, end = bucket * BUCKET_MS, (bucket + 1) * BUCKET_MS
+        # counts(t) = C(minutes < b) + events in [start, t] = C(minutes <= b) - events in (t, end)
+        head = at_ms - start < end - at_ms
+        partial = ("SELECT type, count(*) FROM events WHERE timestamp >= ? AND timestamp <= ? GROUP BY type",
+                   (start, at_ms)) if head else (
+                   "SELECT type, count(*) FROM events WHERE timestamp > ? AND timestamp < ? GROUP BY type",
+                   (at_ms, end))
+
         def query(conn: sqlite3.Connection) -> dict[str, int]:
-            return dict(conn.execute(
-                "SELECT type, count(*) FROM events WHERE timestamp <= ? GROUP BY type", (at_ms,)).fetchall())
+            first, last = conn.execute("SELECT min(bucket), max(bucket) FROM event_counts").fetchone()
+            if first is None:
+                return {}
+            if bucket - first <= last - bucket:
+                counts = dict(conn.execute(
+                    f"SELECT type, sum(n) FROM event_counts WHERE bucket {'<' if head else '<='} ? GROUP BY type",
+                    (bucket,)))
+            else:
+                counts = dict(conn.execute("SELECT type, n FROM event_type_counts"))
+                for type_, n in conn.execute(
+                        f"SELECT type, sum(n) FROM event_counts WHERE bucket {'>=' if head else '>'} ? GROUP BY type",
+                        (bucket,)):
+                    counts[type_] -= n
+            for type_, n in conn.execute(*partial):
+                counts[type_] = counts.get(type_, 0) + (n if head else -n)
+            return {type_: n for type_, n in counts.items() if n > 0}
         return await self._read(query)
 
-    async def recent(self, at_ms: int, limit: int) -> list[Event]:
-        """The newest ``limit`` events with ``timestamp <= at_ms``, newest first."""
-        def query(conn: sqlite3.Connection) -> list[Event]:
-            rows = conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE timestamp <= ? ORDER BY timestamp DESC, seq DESC"
-                " LIMIT ?", (at_ms, limit)).fetchall()
-            return [_event_from_row(r) for r in rows]
-        return await self._read(query)
+    async def recent(self, at_ms: int, limit: int, max_field_bytes: int | None = None) -> list[Event]:
+        """The newest ``limit`` events with ``timestamp <= at_ms``, newest first.
 
-    async def between(self, start_ms: int, end_ms: int, limit: int) -> list[Event]:
-        """Events with ``start_ms <= timestamp <= end_ms``, oldest first, at most ``limit``."""
+        A payload or metadata longer than ``max_field_bytes`` of JSON is not even read
+        from the file: it comes back as ``{"truncated": true, "bytes": n}`` (API.md §5)."""
+        cap = 2**62 if max_field_bytes is None else max_field_bytes
+
         def query(conn: sqlite3.Connection) -> list[Event]:
+            # length() of a BLOB reads only the record header, not the value's pages
             rows = conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE timestamp BETWEEN ? AND ? ORDER BY timestamp, seq"
-                " LIMIT ?", (start_ms, end_ms, limit)).fetchall()
-            return [_event_from_row(r) for r in rows]
+                "SELECT seq, event_id, type, source, timestamp,"
+                " CASE WHEN length(payload) > ?1 THEN NULL ELSE payload END, length(payload),"
+                " CASE WHEN length(metadata) > ?1 THEN NULL ELSE metadata END, length(metadata),"
+                " canonical, broadcast FROM events WHERE timestamp <= ?2 ORDER BY timestamp DESC, seq DESC"
+                " LIMIT ?3", (cap, at_ms, limit)).fetchall()
+            return [Event(event_id, type_, source, timestamp, _field(payload, payload_bytes),
+                          _field(metadata, metadata_bytes), bool(canonical), bool(broadcast), seq)
+                    for (seq, event_id, type_, source, timestamp, payload, payload_bytes, metadata,
+                         metadata_bytes, canonical, broadcast) in rows]
         return await self._read(query)
 
     async def health_at(self, t_ms: int) -> dict[str, dict[str, Any]]:
@@ -530,21 +815,6 @@ class Ledger:
             self.protect_after = max(self.protect_after, stored)
         return stored
 
-    def drop_unforwarded(self, conn: sqlite3.Connection, deleted_seqs: Iterable[int]) -> int:
-        """For the byte-bound prune under ``drop_oldest``, inside its transaction: the
-        events it deleted that were not yet forwarded are lost to the broker, so the cursor
-        moves past them. Returns how many there were (counted and logged)."""
-        protect = self.protect_after
-        if protect is None:
-            return 0
-        lost = [seq for seq in deleted_seqs if seq > protect]
-        if lost:
-            self._write_cursor(conn, max(lost))
-            self.forward_dropped += len(lost)
-            log.warning("forward_events_dropped", events=len(lost), up_to_seq=max(lost),
-                        detail="the ledger byte bound pruned events not yet forwarded")
-        return len(lost)
-
     # --- opening and upgrading --------------------------------------------------------
 
     def _connect(self, read_only: bool = False) -> sqlite3.Connection:
@@ -560,23 +830,87 @@ class Ledger:
     def _open_database(self) -> sqlite3.Connection:
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
+        existed = _check_file(self.path)
         conn = self._connect()
         try:
+            if not existed:
+                # takes effect only before the first table is created
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise sqlite3.OperationalError(f"{self.path}: cannot use WAL journal mode (got {mode})")
+            (self._page_size,) = conn.execute("PRAGMA page_size").fetchone()
+            # After a checkpoint the WAL is reset and cut back to this; one chunk above the
+            # threshold, so the usual WAL is reused rather than cut and regrown each time.
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT + WRITE_CHUNK_BYTES}")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {max(1, WAL_LIMIT // self._page_size)}")
             conn.execute("BEGIN IMMEDIATE")  # DDL is transactional: the upgrade happens whole or not at all
             for statement in _SCHEMA:
                 conn.execute(statement)
             self._upgrade(conn)
+            self._upgrade_counts(conn)
             # A new file gets a new epoch: seq is only comparable within one epoch.
             conn.execute("INSERT OR IGNORE INTO ledger_info (key, value) VALUES ('epoch', ?)", (uuid.uuid4().hex,))
             self.epoch = conn.execute("SELECT value FROM ledger_info WHERE key = 'epoch'").fetchone()[0]
             conn.execute("COMMIT")
+            self._enable_reclaim(conn)
         except BaseException:
             conn.close()
             raise
+        self._record_epoch(existed)
         return conn
+
+    @staticmethod
+    def _upgrade_counts(conn: sqlite3.Connection) -> None:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'event_counts'").fetchone() is None:
+            for statement in (*_COUNTS_TABLES, *_COUNTS_FILL):
+                conn.execute(statement)
+        for statement in _COUNTS_TRIGGERS:
+            conn.execute(statement)
+
+    def _enable_reclaim(self, conn: sqlite3.Connection) -> None:
+        """Make sure pruned space can go back to the file system (incremental auto-vacuum).
+
+        A file made before it was turned on is converted with VACUUM at start when it is
+        small enough to do so quickly; a bigger one keeps reusing its free pages."""
+        (mode,) = conn.execute("PRAGMA auto_vacuum").fetchone()
+        if mode == 0:  # NONE
+            size = os.path.getsize(self.path)
+            if size <= CONVERT_MAX_BYTES:
+                try:
+                    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                    conn.execute("VACUUM")
+                    (mode,) = conn.execute("PRAGMA auto_vacuum").fetchone()
+                    log.info("ledger_converted", db=self.path, bytes=size, detail="incremental auto-vacuum on")
+                except sqlite3.Error as exc:
+                    log.warning("ledger_convert_failed", db=self.path, error=str(exc))
+            if mode == 0:
+                log.warning("ledger_space_not_returned", db=self.path, bytes=size,
+                            detail="this file predates incremental auto-vacuum and is too big to convert at "
+                            "start: pruned space is reused but not given back to the file system; VACUUM it "
+                            "offline after PRAGMA auto_vacuum = INCREMENTAL to convert it")
+        self.reclaimable = mode == 2  # INCREMENTAL (FULL gives space back at each commit)
+
+    def _record_epoch(self, existed: bool) -> None:
+        """Keep the epoch beside the database, so a lost or replaced file is noticed."""
+        record = self.path + ".epoch"
+        try:
+            with open(record, encoding="ascii") as f:
+                previous = f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            previous = ""
+        if previous == self.epoch:
+            return
+        if previous:
+            log.warning("ledger_epoch_changed", db=self.path, previous_epoch=previous, epoch=self.epoch,
+                        detail=("the database file was missing and has been created again" if not existed
+                                else "the database file was replaced") + "; seq restarted in a new epoch")
+        try:
+            with open(record + ".tmp", "w", encoding="ascii") as f:
+                f.write(self.epoch + "\n")
+            os.replace(record + ".tmp", record)
+        except OSError as exc:
+            log.warning("ledger_epoch_unrecorded", path=record, error=str(exc))
 
     @staticmethod
     def _upgrade(conn: sqlite3.Connection) -> None:
@@ -594,6 +928,36 @@ class Ledger:
             log.warning("ledger_duplicate_services", detail="copilot_runtime_services has duplicate service "
                         "names; kept as they are, without a unique index")
         conn.execute(f"CREATE {unique} INDEX IF NOT EXISTS services_name ON copilot_runtime_services (service_name)")
+
+
+def _check_file(path: str) -> bool:
+    """Whether ``path`` holds a database already; ``LedgerUnusable`` if it is not SQLite or
+    is shorter than its header says (truncated), which SQLite itself notices only later."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise LedgerUnusable(f"cannot read it: {exc.strerror}") from None
+    if not header:
+        return False  # an empty file becomes a new database
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
+        raise LedgerUnusable("not an SQLite database")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    # the page count is only valid when written by the same change as the counter; pages
+    # still in a WAL may lie beyond the main file, so only a file without one is measured
+    valid = header[92:96] == header[24:28]
+    try:
+        wal = os.path.getsize(path + "-wal")
+    except OSError:
+        wal = 0
+    if valid and not wal and size < pages * page_size:
+        raise LedgerUnusable(f"truncated: {size} bytes where its header says {pages * page_size}")
+    return True
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -1,31 +1,62 @@
 """JSON-lines logging on stderr, one object per line, so journald and `jq` read it as is.
 
 Callers pass an event name and fields; nothing here ever looks at headers, so a token
-cannot reach the log unless a caller puts it in a field (none does).
+cannot reach the log unless a caller puts it in a field (none does). API.md §7:
+
+* ``ts`` is RFC 3339 UTC with milliseconds (``2026-12-01T20:00:00.123Z``);
+* under journald (``JOURNAL_STREAM`` set) each line starts with its syslog priority
+  ``<N>`` (sd-daemon(3) style), so ``journalctl -p warning`` selects by level;
+* a field keeps one JSON type across events: ``client`` is always the peer address as a
+  string (``address()``), ``traceback`` always a string (``traceback_text()``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from typing import Any, TextIO
+import traceback
+from typing import Any, Callable, TextIO
 
 import orjson
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+# syslog priorities (RFC 5424): what journald files each line under
+PRIORITIES = {"debug": "<7>", "info": "<6>", "warning": "<4>", "error": "<3>"}
+TRACEBACK_MAX_CHARS = 8192  # a deep recursion must not make one log line unbounded
+
+
+def rfc3339(t: float) -> str:
+    """``t`` (Unix seconds) as RFC 3339 UTC with milliseconds."""
+    seconds, millis = divmod(round(t * 1000), 1000)  # whole ms first: 0.123 must not print .122
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % millis
+
+
+def address(client: tuple[str, int] | None) -> str:
+    """The peer address for the ``client`` field: the host only, always a string."""
+    return client[0] if client else "unknown"
+
+
+def traceback_text(exc: BaseException) -> str:
+    """The formatted traceback of ``exc``, its last ``TRACEBACK_MAX_CHARS`` characters."""
+    text = "".join(traceback.format_exception(exc))
+    return text[-TRACEBACK_MAX_CHARS:]
 
 
 class Logger:
-    def __init__(self, level: str = "info", stream: TextIO | None = None) -> None:
+    def __init__(self, level: str = "info", stream: TextIO | None = None, journal: bool | None = None) -> None:
         self.threshold = LEVELS[level]
         self.stream = stream
+        self.journal = bool(os.environ.get("JOURNAL_STREAM")) if journal is None else journal
 
     def log(self, level: str, event: str, **fields: Any) -> None:
         if LEVELS[level] < self.threshold:
             return
-        record = {"ts": round(time.time(), 3), "level": level, "event": event}
+        record = {"ts": rfc3339(time.time()), "level": level, "event": event}
         record.update(fields)
         line = orjson.dumps(record, default=str).decode() + "\n"
+        if self.journal:
+            line = PRIORITIES[level] + line
         stream = self.stream or sys.stderr
         try:
             stream.write(line)
@@ -52,3 +83,35 @@ log = Logger()
 
 def configure(level: str) -> None:
     log.threshold = LEVELS[level]
+
+
+class Throttle:
+    """At most ``burst`` log lines per ``window`` seconds per key (a client address), for
+    events a client can cause at will. Keys are bounded: past ``max_keys`` the oldest
+    window is forgotten, so many addresses cost memory bounded by ``max_keys``."""
+
+    def __init__(self, burst: int = 5, window: float = 60.0, max_keys: int = 1024,
+                 now: Callable[[], float] = time.monotonic) -> None:
+        self.burst, self.window, self.max_keys, self.now = burst, window, max_keys, now
+        self._windows: dict[str, list[float]] = {}  # key -> [window start, lines, suppressed]
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def allow(self, key: str) -> int | None:
+        """None if this line is to be dropped; else how many lines of ``key`` were dropped
+        since the last one logged (to say so in this one)."""
+        t = self.now()
+        entry = self._windows.get(key)
+        if entry is not None and t - entry[0] < self.window:
+            if entry[1] < self.burst:
+                entry[1] += 1
+                return 0
+            entry[2] += 1
+            return None
+        suppressed = int(entry[2]) if entry is not None else 0
+        self._windows.pop(key, None)
+        if len(self._windows) >= self.max_keys:
+            del self._windows[next(iter(self._windows))]  # the oldest window
+        self._windows[key] = [t, 1, 0]
+        return suppressed

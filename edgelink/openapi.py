@@ -1,16 +1,16 @@
-"""The OpenAPI 3.1 document served at ``GET /openapi.json`` (API.md §7), built from the router.
+"""The OpenAPI 3.1 document served at ``GET /openapi.json`` (API.md §7): the schema data,
+and a builder that walks the endpoint table.
 
 Theory of operation
 -------------------
-The router knows what is served: each route's method, path template, summary, tags and
-whether it is public. ``OPERATIONS`` knows what the router cannot: each operation's
-parameters, request body and responses, keyed by ``(method, template)`` spelled exactly
-as the router spells them (``"WS"`` for the WebSocket route, documented as a ``GET``
-that answers ``101 Switching Protocols``).
+Each entry of the endpoint table (app.py) declares its path once, with its handler, auth,
+summary, tags and an ``Operation``: what the router cannot know, its parameters, request
+body and responses. Aliases (``/v1/health``) repeat their route's ``Operation``. The
+WebSocket route (``"WS"``) is documented as a ``GET`` that answers ``101 Switching
+Protocols``. This file holds the schemas and the pieces operations are made of.
 
-``document(router)`` walks the router and looks every route up in ``OPERATIONS``. A route
-missing from the table raises ``DocumentError``, so an endpoint cannot ship undocumented;
-table entries for routes this router does not serve are left out of the document.
+``document(router)`` walks the router. A route without an ``Operation`` raises
+``DocumentError``, so an endpoint cannot ship undocumented.
 
 Responses are assembled from *cases*, one cause of one status code each. An operation
 lists its own cases; protected routes also get 401/403, and every operation gets the
@@ -36,23 +36,22 @@ from typing import Any
 from . import __version__
 from .api.chat import MAX_MESSAGE as MAX_CHAT_MESSAGE
 from .api.events import RECENT_IN_SNAPSHOT
-from .api.ws import MAX_CLIENT_ID
 from .gateway.auth import MAX_CORRELATION_ID
 from .gateway.events import MAX_NAME_LENGTH
 from .gateway.events import SCHEMAS as EVENT_SCHEMAS
 from .gateway.events import Schema as EventSchema
-from .gateway.observe import MAX_AGE_SECONDS, MAX_NODES, WINDOW_SECONDS
+from .gateway.observe import MAX_NODES
+from .config import KNOB
 from .http.router import Route, Router
 
 OPENAPI_VERSION = "3.1.0"
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4"
-MAX_SNAPSHOT_T = 2**53  # the bound api/events.py puts on ``t``
 
 
 class DocumentError(RuntimeError):
-    """The router and ``OPERATIONS`` disagree: a route is served but not described, or is
-    described with other path parameters, or two routes would be one operation."""
+    """A route is served but not described, or is described with other path parameters,
+    or two routes would be one operation."""
 
 
 def _schema(name: str) -> dict[str, Any]:
@@ -109,27 +108,37 @@ def _payload_schema(schema: EventSchema) -> dict[str, Any]:
         types = {_KIND_TYPES[k] for k in f.kinds}
         kind = "number" if "number" in types else types.pop()
         properties[f.name] = dict(_INTEGER) if kind == "integer" else {"type": kind}
+        if kind == "array":  # any items (the validator checks only the list); generators need the key
+            properties[f.name]["items"] = {}
     return {"type": "object", "required": [f.name for f in schema.fields], "properties": properties,
             "description": f"`{schema.type}` ({schema.nature}): at most {schema.max_bytes} bytes as compact JSON."}
 
 
-def _ingest_request() -> dict[str, Any]:
-    """The ingest envelope; a canonical ``type`` selects its payload schema."""
-    envelope = _object(
-        {"source": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
-         "type": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
-         "payload": {"type": "object"}},
-        {"broadcast": {**_nullable(_BOOL), "default": False,
-                       "description": "Send a canonical event to WebSocket clients."},
-         "metadata": _nullable({"type": "object"})},
-        description="A canonical `type` is checked against its payload schema (else 422 "
-                    "`schema_validation_failed`); any other type is stored unchecked and never broadcast.",
-    )
-    envelope["oneOf"] = [
-        *({"properties": {"type": {"const": t}, "payload": _schema(_payload_name(t))}} for t in EVENT_SCHEMAS),
-        {"properties": {"type": {"not": {"enum": list(EVENT_SCHEMAS)}}}},
-    ]
-    return envelope
+def _ingest_requests() -> dict[str, dict[str, Any]]:
+    """The ingest envelope: ``IngestRequest`` is one of a complete, named schema per canonical
+    ``type`` (with its payload schema) and one for any other type, so that a generated
+    client has a model per branch with every field (``source`` included)."""
+    def branch(type_schema: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+        return _object(
+            {"source": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH},
+             "type": type_schema, "payload": payload},
+            {"broadcast": {**_nullable(_BOOL), "default": False,
+                           "description": "Send a canonical event to WebSocket clients."},
+             "metadata": _nullable({"type": "object"})})
+
+    branches = {f"Ingest{_payload_name(t).removesuffix('Payload')}": branch({"const": t}, _schema(_payload_name(t)))
+                for t in EVENT_SCHEMAS}
+    branches["IngestOtherEvent"] = branch(
+        {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH, "not": {"enum": list(EVENT_SCHEMAS)}},
+        {"type": "object"})
+    return {
+        "IngestRequest": {
+            "oneOf": [_schema(name) for name in branches],
+            "description": "A canonical `type` is checked against its payload schema (else 422 "
+                           "`schema_validation_failed`); any other type is stored unchecked and never broadcast.",
+        },
+        **branches,
+    }
 
 
 _MODULE_HEALTH_STATUSES = ["ok", "error", "unreachable", "timeout", "disabled"]
@@ -214,6 +223,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "module": _STR, "endpoint": _STR, "method": _STR,
         "timeout": {"type": "number", "description": "Seconds."},
         "description": _STR, "auth_required": _BOOL,
+        "stream": {"type": "boolean", "description": "The module's reply may be streamed through."},
         "fallback": _nullable(_schema("RouteTarget")),
     }),
     "Routes": _object({"routes": _map(_schema("Route"), "Per intent.")}),
@@ -266,7 +276,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "total": _COUNT,
     }),
     # --- events (API.md §5)
-    "IngestRequest": _ingest_request(),
+    **_ingest_requests(),
     **{_payload_name(t): _payload_schema(schema) for t, schema in EVENT_SCHEMAS.items()},
     "IngestAccepted": _object({
         "status": {"const": "received"},
@@ -371,47 +381,48 @@ class Case:
     headers: tuple[tuple[str, str], ...] = ()  # (name, description)
 
 
-def _error(status: int, codes: str | tuple[str, ...], description: str, *, correlated: bool = True,
+def error(status: int, codes: str | tuple[str, ...], description: str, *, correlated: bool = True,
            headers: tuple[tuple[str, str], ...] = ()) -> Case:
     codes = (codes,) if isinstance(codes, str) else codes
     return Case(str(status), description, codes=codes, correlated=correlated, headers=headers)
 
 
-def _body(status: int, description: str, schema: str, *, media_type: str = JSON) -> Case:
+def reply(status: int, description: str, schema: str, *, media_type: str = JSON) -> Case:
     return Case(str(status), description, schema=_schema(schema), media_type=media_type)
 
 
 # Answered by the HTTP server before a route is chosen, on any path.
 CONNECTION_CASES = (
-    _error(400, "bad_request", "the request is not valid HTTP/1.1.", correlated=False),
-    _error(408, "request_timeout", "the header block or the body did not arrive within the header "
-                                   "timeout (EDGELINK_HEADER_TIMEOUT, default 10 s).", correlated=False),
-    _error(413, "payload_too_large", "the body is over the limit (EDGELINK_MAX_BODY, default 1 MiB), decided "
+    error(400, "bad_request", "the request is not valid HTTP/1.1.", correlated=False),
+    error(408, "request_timeout", "the header block or the body did not arrive within the header "
+                                   f"timeout ({KNOB['header_timeout'].quote()}).", correlated=False),
+    error(413, "payload_too_large", f"the body is over the limit ({KNOB['max_body'].quote()}), decided "
                                      "from Content-Length before reading it, or while reading a chunked body.",
            correlated=False),
-    _error(431, "headers_too_large", "the header block is over the limit (EDGELINK_MAX_HEADER, default 16 KiB).",
+    error(431, "headers_too_large", f"the header block is over the limit ({KNOB['max_header'].quote()}).",
            correlated=False),
-    _error(503, ("too_many_connections", "stopping"),
+    error(503, ("too_many_connections", "stopping"),
            "the connection limit is reached, or the gateway is shutting down.", correlated=False),
 )
 AUTH_CASES = (
-    _error(401, "auth_required", "no X-VX11-Token header."),
-    _error(403, "forbidden", "the X-VX11-Token header is not the gateway token."),
+    error(401, "auth_required", "no X-VX11-Token header."),
+    error(403, "forbidden", "the X-VX11-Token header is not the gateway token."),
 )
 WS_AUTH_CASES = (
-    _error(401, "auth_required", "no token, neither as X-VX11-Token header nor as `?token=`."),
-    _error(403, "forbidden", "the token is not the gateway token, or the Origin is not allowed "
+    error(401, "auth_required", "no token, neither as X-VX11-Token header nor as `?token=`."),
+    error(403, "forbidden", "the token is not the gateway token, or the Origin is not allowed "
                              "(when EDGELINK_CORS_ORIGINS is set)."),
 )
-INVALID_JSON = _error(400, "invalid_json", "the body is empty or not valid JSON.")
+INVALID_JSON = error(400, "invalid_json", "the body is empty or not valid JSON.")
 VALIDATION = Case("422", "`validation_error`: a field is missing, of the wrong type or out of range.",
                   schema=_schema("ValidationError"))
 UPSTREAM_CASES = (
-    _error(502, "upstream_unavailable", "the module could not be reached, hung up, spoke invalid HTTP, or "
-                                        "answered without JSON or with more than 8 MiB."),
-    _error(503, ("circuit_open", "module_disabled"), "the module's circuit breaker is open (it is not "
+    error(502, "upstream_unavailable", "the module could not be reached, hung up, spoke invalid HTTP, or "
+                                        f"answered without JSON or with more than {KNOB['upstream_max_reply'].shown()} "
+                                        f"({KNOB['upstream_max_reply'].env[0]})."),
+    error(503, ("circuit_open", "module_disabled"), "the module's circuit breaker is open (it is not "
                                                      "contacted), or the module is disabled."),
-    _error(504, "upstream_timeout", "the module did not answer within the route's timeout."),
+    error(504, "upstream_timeout", "the module did not answer within the route's timeout."),
 )
 FORWARDED = Case("default", "The module's own reply, forwarded with its status and JSON body.",
                  schema=_schema("ModuleReply"))
@@ -419,26 +430,22 @@ FORWARDED = Case("default", "The module's own reply, forwarded with its status a
 # --- parameters -----------------------------------------------------------------------
 
 
-def _param(name: str, where: str, description: str, schema: dict[str, Any], *,
+def param(name: str, where: str, description: str, schema: dict[str, Any], *,
            required: bool = False) -> dict[str, Any]:
     return {"name": name, "in": where, "description": description, "required": required, "schema": schema}
 
 
-def _query_param(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+def query_param(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
     """An optional query parameter, for which an empty value counts as absent (as in the handlers)."""
-    return {**_param(name, "query", f"{description} Empty: as absent.", schema), "allowEmptyValue": True}
+    return {**param(name, "query", f"{description} Empty: as absent.", schema), "allowEmptyValue": True}
 
 
-def _path_param(name: str, description: str, example: str) -> dict[str, Any]:
-    return {**_param(name, "path", description, {"type": "string", "minLength": 1}, required=True),
+def path_param(name: str, description: str, example: str) -> dict[str, Any]:
+    return {**param(name, "path", description, {"type": "string", "minLength": 1}, required=True),
             "example": example}
 
 
-INTENT = _path_param("intent", "A key of the route table (`GET /vx11/routes`).", "chat")
-SESSION_ID = _path_param("session_id", "The session id returned by the chat.",
-                         "0b8e6a56-2f7e-4c8b-9a59-3d1f4f6f2c11")
-
-# --- the table ------------------------------------------------------------------------
+# --- what an endpoint entry adds (app.py) -----------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,137 +461,9 @@ class Operation:
     security: tuple[str, ...] = ("VX11Token",)  # alternatives, for protected routes
 
 
-def _json_body(schema: str, example: Any, *, required: bool = True) -> dict[str, Any]:
+def json_body(schema: str, example: Any, *, required: bool = True) -> dict[str, Any]:
     return {"required": required, "content": {JSON: {"schema": _schema(schema), "example": example}}}
 
-
-HEALTH = Operation(
-    (_body(200, "The gateway is up; answered from memory, never from a module.", "Health"),
-     Case("503", "The gateway is shutting down.", schema=_schema("Health"))),
-)
-STATUS = Operation(
-    (_body(200, "Every module probed concurrently (`GET <url>/health`, each bounded by "
-                "EDGELINK_HEALTH_TIMEOUT); concurrent callers share one probe round.", "Status"),),
-)
-PROXY = Operation((_body(200, "The module's reply.", "ModuleReply"), *UPSTREAM_CASES), forwards=True)
-CHAT = Operation(
-    (_body(200, "The chat route answered, or its fallback did (`degraded`).", "ChatResponse"),
-     INVALID_JSON, VALIDATION,
-     Case("503", "`chat_unavailable`: the chat route and its fallback both failed.",
-          schema=_schema("ChatUnavailable"))),
-    description="Records the user message in the session (a new one when `session_id` is absent), "
-                "calls the `chat` route with the message and a summary of the session, and on any failure "
-                "its fallback. The reply is recorded in the session.",
-    request_body=_json_body("ChatRequest", {"message": "hello", "session_id": None}),
-)
-
-OPERATIONS: dict[tuple[str, str], Operation] = {
-    ("GET", "/health"): HEALTH,
-    ("GET", "/v1/health"): HEALTH,
-    ("GET", "/vx11/status"): STATUS,
-    ("GET", "/v1/status"): STATUS,
-    ("GET", "/vx11/overview"): Operation(
-        (_body(200, "Every module probed, as `GET /vx11/status` does.", "Overview"),)),
-    ("GET", "/vx11/circuit-breaker/status"): Operation((_body(200, "One breaker per enabled module.",
-                                                              "BreakerStatus"),)),
-    ("GET", "/vx11/routes"): Operation((_body(200, "The route table, intent -> module.", "Routes"),)),
-    ("GET", "/vx11/forward/status"): Operation((_body(200, "The forwarder's connection, cursor and backlog.",
-                                                      "ForwardStatus"),)),
-    ("POST", "/vx11/intent/{intent}"): Operation(
-        (_body(200, "The module's reply.", "ModuleReply"),
-         _error(404, "unknown_intent", "no route for this intent; `known` lists the intents."),
-         _error(404, "not_found", "the path matches no route (an `intent` holding `/`)."),
-         INVALID_JSON, VALIDATION, *UPSTREAM_CASES),
-        description="Forwards the JSON body (an empty body is sent as `{}`) to the intent's route, and to its "
-                    "fallback when the route fails; answers with the module's status and JSON body.",
-        parameters=(INTENT,),
-        request_body=_json_body("IntentRequest", {"prompt": "summarise the logs"}, required=False),
-        forwards=True,
-    ),
-    ("GET", "/shub/dashboard"): PROXY,
-    ("GET", "/resources"): PROXY,
-    ("GET", "/hormiguero/queen/status"): PROXY,
-    ("GET", "/hormiguero/report"): Operation(
-        (_body(200, "The module's reply.", "ModuleReply"), VALIDATION, *UPSTREAM_CASES),
-        parameters=(_query_param("limit", "How many report entries to ask the module for.",
-                                 {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}),),
-        forwards=True,
-    ),
-    ("POST", "/operator/chat"): CHAT,
-    ("POST", "/operator/api/chat"): CHAT,
-    ("GET", "/operator/session/{session_id}"): Operation(
-        (_body(200, "The session and its messages, oldest first. Reading is not activity.", "Session"),
-         _error(404, "session_not_found", "unknown or expired session."),
-         _error(404, "not_found", "the path matches no route (a `session_id` holding `/`).")),
-        parameters=(SESSION_ID,),
-    ),
-    ("DELETE", "/operator/session/{session_id}"): Operation(
-        (Case("204", "Deleted."),
-         _error(404, "session_not_found", "unknown or expired session."),
-         _error(404, "not_found", "the path matches no route (a `session_id` holding `/`).")),
-        parameters=(SESSION_ID,),
-    ),
-    ("GET", "/vx11/context-7/sessions"): Operation((_body(200, "Live sessions.", "SessionList"),)),
-    ("POST", "/events/ingest"): Operation(
-        (_body(201, "Accepted and committed to the ledger.", "IngestAccepted"),
-         INVALID_JSON, VALIDATION,
-         Case("422", "`schema_validation_failed`: a canonical event broke its schema; nothing is stored.",
-              schema=_schema("IngestRejected"))),
-        request_body=_json_body("IngestRequest", {
-            "source": "madre", "type": "system.alert", "broadcast": True,
-            "payload": {"alert_id": "a-1", "severity": "high", "message": "disk full", "timestamp": 1700000000000},
-        }),
-    ),
-    ("GET", "/debug/events/cardinality"): Operation(
-        (_body(200, f"Accepted events per type over a sliding {WINDOW_SECONDS} s window.", "Cardinality"),)),
-    ("GET", "/debug/events/correlations"): Operation(
-        (_body(200, f"Recent canonical events (at most {MAX_NODES}, none older than {MAX_AGE_SECONDS} s) and "
-                    f"their links.", "Correlations"),)),
-    ("GET", "/operator/snapshot"): Operation(
-        (_body(200, "Built from the ledger and the recorded health probes.", "Snapshot"), VALIDATION),
-        parameters=(_query_param("t", "The moment, Unix epoch ms; absent or 0: now.",
-                                 {"type": "integer", "minimum": 0, "maximum": MAX_SNAPSHOT_T, "default": 0}),),
-    ),
-    ("GET", "/metrics"): Operation(
-        (_body(200, "Requests by route and status, request latency, events by type and outcome, WebSocket "
-                    "clients and drops, breaker states, upstream latency.", "PrometheusText",
-               media_type=PROMETHEUS),),
-    ),
-    ("GET", "/openapi.json"): Operation((_body(200, "This document.", "OpenAPIDocument"),)),
-    ("WS", "/ws"): Operation(
-        (Case("101", "Switching Protocols: the connection is a WebSocket (RFC 6455). The first frame is "
-                     "`WsConnected`; then replayed and live events as `WsEvent`. Each JSON text frame a client "
-                     "sends is echoed back; a valid canonical event (`{\"type\", \"payload\", ...}`, or `type` "
-                     "with the payload fields at top level) is also stored and broadcast to the other clients. "
-                     "Problems are reported as `WsError` frames (invalid JSON, binary frames, a rejected "
-                     "event); an invalid `client_id` or `since_seq` gets one and close 1008. Frames over the "
-                     "frame limit (EDGELINK_WS_MAX_FRAME, default 64 KiB) close with 1009, a client whose send "
-                     "queue is full with 1013, shutdown with 1001.",
-              headers=(("Upgrade", "`websocket`."), ("Connection", "`Upgrade`."),
-                       ("Sec-WebSocket-Accept", "The RFC 6455 accept key."))),
-         _error(400, "bad_request", "not a valid RFC 6455 handshake (Connection without Upgrade, bad "
-                                    "Sec-WebSocket-Key).", correlated=False),
-         _error(426, "upgrade_required", "a plain GET without `Upgrade: websocket` (auth is not checked).",
-                headers=(("Upgrade", "`websocket`."),)),
-         _error(426, "upgrade_required", "the Sec-WebSocket-Version header is not 13.", correlated=False,
-                headers=(("Sec-WebSocket-Version", "`13`."),))),
-        description="Authenticates with the X-VX11-Token header or the `token` query parameter "
-                    "(browsers cannot set headers on WebSockets).",
-        parameters=(
-            _query_param("client_id", "Names the client in logs and in the `source` (`ws:<client_id>`) of "
-                                      "the events it sends; absent: a random one.",
-                         {"type": "string", "maxLength": MAX_CLIENT_ID}),
-            _query_param("channel", "The channel to follow; `event` is the only one.",
-                         {"type": "string", "default": "event"}),
-            _query_param("since_seq", "Replay broadcast events with a larger `seq` still in the ledger "
-                                      "(at most 1,000) before the live ones, without gap or duplicate.",
-                         {"type": "integer", "minimum": 0}),
-            _param("token", "query", "The gateway token, for clients that cannot set X-VX11-Token.", _STR),
-        ),
-        auth_cases=WS_AUTH_CASES,
-        security=("VX11Token", "VX11TokenQuery"),
-    ),
-}
 
 COMPONENTS: dict[str, Any] = {
     "securitySchemes": {
@@ -594,7 +473,7 @@ COMPONENTS: dict[str, Any] = {
                            "description": "The gateway token as a query parameter; WebSocket only."},
     },
     "parameters": {
-        "CorrelationId": _param(
+        "CorrelationId": param(
             "X-Correlation-ID", "header",
             f"Your id for this request, passed to every module call and sent back. Kept when it is 1 to "
             f"{MAX_CORRELATION_ID} visible ASCII characters (no spaces), else replaced by a new uuid4 hex.", _STR),
@@ -712,14 +591,14 @@ def _operation(route: Route, op: Operation, method: str) -> dict[str, Any]:
 def document(router: Router) -> dict[str, Any]:
     """The OpenAPI 3.1 document of every route ``router`` serves.
 
-    Raises ``DocumentError`` for a route ``OPERATIONS`` does not describe."""
+    Raises ``DocumentError`` for a route without its ``Operation``."""
     paths: dict[str, dict[str, Any]] = {}
     tags: dict[str, None] = {}
     for route in router.routes:
-        op = OPERATIONS.get((route.method, route.template))
-        if op is None:
-            raise DocumentError(f"{route.method} {route.template} is served but not described in "
-                                f"edgelink/openapi.py OPERATIONS")
+        op = route.doc
+        if not isinstance(op, Operation):
+            raise DocumentError(f"{route.method} {route.template} is served but not described: give its "
+                                f"entry in edgelink/app.py an Operation (doc=)")
         method = "get" if route.method == "WS" else route.method.lower()
         item = paths.setdefault(route.template, {})
         if method in item:

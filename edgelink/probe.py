@@ -14,11 +14,11 @@ import sys
 import time
 import uuid
 from datetime import datetime, timezone
-from urllib.parse import urlsplit
 
 from .config import ConfigError, ModuleConfig, Settings, load_settings
-from .gateway.modules import Modules, Probe
-from .ledger import Ledger, ProbeRecord
+from .gateway.health import HealthCheck
+from .ledger import Ledger, LedgerUnusable
+from .modules import Modules
 
 
 GATEWAY_SERVICE = "tentaculo_link"  # the gateway is a VX11 service too, recorded beside the modules
@@ -29,39 +29,34 @@ def gateway_url(settings: Settings, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def record_round(modules: Modules, ledger: Ledger, gateway: Probe) -> None:
+async def record_round(modules: Modules, ledger: Ledger, gateway: HealthCheck) -> dict[str, HealthCheck]:
     """Probe every module once (one shared round) and record it with ``gateway``, the
-    gateway's own state, as the gateway does every probe interval."""
-    probes = {GATEWAY_SERVICE: gateway, **await modules.probe_round()}
-    await record(modules, ledger, probes)
+    gateway's own state, as the gateway does every probe interval; returns the round."""
+    checks = {GATEWAY_SERVICE: gateway, **await modules.probe_round()}
+    await record(ledger, checks)
+    return checks
 
 
-async def record(modules: Modules, ledger: Ledger, probes: dict[str, Probe]) -> None:
-    """Write one round to the health tables."""
-    ports = {m.name: m.port for m in modules.registry.values()}
-    if GATEWAY_SERVICE not in ports:
-        ports[GATEWAY_SERVICE] = urlsplit(probes[GATEWAY_SERVICE].health["url"]).port
+async def record(ledger: Ledger, checks: dict[str, HealthCheck]) -> None:
+    """Write one round to the health tables, every check stamped with the same time."""
     checked_at = int(time.time() * 1000)
-    await ledger.record_health(
-        ProbeRecord(name, ports.get(name), p.health["status"], p.health["http_code"], p.health["latency_ms"],
-                    p.health["url"], p.health["error"], p.snippet, checked_at)
-        for name, p in probes.items())
+    await ledger.record_health(dataclasses.replace(c, checked_at=checked_at) for c in checks.values())
 
 
-def summary_line(probes: dict[str, Probe]) -> tuple[str, bool]:
+def summary_line(probes: dict[str, HealthCheck]) -> tuple[str, bool]:
     """``9/10 ok (shubniggurath disabled)`` and whether every enabled module is ok."""
-    disabled = [n for n, p in probes.items() if p.health["status"] == "disabled"]
+    disabled = [n for n, p in probes.items() if p.status == "disabled"]
     enabled = {n: p for n, p in probes.items() if n not in disabled}
-    ok = sum(1 for p in enabled.values() if p.health["status"] == "ok")
+    ok = sum(1 for p in enabled.values() if p.status == "ok")
     line = f"{ok}/{len(probes)} ok"
-    failing = [f"{n} {p.health['status']}" for n, p in enabled.items() if p.health["status"] != "ok"]
+    failing = [f"{n} {p.status}" for n, p in enabled.items() if p.status != "ok"]
     notes = failing + [f"{n} disabled" for n in disabled]
     if notes:
         line += f" ({', '.join(notes)})"
     return line, ok == len(enabled)
 
 
-def markdown_report(probes: dict[str, Probe], settings: Settings, checked_at: datetime) -> str:
+def markdown_report(probes: dict[str, HealthCheck], settings: Settings, checked_at: datetime) -> str:
     ports = {m.name: m.port for m in settings.modules}
     ports[GATEWAY_SERVICE] = settings.port
     stamp = checked_at.isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -74,10 +69,9 @@ def markdown_report(probes: dict[str, Probe], settings: Settings, checked_at: da
         "|---|---|---|---|---|---|",
     ]
     for name, p in probes.items():
-        h = p.health
-        code = "" if h["http_code"] is None else str(h["http_code"])
-        latency = "" if h["latency_ms"] is None else f"{h['latency_ms']:.1f}"
-        lines.append(f"| {name} | {ports.get(name, '')} | {h['status']} | {code} | {latency} | {stamp} |")
+        code = "" if p.http_code is None else str(p.http_code)
+        latency = "" if p.latency_ms is None else f"{p.latency_ms:.1f}"
+        lines.append(f"| {name} | {ports.get(name, '')} | {p.status} | {code} | {latency} | {stamp} |")
     lines += ["", summary_line(probes)[0], ""]
     return "\n".join(lines)
 
@@ -87,24 +81,27 @@ async def _probe_once(settings: Settings, report: str | None, progress: bool) ->
     # The gateway is probed over HTTP like the modules, at the address it listens on.
     gateway = ModuleConfig(GATEWAY_SERVICE, gateway_url(settings, settings.port))
     modules = Modules(dataclasses.replace(settings, modules=(gateway, *settings.modules)))
-    await ledger.start()
+    try:
+        await ledger.start()
+    except LedgerUnusable as exc:
+        await modules.close()
+        raise SystemExit(f"edgelink probe: {exc}") from None
     try:
         if progress:
             print(f"probing {len(modules.registry)} services (timeout {settings.health_timeout} s)...", flush=True)
         correlation_id = uuid.uuid4().hex
-        found: dict[str, Probe] = {}
+        found: dict[str, HealthCheck] = {}
 
         async def probe_one(name: str) -> None:
-            found[name] = probe = await modules.probe(name, correlation_id)
+            found[name] = p = await modules.probe(name, correlation_id)
             if progress:  # a line per service as it answers, not after the round
-                h = probe.health
-                detail = f"HTTP {h['http_code']}" if h["http_code"] is not None else (h["error"] or "")
-                latency = f"{h['latency_ms']:.1f} ms" if h["latency_ms"] is not None else ""
-                print(f"  {name:<14} {h['status']:<12} {detail:<24} {latency}", flush=True)
+                detail = f"HTTP {p.http_code}" if p.http_code is not None else (p.error or "")
+                latency = f"{p.latency_ms:.1f} ms" if p.latency_ms is not None else ""
+                print(f"  {name:<14} {p.status:<12} {detail:<24} {latency}", flush=True)
 
         await asyncio.gather(*(probe_one(name) for name in modules.registry))
         probes = {name: found[name] for name in modules.registry}
-        await record(modules, ledger, probes)
+        await record(ledger, probes)
     finally:
         await modules.close()
         await ledger.close()

@@ -1,4 +1,4 @@
-"""The gateway's live state, shared by every handler as ``request.app``.
+"""The gateway's live state, shared by every handler as ``request.runtime``.
 
 It owns the pieces that outlive a request (settings, metrics, module clients, sessions,
 the ledger, the WebSocket hub, the health recorder) and starts and stops them in order.
@@ -7,20 +7,24 @@ the ledger, the WebSocket hub, the health recorder) and starts and stops them in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from typing import Callable
 
 from . import forward
-from .config import Settings
+from .config import MODULES_PIECE, REBUILD, RESTART, Settings, changed
 from .forward.forwarder import Forwarder
 from .gateway.metrics import Gauge, Registry
-from .gateway.modules import Modules, Probe
+from .gateway.health import HealthCheck
+from .modules import Modules
 from .gateway.observe import CardinalityCounter, CorrelationGraph
 from .gateway.sessions import SessionStore, Sweeper
 from .http.router import Router
+from .http.server import HttpServer
 from .hub import Hub
 from .ledger import Ledger
-from .log import log
-from .probe import gateway_url, record_round
+from .log import configure, log
+from .probe import GATEWAY_SERVICE, gateway_url, record_round
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -39,21 +43,38 @@ class Runtime:
         self.modules = self._modules(settings)
         self.forwarder: Forwarder | None = None  # set by start() when EDGELINK_FORWARD_URL is
         self.router: Router | None = None  # set by serve(); /openapi.json describes it
+        self.server: HttpServer | None = None  # set by serve(); takes new limits on reload
         self.openapi_cache: bytes | None = None
         self._sweeper = Sweeper(self.sessions, settings.context7_cleanup_interval)
         self._recorder: asyncio.Task[None] | None = None
         self._retired: list[Modules] = []  # clients replaced by a reload, still finishing calls
         self._closing: set[asyncio.Task[None]] = set()  # retired clients being closed
+        # what a reload rebuilds, by the piece name the settings table gives (Knob.piece)
+        self.rebuilders: dict[str, Callable[[Settings, Settings], None]] = {MODULES_PIECE: self._rebuild_modules}
         self.metrics.add(Gauge("edgelink_ws_clients", "Connected WebSocket clients",
                                read=lambda: {(): len(self.hub.clients)}))
         self.metrics.add(Gauge("edgelink_breaker_state", "Circuit breaker state (0 closed, 1 half-open, 2 open)",
                                ("module",), read=self._breaker_states))
         self.metrics.add(Gauge("edgelink_context7_sessions", "Live Context-7 sessions",
                                read=lambda: {(): len(self.sessions)}))
+        self.metrics.add(Gauge("edgelink_ledger_pruned_events_total",
+                               "Events deleted from the ledger, by rule (count, age, bytes)", ("reason",),
+                               read=lambda: {(k,): v for k, v in self.ledger.pruned.items()}, kind="counter"))
+        self.metrics.add(Gauge("edgelink_ledger_write_failures_total",
+                               "Ledger write transactions the disk refused (answered 503)",
+                               read=lambda: {(): self.ledger.write_failures}, kind="counter"))
+        self.metrics.add(Gauge("edgelink_ws_queued_bytes", "Bytes queued for WebSocket clients, all together",
+                               read=lambda: {(): self.hub.queued_bytes()}))
+        self.ledger.on_commit = self._observe_commit
 
     def _modules(self, settings: Settings) -> Modules:
         latency = self.metrics.upstream_latency
         return Modules(settings, observe=lambda module, outcome, seconds: latency.observe(seconds, module, outcome))
+
+    def _observe_commit(self, seconds: float, writes: int) -> None:
+        # called on the ledger's writer thread: the histograms' one series already exists
+        self.metrics.ledger_commit.observe(seconds)
+        self.metrics.ledger_batch.observe(writes)
 
     def _breaker_states(self) -> dict[tuple[str, ...], float]:
         return {(name, ): BREAKER_STATES[b.state] for name, b in self.modules.breakers.items()}
@@ -101,24 +122,38 @@ class Runtime:
         self._retired.clear()
         await self.ledger.close()
 
-    def apply(self, settings: Settings) -> None:
-        """Take reloaded settings. Tokens, CORS, limits and routes are read per request;
-        module URLs need a new client (breakers start closed again); the probe interval
-        starts or stops the recorder."""
+    def apply(self, new: Settings) -> None:
+        """Take reloaded settings as the settings table (config.KNOBS) says: ``restart``
+        knobs keep their running values (logged), ``rebuild`` knobs rebuild the piece holding
+        a copy, ``live`` ones are read from ``self.settings`` when used or handed over here."""
         old = self.settings
-        self.settings = settings
-        self.hub.hold_limit = settings.ws_queue
+        knobs = list(changed(old, new))
+        fixed = [k.name for k in knobs if k.reload == RESTART]
+        if fixed:
+            log.warning("reload_needs_restart", settings=fixed, detail="these keep their running values")
+            new = dataclasses.replace(new, **{name: getattr(old, name) for name in fixed})
+        pieces = {k.piece for k in knobs if k.reload == REBUILD}
+        if new.modules != old.modules:
+            pieces.add(MODULES_PIECE)
+        self.settings = new
+        configure(new.log_level)
+        self.hub.hold_limit = new.ws_queue
+        self.ledger.max_bytes, self.ledger.full_policy = new.ledger_max_bytes, new.ledger_full
+        if self.server is not None:
+            self.server.settings = new  # connections accepted from now on get the new limits
         self._schedule_recorder()
-        if settings.modules != old.modules or (settings.breaker_failures, settings.breaker_recovery,
-                                                settings.token) != (old.breaker_failures, old.breaker_recovery,
-                                                                    old.token):
-            previous, self.modules = self.modules, self._modules(settings)
-            # Calls and probe rounds in flight finish on the old client; close it after the
-            # longest of them could have ended (or at shutdown, whichever comes first).
-            self._retired.append(previous)
-            longest = max([settings.health_timeout, old.health_timeout, settings.proxy_timeout,
-                           *(r.timeout for r in old.routes), *(r.fallback.timeout for r in old.routes if r.fallback)])
-            asyncio.get_running_loop().call_later(longest + 1, self._close_retired, previous)
+        for piece in sorted(pieces):
+            self.rebuilders[piece](old, new)
+
+    def _rebuild_modules(self, old: Settings, new: Settings) -> None:
+        """New module clients and breakers (closed again) for new URLs, tokens, limits."""
+        previous, self.modules = self.modules, self._modules(new)
+        # Calls and probe rounds in flight finish on the old client; close it after the
+        # longest of them could have ended (or at shutdown, whichever comes first).
+        self._retired.append(previous)
+        longest = max([new.health_timeout, old.health_timeout, new.proxy_timeout, old.proxy_timeout,
+                       *(r.timeout for r in old.routes), *(r.fallback.timeout for r in old.routes if r.fallback)])
+        asyncio.get_running_loop().call_later(longest + 1, self._close_retired, previous)
 
     def _close_retired(self, modules: Modules) -> None:
         if modules in self._retired:
@@ -128,18 +163,23 @@ class Runtime:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    def _self_probe(self) -> Probe:
+    def _self_probe(self) -> HealthCheck:
         """The gateway's own row: it is serving, since it is the one recording."""
-        status = "error" if self.stopping else "ok"
-        return Probe({"status": status, "http_code": 503 if self.stopping else 200, "latency_ms": 0.0,
-                      "url": gateway_url(self.settings, self.port), "error": "stopping" if self.stopping else None},
-                     '{"status":"%s","module":"tentaculo_link"}' % ("stopping" if self.stopping else "ok"))
+        stopping = self.stopping
+        return HealthCheck(GATEWAY_SERVICE, "error" if stopping else "ok", 503 if stopping else 200, 0.0,
+                           gateway_url(self.settings, self.port), "stopping" if stopping else None,
+                           '{"status":"%s","module":"tentaculo_link"}' % ("stopping" if stopping else "ok"),
+                           self.port)
 
     async def _record_health(self) -> None:
         """Every probe interval: one probe round, written to the ledger's health tables."""
         while True:
             try:
-                await record_round(self.modules, self.ledger, self._self_probe())
+                probes = await record_round(self.modules, self.ledger, self._self_probe())
+                # replaced whole each round, so a module disabled by a reload leaves no stale series
+                enabled = {(n,): c for n, c in probes.items() if n != GATEWAY_SERVICE and c.status != "disabled"}
+                self.metrics.module_up.values = {k: int(c.status == "ok") for k, c in enabled.items()}
+                self.metrics.module_probe.values = {k: c.latency_ms / 1000 for k, c in enabled.items()}
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failed round is logged; the next one still runs

@@ -101,7 +101,7 @@ def start_gateway(tmp_path: Path, env: dict[str, str] | None = None, args: list[
     log_path = tmp_path / f"{name}.log"
     db = tmp_path / f"{name}.db"
     full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("EDGELINK_", "VX11_", "TENTACULO", "NOTIFY_", "WATCHDOG_", "LISTEN_"))}
+                if not k.startswith(("EDGELINK_", "VX11_", "TENTACULO", "NOTIFY_", "WATCHDOG_", "LISTEN_", "JOURNAL_"))}
     full_env.update({
         "VX11_GATEWAY_TOKEN": TOKEN,
         "EDGELINK_DB": str(db),

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from clock import Clock
 from edgelink.gateway import breaker as br
 from edgelink.gateway.breaker import Breaker
 
 WALL_START = 1_700_000_000.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def wall(self) -> float:
-        return WALL_START + self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(100.0, wall_offset=WALL_START)
 
 
 def make(clock: Clock, threshold: int = 3, recovery: float = 60.0) -> Breaker:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from edgelink.config import ConfigError, load_settings
+from edgelink.config import KNOBS, ConfigError, load_settings, markdown_table
 
 TOKEN = {"VX11_GATEWAY_TOKEN": "t"}
+
+
+def module(settings, name):
+    return next(m for m in settings.modules if m.name == name)
 
 
 def test_defaults_match_the_contract():
@@ -43,16 +49,16 @@ def test_precedence_flags_env_file(tmp_path):
     assert s.port == 7200  # flag over env over file
     assert s.health_timeout == 0.5  # env over file
     assert s.keepalive_timeout == 9.0  # file over default
-    assert s.module("madre").url == "http://10.0.0.5:9001"
+    assert module(s, "madre").url == "http://10.0.0.5:9001"
     assert s.route("chat").timeout == 3.0 and s.route("chat").fallback.module == "madre"
     assert s.route("custom").module == "mcp" and s.route("custom").method == "POST"
     env["MADRE_URL"] = "http://127.0.0.1:9999/"
-    assert load_settings(env=env, config_file=str(cfg)).module("madre").url == "http://127.0.0.1:9999"
+    assert module(load_settings(env=env, config_file=str(cfg)), "madre").url == "http://127.0.0.1:9999"
 
 
 @pytest.mark.parametrize("value", ["true", "TRUE", "1", "yes", "Yes"])
 def test_booleans_true(value):
-    assert load_settings(env={**TOKEN, "SHUB_ENABLED": value}).module("shubniggurath").enabled
+    assert module(load_settings(env={**TOKEN, "SHUB_ENABLED": value}), "shubniggurath").enabled
 
 
 @pytest.mark.parametrize("value", ["false", "0", "no", "NO"])
@@ -101,8 +107,38 @@ def test_env_file_laid_over_environment(tmp_path):
     envfile = tmp_path / "edgelink.env"
     envfile.write_text('# comment\n\nVX11_GATEWAY_TOKEN="from-file"\nMADRE_URL=http://127.0.0.1:9101\n')
     s = load_settings(env={"VX11_GATEWAY_TOKEN": "from-env", "EDGELINK_ENV_FILE": str(envfile)})
-    assert s.token == "from-file" and s.module("madre").url == "http://127.0.0.1:9101"
+    assert s.token == "from-file" and module(s, "madre").url == "http://127.0.0.1:9101"
     envfile.write_text("this line is wrong\n")
     with pytest.raises(ConfigError) as info:
         load_settings(env={"EDGELINK_ENV_FILE": str(envfile)})
     assert "line 1" in str(info.value)
+
+
+def test_intents_carry_a_stream_flag(tmp_path):
+    assert [r.intent for r in load_settings(env=TOKEN).routes if r.stream] == ["stream"]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[routes.code]\nstream = true\n[routes.stream]\nstream = false\n'
+                   '[routes.live]\nmodule = "mcp"\nendpoint = "/mcp/live"\nstream = true\n')
+    s = load_settings(env=TOKEN, config_file=str(cfg))
+    assert (s.route("code").stream, s.route("stream").stream, s.route("live").stream) == (True, False, True)
+    cfg.write_text('[routes.code]\nstream = "sometimes"\n')
+    with pytest.raises(ConfigError, match="routes.code.stream"):
+        load_settings(env=TOKEN, config_file=str(cfg))
+
+
+def test_every_problem_is_reported(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('port = "x"\n[modules.madre]\nurll = "http://127.0.0.1:1"\n[forward]\nwindo = 1\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"EDGELINK_MAX_BODY": "big"}, config_file=str(cfg))
+    assert [p.split(" ")[0] for p in info.value.problems] == [
+        "forward.windo:", "bad", "bad", "modules.madre.urll:", "auth"]
+    assert "port in" in info.value.problems[1] and "EDGELINK_MAX_BODY" in info.value.problems[2]
+
+
+def test_readme_lists_every_setting_as_the_table_says():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("<!-- settings:begin -->\n")[1].split("\n<!-- settings:end -->")[0]
+    assert block == markdown_table(), "regenerate with: python -c 'from edgelink.config import markdown_table as " \
+                                      "t; print(t())'"
+    assert len(block.splitlines()) == len(KNOBS) + 2

@@ -20,7 +20,7 @@ from edgelink.config import KNOBS, MODULE_DEFAULTS, Settings, load_settings
 
 REPO = Path(edgelink.__file__).resolve().parent.parent
 SYSTEMD = REPO / "systemd"
-INSTALLED_BINARY = "/usr/local/bin/edgelink"
+INSTALLED_BINARY = "/opt/edgelink/bin/edgelink"  # the venv the README installs (Debian 12: PEP 668)
 
 
 def unit_entries(path: Path) -> dict[str, list[str]]:
@@ -81,10 +81,14 @@ def test_service_unit_settings():
         "Service.NotifyAccess": ["main"],
         "Service.WatchdogSec": ["30"],
         "Service.ExecStart": [f"{INSTALLED_BINARY} serve --config /etc/edgelink/edgelink.toml"],
-        "Service.ExecReload": ["/bin/kill -HUP $MAINPID"],
+        "Service.ExecStartPre": [f"{INSTALLED_BINARY} check --config /etc/edgelink/edgelink.toml"],
+        "Service.ExecReload": [f"{INSTALLED_BINARY} check --config /etc/edgelink/edgelink.toml",
+                               "/bin/kill -HUP $MAINPID"],
         "Service.EnvironmentFile": ["/etc/edgelink/edgelink.env"],
         "Service.Restart": ["on-failure"],
         "Service.DynamicUser": ["yes"],
+        "Service.SupplementaryGroups": ["edgelink"],
+        "Unit.Documentation": ["file:///opt/edgelink/README.md"],
         "Service.StateDirectory": ["edgelink"],
         "Service.ProtectSystem": ["strict"],
         "Service.ProtectHome": ["yes"],
@@ -103,6 +107,30 @@ def test_service_unit_settings():
     assert unit["Service.SystemCallFilter"][0] == "@system-service"
     # SIGKILL must not cut the drain short
     assert float(unit["Service.TimeoutStopSec"][0]) > Settings().shutdown_grace
+
+
+def _readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n### {title}\n")
+    return text[start:text.index("\n#", start + 1)]
+
+
+def test_readme_install_creates_what_the_unit_names():
+    """Debian 12 refuses `pip install` outside a venv (PEP 668): the install is a venv
+    under /opt/edgelink, and the unit's ExecStart= and Documentation= name its files."""
+    install = _readme_section("systemd")
+    unit = unit_entries(SYSTEMD / "edgelink.service")
+    assert "python3 -m venv /opt/edgelink && /opt/edgelink/bin/pip install ." in install
+    assert unit["Service.ExecStart"][0].startswith(INSTALLED_BINARY + " ")
+    assert "install -m 0644 README.md /opt/edgelink/README.md" in install
+    assert unit["Unit.Documentation"] == ["file:///opt/edgelink/README.md"]
+    # the group the unit reads /etc/edgelink with, declared for systemd-sysusers
+    assert "systemd/edgelink.sysusers /etc/sysusers.d/edgelink.conf" in install
+    sysusers = [line.split() for line in (SYSTEMD / "edgelink.sysusers").read_text().splitlines()
+                if line and not line.startswith("#")]
+    assert sysusers == [["g", unit["Service.SupplementaryGroups"][0], "-"]]
+    assert "install -m 0640 -g edgelink systemd/edgelink.env.example /etc/edgelink/edgelink.env" in install
+    assert "pip install ." not in install.replace("/opt/edgelink/bin/pip install .", "")
 
 
 def test_socket_unit_settings():
@@ -234,19 +262,50 @@ class Health(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("status, healthy", [(200, True), (503, False)])
-def test_containerfile_healthcheck_command(status, healthy):
-    """The image's HEALTHCHECK, run as is against a stand-in /health."""
+def _healthcheck(port_env: dict[str, str], status: int = 200, port_of_server: str = "") -> bool:
+    """The image's HEALTHCHECK, run as is against a stand-in /health; True if healthy.
+    ``port_of_server`` names the variable(s) in ``port_env`` to be set to its real port."""
     healthcheck = dict(final_stage(instructions(CONTAINERFILE.read_text())))["HEALTHCHECK"]
     command = json.loads(healthcheck[healthcheck.index("CMD ") + 4:])
     assert command[0] == "python"
     handler = type("Handler", (Health,), {"status": status})
     with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        env = {**os.environ, "TENTACULO_LINK_PORT": str(server.server_address[1])}
+        env = {k: v for k, v in os.environ.items() if k not in ("TENTACULO_LINK_PORT", "EDGELINK_PORT")}
+        env.update({k: str(server.server_address[1]) if k == port_of_server else v for k, v in port_env.items()})
         proc = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=30)
         server.shutdown()
-    assert (proc.returncode == 0) is healthy
+    return proc.returncode == 0
+
+
+@pytest.mark.parametrize("status, healthy", [(200, True), (503, False)])
+def test_containerfile_healthcheck_command(status, healthy):
+    assert _healthcheck({"TENTACULO_LINK_PORT": ""}, status, "TENTACULO_LINK_PORT") is healthy
+
+
+def test_containerfile_healthcheck_follows_the_port_the_gateway_chose():
+    """The same precedence as the settings: TENTACULO_LINK_PORT, then EDGELINK_PORT."""
+    from fakemodule import unused_port
+
+    closed = str(unused_port())
+    assert _healthcheck({"EDGELINK_PORT": ""}, port_of_server="EDGELINK_PORT")
+    # TENTACULO_LINK_PORT wins, whether it is the right port or not
+    assert _healthcheck({"EDGELINK_PORT": closed, "TENTACULO_LINK_PORT": ""}, port_of_server="TENTACULO_LINK_PORT")
+    assert not _healthcheck({"EDGELINK_PORT": "", "TENTACULO_LINK_PORT": closed}, port_of_server="EDGELINK_PORT")
+    # an empty value is unset, for the check as for the gateway
+    assert _healthcheck({"EDGELINK_PORT": "", "TENTACULO_LINK_PORT": ""}, port_of_server="EDGELINK_PORT")
+    assert load_settings(env={"EDGELINK_PORT": closed, "TENTACULO_LINK_PORT": "", "ENABLE_AUTH": "false"}).port \
+        == int(closed)
+
+
+def test_container_user_and_group_ids_agree():
+    runtime = final_stage(instructions(CONTAINERFILE.read_text()))
+    user = dict(runtime)["USER"]
+    uid, _, gid = user.partition(":")
+    assert uid == gid and uid.isdigit() and uid != "0"
+    created = " ".join(args for keyword, args in runtime if keyword == "RUN")
+    assert f"groupadd --system --gid {gid} edgelink" in created
+    assert f"useradd --system --uid {uid} --gid {gid} " in created
 
 
 # -- compose example ------------------------------------------------------------------

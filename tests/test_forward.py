@@ -281,23 +281,26 @@ def test_retention_never_prunes_unforwarded_events(tmp_path: Path) -> None:
 
 
 def test_byte_bound_drop_moves_the_cursor_and_counts(tmp_path: Path) -> None:
+    world = World()
+    world.auto = False
+
     async def body(ledger: Ledger) -> None:
         await fill(ledger, 10)
-        ledger.protect_after = 2
-
-        def prune() -> int:  # what the byte-bound prune does inside its transaction
-            conn = ledger._connect()
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("DELETE FROM events WHERE seq <= 6")
-            dropped = ledger.drop_unforwarded(conn, range(1, 7))
-            conn.execute("COMMIT")
-            conn.close()
-            return dropped
-
-        assert await asyncio.to_thread(prune) == 4
-        assert ledger.forward_dropped == 4 and ledger.protect_after == 6
+        fw = forwarder(ledger, world, window=4)
+        await fw.start()
+        await until(lambda: len(world.sent) == 4)
+        assert ledger.on_forced_drop is not None
+        ledger.on_forced_drop(6, 6, 6)  # what the byte bound reports after deleting 1..6
+        await until(lambda: ledger.protect_after == 6)
         assert await ledger.forward_cursor() == 6
-        assert await ledger.store_forward_cursor(3) == 6  # the cursor never moves back
+        assert fw.status()["dropped"] == 6
+        world.auto = True
+        for seq in range(1, 5):
+            world.engine.ack(seq)
+        await until(lambda: fw.acked_seq == 10)
+        assert await ledger.store_forward_cursor(3) == 10  # the cursor never moves back
+        await fw.stop()
+        assert ledger.on_forced_drop is None
 
     run_with_ledger(tmp_path, body)
 

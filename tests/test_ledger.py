@@ -14,20 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from clock import T0, Clock
 from edgelink.config import Settings
 from edgelink.gateway.events import Event, build_event
-from edgelink.ledger import SNIPPET_CHARS, Ledger, LedgerClosed, ProbeRecord
+from edgelink.gateway.health import HealthCheck
+from edgelink.ledger import (BUCKET_MS, EVENTS_SCHEMA, MIB, SNIPPET_CHARS, WAL_LIMIT, WRITE_CHUNK_BYTES, Ledger,
+                            LedgerClosed, LedgerFull, LedgerUnavailable)
 
-T0 = 1_700_000_000.0  # seconds
 DAY_MS = 86_400_000
-
-
-class Clock:
-    def __init__(self, t: float = T0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def event(type_: str = "custom.event", ts_ms: int = int(T0 * 1000), broadcast: bool = False,
@@ -51,6 +45,12 @@ async def opened(path: Path, **kwargs):
 
 def raw(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(str(path), isolation_level=None)
+
+
+def stored_seqs(path: Path) -> list[int]:
+    """Every seq in the file, oldest first, read beside the ledger's own connections."""
+    with contextlib.closing(raw(path)) as conn:
+        return [seq for (seq,) in conn.execute("SELECT seq FROM events ORDER BY seq")]
 
 
 def run(coro):
@@ -161,7 +161,7 @@ def test_a_failed_write_reaches_its_callers_and_the_ledger_goes_on(tmp_path):
         async with opened(path) as ledger:
             raw(path).execute("CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.type = 'boom'"
                               " BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
-            with pytest.raises(sqlite3.IntegrityError, match="disk says no"):
+            with pytest.raises(LedgerUnavailable, match="disk says no"):
                 await ledger.append(event("boom"))
             assert await ledger.append(event("fine")) >= 1
             assert await ledger.counts_by_type(2**62) == {"fine": 1}
@@ -256,7 +256,7 @@ def test_last_seq(tmp_path):
     run(main())
 
 
-def test_counts_recent_and_window_at_a_time(tmp_path):
+def test_counts_and_recent_at_a_time(tmp_path):
     base = int(T0 * 1000)
 
     async def main():
@@ -268,9 +268,6 @@ def test_counts_recent_and_window_at_a_time(tmp_path):
             recent = await ledger.recent(base + 4000, 3)
             assert [(e.type, e.timestamp) for e in recent] == [("a", base + 4000), ("c", base + 3000),
                                                               ("a", base + 2000)]
-            window = await ledger.between(base + 1000, base + 4000, 10)
-            assert [e.type for e in window] == ["b", "a", "c", "a"]
-            assert [e.type for e in await ledger.between(base + 1000, base + 4000, 2)] == ["b", "a"]
 
     run(main())
 
@@ -293,8 +290,8 @@ def test_retention_by_count_keeps_the_newest(tmp_path):
         async with opened(tmp_path / "l.db", retention_events=10) as ledger:
             seqs = [await ledger.append(event()) for _ in range(25)]
             assert await ledger.prune() == 15
-            kept = await ledger.between(0, 2**62, 100)
-            assert [e.seq for e in kept] == seqs[-10:]
+            kept = await ledger.recent(2**62, 100)  # newest first
+            assert [e.seq for e in reversed(kept)] == seqs[-10:]
             assert await ledger.prune() == 0
 
     run(main())
@@ -389,10 +386,10 @@ def test_appends_are_served_between_retention_batches(tmp_path):
 # --- health ------------------------------------------------------------------------------
 
 
-def probe(name: str, status: str, checked_at: int, snippet: str = "{}", port: int = 8001) -> ProbeRecord:
+def probe(name: str, status: str, checked_at: int, snippet: str = "{}", port: int = 8001) -> HealthCheck:
     ok = status == "ok"
-    return ProbeRecord(name, port, status, 200 if ok else None, 12.5 if ok else None,
-                       f"http://127.0.0.1:{port}", None if ok else "connection refused", snippet, checked_at)
+    return HealthCheck(name, status, 200 if ok else None, 12.5 if ok else None, f"http://127.0.0.1:{port}",
+                       None if ok else "connection refused", snippet, port, checked_at)
 
 
 def test_health_rounds_latest_history_and_health_at(tmp_path):
@@ -547,3 +544,204 @@ def test_acknowledged_events_survive_sigkill(tmp_path, sync):
     missing = {e: s for e, s in acked.items() if stored.get(e) != s}
     assert not missing, f"{len(missing)} acknowledged events lost"
     assert len(acked) >= 300
+
+
+# --- the byte bound, reclaimed space, counts, the snapshot's reads --------------------------
+
+BOUND = 16 * MIB
+
+
+def big(i: int = 0, size: int = MIB - 4096, ts_ms: int = int(T0 * 1000)) -> Event:
+    return event(f"big.{i % 2}", ts_ms=ts_ms, payload={"blob": "x" * size})
+
+
+def file_bytes(path: Path) -> int:
+    return sum(os.path.getsize(p) for p in (path, Path(f"{path}-wal")) if p.exists())
+
+
+def test_drop_oldest_keeps_the_file_under_the_bound_and_reports_unforwarded_drops(tmp_path):
+    path = tmp_path / "l.db"
+    drops = []
+
+    async def main():
+        async with opened(path, max_bytes=BOUND) as ledger:
+            ledger.protect_after = 3  # a forwarder acknowledged seq 1..3
+            ledger.on_forced_drop = lambda *report: drops.append(report)
+            seqs = [await ledger.append(big(i)) for i in range(40)]
+            assert file_bytes(path) <= BOUND, file_bytes(path)
+            assert os.path.getsize(f"{path}-wal") <= WAL_LIMIT + 2 * WRITE_CHUNK_BYTES
+            kept = stored_seqs(path)
+            assert kept == seqs[-len(kept):] and 5 <= len(kept) < 16  # the oldest went, in order
+            await asyncio.sleep(0)  # the reports arrive on the loop after each commit
+            assert sum(d[0] for d in drops) == 40 - len(kept) == ledger.pruned["bytes"]
+            assert sum(d[1] for d in drops) == 40 - len(kept) - 3  # all but the 3 forwarded ones
+            assert drops[-1][2] == seqs[-len(kept)] - 1  # the highest seq dropped
+            assert sum((await ledger.counts_by_type(2**62)).values()) == len(kept)
+
+    run(main())
+
+
+def test_reject_refuses_at_the_bound_and_accepts_again_once_retention_freed_space(tmp_path):
+    path = tmp_path / "l.db"
+
+    async def main():
+        async with opened(path, max_bytes=BOUND, full_policy="reject", retention_events=2) as ledger:
+            stored = 0
+            with pytest.raises(LedgerFull):
+                for i in range(40):
+                    await ledger.append(big(i))
+                    stored += 1
+            assert 5 <= stored < 16
+            assert len(stored_seqs(path)) == stored  # nothing stored was dropped
+            await ledger.prune()  # count retention keeps 2: space for more
+            assert await ledger.append(big()) > 0
+
+    run(main())
+
+
+def test_an_event_bigger_than_the_bound_is_refused_even_under_drop_oldest(tmp_path):
+    async def main():
+        async with opened(tmp_path / "l.db", max_bytes=BOUND) as ledger:
+            first = await ledger.append(event())
+            with pytest.raises(LedgerFull):
+                await ledger.append(big(size=BOUND))
+            assert stored_seqs(tmp_path / "l.db") == [first]  # nothing dropped for it
+
+    run(main())
+
+
+def test_count_and_age_retention_keep_events_not_yet_forwarded(tmp_path):
+    clock = Clock()
+
+    async def main():
+        async with opened(tmp_path / "l.db", retention_events=2, retention_days=1, now=clock) as ledger:
+            seqs = [await ledger.append(event()) for _ in range(10)]
+            ledger.protect_after = seqs[3]
+            assert await ledger.prune() == 4  # count retention stops at the cursor
+            clock.t += 3 * 86_400  # everything is old now
+            assert await ledger.prune() == 0
+            ledger.protect_after = seqs[8]
+            assert await ledger.prune() == 5
+            assert stored_seqs(tmp_path / "l.db") == [seqs[9]]
+            assert ledger.pruned == {"count": 8, "age": 1, "bytes": 0}
+
+    run(main())
+
+
+def test_pruned_space_goes_back_to_the_file_system(tmp_path):
+    path = tmp_path / "l.db"
+
+    async def main():
+        async with opened(path, retention_events=1) as ledger:
+            for i in range(30):
+                await ledger.append(big(i))
+            grown = os.path.getsize(path)
+            await ledger.prune()
+            for _ in range(200):  # incremental vacuum runs in small steps between batches
+                if os.path.getsize(path) < 8 * MIB:
+                    break
+                await asyncio.sleep(0.02)
+            assert grown > 25 * MIB and os.path.getsize(path) < 8 * MIB, (grown, os.path.getsize(path))
+
+    run(main())
+    assert raw(path).execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+
+
+def pre_bound_database(path: Path, rows: int, ts_ms: int = int(T0 * 1000)) -> None:
+    """A database as the previous version made it: no auto_vacuum, no count tables."""
+    db = raw(path)
+    db.execute("PRAGMA journal_mode = WAL")
+    for statement in EVENTS_SCHEMA:
+        db.execute(statement)
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO events (event_id, type, source, timestamp, payload, metadata, canonical, broadcast)"
+                   " VALUES (?, ?, 'old', ?, '{}', NULL, 0, 0)",
+                   [(f"e{i}", f"type.{i % 3}", ts_ms + i * 7_000) for i in range(rows)])
+    db.execute("COMMIT")
+    db.close()
+
+
+def test_an_older_database_gets_counts_and_incremental_vacuum_in_place(tmp_path):
+    path = tmp_path / "old.db"
+    pre_bound_database(path, 300)
+
+    async def main():
+        async with opened(path) as ledger:
+            assert await ledger.counts_by_type(2**62) == {"type.0": 100, "type.1": 100, "type.2": 100}
+            assert ledger.reclaimable
+            await ledger.append(event("type.0"))
+            assert (await ledger.counts_by_type(2**62))["type.0"] == 101
+
+    run(main())
+    assert raw(path).execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+    assert raw(path).execute("SELECT count(*) FROM events").fetchone()[0] == 301
+
+
+def test_a_big_older_database_is_not_converted_but_says_so(tmp_path, monkeypatch, capfd):
+    path = tmp_path / "old.db"
+    pre_bound_database(path, 50)
+    monkeypatch.setattr("edgelink.ledger.CONVERT_MAX_BYTES", 1024)
+
+    async def main():
+        async with opened(path) as ledger:
+            assert not ledger.reclaimable
+            assert sum((await ledger.counts_by_type(2**62)).values()) == 50
+
+    run(main())
+    assert '"event":"ledger_space_not_returned"' in capfd.readouterr().err
+    assert raw(path).execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+
+
+def test_counts_by_type_at_any_time_match_the_events(tmp_path):
+    path = tmp_path / "l.db"
+    base = int(T0 * 1000)
+    # uneven timestamps across many minutes, several per minute, some on minute edges
+    stamps = [base + (i * 7919) % (40 * BUCKET_MS) for i in range(400)] + [base + 5 * BUCKET_MS] * 3
+
+    async def main():
+        async with opened(path, retention_events=300) as ledger:
+            for i, ts in enumerate(stamps):
+                await ledger.append(event(f"t{i % 4}", ts_ms=ts))
+            await ledger.prune()  # deletes keep the counts right too
+            db = raw(path)
+            probes = [base - 1, base, base + 5 * BUCKET_MS - 1, base + 5 * BUCKET_MS, base + 17 * BUCKET_MS + 123,
+                      base + 39 * BUCKET_MS, base + 40 * BUCKET_MS, 2**62, *stamps[::37]]
+            for t in probes:
+                want = dict(db.execute("SELECT type, count(*) FROM events WHERE timestamp <= ? GROUP BY type", (t,)))
+                assert await ledger.counts_by_type(t) == want, t
+
+    run(main())
+
+
+def test_recent_summarises_long_fields_without_reading_them(tmp_path):
+    async def main():
+        async with opened(tmp_path / "l.db") as ledger:
+            small = event(payload={"a": 1}, metadata={"m": "x" * 100})
+            long = event(payload={"blob": "y" * 20_000}, metadata={"m": "z" * 9000})
+            await ledger.append(small)
+            await ledger.append(long)
+            newest, oldest = await ledger.recent(2**62, 2, max_field_bytes=8192)
+            assert newest.payload == {"truncated": True, "bytes": 20_011}
+            assert newest.metadata == {"truncated": True, "bytes": 9_008}
+            assert oldest.payload == {"a": 1} and oldest.metadata == {"m": "x" * 100}
+            assert (await ledger.recent(2**62, 1))[0].payload == long.payload  # no cap: whole
+
+    run(main())
+
+
+def test_a_deleted_database_is_noticed_through_the_epoch_record(tmp_path, capfd):
+    path = tmp_path / "l.db"
+
+    async def epoch():
+        async with opened(path) as ledger:
+            return ledger.epoch
+
+    first = run(epoch())
+    assert Path(f"{path}.epoch").read_text().strip() == first
+    assert run(epoch()) == first and "ledger_epoch_changed" not in capfd.readouterr().err
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        p.unlink(missing_ok=True)
+    second = run(epoch())
+    err = capfd.readouterr().err
+    assert second != first and '"event":"ledger_epoch_changed"' in err and first in err
+    assert Path(f"{path}.epoch").read_text().strip() == second

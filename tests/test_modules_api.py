@@ -279,7 +279,8 @@ def test_routes_lists_the_seven_default_intents(gateway) -> None:
     for name, (module, endpoint, timeout) in DEFAULT_ROUTES.items():
         route = routes[name]
         assert set(route) == {"module", "endpoint", "method", "timeout", "description", "auth_required",
-                              "fallback"}
+                              "stream", "fallback"}
+        assert route["stream"] is (name == "stream")
         assert (route["module"], route["endpoint"], route["method"], route["timeout"]) == \
             (module, endpoint, "POST", timeout), (name, route)
         assert isinstance(route["description"], str) and route["description"]
@@ -306,7 +307,8 @@ description = "Echo, for tests"
     routes = gw.get("/vx11/routes").json()["routes"]
     assert set(routes) == set(DEFAULT_ROUTES) | {"echo"}
     assert routes["echo"] == {"module": "hermes", "endpoint": "/hermes/echo", "method": "POST", "timeout": 2.5,
-                              "description": "Echo, for tests", "auth_required": True, "fallback": None}
+                              "description": "Echo, for tests", "auth_required": True, "stream": False,
+                              "fallback": None}
     reply = intent(gw, "echo", {"say": "hello"})
     assert reply.status == 200 and reply.json() == {"echoed": True}
     [request] = received(hermes, "/hermes/echo")

@@ -5,18 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
+from clock import T0, Clock
 from edgelink.gateway.events import build_event
 from edgelink.gateway.observe import OVERFLOW_TYPE, CardinalityCounter, CorrelationGraph
-
-T0 = 1_700_000_000.0
-
-
-class Clock:
-    def __init__(self, t: float = T0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 # --- cardinality ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import uuid
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from clock import T0, Clock
 from edgelink.config import load_settings
 from edgelink.gateway.sessions import (
     MESSAGE_OVERHEAD,
@@ -17,19 +18,6 @@ from edgelink.gateway.sessions import (
     SessionStore,
     Sweeper,
 )
-
-T0 = 1_700_000_000.0
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 def make(clock: Clock, **bounds) -> SessionStore:

@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from edgelink.config import ModuleConfig, Settings
-from edgelink.gateway.modules import Modules, ModuleReply
+from edgelink.api.modules import module_error
+from edgelink.modules import ModuleError, ModuleReply, Modules
 from edgelink.http.messages import HTTPError
 from edgelink.upstream import UpstreamClient, UpstreamError
 from fakemodule import (CLOSE_AFTER_REPLY, CLOSE_BEFORE_REPLY, CLOSE_MID_REPLY, ERROR_500, HANG, HUGE,
@@ -44,9 +45,10 @@ async def call(modules: Modules, module: str = "switch", method: str = "POST",
 
 
 async def error_of(awaitable: Awaitable[Any]) -> HTTPError:
-    with pytest.raises(HTTPError) as info:
+    """The HTTP answer the API gives for the registry's ModuleError."""
+    with pytest.raises(ModuleError) as info:
         await awaitable
-    return info.value
+    return module_error(info.value)
 
 
 def body_of(error: HTTPError) -> dict[str, Any]:

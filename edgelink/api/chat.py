@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..config import RouteConfig
+from ..config import Intent
 from ..http.messages import HTTPError, Request, Response, check_fields, empty_response, json_response, \
     validation_error
 from ..log import log
+from ..modules import ModuleError
+from .modules import call
 
 MAX_MESSAGE = 32_768
 _CHAT_FIELDS = {"message": (str, True), "session_id": (str, False), "user_id": (str, False),
@@ -26,13 +28,11 @@ def _reply_text(data: Any) -> str | None:
     return None
 
 
-async def _ask(req: Request, route: RouteConfig, body: dict[str, Any]) -> tuple[str, str] | None:
+async def _ask(req: Request, route: Intent, body: dict[str, Any]) -> tuple[str, str] | None:
     """(text, model) from one route, or None if it failed in any way (logged)."""
-    rt = req.app
     try:
-        reply = await rt.modules.call(route.module, route.method, route.endpoint, json=body,
-                                      timeout=route.timeout, correlation_id=req.correlation_id)
-    except HTTPError as exc:
+        reply = await call(req, route, body)
+    except ModuleError as exc:
         log.warning("chat_route_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
         return None
     text = _reply_text(reply.data) if 200 <= reply.status < 300 else None
@@ -48,7 +48,7 @@ async def _ask(req: Request, route: RouteConfig, body: dict[str, Any]) -> tuple[
 
 async def chat(req: Request) -> Response:
     started = time.perf_counter()
-    rt = req.app
+    rt = req.runtime
     body = req.json_object()
     check_fields(body, _CHAT_FIELDS)
     message = body["message"]
@@ -83,17 +83,17 @@ async def chat(req: Request) -> Response:
 
 
 async def session(req: Request) -> Response:
-    view = req.app.sessions.view(req.params["session_id"])
+    view = req.runtime.sessions.view(req.params["session_id"])
     if view is None:
         raise HTTPError(404, "session_not_found", session_id=req.params["session_id"])
     return json_response(view)
 
 
 async def delete_session(req: Request) -> Response:
-    if not req.app.sessions.delete(req.params["session_id"]):
+    if not req.runtime.sessions.delete(req.params["session_id"]):
         raise HTTPError(404, "session_not_found", session_id=req.params["session_id"])
     return empty_response(204)
 
 
 async def sessions(req: Request) -> Response:
-    return json_response(req.app.sessions.list_sessions())
+    return json_response(req.runtime.sessions.list_sessions())

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import heapq
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from ..gateway.events import Event, SchemaRejected, parse_ingest
+from ..ledger import LedgerFull, LedgerUnavailable
 from ..http.messages import HTTPError, Request, Response, json_response
 from ..http.websocket import WebSocket
 
@@ -13,6 +17,10 @@ if TYPE_CHECKING:
     from ..runtime import Runtime
 
 RECENT_IN_SNAPSHOT = 20
+MAX_SNAPSHOT_T = 2**53  # the largest ``t`` a snapshot takes (a JSON-safe integer)
+SNAPSHOT_MAX_BYTES = 256 * 1024  # API.md §5: the whole answer
+SNAPSHOT_FIELD_BYTES = 8192  # a longer payload (or metadata) of a recent event is summarised
+SNAPSHOT_TYPES = 200  # with more types than this, counts_by_type lists those with most events
 
 
 def now_ms() -> int:
@@ -39,7 +47,7 @@ async def accept(rt: "Runtime", event: Event, exclude: WebSocket | None = None) 
 
 
 async def ingest(req: Request) -> Response:
-    rt = req.app
+    rt = req.runtime
     body = req.json()
     try:
         event = parse_ingest(body, now_ms())
@@ -49,7 +57,14 @@ async def ingest(req: Request) -> Response:
     except HTTPError:
         rt.metrics.events.inc("invalid", "rejected")
         raise
-    event = await accept(rt, event)
+    try:
+        event = await accept(rt, event)
+    except LedgerFull:
+        rt.metrics.budget_refusals.inc("ledger")
+        raise HTTPError(507, "ledger_full", detail="the ledger is at EDGELINK_LEDGER_MAX_BYTES") from None
+    except LedgerUnavailable as exc:
+        raise HTTPError(503, "ledger_unavailable", headers=[(b"retry-after", b"1")],
+                        detail=f"the event was not stored: {exc}") from None
     return json_response({
         "status": "received", "event_id": event.event_id, "seq": event.seq, "source": event.source,
         "type": event.type, "canonical": event.canonical, "broadcast": event.broadcast,
@@ -57,26 +72,40 @@ async def ingest(req: Request) -> Response:
 
 
 async def cardinality(req: Request) -> Response:
-    return json_response(req.app.cardinality.snapshot())
+    return json_response(req.runtime.cardinality.snapshot())
 
 
 async def correlations(req: Request) -> Response:
-    return json_response(req.app.correlations.snapshot())
+    return json_response(req.runtime.correlations.snapshot())
 
 
 async def snapshot(req: Request) -> Response:
-    rt = req.app
-    t = req.int_query("t", 0, 0, 2**53)
+    rt = req.runtime
+    t = req.int_query("t", 0, 0, MAX_SNAPSHOT_T)
     at = t or now_ms()
     ledger = rt.ledger
     modules = await ledger.health_at(at)
     counts = await ledger.counts_by_type(at)
-    recent = await ledger.recent(at, RECENT_IN_SNAPSHOT)
-    return json_response({
-        "timestamp": at,
-        "modules": modules,
-        "events": {
-            "counts_by_type": counts,
-            "recent": [{k: v for k, v in e.frame().items() if k != "channel"} for e in recent],
-        },
-    })
+    if len(counts) > SNAPSHOT_TYPES:
+        counts = dict(heapq.nlargest(SNAPSHOT_TYPES, counts.items(), key=lambda item: item[1]))
+    recent = [{k: v for k, v in e.frame().items() if k != "channel"}
+              for e in await ledger.recent(at, RECENT_IN_SNAPSHOT, SNAPSHOT_FIELD_BYTES)]
+    answer = {"timestamp": at, "modules": modules, "events": {"counts_by_type": counts, "recent": recent}}
+    body = orjson.dumps(answer)
+    if len(body) > SNAPSHOT_MAX_BYTES:
+        _summarise_largest(recent, len(body) - SNAPSHOT_MAX_BYTES)
+        body = orjson.dumps(answer)
+    return Response(200, body)
+
+
+def _summarise_largest(recent: list[dict[str, Any]], excess: int) -> None:
+    """Replace the largest payloads and metadata of ``recent`` by their summary until
+    about ``excess`` bytes are saved: twenty fields under 8 KiB each can still add up."""
+    fields = sorted(((len(orjson.dumps(item[key])), i, key) for i, item in enumerate(recent)
+                     for key in ("payload", "metadata") if item[key] is not None), reverse=True)
+    for size, i, key in fields:
+        if excess <= 0:
+            break
+        summary = {"truncated": True, "bytes": size}
+        recent[i][key] = summary
+        excess -= size - len(orjson.dumps(summary))

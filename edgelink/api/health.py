@@ -13,6 +13,6 @@ _STOPPING = orjson.dumps({**_BODY, "status": "stopping", "error": "stopping", "s
 
 
 async def health(req: Request) -> Response:
-    if req.app.stopping:
+    if req.runtime.stopping:
         return Response(503, _STOPPING)
     return Response(200, _OK)

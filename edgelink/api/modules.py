@@ -5,10 +5,26 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from ..config import RouteConfig
+from ..config import Intent
 from ..http.messages import HTTPError, Request, Response, json_response
+from ..modules import ModuleError, ModuleReply
 
 GATEWAY = {"module": "tentaculo_link", "version": "7.0"}
+# the HTTP answer to a module call that got no usable reply (API.md §3)
+MODULE_ERROR_STATUS = {"upstream_unavailable": 502, "circuit_open": 503, "module_disabled": 503,
+                       "upstream_timeout": 504}
+
+
+def module_error(exc: ModuleError) -> HTTPError:
+    # an open breaker also says "status": "circuit_open" in its body (API.md §2)
+    body = {"status": "circuit_open"} if exc.code == "circuit_open" else None
+    return HTTPError(MODULE_ERROR_STATUS[exc.code], exc.code, body=body, module=exc.module, detail=exc.detail)
+
+
+async def call(req: Request, target: Intent, body: Any) -> ModuleReply:
+    """Call an intent's target; ModuleError is left to the caller, which may fall back."""
+    return await req.runtime.modules.call(target.module, target.method, target.endpoint, json=body,
+                                          timeout=target.timeout, correlation_id=req.correlation_id)
 
 
 def _counted(health: dict[str, dict[str, Any]]) -> tuple[int, int]:
@@ -18,7 +34,7 @@ def _counted(health: dict[str, dict[str, Any]]) -> tuple[int, int]:
 
 
 async def status(req: Request) -> Response:
-    rt = req.app
+    rt = req.runtime
     health = await rt.modules.probe_all()
     healthy, total = _counted(health)
     ports: dict[str, int] = {m.name: m.port for m in rt.settings.modules}
@@ -33,7 +49,7 @@ async def status(req: Request) -> Response:
 
 
 async def overview(req: Request) -> Response:
-    health = await req.app.modules.probe_all()
+    health = await req.runtime.modules.probe_all()
     healthy, total = _counted(health)
     return json_response({
         "status": "ok", "gateway": "tentaculo_link", "version": "7.0", "modules_health": health,
@@ -42,14 +58,14 @@ async def overview(req: Request) -> Response:
 
 
 async def breakers(req: Request) -> Response:
-    return json_response(req.app.modules.breaker_status())
+    return json_response(req.runtime.modules.breaker_status())
 
 
-def _route_body(route: RouteConfig) -> dict[str, Any]:
+def _route_body(route: Intent) -> dict[str, Any]:
     fallback = route.fallback
     return {
         "module": route.module, "endpoint": route.endpoint, "method": route.method, "timeout": route.timeout,
-        "description": route.description, "auth_required": route.auth_required,
+        "description": route.description, "auth_required": route.auth_required, "stream": route.stream,
         "fallback": None if fallback is None else {
             "module": fallback.module, "endpoint": fallback.endpoint, "method": fallback.method,
             "timeout": fallback.timeout},
@@ -57,36 +73,39 @@ def _route_body(route: RouteConfig) -> dict[str, Any]:
 
 
 async def routes(req: Request) -> Response:
-    return json_response({"routes": {r.intent: _route_body(r) for r in req.app.settings.routes}})
+    return json_response({"routes": {r.intent: _route_body(r) for r in req.runtime.settings.routes}})
 
 
 async def intent(req: Request) -> Response:
-    rt = req.app
+    rt = req.runtime
     route = rt.settings.route(req.params["intent"])
     if route is None:
         raise HTTPError(404, "unknown_intent", detail=f"no route for intent {req.params['intent']!r}",
                         known=[r.intent for r in rt.settings.routes])
     body = req.json_object() if req.body.strip() else {}
     try:
-        reply = await rt.modules.call(route.module, route.method, route.endpoint, json=body,
-                                      timeout=route.timeout, correlation_id=req.correlation_id)
-        failed = reply.status >= 500
-    except HTTPError:
-        if route.fallback is None:
-            raise
-        failed = True
-    if failed and route.fallback is not None:
-        # the fallback answers for a primary that is down or failing (5xx), as chat does
-        fb = route.fallback
-        reply = await rt.modules.call(fb.module, fb.method, fb.endpoint, json=body,
-                                      timeout=fb.timeout, correlation_id=req.correlation_id)
+        try:
+            reply = await call(req, route, body)
+            failed = reply.status >= 500
+        except ModuleError:
+            if route.fallback is None:
+                raise
+            failed = True
+        if failed and route.fallback is not None:
+            # the fallback answers for a primary that is down or failing (5xx), as chat does
+            reply = await call(req, route.fallback, body)
+    except ModuleError as exc:
+        raise module_error(exc) from None
     return json_response(reply.data, reply.status)
 
 
 async def _proxy(req: Request, module: str, path: str) -> Response:
-    rt = req.app
-    reply = await rt.modules.call(module, "GET", path, timeout=rt.settings.proxy_timeout,
-                                  correlation_id=req.correlation_id)
+    rt = req.runtime
+    try:
+        reply = await rt.modules.call(module, "GET", path, timeout=rt.settings.proxy_timeout,
+                                      correlation_id=req.correlation_id)
+    except ModuleError as exc:
+        raise module_error(exc) from None
     return json_response(reply.data, reply.status)
 
 

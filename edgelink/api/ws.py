@@ -8,7 +8,7 @@ import orjson
 
 from ..gateway.events import SCHEMAS, SchemaRejected, build_event, normalize_client_event
 from ..http.websocket import WebSocket
-from ..log import log
+from ..log import log, traceback_text
 from .events import accept, now_ms
 
 MAX_CLIENT_ID = 128
@@ -20,7 +20,7 @@ def _control(kind: str, **fields: object) -> bytes:
 
 
 async def websocket(ws: WebSocket) -> None:
-    rt = ws.request.app
+    rt = ws.request.runtime
     query = ws.request.query
     client_id = query.get("client_id") or uuid.uuid4().hex[:12]
     since_raw = query.get("since_seq")
@@ -76,7 +76,7 @@ async def websocket(ws: WebSocket) -> None:
             await accept(rt, event, exclude=ws)
     except Exception as exc:
         log.error("websocket_failed", error=repr(exc), client_id=client_id,
-                  correlation_id=ws.request.correlation_id)
+                  correlation_id=ws.request.correlation_id, traceback=traceback_text(exc))
         raise
     finally:
         rt.hub.remove(client)

@@ -79,13 +79,14 @@ class Forwarder:
         self.reconnects = metrics.add(Counter("edgelink_forward_reconnects_total", "Broker connections lost"))
         self.ack_latency = metrics.add(Histogram("edgelink_forward_ack_latency_seconds",
                                                  "Time from publish to the broker's ack"))
-        metrics.add(Counter("edgelink_forward_dropped_total", "Unforwarded events pruned at the ledger byte bound",
-                            read=lambda: {(): ledger.forward_dropped}))
+        self.dropped = metrics.add(Counter("edgelink_forward_dropped_total",
+                                           "Unforwarded events pruned at the ledger byte bound"))
         metrics.add(Gauge("edgelink_forward_backlog", "Events not yet acknowledged by the broker",
                           read=lambda: {(): self.backlog}))
         metrics.add(Gauge("edgelink_forward_state", "Forwarder state (1 for the current one)", ("state",),
                           read=lambda: {(s,): float(s == self.state) for s in STATES}))
-        for counter in (self.forwarded, self.acked, self.resent, self.reconnects):
+        self._skips: set[asyncio.Task[int]] = set()  # cursor writes past dropped events
+        for counter in (self.forwarded, self.acked, self.resent, self.reconnects, self.dropped):
             counter.inc(amount=0)  # the series exist from the start
 
     @property
@@ -97,6 +98,7 @@ class Forwarder:
     async def start(self) -> None:
         self.acked_seq = await self.ledger.forward_cursor()
         self.ledger.protect_after = self.acked_seq  # retention keeps what is not forwarded
+        self.ledger.on_forced_drop = self._forced_drop
         self.last_seq = await self.ledger.last_seq()
         self._task = asyncio.create_task(self._run(), name="forwarder")
         log.info("forward_started", engine=self.engine_name, url=self.url, edge_id=self.edge_id,
@@ -107,8 +109,25 @@ class Forwarder:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        await asyncio.gather(*self._skips, return_exceptions=True)
         self.ledger.protect_after = None
+        self.ledger.on_forced_drop = None
 
+    def _forced_drop(self, dropped: int, unforwarded: int, last_seq: int) -> None:
+        """The ledger's byte bound (drop_oldest) deleted ``unforwarded`` events not yet
+        forwarded, up to ``last_seq``: they are lost to the broker, so the cursor moves past
+        them (the pump takes the stored value at its next cursor write)."""
+        if not unforwarded:
+            return
+        self.dropped.inc(amount=unforwarded)
+        task = asyncio.get_running_loop().create_task(self.ledger.store_forward_cursor(last_seq))
+        self._skips.add(task)
+        task.add_done_callback(self._skip_done)
+
+    def _skip_done(self, task: asyncio.Task[int]) -> None:
+        self._skips.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("forward_cursor_write_failed", error=repr(task.exception()))
     def wake(self, seq: int) -> None:
         """A new event was committed (called on the ingest path: O(1), never waits)."""
         if seq > self.last_seq:
@@ -121,7 +140,7 @@ class Forwarder:
                 "epoch": self.ledger.epoch, "state": self.state, "acked_seq": self.acked_seq,
                 "last_seq": self.last_seq, "backlog": self.backlog, "in_flight": self.in_flight,
                 "last_error": self.last_error, "last_ack_at": self.last_ack_at,
-                "dropped": self.ledger.forward_dropped}
+                "dropped": int(self.dropped.values.get((), 0))}
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -203,7 +222,7 @@ class Forwarder:
                 while inflight and inflight[0][1].done():
                     cursor_after, future, sent_at = inflight.popleft()
                     future.result()  # a refused message raises EngineError here
-                    acked = cursor_after
+                    acked = max(acked, cursor_after)  # a drop at the byte bound may have moved it on
                     unstored += 1
                     self.acked.inc()
                     self.ack_latency.observe(self.clock() - sent_at)
@@ -220,6 +239,8 @@ class Forwarder:
                 if store is None and acked > self.acked_seq:
                     store = loop.create_task(self.ledger.store_forward_cursor(acked))
                     storing = unstored
+                elif store is None:
+                    unstored = 0  # every ack is at or below the stored cursor already
                 room = self.window - len(inflight) - unstored
                 if room > 0 and (page or scanned < self.last_seq):
                     continue  # more to send right away

@@ -5,18 +5,26 @@ from __future__ import annotations
 import hmac
 import uuid
 
-from ..http.messages import HTTPError
-
 MAX_CORRELATION_ID = 128
 
 
+class AuthRefused(Exception):
+    """The caller is not let in: ``code`` is ``auth_required`` (no token) or ``forbidden``
+    (a wrong one); the dispatcher answers 401 or 403."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
 def check_token(expected: str, provided: str | None) -> None:
-    """401 without a token, 403 with a wrong one; the comparison takes the same time
-    whatever the provided value shares with the expected one."""
+    """Refuse a missing or wrong token; the comparison takes the same time whatever the
+    provided value shares with the expected one."""
     if provided is None or provided == "":
-        raise HTTPError(401, "auth_required", detail="X-VX11-Token header is required")
+        raise AuthRefused("auth_required", "X-VX11-Token header is required")
     if not hmac.compare_digest(provided.encode(), expected.encode()):
-        raise HTTPError(403, "forbidden", detail="invalid token")
+        raise AuthRefused("forbidden", "invalid token")
 
 
 def correlation_id(incoming: str | None) -> str:

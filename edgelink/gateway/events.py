@@ -33,7 +33,7 @@ from typing import Any, Mapping, NamedTuple
 
 import orjson
 
-from ..http.messages import HTTPError, Response, check_fields, json_response, validation_error
+from ..http.messages import HTTPError, check_fields, validation_error
 
 # ---------------------------------------------------------------------------
 # the schema table
@@ -149,16 +149,12 @@ class SchemaRejected(HTTPError):
     """422: a canonical event failed its schema; nothing is stored."""
 
     def __init__(self, event_type: str, source: str, detail: str):
-        super().__init__(422, "schema_validation_failed")
+        super().__init__(422, "schema_validation_failed", body={
+            "status": "rejected", "reason": "schema_validation_failed", "source": source, "type": event_type,
+            "detail": detail})
         self.source = source
         self.type = event_type
         self.detail = detail
-
-    def response(self) -> Response:
-        # built here, not from ``extra``: its "status" key would clash with the status code
-        return json_response({"status": "rejected", "reason": "schema_validation_failed", "source": self.source,
-                              "type": self.type, "detail": self.detail, "error": self.code,
-                              "status_code": self.status, **self.extra}, self.status, self.headers)
 
 
 def build_event(event_type: str, source: str, payload: Any, metadata: dict[str, Any] | None,

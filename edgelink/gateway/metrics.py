@@ -7,8 +7,12 @@ updated in O(1) on the hot path; rendering walks them when /metrics is scraped.
 from __future__ import annotations
 
 import bisect
+import os
+import resource
+import time
 from typing import Callable, Iterable
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -28,33 +32,39 @@ def _num(value: float) -> str:
 
 
 class Counter:
-    """A count kept here, or read from a callback at scrape time (one kept elsewhere)."""
-
     kind = "counter"
 
-    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
-                 read: Callable[[], dict[tuple[str, ...], float]] | None = None):
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = ()):
         self.name, self.help, self.label_names = name, help_text, labels
         self.values: dict[tuple[str, ...], float] = {}
-        self.read = read
 
     def inc(self, *labels: str, amount: float = 1) -> None:
         self.values[labels] = self.values.get(labels, 0) + amount
 
     def samples(self) -> Iterable[str]:
-        if self.read is not None:
-            self.values = self.read()
         for labels, value in self.values.items():
             yield f"{self.name}{_labels(self.label_names, labels)} {_num(value)}"
 
 
 class Gauge(Counter):
-    """A value set from outside, or read from a callback at scrape time."""
+    """A value set from outside, or read from a callback at scrape time. ``kind`` is
+    "counter" for a total kept elsewhere (the kernel's CPU seconds) and read at scrape."""
 
     kind = "gauge"
 
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
+                 read: Callable[[], dict[tuple[str, ...], float]] | None = None, kind: str = "gauge"):
+        super().__init__(name, help_text, labels)
+        self.read = read
+        self.kind = kind
+
     def set(self, *labels: str, value: float) -> None:
         self.values[labels] = value
+
+    def samples(self) -> Iterable[str]:
+        if self.read is not None:
+            self.values = self.read()
+        return super().samples()
 
 
 class Histogram:
@@ -65,6 +75,10 @@ class Histogram:
         self.name, self.help, self.label_names, self.buckets = name, help_text, labels, buckets
         # labels -> [count per bucket (+Inf last), sum]
         self.values: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+        if not labels:
+            # The one series exists from the start: an observation from another thread
+            # (the ledger writer) then never adds a key while a scrape iterates.
+            self.values[()] = ([0] * (len(buckets) + 1), [0.0])
 
     def observe(self, value: float, *labels: str) -> None:
         entry = self.values.get(labels)
@@ -90,6 +104,24 @@ class Histogram:
 Metric = Counter | Gauge | Histogram
 
 
+def process_stats() -> dict[str, float]:
+    """The process_* figures of the Prometheus client libraries, from /proc/self (which
+    the unit's ProcSubset=pid still shows) and the clocks."""
+    with open("/proc/self/stat", "rb") as fh:
+        fields = fh.read().rpartition(b")")[2].split()
+    # after the command name: state is field 3 of proc(5), so field n is fields[n - 3]
+    ticks = os.sysconf("SC_CLK_TCK")
+    boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    return {
+        "cpu": (int(fields[11]) + int(fields[12])) / ticks,
+        "start": boot + int(fields[19]) / ticks,
+        "vsize": float(fields[20]),
+        "rss": float(int(fields[21]) * os.sysconf("SC_PAGE_SIZE")),
+        "open_fds": float(len(os.listdir("/proc/self/fd"))),
+        "max_fds": float(resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
+    }
+
+
 class Registry:
     """The gateway's metrics, created in one place so /metrics always lists the same set."""
 
@@ -104,14 +136,50 @@ class Registry:
             "edgelink_events_total", "Events by type and outcome (accepted, rejected)", ("type", "outcome")))
         self.ws_drops = self.add(Counter(
             "edgelink_ws_slow_consumer_closes_total", "WebSocket clients closed with 1013 for not keeping up"))
+        self.budget_refusals = self.add(Counter(
+            "edgelink_budget_refusals_total", "Requests refused because a memory or disk budget was reached",
+            ("budget",)))
         self.upstream_latency = self.add(Histogram(
             "edgelink_upstream_request_duration_seconds", "Upstream module call latency", ("module", "outcome")))
+        from .. import __version__
+
+        self.add(Gauge("edgelink_build_info", "The running edgelink version (always 1)", ("version",),
+                       read=lambda: {(__version__,): 1}))
+        self._process: dict[str, float] = {}
+        for key, name, kind, help_text in (
+                ("rss", "process_resident_memory_bytes", "gauge", "Resident memory size in bytes"),
+                ("vsize", "process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes"),
+                ("cpu", "process_cpu_seconds_total", "counter", "User and system CPU time spent in seconds"),
+                ("open_fds", "process_open_fds", "gauge", "Open file descriptors"),
+                ("max_fds", "process_max_fds", "gauge", "Maximum number of open file descriptors"),
+                ("start", "process_start_time_seconds", "gauge", "Start time of the process since the epoch")):
+            self.add(Gauge(name, help_text, read=self._process_reader(key), kind=kind))
+        self.module_up = self.add(Gauge(
+            "edgelink_module_up", "1 if the module answered its last recorded health probe with 2xx, else 0",
+            ("module",)))
+        self.module_probe = self.add(Gauge(
+            "edgelink_module_probe_duration_seconds", "Duration of the module's last recorded health probe",
+            ("module",)))
+        self.ledger_commit = self.add(Histogram(
+            "edgelink_ledger_commit_duration_seconds", "Ledger write transaction latency (BEGIN to COMMIT)"))
+        self.ledger_batch = self.add(Histogram(
+            "edgelink_ledger_commit_batch_size", "Writes (events, health rounds) per ledger commit",
+            buckets=BATCH_BUCKETS))
+        self.ledger_events = self.add(Gauge("edgelink_ledger_events", "Events stored in the ledger"))
+        self.ledger_bytes = self.add(Gauge(
+            "edgelink_ledger_database_bytes", "Size of the ledger database file and its WAL in bytes"))
+        self.ledger_max_bytes = self.add(Gauge(
+            "edgelink_ledger_max_bytes", "The ledger's byte bound (EDGELINK_LEDGER_MAX_BYTES)"))
+
+    def _process_reader(self, key: str) -> Callable[[], dict[tuple[str, ...], float]]:
+        return lambda: {(): self._process[key]}
 
     def add(self, metric: Metric) -> Metric:
         self.metrics.append(metric)
         return metric
 
     def render(self) -> bytes:
+        self._process = process_stats()  # one read of /proc per scrape for all process_* metrics
         lines: list[str] = []
         for metric in self.metrics:
             lines.append(f"# HELP {metric.name} {metric.help}")

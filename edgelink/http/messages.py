@@ -8,27 +8,33 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 from urllib.parse import parse_qsl
 
 import orjson
+
+if TYPE_CHECKING:  # for the annotation only: the transport does not use the runtime
+    from ..runtime import Runtime
 
 JSON_TYPE = b"application/json"
 _INTEGER = re.compile(r"-?[0-9]+")
 
 
 class HTTPError(Exception):
-    """An error answer: ``{"error": code, "status_code": status, **extra}``."""
+    """An error answer: ``{"error": code, "status_code": status, **body, **extra}``. ``body``
+    carries fields whose names cannot be keywords here (``status``, for one)."""
 
-    def __init__(self, status: int, code: str, headers: Iterable[tuple[bytes, bytes]] = (), **extra: Any):
+    def __init__(self, status: int, code: str, headers: Iterable[tuple[bytes, bytes]] = (),
+                 body: dict[str, Any] | None = None, **extra: Any):
         super().__init__(code)
         self.status = status
         self.code = code
-        self.extra = extra
+        self.extra = {**(body or {}), **extra}
         self.headers = list(headers)
 
     def response(self) -> "Response":
-        return error_response(self.status, self.code, headers=self.headers, **self.extra)
+        return json_response({"error": self.code, "status_code": self.status, **self.extra}, self.status,
+                             self.headers)
 
 
 def validation_error(*problems: tuple[list[Any], str]) -> HTTPError:
@@ -49,9 +55,7 @@ def json_response(data: Any, status: int = 200, headers: list[tuple[bytes, bytes
 
 
 def error_response(status: int, code: str, headers: list[tuple[bytes, bytes]] | None = None, **extra: Any) -> Response:
-    body = {"error": code, "status_code": status}
-    body.update(extra)
-    return json_response(body, status, headers)
+    return HTTPError(status, code, headers or (), **extra).response()  # one way to build an error body
 
 
 def empty_response(status: int = 204, headers: list[tuple[bytes, bytes]] | None = None) -> Response:
@@ -62,10 +66,10 @@ _NO_BODY = object()
 
 
 class Request:
-    """One parsed HTTP request. ``app`` is the gateway state the dispatcher attaches."""
+    """One parsed HTTP request. ``runtime`` is the gateway state the dispatcher attaches."""
 
     __slots__ = ("method", "target", "path", "query_string", "headers", "body", "client",
-                 "http_version", "params", "route", "correlation_id", "app", "_query", "_json")
+                 "http_version", "params", "route", "correlation_id", "runtime", "_query", "_json")
 
     def __init__(self, method: str, target: str, headers: dict[str, str], body: bytes = b"",
                  client: tuple[str, int] | None = None, http_version: str = "1.1"):
@@ -80,7 +84,7 @@ class Request:
         self.params: dict[str, str] = {}
         self.route: str | None = None  # the matched route template, for metrics and logs
         self.correlation_id = ""
-        self.app: Any = None
+        self.runtime: Runtime = None  # type: ignore[assignment]  # set by the dispatcher
         self._query: dict[str, str] | None = None
         self._json: Any = _NO_BODY
 

@@ -2,11 +2,13 @@
 
 Static paths are a dict lookup; templated ones are tried in the order they were added.
 A path that exists with other methods answers 405 with ``Allow``; HEAD follows GET.
+A route may carry its documentation (``doc``, which openapi.py reads) and aliases: other
+paths served by the same handler with the same documentation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable
 
 from .messages import HTTPError
@@ -22,6 +24,8 @@ class Route:
     public: bool = False
     summary: str = ""
     tags: tuple[str, ...] = ()
+    doc: Any = field(default=None, compare=False)  # the OpenAPI operation (openapi.Operation)
+    alias_of: str = ""  # the template this route repeats under another path
     segments: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -39,10 +43,16 @@ class Router:
         self._static: dict[str, dict[str, Route]] = {}
         self._dynamic: list[tuple[tuple[str, ...], dict[str, Route]]] = []
 
-    def add(self, method: str, template: str, handler: Handler, *, public: bool = False,
-            summary: str = "", tags: tuple[str, ...] = ()) -> Route:
+    def add(self, method: str, template: str, handler: Handler, *, public: bool = False, summary: str = "",
+            tags: tuple[str, ...] = (), doc: Any = None, aliases: tuple[str, ...] = ()) -> None:
+        route = self._add(Route(method.upper(), template, handler, public, summary, tags, doc))
+        for alias in aliases:
+            self._add(Route(route.method, alias, handler, public, summary, tags, doc, alias_of=template))
+
+    def _add(self, route: Route) -> Route:
+        template = route.template
         segments = _split(template)
-        route = Route(method.upper(), template, handler, public, summary, tags, segments)
+        route = replace(route, segments=segments)
         if any(s.startswith("{") for s in segments):
             for segs, methods in self._dynamic:
                 if segs == segments:

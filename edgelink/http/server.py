@@ -39,10 +39,11 @@ from typing import Any, Awaitable, Callable, Protocol
 from urllib.parse import unquote
 
 import h11
-import orjson
+from wsproto.events import AcceptConnection, Request as WsRequest
+from wsproto.extensions import PerMessageDeflate
 
-from ..log import log
-from .messages import Request, Response
+from ..log import address, log, traceback_text
+from .messages import HTTPError, Request, Response
 from .websocket import CLOSE_GOING_AWAY, WebSocket, server_connection
 
 WsHandler = Callable[[WebSocket], Awaitable[None]]
@@ -86,7 +87,7 @@ class _Clock:
 def raw_error(status: int, code: str, **extra: Any) -> bytes:
     """A complete HTTP/1.1 error response that closes the connection, for answers given
     when h11's state can no longer be trusted (bad bytes, limits, timeouts)."""
-    body = orjson.dumps({"error": code, "status_code": status, **extra})
+    body = HTTPError(status, code, **extra).response().body
     return b"".join((
         b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
         b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
@@ -179,7 +180,7 @@ class HttpProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
         if len(self.server.connections) >= self.settings.max_connections or self.server.stopping:
-            log.warning("connection_refused", reason="too_many_connections", client=self.client)
+            log.warning("connection_refused", reason="too_many_connections", client=address(self.client))
             transport.write(raw_error(503, "too_many_connections" if not self.server.stopping else "stopping"))
             transport.close()
             self.phase = Phase.CLOSED
@@ -352,7 +353,7 @@ class HttpProtocol(asyncio.Protocol):
         try:
             response = await self.server.dispatcher.handle(request)
         except Exception as exc:  # the dispatcher answers handler errors; this is a bug of its own
-            log.error("dispatch_failed", error=repr(exc), path=request.path)
+            log.error("dispatch_failed", error=repr(exc), path=request.path, traceback=traceback_text(exc))
             if self.phase is not Phase.CLOSED:
                 self.transport.write(raw_error(500, "internal_error"))
                 self._close()
@@ -416,8 +417,8 @@ class HttpProtocol(asyncio.Protocol):
         if problem is not None:
             status, code, detail = problem
             extra = [(b"sec-websocket-version", b"13")] if status == 426 else []
-            self._write_response(request, Response(status, orjson.dumps(
-                {"error": code, "status_code": status, "detail": detail}), extra + [(b"connection", b"close")]))
+            self._write_response(request, HTTPError(status, code, extra + [(b"connection", b"close")],
+                                                    detail=detail).response())
             self._close()
             return
         outcome = self.server.dispatcher.websocket(request)
@@ -426,9 +427,6 @@ class HttpProtocol(asyncio.Protocol):
             self._write_response(request, outcome)
             self._close()
             return
-        from wsproto.events import AcceptConnection, Request as WsRequest
-        from wsproto.extensions import PerMessageDeflate
-
         ws_conn = server_connection()
         raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
         try:
@@ -438,7 +436,7 @@ class HttpProtocol(asyncio.Protocol):
             accept = ws_conn.send(AcceptConnection(extensions=extensions,
                                                    extra_headers=[(b"x-correlation-id", request.correlation_id.encode())]))
         except Exception as exc:  # wsproto refused a handshake we thought valid
-            log.info("websocket_handshake_refused", error=type(exc).__name__, client=self.client)
+            log.info("websocket_handshake_refused", error=type(exc).__name__, client=address(self.client))
             self.transport.write(raw_error(400, "bad_request", detail="invalid WebSocket handshake"))
             self._close()
             return
@@ -465,7 +463,8 @@ class HttpProtocol(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a handler bug must not leave the socket hanging
-            log.error("websocket_handler_failed", error=repr(exc), correlation_id=ws.request.correlation_id)
+            log.error("websocket_handler_failed", error=repr(exc), correlation_id=ws.request.correlation_id,
+                      traceback=traceback_text(exc))
             ws.close(1011, "internal error")
         else:
             ws.close()
@@ -487,7 +486,7 @@ class HttpProtocol(asyncio.Protocol):
             self._refuse(400, "bad_request", detail=_bad_request_detail(str(exc)))
 
     def _refuse(self, status: int, code: str, **extra: Any) -> None:
-        log.info("request_refused", status=status, error=code, client=self.client,
+        log.info("request_refused", status=status, error=code, client=address(self.client),
                  **({"detail": extra["detail"]} if "detail" in extra else {}))
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(raw_error(status, code, **extra))
@@ -502,7 +501,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _on_send_timeout(self) -> None:
         self._send_timer = None
-        log.info("connection_dropped", reason="client not reading", client=self.client)
+        log.info("connection_dropped", reason="client not reading", client=address(self.client))
         self.abort()
 
     def _set_timer(self, delay: float, callback: Callable[[], None]) -> None:

@@ -104,6 +104,11 @@ class WebSocket:
         self._out.append(data)
         return True
 
+    def queued_bytes(self) -> int:
+        """Bytes waiting to reach this client: our send queue and the transport's buffer."""
+        buffered = self._transport.get_write_buffer_size() if not self._done else 0
+        return buffered + sum(len(data) for data in self._out)
+
     async def receive(self) -> str | bytes | None:
         """The next message from the client (str for text, bytes for binary), or None
         once the connection is closed."""

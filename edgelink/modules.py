@@ -2,14 +2,14 @@
 
 ``Modules`` owns, for every module in ``settings.modules``, its URL, whether it is
 enabled, and its breaker (API.md §2), plus one shared ``UpstreamClient``. Handlers call
-``await modules.call(...)`` and get a ``ModuleReply`` or an ``HTTPError`` already in the
-API.md §3 shape:
+``await modules.call(...)`` and get a ``ModuleReply`` or a ``ModuleError`` whose ``code``
+says why (api/modules.py maps it to the API.md §3 answer):
 
-- breaker open: 503 ``circuit_open`` at once, the module is not contacted;
+- breaker open: ``circuit_open`` at once, the module is not contacted;
 - connect error, module hung up, bad HTTP, reply over the size limit, reply not JSON:
-  502 ``upstream_unavailable``;
-- no reply within the call's timeout: 504 ``upstream_timeout``;
-- a disabled module: 503 ``module_disabled``.
+  ``upstream_unavailable``;
+- no reply within the call's timeout: ``upstream_timeout``;
+- a disabled module: ``module_disabled``.
 
 Any JSON reply is returned with the module's status, 4xx and 5xx included, for the
 handler to forward. What the breaker counts as a failure: every error above, and 5xx.
@@ -27,27 +27,25 @@ from typing import Any, Callable
 
 import orjson
 
-from ..config import ModuleConfig, Settings
-from ..http.messages import HTTPError, Response, json_response
-from ..log import log
-from ..upstream import UpstreamClient, UpstreamError
-from .breaker import Breaker
+from .config import ModuleConfig, Settings
+from .log import log
+from .upstream import UpstreamClient, UpstreamError
+from .gateway.breaker import Breaker
+from .gateway.health import HealthCheck
 
 
 # ModuleHealth.status for a probe that got no reply, by UpstreamError.kind.
 _PROBE_STATUS = {"connect": "unreachable", "timeout": "timeout"}
 
 
-class CircuitOpenError(HTTPError):
-    """503 ``circuit_open``, whose body also says ``"status": "circuit_open"`` (API.md §2).
-    That key cannot travel in HTTPError's keywords, where ``status`` is the HTTP status."""
+class ModuleError(Exception):
+    """A call that got no usable reply from ``module``; ``code`` is one of the four above."""
 
-    def __init__(self, module: str, detail: str):
-        super().__init__(503, "circuit_open", module=module, detail=detail)
-
-    def response(self) -> Response:
-        body = {"error": self.code, "status_code": self.status, "status": "circuit_open", **self.extra}
-        return json_response(body, self.status, self.headers)
+    def __init__(self, code: str, module: str, detail: str):
+        super().__init__(detail)
+        self.code = code
+        self.module = module
+        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +53,6 @@ class ModuleReply:
     status: int
     data: Any  # the parsed JSON body (None for an empty 204)
     latency_ms: float
-
-
-@dataclass(frozen=True, slots=True)
-class Probe:
-    """One module's result in a health round: its ModuleHealth, and the start of the body."""
-
-    health: dict[str, Any]
-    snippet: str  # first 200 chars of the reply (for the recorded probe history, API.md §7)
 
 
 class Modules:
@@ -83,19 +73,19 @@ class Modules:
         self._now = now
         self._wall = wall
         self._token = [(b"x-vx11-token", settings.token.encode())] if settings.token else []
-        self._round: asyncio.Task[dict[str, Probe]] | None = None
+        self._round: asyncio.Task[dict[str, HealthCheck]] | None = None
 
     async def call(self, module: str, method: str, path: str, *, json: Any = None,
                    timeout: float, correlation_id: str) -> ModuleReply:
         """Call ``module`` behind its breaker; ``json`` (if not None) is sent as the body."""
         config = self.registry[module]
         if not config.enabled:
-            raise HTTPError(503, "module_disabled", module=module, detail=f"module {module} is disabled")
+            raise ModuleError("module_disabled", module, f"module {module} is disabled")
         breaker = self.breakers[module]
         ticket = breaker.allow()
         if ticket is None:
-            raise CircuitOpenError(module, f"calls to {module} are refused after {breaker.threshold} "
-                                           f"consecutive failures, until a trial call succeeds")
+            raise ModuleError("circuit_open", module, f"calls to {module} are refused after {breaker.threshold} "
+                                                      f"consecutive failures, until a trial call succeeds")
         body = b"" if json is None else orjson.dumps(json)
         headers = self._headers(correlation_id, bool(body))
         started = self._now()
@@ -108,8 +98,8 @@ class Modules:
             log.warning("upstream_failed", module=module, method=method, path=path, kind=exc.kind,
                         error=str(exc), correlation_id=correlation_id)
             if exc.kind == "timeout":
-                raise HTTPError(504, "upstream_timeout", module=module, detail=str(exc)) from None
-            raise HTTPError(502, "upstream_unavailable", module=module, detail=str(exc)) from None
+                raise ModuleError("upstream_timeout", module, str(exc)) from None
+            raise ModuleError("upstream_unavailable", module, str(exc)) from None
         except BaseException:
             breaker.release(ticket)  # cancelled: this says nothing about the module
             raise
@@ -122,17 +112,17 @@ class Modules:
             self._done(module, "not_json", started)
             log.warning("upstream_not_json", module=module, method=method, path=path,
                         http_code=reply.status, correlation_id=correlation_id)
-            raise HTTPError(502, "upstream_unavailable", module=module,
-                            detail=f"{module} answered HTTP {reply.status} without a JSON body") from None
+            raise ModuleError("upstream_unavailable", module,
+                              f"{module} answered HTTP {reply.status} without a JSON body") from None
         self._verdict(module, breaker, ticket, failed=failed)
         self._done(module, "http_5xx" if failed else "ok", started)
         return ModuleReply(reply.status, data, latency_ms)
 
     async def probe_all(self) -> dict[str, dict[str, Any]]:
         """Every module's ModuleHealth (API.md §2), disabled ones included, in registry order."""
-        return {name: dict(p.health) for name, p in (await self.probe_round()).items()}
+        return {name: check.module_health() for name, check in (await self.probe_round()).items()}
 
-    async def probe_round(self) -> dict[str, Probe]:
+    async def probe_round(self) -> dict[str, HealthCheck]:
         """Probe every enabled module concurrently; callers arriving during a round share it."""
         if self._round is None:
             self._round = asyncio.create_task(self._probe_round())
@@ -171,16 +161,16 @@ class Modules:
         if self._observe is not None:
             self._observe(module, outcome, self._now() - started)
 
-    def _round_over(self, task: asyncio.Task[dict[str, Probe]]) -> None:
+    def _round_over(self, task: asyncio.Task[dict[str, HealthCheck]]) -> None:
         self._round = None
         if not task.cancelled() and task.exception() is not None:
             log.error("probe_round_failed", error=repr(task.exception()))
 
-    async def probe(self, name: str, correlation_id: str) -> Probe:
+    async def probe(self, name: str, correlation_id: str) -> HealthCheck:
         """One module's health, outside any shared round (for ``edgelink probe``'s progress)."""
         return await self._probe(self.registry[name], correlation_id)
 
-    async def _probe_round(self) -> dict[str, Probe]:
+    async def _probe_round(self) -> dict[str, HealthCheck]:
         modules = list(self.registry.values())
         correlation_id = uuid.uuid4().hex
         probes = await asyncio.gather(*(self._probe(m, correlation_id) for m in modules))
@@ -188,23 +178,19 @@ class Modules:
 
     # Probes do not feed the breakers: a breaker judges the calls it guards, and a
     # dashboard polling /vx11/status must not be what opens or closes routing to a module.
-    async def _probe(self, module: ModuleConfig, correlation_id: str) -> Probe:
-        health: dict[str, Any] = {"status": "disabled", "http_code": None, "latency_ms": None,
-                                  "url": module.url, "error": None}
+    async def _probe(self, module: ModuleConfig, correlation_id: str) -> HealthCheck:
         if not module.enabled:
-            return Probe(health, "")
+            return HealthCheck(module.name, "disabled", None, None, module.url, None, port=module.port)
         started = self._now()
         try:
             reply = await self._client.request(module.url, "GET", "/health",
                                                headers=self._headers(correlation_id, False),
                                                timeout=self.settings.health_timeout)
         except UpstreamError as exc:
-            health.update(status=_PROBE_STATUS.get(exc.kind, "error"), error=str(exc))
-            snippet = ""
+            status, http_code, error, snippet = _PROBE_STATUS.get(exc.kind, "error"), None, str(exc), ""
         else:
             ok = 200 <= reply.status < 300
-            health.update(status="ok" if ok else "error", http_code=reply.status,
-                          error=None if ok else f"HTTP {reply.status}")
+            status, http_code, error = "ok" if ok else "error", reply.status, None if ok else f"HTTP {reply.status}"
             snippet = reply.body[:800].decode("utf-8", "replace")[:200]
-        health["latency_ms"] = round((self._now() - started) * 1000, 3)
-        return Probe(health, snippet)
+        latency_ms = round((self._now() - started) * 1000, 3)
+        return HealthCheck(module.name, status, http_code, latency_ms, module.url, error, snippet, module.port)
