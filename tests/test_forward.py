@@ -384,3 +384,10 @@ def test_bad_edge_id_stops_the_start(tmp_path: Path) -> None:
     from conftest import start_gateway
     with pytest.raises(RuntimeError, match="EDGELINK_EDGE_ID"):
         start_gateway(tmp_path, {"EDGELINK_EDGE_ID": "no spaces allowed"})
+
+
+def test_edgelink_check_runs_the_forwarding_check(tmp_path: Path) -> None:
+    from conftest import EDGELINK
+    env = {"PATH": "/usr/bin:/bin", "VX11_GATEWAY_TOKEN": "t", "EDGELINK_FORWARD_URL": "amqp://broker"}
+    done = subprocess.run([EDGELINK, "check"], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert done.returncode == 1 and "EDGELINK_FORWARD_URL" in done.stderr, done.stderr
