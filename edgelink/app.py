@@ -4,14 +4,16 @@ document from this table). Aliases share their route's handler and documentation
 
 from __future__ import annotations
 
-from .api import chat, events, health, modules, ops, ws
+from .api import chat, console, events, health, modules, ops, ws
+from .api.console import ASSETS as CONSOLE_ASSETS
 from .api.events import MAX_SNAPSHOT_T
+from .api.health import DEFAULT_HISTORY, MAX_HISTORY
 from .api.ws import MAX_CLIENT_ID
 from .config import KNOB
 from .gateway.observe import MAX_AGE_SECONDS, MAX_NODES, WINDOW_SECONDS
 from .http.router import Router
-from .openapi import (INVALID_JSON, PROMETHEUS, UPSTREAM_CASES, VALIDATION, WS_AUTH_CASES, Case, Operation, error,
-                      json_body, param, path_param, query_param, reply)
+from .openapi import (HTML, INVALID_JSON, PROMETHEUS, UPSTREAM_CASES, VALIDATION, WS_AUTH_CASES, Case, Operation,
+                      error, json_body, param, path_param, query_param, ref, reply)
 
 # Pieces several entries share.
 PROXY = Operation((reply(200, "The module's reply.", "ModuleReply"), *UPSTREAM_CASES), forwards=True)
@@ -19,6 +21,18 @@ SESSION_ID = path_param("session_id", "The session id returned by the chat.", "0
 NO_SESSION = (error(404, "session_not_found", "unknown or expired session."),
               error(404, "not_found", "the path matches no route (a `session_id` holding `/`)."))
 STRING = {"type": "string"}
+STATIC_CASES = (
+    Case("304", "Not Modified: `If-None-Match` names the current ETag.", headers=(("ETag", "The file's tag."),)),
+)
+IF_NONE_MATCH = param("If-None-Match", "header", "ETags the client holds; the current one answers 304.", STRING)
+PAGE = Operation(
+    (Case("200", "The page (gzip when `Accept-Encoding` admits it), sent with `Cache-Control: no-cache`, an "
+                 "`ETag` and a `Content-Security-Policy` of the gateway's own origin. The data it shows needs "
+                 "the token, entered in the page.", schema=ref("Text"), media_type=HTML,
+          headers=(("ETag", "The file's tag."), ("Content-Security-Policy", "Only the gateway's own origin."))),
+     *STATIC_CASES),
+    parameters=(IF_NONE_MATCH,),
+)
 
 
 def build_router() -> Router:
@@ -112,6 +126,35 @@ def build_router() -> Router:
                                "PrometheusText", media_type=PROMETHEUS),)))
     r.add("GET", "/openapi.json", ops.openapi_json, public=True, summary="This document", tags=("operations",),
           doc=Operation((reply(200, "This document.", "OpenAPIDocument"),)))
+    r.add("GET", "/vx11/health/history", health.history, summary="Recorded probes of one module",
+          tags=("operations",), doc=Operation(
+              (reply(200, "The module's recorded probe rounds (EDGELINK_PROBE_INTERVAL), oldest first: the newest "
+                          "`limit` at or after `since`.", "HealthHistory"),
+               error(404, "not_found", "not a configured module (nor `tentaculo_link`, the gateway's own row)."),
+               VALIDATION),
+              parameters=(param("module", "query", "A module name, or `tentaculo_link` for the gateway.",
+                                {"type": "string", "minLength": 1}, required=True),
+                          query_param("since", "Only probes at or after this moment, Unix epoch ms.",
+                                      {"type": "integer", "minimum": 0, "maximum": MAX_SNAPSHOT_T, "default": 0}),
+                          query_param("limit", "At most this many points (the newest).",
+                                      {"type": "integer", "minimum": 1, "maximum": MAX_HISTORY,
+                                       "default": DEFAULT_HISTORY}))))
+    r.add("GET", "/console", console.console, public=True, summary="Operator console (HTML page)",
+          tags=("console",), doc=PAGE)
+    r.add("GET", "/console/{asset}", console.asset, public=True, summary="Operator console files",
+          tags=("console",), doc=Operation(
+              (Case("200", "The file, sent as the pages are: a stylesheet as `text/css`,", schema=ref("Text"),
+                    media_type="text/css", headers=(("ETag", "The file's tag."),)),
+               Case("200", "a script as `text/javascript`.", schema=ref("Text"), media_type="text/javascript"),
+               *STATIC_CASES,
+               error(404, "not_found", "not one of the console's files.")),
+              parameters=({**param("asset", "path", "The file.", {"enum": list(CONSOLE_ASSETS)}, required=True),
+                           "example": "console.js"}, IF_NONE_MATCH)))
+    r.add("GET", "/docs", console.docs, public=True, summary="Interactive API reference (HTML page)",
+          tags=("console",), doc=PAGE)
+    r.add("GET", "/redoc", console.redoc, public=True, summary="Redirect to /docs", tags=("console",),
+          doc=Operation((Case("308", "Permanent Redirect to `/docs`, the API reference.",
+                              headers=(("Location", "`/docs`."),)),)))
     r.add("WS", "/ws", ws.websocket, summary="Event stream (WebSocket)", tags=("events",), doc=Operation(
         (Case("101", "Switching Protocols: the connection is a WebSocket (RFC 6455). The first frame is "
                      "`WsConnected`; then replayed and live events as `WsEvent`. Each JSON text frame a client "

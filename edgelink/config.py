@@ -211,6 +211,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob("max_body", ("EDGELINK_MAX_BODY",), _int, MIB, "Largest request body.", LIVE, unit="bytes"),
     Knob("max_header", ("EDGELINK_MAX_HEADER",), _number(int, 1024), 16 * KIB,
          "Largest request header block.", LIVE, unit="bytes"),
+    Knob("max_request_line", ("EDGELINK_MAX_REQUEST_LINE",), _number(int, 256), 8 * KIB,
+         "Longest request line; longer ones answer 414.", LIVE, unit="bytes"),
     Knob("max_connections", ("EDGELINK_MAX_CONNECTIONS",), _int, 1000, "Most open client connections.", LIVE),
     Knob("keepalive_timeout", ("EDGELINK_KEEPALIVE_TIMEOUT",), _positive_s, 5.0,
          "Idle time before a keep-alive connection is closed.", LIVE, unit="s"),

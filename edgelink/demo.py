@@ -13,10 +13,8 @@ import random
 import time
 from typing import Any, Callable
 
-import orjson
-
 from .config import MODULE_DEFAULTS, ConfigError, Settings, load_settings
-from .http.messages import Request, Response, error_response, json_response
+from .http.messages import Request, Response, error_response, json_response, parse_json
 from .http.server import HttpServer
 from .log import log
 
@@ -25,7 +23,7 @@ DEMO_TOKEN = "demo-token"
 
 def _chat_reply(module: str) -> Callable[[Request], Any]:
     def reply(req: Request) -> Any:
-        body = orjson.loads(req.body or b"{}")
+        body = parse_json(req.body) if req.body.strip() else {}
         message = str(body.get("message", ""))[:200]
         return {"response": f"[{module}] you said: {message}", "model_used": f"{module}-demo-local",
                 "tokens": len(message.split())}
@@ -63,11 +61,19 @@ class DemoModule:
             return error_response(404, "not_found", module=self.name)
         try:
             return json_response(endpoint(req))
-        except (ValueError, orjson.JSONDecodeError):
+        except ValueError:  # parse_json's InvalidJSON included
             return error_response(400, "invalid_json", module=self.name)
 
     def websocket(self, req: Request) -> Response:
         return error_response(404, "not_found", module=self.name)
+
+    def admit(self, req: Request) -> Response | None:
+        if req.method == "GET" and req.path == "/health" or (self.name, req.method, req.path) in _ENDPOINTS:
+            return None
+        return error_response(404, "not_found", module=self.name)
+
+    def refused(self, budget: str) -> None:
+        """Demo modules keep no metrics; the server has logged the refusal."""
 
 
 async def start_modules(settings: Settings) -> tuple[dict[str, str], list[HttpServer]]:

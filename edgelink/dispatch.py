@@ -43,9 +43,11 @@ class Dispatcher:
         self.refusals = Throttle()  # per client address: a flood of bad tokens is a few lines
 
     def _admit(self, req: Request) -> None:
-        """What every request gets first: the gateway state and its correlation id."""
+        """What every request gets first: the gateway state and its correlation id (kept
+        when ``admit`` has already given it one)."""
         req.runtime = self.runtime
-        req.correlation_id = auth.correlation_id(req.headers.get("x-correlation-id"))
+        if not req.correlation_id:
+            req.correlation_id = auth.correlation_id(req.headers.get("x-correlation-id"))
 
     def _count(self, req: Request, status: int) -> str:
         route_label = req.route or "unmatched"
@@ -113,6 +115,31 @@ class Dispatcher:
         if not cors.origin_allowed(settings.cors_origins, origin):
             raise HTTPError(403, "forbidden", detail="origin not allowed")
         return empty_response(204, cors.preflight_headers(settings.cors_origins, origin, allow))
+
+    def admit(self, req: Request) -> Response | None:
+        """Before a body is read or ``100 Continue`` is sent: refuse an unknown route, a
+        wrong method or a missing token, so an unauthenticated client never makes us
+        buffer its body. ``handle`` checks the same again for the request it serves."""
+        settings = self.runtime.settings
+        if req.method == "OPTIONS" and settings.cors_origins:
+            return None  # a preflight is answered by handle
+        self._admit(req)
+        try:
+            route, _ = self.router.match(req.method, req.path)
+            req.route = route.template
+            if not route.public and settings.enable_auth:
+                _check_token(settings.token, req.headers.get("x-vx11-token"))
+        except HTTPError as exc:
+            self._count(req, exc.status)
+            response = self._refusal(req, exc)
+            response.headers.append((b"x-correlation-id", req.correlation_id.encode()))
+            if settings.cors_origins:
+                response.headers.extend(cors.response_headers(settings.cors_origins, req.headers.get("origin")))
+            return response
+        return None
+
+    def refused(self, budget: str) -> None:
+        self.runtime.metrics.budget_refusals.inc(budget)
 
     def websocket(self, req: Request) -> Response | WsHandler:
         """Decide on an upgrade before the handshake is answered: a Response refuses it."""

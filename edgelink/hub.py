@@ -1,90 +1,172 @@
-"""The WebSocket hub: who is connected, and fan-out of broadcast events to them.
+"""The WebSocket hub: who is connected, fan-out of broadcast events, and paced replays.
 
-A broadcast encodes the frame once and hands the same bytes to every client; each
-client's own bounded queue (in ``WebSocket``) decides whether it keeps up or is closed
-with 1013, so one slow client never slows the others.
+Bytes are shared, never copied per client. A broadcast frame is encoded once and the same
+bytes object goes to every client; a replayed event's frame is spliced from the JSON the
+ledger stored (no decode, no re-encode) and kept in a small byte-bounded cache by seq, so
+clients replaying the same events share one frame too. Each client's bounded queue (in
+``WebSocket``, frames and bytes) decides whether it keeps up or is closed with 1013, so
+one slow client never slows the others.
 
-Replay without gap or duplicate: a client asking for ``since_seq`` is registered first
-and its live events are held back while the ledger is read; then the replayed events
-are sent, then the held-back ones whose seq the replay did not already cover. A live
-event at or below the newest replayed seq is not sent either: its commit can reach the
-loop only after the replay read saw it and the client went live.
+Replay without gap or duplicate, paced by the client (API.md §6). A client is registered
+first and its live events are *held* (bounded like its send queue) while ``replay`` pages
+through the ledger after ``after``, sending a frame only when the client's socket takes
+it. Once a page read reaches the end of the ledger, the held events it did not cover are
+sent, and the client goes live with nothing awaited between the last check and the switch.
+Every event broadcast before a read began is committed, hence in that read; every event
+broadcast after it began is held. If the held events overflow their bound they are
+dropped and the replay simply reads on from the ledger, where they are stored: a slow
+replaying client costs one page and its socket buffer, never a whole replay. A live event
+at or below the newest replayed seq is not sent (``floor``): its commit can reach the loop
+only after the replay read saw it.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING
 
 import orjson
 
 from .gateway.events import Event
 from .gateway.metrics import Registry
 from .http.websocket import CLOSE_TRY_AGAIN_LATER, WebSocket, text_frame
+from .log import log
+
+if TYPE_CHECKING:
+    from .ledger import Ledger
+
+POLICY_VIOLATION = 1008
+# rows per ledger read: a replay paused mid-page holds the rest, ~58 KiB of max-size events
+REPLAY_PAGE = 8
+FRAME_CACHE_BYTES = 2 * 1024 * 1024  # recent frames by seq, shared by replaying clients
 
 
 class Client:
-    __slots__ = ("ws", "client_id", "held", "floor")
+    __slots__ = ("ws", "client_id", "token", "held", "held_bytes", "overflows", "floor")
 
-    def __init__(self, ws: WebSocket, client_id: str):
+    def __init__(self, ws: WebSocket, client_id: str, token: str | None):
         self.ws = ws
         self.client_id = client_id
-        # live events that arrive before go_live (while the replay is read): (seq, payload, frame)
-        self.held: list[tuple[int, bytes, bytes]] | None = []
+        self.token = token  # what it authenticated with (None: auth was off)
+        # live events that arrive while the replay runs, as (seq, frame); None once live
+        self.held: deque[tuple[int, bytes]] | None = deque()
+        self.held_bytes = 0
+        self.overflows = 0  # how many times the held events overflowed and were dropped
         # the newest seq the replay sent: an event committed before the replay read but
-        # broadcast only after go_live (its commit reached the loop late) is not sent twice
+        # broadcast only after going live (its commit reached the loop late) is not sent twice
         self.floor = 0
 
 
 class Hub:
-    def __init__(self, metrics: Registry, hold_limit: int):
+    def __init__(self, metrics: Registry, hold_limit: int, hold_bytes: int):
         self.clients: dict[WebSocket, Client] = {}
         self.metrics = metrics
-        self.hold_limit = hold_limit  # the same bound as a client's send queue
+        # the same bounds as a client's send queue
+        self.hold_limit = hold_limit
+        self.hold_bytes = hold_bytes
+        self._frames: OrderedDict[int, bytes] = OrderedDict()
+        self._frame_bytes = 0
 
-    def add(self, ws: WebSocket, client_id: str) -> Client:
-        """Register a client; its live events are held until ``go_live``."""
-        client = Client(ws, client_id)
+    def add(self, ws: WebSocket, client_id: str, token: str | None) -> Client:
+        """Register a client; its live events are held until ``replay`` is done."""
+        client = Client(ws, client_id, token)
         self.clients[ws] = client
         return client
 
     def remove(self, client: Client) -> None:
         self.clients.pop(client.ws, None)
 
+    def queued_bytes(self) -> int:
+        """Bytes waiting for all clients: their send queues and held-back live events."""
+        return sum(c.ws.waiting_bytes() + c.held_bytes for c in self.clients.values())
+
+    def close_other_tokens(self, token: str) -> None:
+        """Close (1008) every client that authenticated with something else than ``token``."""
+        stale = [c for c in self.clients.values() if c.token != token]
+        for client in stale:
+            client.ws.close(POLICY_VIOLATION, "token changed")
+            self.remove(client)
+
     def broadcast(self, event: Event, exclude: WebSocket | None = None) -> None:
         """Send ``event`` to every client but ``exclude``."""
-        payload = orjson.dumps(event.frame())
-        frame = text_frame(payload)
         seq = event.seq or 0
+        frame = text_frame(orjson.dumps(event.frame()))
+        self._remember(seq, frame)
         for ws, client in list(self.clients.items()):
             if ws is exclude or seq <= client.floor:
                 continue
-            if client.held is not None:
-                if len(client.held) >= self.hold_limit:
-                    ws.close(CLOSE_TRY_AGAIN_LATER, "slow consumer")
-                    self._dropped(client)
-                else:
-                    client.held.append((seq, payload, frame))
-            elif not ws.send(payload, frame):
+            held = client.held
+            if held is not None:
+                if len(held) >= self.hold_limit or client.held_bytes + len(frame) > self.hold_bytes:
+                    # the replay reads on from the ledger, which has them all
+                    held.clear()
+                    client.held_bytes = 0
+                    client.overflows += 1
+                held.append((seq, frame))
+                client.held_bytes += len(frame)
+            elif not ws.send_frame(frame):
                 self._dropped(client)
 
-    def go_live(self, client: Client, replayed: Iterable[Event]) -> None:
-        """Send the replayed events, then the held-back live ones they do not cover."""
-        last = 0
-        for event in replayed:
-            client.ws.send(orjson.dumps(event.frame()))
-            last = max(last, event.seq or 0)
-        client.floor = last
-        held, client.held = client.held or [], None
-        for seq, payload, frame in held:
-            if seq > last:
-                client.ws.send(payload, frame)
+    async def replay(self, client: Client, after: int, ledger: "Ledger") -> None:
+        """Send the broadcast events after seq ``after``, paced by the client, then go live."""
+        cursor = after  # where the next ledger read starts
+        sent = 0  # the newest seq sent by the replay
+        while True:
+            mark = client.overflows
+            rows = await ledger.replay_page(cursor, REPLAY_PAGE)
+            for row in rows:
+                if not await self._paced(client, self._frame_of(row)):
+                    return
+                cursor = sent = row[0]
+            if len(rows) == REPLAY_PAGE or client.overflows != mark:
+                continue  # more stored, or held events were dropped: read on
+            held = client.held
+            assert held is not None
+            while held and client.overflows == mark:
+                seq, frame = held.popleft()
+                client.held_bytes -= len(frame)
+                if seq > sent:
+                    if not await self._paced(client, frame):
+                        return
+                    cursor, sent = max(cursor, seq), seq
+            if client.overflows == mark:  # nothing awaited since the check: no event can slip by
+                client.floor = sent
+                client.held = None
+                client.held_bytes = 0
+                return
 
-    def queued_bytes(self) -> int:
-        """Bytes waiting for all clients: their send queues and held-back live events."""
-        return sum(c.ws.queued_bytes() + sum(len(frame) for _, _, frame in c.held or ())
-                   for c in self.clients.values())
+    async def _paced(self, client: Client, frame: bytes) -> bool:
+        """Send ``frame`` once the client's socket takes it; False if the client is gone."""
+        ws = client.ws
+        if await ws.writable() and ws.send_frame(frame):
+            return True
+        self._dropped(client)
+        return False
+
+    def _frame_of(self, row: tuple) -> bytes:
+        """The broadcast frame of a stored row, byte for byte what ``broadcast`` sends."""
+        seq, event_id, type_, source, timestamp, payload, metadata = row
+        frame = self._frames.get(seq)
+        if frame is None:
+            head = orjson.dumps({"channel": "event", "event_id": event_id, "seq": seq, "type": type_,
+                                 "source": source, "timestamp": timestamp})
+            frame = text_frame(b"%s,\"payload\":%s,\"metadata\":%s}"
+                               % (head[:-1], payload, b"null" if metadata is None else metadata))
+            self._remember(seq, frame)
+        return frame
+
+    def _remember(self, seq: int, frame: bytes) -> None:
+        frames = self._frames
+        if seq in frames:
+            return
+        frames[seq] = frame
+        self._frame_bytes += len(frame)
+        while self._frame_bytes > FRAME_CACHE_BYTES:
+            self._frame_bytes -= len(frames.popitem(last=False)[1])
 
     def _dropped(self, client: Client) -> None:
-        if client.ws.close_code == CLOSE_TRY_AGAIN_LATER:
+        if client.ws.close_code == CLOSE_TRY_AGAIN_LATER and client.ws in self.clients:
             self.metrics.ws_drops.inc()
+            self.metrics.budget_refusals.inc("ws_queue")
+            log.warning("ws_slow_consumer_closed", client_id=client.client_id)  # once: it is gone
         self.remove(client)

@@ -698,6 +698,32 @@ class Ledger:
             return [_event_from_row(r) for r in reversed(rows[:limit])], truncated
         return await self._read(query)
 
+    async def replay_window(self, since_seq: int, limit: int) -> tuple[int, int, bool]:
+        """Where a paged replay after ``since_seq`` starts, without reading events:
+        ``(after, count, truncated)``. The replay is the broadcast events with seq > ``after``
+        (``count`` of them now, at most ``limit``: the newest, so they join live events
+        without a gap); ``truncated`` as for ``replay``."""
+        def query(conn: sqlite3.Connection) -> tuple[int, int, bool]:
+            row = conn.execute("SELECT seq FROM events WHERE broadcast = 1 AND seq > ? ORDER BY seq DESC"
+                               " LIMIT 1 OFFSET ?", (since_seq, limit)).fetchone()
+            if row is not None:
+                return row[0], limit, True
+            count = conn.execute("SELECT count(*) FROM events WHERE broadcast = 1 AND seq > ?",
+                                 (since_seq,)).fetchone()[0]
+            pruned = conn.execute("SELECT value FROM ledger_meta WHERE key = ?", (_PRUNED_BROADCAST,)).fetchone()
+            return since_seq, count, pruned is not None and pruned[0] > since_seq
+        return await self._read(query)
+
+    async def replay_page(self, after_seq: int, limit: int) -> list[tuple]:
+        """Up to ``limit`` broadcast events with seq > ``after_seq``, oldest first, as stored:
+        ``(seq, event_id, type, source, timestamp, payload, metadata)`` with the JSON still
+        encoded, so a frame is spliced from it without decoding."""
+        def query(conn: sqlite3.Connection) -> list[tuple]:
+            return conn.execute("SELECT seq, event_id, type, source, timestamp, payload, metadata FROM events"
+                                " WHERE broadcast = 1 AND seq > ? ORDER BY seq LIMIT ?",
+                                (after_seq, limit)).fetchall()
+        return await self._read(query)
+
     async def counts_by_type(self, at_ms: int) -> dict[str, int]:
         """How many stored events of each type have ``timestamp <= at_ms``.
 
@@ -773,6 +799,17 @@ class Ledger:
                 if rows:
                     result[name] = _health_from_row(max(rows, key=lambda r: r[-1]))
             return result
+        return await self._read(query)
+
+    async def health_history(self, service: str, since_ms: int, limit: int) -> list[dict[str, Any]]:
+        """The recorded probes of ``service`` with ``checked_at >= since_ms``, oldest first:
+        the newest ``limit`` of them, so a trend ends at the latest round."""
+        def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT checked_at, status, http_code, latency_ms FROM copilot_runtime_services_history"
+                " WHERE service_name = ? AND checked_at >= ? ORDER BY checked_at DESC, id DESC LIMIT ?",
+                (service, since_ms, limit)).fetchall()
+            return [{"checked_at": t, "status": s, "http_code": c, "latency_ms": ms} for t, s, c, ms in reversed(rows)]
         return await self._read(query)
 
     # --- forwarding (API.md §9) -------------------------------------------------------

@@ -9,7 +9,17 @@ says why (api/modules.py maps it to the API.md §3 answer):
 - connect error, module hung up, bad HTTP, reply over the size limit, reply not JSON:
   ``upstream_unavailable``;
 - no reply within the call's timeout: ``upstream_timeout``;
-- a disabled module: ``module_disabled``.
+- a disabled module: ``module_disabled``;
+- the gateway itself out of file descriptors or buffers (``UpstreamError`` kind ``local``):
+  ``gateway_overloaded``; the module was never reached, so its breaker is not told;
+- a body that cannot be encoded as JSON: ``invalid_json``, before the breaker is asked.
+
+A reply is parsed only if a byte scan bounds what parsing it costs (``parse_cost_problem``):
+8 MiB of ``[[],[],...]`` would build ~250 MiB of Python lists, so a reply with more than
+``MAX_REPLY_NODES`` containers and separators is ``upstream_unavailable`` (a failure)
+with a detail saying so. Parsing is needed anyway: chat reads the reply, and intents and
+proxies must tell JSON from not JSON; they then forward the module's own bytes
+(``ModuleReply.raw``) instead of encoding the parsed value again.
 
 Any JSON reply is returned with the module's status, 4xx and 5xx included, for the
 handler to forward. What the breaker counts as a failure: every error above, and 5xx.
@@ -34,12 +44,35 @@ from .gateway.breaker import Breaker
 from .gateway.health import HealthCheck
 
 
+GATEWAY_OVERLOADED = "gateway_overloaded"
+
+# JSON containers and separators a parsed reply may have: each becomes at most one Python
+# object of <= ~72 bytes (an empty list and its slot), so parsing costs at most ~9 MiB more
+# than the reply's strings. Commas and colons inside strings count too: an over-estimate.
+MAX_REPLY_NODES = 1 << 17
+
+
+def parse_cost_problem(body: bytes | bytearray) -> str:
+    """Why parsing ``body`` would cost too much memory, or ``""`` (a few C-speed scans)."""
+    nodes = body.count(b"[") + body.count(b"{") + body.count(b",") + body.count(b":")
+    if nodes > MAX_REPLY_NODES:
+        return f"reply has {nodes} JSON containers and separators, more than the {MAX_REPLY_NODES} parsed"
+    return ""
+
+
+def _encode(module: str, data: Any) -> bytes:
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError as exc:  # nested too deep, for one
+        raise ModuleError("invalid_json", module, f"body cannot be forwarded as JSON: {exc}") from None
+
+
 # ModuleHealth.status for a probe that got no reply, by UpstreamError.kind.
 _PROBE_STATUS = {"connect": "unreachable", "timeout": "timeout"}
 
 
 class ModuleError(Exception):
-    """A call that got no usable reply from ``module``; ``code`` is one of the four above."""
+    """A call that got no usable reply from ``module``; ``code`` is one of those above."""
 
     def __init__(self, code: str, module: str, detail: str):
         super().__init__(detail)
@@ -53,13 +86,15 @@ class ModuleReply:
     status: int
     data: Any  # the parsed JSON body (None for an empty 204)
     latency_ms: float
+    raw: bytes | bytearray  # the body as the module sent it, for handlers that only forward it
 
 
 class Modules:
     """``call()`` a module, ``probe_all()`` their health, ``breaker_status()``, ``close()``.
 
     ``observe(module, outcome, seconds)``, if given, is told about every call that was
-    let through; outcome is ``ok``, ``http_5xx``, ``not_json`` or an UpstreamError kind.
+    let through; outcome is ``ok``, ``http_5xx``, ``not_json``, ``too_costly`` (to parse)
+    or an UpstreamError kind (``local`` for the gateway's own limits).
     """
 
     def __init__(self, settings: Settings, *, observe: Callable[[str, str, float], None] | None = None,
@@ -74,6 +109,7 @@ class Modules:
         self._wall = wall
         self._token = [(b"x-vx11-token", settings.token.encode())] if settings.token else []
         self._round: asyncio.Task[dict[str, HealthCheck]] | None = None
+        self._overload_logged: set[str] = set()  # modules whose calls hit a local limit, logged once
 
     async def call(self, module: str, method: str, path: str, *, json: Any = None,
                    timeout: float, correlation_id: str) -> ModuleReply:
@@ -81,42 +117,58 @@ class Modules:
         config = self.registry[module]
         if not config.enabled:
             raise ModuleError("module_disabled", module, f"module {module} is disabled")
+        # Encoded before the breaker is asked: a body we cannot send says nothing about the module.
+        body = b"" if json is None else _encode(module, json)
         breaker = self.breakers[module]
         ticket = breaker.allow()
         if ticket is None:
             raise ModuleError("circuit_open", module, f"calls to {module} are refused after {breaker.threshold} "
                                                       f"consecutive failures, until a trial call succeeds")
-        body = b"" if json is None else orjson.dumps(json)
         headers = self._headers(correlation_id, bool(body))
         started = self._now()
+        # The verdict for the breaker; None settles the ticket without one. Every way out of
+        # the try (a reply, an error, a local failure, cancellation, a bug) passes the finally.
+        failed: bool | None = None
         try:
-            reply = await self._client.request(config.url, method, path, headers=headers, body=body,
-                                               timeout=timeout)
-        except UpstreamError as exc:
-            self._verdict(module, breaker, ticket, failed=True)
-            self._done(module, exc.kind, started)
-            log.warning("upstream_failed", module=module, method=method, path=path, kind=exc.kind,
-                        error=str(exc), correlation_id=correlation_id)
-            if exc.kind == "timeout":
-                raise ModuleError("upstream_timeout", module, str(exc)) from None
-            raise ModuleError("upstream_unavailable", module, str(exc)) from None
-        except BaseException:
-            breaker.release(ticket)  # cancelled: this says nothing about the module
-            raise
-        latency_ms = round((self._now() - started) * 1000, 3)
-        failed = reply.status >= 500
-        try:
-            data = None if reply.status == 204 and not reply.body else orjson.loads(reply.body)
-        except orjson.JSONDecodeError:
-            self._verdict(module, breaker, ticket, failed=failed or not 400 <= reply.status < 500)
-            self._done(module, "not_json", started)
-            log.warning("upstream_not_json", module=module, method=method, path=path,
-                        http_code=reply.status, correlation_id=correlation_id)
-            raise ModuleError("upstream_unavailable", module,
-                              f"{module} answered HTTP {reply.status} without a JSON body") from None
-        self._verdict(module, breaker, ticket, failed=failed)
-        self._done(module, "http_5xx" if failed else "ok", started)
-        return ModuleReply(reply.status, data, latency_ms)
+            try:
+                reply = await self._client.request(config.url, method, path, headers=headers, body=body,
+                                                   timeout=timeout)
+            except UpstreamError as exc:
+                self._done(module, exc.kind, started)
+                if exc.kind == "local":
+                    self._overloaded(module, exc)
+                    raise ModuleError(GATEWAY_OVERLOADED, module, str(exc)) from None
+                failed = True
+                log.warning("upstream_failed", module=module, method=method, path=path, kind=exc.kind,
+                            error=str(exc), correlation_id=correlation_id)
+                if exc.kind == "timeout":
+                    raise ModuleError("upstream_timeout", module, str(exc)) from None
+                raise ModuleError("upstream_unavailable", module, str(exc)) from None
+            latency_ms = round((self._now() - started) * 1000, 3)
+            failed = reply.status >= 500
+            data, problem, costly = None, "", ""
+            if reply.status != 204 or reply.body:
+                problem = costly = parse_cost_problem(reply.body)
+                if not problem:
+                    try:
+                        data = orjson.loads(reply.body)
+                    except orjson.JSONDecodeError:
+                        problem = f"{module} answered HTTP {reply.status} without a JSON body"
+            if problem:
+                # a 4xx that is not JSON still shows the module up and answering
+                failed = failed or not 400 <= reply.status < 500
+                self._done(module, "too_costly" if costly else "not_json", started)
+                log.warning("upstream_not_json", module=module, method=method, path=path,
+                            http_code=reply.status, detail=problem, correlation_id=correlation_id)
+                raise ModuleError("upstream_unavailable", module, problem)
+            self._done(module, "http_5xx" if failed else "ok", started)
+            self._overload_logged.discard(module)
+            return ModuleReply(reply.status, data, latency_ms, reply.body)
+        finally:
+            if failed is None:
+                breaker.release(ticket)
+            else:
+                self._verdict(module, breaker, ticket, failed=failed)
 
     async def probe_all(self) -> dict[str, dict[str, Any]]:
         """Every module's ModuleHealth (API.md §2), disabled ones included, in registry order."""
@@ -156,6 +208,12 @@ class Modules:
         if after != before:
             log.log("info" if after == "closed" else "warning", "breaker_state_changed",
                     module=module, before=before, after=after)
+
+    def _overloaded(self, module: str, exc: UpstreamError) -> None:
+        # once per module until a call to it gets through again: a flood must not flood the log
+        if module not in self._overload_logged:
+            self._overload_logged.add(module)
+            log.warning(GATEWAY_OVERLOADED, module=module, error=str(exc))
 
     def _done(self, module: str, outcome: str, started: float) -> None:
         if self._observe is not None:

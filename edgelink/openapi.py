@@ -36,6 +36,7 @@ from typing import Any
 from . import __version__
 from .api.chat import MAX_MESSAGE as MAX_CHAT_MESSAGE
 from .api.events import RECENT_IN_SNAPSHOT
+from .api.health import MAX_HISTORY
 from .gateway.auth import MAX_CORRELATION_ID
 from .gateway.events import MAX_NAME_LENGTH
 from .gateway.events import SCHEMAS as EVENT_SCHEMAS
@@ -47,6 +48,7 @@ from .http.router import Route, Router
 OPENAPI_VERSION = "3.1.0"
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4"
+HTML = "text/html"
 
 
 class DocumentError(RuntimeError):
@@ -54,7 +56,7 @@ class DocumentError(RuntimeError):
     or two routes would be one operation."""
 
 
-def _schema(name: str) -> dict[str, Any]:
+def ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
@@ -126,14 +128,14 @@ def _ingest_requests() -> dict[str, dict[str, Any]]:
                            "description": "Send a canonical event to WebSocket clients."},
              "metadata": _nullable({"type": "object"})})
 
-    branches = {f"Ingest{_payload_name(t).removesuffix('Payload')}": branch({"const": t}, _schema(_payload_name(t)))
+    branches = {f"Ingest{_payload_name(t).removesuffix('Payload')}": branch({"const": t}, ref(_payload_name(t)))
                 for t in EVENT_SCHEMAS}
     branches["IngestOtherEvent"] = branch(
         {"type": "string", "minLength": 1, "maxLength": MAX_NAME_LENGTH, "not": {"enum": list(EVENT_SCHEMAS)}},
         {"type": "object"})
     return {
         "IngestRequest": {
-            "oneOf": [_schema(name) for name in branches],
+            "oneOf": [ref(name) for name in branches],
             "description": "A canonical `type` is checked against its payload schema (else 422 "
                            "`schema_validation_failed`); any other type is stored unchecked and never broadcast.",
         },
@@ -169,7 +171,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                   "msg": _STR}),
     "ValidationError": _object(
         {"error": {"const": "validation_error"}, "status_code": {"const": 422},
-         "detail": {"type": "array", "minItems": 1, "items": _schema("ValidationProblem")}},
+         "detail": {"type": "array", "minItems": 1, "items": ref("ValidationProblem")}},
         {"correlation_id": _STR},
         description="A malformed request: every problem found, each with its location.",
     ),
@@ -194,7 +196,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "timestamp": _ISO_UTC,
         "ports": {**_map(_INT, "Port per module, plus the gateway's own as `tentaculo_link` and `gateway`."),
                   "required": ["tentaculo_link", "gateway"]},
-        "modules": _map(_schema("ModuleHealth"), "Health per module, disabled ones included."),
+        "modules": _map(ref("ModuleHealth"), "Health per module, disabled ones included."),
         "summary": _object({"healthy_modules": _COUNT, "total_modules": _COUNT, "all_healthy": _BOOL},
                            description="Over enabled modules only."),
     }),
@@ -202,7 +204,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "status": {"const": "ok"},
         "gateway": {"const": "tentaculo_link"},
         "version": {"const": "7.0"},
-        "modules_health": _map(_schema("ModuleHealth"), "Health per module, disabled ones included."),
+        "modules_health": _map(ref("ModuleHealth"), "Health per module, disabled ones included."),
         "summary": _object({"total_modules": _COUNT, "healthy": _COUNT, "unhealthy": _COUNT},
                            description="Over enabled modules only."),
     }),
@@ -213,7 +215,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     }),
     "BreakerStatus": _object({
         "status": {"const": "ok"},
-        "breakers": _map(_schema("Breaker"), "Per enabled module."),
+        "breakers": _map(ref("Breaker"), "Per enabled module."),
         "timestamp": _SECONDS,
     }),
     # --- routing to modules (API.md §3)
@@ -224,9 +226,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "timeout": {"type": "number", "description": "Seconds."},
         "description": _STR, "auth_required": _BOOL,
         "stream": {"type": "boolean", "description": "The module's reply may be streamed through."},
-        "fallback": _nullable(_schema("RouteTarget")),
+        "fallback": _nullable(ref("RouteTarget")),
     }),
-    "Routes": _object({"routes": _map(_schema("Route"), "Per intent.")}),
+    "Routes": _object({"routes": _map(ref("Route"), "Per intent.")}),
     "IntentRequest": {"type": "object", "description": "Any JSON object; forwarded to the module as is."},
     "ModuleReply": {"description": "Any JSON value: the module's reply, forwarded as is."},
     # --- chat and sessions (API.md §4)
@@ -266,12 +268,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "last_active_at": _MS,
         "expires_at": _MS,
         "message_count": _COUNT,
-        "messages": {"type": "array", "items": _schema("SessionMessage")},
+        "messages": {"type": "array", "items": ref("SessionMessage")},
     }),
     "SessionSummary": _object({"session_id": _STR, "created_at": _MS, "expires_at": _MS,
                                "message_count": _COUNT}),
     "SessionList": _object({
-        "sessions": {"type": "array", "items": _schema("SessionSummary"),
+        "sessions": {"type": "array", "items": ref("SessionSummary"),
                      "description": "Live sessions, most recently active first."},
         "total": _COUNT,
     }),
@@ -315,8 +317,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "status": {"const": "ok"},
         "timestamp": _MS,
         "graph": _object({
-            "nodes": {"type": "array", "maxItems": MAX_NODES, "items": _schema("CorrelationNode")},
-            "edges": {"type": "array", "items": _schema("CorrelationEdge")},
+            "nodes": {"type": "array", "maxItems": MAX_NODES, "items": ref("CorrelationNode")},
+            "edges": {"type": "array", "items": ref("CorrelationEdge")},
             "total_nodes": _COUNT,
             "total_edges": _COUNT,
         }),
@@ -333,11 +335,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     }),
     "Snapshot": _object({
         "timestamp": _MS,
-        "modules": _map(_schema("RecordedModuleHealth"),
+        "modules": _map(ref("RecordedModuleHealth"),
                         "Per module, its last recorded probe at or before `timestamp`."),
         "events": _object({
             "counts_by_type": _map(_COUNT, "Stored events per type at or before `timestamp`."),
-            "recent": {"type": "array", "maxItems": RECENT_IN_SNAPSHOT, "items": _schema("StoredEvent"),
+            "recent": {"type": "array", "maxItems": RECENT_IN_SNAPSHOT, "items": ref("StoredEvent"),
                        "description": "Newest first."},
         }),
     }),
@@ -350,6 +352,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "WsError": _object({"channel": {"const": "control"}, "type": {"const": "error"}, "error": _STR},
                        {"detail": _STR,
                         "event_type": {"type": "string", "description": "The type of a rejected event."}}),
+    "HealthPoint": _object({"checked_at": _MS, "status": _STR, "http_code": _nullable(_INT),
+                            "latency_ms": _nullable(_NUMBER)}),
+    "HealthHistory": _object({"module": _STR, "points": {"type": "array", "maxItems": MAX_HISTORY,
+                                                         "items": ref("HealthPoint"),
+                                                         "description": "Oldest first."}}),
     # --- forwarding (API.md §9)
     "ForwardStatus": _object({
         "enabled": _BOOL, "engine": _nullable({"enum": ["nats", "mqtt"]}),
@@ -360,6 +367,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     }, closed=True),
     # --- operations
     "PrometheusText": {"type": "string", "description": "Prometheus text exposition format 0.0.4."},
+    "Text": {"type": "string", "description": "An HTML page, a stylesheet or a script."},
     "OpenAPIDocument": _object({"openapi": {"const": OPENAPI_VERSION}, "info": {"type": "object"},
                                 "paths": {"type": "object"}}),
 }
@@ -388,7 +396,7 @@ def error(status: int, codes: str | tuple[str, ...], description: str, *, correl
 
 
 def reply(status: int, description: str, schema: str, *, media_type: str = JSON) -> Case:
-    return Case(str(status), description, schema=_schema(schema), media_type=media_type)
+    return Case(str(status), description, schema=ref(schema), media_type=media_type)
 
 
 # Answered by the HTTP server before a route is chosen, on any path.
@@ -415,7 +423,7 @@ WS_AUTH_CASES = (
 )
 INVALID_JSON = error(400, "invalid_json", "the body is empty or not valid JSON.")
 VALIDATION = Case("422", "`validation_error`: a field is missing, of the wrong type or out of range.",
-                  schema=_schema("ValidationError"))
+                  schema=ref("ValidationError"))
 UPSTREAM_CASES = (
     error(502, "upstream_unavailable", "the module could not be reached, hung up, spoke invalid HTTP, or "
                                         f"answered without JSON or with more than {KNOB['upstream_max_reply'].shown()} "
@@ -425,7 +433,7 @@ UPSTREAM_CASES = (
     error(504, "upstream_timeout", "the module did not answer within the route's timeout."),
 )
 FORWARDED = Case("default", "The module's own reply, forwarded with its status and JSON body.",
-                 schema=_schema("ModuleReply"))
+                 schema=ref("ModuleReply"))
 
 # --- parameters -----------------------------------------------------------------------
 
@@ -462,7 +470,7 @@ class Operation:
 
 
 def json_body(schema: str, example: Any, *, required: bool = True) -> dict[str, Any]:
-    return {"required": required, "content": {JSON: {"schema": _schema(schema), "example": example}}}
+    return {"required": required, "content": {JSON: {"schema": ref(schema), "example": example}}}
 
 
 COMPONENTS: dict[str, Any] = {
@@ -491,7 +499,7 @@ COMPONENTS: dict[str, Any] = {
             "headers": {"Allow": {"description": "The path's methods (HEAD with GET).", "required": True,
                                   "schema": _STR},
                         "X-Correlation-ID": {"$ref": "#/components/headers/CorrelationId"}},
-            "content": {JSON: {"schema": {**_schema("Error"),
+            "content": {JSON: {"schema": {**ref("Error"),
                                           "properties": {"error": {"const": "method_not_allowed"},
                                                          "status_code": {"const": 405}}}}},
         },
@@ -519,7 +527,7 @@ edgelink {__version__}."""
 
 
 def _error_schema(status: str, codes: list[str]) -> dict[str, Any]:
-    return {**_schema("Error"), "properties": {"error": {"enum": codes}, "status_code": {"const": int(status)}}}
+    return {**ref("Error"), "properties": {"error": {"enum": codes}, "status_code": {"const": int(status)}}}
 
 
 def _describe(case: Case) -> str:

@@ -27,6 +27,8 @@ from .log import configure, log
 from .probe import GATEWAY_SERVICE, gateway_url, record_round
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+# upstream call outcomes that are refusals by a budget of the gateway's, by budget name
+BUDGET_OUTCOMES = {"local": "file_descriptors", "too_large": "module_reply", "too_costly": "module_reply"}
 
 
 class Runtime:
@@ -36,7 +38,7 @@ class Runtime:
         self.stopping = False
         self.port = settings.port  # the port actually bound, set once listening
         self.ledger = Ledger.from_settings(settings)
-        self.hub = Hub(self.metrics, settings.ws_queue)
+        self.hub = Hub(self.metrics, settings.ws_queue, settings.ws_queue_bytes)
         self.cardinality = CardinalityCounter(time.time)
         self.correlations = CorrelationGraph(time.time)
         self.sessions = SessionStore.from_settings(settings)
@@ -45,6 +47,7 @@ class Runtime:
         self.router: Router | None = None  # set by serve(); /openapi.json describes it
         self.server: HttpServer | None = None  # set by serve(); takes new limits on reload
         self.openapi_cache: bytes | None = None
+        self.openapi_gzip = b""  # openapi_cache compressed, made with it
         self._sweeper = Sweeper(self.sessions, settings.context7_cleanup_interval)
         self._recorder: asyncio.Task[None] | None = None
         self._retired: list[Modules] = []  # clients replaced by a reload, still finishing calls
@@ -53,6 +56,8 @@ class Runtime:
         self.rebuilders: dict[str, Callable[[Settings, Settings], None]] = {MODULES_PIECE: self._rebuild_modules}
         self.metrics.add(Gauge("edgelink_ws_clients", "Connected WebSocket clients",
                                read=lambda: {(): len(self.hub.clients)}))
+        self.metrics.add(Gauge("edgelink_ws_queued_bytes", "Bytes waiting in WebSocket send queues",
+                               read=lambda: {(): self.hub.queued_bytes()}))
         self.metrics.add(Gauge("edgelink_breaker_state", "Circuit breaker state (0 closed, 1 half-open, 2 open)",
                                ("module",), read=self._breaker_states))
         self.metrics.add(Gauge("edgelink_context7_sessions", "Live Context-7 sessions",
@@ -63,13 +68,16 @@ class Runtime:
         self.metrics.add(Gauge("edgelink_ledger_write_failures_total",
                                "Ledger write transactions the disk refused (answered 503)",
                                read=lambda: {(): self.ledger.write_failures}, kind="counter"))
-        self.metrics.add(Gauge("edgelink_ws_queued_bytes", "Bytes queued for WebSocket clients, all together",
-                               read=lambda: {(): self.hub.queued_bytes()}))
         self.ledger.on_commit = self._observe_commit
 
     def _modules(self, settings: Settings) -> Modules:
-        latency = self.metrics.upstream_latency
-        return Modules(settings, observe=lambda module, outcome, seconds: latency.observe(seconds, module, outcome))
+        return Modules(settings, observe=self._upstream_call)
+
+    def _upstream_call(self, module: str, outcome: str, seconds: float) -> None:
+        self.metrics.upstream_latency.observe(seconds, module, outcome)
+        budget = BUDGET_OUTCOMES.get(outcome)
+        if budget is not None:
+            self.metrics.budget_refusals.inc(budget)
 
     def _observe_commit(self, seconds: float, writes: int) -> None:
         # called on the ledger's writer thread: the histograms' one series already exists
@@ -137,7 +145,9 @@ class Runtime:
             pieces.add(MODULES_PIECE)
         self.settings = new
         configure(new.log_level)
-        self.hub.hold_limit = new.ws_queue
+        self.hub.hold_limit, self.hub.hold_bytes = new.ws_queue, new.ws_queue_bytes
+        if new.enable_auth and (new.token, True) != (old.token, old.enable_auth):
+            self.hub.close_other_tokens(new.token)  # API.md §6: old tokens are closed 1008
         self.ledger.max_bytes, self.ledger.full_policy = new.ledger_max_bytes, new.ledger_full
         if self.server is not None:
             self.server.settings = new  # connections accepted from now on get the new limits

@@ -9,13 +9,12 @@ config file and environment file; if they are valid, apply what can change at ru
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
-import os
+import resource
 import signal
 from typing import Any, Awaitable, Callable, Coroutine
 
-from . import __version__, forward, systemd
+from . import __version__, forward, memory, systemd
 from .app import build_router
 from .config import ConfigError, Settings
 from .dispatch import Dispatcher
@@ -25,8 +24,37 @@ from .ledger import LedgerUnusable
 from .log import configure, log
 from .runtime import Runtime
 
-MMAP_THRESHOLD = 256 * 1024  # buffers this big get their own mapping, unmapped when freed
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+# Descriptors beyond connections: listening sockets, the ledger (db, WAL, shm), stdio and
+# the log, the loop's own (epoll, signal pipe), health probes, systemd's notify socket.
+FD_HEADROOM = 64
+
+
+def fd_need(settings: Settings) -> int:
+    """Descriptors the limits can use at once: each client connection may hold one
+    upstream call, plus each module's idle pool, plus the headroom."""
+    return 2 * settings.max_connections + settings.upstream_pool_size * len(settings.modules) + FD_HEADROOM
+
+
+def check_fd_limit(settings: Settings) -> None:
+    """Raise the soft RLIMIT_NOFILE to what the limits need if the hard one allows, else
+    raise it to the hard one and warn naming both figures (as nginx does)."""
+    need = fd_need(settings)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY or hard >= need else hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("fd_limit_unchanged", error=str(exc), soft=soft)
+        target = soft
+    if target >= need:
+        log.info("fd_limit_raised", soft=soft, to=target, needed=need)
+    else:
+        log.warning("fd_limit_low", needed=need, limit=target, max_connections=settings.max_connections,
+                    detail=f"{need} file descriptors needed but the limit is {target}: raise LimitNOFILE "
+                           "or lower EDGELINK_MAX_CONNECTIONS")
+
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:
     """Run ``main`` on uvloop, or on the standard loop (saying so) when uvloop is missing."""
@@ -38,23 +66,6 @@ def run(main: Coroutine[Any, Any, Any]) -> Any:
     return uvloop.run(main)
 
 
-def pin_mmap_threshold() -> None:
-    """Keep big buffers (request bodies, event rows) out of the malloc heaps.
-
-    glibc raises its mmap threshold each time a mapped buffer is freed, up to 32 MiB; from
-    then on 1 MiB bodies are carved from the heap of whichever thread touched them and
-    fragmentation keeps the memory. Measured: 4 clients posting 1 MiB events peaked at
-    105 MiB RSS, 51 MiB with the threshold pinned. An explicit MALLOC_MMAP_THRESHOLD_ wins.
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not a C library with mallopt: nothing to pin
-        return
-    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
 async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = None,
                 on_ready: Callable[[Runtime], Awaitable[None] | None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT. ``reload`` builds fresh settings on SIGHUP."""
@@ -63,7 +74,8 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
         forward.check(settings)
     except ConfigError as exc:
         raise SystemExit(f"edgelink: {exc}") from None
-    pin_mmap_threshold()
+    memory.return_big_buffers()
+    check_fd_limit(settings)
     runtime = Runtime(settings)
     try:
         await runtime.start()

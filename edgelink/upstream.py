@@ -5,7 +5,10 @@ One ``UpstreamClient`` serves every module. Each call is bounded by a total time
 timeout; a reply larger than ``upstream_max_reply`` is refused, decided from
 ``Content-Length`` when present and while reading otherwise. Anything that leaves no
 usable reply raises ``UpstreamError`` with a ``kind``: ``connect``, ``timeout``,
-``too_large``, ``closed`` (the module hung up) or ``protocol`` (it spoke bad HTTP).
+``too_large``, ``closed`` (the module hung up), ``protocol`` (it spoke bad HTTP) or
+``local``: the gateway itself is out of file descriptors, buffers or memory (EMFILE,
+ENFILE, ENOBUFS, ENOMEM creating or connecting the socket), which says nothing about
+the module.
 
 Pool: up to ``upstream_pool_size`` idle keep-alive connections are kept per origin,
 each closed after ``upstream_pool_idle`` idle seconds. Busy connections are not capped
@@ -25,6 +28,7 @@ the module's.
 from __future__ import annotations
 
 import asyncio
+import errno
 import select
 from dataclasses import dataclass
 from typing import Iterable
@@ -35,6 +39,8 @@ import h11
 from .config import Settings
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+# connect failures that are the gateway's own shortage, not the module's fault
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class UpstreamError(Exception):
@@ -49,7 +55,7 @@ class UpstreamError(Exception):
 class Reply:
     status: int
     headers: list[tuple[bytes, bytes]]
-    body: bytes
+    body: bytearray  # grown in place while read: no list of parts joined into a second copy
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +90,9 @@ class _Connection(asyncio.Protocol):
             return
         self.reply_bytes += len(data)
         self.h11.receive_data(data)
+        # One read at a time until the reply reader has taken it: the event loop may read a
+        # fast module many times per turn, and h11 would buffer a whole 8 MiB reply again.
+        self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -109,6 +118,8 @@ class _Connection(asyncio.Protocol):
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
+            if not self.ended:
+                self.transport.resume_reading()
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -208,6 +219,7 @@ class UpstreamClient:
             conn.close()
             return
         conn.h11.start_next_cycle()
+        conn.transport.resume_reading()  # an idle connection must see the module hang up
         conn.reaper = asyncio.get_running_loop().call_later(self._pool_idle, self._reap, pool, conn)
         pool.append(conn)
 
@@ -227,6 +239,9 @@ class UpstreamClient:
                 "connect", f"connect to {origin.host}:{origin.port} timed out after {self._connect_timeout:g} s"
             ) from None
         except OSError as exc:
+            if exc.errno in LOCAL_ERRNOS:
+                raise UpstreamError("local", f"gateway cannot open a connection to {origin.host}:{origin.port}: "
+                                             f"{exc.strerror or exc}") from None
             raise UpstreamError("connect", f"cannot connect to {origin.host}:{origin.port}: "
                                            f"{exc.strerror or exc}") from None
         return conn
@@ -265,16 +280,14 @@ class UpstreamClient:
 
     async def _read_reply(self, conn: _Connection) -> Reply:
         response: h11.Response | None = None
-        parts: list[bytes] = []
-        size = 0
+        body = bytearray()
         while True:
             event = await conn.next_event()
             kind = type(event)
             if kind is h11.Data:
-                size += len(event.data)
-                if size > self._max_reply:
+                if len(body) + len(event.data) > self._max_reply:
                     raise UpstreamError("too_large", f"reply exceeds {self._max_reply} bytes")
-                parts.append(event.data)
+                body += event.data
             elif kind is h11.Response:
                 response = event
                 for name, value in event.headers:
@@ -283,6 +296,6 @@ class UpstreamClient:
                                                          f"{self._max_reply} bytes")
             elif kind is h11.EndOfMessage:
                 assert response is not None  # h11 yields the Response before its end
-                return Reply(response.status_code, list(response.headers), b"".join(parts))
+                return Reply(response.status_code, list(response.headers), body)
             elif kind is not h11.InformationalResponse:  # 1xx (100 Continue...) carry nothing for us
                 raise UpstreamError("protocol", f"unexpected {kind.__name__} from module")

@@ -7,14 +7,18 @@ Modules a test does not use point at a closed loopback port.
 
 from __future__ import annotations
 
+import select
+import socket
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
-from conftest import TOKEN, Gateway, Reply, assert_error, module_env, received
+from conftest import TOKEN, Gateway, RawClient, Reply, assert_error, log_records, module_env, received
 from fakemodule import ERROR_500, HANG, HEALTHY, NOT_JSON, FakeModule
 
 SWITCH_PATH = "/switch/route-v5"
@@ -260,6 +264,19 @@ def test_chat_validation(switch, gateway_factory) -> None:
     assert locs(chat(gw, {"message": "é" * 32_769})) == [["body", "message"]]
 
 
+def test_session_and_user_ids_are_at_most_256_characters(switch, gateway_factory) -> None:
+    gw = gateway_factory(module_env({"switch": switch}))
+    assert locs(chat(gw, {"message": "hi", "user_id": "u" * 257})) == [["body", "user_id"]]
+    assert locs(chat(gw, {"message": "hi", "session_id": "s" * 257})) == [["body", "session_id"]]
+    assert sorted(locs(chat(gw, {"message": "", "session_id": "s" * 300, "user_id": "u" * 1_000_000}))) == \
+        [["body", "message"], ["body", "session_id"], ["body", "user_id"]]
+    assert switch.requests == []
+    assert gw.get("/vx11/context-7/sessions").json()["total"] == 0  # nothing was stored
+    reply = chat(gw, {"message": "hi", "session_id": "é" * 256, "user_id": "ü" * 256})
+    assert reply.status == 200, reply.body
+    assert gw.get("/operator/session/" + "%C3%A9" * 256).json()["user_id"] == "ü" * 256
+
+
 # --- sessions ---------------------------------------------------------------------------
 
 
@@ -332,3 +349,65 @@ def test_idle_session_expires_and_its_id_starts_afresh(switch, gateway_factory) 
     session = gw.get(f"/operator/session/{sid}").json()
     assert session["message_count"] == 2
     assert [m["content"] for m in session["messages"]] == ["back again", "hello from switch"]
+
+
+# --- the gateway's own fd shortage is not a module failure --------------------------------
+
+# Execs the gateway with a low open-files limit, soft and hard alike (so it cannot raise it).
+FD_LIMIT = 100
+LOW_FD_LAUNCHER = [sys.executable, "-c",
+                   "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+                   f"({FD_LIMIT}, {FD_LIMIT})); os.execv(sys.argv[1], sys.argv[1:])"]
+
+
+def test_running_out_of_fds_does_not_open_healthy_modules_breakers(switch, madre, gateway_factory,
+                                                                  tmp_path: Path) -> None:
+    switch.behave(SWITCH_PATH, HANG)
+    config = tmp_path / "chat.toml"
+    config.write_text("[routes.chat]\ntimeout = 8\n")
+    gw = gateway_factory(module_env({"switch": switch, "madre": madre}, EDGELINK_MAX_CONNECTIONS="64"),
+                         args=["--config", str(config)], launcher=LOW_FD_LAUNCHER)
+    body = orjson.dumps({"message": "hello"})
+    request = (b"POST /operator/chat HTTP/1.1\r\nHost: t\r\nX-VX11-Token: %s\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (TOKEN.encode(), len(body), body))
+    clients = []
+    for _ in range(60):  # more chats than fds left for calls to modules once they are accepted
+        sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        sock.sendall(request)
+        clients.append(RawClient(sock))
+    statuses: dict[int, int] = {}
+    codes: set[str] = set()
+    waiting = []
+    time.sleep(3)  # the refusals are immediate; the others wait on switch until the route timeout
+    answered, _, _ = select.select([c.sock for c in clients], [], [], 0)
+    for client in clients:
+        if client.sock not in answered:
+            waiting.append(client)  # its call to switch hangs: it holds an fd
+            continue
+        try:
+            status, _, reply = client.read_response(timeout=5)
+        except ConnectionError:  # not accepted at all: the accept loop's business, not this test's
+            continue
+        statuses[status] = statuses.get(status, 0) + 1
+        codes.add(orjson.loads(reply)["error"] if status != 200 else "ok")
+        client.sock.close()
+    assert statuses.get(503, 0) > 0 and waiting, (statuses, len(waiting))
+    # never chat_unavailable: no module failed (a fallback may find an fd freed meanwhile)
+    assert "gateway_overloaded" in codes and codes <= {"gateway_overloaded", "ok"}, codes
+    # While the fds are all taken nothing more is accepted. Switch really hangs: its calls
+    # time out (its own failures), and madre, whose breaker the shortage never touched,
+    # answers them (unless connections accepted meanwhile took the fds again).
+    answers = []
+    for client in waiting:
+        status, _, reply = client.read_response(timeout=20)
+        answers.append(orjson.loads(reply).get("provider") if status == 200 else orjson.loads(reply)["error"])
+        client.sock.close()
+    assert "madre" in answers and set(answers) <= {"madre", "chat_unavailable"}, answers
+    breakers = gw.get("/vx11/circuit-breaker/status").json()["breakers"]
+    assert (breakers["madre"]["state"], breakers["madre"]["failure_count"]) == ("closed", 0), breakers
+    assert breakers["switch"]["state"] == "open", breakers
+    assert 'edgelink_budget_refusals_total{budget="file_descriptors"}' in \
+        gw.get("/metrics", token=False).body.decode()
+    assert sum(r.get("event") == "gateway_overloaded" for r in log_records(gw.log_path)) <= 2  # not per call
+    reply = chat(gw, {"message": "and now?"})
+    assert reply.status == 200 and reply.json()["provider"] == "madre", reply.body

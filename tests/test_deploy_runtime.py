@@ -9,6 +9,7 @@ import socket
 import time
 
 import orjson
+import pytest
 import websockets
 
 from conftest import log_records, start_gateway, wait_for_log
@@ -100,9 +101,13 @@ def test_sighup_reload_new_module_url_keeps_connections(tmp_path):
             assert gw.get("/resources").status == 200
             assert len(second.requests) == 1 and len(first.requests) == 1
 
-            # The WebSocket opened before the reload is still served.
-            await ws.send('{"still": "here"}')
-            assert orjson.loads(await ws.recv()) == {"still": "here"}
+            # The WebSocket opened with the old token is closed 1008 (API.md §6); one opened
+            # with the new token is served across the next reload.
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            assert ws.close_code == 1008
+            ws = await websockets.connect(f"ws://127.0.0.1:{gw.port}/ws?token=second-token")
+            assert orjson.loads(await ws.recv())["type"] == "connected"
 
             # A broken file is refused and the running settings stay.
             config.write_text("[modules.hermes]\nurl = 12\n")

@@ -119,11 +119,30 @@ def test_chunked_body_is_read_and_connection_kept(gateway):
 
 def test_expect_100_continue(gateway):
     client = RawClient(gateway.connect())
-    client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+    client.send(b"POST /vx11/intent/nope HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n"
+                b"X-VX11-Token: " + gateway.token.encode() + b"\r\n\r\n")
     status, _, _ = client.read_response()
     assert status == 100
     client.send(b"{}")
-    assert client.read_response()[0] == 405
+    status, _, body = client.read_response()
+    assert status == 404 and orjson.loads(body)["error"] == "unknown_intent"
+
+
+@pytest.mark.parametrize("target,token,status,error", [
+    ("/vx11/intent/chat", None, 401, "auth_required"),
+    ("/vx11/intent/chat", "wrong", 403, "forbidden"),
+    ("/no/such/route", None, 404, "not_found"),
+    ("/health", None, 405, "method_not_allowed"),
+])
+def test_expect_100_continue_only_after_route_and_token(gateway, target, token, status, error):
+    client = RawClient(gateway.connect())
+    auth = b"X-VX11-Token: %s\r\n" % token.encode() if token else b""
+    client.send(b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n%s\r\n"
+                % (target.encode(), auth))
+    got, headers, body = client.read_response()
+    assert got == status and orjson.loads(body)["error"] == error  # no 100 first
+    assert headers["connection"] == "close" and client.closed_by_peer()
+    still_serving(gateway)
 
 
 def test_expect_100_continue_over_limit_refused_without_continue(gateway_factory):
@@ -437,3 +456,209 @@ def test_a_trickled_body_is_cut_off_at_the_body_timeout(gateway_factory):
     assert data.startswith(b"HTTP/1.1 408")
     assert time.monotonic() - started < 8
     still_serving(gw)
+
+
+# --- hostile framing and stalls (issue 11) ------------------------------------------------
+
+
+def nested(levels: int) -> bytes:
+    """A JSON object whose nesting depth is ``levels`` (the object itself is level 1)."""
+    return b'{"a":' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}"
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/events/ingest", b'{"type":"x.y","source":"madre","payload":%s}'),
+    ("/operator/chat", b'{"message":"hi","metadata":%s}'),
+    ("/vx11/intent/task", b'{"task":%s}'),
+])
+@pytest.mark.parametrize("levels", [65, 300, 1000])
+def test_json_nested_deeper_than_64_is_invalid_json(gateway, path, body, levels):
+    r = gateway.post(path, raw=body % nested(levels - 1))
+    assert r.status == 400, r.body
+    assert r.json()["error"] == "invalid_json" and "64" in r.json()["detail"]
+
+
+def test_json_nested_64_deep_or_brackets_in_strings_are_not_refused(gateway):
+    for raw in (b'{"task":%s}' % nested(63), b'{"task":"%s"}' % (b"[{" * 500),
+                b'{"task":"\\"%s"}' % (b"[" * 100)):
+        r = gateway.post("/vx11/intent/task", raw=raw)
+        assert r.status == 502 and r.json()["error"] == "upstream_unavailable", r.body  # parsed, then sent on
+
+
+def test_websocket_message_nested_too_deep_gets_invalid_json_and_stays_open(gateway):
+    import asyncio
+
+    import websockets
+
+    async def go():
+        async with websockets.connect(f"ws://127.0.0.1:{gateway.port}/ws",
+                                      additional_headers={"X-VX11-Token": gateway.token}) as ws:
+            assert orjson.loads(await ws.recv())["type"] == "connected"
+            await ws.send(nested(300).decode())
+            frame = orjson.loads(await ws.recv())
+            assert frame == {"channel": "control", "type": "error", "error": "invalid_json"}
+            await ws.send('{"hello": 1}')
+            assert orjson.loads(await ws.recv()) == {"hello": 1}  # the echo: still connected
+
+    asyncio.run(asyncio.wait_for(go(), 30))
+
+
+def test_content_length_with_transfer_encoding_is_answered_then_closed(gateway):
+    client = RawClient(gateway.connect())
+    client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n0\r\n\r\n")
+    status, headers, _ = client.read_response()
+    assert status == 405 and headers["connection"] == "close"
+    assert client.closed_by_peer()
+    still_serving(gateway)
+
+
+@pytest.mark.parametrize("target", [b"http://127.0.0.1/health", b"HTTP://gw.example:8000/health?x=1",
+                                    b"https://gw/v1/health"])
+def test_absolute_form_targets_are_served_like_origin_form(gateway, target):
+    client = RawClient(gateway.connect())
+    client.send(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target)
+    status, _, body = client.read_response()
+    assert status == 200 and orjson.loads(body)["module"] == "tentaculo_link"
+
+
+@pytest.mark.parametrize("size,complete", [(20 * 1024, True), (9 * 1024, True), (12 * 1024, False),
+                                           (64 * 1024, True)])
+def test_request_line_over_8_kib_is_414(gateway, size, complete):
+    client = RawClient(gateway.connect())
+    line = b"GET /" + b"a" * size + (b" HTTP/1.1\r\nHost: t\r\n\r\n" if complete else b"")
+    try:
+        client.send(line)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused before it was all sent; the answer is still there to read
+    status, _, body = client.read_response()
+    assert status == 414 and orjson.loads(body)["error"] == "uri_too_long"
+    assert client.closed_by_peer()
+    assert refusals(gateway, "uri_too_long") == 1
+    still_serving(gateway)
+
+
+def test_request_line_under_the_limit_with_a_large_header_block_is_431(gateway):
+    client = RawClient(gateway.connect())
+    client.send(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 20_000 + b"\r\n\r\n")
+    assert client.read_response()[0] == 431
+
+
+def test_refusal_is_not_lost_to_a_reset_when_the_body_was_sent(gateway_factory):
+    gw = gateway_factory({"EDGELINK_MAX_BODY": "1000"})
+    sock = gw.connect()
+    body = b"x" * 500_000
+    sock.sendall(b"POST /events/ingest HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body))
+    try:
+        sock.sendall(body)  # the server answers 413 at the headers and drains the rest
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    time.sleep(0.3)
+    status, _, reply = RawClient(sock).read_response()
+    assert status == 413 and orjson.loads(reply)["error"] == "payload_too_large"
+
+
+def test_request_sent_while_the_gateway_was_stopped_is_answered(gateway_factory):
+    gw = gateway_factory({"EDGELINK_KEEPALIVE_TIMEOUT": "1"})
+    client = RawClient(gw.connect())
+    client.send(GET_HEALTH)
+    assert client.read_response()[0] == 200  # now an idle keep-alive connection
+    os.kill(gw.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.3)
+        body = b'{"type":"x.y","source":"madre","payload":{}}'
+        client.send(b"POST /events/ingest HTTP/1.1\r\nHost: t\r\nX-VX11-Token: %s\r\nContent-Length: %d\r\n\r\n%s"
+                    % (gw.token.encode(), len(body), body))
+        time.sleep(2.5)  # the keep-alive timer is long overdue when the process resumes
+    finally:
+        os.kill(gw.proc.pid, signal.SIGCONT)
+    status, _, reply = client.read_response()
+    assert status in (200, 201, 202), reply
+
+
+def test_unauthenticated_body_is_refused_and_not_buffered(gateway):
+    client = RawClient(gateway.connect())
+    body = b"x" * 200_000
+    client.send(b"POST /events/ingest HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    status, _, reply = client.read_response()
+    assert status == 401 and orjson.loads(reply)["error"] == "auth_required"
+    client.send(GET_HEALTH)  # the body was read and dropped: the connection is still usable
+    assert client.read_response()[0] == 200
+
+
+def test_budget_refusals_are_counted_in_metrics(gateway_factory):
+    gw = gateway_factory({"EDGELINK_MAX_BODY": "1000", "EDGELINK_MAX_CONNECTIONS": "2"})
+    for raw in (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n",
+                b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 20_000 + b"\r\n\r\n",
+                b"POST /events/ingest HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n"):
+        sock = gw.connect()
+        sock.sendall(raw)
+        RawClient(sock).read_response()
+        sock.close()
+    held = [gw.connect() for _ in range(2)]
+    for s in held:
+        s.sendall(GET_HEALTH)
+        RawClient(s).read_response()
+    assert RawClient(gw.connect()).read_response()[0] == 503
+    for s in held:
+        s.close()
+    time.sleep(0.2)
+    text = gw.get("/metrics", token=False).body.decode()
+    for budget in ("request_line", "header_block", "body", "connections"):
+        assert f'edgelink_budget_refusals_total{{budget="{budget}"}} 1' in text, (budget, text)
+
+
+def _nofile(pid: int) -> tuple[int, int]:
+    for line in open(f"/proc/{pid}/limits"):
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no Max open files")
+
+
+def test_fd_limit_raised_to_what_the_limits_need(gateway_factory):
+    gw = gateway_factory({"EDGELINK_MAX_CONNECTIONS": "300"}, launcher=["prlimit", "--nofile=64:4096", "--"])
+    soft, hard = _nofile(gw.proc.pid)
+    assert hard == 4096 and soft >= 2 * 300 + 64 and soft < hard
+    assert '"event":"fd_limit_raised"' in gw.logs()
+
+
+def test_fd_limit_too_low_is_a_warning_naming_both_figures(gateway_factory):
+    gw = gateway_factory({}, launcher=["prlimit", "--nofile=48:64", "--"])
+    rec = next(orjson.loads(line) for line in gw.logs().splitlines() if '"fd_limit_low"' in line)
+    assert rec["limit"] == 64 and rec["needed"] > 2000 and rec["level"] == "warning"
+    assert _nofile(gw.proc.pid) == (64, 64)
+    still_serving(gw)
+
+
+def test_accept_loop_survives_running_out_of_descriptors(gateway_factory):
+    gw = gateway_factory({}, launcher=["prlimit", "--nofile=64:64", "--"])
+    first = RawClient(gw.connect())
+    first.send(GET_HEALTH)
+    assert first.read_response()[0] == 200
+    held = [gw.connect() for _ in range(100)]  # past the limit: accept() gets EMFILE
+    time.sleep(0.5)
+    first.send(GET_HEALTH)  # existing connections keep being served meanwhile
+    assert first.read_response()[0] == 200
+    for s in held:
+        s.close()
+    time.sleep(0.5)
+    still_serving(gw)
+
+
+def _depth_of(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth_of, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth_of, value), default=0)
+    return 0
+
+
+@pytest.mark.parametrize("doc", [
+    {}, [], "x", 1, {"a": [[[]]]}, {"s": "[[[[{{{{"}, {"s": "]]]]}}"}, {"s": 'q"[[[', "t": ["\\", ["\\\\\""]]},
+    [{"k": "\\\"]", "v": [["\\\\"], {"x": "}"}]}], {"deep": nested(70)[:-1].decode()},
+])
+def test_json_depth_scan_matches_the_parsed_depth(doc):
+    from edgelink.http.messages import _json_depth
+
+    assert _json_depth(orjson.dumps(doc)) == _depth_of(doc)

@@ -188,14 +188,14 @@ def test_ws_queued_bytes_counts_send_queues_and_held_frames():
         def __init__(self, n: int):
             self.n = n
 
-        def queued_bytes(self) -> int:
+        def waiting_bytes(self) -> int:
             return self.n
 
-    hub = Hub(Registry(), hold_limit=10)
-    live = hub.add(Queued(100), "live")
+    hub = Hub(Registry(), hold_limit=10, hold_bytes=1 << 20)
+    live = hub.add(Queued(100), "live", None)
     live.held = None  # went live
-    replaying = hub.add(Queued(5), "replaying")
-    replaying.held = [(1, b"{}", b"\x81\x02{}"), (2, b"{}", b"\x81\x02{}")]
+    replaying = hub.add(Queued(5), "replaying", None)
+    replaying.held_bytes = 8  # two held frames of 4 bytes
     assert hub.queued_bytes() == 100 + 5 + 8
     hub.remove(live)
     assert hub.queued_bytes() == 13

@@ -68,6 +68,7 @@ NEW: dict[str, tuple[Any, Callable[[Runtime], list[Any]]]] = {
     "upstream_pool_idle": (5.5, _modules("upstream_pool_idle", lambda rt: rt.modules._client._pool_idle)),
     "max_body": (5000, _server("max_body")),
     "max_header": (4096, _server("max_header")),
+    "max_request_line": (2048, _server("max_request_line")),
     "max_connections": (17, _server("max_connections")),
     "keepalive_timeout": (2.5, _server("keepalive_timeout")),
     "header_timeout": (3.5, _server("header_timeout")),
@@ -83,7 +84,7 @@ NEW: dict[str, tuple[Any, Callable[[Runtime], list[Any]]]] = {
     "ws_ping_interval": (7.0, _server("ws_ping_interval")),
     "ws_compression": (True, _server("ws_compression")),
     "ws_replay_max": (5, _settings("ws_replay_max")),
-    "ws_queue_bytes": (131072, _settings("ws_queue_bytes")),
+    "ws_queue_bytes": (131072, lambda rt: [rt.settings.ws_queue_bytes, rt.hub.hold_bytes]),
     "ledger_max_bytes": (32 * 1024 * 1024, lambda rt: [rt.settings.ledger_max_bytes, rt.ledger.max_bytes]),
     "ledger_full": ("reject", lambda rt: [rt.settings.ledger_full, rt.ledger.full_policy]),
 }

@@ -219,7 +219,7 @@ def test_accounting_and_bounds_hold_under_any_sequence(ops):
     for op, n, text in ops:
         sid = f"s{n}"
         if op == "open":
-            store.open(sid)
+            store.open(sid, text or None)
         elif op == "append":
             store.append(sid, "user", text, metadata={"n": n} if n % 2 else None)
         elif op == "delete":
@@ -237,6 +237,7 @@ def test_accounting_and_bounds_hold_under_any_sequence(ops):
         recount = sum(
             SESSION_OVERHEAD
             + sys.getsizeof(s.session_id)
+            + (sys.getsizeof(s.user_id) if s.user_id is not None else 0)
             + sum(
                 MESSAGE_OVERHEAD + sys.getsizeof(m.content) + (sys.getsizeof(m.metadata) if m.metadata else 0)
                 for m in s.messages
@@ -244,6 +245,21 @@ def test_accounting_and_bounds_hold_under_any_sequence(ops):
             for s in store._sessions.values()
         )
         assert store.bytes_used == recount
+
+
+def test_user_id_counts_toward_the_byte_budget():
+    # 150 sessions whose only weight is their user_id must still stay within the budget
+    store = make(Clock(), max_bytes=100_000)
+    for i in range(150):
+        store.open(f"s{i}", "u" * 10_000 + str(i))
+    assert store.bytes_used <= 100_000
+    assert len(store) < 150
+    # a user_id filled in later counts as well
+    roomy = make(Clock())
+    sid = roomy.open("late")
+    before = roomy.bytes_used
+    roomy.open(sid, "v" * 5000)
+    assert roomy.bytes_used == before + sys.getsizeof("v" * 5000)
 
 
 # -- sweep ----------------------------------------------------------------------------

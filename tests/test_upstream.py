@@ -556,3 +556,54 @@ def test_close_drops_pooled_connections(fake: FakeModule) -> None:
         await eventually(lambda: fake.open_connections == 0)
 
     run(main())
+
+
+# --- every exit settles the breaker's ticket; the cost of parsing is bounded --------------
+
+
+def _nested(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_body_that_cannot_be_encoded_does_not_wedge_a_half_open_breaker(fake: FakeModule) -> None:
+    # orjson.loads accepts JSON nested 300 deep, orjson.dumps refuses it: the call fails
+    # before any request, and must neither take the trial ticket nor keep it
+    fake.behave(None, ERROR_500)
+
+    async def main() -> None:
+        modules = Modules(make_settings({"switch": fake.url}, breaker_recovery=0.2))
+        for _ in range(3):
+            await call(modules)
+        await asyncio.sleep(0.25)
+        assert modules.breaker_status()["breakers"]["switch"]["state"] == "half_open"
+        error = await error_of(call(modules, json={"deep": _nested(300)}))
+        assert (error.status, error.code) == (400, "invalid_json")
+        assert modules.breaker_status()["breakers"]["switch"]["state"] == "half_open"
+        fake.behave(None, "healthy")
+        assert (await call(modules)).status == 200  # the trial was still free
+        assert modules.breaker_status()["breakers"]["switch"]["state"] == "closed"
+        await modules.close()
+
+    run(main())
+    assert len(fake.requests) == 4  # the unencodable call never reached the module
+
+
+def test_a_reply_too_costly_to_parse_is_502_and_counts(fake: FakeModule) -> None:
+    from fakemodule import MANY_CONTAINERS
+    fake.behave(None, MANY_CONTAINERS)
+
+    async def main() -> None:
+        modules = Modules(make_settings({"switch": fake.url}))
+        error = await error_of(call(modules))
+        assert (error.status, error.code) == (502, "upstream_unavailable")
+        assert "containers and separators" in body_of(error)["detail"]
+        assert modules.breaker_status()["breakers"]["switch"]["failure_count"] == 1
+        fake.behave(None, "healthy")
+        reply = await call(modules)
+        assert reply.status == 200 and orjson.loads(reply.raw) == reply.data
+        await modules.close()
+
+    run(main())

@@ -7,13 +7,14 @@ import base64
 import os
 import signal
 import time
+from urllib.parse import quote
 
 import orjson
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import RawClient
+from conftest import RawClient, log_records, start_gateway, wait_for_log
 
 
 def ws_url(gw, query: str = "") -> str:
@@ -214,4 +215,68 @@ def test_permessage_deflate_only_when_enabled(gateway_factory, enabled):
             assert orjson.loads(await ws.recv())["type"] == "connected"
             await ws.send('{"echo": "' + "z" * 2000 + '"}')
             assert orjson.loads(await ws.recv()) == {"echo": "z" * 2000}
+            # shared broadcast frames, small and large, live and replayed, either way
+            alerts = [{"alert_id": "a", "severity": "info", "message": "m" * n, "timestamp": 1} for n in (10, 1900)]
+            for alert in alerts:
+                assert gw.post("/events/ingest", {"source": "s", "type": "system.alert", "payload": alert,
+                                                  "broadcast": True}).status == 201
+                assert orjson.loads(await ws.recv())["payload"] == alert
+        async with websockets.connect(ws_url(gw, f"token={gw.token}&since_seq=0"), compression="deflate") as ws:
+            assert orjson.loads(await ws.recv())["replayed"] == 2
+            assert [orjson.loads(await ws.recv())["payload"] for _ in alerts] == alerts
     run(go())
+
+
+@pytest.mark.parametrize("since", ["99999999999999999999", str(2**63), "1_0", "\u0661\u0662", "-1", "+5", " 5",
+                                   "0x10", "1.0"])
+def test_since_seq_that_is_not_ascii_digits_or_beyond_2_63_closes_1008(gateway, since):
+    async def go():
+        async with websockets.connect(ws_url(gateway, f"token={gateway.token}&since_seq={quote(since)}")) as ws:
+            msg = orjson.loads(await ws.recv())
+            assert msg["error"] == "invalid_since_seq", msg
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1008
+    run(go())
+
+
+def test_since_seq_up_to_2_63_minus_1_is_accepted(gateway):
+    async def go():
+        async with websockets.connect(ws_url(gateway, f"token={gateway.token}&since_seq={2**63 - 1}")) as ws:
+            msg = orjson.loads(await ws.recv())
+            assert (msg["type"], msg["replayed"], msg["truncated"]) == ("connected", 0, False)
+            await ws.send('{"ping": 1}')
+            assert orjson.loads(await ws.recv()) == {"ping": 1}
+    run(go())
+    assert "websocket_failed" not in gateway.logs()
+
+
+def test_reload_that_changes_the_token_closes_old_clients_1008(tmp_path):
+    envfile = tmp_path / "edgelink.env"
+    envfile.write_text("VX11_GATEWAY_TOKEN=first-token\n")
+    gw = start_gateway(tmp_path, {"EDGELINK_ENV_FILE": str(envfile)})
+
+    async def go():
+        old = await websockets.connect(ws_url(gw, "token=first-token&client_id=old"))
+        assert orjson.loads(await old.recv())["type"] == "connected"
+        envfile.write_text("VX11_GATEWAY_TOKEN=second-token\n")
+        seen = len(log_records(gw.log_path))
+        gw.proc.send_signal(signal.SIGHUP)
+        await asyncio.to_thread(wait_for_log, gw.log_path, "reloaded", gw.proc, 10, seen)
+        with pytest.raises(ConnectionClosed):
+            while True:  # it may still get what was in flight, never anything after the close
+                await asyncio.wait_for(old.recv(), 10)
+        assert old.close_code == 1008
+        new = await websockets.connect(ws_url(gw, "token=second-token&client_id=new"))
+        assert orjson.loads(await new.recv())["type"] == "connected"
+        # a reload that keeps the token keeps its clients
+        seen = len(log_records(gw.log_path))
+        gw.proc.send_signal(signal.SIGHUP)
+        await asyncio.to_thread(wait_for_log, gw.log_path, "reloaded", gw.proc, 10, seen)
+        await new.send('{"still": "here"}')
+        assert orjson.loads(await asyncio.wait_for(new.recv(), 10)) == {"still": "here"}
+        await new.close()
+    try:
+        run(go())
+    finally:
+        gw.stop()

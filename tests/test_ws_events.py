@@ -395,14 +395,14 @@ def test_replay_joins_live_events_without_gap_or_duplicate(gateway_factory):
 # --- a slow consumer ------------------------------------------------------------------------
 
 
-def _stuck_client(gw) -> socket.socket:
+def _stuck_client(gw, query: str = "client_id=stuck") -> socket.socket:
     """A WebSocket that completes its handshake and then never reads again."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(10)
     sock.connect(("127.0.0.1", gw.port))
     key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /ws?token={gw.token}&client_id=stuck HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+    sock.sendall((f"GET /ws?token={gw.token}&{query} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
     data = b""
     while b"\r\n\r\n" not in data:
@@ -554,3 +554,116 @@ def test_first_frame_is_always_the_control_frame_while_events_flow(gateway):
         stop.set()
         for t in threads:
             t.join()
+
+
+# --- epoch, metadata bound, byte-bounded queues, paced replay --------------------------------
+
+
+def test_a_different_epoch_replays_from_the_oldest_stored_event(gateway):
+    answers = [ingest(gateway, "system.alert", dict(ALERT, alert_id=f"e{i}")) for i in range(5)]
+
+    async def go():
+        ws, first = await connect(gateway, "since_seq=3")
+        epoch = first["epoch"]
+        assert (first["replayed"], first["truncated"]) == (2, False)
+        await ws.close()
+        same, first = await connect(gateway, f"since_seq=3&epoch={epoch}")
+        assert (first["replayed"], first["truncated"]) == (2, False)
+        assert _read_seqs([await next_frame(same) for _ in range(2)]) == [4, 5]
+        await same.close()
+        # seq 3 of another database file says nothing about this one: everything, truncated
+        other, first = await connect(gateway, "since_seq=3&epoch=0123456789abcdef")
+        assert (first["replayed"], first["truncated"], first["epoch"]) == (5, True, epoch)
+        frames = [await next_frame(other) for _ in range(5)]
+        assert [f["event_id"] for f in frames] == [a["event_id"] for a in answers]
+        await other.close()
+    run(go())
+
+
+def test_metadata_is_at_most_4_kib_on_ingest_and_from_clients(gateway):
+    big = {"note": "x" * 4100}
+    at_limit = {"n": "y" * (4096 - len(b'{"n":""}'))}
+    for event_type, payload in (("system.alert", ALERT), ("custom.thing", {"x": 1})):
+        r = gateway.post("/events/ingest", {"source": "madre", "type": event_type, "payload": payload,
+                                            "metadata": big})
+        body = r.json()
+        assert (r.status, body["error"]) == (422, "validation_error"), body
+        assert body["detail"][0]["loc"] == ["body", "metadata"]
+        assert ingest(gateway, event_type, payload, metadata=at_limit)["http_status"] == 201
+
+    async def go():
+        sender, _ = await connect(gateway, "client_id=sender")
+        other, _ = await connect(gateway, "client_id=other")
+        await sender.send(orjson.dumps({"type": "system.alert", "payload": ALERT, "metadata": big}).decode())
+        echo = orjson.loads(await sender.recv())
+        assert echo.get("metadata") == big, echo  # the echo
+        error = await next_frame(sender)
+        assert (error["channel"], error["type"], error["error"]) == ("control", "error", "validation_error")
+        marker = await aingest(gateway, "system.alert", dict(ALERT, alert_id="after-big"))
+        assert (await next_frame(other))["seq"] == marker["seq"]  # the big one was not broadcast
+        await sender.close()
+        await other.close()
+    run(go())
+    still_serving(gateway)
+
+
+def test_a_slow_consumer_is_closed_by_the_byte_bound_before_the_frame_bound(gateway_factory):
+    # frames bound far away, bytes bound small: only the byte bound can close it
+    gw = gateway_factory({"EDGELINK_LEDGER_SYNC": "normal", "EDGELINK_WS_QUEUE": "1000000",
+                          "EDGELINK_WS_QUEUE_BYTES": "65536", "EDGELINK_WRITE_BUFFER_HIGH": "16384"})
+    total = 4000
+
+    async def go():
+        stuck = await asyncio.to_thread(_stuck_client, gw)
+        ok, _ = await connect(gw, "client_id=ok")
+        seqs: list[int] = []
+        task = asyncio.create_task(_collect(ok, seqs))
+        answers: list[dict] = []
+        await asyncio.to_thread(_keepalive_ingester, gw, total, answers, [0], 0, STUCK_PAD)
+        await _wait_for(seqs, total, 30)
+        assert seqs == list(range(1, total + 1)) and ok.close_code is None
+        closed, frames = await asyncio.to_thread(_drain, stuck, 20)
+        stuck.close()
+        assert closed, "the client that stopped reading was never closed"
+        closes = [f for op, f in frames if op == 0x8]
+        if closes:
+            assert struct.unpack("!H", closes[0][:2])[0] == 1013
+        await ok.close()
+        await task
+    run(go(), timeout=90)
+    metrics = gw.get("/metrics", token=False).body.decode()
+    assert 'edgelink_budget_refusals_total{budget="ws_queue"} 1' in metrics
+    assert "edgelink_ws_queued_bytes" in metrics
+    assert gw.logs().count("ws_slow_consumer_closed") == 1  # logged once for the client
+
+
+def test_a_replay_paced_by_a_slow_reader_keeps_up_with_live_events(gateway_factory):
+    # a replay far larger than the socket buffers, read slowly while live events arrive:
+    # what is held for the client overflows, and it must still get every event once, in
+    # order, by the replay reading on from the ledger; never closed as a slow consumer
+    gw = gateway_factory({"EDGELINK_LEDGER_SYNC": "normal", "EDGELINK_WS_QUEUE": "20",
+                          "EDGELINK_WS_REPLAY_MAX": "5000"})
+    before, during = 4000, 400
+    answers: list[dict] = []
+    _keepalive_ingester(gw, before, answers, [0], 0, STUCK_PAD)
+
+    async def go():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", gw.port))
+        ws = await websockets.connect(ws_url(gw, "since_seq=0"), sock=sock, max_queue=4)
+        first = orjson.loads(await ws.recv())
+        assert first["replayed"] == before
+        ingester = threading.Thread(target=_keepalive_ingester, args=(gw, during, answers, [0], 1, STUCK_PAD))
+        ingester.start()
+        seqs = []
+        while len(seqs) < before + during:
+            frame = orjson.loads(await asyncio.wait_for(ws.recv(), 20))
+            seqs.append(frame["seq"])
+            if len(seqs) < 300:
+                await asyncio.sleep(0.005)  # slow at first, while the ingester runs
+        await asyncio.to_thread(ingester.join, 30)
+        assert seqs == list(range(1, before + during + 1))
+        await ws.close()
+    run(go(), timeout=90)
+    assert "slow_consumer" not in gw.logs()

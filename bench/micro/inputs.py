@@ -12,6 +12,13 @@ INGEST_BODY = {"source": "sensor-7", "type": "system.alert", "payload": ALERT_PA
                "metadata": None}
 INVALID_INGEST_BODY = {**INGEST_BODY, "payload": {**ALERT_PAYLOAD, "timestamp": True}}
 
+# About 1 KiB of JSON, as a client body: an ingest body whose metadata carries a few
+# nested objects and strings with brackets in them. FLAT has under 64 brackets (the
+# depth check only counts); BRACKETY has more, so the check cuts strings and sums.
+_TAGS = [{"k": f"tag-{i}", "v": [i, i + 1, {"note": "[x] {y}"}]} for i in range(8)]
+BODY_1K_FLAT = {**INGEST_BODY, "metadata": {"tags": _TAGS, "trace": "t" * 420}}
+BODY_1K_BRACKETY = {**INGEST_BODY, "metadata": {"tags": _TAGS * 3}}
+
 
 def run_sync(coro: Any) -> Any:
     """The result of a coroutine that never suspends (a handler whose awaits return at once),

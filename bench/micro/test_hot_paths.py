@@ -17,9 +17,9 @@ from edgelink.app import build_router
 from edgelink.gateway.breaker import Breaker
 from edgelink.gateway.events import SCHEMAS, SchemaRejected, parse_ingest, schema_problem
 from edgelink.gateway.sessions import SessionStore
-from edgelink.http.messages import HTTPError, json_response
+from edgelink.http.messages import HTTPError, json_response, parse_json
 
-from .inputs import ALERT_PAYLOAD, INGEST_BODY, INVALID_INGEST_BODY, run_sync
+from .inputs import ALERT_PAYLOAD, BODY_1K_BRACKETY, BODY_1K_FLAT, INGEST_BODY, INVALID_INGEST_BODY, run_sync
 
 NOW_MS = 1_763_776_000_123
 ALERT = SCHEMAS["system.alert"]
@@ -30,6 +30,20 @@ ALERT = SCHEMAS["system.alert"]
 def test_decode_ingest_body(benchmark):
     raw = orjson.dumps(INGEST_BODY)
     assert benchmark(orjson.loads, raw) == INGEST_BODY
+
+
+@pytest.mark.parametrize("doc", [BODY_1K_FLAT, BODY_1K_BRACKETY], ids=["flat", "brackety"])
+def test_orjson_loads_1k(benchmark, doc):
+    raw = orjson.dumps(doc)
+    assert 900 < len(raw) < 1300
+    assert benchmark(orjson.loads, raw) == doc
+
+
+@pytest.mark.parametrize("doc", [BODY_1K_FLAT, BODY_1K_BRACKETY], ids=["flat", "brackety"])
+def test_parse_json_depth_checked_1k(benchmark, doc):
+    # the same parse behind the depth limit every client body goes through (API.md §1)
+    raw = orjson.dumps(doc)
+    assert benchmark(parse_json, raw) == doc
 
 
 def test_schema_problem_valid(benchmark):

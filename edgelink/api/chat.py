@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from ..config import Intent
+from ..modules import GATEWAY_OVERLOADED
 from ..http.messages import HTTPError, Request, Response, check_fields, empty_response, json_response, \
     validation_error
 from ..log import log
@@ -13,6 +14,7 @@ from ..modules import ModuleError
 from .modules import call
 
 MAX_MESSAGE = 32_768
+MAX_ID = 256  # session_id and user_id (API.md §4): both are stored with the session
 _CHAT_FIELDS = {"message": (str, True), "session_id": (str, False), "user_id": (str, False),
                 "metadata": (dict, False)}
 _TEXT_KEYS = ("response", "message", "text", "content")
@@ -28,18 +30,19 @@ def _reply_text(data: Any) -> str | None:
     return None
 
 
-async def _ask(req: Request, route: Intent, body: dict[str, Any]) -> tuple[str, str] | None:
-    """(text, model) from one route, or None if it failed in any way (logged)."""
+async def _ask(req: Request, route: Intent, body: dict[str, Any]) -> tuple[str, str] | str:
+    """(text, model) from one route, or the error code if it failed in any way (logged)."""
+    rt = req.runtime
     try:
         reply = await call(req, route, body)
     except ModuleError as exc:
         log.warning("chat_route_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
-        return None
+        return exc.code
     text = _reply_text(reply.data) if 200 <= reply.status < 300 else None
     if text is None:
         log.warning("chat_route_failed", module=route.module, error="no_text", http_code=reply.status,
                     correlation_id=req.correlation_id)
-        return None
+        return "no_text"
     # model_used, else model, else the provider name: a value that is not a name (a number,
     # an object, blank) counts as absent, as for the text keys.
     names = (reply.data.get(key) for key in ("model_used", "model"))
@@ -52,8 +55,12 @@ async def chat(req: Request) -> Response:
     body = req.json_object()
     check_fields(body, _CHAT_FIELDS)
     message = body["message"]
+    problems = [(["body", name], f"must be at most {MAX_ID} characters")
+                for name in ("session_id", "user_id") if len(body.get(name) or "") > MAX_ID]
     if not 1 <= len(message) <= MAX_MESSAGE:
-        raise validation_error((["body", "message"], f"must be 1 to {MAX_MESSAGE} characters"))
+        problems.insert(0, (["body", "message"], f"must be 1 to {MAX_MESSAGE} characters"))
+    if problems:
+        raise validation_error(*problems)
     sessions = rt.sessions
     session_id = sessions.open(body.get("session_id"), body.get("user_id"))
     sessions.append(session_id, "user", message, metadata=body.get("metadata"))
@@ -63,13 +70,19 @@ async def chat(req: Request) -> Response:
         "correlation_id": req.correlation_id,
     }
     route = rt.settings.route("chat")
-    answer, answered_by, degraded = None, route, False
+    answer: tuple[str, str] | str = "no_route"
+    answered_by, degraded = route, False
+    failures = set()
     if route is not None:
         answer = await _ask(req, route, outgoing)
-        if answer is None and route.fallback is not None:
+        if isinstance(answer, str) and route.fallback is not None:
+            failures.add(answer)
             answered_by, degraded = route.fallback, True
             answer = await _ask(req, route.fallback, outgoing)
-    if answer is None:
+    if isinstance(answer, str):
+        if failures | {answer} == {GATEWAY_OVERLOADED}:  # no module was at fault: say so
+            raise HTTPError(503, GATEWAY_OVERLOADED, session_id=session_id,
+                            detail="the gateway is out of connections to reach the chat modules")
         raise HTTPError(503, "chat_unavailable", session_id=session_id,
                         detail="neither the chat route nor its fallback answered")
     text, model = answer

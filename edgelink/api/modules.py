@@ -12,7 +12,7 @@ from ..modules import ModuleError, ModuleReply
 GATEWAY = {"module": "tentaculo_link", "version": "7.0"}
 # the HTTP answer to a module call that got no usable reply (API.md §3)
 MODULE_ERROR_STATUS = {"upstream_unavailable": 502, "circuit_open": 503, "module_disabled": 503,
-                       "upstream_timeout": 504}
+                       "upstream_timeout": 504, "gateway_overloaded": 503, "invalid_json": 400}
 
 
 def module_error(exc: ModuleError) -> HTTPError:
@@ -96,7 +96,13 @@ async def intent(req: Request) -> Response:
             reply = await call(req, route.fallback, body)
     except ModuleError as exc:
         raise module_error(exc) from None
-    return json_response(reply.data, reply.status)
+    return _forwarded(reply)
+
+
+def _forwarded(reply: ModuleReply) -> Response:
+    # the module's own bytes, already checked to be JSON: encoding the parsed value again
+    # would cost another copy of a reply of up to 8 MiB
+    return Response(reply.status, reply.raw)
 
 
 async def _proxy(req: Request, module: str, path: str) -> Response:
@@ -106,7 +112,7 @@ async def _proxy(req: Request, module: str, path: str) -> Response:
                                       correlation_id=req.correlation_id)
     except ModuleError as exc:
         raise module_error(exc) from None
-    return json_response(reply.data, reply.status)
+    return _forwarded(reply)
 
 
 async def shub_dashboard(req: Request) -> Response:

@@ -2,65 +2,95 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import orjson
 
 from ..gateway.events import SCHEMAS, SchemaRejected, build_event, normalize_client_event
-from ..http.websocket import WebSocket
+from ..http.messages import HTTPError, InvalidJSON, parse_json
+from ..http.websocket import CLOSE_INTERNAL_ERROR, WebSocket
 from ..log import log, traceback_text
 from .events import accept, now_ms
 
 MAX_CLIENT_ID = 128
 POLICY_VIOLATION = 1008
+MAX_SEQ = 2**63 - 1  # SQLite's largest integer
 
 
 def _control(kind: str, **fields: object) -> bytes:
     return orjson.dumps({"channel": "control", "type": kind, **fields})
 
 
+def _since(raw: str | None) -> int | None:
+    """``since_seq``: absent or empty is None; else ASCII digits up to 2^63-1, or ValueError."""
+    if raw is None or raw == "":
+        return None
+    # int() alone would take "1_0", " 5" and non-ASCII digits
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_SEQ:
+        raise ValueError(raw)
+    return int(raw)
+
+
+def _replay_over(task: "asyncio.Task[None]", ws: WebSocket, client_id: str) -> None:
+    # a replay that failed (the ledger closing under it, say) would leave the client
+    # connected but never live: close it so that it reconnects and resumes
+    if not task.cancelled() and task.exception() is not None:
+        log.error("websocket_replay_failed", error=repr(task.exception()), client_id=client_id,
+                  correlation_id=ws.request.correlation_id)
+        ws.close(CLOSE_INTERNAL_ERROR, "replay failed")
+
+
 async def websocket(ws: WebSocket) -> None:
     rt = ws.request.runtime
     query = ws.request.query
     client_id = query.get("client_id") or uuid.uuid4().hex[:12]
-    since_raw = query.get("since_seq")
     if len(client_id) > MAX_CLIENT_ID:
         ws.send(_control("error", error="invalid_client_id", detail=f"at most {MAX_CLIENT_ID} characters"))
         ws.close(POLICY_VIOLATION, "invalid client_id")
         return
-    since: int | None = None
-    if since_raw not in (None, ""):
-        try:
-            since = int(since_raw)
-            if since < 0:
-                raise ValueError
-        except ValueError:
-            ws.send(_control("error", error="invalid_since_seq", detail="since_seq must be an integer >= 0"))
-            ws.close(POLICY_VIOLATION, "invalid since_seq")
-            return
+    try:
+        since = _since(query.get("since_seq"))
+    except ValueError:
+        ws.send(_control("error", error="invalid_since_seq",
+                         detail=f"since_seq must be ASCII digits, at most {MAX_SEQ}"))
+        ws.close(POLICY_VIOLATION, "invalid since_seq")
+        return
 
     # Live events are held until the connected frame (and any replay) is out: the first
     # frame a client sees is always the control frame.
-    client = rt.hub.add(ws, client_id)
+    settings = rt.settings
+    client = rt.hub.add(ws, client_id, settings.token if settings.enable_auth else None)
+    replay: asyncio.Task[None] | None = None
     try:
-        replayed, truncated = ([], False)
+        ledger = rt.ledger
+        after, count, truncated = None, 0, False
         if since is not None:
-            replayed, truncated = await rt.ledger.replay(since, rt.settings.ws_replay_max)
-        last_seq = await rt.ledger.last_seq()
-        ws.send(_control("connected", client_id=client_id, epoch=rt.ledger.epoch, last_seq=last_seq,
-                         replayed=len(replayed), truncated=truncated))
-        rt.hub.go_live(client, replayed)
+            epoch = query.get("epoch")
+            stale = bool(epoch) and epoch != ledger.epoch  # seq of another database file: from the oldest
+            after, count, truncated = await ledger.replay_window(0 if stale else since, settings.ws_replay_max)
+            truncated = truncated or stale
+        # read after the window, so that last_seq covers every replayed event
+        last_seq = await ledger.last_seq()
+        if after is None:
+            after = last_seq
+        ws.send(_control("connected", client_id=client_id, epoch=ledger.epoch, last_seq=last_seq,
+                         replayed=count, truncated=truncated))
+        # paced by the client's socket, while its own messages are still read (and pongs seen)
+        replay = asyncio.create_task(rt.hub.replay(client, after, ledger))
+        replay.add_done_callback(lambda task: _replay_over(task, ws, client_id))
         source = f"ws:{client_id}"
         while (message := await ws.receive()) is not None:
             if isinstance(message, bytes):
                 ws.send(_control("error", error="binary_not_supported", detail="send JSON in text frames"))
                 continue
+            raw = message.encode()
             try:
-                data = orjson.loads(message)
-            except orjson.JSONDecodeError:
+                data = parse_json(raw)
+            except InvalidJSON:  # too deep included; the frame's shape is fixed by API.md §6
                 ws.send(_control("error", error="invalid_json"))
                 continue
-            ws.send(message.encode())  # the echo
+            ws.send(raw)  # the echo
             incoming = normalize_client_event(data, source)
             if incoming is None or incoming.type not in SCHEMAS:
                 continue  # only canonical events are stored and broadcast
@@ -73,6 +103,10 @@ async def websocket(ws: WebSocket) -> None:
                 ws.send(_control("error", error="schema_validation_failed", event_type=exc.type,
                                  detail=exc.detail))
                 continue
+            except HTTPError as exc:  # the envelope: metadata over its bound
+                rt.metrics.events.inc("invalid", "rejected")
+                ws.send(_control("error", error=exc.code, detail=exc.extra.get("detail")))
+                continue
             await accept(rt, event, exclude=ws)
     except Exception as exc:
         log.error("websocket_failed", error=repr(exc), client_id=client_id,
@@ -80,3 +114,6 @@ async def websocket(ws: WebSocket) -> None:
         raise
     finally:
         rt.hub.remove(client)
+        if replay is not None:
+            replay.cancel()
+            await asyncio.gather(replay, return_exceptions=True)

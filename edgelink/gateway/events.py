@@ -161,8 +161,17 @@ def build_event(event_type: str, source: str, payload: Any, metadata: dict[str, 
                 broadcast: bool, now_ms: int) -> Event:
     """A new Event, checked against its schema if canonical (else ``SchemaRejected``).
 
-    A non-canonical event is accepted as is and never broadcast.
+    A non-canonical event is accepted as is and never broadcast. Any event's ``metadata``
+    is at most ``MAX_METADATA_BYTES`` of compact JSON (else 422 ``validation_error``): it
+    is stored, replayed and broadcast with the event, so it is bounded like a payload.
     """
+    if metadata is not None:
+        try:
+            size = len(orjson.dumps(metadata))
+        except orjson.JSONEncodeError as exc:  # nested too deep to store
+            raise validation_error((["body", "metadata"], f"cannot be stored as JSON: {exc}")) from None
+        if size > MAX_METADATA_BYTES:
+            raise validation_error((["body", "metadata"], f"{size} bytes of JSON exceeds {MAX_METADATA_BYTES}"))
     schema = SCHEMAS.get(event_type)
     if schema is not None:
         problem = schema_problem(schema, payload)
@@ -178,6 +187,7 @@ def build_event(event_type: str, source: str, payload: Any, metadata: dict[str, 
 # Sources and types become metric labels, counter keys and index entries: a production
 # gateway refuses empty or unbounded names rather than storing them.
 MAX_NAME_LENGTH = 256
+MAX_METADATA_BYTES = 4096  # compact JSON, canonical or not (API.md §5)
 
 _INGEST_FIELDS = {
     "source": (str, True),

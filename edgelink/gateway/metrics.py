@@ -137,7 +137,7 @@ class Registry:
         self.ws_drops = self.add(Counter(
             "edgelink_ws_slow_consumer_closes_total", "WebSocket clients closed with 1013 for not keeping up"))
         self.budget_refusals = self.add(Counter(
-            "edgelink_budget_refusals_total", "Requests refused because a memory or disk budget was reached",
+            "edgelink_budget_refusals_total", "Requests, replies and clients refused because a budget was reached",
             ("budget",)))
         self.upstream_latency = self.add(Histogram(
             "edgelink_upstream_request_duration_seconds", "Upstream module call latency", ("module", "outcome")))

@@ -12,7 +12,8 @@ Rules kept:
 - An expired session is dead at once, even before ``sweep`` removes it: every lookup
   checks expiry. Its history is never served again.
 - Bounds: at most ``max_sessions`` sessions and ``max_messages`` messages per session
-  (API.md §4), and about ``max_bytes`` of memory in all. Counts alone do not bound memory
+  (API.md §4), and about ``max_bytes`` of memory in all, counting every stored string
+  (ids, messages, metadata). Counts alone do not bound memory
   (a reply may be megabytes), and 10,000 x 100 ordinary messages would already be ~300 MB.
   Over a bound, the oldest messages of a session and the least recently active sessions go
   first; the session of the current turn is never evicted for another's sake, and keeps at
@@ -76,11 +77,16 @@ class Session:
         # A list, not a deque: an empty deque costs ~600 bytes, and dropping the oldest of
         # at most max_messages entries is cheap.
         self.messages: list[Message] = []
-        self.size = SESSION_OVERHEAD + sys.getsizeof(session_id)
+        # every stored string counts: the ids as much as the messages
+        self.size = SESSION_OVERHEAD + sys.getsizeof(session_id) + _str_cost(user_id)
 
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
+
+
+def _str_cost(value: str | None) -> int:
+    return 0 if value is None else sys.getsizeof(value)
 
 
 def _cost(message: Message) -> int:
@@ -144,9 +150,11 @@ class SessionStore:
         if session is None:
             session = self._create(session_id or str(uuid.uuid4()), user_id, now)
         else:
-            if session.user_id is None:
+            if session.user_id is None and user_id is not None:
                 session.user_id = user_id
+                self._resize(session, _str_cost(user_id))
             self._touch(session, now)
+            self._shed(keep=session)
         return session.session_id
 
     def append(

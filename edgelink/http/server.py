@@ -15,15 +15,26 @@ Theory of operation. Each connection is an ``HttpProtocol`` in one of these phas
              in h11's buffer and are answered in order once this one is done
     WEBSOCKET the connection belongs to a ``WebSocket``
 
-What the server decides itself (never the handlers): 431 for a header block over the
-limit, 413 for a body over the limit (from Content-Length before reading, or while
-reading a chunked body), 400 for bytes that are not HTTP, 408 when a request does not
-arrive in time, 503 when the connection limit is reached. Each of these answers once and
-closes that connection only.
+What the server decides itself (never the handlers): 414 for a request line over the
+limit, 431 for a header block over the limit, 413 for a body over the limit (from
+Content-Length before reading, or while reading a chunked body), 400 for bytes that are
+not HTTP, 408 when a request does not arrive in time, 503 when the connection limit is
+reached. Each of these answers once, is counted as a budget refusal and closes that
+connection only. Before a body is read (or ``100 Continue`` sent) the dispatcher's
+``admit`` may refuse the request (unknown route, missing token): a client without a token
+never makes us buffer a body.
 
-Flow control: when a transport's write buffer passes the high-water mark we stop reading
-from that socket until it drains, so a client that never reads cannot make us buffer
-without bound; if it stays stuck past the send timeout the connection is dropped.
+Flow control, bounded in bytes per connection: the kernel's send buffer is sized by the
+write-buffer setting; once it is full and anything waits in ours, we stop reading from
+that socket and stop answering what it pipelined until ours is empty again, so what waits
+in the process is at most the one answer that did not fit, and on input one read plus a
+header block; a client stuck past the send timeout is dropped. After a WebSocket upgrade
+our buffer may fill up to the setting before frames queue in the WebSocket.
+
+Closing: a connection is half-closed (FIN) and what the client still sends is read and
+discarded for a short while, because closing a socket with unread data sends a RST that
+can destroy the answer before the client reads it. A timer that fires while bytes wait
+unread in the kernel (the process was stopped, the loop stalled) reads them first.
 """
 
 from __future__ import annotations
@@ -31,7 +42,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import enum
+import fcntl
 import socket
+import sys
+import termios
 import time
 from email.utils import formatdate
 from http import HTTPStatus
@@ -56,6 +70,12 @@ class Dispatcher(Protocol):
 
     def websocket(self, request: Request) -> Response | WsHandler: ...
 
+    def admit(self, request: Request) -> Response | None:
+        """Before its body is read: a Response refuses the request, None lets it in."""
+
+    def refused(self, budget: str) -> None:
+        """Count one refusal by a transport budget (``request_line``, ``connections``, ...)."""
+
 
 class Phase(enum.Enum):
     IDLE = 0
@@ -67,6 +87,7 @@ class Phase(enum.Enum):
 
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_SHARE_BODY_OVER = 16 * 1024  # below this, one joined write is cheaper than two buffers
 
 
 class _Clock:
@@ -106,6 +127,20 @@ class HttpServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._idle = asyncio.Event()
         self._idle.set()
+        self._refused_since_log = 0
+        self._refusal_logged_at = -1.0
+
+    def refuse_connection(self, client: tuple[str, int] | None) -> None:
+        """Count a connection refused at the limit; log at most once a second, with the
+        number refused since, so that a flood of connections is not a flood of lines."""
+        self.dispatcher.refused("connections")
+        self._refused_since_log += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= 1.0:
+            log.warning("connection_refused", reason="too_many_connections", client=address(client),
+                        refused=self._refused_since_log, limit=self.settings.max_connections)
+            self._refused_since_log = 0
+            self._refusal_logged_at = now
 
     async def start(self, host: str | None = None, port: int | None = None,
                     socks: list[socket.socket] | None = None) -> None:
@@ -152,7 +187,7 @@ class HttpServer:
 class HttpProtocol(asyncio.Protocol):
     __slots__ = ("server", "settings", "transport", "conn", "phase", "client", "_timer", "_send_timer",
                  "_request", "_body", "_body_size", "_body_deadline", "_reading", "_read_blockers",
-                 "_ws", "_task", "_loop")
+                 "_ws", "_task", "_loop", "_line_checked", "_must_close", "_stall_read", "_eof", "_refusal")
 
     def __init__(self, server: HttpServer):
         self.server = server
@@ -172,6 +207,11 @@ class HttpProtocol(asyncio.Protocol):
         self._ws: WebSocket | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
+        self._line_checked = False  # the request line is known to be within its limit
+        self._must_close = False  # answer this request, then close (ambiguous framing)
+        self._stall_read = False  # a timer already waited once for unread bytes
+        self._eof = False  # the client has half-closed its side
+        self._refusal: Response | None = None  # admit's answer, given once the body is discarded
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -179,17 +219,29 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
-        if len(self.server.connections) >= self.settings.max_connections or self.server.stopping:
-            log.warning("connection_refused", reason="too_many_connections", client=address(self.client))
-            transport.write(raw_error(503, "too_many_connections" if not self.server.stopping else "stopping"))
+        if self.server.stopping:
+            transport.write(raw_error(503, "stopping"))
+            self._close()
+            return
+        if len(self.server.connections) >= self.settings.max_connections:
+            self.server.refuse_connection(self.client)
+            transport.write(raw_error(503, "too_many_connections"))
+            # No lingering here: at the limit we spend no descriptors on refused clients.
             transport.close()
             self.phase = Phase.CLOSED
             return
         self.server.connections.add(self)
-        transport.set_write_buffer_limits(high=self.settings.write_buffer_high)
+        # HTTP: "paused" means anything waits in our buffer, the kernel's being full (it is
+        # sized by write_buffer_high below); the next pipelined answer waits until ours is
+        # empty, so a connection holds at most the one answer that did not fit.
+        transport.set_write_buffer_limits(high=0)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # The kernel's send buffer counts against the unit's memory too, and autotuned
+            # it grows to megabytes for a client that never reads, each bit of growth
+            # looking like progress to the send timeout: bound it by the setting.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.write_buffer_high)
         self._set_timer(self.settings.header_timeout, self._on_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -217,6 +269,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.phase is Phase.IDLE:
             self.phase = Phase.HEADERS
+            self._stall_read = False
             self._set_timer(self.settings.header_timeout, self._on_timeout)
         self._process()
 
@@ -225,6 +278,9 @@ class HttpProtocol(asyncio.Protocol):
             assert self._ws is not None
             self._ws.feed(None)
             return False
+        self._eof = True
+        if self.phase is Phase.CLOSED:
+            return False  # the end of a lingering close
         self.conn.receive_data(b"")
         if self.phase is not Phase.HANDLING:
             self._process()
@@ -246,6 +302,10 @@ class HttpProtocol(asyncio.Protocol):
         self._unblock_reading("write")
         if self._ws is not None:
             self._ws.resume_writing()
+        elif self.phase is Phase.IDLE:
+            # Answer what was pipelined while the client was not reading.
+            self._set_timer(self.settings.keepalive_timeout, self._on_timeout)
+            self._process()
 
     # --- state the server looks at -------------------------------------------------------
 
@@ -270,7 +330,8 @@ class HttpProtocol(asyncio.Protocol):
             self.abort()
 
     def abort(self) -> None:
-        if self.transport is not None and self.phase is not Phase.CLOSED:
+        # Also when CLOSED: a closed transport still holds what the client did not read.
+        if self.transport is not None:
             self.transport.abort()
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -285,6 +346,8 @@ class HttpProtocol(asyncio.Protocol):
                 self._protocol_error(exc)
                 return
             if event is h11.NEED_DATA:
+                if self.phase is Phase.HEADERS and not self._line_checked and self._request_line_too_long():
+                    return
                 self._unblock_reading("pipeline")
                 return
             if isinstance(event, h11.Request):
@@ -294,21 +357,29 @@ class HttpProtocol(asyncio.Protocol):
             if isinstance(event, h11.Data):
                 self._body_size += len(event.data)
                 if self._body_size > self.settings.max_body:
-                    self._refuse(413, "payload_too_large", detail=f"body exceeds {self.settings.max_body} bytes")
+                    self._refuse(413, "payload_too_large", "body", detail=f"body exceeds {self.settings.max_body} bytes")
                     return
-                self._body.append(event.data)
+                if self._refusal is None:  # a refused request's body is read and dropped
+                    self._body.append(event.data)
                 # Each chunk buys another header timeout, but never past the body deadline:
                 # a body trickled in a byte at a time cannot hold the connection for ever.
                 left = self._body_deadline - self._loop.time()
                 self._set_timer(min(self.settings.header_timeout, max(left, 0.0)), self._on_timeout)
             elif isinstance(event, h11.EndOfMessage):
-                self._dispatch()
+                if self._refusal is not None:
+                    assert self._request is not None
+                    self._answer_refusal(self._request)
+                else:
+                    self._dispatch()
                 return
             elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 self._close()
                 return
 
     def _start_request(self, event: h11.Request) -> bool:
+        if len(event.method) + len(event.target) + 10 > self.settings.max_request_line:  # "M T HTTP/1.1"
+            self._refuse_line()
+            return False
         # h11 bounds only a block still incomplete; one that arrived whole is measured here.
         size = len(event.target)
         headers: dict[str, str] = {}
@@ -318,24 +389,43 @@ class HttpProtocol(asyncio.Protocol):
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         if size > self.settings.max_header:
-            self._refuse(431, "headers_too_large", detail=f"header block exceeds {self.settings.max_header} bytes")
+            self._refuse_headers()
             return False
-        target = event.target.decode("latin-1")
-        self._request = Request(event.method.decode("ascii"), target, headers,
-                                client=self.client, http_version=event.http_version.decode())
-        self._request.path = unquote(self._request.path)
+        target = _origin_form(event.target.decode("latin-1"))
+        request = self._request = Request(event.method.decode("ascii"), target, headers,
+                                          client=self.client, http_version=event.http_version.decode())
+        request.path = unquote(request.path)
         self._body = []
         self._body_size = 0
         length = headers.get("content-length")
-        if length is not None and int(length) > self.settings.max_body:
+        chunked = "transfer-encoding" in headers
+        # Both framings: h11 reads the body as chunked; RFC 9112 §6.1 says close after answering.
+        self._must_close = chunked and length is not None
+        if length is not None and not chunked and int(length) > self.settings.max_body:
             # Decided before reading a byte of the body (h11 has checked it is a number).
-            self._refuse(413, "payload_too_large", detail=f"body exceeds {self.settings.max_body} bytes")
+            self._refuse(413, "payload_too_large", "body", detail=f"body exceeds {self.settings.max_body} bytes")
             return False
-        if self.conn.they_are_waiting_for_100_continue:
+        expects = self.conn.they_are_waiting_for_100_continue
+        if chunked or expects or (length is not None and length != "0"):
+            self._refusal = self.server.dispatcher.admit(request)
+            if self._refusal is not None and expects:
+                # The client holds its body back: answer, then close, as it may send the
+                # body or not (lingering, so the answer is not lost to a RST).
+                self._must_close = True
+                self._answer_refusal(request)
+                return False
+        if expects:
             self.transport.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         self.phase = Phase.BODY
         self._body_deadline = self._loop.time() + self.settings.body_timeout
         return True
+
+    def _answer_refusal(self, request: Request) -> None:
+        refusal, self._refusal = self._refusal, None
+        assert refusal is not None
+        self.phase = Phase.HANDLING
+        self._cancel_timer()
+        self._write_response(request, refusal)
 
     def _dispatch(self) -> None:
         request = self._request
@@ -364,7 +454,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.phase is Phase.CLOSED:
             return
         status = response.status
-        keep_alive = _keep_alive(request) and not self.server.stopping
+        keep_alive = _keep_alive(request) and not self.server.stopping and not self._must_close
         parts = [b"HTTP/1.1 %d %s\r\ndate: %s\r\nserver: edgelink\r\n"
                  % (status, _REASONS.get(status, b""), _Clock.date())]
         if response.content_type is not None:
@@ -384,9 +474,14 @@ class HttpProtocol(asyncio.Protocol):
                 continue
             parts.append(b"%s: %s\r\n" % (name, value))
         parts.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
-        if response.body and request.method != "HEAD" and not bodyless:
-            parts.append(response.body)
-        self.transport.write(b"".join(parts))
+        body = response.body if request.method != "HEAD" and not bodyless else b""
+        if len(body) > _SHARE_BODY_OVER:
+            # Written as it is: a body shared by many answers (a cached document) is then
+            # held once, not copied into each slow client's buffer.
+            self.transport.writelines((b"".join(parts), body))
+        else:
+            parts.append(body)
+            self.transport.write(b"".join(parts))
         if keep_alive:
             self._next_cycle()
         else:
@@ -404,8 +499,16 @@ class HttpProtocol(asyncio.Protocol):
         self.phase = Phase.IDLE
         self._request = None
         self._task = None
-        self._set_timer(self.settings.keepalive_timeout, self._on_timeout)
+        self._line_checked = False
+        self._stall_read = False
         self.server.busy_changed()
+        if "write" in self._read_blockers:
+            # The client is not reading what we send: answering what it pipelined would
+            # only pile answers up in memory. resume_writing carries on from here; until
+            # then the send timeout, not the keep-alive one, decides how long it may wait.
+            self._cancel_timer()
+            return
+        self._set_timer(self.settings.keepalive_timeout, self._on_timeout)
         # Answer what was pipelined behind this request before reading more; _process
         # resumes reading once h11 needs data.
         self._process()
@@ -443,12 +546,14 @@ class HttpProtocol(asyncio.Protocol):
         compressed = bool(extensions) and any(
             "permessage-deflate" in ext for ext in offer.extensions if isinstance(ext, str))
         trailing, _ = self.conn.trailing_data
+        self.transport.set_write_buffer_limits(high=self.settings.write_buffer_high)  # the WS queue takes over
         self.transport.write(accept)
         self.phase = Phase.WEBSOCKET
         self._unblock_reading("pipeline")
         self._ws = WebSocket(
             self.transport, ws_conn, request,
             max_message=self.settings.ws_max_frame, queue_limit=self.settings.ws_queue,
+            queue_bytes=self.settings.ws_queue_bytes,
             ping_interval=self.settings.ws_ping_interval, compressed=compressed,
             set_reading=self._ws_reading,
         )
@@ -480,12 +585,38 @@ class HttpProtocol(asyncio.Protocol):
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint
         if status == 431:
-            self._refuse(431, "headers_too_large", detail=f"header block exceeds {self.settings.max_header} bytes")
+            if not self._request_line_too_long():
+                self._refuse_headers()
         else:
             # Never h11's own message: it quotes the offending line, which may hold a token.
             self._refuse(400, "bad_request", detail=_bad_request_detail(str(exc)))
 
-    def _refuse(self, status: int, code: str, **extra: Any) -> None:
+    def _request_line_too_long(self) -> bool:
+        """While a request has not been parsed: refuse it with 414 as soon as its first
+        line is known to be over the limit (h11 would wait for the whole header block)."""
+        limit = self.settings.max_request_line
+        pending, _ = self.conn.trailing_data
+        if pending.find(b"\n", 0, limit + 1) != -1:
+            self._line_checked = True
+            return False
+        if len(pending) <= limit:
+            return False
+        self._refuse_line()
+        return True
+
+    def _refuse_line(self) -> None:
+        self._refuse(414, "uri_too_long", "request_line",
+                     detail=f"request line exceeds {self.settings.max_request_line} bytes")
+
+    def _refuse_headers(self) -> None:
+        self._refuse(431, "headers_too_large", "header_block",
+                     detail=f"header block exceeds {self.settings.max_header} bytes")
+
+    def _refuse(self, status: int, code: str, budget: str | None = None, **extra: Any) -> None:
+        """Answer an error the server decides itself and close. Each ends its connection,
+        so a client is logged once per connection, not once per request it sent."""
+        if budget is not None:
+            self.server.dispatcher.refused(budget)
         log.info("request_refused", status=status, error=code, client=address(self.client),
                  **({"detail": extra["detail"]} if "detail" in extra else {}))
         if self.transport is not None and not self.transport.is_closing():
@@ -494,14 +625,23 @@ class HttpProtocol(asyncio.Protocol):
 
     def _on_timeout(self) -> None:
         self._timer = None
-        if self.phase is Phase.IDLE:
+        if self.phase not in (Phase.IDLE, Phase.HEADERS, Phase.BODY):
+            return
+        if not self._stall_read and self.transport is not None and _unread_bytes(self.transport):
+            # The loop ran this timer before reading the socket (the process was stopped,
+            # the loop stalled): what waits may be a whole request. Read it first, once.
+            self._stall_read = self.phase is not Phase.IDLE
+            self._set_timer(self.settings.header_timeout, self._on_timeout)
+        elif self.phase is Phase.IDLE:
             self._close()  # keep-alive idle: a quiet close is the norm
-        elif self.phase in (Phase.HEADERS, Phase.BODY):
-            self._refuse(408, "request_timeout", detail="request not received in time")
+        else:
+            self._refuse(408, "request_timeout", "request_time", detail="request not received in time")
 
     def _on_send_timeout(self) -> None:
         self._send_timer = None
-        log.info("connection_dropped", reason="client not reading", client=address(self.client))
+        self.server.dispatcher.refused("write_buffer")
+        log.info("connection_dropped", reason="client not reading", client=address(self.client),
+                 buffered=self.transport.get_write_buffer_size() if self.transport is not None else 0)
         self.abort()
 
     def _set_timer(self, delay: float, callback: Callable[[], None]) -> None:
@@ -532,8 +672,51 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.phase = Phase.CLOSED
         self._cancel_timer()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._eof or not transport.can_write_eof():
+            transport.close()
+            return
+        # Lingering close: FIN after what is buffered, then read and discard until the
+        # client closes too (eof_received) or the keep-alive timeout passes.
+        transport.write_eof()
+        self._read_blockers.clear()
+        if not self._reading:
+            self._reading = True
+            transport.resume_reading()
+        self._timer = self._loop.call_later(self.settings.keepalive_timeout, self._linger_expired)
+
+    def _linger_expired(self) -> None:
+        # A client that has not read its answer by now will not: drop what is left of it.
         if self.transport is not None:
-            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+
+def _unread_bytes(transport: asyncio.Transport) -> int:
+    """Bytes the kernel holds for this socket that the loop has not read yet."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)), sys.byteorder)
+    except OSError:
+        return 0
+
+
+def _origin_form(target: str) -> str:
+    """``http://host/path?q`` as ``/path?q`` (RFC 9112 §3.2.2: servers accept the absolute form)."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return target
+    slash = rest.find("/")
+    query = rest.find("?")
+    if slash == -1 or (query != -1 and query < slash):
+        return "/" + rest[query:] if query != -1 else "/"
+    return rest[slash:]
 
 
 def _bad_request_detail(message: str) -> str:

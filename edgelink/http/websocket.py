@@ -4,9 +4,10 @@ wsproto parses what the client sends; what we send is a complete text frame. Wit
 compression a server frame is unmasked, so a broadcast frame is built once
 (``text_frame``) and the same bytes are written to every client.
 
-Each connection has a bounded send queue: writes go straight to the transport while it
-drains, queue up while it is paused, and a client whose queue overflows is closed with
-1013 so that it never slows the others (API.md §6).
+Each connection has a send queue bounded in frames and in bytes: writes go straight to
+the transport while it drains, queue up while it is paused, and a client whose queue
+overflows is closed with 1013 so that it never slows the others (API.md §6). A sender
+that can wait (a replay) awaits ``writable()`` instead, and never queues at all.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ CLOSE_TRY_AGAIN_LATER = 1013
 # catches up: a fast sender cannot make us buffer without bound.
 _INBOUND_HIGH = 32
 _CLOSE_WAIT = 5.0  # seconds to wait for the client's close frame before dropping the socket
+# The transport's own buffer before it pauses: what waits beyond it is in the send queue,
+# counted against the client's byte bound, so this one is kept small.
+_TRANSPORT_HIGH = 64 * 1024
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -59,20 +63,24 @@ class WebSocket:
     """One accepted WebSocket. Created by the server protocol, used by one handler task."""
 
     def __init__(self, transport: asyncio.Transport, conn: WSConnection, request: "Request",
-                 *, max_message: int, queue_limit: int, ping_interval: float, compressed: bool,
-                 set_reading: Callable[[bool], None]):
+                 *, max_message: int, queue_limit: int, queue_bytes: int, ping_interval: float,
+                 compressed: bool, set_reading: Callable[[bool], None]):
         self.request = request
         self.close_code: int | None = None
         self._transport = transport
+        transport.set_write_buffer_limits(high=min(transport.get_write_buffer_limits()[1], _TRANSPORT_HIGH))
         self._conn = conn
         self._max_message = max_message
         self._queue_limit = queue_limit
+        self._queue_bytes = queue_bytes
         self._ping_interval = ping_interval
         self._compressed = compressed
         self._set_reading = set_reading
         self._loop = asyncio.get_running_loop()
         self._out: deque[bytes] = deque()
+        self.queued_bytes = 0  # bytes in _out
         self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None  # a writable() waiter
         self._in: deque[str | bytes] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._parts: list[Any] = []
@@ -84,30 +92,49 @@ class WebSocket:
 
     # --- what handlers use -----------------------------------------------------------
 
-    def send(self, payload: bytes, frame: bytes | None = None) -> bool:
-        """Queue one text message (``payload`` is UTF-8). ``frame`` is the prebuilt
-        ``text_frame(payload)`` when the caller shares it among clients. Returns False if
-        the client is closed or has just been closed for not keeping up."""
+    def send(self, payload: bytes) -> bool:
+        """Queue one text message (``payload`` is UTF-8). Returns False if the client is
+        closed or has just been closed for not keeping up."""
+        if self._compressed:
+            return self._queue(self._conn.send(Message(data=payload.decode())))
+        return self._queue(text_frame(payload))
+
+    def send_frame(self, frame: bytes) -> bool:
+        """``send`` for a prebuilt ``text_frame``, shared among clients (not copied)."""
+        if self._compressed:
+            return self._queue(self._conn.send(Message(data=str(frame_payload(frame), "utf-8"))))
+        return self._queue(frame)
+
+    async def writable(self) -> bool:
+        """Wait until a send would go straight to the socket; False once the client is closed."""
+        while self._write_paused or self._out:
+            if self._closing or self._done:
+                return False
+            self._drained = self._loop.create_future()
+            try:
+                await self._drained
+            finally:
+                self._drained = None
+        return not (self._closing or self._done)
+
+    def _queue(self, data: bytes) -> bool:
         if self._closing or self._done:
             return False
-        if self._compressed:
-            data = self._conn.send(Message(data=payload.decode()))
-        else:
-            data = frame if frame is not None else text_frame(payload)
         if not self._write_paused and not self._out:
             self._transport.write(data)
             return True
-        if len(self._out) >= self._queue_limit:
-            self._out.clear()
+        if len(self._out) >= self._queue_limit or self.queued_bytes + len(data) > self._queue_bytes:
+            self._clear_out()
             self.close(CLOSE_TRY_AGAIN_LATER, "slow consumer")
             return False
         self._out.append(data)
+        self.queued_bytes += len(data)
         return True
 
-    def queued_bytes(self) -> int:
+    def waiting_bytes(self) -> int:
         """Bytes waiting to reach this client: our send queue and the transport's buffer."""
         buffered = self._transport.get_write_buffer_size() if not self._done else 0
-        return buffered + sum(len(data) for data in self._out)
+        return buffered + self.queued_bytes
 
     async def receive(self) -> str | bytes | None:
         """The next message from the client (str for text, bytes for binary), or None
@@ -137,7 +164,7 @@ class WebSocket:
         except LocalProtocolError:  # the client closed first; its close is being answered
             data = b""
         # A close frame must not wait behind a queue we are abandoning.
-        self._out.clear()
+        self._clear_out()
         self._transport.write(data)
         self._cancel_timer()
         self._timer = self._loop.call_later(_CLOSE_WAIT, self._transport.abort)
@@ -157,7 +184,11 @@ class WebSocket:
     def resume_writing(self) -> None:
         self._write_paused = False
         while self._out and not self._write_paused:
-            self._transport.write(self._out.popleft())
+            data = self._out.popleft()
+            self.queued_bytes -= len(data)
+            self._transport.write(data)
+        if not self._out and not self._write_paused:
+            self._wake_drained()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -168,7 +199,7 @@ class WebSocket:
         self._done = True
         if self.close_code is None:
             self.close_code = 1006  # abnormal closure: no close frame seen
-        self._out.clear()
+        self._clear_out()
         self._cancel_timer()
         self._wake()
 
@@ -222,11 +253,26 @@ class WebSocket:
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+        self._wake_drained()
+
+    def _wake_drained(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _clear_out(self) -> None:
+        self._out.clear()
+        self.queued_bytes = 0
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def frame_payload(frame: bytes) -> memoryview:
+    """The payload of a ``text_frame``, without copying it."""
+    n = frame[1] & 0x7F
+    return memoryview(frame)[2 if n < 126 else 4 if n == 126 else 10:]
 
 
 def server_connection() -> WSConnection:

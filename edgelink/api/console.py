@@ -1,0 +1,111 @@
+"""The operator console and the API reference (API.md §10): static files shipped in the
+package (``edgelink/console/``), served with an ETag, gzip when accepted and a
+Content-Security-Policy that admits nothing but the gateway's own origin.
+
+Each file is read and compressed once, at its first request, and kept: the set of files is
+fixed by the package and each is refused above ``MAX_ASSET_BYTES``, so the cache is bounded.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+
+from ..http.messages import HTTPError, Request, Response, empty_response
+
+MAX_ASSET_BYTES = 256 * 1024  # per file; the whole console is a few tens of KiB
+
+HTML = b"text/html; charset=utf-8"
+_TYPES = {".html": HTML, ".css": b"text/css; charset=utf-8", ".js": b"text/javascript; charset=utf-8"}
+# The files under /console/{asset}; the pages themselves are /console and /docs.
+ASSETS = ("app.css", "common.js", "console.js", "docs.js")
+
+# 'self' covers same-origin ws:/wss: in CSP Level 3 browsers; the icon is an inline data: URL
+# so that the browser does not ask for /favicon.ico.
+CSP = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+# Revalidate every time (a 304 costs a few bytes): an upgraded gateway never serves a stale page.
+_COMMON_HEADERS = [(b"cache-control", b"no-cache"), (b"vary", b"Accept-Encoding"),
+                   (b"content-security-policy", CSP), (b"x-content-type-options", b"nosniff"),
+                   (b"referrer-policy", b"no-referrer")]
+
+
+@dataclass(frozen=True, slots=True)
+class Asset:
+    content_type: bytes
+    body: bytes
+    gzipped: bytes
+    etag: bytes  # of the identity body; the gzip variant's is this with "-gz" before the quote
+
+    @property
+    def gzip_etag(self) -> bytes:
+        return self.etag[:-1] + b'-gz"'
+
+
+@functools.cache
+def load(name: str) -> Asset:
+    """One packaged file, read and compressed once."""
+    body = (resources.files("edgelink") / "console" / name).read_bytes()
+    if len(body) > MAX_ASSET_BYTES:
+        raise RuntimeError(f"console/{name} is {len(body)} bytes, over MAX_ASSET_BYTES")
+    etag = b'"%s"' % hashlib.sha256(body).hexdigest()[:20].encode()
+    # mtime=0: the same bytes, hence the same ETag meaning, on every start
+    return Asset(_TYPES[name[name.rfind("."):]], body, gzip.compress(body, 9, mtime=0), etag)
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether ``Accept-Encoding`` admits gzip (``gzip;q=0`` refuses it, ``*`` admits it)."""
+    verdict = {}
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key.lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        verdict[coding.strip().lower()] = quality > 0
+    return verdict.get("gzip", verdict.get("x-gzip", verdict.get("*", False)))
+
+
+def _matches(if_none_match: str, etag: bytes) -> bool:
+    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return "*" in tags or etag.decode() in tags
+
+
+def respond(req: Request, name: str) -> Response:
+    """The file ``name``: 304 when the client holds it, else the body (gzip if accepted)."""
+    asset = load(name)
+    gzipped = accepts_gzip(req.headers.get("accept-encoding", ""))
+    etag = asset.gzip_etag if gzipped else asset.etag
+    headers = [*_COMMON_HEADERS, (b"etag", etag)]
+    if _matches(req.headers.get("if-none-match", ""), etag):
+        return empty_response(304, headers)
+    if gzipped:
+        headers.append((b"content-encoding", b"gzip"))
+    return Response(200, asset.gzipped if gzipped else asset.body, headers, asset.content_type)
+
+
+async def console(req: Request) -> Response:
+    return respond(req, "index.html")
+
+
+async def docs(req: Request) -> Response:
+    return respond(req, "docs.html")
+
+
+async def asset(req: Request) -> Response:
+    name = req.params["asset"]
+    if name not in ASSETS:
+        raise HTTPError(404, "not_found", detail=f"no console file {name!r}; the files are {', '.join(ASSETS)}")
+    return respond(req, name)
+
+
+async def redoc(req: Request) -> Response:
+    """FastAPI served ReDoc here; its bookmarks land on the one reference there is."""
+    return empty_response(308, [(b"location", b"/docs")])
