@@ -51,6 +51,9 @@ def build_router() -> Router:
           tags=("modules",), doc=Operation((reply(200, "One breaker per enabled module.", "BreakerStatus"),)))
     r.add("GET", "/vx11/routes", modules.routes, summary="The intent route table", tags=("modules",),
           doc=Operation((reply(200, "The route table, intent -> module.", "Routes"),)))
+    r.add("GET", "/vx11/forward/status", ops.forward_status, summary="Forwarding to the fleet broker",
+          tags=("operations",), doc=Operation((reply(200, "The forwarder's connection, cursor and backlog.",
+                                                     "ForwardStatus"),)))
     r.add("POST", "/vx11/intent/{intent}", modules.intent, summary="Forward an intent to its module",
           tags=("modules",), doc=Operation(
               (reply(200, "The module's reply.", "ModuleReply"),

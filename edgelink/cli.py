@@ -27,8 +27,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     """Validate without binding or opening the ledger: ``ok``, or one problem a line."""
+    from . import forward
+
     try:
         settings = _load(args)
+        forward.check(settings)  # as serve does at start: edge id, URL scheme, the extra installed
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"edgelink check: {problem}", file=sys.stderr)

@@ -98,6 +98,8 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ledger_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     # text facts about this database file; ``epoch`` is written once, when the file is created
     "CREATE TABLE IF NOT EXISTS ledger_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # the forwarder's cursor (API.md §9): the last seq the broker acknowledged, per epoch
+    "CREATE TABLE IF NOT EXISTS forward_cursor (epoch TEXT PRIMARY KEY, acked_seq INTEGER NOT NULL)",
     # the first version of this table; _upgrade adds the later columns and the unique index
     """CREATE TABLE IF NOT EXISTS copilot_runtime_services (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -222,6 +224,13 @@ class _Health:
     rows: list[tuple]  # (port, status, http_code, latency_ms, endpoint_ok, snippet, url, error, checked_at, name)
     future: asyncio.Future
     size: int = 0  # a few short rows: not held against the bound
+
+
+@dataclass(slots=True)
+class _Cursor:
+    seq: int
+    future: asyncio.Future
+    size: int = 0  # one small row, updated in place
 
 
 @dataclass(slots=True)
@@ -389,7 +398,7 @@ class Ledger:
                 pass_due = waiters is not None or time.monotonic() >= next_pass
                 busy = pass_due or vacuuming
                 jobs = self._take_jobs(0.0 if busy else next_pass - time.monotonic())
-                writes = [j for j in jobs if isinstance(j, (_Append, _Health))]
+                writes = [j for j in jobs if isinstance(j, (_Append, _Health, _Cursor))]
                 if writes:
                     self._commit_writes(conn, writes)
                 requests = [j for j in jobs if isinstance(j, _Prune)]
@@ -423,10 +432,10 @@ class Ledger:
             pass
         return jobs
 
-    def _commit_writes(self, conn: sqlite3.Connection, jobs: list[_Append | _Health]) -> None:
+    def _commit_writes(self, conn: sqlite3.Connection, jobs: list[_Append | _Health | _Cursor]) -> None:
         # Chunks of about WRITE_CHUNK_BYTES, each its own transaction: one commit adds a
         # bounded amount to the WAL, and the byte bound is checked before each.
-        chunk: list[_Append | _Health] = []
+        chunk: list[_Append | _Health | _Cursor] = []
         size = 0
         for job in jobs:
             chunk.append(job)
@@ -437,7 +446,7 @@ class Ledger:
         if chunk:
             self._commit_chunk(conn, chunk)
 
-    def _commit_chunk(self, conn: sqlite3.Connection, jobs: list[_Append | _Health]) -> None:
+    def _commit_chunk(self, conn: sqlite3.Connection, jobs: list[_Append | _Health | _Cursor]) -> None:
         results: list[tuple[asyncio.Future, Any, BaseException | None]] = []
         dropped = (0, 0, 0)
         started = time.perf_counter()
@@ -460,6 +469,8 @@ class Ledger:
                         "INSERT INTO events (event_id, type, source, timestamp, payload, metadata, canonical,"
                         " broadcast) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", job.row)
                     results.append((job.future, cursor.lastrowid, None))
+                elif isinstance(job, _Cursor):
+                    results.append((job.future, self._write_cursor(conn, job.seq), None))
                 else:
                     self._write_health(conn, job.rows)
                     results.append((job.future, None, None))
@@ -800,6 +811,46 @@ class Ledger:
                 (service, since_ms, limit)).fetchall()
             return [{"checked_at": t, "status": s, "http_code": c, "latency_ms": ms} for t, s, c, ms in reversed(rows)]
         return await self._read(query)
+
+    # --- forwarding (API.md §9) -------------------------------------------------------
+
+    async def forward_cursor(self) -> int:
+        """The last seq the broker acknowledged in this epoch (0: nothing forwarded yet)."""
+        def query(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT acked_seq FROM forward_cursor WHERE epoch = ?", (self.epoch,)).fetchone()
+            return row[0] if row else 0
+        return await self._read(query)
+
+    async def store_forward_cursor(self, seq: int) -> int:
+        """Move the cursor forward to ``seq`` (never back); returns the stored cursor, which
+        the byte bound may have moved further."""
+        return await self._submit(lambda fut: _Cursor(seq, fut))
+
+    async def forward_page(self, after_seq: int, limit: int, max_bytes: int) -> list[tuple]:
+        """Up to ``limit`` events with ``seq > after_seq``, oldest first, as raw rows
+        (seq, event_id, type, source, timestamp, payload JSON, metadata JSON or None,
+        canonical); cut once their payload and metadata exceed ``max_bytes`` (at least
+        one row, so a single large event still moves)."""
+        def query(conn: sqlite3.Connection) -> list[tuple]:
+            rows, size = [], 0
+            # iterating the cursor reads row by row: the byte cut bounds what is held
+            for row in conn.execute(
+                    "SELECT seq, event_id, type, source, timestamp, payload, metadata, canonical FROM events"
+                    " WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)):
+                size += len(row[5]) + len(row[6] or b"")
+                if rows and size > max_bytes:
+                    break
+                rows.append(row)
+            return rows
+        return await self._read(query)
+
+    def _write_cursor(self, conn: sqlite3.Connection, seq: int) -> int:
+        conn.execute("INSERT INTO forward_cursor (epoch, acked_seq) VALUES (?, ?) ON CONFLICT (epoch)"
+                     " DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq)", (self.epoch, seq))
+        (stored,) = conn.execute("SELECT acked_seq FROM forward_cursor WHERE epoch = ?", (self.epoch,)).fetchone()
+        if self.protect_after is not None:
+            self.protect_after = max(self.protect_after, stored)
+        return stored
 
     # --- opening and upgrading --------------------------------------------------------
 

@@ -370,6 +370,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "HealthHistory": _object({"module": _STR, "points": {"type": "array", "maxItems": MAX_HISTORY,
                                                          "items": ref("HealthPoint"),
                                                          "description": "Oldest first."}}),
+    # --- forwarding (API.md §9)
+    "ForwardStatus": _object({
+        "enabled": _BOOL, "engine": _nullable({"enum": ["nats", "mqtt"]}),
+        "url": _nullable({"type": "string", "description": "The broker URL without credentials."}),
+        "edge_id": _STR, "epoch": _STR, "state": {"enum": ["disabled", "connecting", "connected", "backoff"]},
+        "acked_seq": _COUNT, "last_seq": _COUNT, "backlog": _COUNT, "in_flight": _COUNT,
+        "last_error": _nullable(_STR), "last_ack_at": _nullable(_MS), "dropped": _COUNT,
+    }, closed=True),
     # --- operations
     "PrometheusText": {"type": "string", "description": "Prometheus text exposition format 0.0.4."},
     "Text": {"type": "string", "description": "An HTML page, a stylesheet or a script."},

@@ -11,7 +11,9 @@ import dataclasses
 import time
 from typing import Callable
 
+from . import forward
 from .config import MODULES_PIECE, REBUILD, RESTART, Settings, changed
+from .forward.forwarder import Forwarder
 from .gateway.metrics import Gauge, Registry
 from .gateway.health import HealthCheck
 from .modules import Modules
@@ -41,6 +43,7 @@ class Runtime:
         self.correlations = CorrelationGraph(time.time)
         self.sessions = SessionStore.from_settings(settings)
         self.modules = self._modules(settings)
+        self.forwarder: Forwarder | None = None  # set by start() when EDGELINK_FORWARD_URL is
         self.router: Router | None = None  # set by serve(); /openapi.json describes it
         self.server: HttpServer | None = None  # set by serve(); takes new limits on reload
         self.openapi_cache: bytes | None = None
@@ -88,6 +91,14 @@ class Runtime:
         """Open what the handlers need before the first request."""
         await self.ledger.start()
         self._sweeper.start()
+        s = self.settings
+        if s.forward_url:
+            target = forward.target(s)
+            self.forwarder = Forwarder(
+                self.ledger, lambda: forward.open_engine(s), self.metrics, engine=forward.SCHEMES[target.scheme][0],
+                url=target.safe_url, edge_id=forward.edge_id(s), window=s.forward_window,
+                ack_timeout=s.forward_ack_timeout, types=s.forward_types)
+            await self.forwarder.start()
 
     def listening(self, port: int) -> None:
         """The server listens on ``port``: start recording health (the gateway's own row
@@ -112,6 +123,8 @@ class Runtime:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         await self._sweeper.stop()
+        if self.forwarder is not None:
+            await self.forwarder.stop()
         for modules in [self.modules, *self._retired]:
             await modules.close()
         self._retired.clear()

@@ -14,7 +14,7 @@ import resource
 import signal
 from typing import Any, Awaitable, Callable, Coroutine
 
-from . import __version__, memory, systemd
+from . import __version__, forward, memory, systemd
 from .app import build_router
 from .config import ConfigError, Settings
 from .dispatch import Dispatcher
@@ -70,6 +70,10 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
                 on_ready: Callable[[Runtime], Awaitable[None] | None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT. ``reload`` builds fresh settings on SIGHUP."""
     configure(settings.log_level)
+    try:
+        forward.check(settings)
+    except ConfigError as exc:
+        raise SystemExit(f"edgelink: {exc}") from None
     memory.return_big_buffers()
     check_fd_limit(settings)
     runtime = Runtime(settings)

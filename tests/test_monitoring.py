@@ -25,9 +25,9 @@ REPO = Path(edgelink.__file__).resolve().parent.parent
 RULES = REPO / "deploy" / "prometheus" / "edgelink.rules.yml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "edgelink.rules.test.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "edgelink-dashboard.json"
-# Metrics that other parts of the gateway add (the forwarder, the budget refusals): the
-# dashboard and the alerts use them by these names.
-ELSEWHERE = {"edgelink_forward_backlog", "edgelink_budget_refusals_total"}
+# Metrics that exist only while forwarding is configured (API.md §9): the dashboard and the
+# alerts use them by these names; tests/test_forward*.py read them from a forwarding gateway.
+ELSEWHERE = {"edgelink_forward_backlog"}
 
 ALERT = {"system.alert": {"alert_id": "a", "severity": "low", "message": "m", "timestamp": 1}}
 

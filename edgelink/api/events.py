@@ -37,6 +37,8 @@ async def accept(rt: "Runtime", event: Event, exclude: WebSocket | None = None) 
     event = event.with_seq(await rt.ledger.append(event))
     rt.metrics.events.inc(_type_label(event.type, event.canonical), "accepted")
     rt.cardinality.record(event.type)
+    if rt.forwarder is not None:
+        rt.forwarder.wake(event.seq)
     if event.canonical:
         rt.correlations.add(event)
     if event.broadcast:

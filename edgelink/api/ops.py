@@ -1,4 +1,4 @@
-"""Operations endpoints (API.md §7): Prometheus metrics and the OpenAPI document."""
+"""Operations endpoints (API.md §7, §9): Prometheus metrics, the OpenAPI document, the forwarder."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sqlite3
 
 import orjson
 
-from .. import openapi
-from ..http.messages import Request, Response
+from .. import forward, openapi
+from ..http.messages import Request, Response, json_response
 from ..ledger import LedgerClosed
 from ..log import log
 from .console import accepts_gzip
@@ -39,3 +39,16 @@ async def openapi_json(req: Request) -> Response:
     if accepts_gzip(req.headers.get("accept-encoding", "")):
         return Response(200, rt.openapi_gzip, [(b"content-encoding", b"gzip"), (b"vary", b"Accept-Encoding")])
     return Response(200, rt.openapi_cache, [(b"vary", b"Accept-Encoding")])
+
+
+async def forward_status(req: Request) -> Response:
+    rt = req.runtime
+    if rt.forwarder is not None:
+        return json_response(rt.forwarder.status())
+    ledger = rt.ledger
+    acked = await ledger.forward_cursor()
+    return json_response({
+        "enabled": False, "engine": None, "url": None, "edge_id": forward.edge_id(rt.settings),
+        "epoch": ledger.epoch, "state": "disabled", "acked_seq": acked, "last_seq": await ledger.last_seq(),
+        "backlog": 0, "in_flight": 0, "last_error": None, "last_ack_at": None, "dropped": 0,
+    })

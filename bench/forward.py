@@ -1,0 +1,141 @@
+"""``python -m bench.forward``: forwarding throughput and recovery (issue 13, API.md §9).
+
+For each engine (NATS JetStream, MQTT via mosquitto) on real loopback brokers:
+
+* events/s forwarded at window 1, 16, 64, 128, direct and through a proxy adding 20 ms
+  round trip (the rate of the cursor over a few seconds of a 100,000-event backlog);
+* catch-up time of a 100,000-event backlog at window 64 (filled by SQL before the start);
+* RSS the engine adds (VmRSS after the catch-up, minus the same gateway without forwarding),
+  and CPU seconds per 100,000 events during the catch-up;
+* time from a broker restart to the first ack.
+
+Needs nats-server and mosquitto (``.ci/run`` installs them) and the ``nats``/``mqtt`` extras.
+Prints one JSON object; bench/README.md keeps the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the broker fixtures
+from brokers import Mosquitto, MqttSubscriber, Nats, Proxy  # noqa: E402
+from conftest import Gateway, start_gateway  # noqa: E402
+from test_forward_brokers import fill_db, forward_env, status  # noqa: E402
+
+from .proc import cpu_seconds, rss_bytes, MIB  # noqa: E402
+
+BACKLOG = 100_000
+RATE_SECONDS = 3.0
+
+
+def broker(kind: str, tmp: Path) -> tuple[Any, Any]:
+    if kind == "nats":
+        b = Nats(tmp).start()
+        b.add_stream()
+        return b, None
+    b = Mosquitto(tmp).start()
+    return b, MqttSubscriber(b)
+
+
+def acked(gw: Gateway) -> int:
+    for _ in range(50):  # a busy 2-core box may reset one poll; the next one answers
+        try:
+            return status(gw)["acked_seq"]
+        except OSError:
+            time.sleep(0.05)
+    return status(gw)["acked_seq"]
+
+
+def wait_acked(gw: Gateway, at_least: int, timeout: float = 300) -> float:
+    start = time.monotonic()
+    while acked(gw) < at_least:
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(f"stuck at {status(gw)}")
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def gateway(tmp: Path, url: str, window: int, name: str, backlog: int) -> Gateway:
+    run = tmp / name
+    run.mkdir()
+    fill_db(run / "gw.db", backlog)
+    return start_gateway(run, forward_env(url, EDGELINK_FORWARD_WINDOW=str(window)))
+
+
+def rate(tmp: Path, url: str, window: int, name: str) -> float:
+    gw = gateway(tmp, url, window, name, BACKLOG)
+    try:
+        wait_acked(gw, 1)
+        first, t0 = acked(gw), time.monotonic()
+        time.sleep(RATE_SECONDS)
+        return (acked(gw) - first) / (time.monotonic() - t0)
+    finally:
+        gw.stop(signal.SIGKILL)
+
+
+def engine_figures(kind: str, root: Path, rates: bool = True) -> dict[str, Any]:
+    tmp = root / kind
+    tmp.mkdir()
+    b, consumer = broker(kind, tmp)
+    out: dict[str, Any] = {}
+    try:
+        if rates:
+            proxy = Proxy(b.port, delay=0.010)  # 10 ms each way
+            scheme = "nats" if kind == "nats" else "mqtt"
+            for window in (1, 16, 64, 128):
+                out[f"events_per_s_w{window}"] = round(rate(tmp, b.url, window, f"r{window}"))
+                out[f"events_per_s_w{window}_20ms"] = round(rate(tmp, f"{scheme}://{proxy.port_url}", window,
+                                                                 f"d{window}"))
+            proxy.close()
+
+        base_dir = tmp / "base"
+        base_dir.mkdir()
+        fill_db(base_dir / "gw.db", BACKLOG)
+        base = start_gateway(base_dir, {"EDGELINK_LEDGER_SYNC": "normal"})
+        time.sleep(0.5)
+        base_rss = rss_bytes(base.proc.pid)
+        base.stop()
+
+        gw = gateway(tmp, b.url, 64, "catchup", BACKLOG)
+        cpu0 = cpu_seconds(gw.proc.pid)
+        out["catch_up_100k_s"] = round(wait_acked(gw, BACKLOG), 2)
+        out["cpu_s_per_100k"] = round((cpu_seconds(gw.proc.pid) - cpu0) * 100_000 / BACKLOG, 2)
+        out["rss_added_mib"] = round((rss_bytes(gw.proc.pid) - base_rss) / MIB, 1)
+
+        b.kill(signal.SIGKILL)
+        gw.post("/events/ingest", {"source": "bench", "type": "fleet.live", "payload": {}})
+        time.sleep(2.0)  # the forwarder is in backoff now
+        t0 = time.monotonic()
+        b.start()
+        wait_acked(gw, BACKLOG + 1, timeout=60)
+        out["restart_to_first_ack_s"] = round(time.monotonic() - t0, 2)
+        gw.stop()
+    finally:
+        if consumer is not None:
+            consumer.close()
+        b.kill()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", choices=("nats", "mqtt", "both"), default="both")
+    parser.add_argument("--skip-rates", action="store_true", help="only catch-up, RSS, CPU and restart")
+    args = parser.parse_args()
+    kinds = ("nats", "mqtt") if args.engine == "both" else (args.engine,)
+    with tempfile.TemporaryDirectory() as root:
+        figures = {kind: engine_figures(kind, Path(root), not args.skip_rates) for kind in kinds}
+    print(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

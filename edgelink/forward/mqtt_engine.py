@@ -1,0 +1,220 @@
+"""MQTT 3.1.1 / 5 engine (``mqtt://``, ``mqtts://``; a URL path ``/5`` selects MQTT 5), on paho-mqtt.
+
+QoS 1 to ``vx11/<edge_id>/events/<type>``; an event counts when its PUBACK arrives, and
+under MQTT 5 a PUBACK reason code of 0x80 or more is a refusal. The session is clean
+(3.1.1 clean session, 5 clean start with no expiry): the ledger is the queue, and each
+connection gets a new paho client, so the library never resends from a memory of its own.
+
+paho is driven from the event loop through its socket callbacks (reader and writer
+registered with the loop, ``loop_misc`` once a second for keep-alive); only its blocking
+TCP connect runs in a thread, and the callbacks it makes from there hop to the loop.
+Chosen over aiomqtt, which wraps the same client: aiomqtt's publish ignores the MQTT 5
+PUBACK reason code and, when the connection drops, leaves a pending publish waiting
+until its timeout instead of failing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from . import Target
+from .engine import EngineError, Message, safe_type, tls_context
+
+KEEPALIVE = 30  # seconds between PINGREQs on an idle connection
+AUTH_CODES = {4, 5, 0x86, 0x87}  # 3.1.1 bad user/password, not authorised; their MQTT 5 codes
+
+
+class MqttEngine:
+    name = "mqtt"
+
+    def __init__(self, target: Target):
+        self.target = target
+        self.v5 = target.path.strip("/") == "5"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: mqtt.Client | None = None
+        self._connected: asyncio.Future[None] | None = None
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._misc: asyncio.Task[None] | None = None
+        self._prefix = ""
+
+    async def connect(self, edge_id: str, timeout: float) -> None:
+        t = self.target
+        loop = self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._prefix = f"vx11/{edge_id}/events/"
+        self._connected = loop.create_future()
+        protocol = mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
+        client = self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgelink-{edge_id}", protocol=protocol,
+            **({} if self.v5 else {"clean_session": True}))
+        if t.user or t.token:
+            client.username_pw_set(t.user or t.token, t.password or None)
+        context = tls_context(t)
+        if context is not None:
+            client.tls_set_context(context)
+        client.max_inflight_messages_set(0)  # no cap: the forwarder's window is the bound
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        client.connect_timeout = timeout
+        try:
+            await asyncio.wait_for(loop.run_in_executor(None, self._blocking_connect, client), timeout)
+            await asyncio.wait_for(asyncio.shield(self._connected), timeout)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise EngineError("timeout", f"no CONNACK from {t.safe_url} within {timeout:g} s") from None
+        except (OSError, ValueError) as exc:
+            await self.close()
+            raise EngineError("unreachable", f"{t.safe_url}: {exc}") from None
+        except EngineError:
+            await self.close()
+            raise
+        self._misc = loop.create_task(self._keepalive(client))
+
+    def _blocking_connect(self, client: mqtt.Client) -> None:
+        if self.v5:
+            client.connect(self.target.host, self.target.port, KEEPALIVE, clean_start=True)
+        else:
+            client.connect(self.target.host, self.target.port, KEEPALIVE)
+
+    async def publish(self, msg: Message) -> asyncio.Future[None]:
+        client = self._client
+        if client is None or not client.is_connected():
+            raise EngineError("disconnected", "not connected")
+        properties = None
+        if self.v5:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.UserProperty = ("msg_id", msg.msg_id)
+        future = self._loop.create_future()
+        info = client.publish(self._prefix + safe_type(msg.type), msg.body, qos=1, properties=properties)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise EngineError("disconnected", mqtt.error_string(info.rc))
+        if info.is_published():  # the ack came within the call
+            future.set_result(None)
+        else:
+            self._pending[info.mid] = future
+        return future
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        self._fail(EngineError("disconnected", "engine closed"))
+        if self._misc is not None:
+            self._misc.cancel()
+            self._misc = None
+        if client is not None:
+            try:
+                client.disconnect()
+                client.loop_write()  # the DISCONNECT packet, if the socket still takes it
+            except (OSError, ValueError):
+                pass  # the connection is gone either way
+            sock = client.socket()
+            if sock is not None:
+                self._forget(sock.fileno())
+                sock.close()
+
+    # --- paho callbacks ---------------------------------------------------------------
+
+    def _on_loop(self, callback: Any, *args: Any) -> None:
+        """Run ``callback`` now on the loop's thread (so a CONNACK's reason is settled
+        before the disconnect that follows it), or hop there from paho's connect thread."""
+        if threading.get_ident() == self._loop_thread:
+            callback(*args)
+        else:
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, code: Any, properties: Any) -> None:
+        self._on_loop(self._settle_connect, code)
+
+    def _settle_connect(self, code: Any) -> None:
+        if self._connected is None or self._connected.done():
+            return
+        if code.is_failure:
+            kind = "auth" if code.value in AUTH_CODES else "rejected"
+            self._connected.set_exception(EngineError(kind, f"{self.target.safe_url} refused the connection: {code}"))
+        else:
+            self._connected.set_result(None)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, code: Any, properties: Any) -> None:
+        self._on_loop(self._disconnected, str(code))
+
+    def _disconnected(self, reason: str) -> None:
+        error = EngineError("disconnected", f"connection to the broker lost ({reason})")
+        if self._connected is not None and not self._connected.done():
+            self._connected.set_exception(error)
+        self._fail(error)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, code: Any, properties: Any) -> None:
+        future = self._pending.pop(mid, None)
+        if future is None or future.done():
+            return
+        if code.is_failure:
+            future.set_exception(EngineError("rejected", f"PUBACK reason: {code}"))
+        else:
+            future.set_result(None)
+
+    def _fail(self, error: EngineError) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+    # --- driving paho from the loop ---------------------------------------------------
+
+    # Registered by file descriptor, taken when paho calls: by the time a hop from its
+    # connect thread runs, it may have closed the socket object already. On the loop's own
+    # thread (every publish registers the writer) they run at once, without a wake-up.
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
+        self._on_loop(self._loop.add_reader, sock.fileno(), self._readable, client)
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
+        self._on_loop(self._forget, sock.fileno())
+
+    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
+        self._on_loop(self._loop.add_writer, sock.fileno(), self._writable, client)
+
+    def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
+        self._on_loop(self._loop.remove_writer, sock.fileno())
+
+    def _forget(self, fd: int) -> None:
+        if fd >= 0:
+            self._loop.remove_reader(fd)
+            self._loop.remove_writer(fd)
+
+    def _readable(self, client: mqtt.Client) -> None:
+        self._drive(client, client.loop_read)
+        sock = client.socket()
+        # a TLS socket may hold decrypted bytes the selector will not report again
+        while sock is not None and getattr(sock, "pending", lambda: 0)() > 0 and self._client is client:
+            self._drive(client, client.loop_read)
+
+    def _writable(self, client: mqtt.Client) -> None:
+        self._drive(client, client.loop_write)
+
+    def _drive(self, client: mqtt.Client, step: Any) -> None:
+        try:
+            rc = step()
+        except (OSError, ValueError) as exc:  # a TLS or socket error paho let through
+            rc = None
+            self._disconnected(repr(exc))
+        if rc not in (None, mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+            self._disconnected(mqtt.error_string(rc))
+
+    async def _keepalive(self, client: mqtt.Client) -> None:
+        while client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
+            await asyncio.sleep(1)
+        self._disconnected("keep-alive failed")
+
+
+def engine(target: Target) -> MqttEngine:
+    return MqttEngine(target)

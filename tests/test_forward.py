@@ -1,0 +1,393 @@
+"""The forwarder loop (edgelink/forward/forwarder.py) against a fake engine on a real
+ledger file: window, order, cursor and retention rules, without sockets. Plus the
+settings checks and the lazy import of the engines' libraries."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from edgelink import forward
+from edgelink.config import ConfigError, Settings
+from edgelink.forward.engine import EngineError, Message, safe_type
+from edgelink.forward.forwarder import BACKOFF_MAX, BACKOFF_MIN, Forwarder, backoff, type_filter
+from edgelink.gateway.events import build_event
+from edgelink.gateway.metrics import Registry
+from edgelink.ledger import Ledger
+
+
+class FakeEngine:
+    """Records what is published; acks when told (or at once with ``auto``)."""
+
+    def __init__(self, world: "World"):
+        self.world = world
+        self.pending: list[tuple[Message, asyncio.Future]] = []
+        self.sent: list[int] = []
+        self.closed = False
+
+    async def connect(self, edge_id: str, timeout: float) -> None:
+        self.world.connects += 1
+        if self.world.refuse:
+            raise EngineError("unreachable", "refused by the test")
+
+    async def publish(self, msg: Message) -> asyncio.Future:
+        if self.closed:
+            raise EngineError("disconnected", "closed")
+        future = asyncio.get_running_loop().create_future()
+        self.world.sent.append(msg)
+        self.sent.append(msg.seq)
+        if self.world.auto and msg.seq not in self.world.lose:
+            future.set_result(None)
+        else:
+            self.pending.append((msg, future))
+        unacked = sum(1 for _, f in self.pending if not f.done())
+        self.world.max_unacked = max(self.world.max_unacked, unacked)
+        return future
+
+    def ack(self, seq: int) -> None:
+        for msg, future in self.pending:
+            if msg.seq == seq and not future.done():
+                future.set_result(None)
+
+    def fail_all(self) -> None:
+        for _, future in self.pending:
+            if not future.done():
+                future.set_exception(EngineError("disconnected", "cut by the test"))
+
+    async def close(self) -> None:
+        self.closed = True
+        self.fail_all()
+
+
+class World:
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+        self.engines: list[FakeEngine] = []
+        self.connects = 0
+        self.refuse = False
+        self.auto = True
+        self.lose: set[int] = set()
+        self.max_unacked = 0
+
+    def make(self) -> FakeEngine:
+        engine = FakeEngine(self)
+        self.engines.append(engine)
+        return engine
+
+    @property
+    def engine(self) -> FakeEngine:
+        return self.engines[-1]
+
+
+async def fill(ledger: Ledger, n: int, type_: str = "custom.event") -> None:
+    now_ms = int(time.time() * 1000)  # recent: only the count bound may prune them
+    await asyncio.gather(*(ledger.append(build_event(type_, "t", {"i": i}, None, False, now_ms))
+                           for i in range(n)))
+
+
+def forwarder(ledger: Ledger, world: World, window: int = 8, **kw: Any) -> Forwarder:
+    kw.setdefault("ack_timeout", 5.0)
+    return Forwarder(ledger, world.make, Registry(), engine="fake", url="fake://", edge_id="box", window=window,
+                     rng=lambda: 0.0, **kw)
+
+
+async def until(predicate, timeout: float = 10.0) -> None:
+    """Yield to the loop until ``predicate()`` holds (the test fails on the timeout)."""
+    async def wait() -> None:
+        while not predicate():
+            await asyncio.sleep(0.005)
+    await asyncio.wait_for(wait(), timeout)
+
+
+def run_with_ledger(tmp_path: Path, body) -> Any:
+    async def main() -> Any:
+        ledger = Ledger(str(tmp_path / "l.db"), sync="normal")
+        await ledger.start()
+        try:
+            return await body(ledger)
+        finally:
+            await ledger.close()
+    return asyncio.run(main())
+
+
+def test_forwards_everything_in_order_and_stores_the_cursor(tmp_path: Path) -> None:
+    world = World()
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 1000)
+        fw = forwarder(ledger, world, window=16)
+        await fw.start()
+        await until(lambda: fw.acked_seq == 1000)
+        await fw.stop()
+        assert await ledger.forward_cursor() == 1000
+        assert ledger.protect_after is None  # stopped: nothing protected any more
+
+    run_with_ledger(tmp_path, body)
+    assert [m.seq for m in world.sent] == list(range(1, 1001))
+    first = orjson.loads(world.sent[0].body)
+    assert first["edge_id"] == "box" and first["seq"] == 1 and first["payload"] == {"i": first["payload"]["i"]}
+    assert set(first) == {"edge_id", "epoch", "seq", "event_id", "type", "source", "timestamp", "payload",
+                          "metadata", "canonical"}
+    assert world.sent[0].msg_id == f"box:{first['epoch']}:1"
+
+
+def test_window_bounds_unacked_events_and_acks_move_the_cursor_in_order(tmp_path: Path) -> None:
+    world = World()
+    world.auto = False
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 50)
+        fw = forwarder(ledger, world, window=8)
+        await fw.start()
+        await until(lambda: len(world.sent) == 8)
+        await asyncio.sleep(0.05)
+        assert len(world.sent) == 8  # the window is full: nothing more goes out
+        world.engine.ack(2)
+        world.engine.ack(3)
+        await asyncio.sleep(0.05)
+        assert fw.acked_seq == 0 and len(world.sent) == 8  # seq 1 not acked: the cursor stays
+        world.engine.ack(1)
+        await until(lambda: fw.acked_seq == 3)
+        assert await ledger.forward_cursor() == 3
+        await until(lambda: len(world.sent) == 11)  # three slots freed once the cursor is stored
+        await fw.stop()
+
+    run_with_ledger(tmp_path, body)
+    assert world.max_unacked <= 8
+
+
+def test_a_lost_connection_resends_after_the_cursor_at_most_a_window(tmp_path: Path) -> None:
+    world = World()
+    world.auto = False
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 40)
+        fw = forwarder(ledger, world, window=8)
+        await fw.start()
+        await until(lambda: len(world.sent) == 8)
+        for seq in range(1, 6):
+            world.engine.ack(seq)
+        await until(lambda: fw.acked_seq == 5)
+        world.engine.fail_all()  # the connection drops with 6..13 unacknowledged
+        await until(lambda: len(world.engines) == 2 and len(world.engine.sent) == 8)
+        world.auto = True
+        for msg, _ in list(world.engine.pending):
+            world.engine.ack(msg.seq)
+        await until(lambda: fw.acked_seq == 40)
+        await fw.stop()
+        assert fw.status()["state"] in ("connected", "backoff", "connecting")
+
+    run_with_ledger(tmp_path, body)
+    seqs = [m.seq for m in world.sent]
+    assert sorted(set(seqs)) == list(range(1, 41))
+    assert len(seqs) - 40 <= 8
+    assert world.engines[1].sent[0] == 6  # the second connection starts right after the cursor
+
+
+def test_a_missing_ack_times_out_and_reconnects(tmp_path: Path) -> None:
+    world = World()
+    world.lose = {3}
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 10)
+        fw = forwarder(ledger, world, window=4, ack_timeout=0.2)
+        await fw.start()
+        await until(lambda: len(world.engines) >= 2)
+        assert fw.acked_seq == 2  # nothing past the lost ack
+        assert "timeout" in fw.last_error
+        world.lose = set()
+        await until(lambda: fw.acked_seq == 10)
+        await fw.stop()
+
+    run_with_ledger(tmp_path, body)
+
+
+def test_refused_connections_back_off_instead_of_spinning(tmp_path: Path) -> None:
+    world = World()
+    world.refuse = True
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 3)
+        fw = forwarder(ledger, world)
+        await fw.start()
+        await asyncio.sleep(0.5)
+        connects = world.connects
+        assert fw.status()["state"] in ("backoff", "connecting")
+        assert "unreachable" in fw.status()["last_error"]
+        world.refuse = False
+        await until(lambda: fw.acked_seq == 3, timeout=15)
+        await fw.stop()
+        return connects
+
+    connects = run_with_ledger(tmp_path, body)
+    # 0.05, 0.1, 0.2, 0.4 s (rng 0 halves each): a handful in 0.5 s, not a hot loop
+    assert 2 <= connects <= 6
+
+
+def test_new_events_wake_the_forwarder(tmp_path: Path) -> None:
+    world = World()
+
+    async def body(ledger: Ledger) -> None:
+        fw = forwarder(ledger, world, idle_poll=3600)
+        await fw.start()
+        await asyncio.sleep(0.05)
+        seq = await ledger.append(build_event("custom.event", "t", {}, None, False, 1))
+        fw.wake(seq)
+        await until(lambda: fw.acked_seq == seq, timeout=5)  # long before the idle poll
+        await fw.stop()
+
+    run_with_ledger(tmp_path, body)
+
+
+def test_types_filter_skips_others_but_moves_the_cursor(tmp_path: Path) -> None:
+    world = World()
+
+    async def body(ledger: Ledger) -> None:
+        for i in range(30):
+            await ledger.append(build_event("keep.me" if i % 3 == 0 else "other", "t", {}, None, False, 1))
+        fw = forwarder(ledger, world, types=("keep.*",))
+        await fw.start()
+        await until(lambda: fw.acked_seq == 30 or (fw.acked_seq == 28 and len(world.sent) == 10))
+        await asyncio.sleep(0.05)
+        await fw.stop()
+
+    run_with_ledger(tmp_path, body)
+    assert [m.seq for m in world.sent] == list(range(1, 31, 3))
+    assert all(m.type == "keep.me" for m in world.sent)
+
+
+def test_retention_never_prunes_unforwarded_events(tmp_path: Path) -> None:
+    async def body(ledger: Ledger) -> None:
+        ledger.retention_events = 5
+        await fill(ledger, 20)
+        await ledger.store_forward_cursor(8)
+        ledger.protect_after = 8
+        await ledger.prune()
+        rows = await ledger.forward_page(0, 100, 1 << 20)
+        assert [r[0] for r in rows] == list(range(9, 21))  # 1..8 forwarded: pruned; the rest kept
+        ledger.protect_after = None
+        await ledger.prune()
+        rows = await ledger.forward_page(0, 100, 1 << 20)
+        assert [r[0] for r in rows] == list(range(16, 21))
+
+    run_with_ledger(tmp_path, body)
+
+
+def test_byte_bound_drop_moves_the_cursor_and_counts(tmp_path: Path) -> None:
+    world = World()
+    world.auto = False
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 10)
+        fw = forwarder(ledger, world, window=4)
+        await fw.start()
+        await until(lambda: len(world.sent) == 4)
+        assert ledger.on_forced_drop is not None
+        ledger.on_forced_drop(6, 6, 6)  # what the byte bound reports after deleting 1..6
+        await until(lambda: ledger.protect_after == 6)
+        assert await ledger.forward_cursor() == 6
+        assert fw.status()["dropped"] == 6
+        world.auto = True
+        for seq in range(1, 5):
+            world.engine.ack(seq)
+        await until(lambda: fw.acked_seq == 10)
+        assert await ledger.store_forward_cursor(3) == 10  # the cursor never moves back
+        await fw.stop()
+        assert ledger.on_forced_drop is None
+
+    run_with_ledger(tmp_path, body)
+
+
+def test_page_is_bounded_by_bytes(tmp_path: Path) -> None:
+    async def body(ledger: Ledger) -> None:
+        for _ in range(10):
+            await ledger.append(build_event("big", "t", {"x": "y" * 1000}, None, False, 1))
+        assert len(await ledger.forward_page(0, 100, 3500)) == 3
+        assert len(await ledger.forward_page(0, 100, 10)) == 1  # one large event still moves
+
+    run_with_ledger(tmp_path, body)
+
+
+def test_backoff_doubles_with_jitter_within_bounds() -> None:
+    assert backoff(1, lambda: 1.0) == BACKOFF_MIN
+    assert backoff(2, lambda: 1.0) == 2 * BACKOFF_MIN
+    assert backoff(100, lambda: 1.0) == BACKOFF_MAX
+    assert backoff(100, lambda: 0.0) == BACKOFF_MAX / 2
+
+
+def test_type_filter_and_subject_tokens() -> None:
+    assert type_filter(()) is None
+    wanted = type_filter(("system.*", "custom"))
+    assert wanted("system.alert") and wanted("custom") and not wanted("customer") and not wanted("systemx")
+    assert safe_type("a.b c/d*e>f") == "a.b_c_d_e_f"
+
+
+def settings(**kw: Any) -> Settings:
+    return Settings(**kw)
+
+
+@pytest.mark.parametrize("edge_id", ["", "x" * 65, "a b", "é"])
+def test_bad_edge_id_names_the_setting(edge_id: str) -> None:
+    if not edge_id:
+        assert forward.EDGE_ID.fullmatch(forward.edge_id(settings()))  # the host name, cleaned
+        return
+    with pytest.raises(ConfigError, match="EDGELINK_EDGE_ID"):
+        forward.check(settings(edge_id=edge_id))
+
+
+@pytest.mark.parametrize("url", ["http://broker:1", "amqp://x", "nats://", "kafka", "nats://h:99999"])
+def test_bad_url_names_the_setting(url: str) -> None:
+    with pytest.raises(ConfigError, match="EDGELINK_FORWARD_URL"):
+        forward.check(settings(forward_url=url))
+
+
+def test_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forward.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"edgelink\[mqtt\]"):
+        forward.check(settings(forward_url="mqtt://127.0.0.1:1883"))
+    with pytest.raises(ConfigError, match=r"edgelink\[nats\]"):
+        forward.check(settings(forward_url="nats://127.0.0.1:4222"))
+
+
+def test_credentials_stay_out_of_the_url_shown() -> None:
+    t = forward.target(settings(forward_url="mqtts://u:p%40ss@broker.example:8883/5"))
+    assert (t.user, t.password, t.tls, t.port) == ("u", "p@ss", True, 8883)
+    assert t.safe_url == "mqtts://broker.example:8883/5"
+    assert forward.target(settings(forward_url="nats://b", forward_user="a", forward_password="b")).user == "a"
+
+
+def test_base_install_imports_no_broker_library() -> None:
+    code = ("import sys, edgelink.serve, edgelink.runtime, edgelink.app, edgelink.forward.forwarder; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('nats', 'paho', 'aiomqtt')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_status_when_forwarding_is_off(gateway) -> None:
+    assert gateway.get("/vx11/forward/status", token=False).status == 401
+    st = gateway.get("/vx11/forward/status").json()
+    assert st == {"enabled": False, "engine": None, "url": None, "edge_id": st["edge_id"], "epoch": st["epoch"],
+                  "state": "disabled", "acked_seq": 0, "last_seq": 0, "backlog": 0, "in_flight": 0,
+                  "last_error": None, "last_ack_at": None, "dropped": 0}
+    assert forward.EDGE_ID.fullmatch(st["edge_id"]) and len(st["epoch"]) == 32
+    assert "edgelink_forward_" not in gateway.get("/metrics").body.decode()  # no forwarder, no series
+
+
+def test_bad_edge_id_stops_the_start(tmp_path: Path) -> None:
+    from conftest import start_gateway
+    with pytest.raises(RuntimeError, match="EDGELINK_EDGE_ID"):
+        start_gateway(tmp_path, {"EDGELINK_EDGE_ID": "no spaces allowed"})
+
+
+def test_edgelink_check_runs_the_forwarding_check(tmp_path: Path) -> None:
+    from conftest import EDGELINK
+    env = {"PATH": "/usr/bin:/bin", "VX11_GATEWAY_TOKEN": "t", "EDGELINK_FORWARD_URL": "amqp://broker"}
+    done = subprocess.run([EDGELINK, "check"], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=30)
+    assert done.returncode == 1 and "EDGELINK_FORWARD_URL" in done.stderr, done.stderr
