@@ -315,16 +315,23 @@ def test_console_shows_modules_and_live_events(tmp_path: Path, watched: Any) -> 
         assert page.is_hidden("#forward-section")  # this gateway does not forward
         assert page.is_visible("#sessions")
 
-        for width, scheme in ((360, "dark"), (1280, "light")):
-            page.set_viewport_size({"width": width, "height": 900})
-            page.emulate_media(color_scheme=scheme)
-            page.screenshot(path=str(tmp_path / f"console-{width}.png"), full_page=True)
-            overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
-            assert overflow <= 0, f"the page scrolls sideways at {width} px"
+        screenshots(page, tmp_path / "console", (360, "dark"), (1280, "light"))
         assert w.unexpected_errors() == []
         assert w.foreign == []
     finally:
         gw.stop()
+
+
+def screenshots(page: Any, stem: Path, *views: tuple[int, str | None]) -> None:
+    """A full-page screenshot per (width, colour scheme) as ``<stem>-<width>.png``; the page
+    must never scroll sideways."""
+    for width, scheme in views:
+        page.set_viewport_size({"width": width, "height": 900})
+        if scheme is not None:
+            page.emulate_media(color_scheme=scheme)
+        page.screenshot(path=f"{stem}-{width}.png", full_page=True)
+        overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0, f"the page scrolls sideways at {width} px"
 
 
 def test_a_wrong_token_says_so(tmp_path: Path, watched: Any) -> None:
@@ -442,11 +449,7 @@ def test_docs_lists_every_operation_and_tries_one(tmp_path: Path, watched: Any) 
         assert page.eval_on_selector_all("#operations details.op:not([hidden])", "els => els.length") == 1
         page.fill("#filter", "")
         page.click("#operations details[data-path='/vx11/health/history'] summary")  # a parameter table
-        for width in (360, 1280):
-            page.set_viewport_size({"width": width, "height": 900})
-            page.screenshot(path=str(tmp_path / f"docs-{width}.png"), full_page=True)
-            overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
-            assert overflow <= 0, f"the page scrolls sideways at {width} px"
+        screenshots(page, tmp_path / "docs", (360, None), (1280, None))
         assert w.unexpected_errors() == []
         assert w.foreign == []
     finally:
