@@ -87,7 +87,9 @@ def build_router() -> Router:
                            "first byte, the fallback's whole reply as one `delta` (`degraded`).",
                     schema={"$ref": "#/components/schemas/ChatEvent"}, media_type=SSE, headers=STREAM_HEADERS),
                INVALID_JSON, VALIDATION,
-               reply(503, "`chat_unavailable`: the chat route and its fallback both failed.", "ChatUnavailable")),
+               reply(503, "`chat_unavailable`: the chat route and its fallback both failed.", "ChatUnavailable"),
+               error(503, "gateway_overloaded", "both routes failed only because the gateway is out of file "
+                                                "descriptors or buffers; no module is at fault.")),
               description="Records the user message in the session (a new one when `session_id` is absent), "
                           "calls the `chat` route with the message and a summary of the session, and on any "
                           "failure its fallback. The reply is recorded in the session.",

@@ -441,8 +441,10 @@ UPSTREAM_CASES = (
     error(502, "upstream_unavailable", "the module could not be reached, hung up, spoke invalid HTTP, or "
                                         f"answered without JSON or with more than {KNOB['upstream_max_reply'].shown()} "
                                         f"({KNOB['upstream_max_reply'].env[0]})."),
-    error(503, ("circuit_open", "module_disabled"), "the module's circuit breaker is open (it is not "
-                                                     "contacted), or the module is disabled."),
+    error(503, ("circuit_open", "module_disabled", "gateway_overloaded"),
+          "the module's circuit breaker is open (it is not contacted), the module is disabled, or the "
+          "gateway itself is out of file descriptors or buffers (`gateway_overloaded`: not the module's fault, "
+          "its breaker is not told)."),
     error(504, "upstream_timeout", "the module did not answer within the route's timeout."),
 )
 STREAM_HEADERS = (("Cache-Control", "`no-cache`"), ("X-Accel-Buffering", "`no`: proxies must not buffer it."))

@@ -103,8 +103,9 @@ def test_documented_error_codes_per_status() -> None:
 
     assert codes("/vx11/intent/{intent}", "post", "404") == ["unknown_intent", "not_found"]
     assert codes("/operator/session/{session_id}", "delete", "404") == ["session_not_found", "not_found"]
-    assert set(codes("/resources", "get", "503")) == {"circuit_open", "module_disabled", "too_many_connections",
-                                                      "stopping"}
+    assert set(codes("/resources", "get", "503")) == {"circuit_open", "module_disabled", "gateway_overloaded",
+                                                      "too_many_connections", "stopping"}
+    assert "gateway_overloaded" in codes("/operator/chat", "post", "503")
     assert codes("/events/ingest", "post", "400") == ["invalid_json", "bad_request"]
     ingest_422 = paths["/events/ingest"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
     assert ingest_422 == {"anyOf": [{"$ref": "#/components/schemas/ValidationError"},
