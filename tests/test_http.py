@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 
 import orjson
 import pytest
@@ -57,6 +58,8 @@ def test_correlation_id_replaced_when_too_long_or_unprintable(gateway):
         cid = gateway.get("/health", headers={"X-Correlation-ID": bad}).headers["x-correlation-id"]
         assert cid != bad and len(cid) == 32
         int(cid, 16)
+        # a uuid4 hex, as API.md §1 says, although made without the uuid module
+        assert uuid.UUID(cid).version == 4 and uuid.UUID(cid).hex == cid
 
 
 def test_keep_alive_serves_many_requests_on_one_connection(gateway):
