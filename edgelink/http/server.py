@@ -49,7 +49,7 @@ import termios
 import time
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Coroutine, Protocol
 from urllib.parse import unquote
 
 import h11
@@ -66,7 +66,8 @@ WsHandler = Callable[[WebSocket], Awaitable[None]]
 class Dispatcher(Protocol):
     """What the server needs from the application."""
 
-    async def handle(self, request: Request) -> Response: ...
+    def respond(self, request: Request) -> Response | Coroutine[Any, Any, Response]:
+        """The answer, or a coroutine to run in a task for it."""
 
     def websocket(self, request: Request) -> Response | WsHandler: ...
 
@@ -88,6 +89,9 @@ class Phase(enum.Enum):
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _SHARE_BODY_OVER = 16 * 1024  # below this, one joined write is cheaper than two buffers
+# Pipelined requests answered without a task in one turn of the loop, before the rest wait
+# for the next turn: other connections are not kept waiting behind one client's burst.
+_ANSWERS_PER_TURN = 32
 
 
 class _Clock:
@@ -187,7 +191,8 @@ class HttpServer:
 class HttpProtocol(asyncio.Protocol):
     __slots__ = ("server", "settings", "transport", "conn", "phase", "client", "_timer", "_send_timer",
                  "_request", "_body", "_body_size", "_body_deadline", "_reading", "_read_blockers",
-                 "_ws", "_task", "_loop", "_line_checked", "_must_close", "_stall_read", "_eof", "_refusal")
+                 "_ws", "_task", "_loop", "_line_checked", "_must_close", "_stall_read", "_eof", "_refusal",
+                 "_processing")
 
     def __init__(self, server: HttpServer):
         self.server = server
@@ -212,6 +217,7 @@ class HttpProtocol(asyncio.Protocol):
         self._stall_read = False  # a timer already waited once for unread bytes
         self._eof = False  # the client has half-closed its side
         self._refusal: Response | None = None  # admit's answer, given once the body is discarded
+        self._processing = False  # _process is running: an answer given inside it does not recurse
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -339,7 +345,21 @@ class HttpProtocol(asyncio.Protocol):
     # --- request parsing --------------------------------------------------------------
 
     def _process(self) -> None:
+        if self._processing:
+            return  # an answer given synchronously inside the loop below: it carries on
+        self._processing = True
+        try:
+            self._process_events()
+        finally:
+            self._processing = False
+
+    def _process_events(self) -> None:
+        answered = 0
         while self.phase in (Phase.IDLE, Phase.HEADERS, Phase.BODY):
+            if answered == _ANSWERS_PER_TURN:
+                self._block_reading("pipeline")
+                self._loop.call_soon(self._process)
+                return
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -371,7 +391,9 @@ class HttpProtocol(asyncio.Protocol):
                     self._answer_refusal(self._request)
                 else:
                     self._dispatch()
-                return
+                if "write" in self._read_blockers:
+                    return  # the client is not reading: resume_writing carries on
+                answered += 1  # answered already unless a task took it (phase HANDLING)
             elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 self._close()
                 return
@@ -437,18 +459,30 @@ class HttpProtocol(asyncio.Protocol):
         if request.headers.get("upgrade", "").lower() == "websocket":
             self._upgrade(request)
             return
-        self._task = self._loop.create_task(self._respond(request))
-
-    async def _respond(self, request: Request) -> None:
         try:
-            response = await self.server.dispatcher.handle(request)
-        except Exception as exc:  # the dispatcher answers handler errors; this is a bug of its own
-            log.error("dispatch_failed", error=repr(exc), path=request.path, traceback=traceback_text(exc))
-            if self.phase is not Phase.CLOSED:
-                self.transport.write(raw_error(500, "internal_error"))
-                self._close()
+            outcome = self.server.dispatcher.respond(request)
+        except Exception as exc:
+            self._dispatch_failed(request, exc)
+            return
+        if isinstance(outcome, Response):
+            self._write_response(request, outcome)
+        else:
+            self._task = self._loop.create_task(self._respond(request, outcome))
+
+    async def _respond(self, request: Request, pending: Awaitable[Response]) -> None:
+        try:
+            response = await pending
+        except Exception as exc:
+            self._dispatch_failed(request, exc)
             return
         self._write_response(request, response)
+
+    def _dispatch_failed(self, request: Request, exc: Exception) -> None:
+        # The dispatcher answers handler errors; this is a bug of its own.
+        log.error("dispatch_failed", error=repr(exc), path=request.path, traceback=traceback_text(exc))
+        if self.phase is not Phase.CLOSED:
+            self.transport.write(raw_error(500, "internal_error"))
+            self._close()
 
     def _write_response(self, request: Request, response: Response) -> None:
         if self.phase is Phase.CLOSED:
