@@ -149,7 +149,8 @@ def _inclusive(stats: pstats.Stats, wanted: tuple[str, ...], outside: tuple[str,
     counted once where they call each other, less their calls into ``outside``."""
     def named(key: tuple[str, int, str], names: tuple[str, ...]) -> bool:
         label = f"{key[0]}:{key[2]}"
-        return any(label.endswith(n) or (n.endswith("/") and n in key[0]) for n in names)
+        # "dir/" and "file.py:" name every function there; "file.py:name" one function
+        return any(label.endswith(n) or (n[-1] in "/:" and n.rstrip(":") in key[0]) for n in names)
 
     total = 0.0
     for key, (_, _, _, cumulative, callers) in stats.stats.items():  # type: ignore[attr-defined]
