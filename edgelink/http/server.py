@@ -192,7 +192,7 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = ("server", "settings", "transport", "conn", "phase", "client", "_timer", "_send_timer",
                  "_request", "_body", "_body_size", "_body_deadline", "_reading", "_read_blockers",
                  "_ws", "_task", "_loop", "_line_checked", "_must_close", "_stall_read", "_eof", "_refusal",
-                 "_processing")
+                 "_processing", "_parser_empty")
 
     def __init__(self, server: HttpServer):
         self.server = server
@@ -218,6 +218,7 @@ class HttpProtocol(asyncio.Protocol):
         self._eof = False  # the client has half-closed its side
         self._refusal: Response | None = None  # admit's answer, given once the body is discarded
         self._processing = False  # _process is running: an answer given inside it does not recurse
+        self._parser_empty = False  # a fresh parser was fed nothing: asking it would only say NEED_DATA
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -267,6 +268,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.phase is Phase.CLOSED:
             return
+        self._parser_empty = False
         self.conn.receive_data(data)
         if self.phase is Phase.HANDLING:
             # Pipelined bytes wait in h11's buffer until this answer is out; read no more
@@ -287,6 +289,7 @@ class HttpProtocol(asyncio.Protocol):
         self._eof = True
         if self.phase is Phase.CLOSED:
             return False  # the end of a lingering close
+        self._parser_empty = False
         self.conn.receive_data(b"")
         if self.phase is not Phase.HANDLING:
             self._process()
@@ -356,6 +359,9 @@ class HttpProtocol(asyncio.Protocol):
     def _process_events(self) -> None:
         answered = 0
         while self.phase in (Phase.IDLE, Phase.HEADERS, Phase.BODY):
+            if self._parser_empty and self.phase is Phase.IDLE:
+                self._unblock_reading("pipeline")  # what NEED_DATA below does, without h11's work
+                return
             if answered == _ANSWERS_PER_TURN:
                 self._block_reading("pipeline")
                 self._loop.call_soon(self._process)
@@ -530,6 +536,7 @@ class HttpProtocol(asyncio.Protocol):
             self.conn.receive_data(pending)
         if eof:
             self.conn.receive_data(b"")
+        self._parser_empty = not pending and not eof
         self.phase = Phase.IDLE
         self._request = None
         self._task = None
