@@ -92,6 +92,7 @@ _SHARE_BODY_OVER = 16 * 1024  # below this, one joined write is cheaper than two
 # Pipelined requests answered without a task in one turn of the loop, before the rest wait
 # for the next turn: other connections are not kept waiting behind one client's burst.
 _ANSWERS_PER_TURN = 32
+_VERSIONS = {b"1.1": "1.1", b"1.0": "1.0"}
 
 
 class _Clock:
@@ -278,7 +279,13 @@ class HttpProtocol(asyncio.Protocol):
         if self.phase is Phase.IDLE:
             self.phase = Phase.HEADERS
             self._stall_read = False
-            self._set_timer(self.settings.header_timeout, self._on_timeout)
+            idle_timer = self._timer
+            self._process()
+            # Most requests arrive whole and are answered above; one still incomplete gets
+            # the header timeout from now (a body's own reads re-arm it as they arrive).
+            if self._timer is idle_timer and self.phase in (Phase.HEADERS, Phase.BODY):
+                self._set_timer(self.settings.header_timeout, self._on_timeout)
+            return
         self._process()
 
     def eof_received(self) -> bool:
@@ -419,10 +426,13 @@ class HttpProtocol(asyncio.Protocol):
         if size > self.settings.max_header:
             self._refuse_headers()
             return False
-        target = _origin_form(event.target.decode("latin-1"))
-        request = self._request = Request(event.method.decode("ascii"), target, headers,
-                                          client=self.client, http_version=event.http_version.decode())
-        request.path = unquote(request.path)
+        target = event.target.decode("latin-1")
+        if not target.startswith("/"):
+            target = _origin_form(target)
+        request = self._request = Request(event.method.decode("ascii"), target, headers, client=self.client,
+                                          http_version=_VERSIONS.get(event.http_version) or event.http_version.decode())
+        if "%" in request.path:
+            request.path = unquote(request.path)
         self._body = []
         self._body_size = 0
         length = headers.get("content-length")
