@@ -12,7 +12,7 @@ minutes. For each size the gateway is started on the file and measured:
     .venv/bin/python -m bench.scale                      # 1,000,000 and 20,000 events
     .venv/bin/python -m bench.scale --events 200000      # a quicker look
 
-The figures go to ``bench/results/scale-<timestamp>.json`` (``--out`` elsewhere).
+The figures go to ``bench/results/scale-<timestamp>.json`` and a plot beside it (``--out`` elsewhere).
 """
 
 from __future__ import annotations
@@ -141,6 +141,33 @@ async def measure(db: str, events: int, args: argparse.Namespace, replay: int) -
     return figures
 
 
+def plot(path: Path, sizes: list[dict[str, Any]]) -> None:
+    """Three panels against the number of stored events: snapshot latency, replay and ingest rates."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must be chosen before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    labels = [f"{f['events']:,}" for f in sizes]
+    fig, (snap, replay, ingest) = plt.subplots(1, 3, figsize=(14, 4.5))
+    x = range(len(sizes))
+    snap.bar([i - 0.2 for i in x], [f["snapshot"]["p50_ms"] for f in sizes], 0.4, label="p50")
+    snap.bar([i + 0.2 for i in x], [f["snapshot"]["p99_ms"] for f in sizes], 0.4, label="p99")
+    snap.axhline(10, color="grey", linestyle="--", label="target 10 ms")
+    snap.set(title="/operator/snapshot", ylabel="ms")
+    snap.legend()
+    replay.bar(x, [f.get("replay", {}).get("events_per_s", 0) for f in sizes])
+    replay.set(title="WebSocket replay (since_seq)", ylabel="events/s")
+    ingest.bar(x, [f["ingest"]["rps"] for f in sizes])
+    ingest.set(title="POST /events/ingest, 50 connections", ylabel="req/s")
+    for ax in (snap, replay, ingest):
+        ax.set_xticks(list(x), labels)
+        ax.set_xlabel("events stored")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000, help="events in the large ledger")
@@ -162,6 +189,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"scale-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     path.write_text(json.dumps(run, indent=1) + "\n")
+    plot(path.with_suffix(".png"), run["sizes"])
     print(f"{'events':>10} {'snapshot p50':>13} {'p99 ms':>8} {'replay ev/s':>12} {'ingest req/s':>13} {'p99 ms':>8}")
     for f in run["sizes"]:
         rep = f.get("replay", {}).get("events_per_s", 0)
