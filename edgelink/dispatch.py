@@ -36,15 +36,15 @@ def _check_token(expected: str, provided: str | None) -> None:
         raise HTTPError(AUTH_STATUS[exc.code], exc.code, detail=exc.detail) from None
 
 
-def _run_unsuspended(coro: Coroutine[Any, Any, Response]) -> Response:
-    """The result of a handler coroutine that never awaits (``Route.suspends`` is False),
-    from its one step: no task, no turn of the loop."""
+def run_unsuspended(coro: Coroutine[Any, Any, Any]) -> Any:
+    """The result of a coroutine that never suspends (a handler whose ``Route.suspends``
+    is False), from its one step: no task, no turn of the loop."""
     try:
         coro.send(None)
     except StopIteration as done:
         return done.value
     coro.close()
-    raise RuntimeError("a handler marked as never suspending suspended")
+    raise RuntimeError("a coroutine expected never to suspend suspended")
 
 
 class Dispatcher:
@@ -99,7 +99,7 @@ class Dispatcher:
                     _check_token(settings.token, req.headers.get("x-vx11-token"))
                 if route.suspends:
                     return self._complete(req, route.handler(req), started, origin)
-                response = _run_unsuspended(route.handler(req))
+                response = run_unsuspended(route.handler(req))
         except (Exception, asyncio.CancelledError) as exc:
             response = self._failed(req, exc)
         return self._finish(req, response, started, origin, preflight)
