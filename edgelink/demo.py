@@ -11,7 +11,7 @@ import argparse
 import os
 import random
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine
 
 from .config import MODULE_DEFAULTS, ConfigError, Settings, load_settings
 from .http.messages import Request, Response, error_response, json_response, parse_json
@@ -63,6 +63,9 @@ class DemoModule:
             return json_response(endpoint(req))
         except ValueError:  # parse_json's InvalidJSON included
             return error_response(400, "invalid_json", module=self.name)
+
+    def respond(self, req: Request) -> Coroutine[Any, Any, Response]:
+        return self.handle(req)  # run in a task by the server
 
     def websocket(self, req: Request) -> Response:
         return error_response(404, "not_found", module=self.name)
