@@ -12,7 +12,7 @@ import asyncio
 import os
 import random
 import time
-from typing import Any, AsyncGenerator, Callable
+from typing import Any, AsyncGenerator, Callable, Coroutine
 
 import orjson
 
@@ -92,6 +92,9 @@ class DemoModule:
             return json_response(endpoint(req))
         except ValueError:  # parse_json's InvalidJSON included
             return error_response(400, "invalid_json", module=self.name)
+
+    def respond(self, req: Request) -> Coroutine[Any, Any, Response]:
+        return self.handle(req)  # run in a task by the server
 
     def websocket(self, req: Request) -> Response:
         return error_response(404, "not_found", module=self.name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Awaitable, Coroutine
 
 from .gateway import auth
 from .http import cors
@@ -34,6 +34,17 @@ def _check_token(expected: str, provided: str | None) -> None:
         auth.check_token(expected, provided)
     except auth.AuthRefused as exc:
         raise HTTPError(AUTH_STATUS[exc.code], exc.code, detail=exc.detail) from None
+
+
+def run_unsuspended(coro: Coroutine[Any, Any, Any]) -> Any:
+    """The result of a coroutine that never suspends (a handler whose ``Route.suspends``
+    is False), from its one step: no task, no turn of the loop."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("a coroutine expected never to suspend suspended")
 
 
 class Dispatcher:
@@ -67,6 +78,12 @@ class Dispatcher:
         return exc.response()
 
     async def handle(self, req: Request) -> Response:
+        outcome = self.respond(req)
+        return outcome if isinstance(outcome, Response) else await outcome
+
+    def respond(self, req: Request) -> Response | Coroutine[Any, Any, Response]:
+        """The answer, or a coroutine to await for it when the handler may suspend: most of
+        a request (routing, auth, refusals, handlers that never await) needs no task."""
         started = time.perf_counter()
         settings = self.runtime.settings
         self._admit(req)
@@ -80,20 +97,39 @@ class Dispatcher:
                 req.route = route.template
                 if not route.public and settings.enable_auth:
                     _check_token(settings.token, req.headers.get("x-vx11-token"))
-                response = await route.handler(req)
-        except HTTPError as exc:
-            response = self._refusal(req, exc)
-        except asyncio.CancelledError:
+                if route.suspends:
+                    return self._complete(req, route.handler(req), started, origin)
+                response = run_unsuspended(route.handler(req))
+        except (Exception, asyncio.CancelledError) as exc:
+            response = self._failed(req, exc)
+        return self._finish(req, response, started, origin, preflight)
+
+    async def _complete(self, req: Request, pending: Awaitable[Response], started: float,
+                        origin: str | None) -> Response:
+        try:
+            response = await pending
+        except (Exception, asyncio.CancelledError) as exc:
+            response = self._failed(req, exc)
+        return self._finish(req, response, started, origin, False)
+
+    def _failed(self, req: Request, exc: BaseException) -> Response:
+        """The answer to what a handler raised; a cancellation of the request itself goes on."""
+        if isinstance(exc, HTTPError):
+            return self._refusal(req, exc)
+        if isinstance(exc, asyncio.CancelledError):
             current = asyncio.current_task()
             if current is not None and current.cancelling():
-                raise  # this request is being cancelled (shutdown): nobody waits for an answer
+                raise exc  # this request is being cancelled (shutdown): nobody waits for an answer
             # Something the handler awaited was cancelled under it: still answer the client.
             log.error("handler_cancelled", path=req.path, method=req.method, correlation_id=req.correlation_id)
-            response = error_response(500, "internal_error", correlation_id=req.correlation_id)
-        except Exception as exc:  # a bug of ours: log it with the id, never show a traceback
+        else:  # a bug of ours: log it with the id, never show a traceback
             log.error("handler_failed", error=repr(exc), path=req.path, method=req.method,
                       correlation_id=req.correlation_id, traceback=traceback_text(exc))
-            response = error_response(500, "internal_error", correlation_id=req.correlation_id)
+        return error_response(500, "internal_error", correlation_id=req.correlation_id)
+
+    def _finish(self, req: Request, response: Response, started: float, origin: str | None,
+                preflight: bool) -> Response:
+        settings = self.runtime.settings
         response.headers.append((b"x-correlation-id", req.correlation_id.encode()))
         if settings.cors_origins and not preflight:  # a preflight answer carries its own
             response.headers.extend(cors.response_headers(settings.cors_origins, origin))

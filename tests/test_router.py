@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edgelink.http.messages import HTTPError
-from edgelink.http.router import Router
+from edgelink.http.router import Router, may_suspend
 
 
 async def h(req):  # pragma: no cover - never awaited here
@@ -78,3 +78,28 @@ def test_head_on_a_websocket_route_is_426_not_405():
     with pytest.raises(HTTPError) as info:
         router().match("HEAD", "/ws")
     assert info.value.status == 426
+
+
+def test_handlers_that_never_await_are_marked_to_run_without_a_task() -> None:
+    async def answers_at_once(req):
+        return {"ok": True}
+
+    async def awaits(req):
+        return await req.read()
+
+    async def async_with(req):
+        async with req.lock:
+            return None
+
+    class CallableHandler:
+        async def __call__(self, req):
+            return None
+
+    assert not may_suspend(answers_at_once)
+    assert may_suspend(awaits) and may_suspend(async_with)
+    assert may_suspend(CallableHandler())  # not a plain function: assumed to suspend
+    r = Router()
+    r.add("GET", "/now", answers_at_once, aliases=("/v1/now",))
+    r.add("GET", "/later", awaits)
+    assert [(route.template, route.suspends) for route in r.routes] == [
+        ("/now", False), ("/v1/now", False), ("/later", True)]

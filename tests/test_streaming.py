@@ -419,6 +419,9 @@ class _Producer:
         from edgelink.http.messages import StreamingResponse
         return StreamingResponse(200, b"first", [], b"text/plain", chunks=self._chunks())
 
+    def respond(self, req: Any) -> Any:
+        return self.handle(req)  # a coroutine: the server runs it in a task
+
     def websocket(self, req: Any) -> Any:
         raise AssertionError("no WebSocket here")
 

@@ -36,4 +36,4 @@ def status_request(settings: Any, nine_modules: dict[str, dict[str, Any]]) -> An
 
     app = SimpleNamespace(settings=settings, port=8000, stopping=False,
                           modules=SimpleNamespace(probe_all=probe_all))
-    return SimpleNamespace(app=app)
+    return SimpleNamespace(runtime=app)

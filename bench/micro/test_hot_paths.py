@@ -107,7 +107,7 @@ def test_encode_health_body(benchmark):
 
 
 def test_health_handler(benchmark):
-    request = type("Req", (), {"app": type("App", (), {"stopping": False})()})()
+    request = type("Req", (), {"runtime": type("Runtime", (), {"stopping": False})()})()
     response = benchmark(lambda: run_sync(health_api.health(request)))
     assert response.status == 200 and response.body == health_api._OK
 

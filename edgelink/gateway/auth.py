@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-import uuid
+import os
 
 MAX_CORRELATION_ID = 128
 
@@ -31,4 +31,8 @@ def correlation_id(incoming: str | None) -> str:
     """The caller's id when it is at most 128 printable ASCII characters, else a new one."""
     if incoming and len(incoming) <= MAX_CORRELATION_ID and all(33 <= ord(c) <= 126 for c in incoming):
         return incoming
-    return uuid.uuid4().hex
+    # uuid4().hex without the UUID object (a third of the cost): version 4, RFC 4122 variant
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    return raw.hex()

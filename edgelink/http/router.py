@@ -8,12 +8,26 @@ paths served by the same handler with the same documentation.
 
 from __future__ import annotations
 
+import dis
 from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable
 
 from .messages import HTTPError
 
 Handler = Callable[..., Awaitable[Any]]
+
+# The opcodes with which a coroutine can give control back to the loop (await, async
+# with, async for); a handler whose code has none of them finishes in its first step.
+_SUSPENDING = frozenset({"GET_AWAITABLE", "SEND", "YIELD_VALUE", "BEFORE_ASYNC_WITH", "GET_AITER", "GET_ANEXT"})
+
+
+def may_suspend(handler: Handler) -> bool:
+    """False only for an ``async def`` that never awaits: the dispatcher then runs it
+    without a task. Anything else (a callable object, a partial) is assumed to suspend."""
+    code = getattr(handler, "__code__", None)
+    if code is None:
+        return True
+    return any(ins.opname in _SUSPENDING for ins in dis.get_instructions(code))
 
 
 @dataclass(frozen=True)
@@ -27,6 +41,7 @@ class Route:
     doc: Any = field(default=None, compare=False)  # the OpenAPI operation (openapi.Operation)
     alias_of: str = ""  # the template this route repeats under another path
     segments: tuple[str, ...] = field(default=(), compare=False)
+    suspends: bool = field(default=True, compare=False)  # see may_suspend
 
     @property
     def param_names(self) -> list[str]:
@@ -52,7 +67,7 @@ class Router:
     def _add(self, route: Route) -> Route:
         template = route.template
         segments = _split(template)
-        route = replace(route, segments=segments)
+        route = replace(route, segments=segments, suspends=may_suspend(route.handler))
         if any(s.startswith("{") for s in segments):
             for segs, methods in self._dynamic:
                 if segs == segments:

@@ -57,7 +57,7 @@ import termios
 import time
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Coroutine, Protocol
 from urllib.parse import unquote
 
 import h11
@@ -74,7 +74,8 @@ WsHandler = Callable[[WebSocket], Awaitable[None]]
 class Dispatcher(Protocol):
     """What the server needs from the application."""
 
-    async def handle(self, request: Request) -> Response: ...
+    def respond(self, request: Request) -> Response | Coroutine[Any, Any, Response]:
+        """The answer, or a coroutine to run in a task for it."""
 
     def websocket(self, request: Request) -> Response | WsHandler: ...
 
@@ -96,6 +97,10 @@ class Phase(enum.Enum):
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _SHARE_BODY_OVER = 16 * 1024  # below this, one joined write is cheaper than two buffers
+# Pipelined requests answered without a task in one turn of the loop, before the rest wait
+# for the next turn: other connections are not kept waiting behind one client's burst.
+_ANSWERS_PER_TURN = 32
+_VERSIONS = {b"1.1": "1.1", b"1.0": "1.0"}
 
 
 class _Clock:
@@ -196,7 +201,7 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = ("server", "settings", "transport", "conn", "phase", "client", "_timer", "_send_timer",
                  "_request", "_body", "_body_size", "_body_deadline", "_reading", "_read_blockers",
                  "_ws", "_task", "_loop", "_line_checked", "_must_close", "_stall_read", "_eof", "_refusal",
-                 "_streaming", "_drain")
+                 "_streaming", "_drain", "_processing", "_parser_empty")
 
     def __init__(self, server: HttpServer):
         self.server = server
@@ -223,6 +228,8 @@ class HttpProtocol(asyncio.Protocol):
         self._refusal: Response | None = None  # admit's answer, given once the body is discarded
         self._streaming = False
         self._drain: asyncio.Future[None] | None = None
+        self._processing = False  # _process is running: an answer given inside it does not recurse
+        self._parser_empty = False  # a fresh parser was fed nothing: asking it would only say NEED_DATA
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -276,6 +283,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.phase is Phase.CLOSED:
             return
+        self._parser_empty = False
         self.conn.receive_data(data)
         if self.phase is Phase.HANDLING:
             # Pipelined bytes wait in h11's buffer until this answer is out; read no more
@@ -285,7 +293,13 @@ class HttpProtocol(asyncio.Protocol):
         if self.phase is Phase.IDLE:
             self.phase = Phase.HEADERS
             self._stall_read = False
-            self._set_timer(self.settings.header_timeout, self._on_timeout)
+            idle_timer = self._timer
+            self._process()
+            # Most requests arrive whole and are answered above; one still incomplete gets
+            # the header timeout from now (a body's own reads re-arm it as they arrive).
+            if self._timer is idle_timer and self.phase in (Phase.HEADERS, Phase.BODY):
+                self._set_timer(self.settings.header_timeout, self._on_timeout)
+            return
         self._process()
 
     def eof_received(self) -> bool:
@@ -296,6 +310,7 @@ class HttpProtocol(asyncio.Protocol):
         self._eof = True
         if self.phase is Phase.CLOSED:
             return False  # the end of a lingering close
+        self._parser_empty = False
         if self._request is not None and self.phase is Phase.HANDLING:
             self._request.hang_up()
         if self._streaming and self._task is not None:
@@ -366,7 +381,24 @@ class HttpProtocol(asyncio.Protocol):
     # --- request parsing --------------------------------------------------------------
 
     def _process(self) -> None:
+        if self._processing:
+            return  # an answer given synchronously inside the loop below: it carries on
+        self._processing = True
+        try:
+            self._process_events()
+        finally:
+            self._processing = False
+
+    def _process_events(self) -> None:
+        answered = 0
         while self.phase in (Phase.IDLE, Phase.HEADERS, Phase.BODY):
+            if self._parser_empty and self.phase is Phase.IDLE:
+                self._unblock_reading("pipeline")  # what NEED_DATA below does, without h11's work
+                return
+            if answered == _ANSWERS_PER_TURN:
+                self._block_reading("pipeline")
+                self._loop.call_soon(self._process)
+                return
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -398,7 +430,9 @@ class HttpProtocol(asyncio.Protocol):
                     self._answer_refusal(self._request)
                 else:
                     self._dispatch()
-                return
+                if "write" in self._read_blockers:
+                    return  # the client is not reading: resume_writing carries on
+                answered += 1  # answered already unless a task took it (phase HANDLING)
             elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 self._close()
                 return
@@ -418,10 +452,13 @@ class HttpProtocol(asyncio.Protocol):
         if size > self.settings.max_header:
             self._refuse_headers()
             return False
-        target = _origin_form(event.target.decode("latin-1"))
-        request = self._request = Request(event.method.decode("ascii"), target, headers,
-                                          client=self.client, http_version=event.http_version.decode())
-        request.path = unquote(request.path)
+        target = event.target.decode("latin-1")
+        if not target.startswith("/"):
+            target = _origin_form(target)
+        request = self._request = Request(event.method.decode("ascii"), target, headers, client=self.client,
+                                          http_version=_VERSIONS.get(event.http_version) or event.http_version.decode())
+        if "%" in request.path:
+            request.path = unquote(request.path)
         self._body = []
         self._body_size = 0
         length = headers.get("content-length")
@@ -464,21 +501,33 @@ class HttpProtocol(asyncio.Protocol):
         if request.headers.get("upgrade", "").lower() == "websocket":
             self._upgrade(request)
             return
-        self._task = self._loop.create_task(self._respond(request))
-
-    async def _respond(self, request: Request) -> None:
         try:
-            response = await self.server.dispatcher.handle(request)
-        except Exception as exc:  # the dispatcher answers handler errors; this is a bug of its own
-            log.error("dispatch_failed", error=repr(exc), path=request.path, traceback=traceback_text(exc))
-            if self.phase is not Phase.CLOSED:
-                self.transport.write(raw_error(500, "internal_error"))
-                self._close()
+            outcome = self.server.dispatcher.respond(request)
+        except Exception as exc:
+            self._dispatch_failed(request, exc)
+            return
+        if isinstance(outcome, Response):
+            self._write_response(request, outcome)
+        else:
+            self._task = self._loop.create_task(self._respond(request, outcome))
+
+    async def _respond(self, request: Request, pending: Awaitable[Response]) -> None:
+        try:
+            response = await pending
+        except Exception as exc:
+            self._dispatch_failed(request, exc)
             return
         if isinstance(response, StreamingResponse):
             await self._write_stream(request, response)
         else:
             self._write_response(request, response)
+
+    def _dispatch_failed(self, request: Request, exc: Exception) -> None:
+        # The dispatcher answers handler errors; this is a bug of its own.
+        log.error("dispatch_failed", error=repr(exc), path=request.path, traceback=traceback_text(exc))
+        if self.phase is not Phase.CLOSED:
+            self.transport.write(raw_error(500, "internal_error"))
+            self._close()
 
     def _write_response(self, request: Request, response: Response) -> None:
         if self.phase is Phase.CLOSED:
@@ -593,6 +642,7 @@ class HttpProtocol(asyncio.Protocol):
             self.conn.receive_data(pending)
         if eof:
             self.conn.receive_data(b"")
+        self._parser_empty = not pending and not eof
         self.phase = Phase.IDLE
         self._request = None
         self._task = None
