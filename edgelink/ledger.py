@@ -741,7 +741,10 @@ class Ledger:
                    (at_ms, end))
 
         def query(conn: sqlite3.Connection) -> dict[str, int]:
-            first, last = conn.execute("SELECT min(bucket), max(bucket) FROM event_counts").fetchone()
+            # two lone aggregates: SQLite answers each from the index's ends, where
+            # min() and max() together would scan the whole table
+            first, last = conn.execute("SELECT (SELECT min(bucket) FROM event_counts),"
+                                       " (SELECT max(bucket) FROM event_counts)").fetchone()
             if first is None:
                 return {}
             if bucket - first <= last - bucket:
