@@ -243,15 +243,16 @@ class MqttEngine:
             self._loop.remove_writer(fd)
 
     def _readable(self, client: _BatchingClient) -> None:
-        self._drive(client, client.loop_read)
-        sock = client.socket()
-        # our read buffer, or a TLS socket, may hold bytes the selector will not report again
-        while (sock is not None and self._client is client
-               and (client.read_buffer or getattr(sock, "pending", lambda: 0)() > 0)):
-            self._drive(client, client.loop_read)
+        # our read buffer, or a TLS socket, may hold bytes the selector will not report
+        # again; each round consumes some, and an error or a closed socket ends it
+        while self._drive(client, client.loop_read) and self._client is client:
+            sock = client.socket()
+            if sock is None or not (client.read_buffer or getattr(sock, "pending", lambda: 0)() > 0):
+                break
 
     def _writable(self, client: _BatchingClient) -> None:
-        self._drive(client, client.loop_write)
+        if not self._drive(client, client.loop_write):
+            return
         sock = client.socket()
         if sock is None or self._client is not client:
             return
@@ -263,14 +264,17 @@ class MqttEngine:
         if left:  # loop_write unregistered the writer: paho's queue is empty, ours is not
             self._loop.add_writer(sock.fileno(), self._writable, client)
 
-    def _drive(self, client: mqtt.Client, step: Any) -> None:
+    def _drive(self, client: mqtt.Client, step: Any) -> bool:
+        """Run one paho I/O step; False (the connection failed) on an error."""
         try:
             rc = step()
         except (OSError, ValueError) as exc:  # a TLS or socket error paho let through
-            rc = None
             self._disconnected(repr(exc))
-        if rc not in (None, mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+            return False
+        if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
             self._disconnected(mqtt.error_string(rc))
+            return False
+        return True
 
     async def _keepalive(self, client: mqtt.Client) -> None:
         while client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
