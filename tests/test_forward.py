@@ -163,6 +163,33 @@ def test_window_bounds_unacked_events_and_acks_move_the_cursor_in_order(tmp_path
     assert world.max_unacked <= 8
 
 
+def test_a_nearly_full_window_waits_for_a_burst_of_acks(tmp_path: Path) -> None:
+    world = World()
+    world.auto = False
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 50)
+        fw = forwarder(ledger, world, window=8)  # bursts of 2
+        await fw.start()
+        await until(lambda: len(world.sent) == 8)
+        world.engine.ack(2)  # out of order: the pump waits on seq 1 then
+        await asyncio.sleep(0.05)
+        assert fw.acked_seq == 0 and len(world.sent) == 8
+        world.engine.ack(1)
+        await until(lambda: fw.acked_seq == 2)
+        await until(lambda: len(world.sent) == 10)  # two slots: one burst
+        world.engine.ack(3)
+        await asyncio.sleep(0.05)
+        assert len(world.sent) == 10  # one free slot is less than a burst: no wake-up yet
+        world.engine.ack(4)
+        await until(lambda: fw.acked_seq == 4 and len(world.sent) == 12)
+        await fw.stop()
+
+    run_with_ledger(tmp_path, body)
+    assert [m.seq for m in world.sent] == list(range(1, 13))
+    assert world.max_unacked <= 8
+
+
 def test_a_lost_connection_resends_after_the_cursor_at_most_a_window(tmp_path: Path) -> None:
     world = World()
     world.auto = False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
 from typing import Any
 
@@ -29,6 +30,55 @@ from .engine import EngineError, Message, safe_type, tls_context
 
 KEEPALIVE = 30  # seconds between PINGREQs on an idle connection
 AUTH_CODES = {4, 5, 0x86, 0x87}  # 3.1.1 bad user/password, not authorised; their MQTT 5 codes
+RECV_BYTES = 1 << 16  # one socket read serves this many bytes of PUBACKs to paho
+QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class _BatchingClient(mqtt.Client):
+    """paho with its socket I/O in chunks: it reads a packet in three ``recv`` calls
+    (header, length, body) and writes each packet with its own ``send``; here one read
+    fills a buffer those calls are served from, and the packets one ``loop_write`` emits
+    go out in one ``send`` (``flush``). The write buffer holds at most what paho's own
+    queue held: the forwarder's window of messages."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.read_buffer = bytearray()
+        self.write_buffer = bytearray()
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if not self.read_buffer:
+            data = super()._sock_recv(RECV_BYTES)  # BlockingIOError when nothing came
+            if not data:
+                return data  # end of stream: paho drops the connection
+            if QUICKACK is not None:
+                # acknowledge at once: a broker with Nagle on (mosquitto's default) holds its
+                # next PUBACKs until our TCP ACK, which would otherwise wait up to 40 ms
+                self._sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
+            self.read_buffer += data
+        chunk = bytes(self.read_buffer[:bufsize])
+        del self.read_buffer[:bufsize]
+        return chunk
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if self._sock is None:
+            raise ConnectionError("self._sock is None")
+        self.write_buffer += buf
+        return len(buf)
+
+    def flush(self) -> bool:
+        """Send what the write buffer holds; True when some is left for the next writable
+        event. Raises OSError when the connection is gone."""
+        sock = self._sock
+        if sock is None or not self.write_buffer:
+            return False
+        try:
+            sent = sock.send(self.write_buffer)
+        except WOULD_BLOCK:
+            return True
+        del self.write_buffer[:sent]
+        return bool(self.write_buffer)
 
 
 class MqttEngine:
@@ -51,7 +101,7 @@ class MqttEngine:
         self._prefix = f"vx11/{edge_id}/events/"
         self._connected = loop.create_future()
         protocol = mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
-        client = self._client = mqtt.Client(
+        client = self._client = _BatchingClient(
             mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgelink-{edge_id}", protocol=protocol,
             **({} if self.v5 else {"clean_session": True}))
         if t.user or t.token:
@@ -116,6 +166,7 @@ class MqttEngine:
             try:
                 client.disconnect()
                 client.loop_write()  # the DISCONNECT packet, if the socket still takes it
+                client.flush()
             except (OSError, ValueError):
                 pass  # the connection is gone either way
             sock = client.socket()
@@ -191,24 +242,39 @@ class MqttEngine:
             self._loop.remove_reader(fd)
             self._loop.remove_writer(fd)
 
-    def _readable(self, client: mqtt.Client) -> None:
-        self._drive(client, client.loop_read)
+    def _readable(self, client: _BatchingClient) -> None:
+        # our read buffer, or a TLS socket, may hold bytes the selector will not report
+        # again; each round consumes some, and an error or a closed socket ends it
+        while self._drive(client, client.loop_read) and self._client is client:
+            sock = client.socket()
+            if sock is None or not (client.read_buffer or getattr(sock, "pending", lambda: 0)() > 0):
+                break
+
+    def _writable(self, client: _BatchingClient) -> None:
+        if not self._drive(client, client.loop_write):
+            return
         sock = client.socket()
-        # a TLS socket may hold decrypted bytes the selector will not report again
-        while sock is not None and getattr(sock, "pending", lambda: 0)() > 0 and self._client is client:
-            self._drive(client, client.loop_read)
+        if sock is None or self._client is not client:
+            return
+        try:
+            left = client.flush()
+        except OSError as exc:
+            self._disconnected(repr(exc))
+            return
+        if left:  # loop_write unregistered the writer: paho's queue is empty, ours is not
+            self._loop.add_writer(sock.fileno(), self._writable, client)
 
-    def _writable(self, client: mqtt.Client) -> None:
-        self._drive(client, client.loop_write)
-
-    def _drive(self, client: mqtt.Client, step: Any) -> None:
+    def _drive(self, client: mqtt.Client, step: Any) -> bool:
+        """Run one paho I/O step; False (the connection failed) on an error."""
         try:
             rc = step()
         except (OSError, ValueError) as exc:  # a TLS or socket error paho let through
-            rc = None
             self._disconnected(repr(exc))
-        if rc not in (None, mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+            return False
+        if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
             self._disconnected(mqtt.error_string(rc))
+            return False
+        return True
 
     async def _keepalive(self, client: mqtt.Client) -> None:
         while client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
