@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", choices=sorted(TARGETS), help="measure one target only")
     parser.add_argument("--duration", type=whole_seconds, metavar="SECONDS",
                         help="whole seconds per load figure, at least 1 (default 10, or 3 with --smoke)")
+    parser.add_argument("--passes", type=int, choices=range(1, 10), metavar="N",
+                        help="runs of each HTTP figure, interleaved; the figure is their median (default 3)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and PNG")
     return parser.parse_args(argv)
 
@@ -82,7 +84,7 @@ async def run_targets(names: list[str], plan: Plan, workdir: Path) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    plan = Plan.make(smoke=args.smoke, duration=args.duration)
+    plan = Plan.make(smoke=args.smoke, duration=args.duration, passes=args.passes)
     names = [args.only] if args.only else list(TARGETS)
     try:
         wrk_path()

@@ -14,17 +14,20 @@ from __future__ import annotations
 import asyncio
 import secrets
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from . import BenchError
+from .disk import fsync_floor, tmpfs_directory
 from .events import INGEST_PATH, Poster, alert_body
 from .plan import Plan
 from .proc import MIB, CpuClock, RssSampler, rss_bytes
 from .targets import HOST, ServerProcess, Target, server_env
-from .wrk import Load, run_wrk
+from .wrk import Load, WrkResult, run_wrk
 from .wsload import fanout, hold
 
 # A paced run that achieves less than this share of its offered rate gets a warning. Some
@@ -53,18 +56,23 @@ class HttpFigure:
     connections: int
     offered_rps: float | None = None  # paced runs: the rate the think time aims at
     saturation: str | None = None     # paced runs: the prefix of the same load's saturation run
+    where: str = ""                   # what differs from the main run, for the progress lines
 
     def describe(self) -> str:
         pace = "saturation" if self.offered_rps is None else f"paced at ~{self.offered_rps:,.0f} req/s"
-        return f"{self.load.method} {self.load.path} x{self.connections} {pace}"
+        return f"{self.load.method} {self.load.path} x{self.connections} {pace}{self.where}"
+
+
+def _ingest(token: str) -> Load:
+    return Load("POST", INGEST_PATH, {"X-VX11-Token": token, "Content-Type": "application/json"},
+                alert_body(broadcast=False))
 
 
 def http_loads(token: str, plan: Plan) -> tuple[HttpFigure, ...]:
     """Every HTTP figure in the order measured: each of /health and ingest at saturation, then
     paced; /vx11/status at saturation."""
-    ingest_headers = {"X-VX11-Token": token, "Content-Type": "application/json"}
     health = Load("GET", "/health")
-    ingest = Load("POST", INGEST_PATH, ingest_headers, alert_body(broadcast=False))
+    ingest = _ingest(token)
     return (
         HttpFigure("health", health, plan.connections),
         HttpFigure("health_paced", health.paced(plan.think_ms(plan.health_paced_rate)), plan.connections,
@@ -123,31 +131,83 @@ async def measure(target: Target, plan: Plan, module_env: Mapping[str, str], wor
         progress(target.name, f"FAILED: {m.result['error'].splitlines()[0]}")
     finally:
         await server.stop()
+    if m.result["error"] is None:
+        await _ingest_in_memory(target, plan, env, token, m)
     return m.result
 
 
-async def _http_figures(server: ServerProcess, token: str, plan: Plan, m: Measurement) -> None:
-    for figure in http_loads(token, plan):
-        prefix = figure.prefix
-        cpu = CpuClock(server.pid)
-        run = await run_wrk(server.base_url, figure.load, figure.connections, plan.duration)
-        spent = cpu.elapsed()
-        m.figures[f"{prefix}_rps"] = run.rps
-        m.figures[f"{prefix}_p50_ms"] = run.percentiles_ms["50"]
-        m.figures[f"{prefix}_p99_ms"] = run.percentiles_ms["99"]
-        m.figures[f"{prefix}_cpu_us"] = spent["server_cpu_s"] / run.requests * 1e6
-        m.result["latency_ms"][prefix] = run.percentiles_ms
-        m.result["details"][prefix] = {**run.as_dict(), **spent, "offered_rps": figure.offered_rps,
-                                       "think_ms_mean": figure.load.think_ms}
-        progress(m.target, f"{figure.describe()}: {run.rps:.0f} req/s, "
-                           f"p50 {run.percentiles_ms['50']:.2f} ms, p99 {run.percentiles_ms['99']:.2f} ms")
-        failed = {kind: n for kind, n in run.errors.items() if n}
-        if failed:
-            m.distrust(tuple(f"{prefix}_{name}" for name in ("rps", "p50_ms", "p99_ms", "cpu_us")),
-                       f"{figure.describe()}: {sum(failed.values())} of {run.requests} requests "
-                       f"failed {failed} (status = non-2xx/3xx answers)")
-        if figure.offered_rps is not None:
-            _check_pace(m, figure, run.rps)
+async def _ingest_in_memory(target: Target, plan: Plan, env: Mapping[str, str], token: str,
+                            m: Measurement) -> None:
+    """The paced ingest again, with the ledger on tmpfs: still ``synchronous=FULL``, every
+    commit still made before the 201, but the fsync costs nothing, so the latency is the
+    server's own. Beside it, the disk's fsync floor in the directory the first run used."""
+    floor = await asyncio.to_thread(fsync_floor, Path(env["EDGELINK_DB"]).parent, plan.duration)
+    m.figures["disk_fsync_p99_ms"] = floor["p99_ms"]
+    m.result["details"]["disk_fsync"] = floor
+    progress(m.target, f"disk fsync floor: p50 {floor['p50_ms']:.2f} ms, p99 {floor['p99_ms']:.2f} ms, "
+                       f"max {floor['max_ms']:.1f} ms over {floor['fsyncs']} fsyncs")
+    shm = tmpfs_directory()
+    if shm is None:
+        m.note("no writable tmpfs at /dev/shm: the in-memory ingest figure was not measured")
+        return
+    with tempfile.TemporaryDirectory(prefix="edgelink-bench-", dir=shm) as memdir:
+        server = ServerProcess(target, {**env, "EDGELINK_DB": f"{memdir}/{target.name}.db"},
+                               Path(env["EDGELINK_DB"]).with_suffix(".tmpfs.log"))
+        figure = HttpFigure("ingest_tmpfs", _ingest(token).paced(plan.think_ms(plan.ingest_paced_rate)),
+                            plan.connections, plan.ingest_paced_rate, "ingest", ", ledger on tmpfs")
+        try:
+            await server.start()
+            await _http_figures(server, token, plan, m, (figure,))
+        except FAILURES as exc:
+            m.result["error"] = f"{type(exc).__name__}: {exc}"
+            progress(target.name, f"FAILED: {m.result['error'].splitlines()[0]}")
+        finally:
+            await server.stop()
+
+
+async def _http_figures(server: ServerProcess, token: str, plan: Plan, m: Measurement,
+                        figures: tuple[HttpFigure, ...] | None = None) -> None:
+    """Each figure ``plan.passes`` times, the passes interleaved (all figures once, then again),
+    so that a slow moment of the box lands in one run of a figure rather than all of them;
+    every figure is the median of its passes."""
+    figures = http_loads(token, plan) if figures is None else figures
+    runs: dict[str, list[tuple[WrkResult, dict[str, float]]]] = {figure.prefix: [] for figure in figures}
+    for n in range(plan.passes):
+        for figure in figures:
+            cpu = CpuClock(server.pid)
+            run = await run_wrk(server.base_url, figure.load, figure.connections, plan.duration)
+            runs[figure.prefix].append((run, cpu.elapsed()))
+            progress(m.target, f"{figure.describe()} (pass {n + 1}/{plan.passes}): {run.rps:.0f} req/s, "
+                               f"p50 {run.percentiles_ms['50']:.2f} ms, p99 {run.percentiles_ms['99']:.2f} ms")
+    for figure in figures:
+        _record(m, figure, runs[figure.prefix])
+
+
+def _record(m: Measurement, figure: HttpFigure, runs: list[tuple[WrkResult, dict[str, float]]]) -> None:
+    """The medians of a figure's passes; every pass is kept in the details."""
+    prefix = figure.prefix
+    percentiles = {p: median(run.percentiles_ms[p] for run, _ in runs) for p in runs[0][0].percentiles_ms}
+    rps = median(run.rps for run, _ in runs)
+    m.figures[f"{prefix}_rps"] = rps
+    m.figures[f"{prefix}_p50_ms"] = percentiles["50"]
+    m.figures[f"{prefix}_p99_ms"] = percentiles["99"]
+    m.figures[f"{prefix}_cpu_us"] = median(spent["server_cpu_s"] / run.requests * 1e6 for run, spent in runs)
+    m.result["latency_ms"][prefix] = percentiles
+    m.result["details"][prefix] = {"connections": figure.connections,
+                                   "passes": [{**run.as_dict(), **spent} for run, spent in runs],
+                                   "offered_rps": figure.offered_rps, "think_ms_mean": figure.load.think_ms}
+    failed: dict[str, int] = {}
+    for run, _ in runs:
+        for kind, n in run.errors.items():
+            if n:
+                failed[kind] = failed.get(kind, 0) + n
+    if failed:
+        requests = sum(run.requests for run, _ in runs)
+        m.distrust(tuple(f"{prefix}_{name}" for name in ("rps", "p50_ms", "p99_ms", "cpu_us")),
+                   f"{figure.describe()}: {sum(failed.values())} of {requests} requests "
+                   f"failed {failed} (status = non-2xx/3xx answers)")
+    if figure.offered_rps is not None:
+        _check_pace(m, figure, rps)
 
 
 def _check_pace(m: Measurement, figure: HttpFigure, achieved: float) -> None:

@@ -11,6 +11,7 @@ SMOKE_DURATION = 3.0
 @dataclass(frozen=True)
 class Plan:
     duration: float                    # seconds of wrk load per HTTP figure, and of the 1,000-client phase
+    passes: int = 3                    # each HTTP figure is the median of this many runs (interleaved)
     connections: int = 50              # wrk connections for GET /health and POST /events/ingest
     status_connections: int = 10       # wrk connections for GET /vx11/status (each call fans out to 9 modules)
     # Paced runs: the same 50 connections, each waiting a random think time (exponential, mean
@@ -36,9 +37,11 @@ class Plan:
         return self.connections * 1000.0 / rate
 
     @classmethod
-    def make(cls, *, smoke: bool, duration: float | None) -> Plan:
+    def make(cls, *, smoke: bool, duration: float | None, passes: int | None = None) -> Plan:
         plan = cls(duration=SMOKE_DURATION if smoke else FULL_DURATION)
-        return plan if duration is None else replace(plan, duration=duration)
+        if duration is not None:
+            plan = replace(plan, duration=duration)
+        return plan if passes is None else replace(plan, passes=passes)
 
 
 def rate_label(rate: float) -> str:
