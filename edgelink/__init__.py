@@ -1,8 +1,5 @@
 """edgelink: a low-power VX11 gateway (drop-in for Tentáculo Link v7)."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("edgelink")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+source"
+# The one place the version is written: pyproject.toml reads it from here (dynamic version),
+# so the gateway does not pay for importlib.metadata (about 30 ms of start-up) to learn it.
+__version__ = "0.1.0"
