@@ -7,6 +7,7 @@ that the refusal was logged once.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -683,3 +684,14 @@ def test_json_depth_scan_matches_the_parsed_depth(doc):
     from edgelink.http.messages import _json_depth
 
     assert _json_depth(orjson.dumps(doc)) == _depth_of(doc)
+
+
+def test_date_header_is_imf_fixdate() -> None:
+    # the gateway formats it itself (no email.utils at start-up): the same text for any second
+    from email.utils import formatdate
+
+    from edgelink.http.server import http_date
+
+    rng = random.Random(7)
+    for seconds in [0, 784111777, 951782400, 1764633599, 2**31 - 1] + [rng.randrange(2**34) for _ in range(2000)]:
+        assert http_date(seconds).decode() == formatdate(seconds, usegmt=True)

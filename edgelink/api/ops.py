@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import sqlite3
 
 import orjson
@@ -35,6 +34,8 @@ async def openapi_json(req: Request) -> Response:
     if rt.openapi_cache is None:
         rt.openapi_cache = orjson.dumps(openapi.document(rt.router))
         # ~115 KB of JSON is ~10 KB gzipped: the API reference page loads it on every visit
+        import gzip  # here: most gateways never serve the document
+
         rt.openapi_gzip = gzip.compress(rt.openapi_cache, 6, mtime=0)
     if accepts_gzip(req.headers.get("accept-encoding", "")):
         return Response(200, rt.openapi_gzip, [(b"content-encoding", b"gzip"), (b"vary", b"Accept-Encoding")])
