@@ -209,6 +209,10 @@ KNOBS: tuple[Knob, ...] = (
     Knob("upstream_pool_idle", ("EDGELINK_UPSTREAM_POOL_IDLE",), _number(float, 0.1), 30.0,
          "Idle time after which a pooled connection is closed.", REBUILD, "modules", unit="s"),
     Knob("max_body", ("EDGELINK_MAX_BODY",), _int, MIB, "Largest request body.", LIVE, unit="bytes"),
+    Knob("max_bodies", ("EDGELINK_MAX_BODIES",), _number(int, 1024), 8 * MIB,
+         "Request body bytes held at once over all connections (from the first byte, or the "
+         "Content-Length, until the answer); a request past it answers 503 gateway_overloaded.", LIVE,
+         unit="bytes"),
     Knob("max_header", ("EDGELINK_MAX_HEADER",), _number(int, 1024), 16 * KIB,
          "Largest request header block.", LIVE, unit="bytes"),
     Knob("max_request_line", ("EDGELINK_MAX_REQUEST_LINE",), _number(int, 256), 8 * KIB,
@@ -339,6 +343,8 @@ class _SettingsMethods:
     routes: tuple[Intent, ...]
     enable_auth: bool
     token: str
+    max_body: int
+    max_bodies: int
 
     def route(self, intent: str) -> Intent | None:
         for r in self.routes:
@@ -349,6 +355,9 @@ class _SettingsMethods:
     def problems(self) -> list[str]:
         """Why these settings cannot serve (auth on without a token, dangling routes)."""
         found = []
+        if self.max_body > self.max_bodies:
+            found.append(f"EDGELINK_MAX_BODY ({self.max_body}) is over EDGELINK_MAX_BODIES ({self.max_bodies}), "
+                         "the bytes all bodies together may hold: bodies that large could never be read")
         if self.enable_auth and not self.token:
             found.append("auth is on (ENABLE_AUTH) but no token is configured: set "
                          "VX11_TENTACULO_LINK_TOKEN or VX11_GATEWAY_TOKEN, or ENABLE_AUTH=false")

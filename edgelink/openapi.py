@@ -422,8 +422,10 @@ CONNECTION_CASES = (
            correlated=False),
     error(431, "headers_too_large", f"the header block is over the limit ({KNOB['max_header'].quote()}).",
            correlated=False),
-    error(503, ("too_many_connections", "stopping"),
-           "the connection limit is reached, or the gateway is shutting down.", correlated=False),
+    error(503, ("too_many_connections", "gateway_overloaded", "stopping"),
+           "the connection limit is reached, the request bodies being received on all connections "
+           f"would go past their budget ({KNOB['max_bodies'].quote()}; `gateway_overloaded`, the body is "
+           "not read), or the gateway is shutting down.", correlated=False),
 )
 AUTH_CASES = (
     error(401, "auth_required", "no X-VX11-Token header."),

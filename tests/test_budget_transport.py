@@ -153,6 +153,41 @@ def test_large_bodies_held_open(gateway_factory, token):
         sock.close()
 
 
+def test_bodies_of_many_clients_add_up_to_the_budget(gateway_factory):
+    # 120 authenticated clients each announce a body at the limit and send all but its last
+    # byte: 120 MiB held, were each connection bounded only by itself. EDGELINK_MAX_BODIES
+    # (8 MiB) bounds them all together: the rest are refused before their body is read.
+    gw = gateway_factory(module_env(EDGELINK_BODY_TIMEOUT="20"))
+    body = b"x" * (1024 * 1024 - 1)
+    head = (b"POST /events/ingest HTTP/1.1\r\nHost: t\r\nX-VX11-Token: %s\r\nContent-Length: %d\r\n\r\n"
+            % (gw.token.encode(), len(body) + 1))
+    held, refused = [], 0
+    for _ in range(120):
+        sock = gw.connect()
+        sock.sendall(head)
+        sock.settimeout(0.3)
+        try:
+            answer = sock.recv(65536)  # a refusal comes at once; a reserved body gets no answer yet
+        except TimeoutError:
+            flood(sock, body, seconds=3)
+            held.append(sock)
+            continue
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:80]
+        assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "gateway_overloaded"
+        refused += 1
+        sock.close()
+    time.sleep(0.5)
+    assert len(held) == 8 and refused == 112  # 8 MiB of 1 MiB bodies
+    assert_within_budget(gw)
+    assert metric(gw, 'edgelink_budget_refusals_total{budget="bodies"}') == refused
+    for sock in held:  # the last byte: each body is complete, answered (not JSON: 400), released
+        sock.sendall(b"x")
+        assert RawClient(sock).read_response()[0] == 400
+        sock.close()
+    assert gw.post("/events/ingest", {"source": "t", "type": "system.alert", "payload": {
+        "alert_id": "a", "severity": "info", "message": "m", "timestamp": 1}}).status == 201
+
+
 @pytest.mark.parametrize("kind", ["headers", "body"])
 def test_slowloris(gateway_factory, kind):
     gw = gateway_factory(module_env(EDGELINK_HEADER_TIMEOUT="1", EDGELINK_BODY_TIMEOUT="2"))

@@ -136,6 +136,12 @@ def test_every_problem_is_reported(tmp_path):
     assert "port in" in info.value.problems[1] and "EDGELINK_MAX_BODY" in info.value.problems[2]
 
 
+def test_a_body_limit_over_the_budget_of_all_bodies_is_refused():
+    assert load_settings(env={**TOKEN, "EDGELINK_MAX_BODY": "8388608"}).max_body == 8 * 1024 * 1024
+    with pytest.raises(ConfigError, match=r"EDGELINK_MAX_BODY \(8388609\) is over EDGELINK_MAX_BODIES"):
+        load_settings(env={**TOKEN, "EDGELINK_MAX_BODY": "8388609"})
+
+
 def test_readme_lists_every_setting_as_the_table_says():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = readme.split("<!-- settings:begin -->\n")[1].split("\n<!-- settings:end -->")[0]

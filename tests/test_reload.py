@@ -67,6 +67,7 @@ NEW: dict[str, tuple[Any, Callable[[Runtime], list[Any]]]] = {
     "upstream_pool_size": (3, _modules("upstream_pool_size", lambda rt: rt.modules._client._pool_size)),
     "upstream_pool_idle": (5.5, _modules("upstream_pool_idle", lambda rt: rt.modules._client._pool_idle)),
     "max_body": (5000, _server("max_body")),
+    "max_bodies": (65536, _server("max_bodies")),
     "max_header": (4096, _server("max_header")),
     "max_request_line": (2048, _server("max_request_line")),
     "max_connections": (17, _server("max_connections")),

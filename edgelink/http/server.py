@@ -154,6 +154,10 @@ class HttpServer:
         self._idle.set()
         self._refused_since_log = 0
         self._refusal_logged_at = -1.0
+        # Request body bytes held across all connections, from the first byte read (or the
+        # Content-Length, reserved up front) until the answer is written: with
+        # EDGELINK_MAX_BODIES the bodies of many clients cannot add up past the budget.
+        self.body_bytes = 0
 
     def refuse_connection(self, client: tuple[str, int] | None) -> None:
         """Count a connection refused at the limit; log at most once a second, with the
@@ -213,7 +217,7 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = ("server", "settings", "transport", "conn", "phase", "client", "_timer", "_send_timer",
                  "_request", "_body", "_body_size", "_body_deadline", "_reading", "_read_blockers",
                  "_ws", "_task", "_loop", "_line_checked", "_must_close", "_stall_read", "_eof", "_refusal",
-                 "_streaming", "_drain", "_processing", "_parser_empty")
+                 "_streaming", "_drain", "_processing", "_parser_empty", "_reserved")
 
     def __init__(self, server: HttpServer):
         self.server = server
@@ -242,6 +246,7 @@ class HttpProtocol(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._processing = False  # _process is running: an answer given inside it does not recurse
         self._parser_empty = False  # a fresh parser was fed nothing: asking it would only say NEED_DATA
+        self._reserved = 0  # body bytes this request holds of the server's EDGELINK_MAX_BODIES
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -280,6 +285,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._send_timer is not None:
             self._send_timer.cancel()
         self.server.connections.discard(self)
+        self._release_body()
         if self._ws is not None:
             self._ws.connection_lost()
         if self._request is not None:
@@ -431,6 +437,8 @@ class HttpProtocol(asyncio.Protocol):
                     self._refuse(413, "payload_too_large", "body", detail=f"body exceeds {self.settings.max_body} bytes")
                     return
                 if self._refusal is None:  # a refused request's body is read and dropped
+                    if self._body_size > self._reserved and not self._reserve_body(self._body_size):
+                        return  # a chunked body past what all connections may hold
                     self._body.append(event.data)
                 # Each chunk buys another header timeout, but never past the body deadline:
                 # a body trickled in a byte at a time cannot hold the connection for ever.
@@ -490,11 +498,31 @@ class HttpProtocol(asyncio.Protocol):
                 self._must_close = True
                 self._answer_refusal(request)
                 return False
+        if self._refusal is None and length is not None and not chunked and not self._reserve_body(int(length)):
+            return False  # decided before reading the body (and before 100 Continue)
         if expects:
             self.transport.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         self.phase = Phase.BODY
         self._body_deadline = self._loop.time() + self.settings.body_timeout
         return True
+
+    def _reserve_body(self, size: int) -> bool:
+        """Hold ``size`` body bytes for this request (in all, not more) of the server's
+        EDGELINK_MAX_BODIES; past it, answer 503 ``gateway_overloaded`` and close."""
+        more = size - self._reserved
+        server = self.server
+        if server.body_bytes + more > self.settings.max_bodies:
+            self._refuse(503, "gateway_overloaded", "bodies",
+                         detail=f"request bodies in progress would exceed {self.settings.max_bodies} bytes; retry")
+            return False
+        server.body_bytes += more
+        self._reserved = size
+        return True
+
+    def _release_body(self) -> None:
+        if self._reserved:
+            self.server.body_bytes -= self._reserved
+            self._reserved = 0
 
     def _answer_refusal(self, request: Request) -> None:
         refusal, self._refusal = self._refusal, None
@@ -658,6 +686,7 @@ class HttpProtocol(asyncio.Protocol):
         self.phase = Phase.IDLE
         self._request = None
         self._task = None
+        self._release_body()
         self._line_checked = False
         self._stall_read = False
         self.server.busy_changed()
