@@ -91,12 +91,16 @@ def test_handlers_that_never_await_are_marked_to_run_without_a_task() -> None:
         async with req.lock:
             return None
 
+    async def async_for(req):
+        async for _ in req.stream:
+            pass
+
     class CallableHandler:
         async def __call__(self, req):
             return None
 
     assert not may_suspend(answers_at_once)
-    assert may_suspend(awaits) and may_suspend(async_with)
+    assert may_suspend(awaits) and may_suspend(async_with) and may_suspend(async_for)
     assert may_suspend(CallableHandler())  # not a plain function: assumed to suspend
     r = Router()
     r.add("GET", "/now", answers_at_once, aliases=("/v1/now",))
