@@ -159,6 +159,7 @@ class Dispatcher:
         settings = self.runtime.settings
         if req.method == "OPTIONS" and settings.cors_origins:
             return None  # a preflight is answered by handle
+        started = time.perf_counter()
         self._admit(req)
         try:
             route, _ = self.router.match(req.method, req.path)
@@ -166,12 +167,8 @@ class Dispatcher:
             if not route.public and settings.enable_auth:
                 _check_token(settings.token, req.headers.get("x-vx11-token"))
         except HTTPError as exc:
-            self._count(req, exc.status)
-            response = self._refusal(req, exc)
-            response.headers.append((b"x-correlation-id", req.correlation_id.encode()))
-            if settings.cors_origins:
-                response.headers.extend(cors.response_headers(settings.cors_origins, req.headers.get("origin")))
-            return response
+            # counted, timed and access-logged like any answer
+            return self._finish(req, self._refusal(req, exc), started, req.headers.get("origin"), False)
         return None
 
     def refused(self, budget: str) -> None:

@@ -169,3 +169,13 @@ def test_traceback_text_is_bounded():
     except ValueError as exc:
         text = traceback_text(exc)
     assert len(text) == TRACEBACK_MAX_CHARS and text.endswith("xxx\n")  # the innermost end is kept
+
+
+def test_a_request_refused_before_its_body_gets_its_access_line(gateway_factory):
+    gw = gateway_factory({"EDGELINK_ACCESS_LOG": "true"})
+    assert gw.post("/events/ingest", raw=b'{"source": "t"}', token=False).status == 401  # refused at admit
+    assert gw.get("/health").status == 200
+    wait_for_log(gw.log_path, "access", gw.proc)
+    gw.stop()
+    access = [(r["method"], r["path"], r["status"]) for r in log_records(gw.log_path) if r["event"] == "access"]
+    assert access == [("POST", "/events/ingest", 401), ("GET", "/health", 200)]
