@@ -8,6 +8,7 @@ still serves a well-behaved client afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -16,7 +17,9 @@ import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import orjson
 import pytest
+import websockets
 
 from conftest import EDGELINK, TOKEN, Gateway, assert_error, log_records, start_gateway
 
@@ -84,6 +87,35 @@ def test_byte_bound_reject_answers_507_counted_and_logged_once(gateway_factory):
     assert sum(snap["events"]["counts_by_type"].values()) == len(accepted)
     assert gw.peak_rss_mib() < BUDGET_MIB, gw.peak_rss_mib()
     assert gw.get("/health").status == 200
+
+
+def test_a_websocket_event_meeting_a_full_ledger_gets_an_error_frame_and_stays(gateway_factory):
+    gw = gateway_factory({"EDGELINK_LEDGER_MAX_BYTES": str(BOUND), "EDGELINK_LEDGER_FULL": "reject"})
+    for size in (1_040_000, 65536, 4096, 256, 16, 0):  # fill it to the last bytes
+        for i in range(200):
+            if post_big(gw, i, {"blob": "x" * size}).status != 201:
+                break
+    event = {"type": "system.alert", "payload": {"alert_id": "w", "severity": "low", "message": "m",
+                                                 "timestamp": 1}}
+
+    async def client() -> list[dict]:
+        async with websockets.connect(f"ws://127.0.0.1:{gw.port}/ws?token={TOKEN}") as ws:
+            frames = [orjson.loads(await ws.recv())]  # connected
+            await ws.send(orjson.dumps(event).decode())
+            frames += [orjson.loads(await ws.recv()) for _ in range(2)]  # the echo, then the refusal
+            await ws.send("{not json")  # still connected and served
+            frames.append(orjson.loads(await ws.recv()))
+            return frames
+
+    connected, echo, refusal, after = asyncio.run(client())
+    assert connected["type"] == "connected" and echo == event
+    assert (refusal["channel"], refusal["type"], refusal["error"], refusal["event_type"]) == (
+        "control", "error", "ledger_full", "system.alert")
+    assert after == {"channel": "control", "type": "error", "error": "invalid_json"}
+    refused = metric(gw, "edgelink_budget_refusals_total", '{budget="ledger"}')
+    assert gw.post("/events/ingest", {**event, "source": "t"}).status == 507  # the same event over HTTP
+    assert metric(gw, "edgelink_budget_refusals_total", '{budget="ledger"}') == refused + 1
+    assert not any(r["event"] == "websocket_failed" for r in log_records(gw.log_path))
 
 
 def test_concurrent_snapshots_of_big_events_stay_small(gateway_factory):

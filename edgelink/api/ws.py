@@ -10,6 +10,7 @@ import orjson
 from ..gateway.events import SCHEMAS, SchemaRejected, build_event, normalize_client_event
 from ..http.messages import HTTPError, InvalidJSON, parse_json
 from ..http.websocket import CLOSE_INTERNAL_ERROR, WebSocket
+from ..ledger import LedgerFull, LedgerUnavailable
 from ..log import log, traceback_text
 from .events import accept, now_ms
 
@@ -107,7 +108,15 @@ async def websocket(ws: WebSocket) -> None:
                 rt.metrics.events.inc("invalid", "rejected")
                 ws.send(_control("error", error=exc.code, detail=exc.extra.get("detail")))
                 continue
-            await accept(rt, event, exclude=ws)
+            try:
+                await accept(rt, event, exclude=ws)
+            except LedgerFull:  # the same refusals as POST /events/ingest, as a frame: stay connected
+                rt.metrics.budget_refusals.inc("ledger")
+                ws.send(_control("error", error="ledger_full", event_type=event.type,
+                                 detail="the ledger is at EDGELINK_LEDGER_MAX_BYTES; the event was not stored"))
+            except LedgerUnavailable as exc:
+                ws.send(_control("error", error="ledger_unavailable", event_type=event.type,
+                                 detail=f"the event was not stored: {exc}"))
     except Exception as exc:
         log.error("websocket_failed", error=repr(exc), client_id=client_id,
                   correlation_id=ws.request.correlation_id, traceback=traceback_text(exc))
