@@ -4,10 +4,18 @@ wsproto parses what the client sends; what we send is a complete text frame. Wit
 compression a server frame is unmasked, so a broadcast frame is built once
 (``text_frame``) and the same bytes are written to every client.
 
-Each connection has a send queue bounded in frames and in bytes: writes go straight to
-the transport while it drains, queue up while it is paused, and a client whose queue
+Each connection has a send queue bounded in frames and in bytes: writes go to the
+transport while it drains, queue up while it is paused, and a client whose queue
 overflows is closed with 1013 so that it never slows the others (API.md §6). A sender
 that can wait (a replay) awaits ``writable()`` instead, and never queues at all.
+
+Writes are coalesced: what a connection is sent in one turn of the loop goes to the
+transport in one ``writelines`` (one system call) at the end of the turn, from one
+callback per loop for every connection written to (``_Flusher``). Such pending frames
+count as written to the transport: they are never bounded twice, they go out before any
+later frame, ping, pong or close frame, and past ``_TRANSPORT_HIGH`` bytes they are
+flushed at once, so that back-pressure (``pause_writing``) starts where it did without
+the coalescing.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -59,6 +68,36 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
+class _Flusher:
+    """The connections of one loop written to in this turn, flushed by one callback."""
+
+    __slots__ = ("_loop", "_dirty")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._dirty: list[WebSocket] = []
+
+    def add(self, ws: "WebSocket") -> None:
+        if not self._dirty:
+            self._loop.call_soon(self._flush)
+        self._dirty.append(ws)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for ws in dirty:
+            ws._flush()
+
+
+_flushers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher]" = weakref.WeakKeyDictionary()
+
+
+def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
+    flusher = _flushers.get(loop)
+    if flusher is None:
+        flusher = _flushers[loop] = _Flusher(loop)
+    return flusher
+
+
 class WebSocket:
     """One accepted WebSocket. Created by the server protocol, used by one handler task."""
 
@@ -77,6 +116,10 @@ class WebSocket:
         self._compressed = compressed
         self._set_reading = set_reading
         self._loop = asyncio.get_running_loop()
+        self._flusher = _flusher(self._loop)
+        # written this turn, not yet handed to the transport; empty while paused or queuing
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._out: deque[bytes] = deque()
         self.queued_bytes = 0  # bytes in _out
         self._write_paused = False
@@ -121,7 +164,13 @@ class WebSocket:
         if self._closing or self._done:
             return False
         if not self._write_paused and not self._out:
-            self._transport.write(data)
+            pending = self._pending
+            if not pending:
+                self._flusher.add(self)
+            pending.append(data)
+            self._pending_bytes += len(data)
+            if self._pending_bytes > _TRANSPORT_HIGH:
+                self._flush()  # the transport decides now whether to pause
             return True
         if len(self._out) >= self._queue_limit or self.queued_bytes + len(data) > self._queue_bytes:
             self._clear_out()
@@ -132,9 +181,10 @@ class WebSocket:
         return True
 
     def waiting_bytes(self) -> int:
-        """Bytes waiting to reach this client: our send queue and the transport's buffer."""
+        """Bytes waiting to reach this client: our send queue, this turn's frames and the
+        transport's buffer."""
         buffered = self._transport.get_write_buffer_size() if not self._done else 0
-        return buffered + self.queued_bytes
+        return buffered + self._pending_bytes + self.queued_bytes
 
     async def receive(self) -> str | bytes | None:
         """The next message from the client (str for text, bytes for binary), or None
@@ -163,9 +213,10 @@ class WebSocket:
             data = self._conn.send(CloseConnection(code=code, reason=reason))
         except LocalProtocolError:  # the client closed first; its close is being answered
             data = b""
-        # A close frame must not wait behind a queue we are abandoning.
+        # A close frame must not wait behind a queue we are abandoning (this turn's frames
+        # are not queued: they count as written already and go first).
         self._clear_out()
-        self._transport.write(data)
+        self._write(data)
         self._cancel_timer()
         self._timer = self._loop.call_later(_CLOSE_WAIT, self._transport.abort)
         self._wake()
@@ -200,6 +251,8 @@ class WebSocket:
         if self.close_code is None:
             self.close_code = 1006  # abnormal closure: no close frame seen
         self._clear_out()
+        self._pending.clear()
+        self._pending_bytes = 0
         self._cancel_timer()
         self._wake()
 
@@ -224,7 +277,7 @@ class WebSocket:
                         self._set_reading(False)
                     self._wake()
         elif isinstance(event, Ping):
-            self._transport.write(self._conn.send(event.response()))
+            self._write(self._conn.send(event.response()))
         elif isinstance(event, Pong):
             self._pong_due = False
         elif isinstance(event, CloseConnection):
@@ -232,7 +285,7 @@ class WebSocket:
                 self.close_code = event.code
                 self._closing = True
                 try:
-                    self._transport.write(self._conn.send(event.response()))
+                    self._write(self._conn.send(event.response()))
                 except LocalProtocolError:
                     pass
             self._transport.close()
@@ -244,8 +297,27 @@ class WebSocket:
             self.close(CLOSE_INTERNAL_ERROR, "keepalive ping timeout")
             return
         self._pong_due = True
-        self._transport.write(self._conn.send(Ping(os.urandom(4))))
+        self._write(self._conn.send(Ping(os.urandom(4))))
         self._timer = self._loop.call_later(self._ping_interval, self._tick)
+
+    def _write(self, data: bytes) -> None:
+        """Write ``data`` now, after this turn's frames (a control frame: ping, pong, close)."""
+        self._pending.append(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand this turn's frames to the transport, in one call."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        self._pending_bytes = 0
+        if self._done:
+            return
+        if len(pending) == 1:
+            self._transport.write(pending[0])
+        else:
+            self._transport.writelines(pending)
 
     def _drop(self) -> None:
         self._transport.abort()
