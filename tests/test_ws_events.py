@@ -667,3 +667,46 @@ def test_a_replay_paced_by_a_slow_reader_keeps_up_with_live_events(gateway_facto
         await ws.close()
     run(go(), timeout=90)
     assert "slow_consumer" not in gw.logs()
+
+
+def test_deflate_streams_keep_their_order_while_echoes_and_broadcasts_interleave(gateway_factory):
+    """The frames broadcast in one turn go out together at its end (hub.py): a connection's
+    own sends (echoes) in between must still follow them, or with permessage-deflate the
+    client cannot inflate what it gets. Client events and ingests flow at once."""
+    gw = gateway_factory({"EDGELINK_WS_COMPRESSION": "true"})
+    count = 150
+
+    async def go():
+        sender, _ = await connect(gw, "client_id=sender", compression="deflate")
+        watcher, _ = await connect(gw, "client_id=watcher", compression="deflate")
+        texts = [orjson.dumps({"type": "system.alert", "payload": dict(ALERT, alert_id=f"ws-{i}")}).decode()
+                 for i in range(count)]
+
+        def post(worker: int) -> list[int]:
+            return [ingest(gw, "system.alert", dict(ALERT, alert_id=f"in-{worker}-{i}"))["seq"]
+                    for i in range(count // 3)]
+
+        posting = [asyncio.create_task(asyncio.to_thread(post, w)) for w in range(3)]
+        for text in texts:
+            await sender.send(text)
+        ingested = sorted(seq for seqs in await asyncio.gather(*posting) for seq in seqs)
+
+        echoes, seen_by_sender = [], []
+        while len(echoes) < count or len(seen_by_sender) < len(ingested):
+            raw = await asyncio.wait_for(sender.recv(), 10)
+            frame = orjson.loads(raw)
+            if frame.get("channel") == "event":
+                seen_by_sender.append(frame["seq"])
+            else:
+                echoes.append(raw)
+        assert echoes == texts  # verbatim, in the order sent
+        assert seen_by_sender == ingested  # in seq order, none of its own events
+
+        seen_by_watcher = [(await next_frame(watcher))["seq"] for _ in range(count + len(ingested))]
+        assert seen_by_watcher == sorted(set(seen_by_watcher))
+        assert set(ingested) <= set(seen_by_watcher)
+        await expect_marker(gw, [sender, watcher], "after-interleaving")
+        for ws in (sender, watcher):
+            await ws.close()
+    run(go())
+    still_serving(gw)

@@ -12,10 +12,13 @@ that can wait (a replay) awaits ``writable()`` instead, and never queues at all.
 Writes are coalesced: what a connection is sent in one turn of the loop goes to the
 transport in one ``writelines`` (one system call) at the end of the turn, from one
 callback per loop for every connection written to (``_Flusher``). Such pending frames
-count as written to the transport: they are never bounded twice, they go out before any
-later frame, ping, pong or close frame, and past ``_TRANSPORT_HIGH`` bytes they are
+count as written to the transport: they are not in the send queue (whose bounds start
+when the transport pauses), they go out before any later frame, ping, pong or close
+frame, and past ``_TRANSPORT_HIGH`` bytes they are
 flushed at once, so that back-pressure (``pause_writing``) starts where it did without
-the coalescing.
+the coalescing. A sender may also defer its work to the end of the turn
+(``call_before_writes``, the hub's fan-out): it runs before anything more is written to, or
+compressed for, any connection, so that each connection's order is that of the calls.
 """
 
 from __future__ import annotations
@@ -69,26 +72,47 @@ def text_frame(payload: bytes) -> bytes:
 
 
 class _Flusher:
-    """The connections of one loop written to in this turn, flushed by one callback."""
+    """The connections of one loop written to in this turn, flushed by one callback, and
+    the work deferred until the next write (``call_before_writes``)."""
 
-    __slots__ = ("_loop", "_dirty")
+    __slots__ = ("_dirty", "_loop", "_scheduled", "deferred")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._dirty: list[WebSocket] = []
+        self.deferred: list[Callable[[], None]] = []
+        self._scheduled = False
 
-    def add(self, ws: "WebSocket") -> None:
-        if not self._dirty:
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
             self._loop.call_soon(self._flush)
+
+    def add(self, ws: WebSocket) -> None:
         self._dirty.append(ws)
+        self._schedule()
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        self.deferred.append(fn)
+        self._schedule()
+
+    def run_deferred(self) -> None:
+        while self.deferred:
+            deferred, self.deferred = self.deferred, []
+            for fn in deferred:
+                fn()
 
     def _flush(self) -> None:
-        dirty, self._dirty = self._dirty, []
-        for ws in dirty:
-            ws._flush()
+        try:
+            self.run_deferred()
+        finally:  # a failing sender must not leave every connection unflushed
+            self._scheduled = False
+            dirty, self._dirty = self._dirty, []
+            for ws in dirty:
+                ws._flush()
 
 
-_flushers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher]" = weakref.WeakKeyDictionary()
+_flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = weakref.WeakKeyDictionary()
 
 
 def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
@@ -96,6 +120,13 @@ def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
     if flusher is None:
         flusher = _flushers[loop] = _Flusher(loop)
     return flusher
+
+
+def call_before_writes(fn: Callable[[], None]) -> None:
+    """Call ``fn`` once, before anything more is written to a WebSocket of the running
+    loop, and at the end of this turn at the latest: a sender can gather what it sends in
+    one turn and still keep its place in each connection's order."""
+    _flusher(asyncio.get_running_loop()).defer(fn)
 
 
 class WebSocket:
@@ -138,15 +169,26 @@ class WebSocket:
     def send(self, payload: bytes) -> bool:
         """Queue one text message (``payload`` is UTF-8). Returns False if the client is
         closed or has just been closed for not keeping up."""
+        self._catch_up()
         if self._compressed:
             return self._queue(self._conn.send(Message(data=payload.decode())))
         return self._queue(text_frame(payload))
 
     def send_frame(self, frame: bytes) -> bool:
         """``send`` for a prebuilt ``text_frame``, shared among clients (not copied)."""
+        self._catch_up()
         if self._compressed:
             return self._queue(self._conn.send(Message(data=str(frame_payload(frame), "utf-8"))))
         return self._queue(frame)
+
+    def send_frames(self, frames: list[bytes], joined: bytes) -> bool:
+        """``send_frame`` for each of ``frames`` in turn; ``joined`` is them end to end
+        (shared among clients), written as one piece when they all go to the transport."""
+        if (self._compressed or self._write_paused or self._out or self._closing or self._done
+                or self._flusher.deferred or self._pending_bytes + len(joined) > _TRANSPORT_HIGH):
+            return all(self.send_frame(frame) for frame in frames)
+        self._add_pending(joined)
+        return True
 
     async def writable(self) -> bool:
         """Wait until a send would go straight to the socket; False once the client is closed."""
@@ -164,11 +206,7 @@ class WebSocket:
         if self._closing or self._done:
             return False
         if not self._write_paused and not self._out:
-            pending = self._pending
-            if not pending:
-                self._flusher.add(self)
-            pending.append(data)
-            self._pending_bytes += len(data)
+            self._add_pending(data)
             if self._pending_bytes > _TRANSPORT_HIGH:
                 self._flush()  # the transport decides now whether to pause
             return True
@@ -205,6 +243,7 @@ class WebSocket:
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Start the close handshake; the socket is dropped when the client answers or
         after a short wait."""
+        self._catch_up()
         if self._closing or self._done:
             return
         self._closing = True
@@ -277,10 +316,12 @@ class WebSocket:
                         self._set_reading(False)
                     self._wake()
         elif isinstance(event, Ping):
+            self._catch_up()
             self._write(self._conn.send(event.response()))
         elif isinstance(event, Pong):
             self._pong_due = False
         elif isinstance(event, CloseConnection):
+            self._catch_up()
             if not self._closing:
                 self.close_code = event.code
                 self._closing = True
@@ -291,6 +332,7 @@ class WebSocket:
             self._transport.close()
 
     def _tick(self) -> None:
+        self._catch_up()
         if self._closing or self._done:
             return
         if self._pong_due:
@@ -299,6 +341,18 @@ class WebSocket:
         self._pong_due = True
         self._write(self._conn.send(Ping(os.urandom(4))))
         self._timer = self._loop.call_later(self._ping_interval, self._tick)
+
+    def _catch_up(self) -> None:
+        """Run the deferred sends (``call_before_writes``) before this connection sends or
+        compresses anything: their frames come first, as they were sent first."""
+        if self._flusher.deferred:
+            self._flusher.run_deferred()
+
+    def _add_pending(self, data: bytes) -> None:
+        if not self._pending:
+            self._flusher.add(self)
+        self._pending.append(data)
+        self._pending_bytes += len(data)
 
     def _write(self, data: bytes) -> None:
         """Write ``data`` now, after this turn's frames (a control frame: ping, pong, close)."""
