@@ -75,10 +75,9 @@ class _Flusher:
     """The connections of one loop written to in this turn, flushed by one callback, and
     the work deferred until the next write (``call_before_writes``)."""
 
-    __slots__ = ("_dirty", "_loop", "_scheduled", "deferred")
+    __slots__ = ("_dirty", "_scheduled", "deferred")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
+    def __init__(self) -> None:
         self._dirty: list[WebSocket] = []
         self.deferred: list[Callable[[], None]] = []
         self._scheduled = False
@@ -86,7 +85,8 @@ class _Flusher:
     def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._flush)
+            # the running loop: it is the key of this flusher, which must not hold it
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def add(self, ws: WebSocket) -> None:
         self._dirty.append(ws)
@@ -118,7 +118,7 @@ _flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = weak
 def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
     flusher = _flushers.get(loop)
     if flusher is None:
-        flusher = _flushers[loop] = _Flusher(loop)
+        flusher = _flushers[loop] = _Flusher()
     return flusher
 
 
