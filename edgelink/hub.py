@@ -76,11 +76,13 @@ class Hub:
 
     def add(self, ws: WebSocket, client_id: str, token: str | None) -> Client:
         """Register a client; its live events are held until ``replay`` is done."""
+        self._fan_out()  # what was broadcast before it came is not for it
         client = Client(ws, client_id, token)
         self.clients[ws] = client
         return client
 
     def remove(self, client: Client) -> None:
+        self._fan_out()  # what was broadcast while it was here is
         self.clients.pop(client.ws, None)
 
     def queued_bytes(self) -> int:
@@ -107,7 +109,11 @@ class Hub:
         self._turn.append((seq, frame, exclude))
 
     def _fan_out(self) -> None:
+        """Give the frames broadcast since the last fan-out to the clients (at once when
+        called early: the deferred call then finds nothing)."""
         turn, self._turn = self._turn, []
+        if not turn:
+            return
         frames = [frame for _, frame, _ in turn]
         joined = b"".join(frames) if len(frames) > 1 else frames[0]
         lowest = min(seq for seq, _, _ in turn)

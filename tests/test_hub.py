@@ -162,3 +162,23 @@ def test_a_turn_over_the_send_queue_bound_closes_only_that_client_1013(tmp_path)
         server.close()
         await ledger.close()
     asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_a_client_gets_what_was_broadcast_while_it_was_registered_in_that_turn(tmp_path):
+    async def go():
+        server, ledger, hub, [(a, peer_a), (b, peer_b)] = await _connected(tmp_path, 2)
+        hub.remove(hub.clients[b])
+        hub.broadcast(_event(1))  # b is not registered: not for it
+        client_b = hub.add(b, "b-again", None)
+        hub.broadcast(_event(2))  # held for b until its replay is done
+        await hub.replay(client_b, 2, ledger)
+        hub.broadcast(_event(3))
+        hub.remove(hub.clients[a])  # after event 3, which is still a's
+        hub.broadcast(_event(4))
+        a.close()
+        b.close()
+        assert await peer_a.until_closed() == [("text", _event(n).frame()) for n in (1, 2, 3)] + [("close", 1000)]
+        assert await peer_b.until_closed() == [("text", _event(n).frame()) for n in (2, 3, 4)] + [("close", 1000)]
+        server.close()
+        await ledger.close()
+    asyncio.run(asyncio.wait_for(go(), 60))
