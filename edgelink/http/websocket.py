@@ -14,11 +14,11 @@ transport in one ``writelines`` (one system call) at the end of the turn, from o
 callback per loop for every connection written to (``_Flusher``). Such pending frames
 count as written to the transport: they are not in the send queue (whose bounds start
 when the transport pauses), they go out before any later frame, ping, pong or close
-frame, and past ``_TRANSPORT_HIGH`` bytes they are
-flushed at once, so that back-pressure (``pause_writing``) starts where it did without
-the coalescing. A sender may also defer its work to the end of the turn
-(``call_before_writes``, the hub's fan-out): it runs before anything more is written to, or
-compressed for, any connection, so that each connection's order is that of the calls.
+frame, and past the transport's high-water mark they are flushed at once, so that
+back-pressure (``pause_writing``) starts where it did without the coalescing. A sender
+may also defer its work to the end of the turn (``call_before_writes``, the hub's
+fan-out): it runs before anything more is written to, or compressed for, any connection,
+so that each connection's order is that of the calls.
 """
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ class WebSocket:
         self.request = request
         self.close_code: int | None = None
         self._transport = transport
-        transport.set_write_buffer_limits(high=min(transport.get_write_buffer_limits()[1], _TRANSPORT_HIGH))
+        # also the most this turn's frames may hold before they are handed over
+        self._high = min(transport.get_write_buffer_limits()[1], _TRANSPORT_HIGH)
+        transport.set_write_buffer_limits(high=self._high)
         self._conn = conn
         self._max_message = max_message
         self._queue_limit = queue_limit
@@ -185,7 +187,7 @@ class WebSocket:
         """``send_frame`` for each of ``frames`` in turn; ``joined`` is them end to end
         (shared among clients), written as one piece when they all go to the transport."""
         if (self._compressed or self._write_paused or self._out or self._closing or self._done
-                or self._flusher.deferred or self._pending_bytes + len(joined) > _TRANSPORT_HIGH):
+                or self._flusher.deferred or self._pending_bytes + len(joined) > self._high):
             return all(self.send_frame(frame) for frame in frames)
         self._add_pending(joined)
         return True
@@ -207,7 +209,7 @@ class WebSocket:
             return False
         if not self._write_paused and not self._out:
             self._add_pending(data)
-            if self._pending_bytes > _TRANSPORT_HIGH:
+            if self._pending_bytes > self._high:
                 self._flush()  # the transport decides now whether to pause
             return True
         if len(self._out) >= self._queue_limit or self.queued_bytes + len(data) > self._queue_bytes:
