@@ -276,11 +276,17 @@ def test_replay_is_truncated_to_the_newest(gateway_factory):
     still_serving(gw)
 
 
-def _keepalive_ingester(gw, count: int, answers: list, progress: list, worker: int, pad: int = 0) -> None:
+def _keepalive_ingester(gw, count: int, answers: list, progress: list, worker: int, pad: int = 0,
+                        reader: list | None = None, lead: int = 0) -> None:
+    """Post ``count`` events one after the other; with ``reader`` (the seqs a client has
+    received), at most ``lead`` events ahead of it."""
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
     headers = {"X-VX11-Token": gw.token, "Content-Type": "application/json"}
     try:
         for i in range(count):
+            deadline = time.monotonic() + 30
+            while reader is not None and len(reader) < i - lead and time.monotonic() < deadline:
+                time.sleep(0.001)
             body = {"source": f"ing{worker}", "type": "system.alert", "broadcast": True,
                     "payload": dict(ALERT, alert_id=f"{worker}-{i}", message="m" * pad or ALERT["message"])}
             conn.request("POST", "/events/ingest", body=orjson.dumps(body), headers=headers)
@@ -619,7 +625,10 @@ def test_a_slow_consumer_is_closed_by_the_byte_bound_before_the_frame_bound(gate
         seqs: list[int] = []
         task = asyncio.create_task(_collect(ok, seqs))
         answers: list[dict] = []
-        await asyncio.to_thread(_keepalive_ingester, gw, total, answers, [0], 0, STUCK_PAD)
+        # The ingester and the reading client share this process (and its GIL): on a busy
+        # box the ingester can starve the reader until the server rightly closes it too.
+        # Twenty events ahead (~32 KiB) stays within the byte bound for it, never for stuck.
+        await asyncio.to_thread(_keepalive_ingester, gw, total, answers, [0], 0, STUCK_PAD, seqs, 20)
         await _wait_for(seqs, total, 30)
         assert seqs == list(range(1, total + 1)) and ok.close_code is None
         closed, frames = await asyncio.to_thread(_drain, stuck, 20)
