@@ -112,7 +112,7 @@ class Hub:
         """Give the frames broadcast since the last fan-out to the clients (at once when
         called early: the deferred call then finds nothing)."""
         turn, self._turn = self._turn, []
-        if not turn:
+        if not turn or not self.clients:
             return
         frames = [frame for _, frame, _ in turn]
         joined = b"".join(frames) if len(frames) > 1 else frames[0]
