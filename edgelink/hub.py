@@ -3,9 +3,14 @@
 Bytes are shared, never copied per client. A broadcast frame is encoded once and the same
 bytes object goes to every client; a replayed event's frame is spliced from the JSON the
 ledger stored (no decode, no re-encode) and kept in a small byte-bounded cache by seq, so
-clients replaying the same events share one frame too. Each client's bounded queue (in
-``WebSocket``, frames and bytes) decides whether it keeps up or is closed with 1013, so
-one slow client never slows the others.
+clients replaying the same events share one frame too. The events broadcast in one turn of
+the loop (one ledger commit wakes several ingests) are given to the clients together, at
+the end of the turn or before anything else is written to a WebSocket, whichever comes
+first: a live client that gets them all is handed them joined in one bytes object, shared
+by all such clients and written with one system call; the others (replaying, excluded, or
+at their floor) get them one by one, as if each had been sent alone. Each client's bounded
+queue (in ``WebSocket``, frames and bytes) decides whether it keeps up or is closed with
+1013, so one slow client never slows the others.
 
 Replay without gap or duplicate, paced by the client (API.md §6). A client is registered
 first and its live events are *held* (bounded like its send queue) while ``replay`` pages
@@ -29,7 +34,7 @@ import orjson
 
 from .gateway.events import Event
 from .gateway.metrics import Registry
-from .http.websocket import CLOSE_TRY_AGAIN_LATER, WebSocket, text_frame
+from .http.websocket import CLOSE_TRY_AGAIN_LATER, WebSocket, call_before_writes, text_frame
 from .log import log
 
 if TYPE_CHECKING:
@@ -66,14 +71,18 @@ class Hub:
         self.hold_bytes = hold_bytes
         self._frames: OrderedDict[int, bytes] = OrderedDict()
         self._frame_bytes = 0
+        # broadcast in this turn, not yet given to the clients: (seq, frame, exclude)
+        self._turn: list[tuple[int, bytes, WebSocket | None]] = []
 
     def add(self, ws: WebSocket, client_id: str, token: str | None) -> Client:
         """Register a client; its live events are held until ``replay`` is done."""
+        self._fan_out()  # what was broadcast before it came is not for it
         client = Client(ws, client_id, token)
         self.clients[ws] = client
         return client
 
     def remove(self, client: Client) -> None:
+        self._fan_out()  # what was broadcast while it was here is
         self.clients.pop(client.ws, None)
 
     def queued_bytes(self) -> int:
@@ -88,11 +97,39 @@ class Hub:
             self.remove(client)
 
     def broadcast(self, event: Event, exclude: WebSocket | None = None) -> None:
-        """Send ``event`` to every client but ``exclude``."""
+        """Send ``event`` to every client but ``exclude``.
+
+        The frames of one turn go to the clients together (``_fan_out``), before anything
+        else is written to a WebSocket: each connection's order is that of the calls."""
         seq = event.seq or 0
         frame = text_frame(orjson.dumps(event.frame()))
         self._remember(seq, frame)
+        if not self._turn:
+            call_before_writes(self._fan_out)
+        self._turn.append((seq, frame, exclude))
+
+    def _fan_out(self) -> None:
+        """Give the frames broadcast since the last fan-out to the clients (at once when
+        called early: the deferred call then finds nothing)."""
+        turn, self._turn = self._turn, []
+        if not turn or not self.clients:
+            return
+        frames = [frame for _, frame, _ in turn]
+        joined = b"".join(frames) if len(frames) > 1 else frames[0]
+        lowest = min(seq for seq, _, _ in turn)
+        excluded = {exclude for _, _, exclude in turn}
         for ws, client in list(self.clients.items()):
+            if client.held is None and client.floor < lowest and ws not in excluded:
+                sent = ws.send_frames(frames, joined)  # the usual case: every frame, at once
+            else:
+                sent = self._send_each(client, turn)
+            if not sent:
+                self._dropped(client)
+
+    def _send_each(self, client: Client, turn: list[tuple[int, bytes, WebSocket | None]]) -> bool:
+        """The frames of ``turn`` that go to ``client``, one by one; False if it is gone."""
+        ws = client.ws
+        for seq, frame, exclude in turn:
             if ws is exclude or seq <= client.floor:
                 continue
             held = client.held
@@ -105,7 +142,8 @@ class Hub:
                 held.append((seq, frame))
                 client.held_bytes += len(frame)
             elif not ws.send_frame(frame):
-                self._dropped(client)
+                return False
+        return True
 
     async def replay(self, client: Client, after: int, ledger: "Ledger") -> None:
         """Send the broadcast events after seq ``after``, paced by the client, then go live."""

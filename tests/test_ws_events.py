@@ -276,11 +276,17 @@ def test_replay_is_truncated_to_the_newest(gateway_factory):
     still_serving(gw)
 
 
-def _keepalive_ingester(gw, count: int, answers: list, progress: list, worker: int, pad: int = 0) -> None:
+def _keepalive_ingester(gw, count: int, answers: list, progress: list, worker: int, pad: int = 0,
+                        reader: list | None = None, lead: int = 0) -> None:
+    """Post ``count`` events one after the other; with ``reader`` (the seqs a client has
+    received), at most ``lead`` events ahead of it."""
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
     headers = {"X-VX11-Token": gw.token, "Content-Type": "application/json"}
     try:
         for i in range(count):
+            deadline = time.monotonic() + 30
+            while reader is not None and len(reader) < i - lead and time.monotonic() < deadline:
+                time.sleep(0.001)
             body = {"source": f"ing{worker}", "type": "system.alert", "broadcast": True,
                     "payload": dict(ALERT, alert_id=f"{worker}-{i}", message="m" * pad or ALERT["message"])}
             conn.request("POST", "/events/ingest", body=orjson.dumps(body), headers=headers)
@@ -619,7 +625,10 @@ def test_a_slow_consumer_is_closed_by_the_byte_bound_before_the_frame_bound(gate
         seqs: list[int] = []
         task = asyncio.create_task(_collect(ok, seqs))
         answers: list[dict] = []
-        await asyncio.to_thread(_keepalive_ingester, gw, total, answers, [0], 0, STUCK_PAD)
+        # The ingester and the reading client share this process (and its GIL): on a busy
+        # box the ingester can starve the reader until the server rightly closes it too.
+        # Twenty events ahead (~32 KiB) stays within the byte bound for it, never for stuck.
+        await asyncio.to_thread(_keepalive_ingester, gw, total, answers, [0], 0, STUCK_PAD, seqs, 20)
         await _wait_for(seqs, total, 30)
         assert seqs == list(range(1, total + 1)) and ok.close_code is None
         closed, frames = await asyncio.to_thread(_drain, stuck, 20)
@@ -667,3 +676,46 @@ def test_a_replay_paced_by_a_slow_reader_keeps_up_with_live_events(gateway_facto
         await ws.close()
     run(go(), timeout=90)
     assert "slow_consumer" not in gw.logs()
+
+
+def test_deflate_streams_keep_their_order_while_echoes_and_broadcasts_interleave(gateway_factory):
+    """The frames broadcast in one turn go out together at its end (hub.py): a connection's
+    own sends (echoes) in between must still follow them, or with permessage-deflate the
+    client cannot inflate what it gets. Client events and ingests flow at once."""
+    gw = gateway_factory({"EDGELINK_WS_COMPRESSION": "true"})
+    count = 150
+
+    async def go():
+        sender, _ = await connect(gw, "client_id=sender", compression="deflate")
+        watcher, _ = await connect(gw, "client_id=watcher", compression="deflate")
+        texts = [orjson.dumps({"type": "system.alert", "payload": dict(ALERT, alert_id=f"ws-{i}")}).decode()
+                 for i in range(count)]
+
+        def post(worker: int) -> list[int]:
+            return [ingest(gw, "system.alert", dict(ALERT, alert_id=f"in-{worker}-{i}"))["seq"]
+                    for i in range(count // 3)]
+
+        posting = [asyncio.create_task(asyncio.to_thread(post, w)) for w in range(3)]
+        for text in texts:
+            await sender.send(text)
+        ingested = sorted(seq for seqs in await asyncio.gather(*posting) for seq in seqs)
+
+        echoes, seen_by_sender = [], []
+        while len(echoes) < count or len(seen_by_sender) < len(ingested):
+            raw = await asyncio.wait_for(sender.recv(), 10)
+            frame = orjson.loads(raw)
+            if frame.get("channel") == "event":
+                seen_by_sender.append(frame["seq"])
+            else:
+                echoes.append(raw)
+        assert echoes == texts  # verbatim, in the order sent
+        assert seen_by_sender == ingested  # in seq order, none of its own events
+
+        seen_by_watcher = [(await next_frame(watcher))["seq"] for _ in range(count + len(ingested))]
+        assert seen_by_watcher == sorted(set(seen_by_watcher))
+        assert set(ingested) <= set(seen_by_watcher)
+        await expect_marker(gw, [sender, watcher], "after-interleaving")
+        for ws in (sender, watcher):
+            await ws.close()
+    run(go())
+    still_serving(gw)

@@ -4,10 +4,21 @@ wsproto parses what the client sends; what we send is a complete text frame. Wit
 compression a server frame is unmasked, so a broadcast frame is built once
 (``text_frame``) and the same bytes are written to every client.
 
-Each connection has a send queue bounded in frames and in bytes: writes go straight to
-the transport while it drains, queue up while it is paused, and a client whose queue
+Each connection has a send queue bounded in frames and in bytes: writes go to the
+transport while it drains, queue up while it is paused, and a client whose queue
 overflows is closed with 1013 so that it never slows the others (API.md §6). A sender
 that can wait (a replay) awaits ``writable()`` instead, and never queues at all.
+
+Writes are coalesced: what a connection is sent in one turn of the loop goes to the
+transport in one ``writelines`` (one system call) at the end of the turn, from one
+callback per loop for every connection written to (``_Flusher``). Such pending frames
+count as written to the transport: they are not in the send queue (whose bounds start
+when the transport pauses), they go out before any later frame, ping, pong or close
+frame, and past the transport's high-water mark they are flushed at once, so that
+back-pressure (``pause_writing``) starts where it did without the coalescing. A sender
+may also defer its work to the end of the turn (``call_before_writes``, the hub's
+fan-out): it runs before anything more is written to, or compressed for, any connection,
+so that each connection's order is that of the calls.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -59,6 +71,64 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
+class _Flusher:
+    """The connections of one loop written to in this turn, flushed by one callback, and
+    the work deferred until the next write (``call_before_writes``)."""
+
+    __slots__ = ("_dirty", "_scheduled", "deferred")
+
+    def __init__(self) -> None:
+        self._dirty: list[WebSocket] = []
+        self.deferred: list[Callable[[], None]] = []
+        self._scheduled = False
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            # the running loop: it is the key of this flusher, which must not hold it
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def add(self, ws: WebSocket) -> None:
+        self._dirty.append(ws)
+        self._schedule()
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        self.deferred.append(fn)
+        self._schedule()
+
+    def run_deferred(self) -> None:
+        while self.deferred:
+            deferred, self.deferred = self.deferred, []
+            for fn in deferred:
+                fn()
+
+    def _flush(self) -> None:
+        try:
+            self.run_deferred()
+        finally:  # a failing sender must not leave every connection unflushed
+            self._scheduled = False
+            dirty, self._dirty = self._dirty, []
+            for ws in dirty:
+                ws._flush()
+
+
+_flushers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flusher] = weakref.WeakKeyDictionary()
+
+
+def _flusher(loop: asyncio.AbstractEventLoop) -> _Flusher:
+    flusher = _flushers.get(loop)
+    if flusher is None:
+        flusher = _flushers[loop] = _Flusher()
+    return flusher
+
+
+def call_before_writes(fn: Callable[[], None]) -> None:
+    """Call ``fn`` once, before anything more is written to a WebSocket of the running
+    loop, and at the end of this turn at the latest: a sender can gather what it sends in
+    one turn and still keep its place in each connection's order."""
+    _flusher(asyncio.get_running_loop()).defer(fn)
+
+
 class WebSocket:
     """One accepted WebSocket. Created by the server protocol, used by one handler task."""
 
@@ -68,7 +138,9 @@ class WebSocket:
         self.request = request
         self.close_code: int | None = None
         self._transport = transport
-        transport.set_write_buffer_limits(high=min(transport.get_write_buffer_limits()[1], _TRANSPORT_HIGH))
+        # also the most this turn's frames may hold before they are handed over
+        self._high = min(transport.get_write_buffer_limits()[1], _TRANSPORT_HIGH)
+        transport.set_write_buffer_limits(high=self._high)
         self._conn = conn
         self._max_message = max_message
         self._queue_limit = queue_limit
@@ -77,6 +149,10 @@ class WebSocket:
         self._compressed = compressed
         self._set_reading = set_reading
         self._loop = asyncio.get_running_loop()
+        self._flusher = _flusher(self._loop)
+        # written this turn, not yet handed to the transport; empty while paused or queuing
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._out: deque[bytes] = deque()
         self.queued_bytes = 0  # bytes in _out
         self._write_paused = False
@@ -95,15 +171,26 @@ class WebSocket:
     def send(self, payload: bytes) -> bool:
         """Queue one text message (``payload`` is UTF-8). Returns False if the client is
         closed or has just been closed for not keeping up."""
+        self._catch_up()
         if self._compressed:
             return self._queue(self._conn.send(Message(data=payload.decode())))
         return self._queue(text_frame(payload))
 
     def send_frame(self, frame: bytes) -> bool:
         """``send`` for a prebuilt ``text_frame``, shared among clients (not copied)."""
+        self._catch_up()
         if self._compressed:
             return self._queue(self._conn.send(Message(data=str(frame_payload(frame), "utf-8"))))
         return self._queue(frame)
+
+    def send_frames(self, frames: list[bytes], joined: bytes) -> bool:
+        """``send_frame`` for each of ``frames`` in turn; ``joined`` is them end to end
+        (shared among clients), written as one piece when they all go to the transport."""
+        if (self._compressed or self._write_paused or self._out or self._closing or self._done
+                or self._flusher.deferred or self._pending_bytes + len(joined) > self._high):
+            return all(self.send_frame(frame) for frame in frames)
+        self._add_pending(joined)
+        return True
 
     async def writable(self) -> bool:
         """Wait until a send would go straight to the socket; False once the client is closed."""
@@ -121,7 +208,9 @@ class WebSocket:
         if self._closing or self._done:
             return False
         if not self._write_paused and not self._out:
-            self._transport.write(data)
+            self._add_pending(data)
+            if self._pending_bytes > self._high:
+                self._flush()  # the transport decides now whether to pause
             return True
         if len(self._out) >= self._queue_limit or self.queued_bytes + len(data) > self._queue_bytes:
             self._clear_out()
@@ -132,9 +221,10 @@ class WebSocket:
         return True
 
     def waiting_bytes(self) -> int:
-        """Bytes waiting to reach this client: our send queue and the transport's buffer."""
+        """Bytes waiting to reach this client: our send queue, this turn's frames and the
+        transport's buffer."""
         buffered = self._transport.get_write_buffer_size() if not self._done else 0
-        return buffered + self.queued_bytes
+        return buffered + self._pending_bytes + self.queued_bytes
 
     async def receive(self) -> str | bytes | None:
         """The next message from the client (str for text, bytes for binary), or None
@@ -155,6 +245,7 @@ class WebSocket:
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Start the close handshake; the socket is dropped when the client answers or
         after a short wait."""
+        self._catch_up()
         if self._closing or self._done:
             return
         self._closing = True
@@ -163,9 +254,10 @@ class WebSocket:
             data = self._conn.send(CloseConnection(code=code, reason=reason))
         except LocalProtocolError:  # the client closed first; its close is being answered
             data = b""
-        # A close frame must not wait behind a queue we are abandoning.
+        # A close frame must not wait behind a queue we are abandoning (this turn's frames
+        # are not queued: they count as written already and go first).
         self._clear_out()
-        self._transport.write(data)
+        self._write(data)
         self._cancel_timer()
         self._timer = self._loop.call_later(_CLOSE_WAIT, self._transport.abort)
         self._wake()
@@ -200,6 +292,8 @@ class WebSocket:
         if self.close_code is None:
             self.close_code = 1006  # abnormal closure: no close frame seen
         self._clear_out()
+        self._pending.clear()
+        self._pending_bytes = 0
         self._cancel_timer()
         self._wake()
 
@@ -224,28 +318,62 @@ class WebSocket:
                         self._set_reading(False)
                     self._wake()
         elif isinstance(event, Ping):
-            self._transport.write(self._conn.send(event.response()))
+            self._catch_up()
+            self._write(self._conn.send(event.response()))
         elif isinstance(event, Pong):
             self._pong_due = False
         elif isinstance(event, CloseConnection):
+            self._catch_up()
             if not self._closing:
                 self.close_code = event.code
                 self._closing = True
                 try:
-                    self._transport.write(self._conn.send(event.response()))
+                    self._write(self._conn.send(event.response()))
                 except LocalProtocolError:
                     pass
             self._transport.close()
 
     def _tick(self) -> None:
+        self._catch_up()
         if self._closing or self._done:
             return
         if self._pong_due:
             self.close(CLOSE_INTERNAL_ERROR, "keepalive ping timeout")
             return
         self._pong_due = True
-        self._transport.write(self._conn.send(Ping(os.urandom(4))))
+        self._write(self._conn.send(Ping(os.urandom(4))))
         self._timer = self._loop.call_later(self._ping_interval, self._tick)
+
+    def _catch_up(self) -> None:
+        """Run the deferred sends (``call_before_writes``) before this connection sends or
+        compresses anything: their frames come first, as they were sent first."""
+        if self._flusher.deferred:
+            self._flusher.run_deferred()
+
+    def _add_pending(self, data: bytes) -> None:
+        if not self._pending:
+            self._flusher.add(self)
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+
+    def _write(self, data: bytes) -> None:
+        """Write ``data`` now, after this turn's frames (a control frame: ping, pong, close)."""
+        self._pending.append(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand this turn's frames to the transport, in one call."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        self._pending_bytes = 0
+        if self._done:
+            return
+        if len(pending) == 1:
+            self._transport.write(pending[0])
+        else:
+            self._transport.writelines(pending)
 
     def _drop(self) -> None:
         self._transport.abort()

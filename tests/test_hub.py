@@ -1,0 +1,184 @@
+"""The hub and WebSocket send path in one process, over a real loopback TCP connection, so
+that what happens within one turn of the loop is under the test's control: broadcasts of a
+turn go out together at its end (``Hub._fan_out``), and each connection still gets its
+frames in the order they were sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+
+from edgelink.gateway.events import Event
+from edgelink.gateway.metrics import Registry
+from edgelink.http.websocket import WebSocket, server_connection
+from edgelink.hub import Hub
+from edgelink.ledger import Ledger
+
+
+class _Server(asyncio.Protocol):
+    """The server side: the WebSocket handshake by wsproto, then a ``WebSocket``."""
+
+    def __init__(self, accepted: asyncio.Future[WebSocket], queue_limit: int, queue_bytes: int):
+        self.accepted = accepted
+        self.queue_limit, self.queue_bytes = queue_limit, queue_bytes
+        self.conn = server_connection()
+        self.ws: WebSocket | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.feed(data)
+            return
+        self.conn.receive_data(data)
+        for event in self.conn.events():
+            if isinstance(event, Request):
+                self.transport.write(self.conn.send(AcceptConnection()))
+                self.ws = WebSocket(self.transport, self.conn, None, max_message=1 << 20,
+                                    queue_limit=self.queue_limit, queue_bytes=self.queue_bytes,
+                                    ping_interval=60, compressed=False, set_reading=lambda on: None)
+                self.accepted.set_result(self.ws)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.ws is not None:
+            self.ws.connection_lost()
+
+    def pause_writing(self) -> None:
+        assert self.ws is not None
+        self.ws.pause_writing()
+
+    def resume_writing(self) -> None:
+        assert self.ws is not None
+        self.ws.resume_writing()
+
+
+class _Client:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.conn = WSConnection(ConnectionType.CLIENT)
+        self.events: list = []
+
+    async def handshake(self, port: int) -> None:
+        self.writer.write(self.conn.send(Request(host=f"127.0.0.1:{port}", target="/ws")))
+        while not any(isinstance(e, AcceptConnection) for e in self.events):
+            await self._read()
+
+    async def _read(self) -> None:
+        data = await asyncio.wait_for(self.reader.read(65536), 10)
+        assert data, "the server closed the connection"
+        self.conn.receive_data(data)
+        self.events.extend(self.conn.events())
+
+    async def until_closed(self) -> list:
+        """Every message and the close frame, as (kind, value)."""
+        while not any(isinstance(e, CloseConnection) for e in self.events):
+            await self._read()
+        return self.messages()
+
+    def messages(self) -> list:
+        return [("text", orjson.loads(e.data)) if isinstance(e, TextMessage) else ("close", e.code)
+                for e in self.events if isinstance(e, (TextMessage, CloseConnection))]
+
+
+def _event(seq: int) -> Event:
+    return Event(f"ev-{seq}", "system.alert", "test", 1, {"n": seq}, None, True, True, seq)
+
+
+async def _connected(tmp_path: Path, count: int, queue_limit: int = 64, queue_bytes: int = 1 << 20):
+    """A hub with ``count`` live clients (replayed from an empty ledger) and their peers."""
+    loop = asyncio.get_running_loop()
+    pending: list[asyncio.Future[WebSocket]] = []
+
+    def protocol() -> _Server:
+        pending.append(loop.create_future())
+        return _Server(pending[-1], queue_limit, queue_bytes)
+
+    server = await loop.create_server(protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ledger = Ledger(str(tmp_path / "ledger.db"), sync="normal")
+    await ledger.start()
+    hub = Hub(Registry(), hold_limit=10, hold_bytes=1 << 20)
+    pairs = []
+    for _ in range(count):
+        peer = _Client(*await asyncio.open_connection("127.0.0.1", port))
+        await peer.handshake(port)
+        ws = await pending[len(pairs)]
+        client = hub.add(ws, f"c{len(pairs)}", None)
+        await hub.replay(client, 0, ledger)  # nothing stored: the client goes live
+        pairs.append((ws, peer))
+    return server, ledger, hub, pairs
+
+
+def test_frames_of_one_turn_keep_the_order_they_were_sent_in(tmp_path):
+    async def go():
+        server, ledger, hub, [(a, peer_a), (b, peer_b)] = await _connected(tmp_path, 2)
+        # one turn: nothing awaited from here to the closes
+        hub.broadcast(_event(1))
+        a.send(b'{"echo": 1}')
+        hub.broadcast(_event(2), exclude=b)
+        hub.broadcast(_event(3), exclude=a)
+        b.send(b'{"echo": 2}')
+        hub.broadcast(_event(4))
+        a.close()
+        b.close(1001)
+        assert await peer_a.until_closed() == [
+            ("text", _event(1).frame()), ("text", {"echo": 1}), ("text", _event(2).frame()),
+            ("text", _event(4).frame()), ("close", 1000)]
+        assert await peer_b.until_closed() == [
+            ("text", _event(1).frame()), ("text", _event(3).frame()), ("text", {"echo": 2}),
+            ("text", _event(4).frame()), ("close", 1001)]
+        server.close()
+        await ledger.close()
+    asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_a_turn_over_the_send_queue_bound_closes_only_that_client_1013(tmp_path):
+    async def go():
+        # a 4-frame send queue: what the paused transport does not take overflows it
+        server, ledger, hub, [(slow, peer_slow), (fast, peer_fast)] = await _connected(
+            tmp_path, 2, queue_limit=4)
+        peer_slow.writer.transport.pause_reading()  # its socket is simply no longer read
+        big = {"blob": "x" * 60_000}
+        sent = 0
+        while slow.close_code is None:
+            sent += 1
+            hub.broadcast(Event(f"big-{sent}", "system.alert", "t", 1, big, None, True, True, 2 * sent - 1))
+            hub.broadcast(Event(f"small-{sent}", "system.alert", "t", 1, {}, None, True, True, 2 * sent))
+            await peer_fast._read()  # a turn or more: the frames reach the sockets; one reads
+            assert sent < 1000, "the slow client was never closed"
+        assert slow.close_code == 1013 and slow not in hub.clients
+        assert fast in hub.clients and fast.close_code is None
+        fast.close()
+        frames = await peer_fast.until_closed()
+        assert [value["event_id"] for kind, value in frames[:-1]] == [
+            f"{kind}-{n}" for n in range(1, sent + 1) for kind in ("big", "small")]
+        assert frames[-1] == ("close", 1000)
+        server.close()
+        await ledger.close()
+    asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_a_client_gets_what_was_broadcast_while_it_was_registered_in_that_turn(tmp_path):
+    async def go():
+        server, ledger, hub, [(a, peer_a), (b, peer_b)] = await _connected(tmp_path, 2)
+        hub.remove(hub.clients[b])
+        hub.broadcast(_event(1))  # b is not registered: not for it
+        client_b = hub.add(b, "b-again", None)
+        hub.broadcast(_event(2))  # held for b until its replay is done
+        await hub.replay(client_b, 2, ledger)
+        hub.broadcast(_event(3))
+        hub.remove(hub.clients[a])  # after event 3, which is still a's
+        hub.broadcast(_event(4))
+        a.close()
+        b.close()
+        assert await peer_a.until_closed() == [("text", _event(n).frame()) for n in (1, 2, 3)] + [("close", 1000)]
+        assert await peer_b.until_closed() == [("text", _event(n).frame()) for n in (2, 3, 4)] + [("close", 1000)]
+        server.close()
+        await ledger.close()
+    asyncio.run(asyncio.wait_for(go(), 60))
