@@ -34,10 +34,11 @@ import orjson
 
 from .gateway.events import Event
 from .gateway.metrics import Registry
-from .http.websocket import CLOSE_TRY_AGAIN_LATER, WebSocket, call_before_writes, text_frame
+from .http.frames import CLOSE_TRY_AGAIN_LATER, call_before_writes, text_frame
 from .log import log
 
 if TYPE_CHECKING:
+    from .http.websocket import WebSocket
     from .ledger import Ledger
 
 POLICY_VIOLATION = 1008

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import os
 import signal
+import subprocess
+import sys
 import time
 from urllib.parse import quote
 
@@ -280,3 +282,11 @@ def test_reload_that_changes_the_token_closes_old_clients_1008(tmp_path):
         run(go())
     finally:
         gw.stop()
+
+
+def test_wsproto_is_imported_at_the_first_upgrade_not_at_start() -> None:
+    # about 15 ms and a few hundred KiB of every start-up, for gateways no WebSocket reaches
+    code = ("import sys, edgelink.serve, edgelink.app, edgelink.hub, edgelink.api.ws; "
+            "bad = [m for m in sys.modules if m.split('.')[0] == 'wsproto' or m == 'edgelink.http.websocket']; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

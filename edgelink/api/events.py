@@ -11,9 +11,9 @@ import orjson
 from ..gateway.events import Event, SchemaRejected, parse_ingest
 from ..ledger import LedgerFull, LedgerUnavailable
 from ..http.messages import HTTPError, Request, Response, json_response
-from ..http.websocket import WebSocket
 
 if TYPE_CHECKING:
+    from ..http.websocket import WebSocket
     from ..runtime import Runtime
 
 RECENT_IN_SNAPSHOT = 20

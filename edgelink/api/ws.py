@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import TYPE_CHECKING
 
 import orjson
 
 from ..gateway.events import SCHEMAS, SchemaRejected, build_event, normalize_client_event
+from ..http.frames import CLOSE_INTERNAL_ERROR
 from ..http.messages import HTTPError, InvalidJSON, parse_json
-from ..http.websocket import CLOSE_INTERNAL_ERROR, WebSocket
 from ..ledger import LedgerFull, LedgerUnavailable
 from ..log import log, traceback_text
 from .events import accept, now_ms
+
+if TYPE_CHECKING:
+    from ..http.websocket import WebSocket
 
 MAX_CLIENT_ID = 128
 POLICY_VIOLATION = 1008

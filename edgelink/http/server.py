@@ -56,18 +56,19 @@ import sys
 import termios
 import time
 from http import HTTPStatus
-from typing import Any, Awaitable, Callable, Coroutine, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Protocol
 from urllib.parse import unquote
 
 import h11
-from wsproto.events import AcceptConnection, Request as WsRequest
-from wsproto.extensions import PerMessageDeflate
 
 from ..log import address, log, traceback_text
+from .frames import CLOSE_GOING_AWAY
 from .messages import HTTPError, Request, Response, StreamingResponse
-from .websocket import CLOSE_GOING_AWAY, WebSocket, server_connection
 
-WsHandler = Callable[[WebSocket], Awaitable[None]]
+if TYPE_CHECKING:
+    from .websocket import WebSocket
+
+WsHandler = Callable[["WebSocket"], Awaitable[None]]
 
 
 class Dispatcher(Protocol):
@@ -718,6 +719,12 @@ class HttpProtocol(asyncio.Protocol):
             self._write_response(request, outcome)
             self._close()
             return
+        # wsproto is imported at the first upgrade, not by every gateway (frames.py)
+        from wsproto.events import AcceptConnection, Request as WsRequest
+        from wsproto.extensions import PerMessageDeflate
+
+        from .websocket import WebSocket, server_connection
+
         ws_conn = server_connection()
         raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
         try:
