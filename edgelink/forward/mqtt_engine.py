@@ -26,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from . import Target
-from .engine import EngineError, Message, safe_type, tls_context
+from .engine import Acks, EngineError, Message, safe_type, tls_context
 
 KEEPALIVE = 30  # seconds between PINGREQs on an idle connection
 AUTH_CODES = {4, 5, 0x86, 0x87}  # 3.1.1 bad user/password, not authorised; their MQTT 5 codes
@@ -90,13 +90,15 @@ class MqttEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self._connected: asyncio.Future[None] | None = None
-        self._pending: dict[int, asyncio.Future[None]] = {}
+        self.acks: Acks | None = None
+        self._pending: dict[int, int] = {}  # paho's message id -> our index in acks
         self._misc: asyncio.Task[None] | None = None
         self._prefix = ""
 
     async def connect(self, edge_id: str, timeout: float) -> None:
         t = self.target
         loop = self._loop = asyncio.get_running_loop()
+        self.acks = Acks(loop)
         self._loop_thread = threading.get_ident()
         self._prefix = f"vx11/{edge_id}/events/"
         self._connected = loop.create_future()
@@ -138,23 +140,22 @@ class MqttEngine:
         else:
             client.connect(self.target.host, self.target.port, KEEPALIVE)
 
-    async def publish(self, msg: Message) -> asyncio.Future[None]:
+    async def send(self, messages: list[Message]) -> None:
         client = self._client
         if client is None or not client.is_connected():
             raise EngineError("disconnected", "not connected")
-        properties = None
-        if self.v5:
-            properties = Properties(PacketTypes.PUBLISH)
-            properties.UserProperty = ("msg_id", msg.msg_id)
-        future = self._loop.create_future()
-        info = client.publish(self._prefix + safe_type(msg.type), msg.body, qos=1, properties=properties)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            raise EngineError("disconnected", mqtt.error_string(info.rc))
-        if info.is_published():  # the ack came within the call
-            future.set_result(None)
-        else:
-            self._pending[info.mid] = future
-        return future
+        acks, pending, prefix, v5 = self.acks, self._pending, self._prefix, self.v5
+        for msg in messages:
+            properties = None
+            if v5:
+                properties = Properties(PacketTypes.PUBLISH)
+                properties.UserProperty = ("msg_id", msg.msg_id)
+            info = client.publish(prefix + safe_type(msg.type), msg.body, qos=1, properties=properties)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                raise EngineError("disconnected", mqtt.error_string(info.rc))
+            # the PUBACK cannot come within the call: paho only queues the packet (the
+            # writer is registered with the loop) and reads only in _readable
+            pending[info.mid] = acks.add()
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -206,19 +207,18 @@ class MqttEngine:
         self._fail(error)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, code: Any, properties: Any) -> None:
-        future = self._pending.pop(mid, None)
-        if future is None or future.done():
+        index = self._pending.pop(mid, None)
+        if index is None:
             return
         if code.is_failure:
-            future.set_exception(EngineError("rejected", f"PUBACK reason: {code}"))
+            self.acks.refuse(index, EngineError("rejected", f"PUBACK reason: {code}"))
         else:
-            future.set_result(None)
+            self.acks.ack(index)
 
     def _fail(self, error: EngineError) -> None:
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(error)
+        self._pending = {}
+        if self.acks is not None:
+            self.acks.fail(error)
 
     # --- driving paho from the loop ---------------------------------------------------
 
