@@ -24,6 +24,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from . import Target
 from .engine import Acks, EngineError, Message, safe_type, tls_context
@@ -33,6 +34,9 @@ AUTH_CODES = {4, 5, 0x86, 0x87}  # 3.1.1 bad user/password, not authorised; thei
 RECV_BYTES = 1 << 16  # one socket read serves this many bytes of PUBACKs to paho
 QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# what paho would build for every plain PUBACK, built once: no reason code, no properties
+PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+PUBACK_NO_PROPERTIES = Properties(PacketTypes.PUBACK)
 
 
 class _BatchingClient(mqtt.Client):
@@ -40,7 +44,8 @@ class _BatchingClient(mqtt.Client):
     (header, length, body) and writes each packet with its own ``send``; here one read
     fills a buffer those calls are served from, and the packets one ``loop_write`` emits
     go out in one ``send`` (``flush``). The write buffer holds at most what paho's own
-    queue held: the forwarder's window of messages."""
+    queue held: the forwarder's window of messages. A plain PUBACK skips paho's decoding
+    (``_handle_pubackcomp``)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -66,6 +71,20 @@ class _BatchingClient(mqtt.Client):
             raise ConnectionError("self._sock is None")
         self.write_buffer += buf
         return len(buf)
+
+    def _handle_pubackcomp(self, cmd: Any) -> Any:
+        # A plain PUBACK (3.1.1, or MQTT 5 success without properties) is its 2-byte
+        # message id: paho decodes it into a new ReasonCode and Properties, which costs
+        # more than the rest of the ack together. The ack itself still goes through
+        # paho's own _do_on_publish (its message table, in-flight count, on_publish).
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)
+        mid = (packet[0] << 8) | packet[1]
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, PUBACK_SUCCESS, PUBACK_NO_PROPERTIES)
+        return mqtt.MQTT_ERR_SUCCESS
 
     def flush(self) -> bool:
         """Send what the write buffer holds; True when some is left for the next writable
