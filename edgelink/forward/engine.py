@@ -12,6 +12,7 @@ library keeps a queue of its own across connections.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import ssl
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class Message:
     body: bytes
 
 
+@functools.lru_cache(maxsize=1024)  # a ledger holds few types: one regex per type, not per event
 def safe_type(event_type: str) -> str:
     """The event type as a subject/topic token: characters outside [A-Za-z0-9_.-] become '_'."""
     return _SUBJECT_UNSAFE.sub("_", event_type)
