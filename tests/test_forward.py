@@ -482,3 +482,19 @@ def test_edgelink_check_runs_the_forwarding_check(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "VX11_GATEWAY_TOKEN": "t", "EDGELINK_FORWARD_URL": "amqp://broker"}
     done = subprocess.run([EDGELINK, "check"], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=30)
     assert done.returncode == 1 and "EDGELINK_FORWARD_URL" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("msg_id", ["box1:2d997bab5e87490b86c8d3999e359b2e:123", "é:" + "a" * 200])
+def test_mqtt5_msg_id_property_packs_as_paho_does(msg_id: str) -> None:
+    pytest.importorskip("paho.mqtt")
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from edgelink.forward.mqtt_engine import _MsgIdProperties
+    ref = Properties(PacketTypes.PUBLISH)
+    ref.UserProperty = ("msg_id", msg_id)
+    mine = _MsgIdProperties(msg_id)
+    assert mine.pack() == ref.pack() and str(mine) == str(ref)
+    back = Properties(PacketTypes.PUBLISH)
+    back.unpack(mine.pack())  # a property length over 127 takes two bytes
+    assert back.UserProperty == [("msg_id", msg_id)]

@@ -23,7 +23,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.reasoncodes import ReasonCode
 
 from . import Target
@@ -37,6 +37,27 @@ WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # what paho would build for every plain PUBACK, built once: no reason code, no properties
 PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
 PUBACK_NO_PROPERTIES = Properties(PacketTypes.PUBACK)
+
+
+class _MsgIdProperties(Properties):
+    """MQTT 5 PUBLISH properties holding the one ``msg_id`` user property. paho's own
+    costs ~22 us per message to make and set (its setter scans every property name) and
+    ~10 us to pack; this one takes the fields of one made at import, so it reads and
+    prints like paho's, and packs its single property itself (MQTT 5 3.3.2.3: the
+    properties' length, then 0x26 and a UTF-8 string pair), ~0.5 us in all."""
+
+    _fields = Properties(PacketTypes.PUBLISH).__dict__
+
+    def __init__(self, msg_id: str):
+        fields = self.__dict__
+        fields.update(self._fields)
+        fields["UserProperty"] = [("msg_id", msg_id)]
+        value = msg_id.encode()
+        packed = b"\x26\x00\x06msg_id" + len(value).to_bytes(2, "big") + value
+        fields["_packed"] = VariableByteIntegers.encode(len(packed)) + packed
+
+    def pack(self) -> bytes:
+        return self._packed
 
 
 class _BatchingClient(mqtt.Client):
@@ -165,10 +186,7 @@ class MqttEngine:
             raise EngineError("disconnected", "not connected")
         acks, pending, prefix, v5 = self.acks, self._pending, self._prefix, self.v5
         for msg in messages:
-            properties = None
-            if v5:
-                properties = Properties(PacketTypes.PUBLISH)
-                properties.UserProperty = ("msg_id", msg.msg_id)
+            properties = _MsgIdProperties(msg.msg_id) if v5 else None
             info = client.publish(prefix + safe_type(msg.type), msg.body, qos=1, properties=properties)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 raise EngineError("disconnected", mqtt.error_string(info.rc))
