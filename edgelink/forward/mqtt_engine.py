@@ -34,8 +34,13 @@ AUTH_CODES = {4, 5, 0x86, 0x87}  # 3.1.1 bad user/password, not authorised; thei
 RECV_BYTES = 1 << 16  # one socket read serves this many bytes of PUBACKs to paho
 QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-# what paho would build for every plain PUBACK, built once: no reason code, no properties
-PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+# what paho would build for every plain PUBACK, built once: its reason by the bytes after
+# the message id (3.1.1: none; MQTT 5: none, or success / no matching subscribers with
+# maybe a zero property length), and no properties
+_SUCCESS, _NO_SUBSCRIBERS = (ReasonCode(PacketTypes.PUBACK, identifier=code) for code in (0x00, 0x10))
+PLAIN_PUBACKS = {False: {b"": _SUCCESS},
+                 True: {b"": _SUCCESS, b"\x00": _SUCCESS, b"\x00\x00": _SUCCESS,
+                        b"\x10": _NO_SUBSCRIBERS, b"\x10\x00": _NO_SUBSCRIBERS}}
 PUBACK_NO_PROPERTIES = Properties(PacketTypes.PUBACK)
 
 
@@ -94,17 +99,19 @@ class _BatchingClient(mqtt.Client):
         return len(buf)
 
     def _handle_pubackcomp(self, cmd: Any) -> Any:
-        # A plain PUBACK (3.1.1, or MQTT 5 success without properties) is its 2-byte
-        # message id: paho decodes it into a new ReasonCode and Properties, which costs
-        # more than the rest of the ack together. The ack itself still goes through
-        # paho's own _do_on_publish (its message table, in-flight count, on_publish).
+        # A plain PUBACK is its 2-byte message id, under MQTT 5 maybe followed by a success
+        # reason and a zero property length: paho decodes each into a new ReasonCode and
+        # Properties, which costs more than the rest of the ack together. The ack itself
+        # still goes through paho's own _do_on_publish (its message table, in-flight
+        # count, on_publish). A refusal or any properties: paho's path.
         packet = self._in_packet["packet"]
-        if cmd != "PUBACK" or len(packet) != 2:
+        code = PLAIN_PUBACKS[self._protocol == mqtt.MQTTv5].get(bytes(packet[2:])) if len(packet) >= 2 else None
+        if cmd != "PUBACK" or code is None:
             return super()._handle_pubackcomp(cmd)
         mid = (packet[0] << 8) | packet[1]
         with self._out_message_mutex:
             if mid in self._out_messages:
-                return self._do_on_publish(mid, PUBACK_SUCCESS, PUBACK_NO_PROPERTIES)
+                return self._do_on_publish(mid, code, PUBACK_NO_PROPERTIES)
         return mqtt.MQTT_ERR_SUCCESS
 
     def flush(self) -> bool:
