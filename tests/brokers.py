@@ -191,7 +191,10 @@ class TestCA:
         self.ca, self.cert, self.key = self.dir / "ca.pem", self.dir / "server.pem", self.dir / "server.key"
         openssl = shutil.which("openssl") or "/usr/bin/openssl"
         ca_key, csr, ext = self.dir / "ca.key", self.dir / "server.csr", self.dir / "san.ext"
-        run = lambda *argv: subprocess.run([openssl, *argv], check=True, capture_output=True)  # noqa: E731
+
+        def run(*argv: str) -> None:
+            subprocess.run([openssl, *argv], check=True, capture_output=True)
+
         run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(self.ca),
             "-days", "2", "-subj", "/CN=edgelink test CA")
         run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key), "-out", str(csr),

@@ -77,7 +77,7 @@ class Acks:
     a refused message (due once every message before it is acked) or a lost connection
     (due at once). ``wait`` gives one future for the next burst of acks."""
 
-    __slots__ = ("loop", "sent", "acked", "_early", "_refused", "_error", "_waiter", "_want")
+    __slots__ = ("_early", "_error", "_refused", "_waiter", "_want", "acked", "loop", "sent")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
