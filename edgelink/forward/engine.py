@@ -1,12 +1,12 @@
 """The small interface both broker engines implement, and what they publish.
 
 An engine is one connection: ``connect`` (bounded by a timeout), then ``send`` for each
-burst of events, which hands them to the socket (one await per burst). The engine counts the broker's acks (NATS
-PubAck, MQTT PUBACK) in publish order in its ``acks`` (an ``Acks``): no future per message,
-the forwarder asks for one future per burst of acks it waits for. A refused message or a
-lost connection is an error the forwarder raises once every ack before it is counted. The
-forwarder never reuses an engine after an error: it closes it and builds a new one, so no
-library keeps a queue of its own across connections.
+burst of events, which hands them to the socket (one await per burst). The engine counts
+the broker's acks (NATS PubAck, MQTT PUBACK) in publish order in its ``acks`` (an
+``Acks``): no future per message, the forwarder asks for one future per burst of acks it
+waits for. A refused message or a lost connection is an error the forwarder raises once
+every ack before it is counted. The forwarder never reuses an engine after an error: it
+closes it and builds a new one, so no library keeps a queue of its own across connections.
 """
 
 from __future__ import annotations

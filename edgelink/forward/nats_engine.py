@@ -4,8 +4,9 @@ Each event is a core NATS publish to ``vx11.<edge_id>.events.<type>`` with heade
 ``Nats-Msg-Id`` and a reply subject under one inbox per connection; the stream answers
 there with its PubAck (or an error, or the server's 503 "no responders" when no stream
 holds the subject). Publishing without awaiting each ack is what lets a window of
-events be in flight; the reply subject's last token is the message's index in ``acks``. The client's own reconnect is off: on any loss the forwarder drops
-this engine and reconnects with its own backoff, resuming after the cursor.
+events be in flight; the reply subject's last token is the message's index in ``acks``.
+The client's own reconnect is off: on any loss the forwarder drops this engine and
+reconnects with its own backoff, resuming after the cursor.
 """
 
 from __future__ import annotations
