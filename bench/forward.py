@@ -10,6 +10,11 @@ For each engine (NATS JetStream, MQTT via mosquitto) on real loopback brokers:
   and CPU seconds per 100,000 events during the catch-up;
 * time from a broker restart to the first ack.
 
+``--in-process`` runs only the catch-up, with the ``Forwarder`` and the real engine in this
+process (real ledger file, real broker, uvloop), and reports the process's CPU seconds and
+its loop thread's: the figure that judged each catch-up change, without a gateway, HTTP
+polls or a subscriber around it.
+
 Needs nats-server and mosquitto (``.ci/run`` installs them) and the ``nats``/``mqtt`` extras.
 Prints one JSON object; bench/README.md keeps the figures.
 """
@@ -17,7 +22,10 @@ Prints one JSON object; bench/README.md keeps the figures.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import resource
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -134,14 +142,73 @@ def engine_figures(kind: str, root: Path, rates: bool = True) -> dict[str, Any]:
     return out
 
 
+def in_process(kind: str, root: Path, window: int, runs: int) -> dict[str, Any]:
+    """Median catch-up of BACKLOG events with the forwarder in this process (``kind``:
+    nats, mqtt, or mqtt5 for the URL path /5)."""
+    import uvloop
+
+    from edgelink import forward
+    from edgelink.config import load_settings
+    from edgelink.forward.forwarder import Forwarder
+    from edgelink.gateway.metrics import Registry
+    from edgelink.ledger import Ledger
+
+    tmp = root / kind
+    tmp.mkdir()
+    b = broker("nats" if kind == "nats" else "mqtt", tmp)
+    url = b.url + ("/5" if kind == "mqtt5" else "")
+    settings = load_settings({"EDGELINK_FORWARD_URL": url, "EDGELINK_EDGE_ID": "box1", "ENABLE_AUTH": "false"})
+
+    def process_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    async def catch_up(db: Path) -> tuple[float, float, float, int]:
+        ledger = Ledger(str(db), sync="normal")
+        await ledger.start()
+        fw = Forwarder(ledger, lambda: forward.open_engine(settings), Registry(), engine=kind, url=url,
+                       edge_id="box1", window=window, ack_timeout=10)
+        t0, cpu0, loop0 = time.monotonic(), process_cpu(), time.thread_time()
+        await fw.start()
+        while fw.acked_seq < BACKLOG:
+            await asyncio.sleep(0.005)
+        figures = (time.monotonic() - t0, process_cpu() - cpu0, time.thread_time() - loop0, ledger.commits)
+        await fw.stop()
+        await ledger.close()
+        return figures
+
+    results = []
+    try:
+        for i in range(runs):
+            fill_db(tmp / f"gw{i}.db", BACKLOG)
+            results.append(uvloop.run(catch_up(tmp / f"gw{i}.db")))
+    finally:
+        b.kill()
+    wall, cpu, loop_cpu, commits = (statistics.median(column) for column in zip(*results))
+    return {"window": window, "runs": runs, "catch_up_100k_s": round(wall, 2),
+            "catch_up_100k_s_each": [round(r[0], 2) for r in results],
+            "cpu_s_per_100k": round(cpu * 100_000 / BACKLOG, 2),
+            "loop_thread_cpu_s_per_100k": round(loop_cpu * 100_000 / BACKLOG, 2),
+            "cursor_writes": int(commits)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engine", choices=("nats", "mqtt", "both"), default="both")
+    parser.add_argument("--engine", choices=("nats", "mqtt", "mqtt5", "both"), default="both")
     parser.add_argument("--skip-rates", action="store_true", help="only catch-up, RSS, CPU and restart")
+    parser.add_argument("--in-process", action="store_true",
+                        help="only the catch-up, the forwarder in this process (see above); --engine may be mqtt5")
+    parser.add_argument("--runs", type=int, default=3, help="--in-process: runs to take the median of")
+    parser.add_argument("--window", type=int, default=64, help="--in-process: the forwarding window")
     args = parser.parse_args()
+    if args.engine == "mqtt5" and not args.in_process:
+        parser.error("--engine mqtt5 goes with --in-process")
     kinds = ("nats", "mqtt") if args.engine == "both" else (args.engine,)
     with tempfile.TemporaryDirectory() as root:
-        figures = {kind: engine_figures(kind, Path(root), not args.skip_rates) for kind in kinds}
+        if args.in_process:
+            figures = {kind: in_process(kind, Path(root), args.window, args.runs) for kind in kinds}
+        else:
+            figures = {kind: engine_figures(kind, Path(root), not args.skip_rates) for kind in kinds}
     print(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
     return 0
 

@@ -134,7 +134,7 @@ class Nats(Broker):
 
 class Mosquitto(Broker):
     def __init__(self, tmp: Path, auth: tuple[str, str] | None = None, port: int | None = None,
-                 durable: bool = False):
+                 durable: bool = False, tls: "TestCA | None" = None, acl: str | None = None):
         super().__init__(tmp, "mosquitto", port)
         self.binary = need_binary("mosquitto")
         # No silent drop for a queued subscriber (the default drops past 1000 messages), and
@@ -144,6 +144,13 @@ class Mosquitto(Broker):
         lines = [f"listener {self.port} 127.0.0.1", "persistence true", f"persistence_location {self.dir}/",
                  *(["autosave_on_changes true", "autosave_interval 1"] if durable else ["autosave_interval 1"]),
                  "max_queued_messages 0", "max_inflight_messages 0", "max_queued_bytes 0"]
+        self.tls_port = None
+        if tls is not None:
+            # a second listener with TLS (its options apply to the listener above them);
+            # the plain one stays for the test's subscriber
+            self.tls_port = unused_port()
+            lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {tls.ca}", f"certfile {tls.cert}",
+                      f"keyfile {tls.key}"]
         if os.geteuid() == 0:  # as root mosquitto drops to its own user, which cannot read our temp dir
             lines.append("user root")
         if auth:
@@ -153,8 +160,17 @@ class Mosquitto(Broker):
             lines += ["allow_anonymous false", f"password_file {self.dir}/passwd"]
         else:
             lines.append("allow_anonymous true")
+        if acl is not None:
+            (self.dir / "acl").write_text(acl)
+            lines.append(f"acl_file {self.dir}/acl")
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> "Mosquitto":
+        super().start()
+        if self.tls_port is not None:
+            wait_port(self.tls_port, self.proc, self.log)
+        return self
 
     def argv(self) -> list[str]:
         return [self.binary, "-c", str(self.conf)]
@@ -164,16 +180,44 @@ class Mosquitto(Broker):
         return f"mqtt://127.0.0.1:{self.port}"
 
 
+class TestCA:
+    """A CA and a server certificate for 127.0.0.1 made with the system's openssl."""
+
+    __test__ = False  # not a test class for pytest
+
+    def __init__(self, tmp: Path):
+        self.dir = tmp / "ca"
+        self.dir.mkdir(exist_ok=True)
+        self.ca, self.cert, self.key = self.dir / "ca.pem", self.dir / "server.pem", self.dir / "server.key"
+        openssl = shutil.which("openssl") or "/usr/bin/openssl"
+        ca_key, csr, ext = self.dir / "ca.key", self.dir / "server.csr", self.dir / "san.ext"
+
+        def run(*argv: str) -> None:
+            subprocess.run([openssl, *argv], check=True, capture_output=True)
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(self.ca),
+            "-days", "2", "-subj", "/CN=edgelink test CA")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key), "-out", str(csr),
+            "-subj", "/CN=127.0.0.1")
+        ext.write_text("subjectAltName = IP:127.0.0.1\n")
+        run("x509", "-req", "-in", str(csr), "-CA", str(self.ca), "-CAkey", str(ca_key), "-CAcreateserial",
+            "-out", str(self.cert), "-days", "2", "-extfile", str(ext))
+
+
 class MqttSubscriber:
     """A QoS 1 subscriber with a persistent session, connected before forwarding starts,
     collecting message bodies on a paho thread."""
 
-    def __init__(self, broker: Mosquitto, topic: str = "vx11/#"):
+    def __init__(self, broker: Mosquitto, topic: str = "vx11/#", v5: bool = False):
         import paho.mqtt.client as mqtt
         self.bodies: list[dict] = []
         self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="central-consumer",
-                                  clean_session=False)
+        if v5:  # MQTT 5, to see the user properties (a session kept only while connected)
+            self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="central-consumer",
+                                      protocol=mqtt.MQTTv5)
+        else:
+            self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="central-consumer",
+                                      clean_session=False)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.reconnect_delay_set(0.1, 1)
@@ -187,6 +231,7 @@ class MqttSubscriber:
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         body = orjson.loads(msg.payload)
         body["_dup"] = bool(msg.dup)  # the broker delivering again what this session missed acking
+        body["_user"] = getattr(msg.properties, "UserProperty", None)  # MQTT 5 only
         with self.lock:
             self.bodies.append(body)
 

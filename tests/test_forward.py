@@ -16,7 +16,7 @@ import pytest
 
 from edgelink import forward
 from edgelink.config import ConfigError, Settings
-from edgelink.forward.engine import EngineError, Message, safe_type
+from edgelink.forward.engine import Acks, EngineError, Message, safe_type
 from edgelink.forward.forwarder import BACKOFF_MAX, BACKOFF_MIN, Forwarder, backoff, type_filter
 from edgelink.gateway.events import build_event
 from edgelink.gateway.metrics import Registry
@@ -24,46 +24,50 @@ from edgelink.ledger import Ledger
 
 
 class FakeEngine:
-    """Records what is published; acks when told (or at once with ``auto``)."""
+    """Records what is sent; acks when told (or at once with ``auto``), through the
+    engines' own ack counting (``Acks``)."""
 
     def __init__(self, world: "World"):
         self.world = world
-        self.pending: list[tuple[Message, asyncio.Future]] = []
-        self.sent: list[int] = []
+        self.acks: Acks | None = None
+        self.sent: list[int] = []  # seqs, by index in acks
         self.closed = False
 
     async def connect(self, edge_id: str, timeout: float) -> None:
         self.world.connects += 1
         if self.world.refuse:
             raise EngineError("unreachable", "refused by the test")
+        self.acks = Acks(asyncio.get_running_loop())
 
-    async def publish(self, msg: Message) -> asyncio.Future:
+    async def send(self, messages: list[Message]) -> None:
         if self.closed:
             raise EngineError("disconnected", "closed")
-        future = asyncio.get_running_loop().create_future()
-        self.world.sent.append(msg)
-        self.sent.append(msg.seq)
-        if self.world.auto and msg.seq not in self.world.lose:
-            future.set_result(None)
-        else:
-            self.pending.append((msg, future))
-        unacked = sum(1 for _, f in self.pending if not f.done())
-        self.world.max_unacked = max(self.world.max_unacked, unacked)
-        return future
+        for msg in messages:
+            index = self.acks.add()
+            self.world.sent.append(msg)
+            self.sent.append(msg.seq)
+            if self.world.auto and msg.seq not in self.world.lose:
+                self.acks.ack(index)
+        self.world.max_unacked = max(self.world.max_unacked, self.acks.sent - self.acks.acked)
+
+    @property
+    def pending(self) -> list[int]:
+        """Seqs sent and not acked yet (in an unbroken prefix)."""
+        return self.sent[self.acks.acked:]
 
     def ack(self, seq: int) -> None:
-        for msg, future in self.pending:
-            if msg.seq == seq and not future.done():
-                future.set_result(None)
+        self.acks.ack(self.sent.index(seq))
+
+    def refuse(self, seq: int) -> None:
+        self.acks.refuse(self.sent.index(seq), EngineError("rejected", "refused by the test"))
 
     def fail_all(self) -> None:
-        for _, future in self.pending:
-            if not future.done():
-                future.set_exception(EngineError("disconnected", "cut by the test"))
+        self.acks.fail(EngineError("disconnected", "cut by the test"))
 
     async def close(self) -> None:
         self.closed = True
-        self.fail_all()
+        if self.acks is not None:
+            self.fail_all()
 
 
 class World:
@@ -128,6 +132,10 @@ def test_forwards_everything_in_order_and_stores_the_cursor(tmp_path: Path) -> N
         await fw.stop()
         assert await ledger.forward_cursor() == 1000
         assert ledger.protect_after is None  # stopped: nothing protected any more
+        # counted per burst, still one per event; every ack's latency is in the histogram
+        assert fw.forwarded.values[()] == fw.acked.values[()] == 1000
+        counts, total = fw.ack_latency.values[()]
+        assert sum(counts) == 1000 and total[0] >= 0
 
     run_with_ledger(tmp_path, body)
     assert [m.seq for m in world.sent] == list(range(1, 1001))
@@ -190,6 +198,62 @@ def test_a_nearly_full_window_waits_for_a_burst_of_acks(tmp_path: Path) -> None:
     assert world.max_unacked <= 8
 
 
+def test_acks_count_an_unbroken_prefix_and_raise_errors_in_order() -> None:
+    async def body() -> None:
+        acks = Acks(asyncio.get_running_loop())
+        for _ in range(6):
+            acks.add()
+        waiter = acks.wait(3)
+        acks.ack(1)
+        acks.ack(2)
+        assert acks.acked == 0 and not waiter.done()  # message 0 not acked yet
+        acks.ack(0)
+        assert acks.acked == 3 and waiter.done()
+        acks.refuse(4, EngineError("rejected", "by the test"))
+        assert acks.error is None  # message 3 is not acked: the refusal is not due yet
+        waiter = acks.wait(6)
+        acks.ack(5)  # past the refused one: never counted
+        acks.ack(3)
+        assert acks.acked == 4 and waiter.done() and acks.error.kind == "rejected"
+
+        acks = Acks(asyncio.get_running_loop())
+        acks.add(), acks.add()
+        acks.ack(0)
+        waiter = acks.wait(2)
+        acks.fail(EngineError("disconnected", "by the test"))  # a lost connection is due at once
+        assert waiter.done() and acks.acked == 1 and acks.error.kind == "disconnected"
+        assert acks.wait(2).done()
+
+    asyncio.run(body())
+
+
+def test_a_refused_message_stops_the_cursor_before_it_and_reconnects(tmp_path: Path) -> None:
+    world = World()
+    world.auto = False
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 20)
+        fw = forwarder(ledger, world, window=8)
+        await fw.start()
+        await until(lambda: len(world.sent) == 8)
+        world.engine.refuse(4)
+        for seq in (1, 2, 5):
+            world.engine.ack(seq)
+        await asyncio.sleep(0.05)
+        assert len(world.engines) == 1 and fw.acked_seq == 2  # seq 3 not acked: not due yet
+        world.engine.ack(3)
+        await until(lambda: len(world.engines) == 2 and world.engine.sent)
+        assert fw.acked_seq in (2, 3) and "rejected" in fw.last_error  # never past seq 3
+        assert world.engine.sent[0] == fw.acked_seq + 1  # sent again after the cursor
+        world.auto = True
+        for seq in list(world.engine.pending):
+            world.engine.ack(seq)
+        await until(lambda: fw.acked_seq == 20)
+        await fw.stop()
+
+    run_with_ledger(tmp_path, body)
+
+
 def test_a_lost_connection_resends_after_the_cursor_at_most_a_window(tmp_path: Path) -> None:
     world = World()
     world.auto = False
@@ -205,8 +269,8 @@ def test_a_lost_connection_resends_after_the_cursor_at_most_a_window(tmp_path: P
         world.engine.fail_all()  # the connection drops with 6..13 unacknowledged
         await until(lambda: len(world.engines) == 2 and len(world.engine.sent) == 8)
         world.auto = True
-        for msg, _ in list(world.engine.pending):
-            world.engine.ack(msg.seq)
+        for seq in list(world.engine.pending):
+            world.engine.ack(seq)
         await until(lambda: fw.acked_seq == 40)
         await fw.stop()
         assert fw.status()["state"] in ("connected", "backoff", "connecting")
@@ -418,3 +482,19 @@ def test_edgelink_check_runs_the_forwarding_check(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "VX11_GATEWAY_TOKEN": "t", "EDGELINK_FORWARD_URL": "amqp://broker"}
     done = subprocess.run([EDGELINK, "check"], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=30)
     assert done.returncode == 1 and "EDGELINK_FORWARD_URL" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("msg_id", ["box1:2d997bab5e87490b86c8d3999e359b2e:123", "é:" + "a" * 200])
+def test_mqtt5_msg_id_property_packs_as_paho_does(msg_id: str) -> None:
+    pytest.importorskip("paho.mqtt")
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from edgelink.forward.mqtt_engine import _MsgIdProperties
+    ref = Properties(PacketTypes.PUBLISH)
+    ref.UserProperty = ("msg_id", msg_id)
+    mine = _MsgIdProperties(msg_id)
+    assert mine.pack() == ref.pack() and str(mine) == str(ref)
+    back = Properties(PacketTypes.PUBLISH)
+    back.unpack(mine.pack())  # a property length over 127 takes two bytes
+    assert back.UserProperty == [("msg_id", msg_id)]

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import orjson
 import pytest
 
-from brokers import Mosquitto, MqttSubscriber, Nats, Proxy, check_delivery
+from brokers import Mosquitto, MqttSubscriber, Nats, Proxy, TestCA, check_delivery
 from conftest import Gateway, log_records, start_gateway
 from edgelink.ledger import Ledger
 from fakemodule import unused_port
@@ -315,6 +315,62 @@ def test_missing_stream(side, gateway_factory) -> None:
     assert_degraded(gw, "no_stream")
     s.broker.add_stream()  # the operator creates it: forwarding starts by itself
     wait_status(gw, lambda st: st["acked_seq"] == st["last_seq"] and st["last_seq"] >= 1, timeout=30)
+
+
+def test_mqtt5_carries_the_msg_id_user_property(gateway_factory, tmp_path: Path) -> None:
+    n = 3000
+    broker = Mosquitto(tmp_path).start()
+    consumer = MqttSubscriber(broker, v5=True)
+    try:
+        fill_db(tmp_path / "gw0.db", n)
+        gw = gateway_factory(forward_env(broker.url + "/5"))
+        wait_status(gw, lambda st: st["acked_seq"] == n)
+        assert status(gw)["url"].endswith("/5")
+        bodies = consumer.wait(n)
+        check_delivery(bodies, n, WINDOW, interruptions=1)
+        for body in bodies:
+            assert body["_user"] == [("msg_id", f"box1:{body['epoch']}:{body['seq']}")], body
+    finally:
+        consumer.close()
+        broker.kill()
+
+
+def test_mqtt5_refused_publish_holds_the_cursor(gateway_factory, tmp_path: Path) -> None:
+    # anonymous clients may only read: mosquitto answers an MQTT 5 publish with PUBACK
+    # reason 0x87 (not authorised), which is a refusal, not an ack
+    broker = Mosquitto(tmp_path, acl="topic read #\n").start()
+    try:
+        fill_db(tmp_path / "gw0.db", 50)
+        gw = gateway_factory(forward_env(broker.url + "/5"))
+        st = wait_status(gw, lambda st: st["last_error"] is not None and "rejected" in st["last_error"])
+        assert st["acked_seq"] == 0 and st["backlog"] == 50
+        time.sleep(0.5)
+        assert status(gw)["acked_seq"] == 0
+    finally:
+        broker.kill()
+
+
+def test_mqtts_against_a_test_ca(gateway_factory, tmp_path: Path) -> None:
+    n = 2000
+    ca = TestCA(tmp_path)
+    broker = Mosquitto(tmp_path, tls=ca).start()
+    consumer = MqttSubscriber(broker)  # on the plain listener
+    try:
+        url = f"mqtts://127.0.0.1:{broker.tls_port}"
+        # without the CA the broker's certificate does not verify: no connection, nothing acked
+        fill_db(tmp_path / "gw0.db", n)
+        gw = gateway_factory(forward_env(url))
+        st = wait_status(gw, lambda st: st["last_error"] is not None)
+        assert "certificate" in st["last_error"].lower() and st["acked_seq"] == 0, st
+        gw.stop()
+        # with it: everything arrives
+        fill_db(tmp_path / "gw1.db", n)
+        gw = gateway_factory(forward_env(url, EDGELINK_FORWARD_CA=str(ca.ca)))
+        wait_status(gw, lambda st: st["acked_seq"] == n)
+        check_delivery(consumer.wait(n), n, WINDOW, interruptions=1)
+    finally:
+        consumer.close()
+        broker.kill()
 
 
 @pytest.mark.parametrize("url, word", [("amqp://broker:5672", "EDGELINK_FORWARD_URL"),

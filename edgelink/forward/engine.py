@@ -1,16 +1,18 @@
 """The small interface both broker engines implement, and what they publish.
 
-An engine is one connection: ``connect`` (bounded by a timeout), then ``await publish``
-for each event, which hands it to the socket and returns a future that settles when the
-broker has stored the message (NATS PubAck, MQTT PUBACK) or fails with ``EngineError``.
-Losing the connection fails every pending future. The forwarder never reuses an engine
-after an error: it closes it and builds a new one, so no library keeps a queue of its own
-across connections.
+An engine is one connection: ``connect`` (bounded by a timeout), then ``send`` for each
+burst of events, which hands them to the socket (one await per burst). The engine counts
+the broker's acks (NATS PubAck, MQTT PUBACK) in publish order in its ``acks`` (an
+``Acks``): no future per message, the forwarder asks for one future per burst of acks it
+waits for. A refused message or a lost connection is an error the forwarder raises once
+every ack before it is counted. The forwarder never reuses an engine after an error: it
+closes it and builds a new one, so no library keeps a queue of its own across connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import ssl
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ class EngineError(Exception):
         self.kind = kind
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
     seq: int
     type: str
@@ -41,6 +43,7 @@ class Message:
     body: bytes
 
 
+@functools.lru_cache(maxsize=1024)  # a ledger holds few types: one regex per type, not per event
 def safe_type(event_type: str) -> str:
     """The event type as a subject/topic token: characters outside [A-Za-z0-9_.-] become '_'."""
     return _SUBJECT_UNSAFE.sub("_", event_type)
@@ -67,15 +70,93 @@ def tls_context(target: "Target") -> ssl.SSLContext | None:
     return context
 
 
+class Acks:
+    """The acks of one connection, counted in publish order: message ``i`` is the i-th
+    ``add`` (from 0); ``acked`` is how many messages from the first have their ack, so an
+    ack that comes before an earlier one's waits in a set. ``error`` is the first failure:
+    a refused message (due once every message before it is acked) or a lost connection
+    (due at once). ``wait`` gives one future for the next burst of acks."""
+
+    __slots__ = ("_early", "_error", "_refused", "_waiter", "_want", "acked", "loop", "sent")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.sent = 0
+        self.acked = 0
+        self._early: set[int] = set()
+        self._refused: int | None = None  # the first refused message: acked stops there
+        self._error: EngineError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._want = 0
+
+    def add(self) -> int:
+        """The index of the message being published."""
+        index = self.sent
+        self.sent += 1
+        return index
+
+    def ack(self, index: int) -> None:
+        if index != self.acked:
+            if index > self.acked:
+                self._early.add(index)
+            return
+        acked = index + 1
+        early = self._early
+        while early and acked in early:
+            early.discard(acked)
+            acked += 1
+        if self._refused is not None and acked > self._refused:
+            acked = self._refused  # nothing past a refused message counts
+        self.acked = acked
+        if self._waiter is not None and (acked >= self._want or self.error is not None):
+            self._wake()
+
+    def refuse(self, index: int, error: EngineError) -> None:
+        if self._refused is None or index < self._refused:
+            self._refused, self._error = index, error
+            self.acked = min(self.acked, index)
+        if self._waiter is not None and self.error is not None:
+            self._wake()
+
+    def fail(self, error: EngineError) -> None:
+        """The connection is gone: every message not acked yet fails now."""
+        if self._refused is None or self._refused > self.acked:
+            self._refused, self._error = self.acked, error
+        if self._waiter is not None:
+            self._wake()
+
+    @property
+    def error(self) -> EngineError | None:
+        """The failure to raise now: every message before it is acked."""
+        if self._refused is not None and self.acked >= self._refused:
+            return self._error
+        return None
+
+    def wait(self, count: int) -> asyncio.Future[None]:
+        """A future that settles (always with None) once ``acked >= count`` or an error is
+        due; one at a time, a later call replaces the earlier one."""
+        future = self._waiter = self.loop.create_future()
+        self._want = count
+        if self.acked >= count or self.error is not None:
+            self._wake()
+        return future
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
 class Engine(Protocol):
     name: str
+    acks: Acks  # set by connect
 
     async def connect(self, edge_id: str, timeout: float) -> None:
         """Open the connection; raises EngineError within ``timeout`` seconds."""
 
-    async def publish(self, msg: Message) -> asyncio.Future[None]:
-        """Send ``msg``; the returned future settles on the broker's ack. Raises
-        EngineError when the connection is gone."""
+    async def send(self, messages: list[Message]) -> None:
+        """Hand ``messages`` to the socket in order, each as the next message of ``acks``
+        (whose ack is counted there). Raises EngineError when the connection is gone."""
 
     async def close(self) -> None:
-        """Drop the connection; pending futures fail."""
+        """Drop the connection; what is not acked yet fails."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..gateway.metrics import Counter, Gauge, Histogram, Registry
 from ..log import log
-from .engine import Engine, EngineError, message
+from .engine import Engine, EngineError, Message, message
 
 if TYPE_CHECKING:
     from ..ledger import Ledger
@@ -184,18 +184,24 @@ class Forwarder:
     async def _pump(self, engine: Engine) -> None:
         """Send and collect acks until an error; raises EngineError."""
         loop = asyncio.get_running_loop()
+        acks = engine.acks
         acked = self.acked_seq  # highest contiguous acked (or skipped) seq
         scanned = acked  # highest seq read from the ledger
         unstored = 0  # acked events not yet in the stored cursor
         storing = 0  # of them, those the running cursor write covers
-        inflight: deque[list[Any]] = deque()  # [cursor after its ack, ack future, sent at]
+        # per message in flight, in send order: the cursor after its ack (message
+        # ``counted`` is the first); per burst: [messages sent up to its end, sent at]
+        inflight: deque[int] = deque()
+        bursts: deque[tuple[int, float]] = deque()
+        counted = 0  # messages of this connection whose ack is collected
         page: deque[tuple] = deque()
         store: asyncio.Task[int] | None = None
         reading: asyncio.Task[list[tuple]] | None = None  # the next page, read ahead
         read_up_to = scanned  # self.last_seq when that read started
-        epoch = self.ledger.epoch
+        epoch, edge_id, wanted = self.ledger.epoch, self.edge_id, self.wanted
         # sends and wake-ups go in bursts of a quarter window, not one per ack: fewer
-        # loop rounds, socket writes and ledger reads per event
+        # loop rounds, socket writes and ledger reads per event; the clock, the counters
+        # and the histogram are touched once per burst or round, not per event
         burst = max(1, self.window // 4)
         try:
             while True:
@@ -216,32 +222,51 @@ class Forwarder:
                     # the next page is read while this one goes out and acks come in
                     read_up_to = self.last_seq
                     reading = loop.create_task(self.ledger.forward_page(scanned, PAGE_EVENTS, PAGE_BYTES))
-                while page and room_to_send > 0:
-                    row = page.popleft()
-                    seq = row[0]
-                    if self.wanted is not None and not self.wanted(row[2]):
-                        # not forwarded: the cursor passes it with the ack before it
-                        if inflight:
-                            inflight[-1][0] = seq
+                if page and room_to_send > 0:
+                    batch: list[Message] = []
+                    resent = 0
+                    high = self._high_sent
+                    while page and len(batch) < room_to_send:
+                        row = page.popleft()
+                        seq = row[0]
+                        if wanted is not None and not wanted(row[2]):
+                            # not forwarded: the cursor passes it with the ack before it
+                            if inflight:
+                                inflight[-1] = seq
+                            else:
+                                acked = seq
+                            continue
+                        batch.append(message(edge_id, epoch, row))
+                        inflight.append(seq)
+                        if seq <= high:
+                            resent += 1
                         else:
-                            acked = seq
-                        continue
-                    future = await engine.publish(message(self.edge_id, epoch, row))
-                    inflight.append([seq, future, self.clock()])
-                    self.forwarded.inc()
-                    if seq <= self._high_sent:
-                        self.resent.inc()
-                    else:
-                        self._high_sent = seq
-                    room_to_send -= 1
-                while inflight and inflight[0][1].done():
-                    cursor_after, future, sent_at = inflight.popleft()
-                    future.result()  # a refused message raises EngineError here
-                    acked = max(acked, cursor_after)  # a drop at the byte bound may have moved it on
-                    unstored += 1
-                    self.acked.inc()
-                    self.ack_latency.observe(self.clock() - sent_at)
+                            high = seq
+                    if batch:
+                        await engine.send(batch)
+                        self._high_sent = high
+                        bursts.append((acks.sent, self.clock()))
+                        self.forwarded.inc(amount=len(batch))
+                        if resent:
+                            self.resent.inc(amount=resent)
+                if acks.acked > counted:
+                    n, now = acks.acked - counted, self.clock()
+                    for _ in range(n - 1):
+                        inflight.popleft()
+                    acked = max(acked, inflight.popleft())  # a drop at the byte bound may have moved it on
+                    unstored += n
+                    self.acked.inc(amount=n)
+                    while counted < acks.acked:  # each ack's latency, by the burst it went out in
+                        end, sent_at = bursts[0]
+                        upto = min(end, acks.acked)
+                        self.ack_latency.observe(now - sent_at, count=upto - counted)
+                        counted = upto
+                        if end == upto:
+                            bursts.popleft()
                     self.last_ack_at = int(self.wall() * 1000)
+                error = acks.error
+                if error is not None:
+                    raise error
                 self.in_flight = len(inflight)
                 if store is not None and store.done():
                     stored = store.result()
@@ -263,13 +288,12 @@ class Forwarder:
                 waits: set[asyncio.Future[Any]] = set()
                 timeout = self.idle_poll
                 if inflight:
-                    # the ack that frees a burst (the oldest, if a later one came first)
-                    target = inflight[min(len(inflight), max(1, burst - room)) - 1][1]
-                    waits.add(inflight[0][1] if target.done() else target)
-                    timeout = inflight[0][2] + self.ack_timeout - self.clock()
+                    # the acks that free a burst
+                    waits.add(acks.wait(counted + min(len(inflight), max(1, burst - room))))
+                    timeout = bursts[0][1] + self.ack_timeout - self.clock()
                     if timeout <= 0:
-                        raise EngineError("timeout", f"no ack for seq {inflight[0][0]} within "
-                                                     f"{self.ack_timeout:g} s")
+                        raise EngineError("timeout", f"no ack within {self.ack_timeout:g} s for the "
+                                                     f"event after seq {acked}")
                 if store is not None:
                     waits.add(store)
                 if reading is not None:
@@ -288,8 +312,3 @@ class Forwarder:
                 reading.exception()  # retrieved: no "never retrieved" warning
             elif reading is not None:
                 reading.cancel()
-            for _, future, _ in inflight:
-                if future.done():
-                    future.exception()  # retrieved: no "never retrieved" warning
-                else:
-                    future.cancel()

@@ -4,8 +4,9 @@ Each event is a core NATS publish to ``vx11.<edge_id>.events.<type>`` with heade
 ``Nats-Msg-Id`` and a reply subject under one inbox per connection; the stream answers
 there with its PubAck (or an error, or the server's 503 "no responders" when no stream
 holds the subject). Publishing without awaiting each ack is what lets a window of
-events be in flight. The client's own reconnect is off: on any loss the forwarder drops
-this engine and reconnects with its own backoff, resuming after the cursor.
+events be in flight; the reply subject's last token is the message's index in ``acks``.
+The client's own reconnect is off: on any loss the forwarder drops this engine and
+reconnects with its own backoff, resuming after the cursor.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import orjson
 from nats.errors import AuthorizationError, Error as NatsError
 
 from . import Target
-from .engine import EngineError, Message, safe_type, tls_context
+from .engine import Acks, EngineError, Message, safe_type, tls_context
 
 SUBSCRIPTION_LIMIT = 1 << 20  # bytes of acks the inbox may hold; acks are ~50 bytes each
 
@@ -30,18 +31,22 @@ class NatsEngine:
         self._nc: nats.NATS | None = None
         self._inbox = ""
         self._prefix = ""
-        self._pending: dict[str, asyncio.Future[None]] = {}
+        self.acks: Acks | None = None
         self._last_error: Exception | None = None
 
     async def connect(self, edge_id: str, timeout: float) -> None:
         t = self.target
         self._prefix = f"vx11.{edge_id}.events."
+        self.acks = Acks(asyncio.get_running_loop())
         options = {"user": t.user or None, "password": t.password or None, "token": t.token or None}
         try:
             self._nc = await asyncio.wait_for(nats.connect(
                 f"{'tls' if t.tls else 'nats'}://{t.host}:{t.port}", name=f"edgelink-{edge_id}",
                 # one server, tried at most twice at once (nats-py's "0" means forever)
                 allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0, connect_timeout=timeout,
+                # every subject is built from checked tokens (edge id, safe_type, the inbox):
+                # nats-py's two regex checks per publish find nothing
+                skip_subject_validation=True,
                 tls=tls_context(t), error_cb=self._on_error, disconnected_cb=self._on_disconnected,
                 closed_cb=self._on_disconnected, **{k: v for k, v in options.items() if v is not None}),
                 timeout)
@@ -59,41 +64,41 @@ class NatsEngine:
             kind = "auth" if "authorization" in text.lower() or isinstance(cause, AuthorizationError) else "unreachable"
             raise EngineError(kind, f"{t.safe_url}: {text}") from None
 
-    async def publish(self, msg: Message) -> asyncio.Future[None]:
+    async def send(self, messages: list[Message]) -> None:
         nc = self._nc
         if nc is None or not nc.is_connected:
             raise EngineError("disconnected", "not connected")
-        token = str(msg.seq)
-        future = self._pending[token] = asyncio.get_running_loop().create_future()
+        acks, prefix, inbox = self.acks, self._prefix, self._inbox
         try:
-            # appends to the client's buffer (its flusher writes it out); waits only when
-            # that buffer is full
-            await nc.publish(self._prefix + safe_type(msg.type), msg.body, reply=f"{self._inbox}.{token}",
-                             headers={"Nats-Msg-Id": msg.msg_id})
+            for msg in messages:
+                # appends to the client's buffer (its flusher writes it out); waits only
+                # when that buffer is full. The reply subject carries the message's index.
+                await nc.publish(prefix + safe_type(msg.type), msg.body, reply=f"{inbox}.{acks.add()}",
+                                 headers={"Nats-Msg-Id": msg.msg_id})
         except (OSError, NatsError) as exc:
-            self._pending.pop(token, None)
             raise EngineError("disconnected", str(exc) or type(exc).__name__) from None
-        return future
 
     async def _on_reply(self, reply) -> None:
-        future = self._pending.pop(reply.subject.rsplit(".", 1)[-1], None)
-        if future is None or future.done():
+        try:
+            index = int(reply.subject[len(self._inbox) + 1:])
+        except ValueError:
             return
+        acks = self.acks
         status = (reply.headers or {}).get("Status")
         if status == "503":
-            future.set_exception(EngineError("no_stream", "no JetStream stream holds the subject"))
+            acks.refuse(index, EngineError("no_stream", "no JetStream stream holds the subject"))
             return
         try:
             answer = orjson.loads(reply.data)
         except orjson.JSONDecodeError:
-            future.set_exception(EngineError("rejected", f"not a PubAck: {reply.data[:100]!r}"))
+            acks.refuse(index, EngineError("rejected", f"not a PubAck: {reply.data[:100]!r}"))
             return
         error = answer.get("error") if isinstance(answer, dict) else None
         if error is not None or not isinstance(answer, dict) or "stream" not in answer:
             description = error.get("description") if isinstance(error, dict) else answer
-            future.set_exception(EngineError("rejected", f"stream answered: {description}"))
+            acks.refuse(index, EngineError("rejected", f"stream answered: {description}"))
         else:
-            future.set_result(None)
+            acks.ack(index)
 
     async def _on_error(self, exc: Exception) -> None:
         self._last_error = exc
@@ -103,10 +108,8 @@ class NatsEngine:
         self._fail(EngineError("disconnected", "connection to the broker lost"))
 
     def _fail(self, error: EngineError) -> None:
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(error)
+        if self.acks is not None:
+            self.acks.fail(error)
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None

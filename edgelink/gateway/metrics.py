@@ -80,12 +80,13 @@ class Histogram:
             # (the ledger writer) then never adds a key while a scrape iterates.
             self.values[()] = ([0] * (len(buckets) + 1), [0.0])
 
-    def observe(self, value: float, *labels: str) -> None:
+    def observe(self, value: float, *labels: str, count: int = 1) -> None:
+        """``count`` observations of ``value`` (a batch measured together)."""
         entry = self.values.get(labels)
         if entry is None:
             entry = self.values[labels] = ([0] * (len(self.buckets) + 1), [0.0])
-        entry[0][bisect.bisect_left(self.buckets, value)] += 1
-        entry[1][0] += value
+        entry[0][bisect.bisect_left(self.buckets, value)] += count
+        entry[1][0] += value * count
 
     def samples(self) -> Iterable[str]:
         for labels, (counts, total) in self.values.items():
