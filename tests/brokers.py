@@ -218,15 +218,15 @@ class MqttSubscriber:
         else:
             self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="central-consumer",
                                       clean_session=False)
+        self.subscribed = threading.Event()
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda c, u, mid, codes, p: self.subscribed.set()
         self.client.reconnect_delay_set(0.1, 1)
         self.client.connect("127.0.0.1", broker.port, 30)
         self.client.loop_start()
-        deadline = time.monotonic() + 10
-        while not self.client.is_connected() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.2)  # the SUBACK
+        # the SUBACK, not a guess at its time: a message published before it is lost to MQTT
+        assert self.subscribed.wait(10), "no SUBACK from the broker in 10 s"
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         body = orjson.loads(msg.payload)
