@@ -17,7 +17,7 @@ from typing import Any, AsyncGenerator, Callable, Coroutine
 import orjson
 
 from .config import MODULE_DEFAULTS, ConfigError, Settings, load_settings
-from .http.messages import Request, Response, StreamingResponse, error_response, json_response, parse_json
+from .http.messages import HTTPError, Request, Response, StreamingResponse, error_response, json_response
 from .http.server import HttpServer
 from .log import log
 
@@ -25,10 +25,14 @@ DEMO_TOKEN = "demo-token"
 WORD_INTERVAL = 0.08  # seconds between the words of a simulated streamed reply
 
 
+def _body(req: Request) -> dict[str, Any]:
+    """The request's JSON object (none is ``{}``), or the gateway's own 400/422."""
+    return req.json_object() if req.body.strip() else {}
+
+
 def _chat_reply(module: str) -> Callable[[Request], Any]:
     def reply(req: Request) -> Any:
-        body = parse_json(req.body) if req.body.strip() else {}
-        message = str(body.get("message", ""))[:200]
+        message = str(_body(req).get("message", ""))[:200]
         return {"response": f"[{module}] you said: {message}", "model_used": f"{module}-demo-local",
                 "tokens": len(message.split())}
     return reply
@@ -65,8 +69,7 @@ _STREAM = ("switch", "POST", "/switch/stream")  # answered by _stream_reply, not
 
 
 def _stream_reply(req: Request) -> Response:
-    body = parse_json(req.body) if req.body.strip() else {}
-    message = str(body.get("message", "") if isinstance(body, dict) else "")[:200]
+    message = str(_body(req).get("message", ""))[:200]
     return StreamingResponse(200, b"", [(b"cache-control", b"no-cache")], b"text/event-stream",
                              chunks=_words(f"[switch] streaming word by word, you said: {message}"))
 
@@ -80,18 +83,16 @@ class DemoModule:
     async def handle(self, req: Request) -> Response:
         if req.method == "GET" and req.path == "/health":
             return json_response({"status": "ok", "module": self.name, "uptime_s": round(time.monotonic(), 1)})
-        if (self.name, req.method, req.path) == _STREAM:
-            try:
-                return _stream_reply(req)
-            except ValueError:  # parse_json's InvalidJSON included
-                return error_response(400, "invalid_json", module=self.name)
-        endpoint = _ENDPOINTS.get((self.name, req.method, req.path))
-        if endpoint is None:
-            return error_response(404, "not_found", module=self.name)
         try:
+            if (self.name, req.method, req.path) == _STREAM:
+                return _stream_reply(req)
+            endpoint = _ENDPOINTS.get((self.name, req.method, req.path))
+            if endpoint is None:
+                return error_response(404, "not_found", module=self.name)
             return json_response(endpoint(req))
-        except ValueError:  # parse_json's InvalidJSON included
-            return error_response(400, "invalid_json", module=self.name)
+        except HTTPError as exc:  # a body that is not JSON, or not an object
+            exc.extra["module"] = self.name
+            return exc.response()
 
     def respond(self, req: Request) -> Coroutine[Any, Any, Response]:
         return self.handle(req)  # run in a task by the server
