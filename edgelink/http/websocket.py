@@ -199,9 +199,15 @@ class WebSocket:
     def resume_writing(self) -> None:
         self._write_paused = False
         while self._out and not self._write_paused:
-            data = self._out.popleft()
-            self.queued_bytes -= len(data)
-            self._transport.write(data)
+            # what the transport takes before it pauses again, in one writelines
+            room = self._high - self._transport.get_write_buffer_size()
+            batch = [self._out.popleft()]
+            size = len(batch[0])
+            while self._out and size < room:
+                batch.append(self._out.popleft())
+                size += len(batch[-1])
+            self.queued_bytes -= size
+            self._transport.writelines(batch)
         if not self._out and not self._write_paused:
             self._wake_drained()
 
