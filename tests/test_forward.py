@@ -243,8 +243,9 @@ def test_a_refused_message_stops_the_cursor_before_it_and_reconnects(tmp_path: P
         assert len(world.engines) == 1 and fw.acked_seq == 2  # seq 3 not acked: not due yet
         world.engine.ack(3)
         await until(lambda: len(world.engines) == 2 and world.engine.sent)
-        assert fw.acked_seq in (2, 3) and "rejected" in fw.last_error  # never past seq 3
-        assert world.engine.sent[0] == fw.acked_seq + 1  # sent again after the cursor
+        # the cursor stops right before the refused seq 4, acks collected then are kept
+        assert fw.acked_seq == 3 and "rejected" in fw.last_error
+        assert world.engine.sent[0] == 4  # sent again after the cursor
         world.auto = True
         for seq in list(world.engine.pending):
             world.engine.ack(seq)
@@ -280,6 +281,31 @@ def test_a_lost_connection_resends_after_the_cursor_at_most_a_window(tmp_path: P
     assert sorted(set(seqs)) == list(range(1, 41))
     assert len(seqs) - 40 <= 8
     assert world.engines[1].sent[0] == 6  # the second connection starts right after the cursor
+
+
+def test_acks_that_arrive_with_the_disconnect_are_not_sent_again(tmp_path: Path) -> None:
+    world = World()
+    world.auto = False
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 40)
+        fw = forwarder(ledger, world, window=8)
+        await fw.start()
+        await until(lambda: len(world.sent) == 8)
+        for seq in range(1, 6):  # acked, and the connection drops in the same turn
+            world.engine.ack(seq)
+        world.engine.fail_all()
+        await until(lambda: len(world.engines) == 2 and world.engine.sent)
+        assert fw.acked_seq == 5 and world.engine.sent[0] == 6
+        world.auto = True
+        for seq in list(world.engine.pending):
+            world.engine.ack(seq)
+        await until(lambda: fw.acked_seq == 40)
+        await fw.stop()
+
+    run_with_ledger(tmp_path, body)
+    seqs = [m.seq for m in world.sent]
+    assert sorted(set(seqs)) == list(range(1, 41)) and len(seqs) - 40 == 3  # 6, 7 and 8 again
 
 
 def test_a_missing_ack_times_out_and_reconnects(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ Rules it keeps
   and live events are one ordered stream.
 * Any error (connect, publish, a failed or missing ack) drops the engine; a new one
   connects after a jittered exponential backoff (0.1 s to 30 s) and resumes after the
-  cursor. Ingest never waits on any of this: ``wake`` only sets a number and a future.
+  cursor, which first takes the acks that connection collected. Ingest never waits on any of this: ``wake`` only sets a number and a future.
 """
 
 from __future__ import annotations
@@ -305,6 +305,13 @@ class Forwarder:
                 self._wakeup = None
                 if not done and not inflight:  # the idle fallback: events that came another way
                     self.last_seq = max(self.last_seq, await self.ledger.last_seq())
+        except EngineError:
+            # the acks this connection collected are kept: a reconnect resends only after them
+            if store is not None:
+                self.acked_seq, store = await store, None
+            if acked > self.acked_seq:
+                self.acked_seq = await self.ledger.store_forward_cursor(acked)
+            raise
         finally:
             if store is not None:
                 store.cancel()  # the write itself still lands; only the wait ends
