@@ -44,6 +44,7 @@ from typing import Any, AsyncGenerator, Callable
 import orjson
 
 from .config import ModuleConfig, Settings
+from .http.messages import outside_strings
 from .log import log
 from .upstream import Stream, UpstreamClient, UpstreamError
 from .gateway.breaker import Breaker
@@ -54,14 +55,15 @@ GATEWAY_OVERLOADED = "gateway_overloaded"
 
 # JSON containers and separators a parsed reply may have: each becomes at most one Python
 # object of <= ~72 bytes (an empty list and its slot), so parsing costs at most ~9 MiB more
-# than the reply's strings. Commas and colons inside strings count too: an over-estimate.
+# than the reply's strings.
 MAX_REPLY_NODES = 1 << 17
 
 
 def parse_cost_problem(body: bytes | bytearray) -> str:
-    """Why parsing ``body`` would cost too much memory, or ``""`` (a few C-speed scans)."""
+    """Why parsing ``body`` would cost too much memory, or ``""`` (a few C-speed scans; a
+    reply whose strings hold many commas and colons is counted again without them)."""
     nodes = body.count(b"[") + body.count(b"{") + body.count(b",") + body.count(b":")
-    if nodes > MAX_REPLY_NODES:
+    if nodes > MAX_REPLY_NODES and (nodes := len(outside_strings(body, b"[{,:"))) > MAX_REPLY_NODES:
         return f"reply has {nodes} JSON containers and separators, more than the {MAX_REPLY_NODES} parsed"
     return ""
 

@@ -38,12 +38,15 @@ CLOSE_BEFORE_REPLY = "close_before_reply"  # read the request, close without a b
 CLOSE_MID_REPLY = "close_mid_reply"  # headers and part of the body, then close
 CLOSE_AFTER_REPLY = "close_after_reply"  # the JSON reply as keep-alive, then close anyway
 MANY_CONTAINERS = "many_containers"  # 200 with just under 8 MiB of valid JSON: [[],[],...]
+PUNCTUATED_TEXT = "punctuated_text"  # 200 with one text of 600,000 commas and colons
 BEHAVIOURS = frozenset({HEALTHY, HANG, ERROR_500, NOT_JSON, NOT_HTTP, HUGE, HUGE_CHUNKED, HUGE_HEADERS_ONLY,
-                        CLOSE_BEFORE_REPLY, CLOSE_MID_REPLY, CLOSE_AFTER_REPLY, MANY_CONTAINERS})
+                        CLOSE_BEFORE_REPLY, CLOSE_MID_REPLY, CLOSE_AFTER_REPLY, MANY_CONTAINERS, PUNCTUATED_TEXT})
 
 HUGE_SIZE = 9 * 1024 * 1024
 # ~2.8 million empty lists: cheap to send, ~250 MiB of Python objects if parsed
 MANY_CONTAINERS_BODY = b"[" + b"[]," * ((8 * 1024 * 1024 - 16) // 3) + b"[]]"
+# brackets, separators and escaped quotes, all inside strings: a few objects when parsed
+PUNCTUATED_TEXT_BODY = b'{"response": "' + b'a, b: [c], {d}, \\"e\\": ' * 50_000 + b'", "k": [1, {"x": 2}]}'
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,8 @@ class FakeModule:
             respond(200, b" " * HUGE_SIZE)
         elif behaviour == MANY_CONTAINERS:
             respond(200, MANY_CONTAINERS_BODY)
+        elif behaviour == PUNCTUATED_TEXT:
+            respond(200, PUNCTUATED_TEXT_BODY)
         elif behaviour == HUGE_HEADERS_ONLY:
             send(h11.Response(status_code=200, headers=[(b"content-length", str(HUGE_SIZE).encode())]))
             await reader.read()

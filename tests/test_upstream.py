@@ -591,6 +591,20 @@ def test_a_body_that_cannot_be_encoded_does_not_wedge_a_half_open_breaker(fake: 
     assert len(fake.requests) == 4  # the unencodable call never reached the module
 
 
+def test_a_reply_whose_strings_hold_the_punctuation_is_parsed(fake: FakeModule) -> None:
+    from fakemodule import PUNCTUATED_TEXT, PUNCTUATED_TEXT_BODY
+    fake.behave(None, PUNCTUATED_TEXT)
+
+    async def main() -> None:
+        modules = Modules(make_settings({"switch": fake.url}))
+        reply = await call(modules)
+        assert reply.status == 200 and reply.raw == PUNCTUATED_TEXT_BODY
+        assert reply.data["k"] == [1, {"x": 2}] and reply.data["response"].count(",") == 150_000
+        await modules.close()
+
+    run(main())
+
+
 def test_a_reply_too_costly_to_parse_is_502_and_counts(fake: FakeModule) -> None:
     from fakemodule import MANY_CONTAINERS
     fake.behave(None, MANY_CONTAINERS)

@@ -10,6 +10,7 @@ import asyncio
 import re
 from array import array
 from dataclasses import dataclass, field
+from functools import cache
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, AsyncGenerator, Iterable
 from urllib.parse import parse_qsl
@@ -25,19 +26,28 @@ _INTEGER = re.compile(r"-?[0-9]+")
 # API.md §1. orjson itself accepts ~1024 levels but refuses to encode past 255, so a deeper
 # document would fail later, after it was stored or sent on: refuse it at the door.
 MAX_JSON_DEPTH = 64
-# translate() tables: keep only brackets and quotes; then openers +1, closers -1 (signed bytes)
-_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[{]}"')
+# translate() table: openers +1, closers -1 (signed bytes)
 _BRACKET_SIGNS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
 
-def _json_depth(raw: bytes) -> int:
-    """How deep ``raw`` nests, in C-speed passes: escaped quotes removed (``\\\\`` first, as
-    a left-to-right read pairs them), then only brackets and quotes kept, the pieces between
-    quotes (strings) dropped, and the running sum of what remains is the depth."""
+def outside_strings(raw: bytes | bytearray, keep: bytes) -> bytes:
+    """The bytes of ``keep`` in the JSON text ``raw`` that are not inside strings, in C-speed
+    passes: escaped quotes removed (``\\\\`` first, as a left-to-right read pairs them),
+    then only ``keep`` and quotes kept, and the pieces between quotes (strings) dropped."""
     if b"\\" in raw:
         raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
-    outside = b"".join(raw.translate(None, _NOT_STRUCTURE).split(b'"')[::2])
-    return max(accumulate(array("b", outside.translate(_BRACKET_SIGNS))), default=0)
+    return b"".join(raw.translate(None, _dropping(keep)).split(b'"')[::2])
+
+
+@cache
+def _dropping(keep: bytes) -> bytes:
+    """A ``translate`` deletion table for every byte but ``keep`` and the quote."""
+    return bytes(b for b in range(256) if b not in keep + b'"')
+
+
+def _json_depth(raw: bytes) -> int:
+    """How deep ``raw`` nests: the running sum of its brackets outside strings."""
+    return max(accumulate(array("b", outside_strings(raw, b"[{]}").translate(_BRACKET_SIGNS))), default=0)
 
 
 class InvalidJSON(ValueError):
