@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from edgelink.gateway.events import (
-    SCHEMAS, Event, SchemaRejected, build_event, json_kind, normalize_client_event, parse_ingest,
+    SCHEMAS, Event, InvalidEnvelope, SchemaRejected, build_event, json_kind, normalize_client_event, parse_ingest,
     schema_problem,
 )
-from edgelink.http.messages import HTTPError
+from edgelink.api.events import schema_rejected
 
 NOW_MS = 1_700_000_000_000
 
@@ -44,9 +44,8 @@ def ingest_body(event_type: str = "system.alert", **changes) -> dict:
 
 
 def validation_detail(exc: pytest.ExceptionInfo) -> list[dict]:
-    assert exc.value.status == 422 and exc.value.code == "validation_error"
-    assert not isinstance(exc.value, SchemaRejected)
-    return exc.value.extra["detail"]
+    assert isinstance(exc.value, InvalidEnvelope) and not isinstance(exc.value, SchemaRejected)
+    return [{"loc": loc, "msg": msg} for loc, msg in exc.value.problems]
 
 
 # --- the schema table -------------------------------------------------------------------
@@ -216,7 +215,7 @@ def test_event_ids_are_unique():
 
 @pytest.mark.parametrize("body", [[], "x", 1, None, True])
 def test_ingest_body_must_be_an_object(body):
-    with pytest.raises(HTTPError) as exc:
+    with pytest.raises(InvalidEnvelope) as exc:
         parse_ingest(body, NOW_MS)
     assert validation_detail(exc) == [{"loc": ["body"], "msg": "a JSON object is required"}]
 
@@ -236,13 +235,13 @@ def test_ingest_body_must_be_an_object(body):
     ({"type": "t" * 257}, ["body", "type"], "must be 1 to 256 characters"),
 ])
 def test_ingest_envelope_problems_are_validation_errors(changes, loc, msg):
-    with pytest.raises(HTTPError) as exc:
+    with pytest.raises(InvalidEnvelope) as exc:
         parse_ingest(ingest_body(**changes), NOW_MS)
     assert validation_detail(exc) == [{"loc": loc, "msg": msg}]
 
 
 def test_ingest_envelope_lists_every_problem():
-    with pytest.raises(HTTPError) as exc:
+    with pytest.raises(InvalidEnvelope) as exc:
         parse_ingest({"type": 1, "payload": [], "broadcast": "no"}, NOW_MS)
     assert [d["loc"] for d in validation_detail(exc)] == \
         [["body", "source"], ["body", "type"], ["body", "payload"], ["body", "broadcast"]]
@@ -250,7 +249,7 @@ def test_ingest_envelope_lists_every_problem():
 
 def test_ingest_envelope_is_checked_before_the_schema():
     # a canonical type with a broken envelope is a validation error, not a schema rejection
-    with pytest.raises(HTTPError) as exc:
+    with pytest.raises(InvalidEnvelope) as exc:
         parse_ingest(ingest_body(payload={"alert_id": 1}, broadcast="x"), NOW_MS)
     assert validation_detail(exc) == [{"loc": ["body", "broadcast"], "msg": "must be a boolean"}]
 
@@ -259,7 +258,7 @@ def test_ingest_canonical_schema_failure_is_rejected():
     body = ingest_body(payload=valid_payload("system.alert") | {"timestamp": True})
     with pytest.raises(SchemaRejected) as exc:
         parse_ingest(body, NOW_MS)
-    response = exc.value.response()
+    response = schema_rejected(exc.value).response()
     assert response.status == 422
     assert orjson.loads(response.body) == {
         "status": "rejected", "reason": "schema_validation_failed", "source": "madre", "type": "system.alert",

@@ -11,8 +11,8 @@ import orjson
 
 from ..config import Intent
 from ..modules import GATEWAY_OVERLOADED
-from ..http.messages import HTTPError, Request, Response, check_fields, empty_response, json_response, \
-    validation_error
+from ..gateway.fields import field_problems
+from ..http.messages import HTTPError, Request, Response, empty_response, json_response, validation_error
 from ..log import log
 from ..modules import ModuleError
 from . import streams
@@ -60,7 +60,9 @@ async def chat(req: Request) -> Response:
     started = time.perf_counter()
     rt = req.runtime
     body = req.json_object()
-    check_fields(body, _CHAT_FIELDS)
+    problems = field_problems(body, _CHAT_FIELDS)
+    if problems:
+        raise validation_error(*problems)
     message = body["message"]
     problems = [(["body", name], f"must be at most {MAX_ID} characters")
                 for name in ("session_id", "user_id") if len(body.get(name) or "") > MAX_ID]

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..gateway.events import Event, SchemaRejected, parse_ingest
+from ..gateway.events import Event, InvalidEnvelope, SchemaRejected, parse_ingest
 from ..ledger import LedgerFull, LedgerUnavailable
-from ..http.messages import HTTPError, Request, Response, json_response
+from ..http.messages import HTTPError, Request, Response, json_response, validation_error
 
 if TYPE_CHECKING:
     from ..http.websocket import WebSocket
@@ -46,6 +46,13 @@ async def accept(rt: "Runtime", event: Event, exclude: WebSocket | None = None) 
     return event
 
 
+def schema_rejected(exc: SchemaRejected) -> HTTPError:
+    """API.md §5's 422 for a canonical payload that breaks its schema, in the common error shape."""
+    return HTTPError(422, "schema_validation_failed", body={
+        "status": "rejected", "reason": "schema_validation_failed", "source": exc.source, "type": exc.type,
+        "detail": exc.detail})
+
+
 async def ingest(req: Request) -> Response:
     rt = req.runtime
     body = req.json()
@@ -53,10 +60,10 @@ async def ingest(req: Request) -> Response:
         event = parse_ingest(body, now_ms())
     except SchemaRejected as exc:
         rt.metrics.events.inc(exc.type, "rejected")
-        raise
-    except HTTPError:
+        raise schema_rejected(exc) from None
+    except InvalidEnvelope as exc:
         rt.metrics.events.inc("invalid", "rejected")
-        raise
+        raise validation_error(*exc.problems) from None
     try:
         event = await accept(rt, event)
     except LedgerFull:

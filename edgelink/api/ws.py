@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from ..gateway.events import SCHEMAS, SchemaRejected, build_event, normalize_client_event
+from ..gateway.events import SCHEMAS, InvalidEnvelope, SchemaRejected, build_event, normalize_client_event
 from ..http.frames import CLOSE_INTERNAL_ERROR
-from ..http.messages import HTTPError, InvalidJSON, parse_json
+from ..http.messages import InvalidJSON, parse_json, validation_error
 from ..ledger import LedgerFull, LedgerUnavailable
 from ..log import log, traceback_text
 from .events import accept, now_ms
@@ -108,9 +108,10 @@ async def websocket(ws: WebSocket) -> None:
                 ws.send(_control("error", error="schema_validation_failed", event_type=exc.type,
                                  detail=exc.detail))
                 continue
-            except HTTPError as exc:  # the envelope: metadata over its bound
+            except InvalidEnvelope as exc:  # metadata over its bound
                 rt.metrics.events.inc("invalid", "rejected")
-                ws.send(_control("error", error=exc.code, detail=exc.extra.get("detail")))
+                ws.send(_control("error", error="validation_error",
+                                 detail=validation_error(*exc.problems).extra["detail"]))
                 continue
             try:
                 await accept(rt, event, exclude=ws)

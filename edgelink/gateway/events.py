@@ -10,12 +10,14 @@ JSON kinds it accepts. ``schema_problem`` is the only code that reads it; it ans
 Two kinds of rejection are kept apart on purpose:
 
 * the *envelope* is malformed (``source`` is not a string, ``payload`` is not an object,
-  the body is not an object ...): 422 ``validation_error`` with a ``detail`` list of
-  ``{"loc", "msg"}``, like any other malformed request (``messages.validation_error``);
-* the envelope is fine but a *canonical* payload breaks its schema: 422 ``{"status":
-  "rejected", "reason": "schema_validation_failed", "source", "type", "detail"}``
-  (``SchemaRejected``). It also carries ``error`` and ``status_code`` so it keeps the
-  common error shape of API.md §1.
+  the body is not an object ...): ``InvalidEnvelope`` with its ``(loc, msg)`` problems,
+  which ``api/`` answers as 422 ``validation_error`` like any other malformed request;
+* the envelope is fine but a *canonical* payload breaks its schema: ``SchemaRejected``,
+  which ``api/`` answers as 422 ``{"status": "rejected", "reason":
+  "schema_validation_failed", "source", "type", "detail"}`` (and, over ``/ws``, as a control
+  frame).
+
+Both are domain errors: nothing here knows HTTP.
 
 Types outside the table are accepted unchecked and never broadcast.
 
@@ -33,7 +35,7 @@ from typing import Any, Mapping, NamedTuple
 
 import orjson
 
-from ..http.messages import HTTPError, check_fields, validation_error
+from .fields import Problem, field_problems
 
 # ---------------------------------------------------------------------------
 # the schema table
@@ -145,13 +147,19 @@ class Event:
         }
 
 
-class SchemaRejected(HTTPError):
-    """422: a canonical event failed its schema; nothing is stored."""
+class InvalidEnvelope(ValueError):
+    """The body or message around an event is malformed; ``problems`` name each field."""
+
+    def __init__(self, *problems: Problem):
+        super().__init__("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in problems))
+        self.problems = list(problems)
+
+
+class SchemaRejected(ValueError):
+    """A canonical event failed its schema; nothing is stored."""
 
     def __init__(self, event_type: str, source: str, detail: str):
-        super().__init__(422, "schema_validation_failed", body={
-            "status": "rejected", "reason": "schema_validation_failed", "source": source, "type": event_type,
-            "detail": detail})
+        super().__init__(f"{event_type}: {detail}")
         self.source = source
         self.type = event_type
         self.detail = detail
@@ -162,16 +170,16 @@ def build_event(event_type: str, source: str, payload: Any, metadata: dict[str, 
     """A new Event, checked against its schema if canonical (else ``SchemaRejected``).
 
     A non-canonical event is accepted as is and never broadcast. Any event's ``metadata``
-    is at most ``MAX_METADATA_BYTES`` of compact JSON (else 422 ``validation_error``): it
-    is stored, replayed and broadcast with the event, so it is bounded like a payload.
+    is at most ``MAX_METADATA_BYTES`` of compact JSON (else ``InvalidEnvelope``): it is
+    stored, replayed and broadcast with the event, so it is bounded like a payload.
     """
     if metadata is not None:
         try:
             size = len(orjson.dumps(metadata))
         except orjson.JSONEncodeError as exc:  # nested too deep to store
-            raise validation_error((["body", "metadata"], f"cannot be stored as JSON: {exc}")) from None
+            raise InvalidEnvelope((["body", "metadata"], f"cannot be stored as JSON: {exc}")) from None
         if size > MAX_METADATA_BYTES:
-            raise validation_error((["body", "metadata"], f"{size} bytes of JSON exceeds {MAX_METADATA_BYTES}"))
+            raise InvalidEnvelope((["body", "metadata"], f"{size} bytes of JSON exceeds {MAX_METADATA_BYTES}"))
     schema = SCHEMAS.get(event_type)
     if schema is not None:
         problem = schema_problem(schema, payload)
@@ -201,16 +209,16 @@ _INGEST_FIELDS = {
 def parse_ingest(body: Any, now_ms: int) -> Event:
     """The Event an ingest body asks for.
 
-    Raises ``HTTPError`` 422 ``validation_error`` for a malformed envelope and
-    ``SchemaRejected`` for a canonical payload that breaks its schema.
+    Raises ``InvalidEnvelope`` for a malformed envelope and ``SchemaRejected`` for a
+    canonical payload that breaks its schema.
     """
     if not isinstance(body, dict):
-        raise validation_error((["body"], "a JSON object is required"))
-    check_fields(body, _INGEST_FIELDS)
-    problems = [(["body", name], f"must be 1 to {MAX_NAME_LENGTH} characters")
-                for name in ("source", "type") if not 0 < len(body[name]) <= MAX_NAME_LENGTH]
+        raise InvalidEnvelope((["body"], "a JSON object is required"))
+    problems = field_problems(body, _INGEST_FIELDS) or [
+        (["body", name], f"must be 1 to {MAX_NAME_LENGTH} characters")
+        for name in ("source", "type") if not 0 < len(body[name]) <= MAX_NAME_LENGTH]
     if problems:
-        raise validation_error(*problems)
+        raise InvalidEnvelope(*problems)
     return build_event(body["type"], body["source"], body["payload"], body.get("metadata"),
                        bool(body.get("broadcast")), now_ms)
 

@@ -199,25 +199,3 @@ class Request:
         if not minimum <= value <= maximum:
             raise validation_error((["query", name], f"must be between {minimum} and {maximum}"))
         return value
-
-
-# --- body field checks used by handlers ------------------------------------------------
-
-_TYPE_NAMES = {str: "a string", dict: "an object", list: "a list", bool: "a boolean", int: "an integer"}
-
-
-def check_fields(data: dict[str, Any], spec: dict[str, tuple[type, bool]]) -> None:
-    """Check top-level fields: ``spec`` maps name -> (type, required). ``None`` passes for
-    optional fields. Raises one 422 listing every problem. ``bool`` is never an int."""
-    problems = []
-    for name, (kind, required) in spec.items():
-        value = data.get(name)
-        if value is None:
-            if required:
-                problems.append((["body", name], "field required"))
-            continue
-        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-        if not ok:
-            problems.append((["body", name], f"must be {_TYPE_NAMES.get(kind, kind.__name__)}"))
-    if problems:
-        raise validation_error(*problems)
