@@ -137,6 +137,7 @@ class Mosquitto(Broker):
                  durable: bool = False, tls: "TestCA | None" = None, acl: str | None = None):
         super().__init__(tmp, "mosquitto", port)
         self.binary = need_binary("mosquitto")
+        self.auth = auth  # also the test subscriber's credentials
         # No silent drop for a queued subscriber (the default drops past 1000 messages), and
         # with ``durable`` saved at every change: the default (every 1800 s) loses PUBACKed
         # messages in a SIGKILL, and so does a 1 s interval (measured: 16 of 30,000). Saving
@@ -223,6 +224,8 @@ class MqttSubscriber:
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda c, u, mid, codes, p: self.subscribed.set()
         self.client.reconnect_delay_set(0.1, 1)
+        if broker.auth is not None:
+            self.client.username_pw_set(*broker.auth)
         self.client.connect("127.0.0.1", broker.port, 30)
         self.client.loop_start()
         # the SUBACK, not a guess at its time: a message published before it is lost to MQTT
