@@ -93,10 +93,12 @@ class Dispatcher:
             if preflight:
                 response = self._preflight(req, origin)
             else:
-                route, req.params = self.router.match(req.method, req.path)
-                req.route = route.template
-                if not route.public and settings.enable_auth:
-                    _check_token(settings.token, req.headers.get("x-vx11-token"))
+                route = req.admitted
+                if route is None:  # not seen by admit (no body): matched and checked here
+                    route, req.params = self.router.match(req.method, req.path)
+                    req.route = route.template
+                    if not route.public and settings.enable_auth:
+                        _check_token(settings.token, req.headers.get("x-vx11-token"))
                 if route.suspends:
                     return self._complete(req, route.handler(req), started, origin)
                 response = run_unsuspended(route.handler(req))
@@ -155,20 +157,22 @@ class Dispatcher:
     def admit(self, req: Request) -> Response | None:
         """Before a body is read or ``100 Continue`` is sent: refuse an unknown route, a
         wrong method or a missing token, so an unauthenticated client never makes us
-        buffer its body. ``handle`` checks the same again for the request it serves."""
+        buffer its body. The accepted route is kept on the request (``admitted``), so
+        ``respond`` does not match and check it again once the body is in."""
         settings = self.runtime.settings
         if req.method == "OPTIONS" and settings.cors_origins:
             return None  # a preflight is answered by handle
         started = time.perf_counter()
         self._admit(req)
         try:
-            route, _ = self.router.match(req.method, req.path)
+            route, req.params = self.router.match(req.method, req.path)
             req.route = route.template
             if not route.public and settings.enable_auth:
                 _check_token(settings.token, req.headers.get("x-vx11-token"))
         except HTTPError as exc:
             # counted, timed and access-logged like any answer
             return self._finish(req, self._refusal(req, exc), started, req.headers.get("origin"), False)
+        req.admitted = route
         return None
 
     def refused(self, budget: str) -> None:

@@ -128,7 +128,8 @@ class Request:
     """One parsed HTTP request. ``runtime`` is the gateway state the dispatcher attaches."""
 
     __slots__ = ("method", "target", "path", "query_string", "headers", "body", "client",
-                 "http_version", "params", "route", "correlation_id", "runtime", "_query", "_json", "_gone")
+                 "http_version", "params", "route", "admitted", "correlation_id", "runtime", "_query", "_json",
+                 "_gone")
 
     def __init__(self, method: str, target: str, headers: dict[str, str], body: bytes = b"",
                  client: tuple[str, int] | None = None, http_version: str = "1.1"):
@@ -142,6 +143,7 @@ class Request:
         self.http_version = http_version
         self.params: dict[str, str] = {}
         self.route: str | None = None  # the matched route template, for metrics and logs
+        self.admitted: Any = None  # the router's Route, once the dispatcher's admit accepted it
         self.correlation_id = ""
         self.runtime: Runtime = None  # type: ignore[assignment]  # set by the dispatcher
         self._query: dict[str, str] | None = None
