@@ -582,6 +582,30 @@ def test_drop_oldest_keeps_the_file_under_the_bound_and_reports_unforwarded_drop
     run(main())
 
 
+@pytest.mark.parametrize("policy", ["drop_oldest", "reject"])
+def test_the_bound_holds_for_many_small_events_between_page_measures(tmp_path, policy):
+    # 2 KB events in commits of 100: the pages are measured once per chunk's worth of
+    # writes, so the estimate in between must keep the file under the bound too
+    path = tmp_path / "l.db"
+
+    async def main():
+        async with opened(path, max_bytes=BOUND, full_policy=policy, sync="normal") as ledger:
+            refused = 0
+            for batch in range(200):  # 40 MB offered, 2.5 times the bound
+                results = await asyncio.gather(*(ledger.append(big(batch * 100 + i, size=2000)) for i in range(100)),
+                                               return_exceptions=True)
+                refused += sum(isinstance(r, LedgerFull) for r in results)
+                assert file_bytes(path) <= BOUND, (batch, file_bytes(path))
+            stored = len(stored_seqs(path))
+            assert stored > 2000  # the room below the bound was used (about 2,300 fit), not refused early
+            if policy == "reject":
+                assert refused > 10_000 and stored == 20_000 - refused
+            else:
+                assert refused == 0 and ledger.pruned["bytes"] == 20_000 - stored
+
+    run(main())
+
+
 def test_reject_refuses_at_the_bound_and_accepts_again_once_retention_freed_space(tmp_path):
     path = tmp_path / "l.db"
 
