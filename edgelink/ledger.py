@@ -14,10 +14,11 @@ Rules it keeps
   short transaction, with pending appends served between batches. It never deletes an
   event above ``protect_after`` (the forwarder's cursor, when forwarding is on).
 * The file (main database + WAL) stays under ``max_bytes``: before a chunk of appends is
-  inserted, the pages in use plus the chunk are compared with the bound; at the bound
-  ``drop_oldest`` deletes the oldest events in the same transaction (the only deletion
-  allowed past ``protect_after``; ``on_forced_drop`` tells the forwarder) and ``reject``
-  refuses the appends (``LedgerFull``). Free pages beyond a small reserve go back to the
+  inserted, the pages in use (measured at least once per chunk's worth of writes or per
+  second, and again before any refusal or drop) plus the chunk are compared with the
+  bound; at the bound ``drop_oldest`` deletes the oldest events in the same transaction
+  (the only deletion allowed past ``protect_after``; ``on_forced_drop`` tells the
+  forwarder) and ``reject`` refuses the appends (``LedgerFull``). Free pages beyond a small reserve go back to the
   file system by ``incremental_vacuum`` in small steps between batches; the WAL is held
   near ``WAL_LIMIT`` by the auto-checkpoint and ``journal_size_limit``.
 * A write the disk refuses (full, read-only, I/O error) raises ``LedgerUnavailable``:
@@ -69,6 +70,7 @@ WAL_LIMIT = 4 * MIB  # the auto-checkpoint threshold (SQLite's default of 1000 p
 # Room kept under max_bytes for the WAL (limit plus one chunk) and for the error of
 # estimating a row's pages from its bytes.
 BOUND_RESERVE = WAL_LIMIT + 3 * WRITE_CHUNK_BYTES
+ROOM_MEASURE_INTERVAL = 1.0  # seconds an estimate of the pages in use may stand on an old measure
 ROW_OVERHEAD = 64  # bytes an event row costs beyond its fields: record header, index entries
 VACUUM_KEEP = 4 * MIB  # free pages kept for reuse; beyond this they go back to the file system
 VACUUM_STEP = 256  # pages per incremental_vacuum step (1 MiB at 4 KiB pages): one short write
@@ -523,7 +525,7 @@ class Ledger:
         chunks' worth of error, which BOUND_RESERVE covers."""
         now = time.monotonic()
         if (measure or self._used is None or self._written_since >= WRITE_CHUNK_BYTES
-                or now - self._measured_at >= 1.0):
+                or now - self._measured_at >= ROOM_MEASURE_INTERVAL):
             (pages,) = conn.execute("PRAGMA page_count").fetchone()
             (free,) = conn.execute("PRAGMA freelist_count").fetchone()
             self._used, self._written_since, self._measured_at = (pages - free) * self._page_size, 0, now
