@@ -39,12 +39,16 @@ CLOSE_MID_REPLY = "close_mid_reply"  # headers and part of the body, then close
 CLOSE_AFTER_REPLY = "close_after_reply"  # the JSON reply as keep-alive, then close anyway
 MANY_CONTAINERS = "many_containers"  # 200 with just under 8 MiB of valid JSON: [[],[],...]
 PUNCTUATED_TEXT = "punctuated_text"  # 200 with one text of 600,000 commas and colons
+MANY_STRINGS = "many_strings"  # 200 with just under 8 MiB of valid JSON: ["","",...]
 BEHAVIOURS = frozenset({HEALTHY, HANG, ERROR_500, NOT_JSON, NOT_HTTP, HUGE, HUGE_CHUNKED, HUGE_HEADERS_ONLY,
-                        CLOSE_BEFORE_REPLY, CLOSE_MID_REPLY, CLOSE_AFTER_REPLY, MANY_CONTAINERS, PUNCTUATED_TEXT})
+                        CLOSE_BEFORE_REPLY, CLOSE_MID_REPLY, CLOSE_AFTER_REPLY, MANY_CONTAINERS, PUNCTUATED_TEXT,
+                        MANY_STRINGS})
 
 HUGE_SIZE = 9 * 1024 * 1024
 # ~2.8 million empty lists: cheap to send, ~250 MiB of Python objects if parsed
 MANY_CONTAINERS_BODY = b"[" + b"[]," * ((8 * 1024 * 1024 - 16) // 3) + b"[]]"
+# ~2.8 million empty strings: costly to parse, and costly to scan one piece per string
+MANY_STRINGS_BODY = b"[" + b'"",' * ((8 * 1024 * 1024 - 16) // 3) + b'""]'
 # brackets, separators and escaped quotes, all inside strings: a few objects when parsed
 PUNCTUATED_TEXT_BODY = b'{"response": "' + b'a, b: [c], {d}, \\"e\\": ' * 50_000 + b'", "k": [1, {"x": 2}]}'
 
@@ -247,6 +251,8 @@ class FakeModule:
             respond(200, b" " * HUGE_SIZE)
         elif behaviour == MANY_CONTAINERS:
             respond(200, MANY_CONTAINERS_BODY)
+        elif behaviour == MANY_STRINGS:
+            respond(200, MANY_STRINGS_BODY)
         elif behaviour == PUNCTUATED_TEXT:
             respond(200, PUNCTUATED_TEXT_BODY)
         elif behaviour == HUGE_HEADERS_ONLY:

@@ -19,7 +19,7 @@ import pytest
 import websockets
 
 from conftest import Gateway, assert_error, module_env
-from fakemodule import MANY_CONTAINERS, FakeModule
+from fakemodule import MANY_CONTAINERS, MANY_STRINGS, FakeModule
 from test_ws_events import _stuck_client
 
 BUDGET_MIB = 80
@@ -147,14 +147,14 @@ def test_big_metadata_events_and_replaying_clients(gateway_factory) -> None:
 # --- module replies ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def costly_module(fake) -> FakeModule:
+@pytest.fixture(params=[MANY_CONTAINERS, MANY_STRINGS])  # [[],[],...] and ["","",...]
+def costly_module(fake, request) -> FakeModule:
     module = fake("costly")
-    module.behave(None, MANY_CONTAINERS)
+    module.behave(None, request.param)
     return module
 
 
-def test_modules_answering_8_mib_of_empty_lists(costly_module, gateway_factory) -> None:
+def test_modules_answering_8_mib_too_costly_to_parse(costly_module, gateway_factory) -> None:
     gw = gateway_factory(module_env({"switch": costly_module, "hermes": costly_module,
                                      "hormiguero": costly_module},
                                     EDGELINK_BREAKER_FAILURES="1000"))
@@ -170,7 +170,7 @@ def test_modules_answering_8_mib_of_empty_lists(costly_module, gateway_factory) 
         list(pool.map(caller, range(3)))
     metrics = gw.get("/metrics", token=False).body.decode()
     assert 'edgelink_budget_refusals_total{budget="module_reply"} 9' in metrics
-    check_budget(gw, "3 callers x 3 intents/proxies answered with 8 MiB of [[],[],...]")
+    check_budget(gw, "3 callers x 3 intents/proxies answered with 8 MiB of empty lists or strings")
     costly_module.behave(None, "healthy")
     costly_module.reply("/hermes/resources", {"cpu": 0.5})
     reply = gw.get("/resources")

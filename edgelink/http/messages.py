@@ -30,13 +30,34 @@ MAX_JSON_DEPTH = 64
 _BRACKET_SIGNS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
 
+# bytes of text scanned at a time by outside_strings: its pieces (one object per string,
+# ~34 bytes each for the shortest) are bounded by this, not by the document's size
+_SCAN_WINDOW = 64 * 1024
+
+
 def outside_strings(raw: bytes | bytearray, keep: bytes) -> bytes:
     """The bytes of ``keep`` in the JSON text ``raw`` that are not inside strings, in C-speed
-    passes: escaped quotes removed (``\\\\`` first, as a left-to-right read pairs them),
-    then only ``keep`` and quotes kept, and the pieces between quotes (strings) dropped."""
-    if b"\\" in raw:
-        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
-    return b"".join(raw.translate(None, _dropping(keep)).split(b'"')[::2])
+    passes over windows of the text: escaped quotes removed (``\\\\`` first, as a
+    left-to-right read pairs them), then only ``keep`` and quotes kept, and the pieces
+    between quotes (strings) dropped. A window never ends inside an escape, and whether it
+    ends inside a string carries over to the next."""
+    drop = _dropping(keep)
+    view = memoryview(raw)
+    out: list[bytes] = []
+    inside = False
+    start = 0
+    while start < len(raw):
+        end = min(start + _SCAN_WINDOW, len(raw))
+        while end < len(raw) and raw[end - 1] == 0x5C:  # a backslash: take what it escapes too
+            end += 1
+        window = bytes(view[start:end])
+        if b"\\" in window:
+            window = window.replace(b"\\\\", b"").replace(b'\\"', b"")
+        pieces = window.translate(None, drop).split(b'"')
+        out.append(b"".join(pieces[1::2] if inside else pieces[::2]))
+        inside ^= len(pieces) % 2 == 0  # an odd number of quotes in the window
+        start = end
+    return b"".join(out)
 
 
 @cache
