@@ -18,9 +18,10 @@ Rules it keeps
   second, and again before any refusal or drop) plus the chunk are compared with the
   bound; at the bound ``drop_oldest`` deletes the oldest events in the same transaction
   (the only deletion allowed past ``protect_after``; ``on_forced_drop`` tells the
-  forwarder) and ``reject`` refuses the appends (``LedgerFull``). Free pages beyond a small reserve go back to the
-  file system by ``incremental_vacuum`` in small steps between batches; the WAL is held
-  near ``WAL_LIMIT`` by the auto-checkpoint and ``journal_size_limit``.
+  forwarder) and ``reject`` refuses the appends (``LedgerFull``). Free pages beyond a
+  small reserve go back to the file system by ``incremental_vacuum`` in small steps
+  between batches; the WAL is held near ``WAL_LIMIT`` by the auto-checkpoint and
+  ``journal_size_limit``.
 * A write the disk refuses (full, read-only, I/O error) raises ``LedgerUnavailable``:
   nothing of it is stored. The next write simply tries again, so ingest recovers by
   itself when space returns.

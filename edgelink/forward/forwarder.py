@@ -12,7 +12,8 @@ Rules it keeps
   and live events are one ordered stream.
 * Any error (connect, publish, a failed or missing ack) drops the engine; a new one
   connects after a jittered exponential backoff (0.1 s to 30 s) and resumes after the
-  cursor, which first takes the acks that connection collected. Ingest never waits on any of this: ``wake`` only sets a number and a future.
+  cursor, which first takes the acks that connection collected. Ingest never waits on
+  any of this: ``wake`` only sets a number and a future.
 """
 
 from __future__ import annotations
