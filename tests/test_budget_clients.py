@@ -126,6 +126,28 @@ def test_a_hundred_replaying_clients_that_do_not_read(gateway_factory) -> None:
     assert gw.get("/health", token=False).status == 200
 
 
+def test_live_clients_that_stop_reading_while_events_are_broadcast(gateway_factory) -> None:
+    # each stuck client's send queue (1 MiB, frames shared by all) fills, its transport holds
+    # up to its high-water mark, and then it is closed 1013; the readers get everything
+    gw = gateway_factory({"EDGELINK_LEDGER_SYNC": "normal"})
+    with ThreadPoolExecutor(10) as pool:
+        stuck = list(pool.map(lambda i: _stuck_client(gw, f"client_id=live{i}"), range(500)))
+
+    async def reader_and_posts() -> list[int]:
+        async with websockets.connect(f"ws://127.0.0.1:{gw.port}/ws?token={gw.token}", max_queue=None) as ws:
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), 20))["type"] == "connected"
+            await asyncio.to_thread(store_max_size_events, gw, 400)  # 400 frames of ~7.5 KiB: 3 MiB
+            return [orjson.loads(await asyncio.wait_for(ws.recv(), 20))["seq"] for _ in range(400)]
+
+    assert asyncio.run(asyncio.wait_for(reader_and_posts(), 120)) == list(range(1, 401))
+    check_budget(gw, "500 live clients that stop reading, 3 MiB of broadcast frames each")
+    metrics = gw.get("/metrics", token=False).body.decode()
+    assert 'edgelink_budget_refusals_total{budget="ws_queue"} 500' in metrics
+    for sock in stuck:
+        sock.close()
+    assert gw.get("/health", token=False).status == 200
+
+
 def test_big_metadata_events_and_replaying_clients(gateway_factory) -> None:
     gw = gateway_factory({"EDGELINK_LEDGER_SYNC": "normal"})
     event = max_size_event(0, 0)
