@@ -336,15 +336,76 @@ INTENT_DEFAULTS: tuple[Intent, ...] = (
 )
 
 
-class _SettingsMethods:
-    """What Settings does besides holding values (the fields come from ``KNOBS``)."""
+def _default(name: str) -> Any:
+    return KNOB[name].default
 
-    modules: tuple[ModuleConfig, ...]
-    routes: tuple[Intent, ...]
-    enable_auth: bool
-    token: str
-    max_body: int
-    max_bodies: int
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective settings: one field per knob, its default read from ``KNOBS``, plus the
+    module and intent tables. The fields are spelled out so that type checkers see them;
+    tests/test_config.py ties them to ``KNOBS`` (same names, defaults of the declared type)."""
+
+    host: str = _default("host")
+    port: int = _default("port")
+    token: str = _default("token")
+    enable_auth: bool = _default("enable_auth")
+    shub_enabled: bool = _default("shub_enabled")
+    context7_ttl_seconds: float = _default("context7_ttl_seconds")
+    context7_cleanup_interval: float = _default("context7_cleanup_interval")
+    context7_max_sessions: int = _default("context7_max_sessions")
+    context7_max_messages: int = _default("context7_max_messages")
+    context7_max_bytes: int = _default("context7_max_bytes")
+    db: str = _default("db")
+    ledger_sync: str = _default("ledger_sync")
+    retention_events: int = _default("retention_events")
+    retention_days: float = _default("retention_days")
+    health_timeout: float = _default("health_timeout")
+    probe_interval: float = _default("probe_interval")
+    breaker_failures: int = _default("breaker_failures")
+    breaker_recovery: float = _default("breaker_recovery")
+    proxy_timeout: float = _default("proxy_timeout")
+    upstream_connect_timeout: float = _default("upstream_connect_timeout")
+    upstream_max_reply: int = _default("upstream_max_reply")
+    upstream_pool_size: int = _default("upstream_pool_size")
+    upstream_pool_idle: float = _default("upstream_pool_idle")
+    max_body: int = _default("max_body")
+    max_bodies: int = _default("max_bodies")
+    max_header: int = _default("max_header")
+    max_request_line: int = _default("max_request_line")
+    max_connections: int = _default("max_connections")
+    keepalive_timeout: float = _default("keepalive_timeout")
+    header_timeout: float = _default("header_timeout")
+    body_timeout: float = _default("body_timeout")
+    send_timeout: float = _default("send_timeout")
+    shutdown_grace: float = _default("shutdown_grace")
+    write_buffer_high: int = _default("write_buffer_high")
+    cors_origins: tuple[str, ...] = _default("cors_origins")
+    access_log: bool = _default("access_log")
+    log_level: str = _default("log_level")
+    ws_max_frame: int = _default("ws_max_frame")
+    ws_queue: int = _default("ws_queue")
+    ws_ping_interval: float = _default("ws_ping_interval")
+    ws_compression: bool = _default("ws_compression")
+    ws_replay_max: int = _default("ws_replay_max")
+    ws_queue_bytes: int = _default("ws_queue_bytes")
+    ledger_max_bytes: int = _default("ledger_max_bytes")
+    ledger_full: str = _default("ledger_full")
+    stream_idle: float = _default("stream_idle")
+    edge_id: str = _default("edge_id")
+    forward_url: str = _default("forward_url")
+    forward_window: int = _default("forward_window")
+    forward_ack_timeout: float = _default("forward_ack_timeout")
+    forward_types: tuple[str, ...] = _default("forward_types")
+    forward_user: str = _default("forward_user")
+    forward_password: str = _default("forward_password")
+    forward_token: str = _default("forward_token")
+    forward_ca: str = _default("forward_ca")
+    forward_cert: str = _default("forward_cert")
+    forward_key: str = _default("forward_key")
+    modules: tuple[ModuleConfig, ...] = ()
+    routes: tuple[Intent, ...] = INTENT_DEFAULTS
+    config_file: str | None = None
 
     def route(self, intent: str) -> Intent | None:
         for r in self.routes:
@@ -368,18 +429,6 @@ class _SettingsMethods:
                     found.append(f"routes.{r.intent}: unknown module {target.module!r} "
                                  f"(known: {', '.join(sorted(names))})")
         return found
-
-
-Settings = dataclasses.make_dataclass(
-    "Settings",
-    [*((k.name, type(k.default), dataclasses.field(default=k.default)) for k in KNOBS),
-     ("modules", tuple, dataclasses.field(default=())),
-     ("routes", tuple, dataclasses.field(default=INTENT_DEFAULTS)),
-     ("config_file", "str | None", dataclasses.field(default=None))],
-    bases=(_SettingsMethods,), frozen=True,
-)
-Settings.__module__ = __name__
-Settings.__doc__ = "The effective settings: one field per knob, plus the module and intent tables."
 
 
 # ---------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
-from edgelink.config import KNOBS, ConfigError, load_settings, markdown_table
+from edgelink.config import KNOBS, ConfigError, Settings, load_settings, markdown_table
 
 TOKEN = {"VX11_GATEWAY_TOKEN": "t"}
 
@@ -31,6 +33,16 @@ def test_defaults_match_the_contract():
     chat = s.route("chat")
     assert (chat.module, chat.endpoint, chat.timeout) == ("switch", "/switch/route-v5", 15.0)
     assert (chat.fallback.module, chat.fallback.endpoint, chat.fallback.timeout) == ("madre", "/madre/chat", 5.0)
+
+
+def test_settings_fields_are_the_knobs_with_their_declared_types():
+    hints = typing.get_type_hints(Settings)
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    assert set(fields) == {k.name for k in KNOBS} | {"modules", "routes", "config_file"}
+    for knob in KNOBS:
+        declared = typing.get_origin(hints[knob.name]) or hints[knob.name]
+        assert fields[knob.name].default == knob.default, knob.name
+        assert type(knob.default) is declared, f"{knob.name}: declared {declared}, default {knob.default!r}"
 
 
 def test_first_token_name_wins():
