@@ -69,7 +69,8 @@ def build_router() -> Router:
               request_body=json_body("IntentRequest", {"prompt": "summarise the logs"}, required=False),
               forwards=True))
     r.add("GET", "/shub/dashboard", modules.shub_dashboard, summary="Proxy: shubniggurath dashboard",
-          tags=("modules",), doc=PROXY)
+          tags=("modules",), doc=Operation(PROXY.cases, description="Calls shubniggurath `POST /shub/dashboard` "
+                                           "with the body `{}`, as Tentáculo Link did.", forwards=True))
     r.add("GET", "/resources", modules.resources, summary="Proxy: hermes resources", tags=("modules",), doc=PROXY)
     r.add("GET", "/hormiguero/queen/status", modules.queen_status, summary="Proxy: hormiguero queen status",
           tags=("modules",), doc=PROXY)
@@ -101,6 +102,11 @@ def build_router() -> Router:
           tags=("chat",), doc=Operation((Case("204", "Deleted."), *NO_SESSION), parameters=(SESSION_ID,)))
     r.add("GET", "/vx11/context-7/sessions", chat.sessions, summary="Live Context-7 sessions", tags=("chat",),
           doc=Operation((reply(200, "Live sessions.", "SessionList"),)))
+    r.add("POST", "/vx11/context-7/cleanup", chat.cleanup, summary="Sweep expired sessions now", tags=("chat",),
+          doc=Operation((reply(200, "Expired sessions removed; `total` counts the live ones left.",
+                               "SessionCleanup"),),
+                        description="What the sweep every CONTEXT7_CLEANUP_INTERVAL seconds does, at once "
+                                    "(Tentáculo Link's troubleshooting guide names this call). Takes no body."))
 
     r.add("POST", "/events/ingest", events.ingest, summary="Validate and store an event", tags=("events",),
           doc=Operation(
