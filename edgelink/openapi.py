@@ -237,8 +237,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ChatRequest": _object(
         {"message": {"type": "string", "minLength": 1, "maxLength": MAX_CHAT_MESSAGE}},
         {"session_id": {**_nullable(_STR), "description": "Continue this session; absent: a new one."},
-         "user_id": _nullable(_STR),
-         "metadata": _nullable({"type": "object"}),
+         "user_id": {**_nullable(_STR), "description": "Sent to the modules as `local` when absent or null."},
+         "metadata": {**_nullable({"type": "object"}), "description": "Sent to the modules as `{}` when absent "
+                                                                    "or null."},
          "stream": {**_BOOL, "description": "true: answer `text/event-stream` (meta, delta..., done | error)."}},
     ),
     # text/event-stream answers are described one event at a time ({event, data, id, retry}).

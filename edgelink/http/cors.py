@@ -6,6 +6,7 @@ import re
 
 ALLOWED_HEADERS = b"X-VX11-Token, Content-Type, X-Correlation-ID"
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")  # a header name (RFC 9110 token), bounded
+MAX_REQUESTED_HEADERS = 32  # names taken from one preflight: a browser asks for a few
 PREFLIGHT_MAX_AGE = b"600"
 
 
@@ -30,7 +31,7 @@ def preflight_headers(origins: tuple[str, ...], origin: str, allow: str,
     here, and the answer is never ``*`` (which a browser ignores with credentials)."""
     headers = ALLOWED_HEADERS.decode().split(", ")
     known = {name.lower() for name in headers}
-    for name in (requested or "").split(","):
+    for name in (requested or "").split(",")[:MAX_REQUESTED_HEADERS]:
         name = name.strip()
         if _TOKEN.fullmatch(name) and name.lower() not in known:
             headers.append(name)
