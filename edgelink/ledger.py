@@ -61,7 +61,6 @@ from .gateway.events import Event
 from .gateway.health import HealthCheck
 from .log import log
 
-
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 PRUNE_BATCH = 500  # rows deleted per retention transaction: short enough not to delay appends
 READERS = 2  # reader connections; the box has few cores and reads are short

@@ -20,7 +20,6 @@ from .gateway.health import HealthCheck
 from .ledger import Ledger, LedgerUnusable, foreign_database, write_runtime_truth
 from .modules import Modules
 
-
 GATEWAY_SERVICE = "tentaculo_link"  # the gateway is a VX11 service too, recorded beside the modules
 
 

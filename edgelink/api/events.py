@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 import orjson
 
 from ..gateway.events import Event, InvalidEnvelope, SchemaRejected, parse_ingest
-from ..ledger import LedgerFull, LedgerUnavailable
 from ..http.messages import HTTPError, Request, Response, json_response, validation_error
+from ..ledger import LedgerFull, LedgerUnavailable
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
