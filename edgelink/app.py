@@ -173,7 +173,8 @@ def build_router() -> Router:
         (Case("101", "Switching Protocols: the connection is a WebSocket (RFC 6455). The first frame is "
                      "`WsConnected`; then replayed and live events as `WsEvent`. Each JSON text frame a client "
                      "sends is echoed back; a valid canonical event (`{\"type\", \"payload\", ...}`, or `type` "
-                     "with the payload fields at top level) is also stored and broadcast to the other clients. "
+                     "with the payload fields at top level) is also stored and broadcast to every client, the "
+                     "sender included (after its echo). "
                      "Problems are reported as `WsError` frames (invalid JSON, binary frames, a rejected "
                      "event); an invalid `client_id` or `since_seq` gets one and close 1008. Frames over the "
                      f"frame limit ({KNOB['ws_max_frame'].quote()}) close with 1009, a client whose send "
@@ -196,7 +197,9 @@ def build_router() -> Router:
                         {"type": "string", "default": "event"}),
             query_param("since_seq", f"Replay broadcast events with a larger `seq` still in the ledger (at most "
                                      f"{KNOB['ws_replay_max'].quote()}) before the live ones, without gap or "
-                                     f"duplicate.", {"type": "integer", "minimum": 0}),
+                                     f"duplicate. One above the ledger's `last_seq` is another ledger's: the "
+                                     f"replay starts from the oldest event, `truncated` true.",
+                        {"type": "integer", "minimum": 0}),
             param("token", "query", "The gateway token, for clients that cannot set X-VX11-Token.", STRING),
         ),
         auth_cases=WS_AUTH_CASES,
