@@ -69,7 +69,8 @@ def build_router() -> Router:
               request_body=json_body("IntentRequest", {"prompt": "summarise the logs"}, required=False),
               forwards=True))
     r.add("GET", "/shub/dashboard", modules.shub_dashboard, summary="Proxy: shubniggurath dashboard",
-          tags=("modules",), doc=PROXY)
+          tags=("modules",), doc=Operation(PROXY.cases, description="Calls shubniggurath `POST /shub/dashboard` "
+                                           "with the body `{}`, as Tentáculo Link did.", forwards=True))
     r.add("GET", "/resources", modules.resources, summary="Proxy: hermes resources", tags=("modules",), doc=PROXY)
     r.add("GET", "/hormiguero/queen/status", modules.queen_status, summary="Proxy: hormiguero queen status",
           tags=("modules",), doc=PROXY)
@@ -101,6 +102,11 @@ def build_router() -> Router:
           tags=("chat",), doc=Operation((Case("204", "Deleted."), *NO_SESSION), parameters=(SESSION_ID,)))
     r.add("GET", "/vx11/context-7/sessions", chat.sessions, summary="Live Context-7 sessions", tags=("chat",),
           doc=Operation((reply(200, "Live sessions.", "SessionList"),)))
+    r.add("POST", "/vx11/context-7/cleanup", chat.cleanup, summary="Sweep expired sessions now", tags=("chat",),
+          doc=Operation((reply(200, "Expired sessions removed; `total` counts the live ones left.",
+                               "SessionCleanup"),),
+                        description="What the sweep every CONTEXT7_CLEANUP_INTERVAL seconds does, at once "
+                                    "(Tentáculo Link's troubleshooting guide names this call). Takes no body."))
 
     r.add("POST", "/events/ingest", events.ingest, summary="Validate and store an event", tags=("events",),
           doc=Operation(
@@ -167,7 +173,8 @@ def build_router() -> Router:
         (Case("101", "Switching Protocols: the connection is a WebSocket (RFC 6455). The first frame is "
                      "`WsConnected`; then replayed and live events as `WsEvent`. Each JSON text frame a client "
                      "sends is echoed back; a valid canonical event (`{\"type\", \"payload\", ...}`, or `type` "
-                     "with the payload fields at top level) is also stored and broadcast to the other clients. "
+                     "with the payload fields at top level) is also stored and broadcast to every client, the "
+                     "sender included (after its echo). "
                      "Problems are reported as `WsError` frames (invalid JSON, binary frames, a rejected "
                      "event); an invalid `client_id` or `since_seq` gets one and close 1008. Frames over the "
                      f"frame limit ({KNOB['ws_max_frame'].quote()}) close with 1009, a client whose send "
@@ -190,7 +197,9 @@ def build_router() -> Router:
                         {"type": "string", "default": "event"}),
             query_param("since_seq", f"Replay broadcast events with a larger `seq` still in the ledger (at most "
                                      f"{KNOB['ws_replay_max'].quote()}) before the live ones, without gap or "
-                                     f"duplicate.", {"type": "integer", "minimum": 0}),
+                                     f"duplicate. One above the ledger's `last_seq` is another ledger's: the "
+                                     f"replay starts from the oldest event, `truncated` true.",
+                        {"type": "integer", "minimum": 0}),
             param("token", "query", "The gateway token, for clients that cannot set X-VX11-Token.", STRING),
         ),
         auth_cases=WS_AUTH_CASES,

@@ -164,6 +164,7 @@ class Knob:
 
 
 _int, _positive_s = _number(int, 1), _number(float, 0.01)
+_port = _number(int, 1, 65535)
 
 # A new setting is one line here. A live or rebuild one also gets its line in
 # tests/test_reload.py, which reloads it and reads every piece holding it.
@@ -293,6 +294,13 @@ MODULE_DEFAULTS: tuple[tuple[str, str, str], ...] = (
     ("spawner", "SPAWNER_URL", "http://127.0.0.1:8008"),
     ("operator", "OPERATOR_URL", "http://127.0.0.1:8011"),
 )
+# Tentáculo Link's other names for a module's place, read when its ``*_URL`` is not set: the
+# operator chat router's base URL, then the port on the module's default host (the minimal
+# ``.env`` and the compose file move modules by port).
+MODULE_BASE_URL_ENV = {"switch": "SWITCH_BASE_URL", "madre": "MADRE_BASE_URL"}
+MODULE_PORT_ENV = {name: env_name.replace("_URL", "_PORT") for name, env_name, _ in MODULE_DEFAULTS}
+MODULE_ENV_NAMES = frozenset({env_name for _, env_name, _ in MODULE_DEFAULTS}
+                             | set(MODULE_BASE_URL_ENV.values()) | set(MODULE_PORT_ENV.values()))
 MODULE_KEYS = ("url", "enabled")
 
 
@@ -605,8 +613,14 @@ def load_settings(
             url = _parsed(_url, table["url"], f"modules.{name}.url", problems, url)
         if "enabled" in table:
             enabled = _parsed(_bool, table["enabled"], f"modules.{name}.enabled", problems, enabled)
-        if env.get(env_name, "") != "":
-            url = _parsed(_url, env[env_name], env_name, problems, url)
+        port_env = MODULE_PORT_ENV[name]
+        if env.get(port_env, "") != "":
+            port = _parsed(_port, env[port_env], port_env, problems, None)
+            if port is not None:
+                url = f"http://{urlsplit(default_url).hostname}:{port}"
+        for url_env in (MODULE_BASE_URL_ENV.get(name), env_name):  # the first name listed wins
+            if url_env and env.get(url_env, "") != "":
+                url = _parsed(_url, env[url_env], url_env, problems, url)
         if name == "shubniggurath" and env.get("SHUB_ENABLED", "") != "":
             enabled = values["shub_enabled"]
         modules.append(ModuleConfig(name, url, enabled))

@@ -50,7 +50,7 @@ _ENDPOINTS: dict[tuple[str, str, str], Callable[[Request], Any]] = {
     ("hormiguero", "GET", "/report"): lambda req: {"items": [{"id": i, "state": "done"} for i in
                                                              range(min(int(req.query.get("limit", "50") or 50), 5))]},
     ("spawner", "POST", "/spawner/spawn"): lambda req: {"status": "spawned", "pid": random.randint(1000, 9999)},
-    ("shubniggurath", "GET", "/shub/dashboard"): lambda req: {"status": "ok", "tracks": 0},
+    ("shubniggurath", "POST", "/shub/dashboard"): lambda req: {"status": "ok", "tracks": 0},
 }
 
 

@@ -152,7 +152,8 @@ class Dispatcher:
         req.route, allow = found
         if not cors.origin_allowed(settings.cors_origins, origin):
             raise HTTPError(403, "forbidden", detail="origin not allowed")
-        return empty_response(204, cors.preflight_headers(settings.cors_origins, origin, allow))
+        return empty_response(204, cors.preflight_headers(settings.cors_origins, origin, allow,
+                                                          req.headers.get("access-control-request-headers")))
 
     def admit(self, req: Request) -> Response | None:
         """Before a body is read or ``100 Continue`` is sent: refuse an unknown route, a

@@ -7,8 +7,8 @@ clients replaying the same events share one frame too. The events broadcast in o
 the loop (one ledger commit wakes several ingests) are given to the clients together, at
 the end of the turn or before anything else is written to a WebSocket, whichever comes
 first: a live client that gets them all is handed them joined in one bytes object, shared
-by all such clients and written with one system call; the others (replaying, excluded, or
-at their floor) get them one by one, as if each had been sent alone. Each client's bounded
+by all such clients and written with one system call; the others (replaying, or at their
+floor) get them one by one, as if each had been sent alone. Each client's bounded
 queue (in ``WebSocket``, frames and bytes) decides whether it keeps up or is closed with
 1013, so one slow client never slows the others.
 
@@ -28,7 +28,7 @@ only after the replay read saw it.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 import orjson
 
@@ -72,8 +72,8 @@ class Hub:
         self.hold_bytes = hold_bytes
         self._frames: OrderedDict[int, bytes] = OrderedDict()
         self._frame_bytes = 0
-        # broadcast in this turn, not yet given to the clients: (seq, frame, exclude)
-        self._turn: list[tuple[int, bytes, WebSocket | None]] = []
+        # broadcast in this turn, not yet given to the clients: (seq, frame)
+        self._turn: list[tuple[int, bytes]] = []
 
     def add(self, ws: WebSocket, client_id: str, token: str | None) -> Client:
         """Register a client; its live events are held until ``replay`` is done."""
@@ -97,17 +97,23 @@ class Hub:
             client.ws.close(POLICY_VIOLATION, "token changed")
             self.remove(client)
 
-    def broadcast(self, event: Event, exclude: WebSocket | None = None) -> None:
-        """Send ``event`` to every client but ``exclude``.
+    def broadcast(self, event: Event, top_level: Mapping[str, Any] | None = None) -> None:
+        """Send ``event`` to every client. ``top_level``: fields also put at the top level
+        of its frame (a flat client event's, as Tentáculo Link broadcast it); the frame's
+        own fields win a clash. Such a frame is not kept for replays, which send the
+        stored event as it is.
 
         The frames of one turn go to the clients together (``_fan_out``), before anything
         else is written to a WebSocket: each connection's order is that of the calls."""
         seq = event.seq or 0
-        frame = text_frame(orjson.dumps(event.frame()))
-        self._remember(seq, frame)
+        if top_level:
+            frame = text_frame(orjson.dumps({**top_level, **event.frame()}))
+        else:
+            frame = text_frame(orjson.dumps(event.frame()))
+            self._remember(seq, frame)
         if not self._turn:
             call_before_writes(self._fan_out)
-        self._turn.append((seq, frame, exclude))
+        self._turn.append((seq, frame))
 
     def _fan_out(self) -> None:
         """Give the frames broadcast since the last fan-out to the clients (at once when
@@ -115,23 +121,22 @@ class Hub:
         turn, self._turn = self._turn, []
         if not turn or not self.clients:
             return
-        frames = [frame for _, frame, _ in turn]
+        frames = [frame for _, frame in turn]
         joined = b"".join(frames) if len(frames) > 1 else frames[0]
-        lowest = min(seq for seq, _, _ in turn)
-        excluded = {exclude for _, _, exclude in turn}
+        lowest = min(seq for seq, _ in turn)
         for ws, client in list(self.clients.items()):
-            if client.held is None and client.floor < lowest and ws not in excluded:
+            if client.held is None and client.floor < lowest:
                 sent = ws.send_frames(frames, joined)  # the usual case: every frame, at once
             else:
                 sent = self._send_each(client, turn)
             if not sent:
                 self._dropped(client)
 
-    def _send_each(self, client: Client, turn: list[tuple[int, bytes, WebSocket | None]]) -> bool:
+    def _send_each(self, client: Client, turn: list[tuple[int, bytes]]) -> bool:
         """The frames of ``turn`` that go to ``client``, one by one; False if it is gone."""
         ws = client.ws
-        for seq, frame, exclude in turn:
-            if ws is exclude or seq <= client.floor:
+        for seq, frame in turn:
+            if seq <= client.floor:
                 continue
             held = client.held
             if held is not None:

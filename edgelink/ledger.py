@@ -47,9 +47,11 @@ import queue
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
 import orjson
@@ -59,11 +61,11 @@ from .gateway.events import Event
 from .gateway.health import HealthCheck
 from .log import log
 
-
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 PRUNE_BATCH = 500  # rows deleted per retention transaction: short enough not to delay appends
 READERS = 2  # reader connections; the box has few cores and reads are short
 SNIPPET_CHARS = 200  # API.md §7
+HEALTH_ENDPOINT = "/health"  # what a probe calls: a text endpoint_ok column names it when it answered
 BUSY_TIMEOUT_MS = 5000  # another process (``edgelink probe``) may hold the write lock briefly
 MIB = 1024 * 1024
 WRITE_CHUNK_BYTES = MIB  # appends per transaction, in bytes: bounds what one commit adds to the WAL
@@ -103,6 +105,10 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ledger_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     # the forwarder's cursor (API.md §9): the last seq the broker acknowledged, per epoch
     "CREATE TABLE IF NOT EXISTS forward_cursor (epoch TEXT PRIMARY KEY, acked_seq INTEGER NOT NULL)",
+)
+# The runtime-truth tables (API.md §7): all ``edgelink probe --db`` creates in a database the
+# ledger did not create (VX11's own, say).
+RUNTIME_TRUTH_SCHEMA = (
     # the first version of this table; _upgrade adds the later columns and the unique index
     """CREATE TABLE IF NOT EXISTS copilot_runtime_services (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -125,6 +131,8 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS history_service_time ON copilot_runtime_services_history (service_name, checked_at)",
     "CREATE INDEX IF NOT EXISTS history_time ON copilot_runtime_services_history (checked_at)",
 )
+# tables only the ledger creates: a database without them is someone else's
+LEDGER_TABLES = ("ledger_info", "ledger_meta")
 
 # Events per (minute of timestamp, type) and per type, kept by triggers in the
 # transaction of every insert and delete: counting at a time t reads the counts, not the
@@ -282,6 +290,7 @@ class Ledger:
         self.write_failures = 0  # write transactions the disk refused
         self.reclaimable = False  # auto_vacuum is on: pruned space goes back to the file system
         self._page_size = 4096
+        self._service_row: Callable[[tuple], tuple] = _same  # what the latest-health table's types need
         # the pages in use, in bytes, when last measured, and what was written since (see _room)
         self._used: int | None = None
         self._written_since = 0
@@ -372,8 +381,7 @@ class Ledger:
 
     async def record_health(self, records: Iterable[HealthCheck]) -> None:
         """Record one health round: the latest row per service and one history row each."""
-        rows = [(r.port, r.status, r.http_code, r.latency_ms, int(r.endpoint_ok), r.snippet[:SNIPPET_CHARS],
-                 r.url, r.error, r.checked_at, r.service) for r in records]
+        rows = health_rows(records)
         await self._submit(lambda fut: _Health(rows, fut))
 
     async def prune(self) -> int:
@@ -483,7 +491,7 @@ class Ledger:
                 elif isinstance(job, _Cursor):
                     results.append((job.future, self._write_cursor(conn, job.seq), None))
                 else:
-                    self._write_health(conn, job.rows)
+                    write_health(conn, job.rows, self._service_row)
                     written += job.size
                     results.append((job.future, None, None))
             conn.execute("COMMIT")
@@ -614,21 +622,6 @@ class Ledger:
         if results:
             # one wake-up of the loop per batch, not one per event
             self._loop.call_soon_threadsafe(_settle_futures, results)
-
-    @staticmethod
-    def _write_health(conn: sqlite3.Connection, rows: list[tuple]) -> None:
-        columns = "port, status, http_code, latency_ms, endpoint_ok, snippet, url, error, checked_at, service_name"
-        for row in rows:
-            # UPDATE-then-INSERT rather than ON CONFLICT: an upgraded old table whose rows
-            # hold duplicate names has no UNIQUE index to conflict on (see _upgrade)
-            updated = conn.execute(
-                "UPDATE copilot_runtime_services SET port = ?, status = ?, http_code = ?, latency_ms = ?,"
-                " endpoint_ok = ?, snippet = ?, url = ?, error = ?, checked_at = ? WHERE service_name = ?",
-                row).rowcount
-            if not updated:
-                conn.execute(f"INSERT INTO copilot_runtime_services ({columns}) VALUES ({', '.join('?' * 10)})", row)
-            conn.execute(f"INSERT INTO copilot_runtime_services_history ({columns}) VALUES ({', '.join('?' * 10)})",
-                         row)
 
     @staticmethod
     def _record_lost_broadcast(conn: sqlite3.Connection, seq: int | None) -> None:
@@ -913,9 +906,10 @@ class Ledger:
             conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT + WRITE_CHUNK_BYTES}")
             conn.execute(f"PRAGMA wal_autocheckpoint = {max(1, WAL_LIMIT // self._page_size)}")
             conn.execute("BEGIN IMMEDIATE")  # DDL is transactional: the upgrade happens whole or not at all
-            for statement in _SCHEMA:
+            for statement in (*_SCHEMA, *RUNTIME_TRUTH_SCHEMA):
                 conn.execute(statement)
             self._upgrade(conn)
+            self._service_row = service_row_writer(conn)
             self._upgrade_counts(conn)
             # A new file gets a new epoch: seq is only comparable within one epoch.
             conn.execute("INSERT OR IGNORE INTO ledger_info (key, value) VALUES ('epoch', ?)", (uuid.uuid4().hex,))
@@ -996,6 +990,107 @@ class Ledger:
             log.warning("ledger_duplicate_services", detail="copilot_runtime_services has duplicate service "
                         "names; kept as they are, without a unique index")
         conn.execute(f"CREATE {unique} INDEX IF NOT EXISTS services_name ON copilot_runtime_services (service_name)")
+
+
+def _same(row: tuple) -> tuple:
+    return row
+
+
+def service_row_writer(conn: sqlite3.Connection) -> Callable[[tuple], tuple]:
+    """How a health row is written to ``copilot_runtime_services`` as its columns are declared.
+
+    The ledger's own table keeps Unix ms and 0/1 integers. A table created by VX11's schema
+    (SQLAlchemy: ``checked_at DATETIME``, ``endpoint_ok VARCHAR(128)``, ``latency_ms
+    INTEGER``) gets what SQLAlchemy itself stores and reads back: the time as UTC text
+    ``YYYY-MM-DD HH:MM:SS.ffffff``, the endpoint that answered as text (``/health``, or
+    NULL when it did not), the latency as a whole number (API.md §7)."""
+    declared = {row[1]: (row[2] or "").upper() for row in conn.execute("PRAGMA table_info(copilot_runtime_services)")}
+    as_datetime = any(word in declared.get("checked_at", "") for word in ("DATE", "TIME"))
+    # SQLite's own affinity rules: a declared type holding CHAR, CLOB or TEXT is text, INT integer
+    as_text = any(word in declared.get("endpoint_ok", "") for word in ("CHAR", "CLOB", "TEXT"))
+    as_int = "INT" in declared.get("latency_ms", "")
+    if not (as_datetime or as_text or as_int):
+        return _same
+
+    def convert(row: tuple) -> tuple:
+        port, status, http_code, latency_ms, endpoint_ok, snippet, url, error, checked_at, name = row
+        if as_datetime:
+            checked_at = datetime.fromtimestamp(checked_at / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
+        if as_text:
+            endpoint_ok = HEALTH_ENDPOINT if endpoint_ok else None
+        if as_int and latency_ms is not None:
+            latency_ms = round(latency_ms)
+        return port, status, http_code, latency_ms, endpoint_ok, snippet, url, error, checked_at, name
+
+    return convert
+
+
+def write_health(conn: sqlite3.Connection, rows: list[tuple], service_row: Callable[[tuple], tuple]) -> None:
+    """One round into the latest-health table (``service_row`` fits a row to its column
+    types) and the history table (the ledger's own: Unix ms, integers)."""
+    columns = "port, status, http_code, latency_ms, endpoint_ok, snippet, url, error, checked_at, service_name"
+    for row in rows:
+        latest = service_row(row)
+        # UPDATE-then-INSERT rather than ON CONFLICT: an upgraded old table whose rows
+        # hold duplicate names has no UNIQUE index to conflict on (see _upgrade)
+        updated = conn.execute(
+            "UPDATE copilot_runtime_services SET port = ?, status = ?, http_code = ?, latency_ms = ?,"
+            " endpoint_ok = ?, snippet = ?, url = ?, error = ?, checked_at = ? WHERE service_name = ?",
+            latest).rowcount
+        if not updated:
+            conn.execute(f"INSERT INTO copilot_runtime_services ({columns}) VALUES ({', '.join('?' * 10)})", latest)
+        conn.execute(f"INSERT INTO copilot_runtime_services_history ({columns}) VALUES ({', '.join('?' * 10)})",
+                     row)
+
+
+def health_rows(records: Iterable[HealthCheck]) -> list[tuple]:
+    """Health checks as the rows ``write_health`` takes."""
+    return [(r.port, r.status, r.http_code, r.latency_ms, int(r.endpoint_ok), r.snippet[:SNIPPET_CHARS],
+             r.url, r.error, r.checked_at, r.service) for r in records]
+
+
+def foreign_database(path: str) -> bool:
+    """Whether ``path`` is an SQLite database the ledger did not create (VX11's own, say):
+    ``edgelink probe --db`` then writes only the runtime-truth tables into it. A file that
+    is missing, empty or not SQLite is not foreign (the ledger creates it, or says why not)."""
+    try:
+        if not _check_file(path):
+            return False
+    except LedgerUnusable:
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True,
+                               timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error:
+        return False
+    try:
+        found = conn.execute(f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN "
+                             f"({', '.join('?' * len(LEDGER_TABLES))})", LEDGER_TABLES).fetchone()[0]
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
+    return found == 0
+
+
+def write_runtime_truth(path: str, records: Iterable[HealthCheck]) -> None:
+    """One health round into a database the ledger did not create: its runtime-truth tables
+    only, in one transaction, leaving its journal mode, auto-vacuum and other tables as
+    they are (API.md §7)."""
+    rows = health_rows(records)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in RUNTIME_TRUTH_SCHEMA:
+            conn.execute(statement)
+        Ledger._upgrade(conn)
+        write_health(conn, rows, service_row_writer(conn))
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    finally:
+        conn.close()
 
 
 def _check_file(path: str) -> bool:

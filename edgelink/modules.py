@@ -44,12 +44,11 @@ from typing import Any, AsyncGenerator, Callable
 import orjson
 
 from .config import ModuleConfig, Settings
+from .gateway.breaker import Breaker
+from .gateway.health import HealthCheck, module_fields
 from .http.messages import outside_strings
 from .log import log
 from .upstream import Stream, UpstreamClient, UpstreamError
-from .gateway.breaker import Breaker
-from .gateway.health import HealthCheck
-
 
 GATEWAY_OVERLOADED = "gateway_overloaded"
 
@@ -359,9 +358,12 @@ class Modules:
                                                timeout=self.settings.health_timeout)
         except UpstreamError as exc:
             status, http_code, error, snippet = _PROBE_STATUS.get(exc.kind, "error"), None, str(exc), ""
+            fields = None
         else:
             ok = 200 <= reply.status < 300
             status, http_code, error = "ok" if ok else "error", reply.status, None if ok else f"HTTP {reply.status}"
             snippet = reply.body[:800].decode("utf-8", "replace")[:200]
+            fields = module_fields(reply.body) if ok else None
         latency_ms = round((self._now() - started) * 1000, 3)
-        return HealthCheck(module.name, status, http_code, latency_ms, module.url, error, snippet, module.port)
+        return HealthCheck(module.name, status, http_code, latency_ms, module.url, error, snippet, module.port,
+                           module_fields=fields)

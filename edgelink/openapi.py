@@ -37,12 +37,12 @@ from . import __version__
 from .api.chat import MAX_MESSAGE as MAX_CHAT_MESSAGE
 from .api.events import RECENT_IN_SNAPSHOT
 from .api.health import MAX_HISTORY
+from .config import KNOB
 from .gateway.auth import MAX_CORRELATION_ID
 from .gateway.events import MAX_NAME_LENGTH
 from .gateway.events import SCHEMAS as EVENT_SCHEMAS
 from .gateway.events import Schema as EventSchema
 from .gateway.observe import MAX_NODES
-from .config import KNOB
 from .http.router import Route, Router
 
 OPENAPI_VERSION = "3.1.0"
@@ -187,7 +187,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "latency_ms": _nullable(_NUMBER),
         "url": _STR,
         "error": _nullable(_STR),
-    }, description="One module's `GET <url>/health` probe; a disabled module is listed, not probed."),
+    }, description="One module's `GET <url>/health` probe; a disabled module is listed, not probed. The fields "
+                   "of the module's own `/health` JSON object are there too (up to 4 KiB of it, as Tentáculo "
+                   "Link showed them); the gateway's fields win a clash."),
     "Status": _object({
         "ok": {"const": True},
         "status": {"const": "ok"},
@@ -235,8 +237,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ChatRequest": _object(
         {"message": {"type": "string", "minLength": 1, "maxLength": MAX_CHAT_MESSAGE}},
         {"session_id": {**_nullable(_STR), "description": "Continue this session; absent: a new one."},
-         "user_id": _nullable(_STR),
-         "metadata": _nullable({"type": "object"}),
+         "user_id": {**_nullable(_STR), "description": "Sent to the modules as `local` when absent or null."},
+         "metadata": {**_nullable({"type": "object"}), "description": "Sent to the modules as `{}` when absent "
+                                                                    "or null."},
          "stream": {**_BOOL, "description": "true: answer `text/event-stream` (meta, delta..., done | error)."}},
     ),
     # text/event-stream answers are described one event at a time ({event, data, id, retry}).
@@ -261,7 +264,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "correlation_id": _STR,
         "status": {"const": "ok"},
         "degraded": {"type": "boolean", "description": "True when the fallback answered."},
-    }),
+    }, description="The module's other top-level fields (`tokens`, `sources`, ...) are passed through as it "
+                   "sent them; the fields above are the gateway's."),
     "ChatUnavailable": _object(
         {"error": {"const": "chat_unavailable"}, "status_code": {"const": 503}, "session_id": _STR,
          "correlation_id": _STR},
@@ -276,7 +280,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     }),
     "Session": _object({
         "session_id": _STR,
-        "user_id": _nullable(_STR),
+        "user_id": {"type": "string", "description": "`local` when the chat named none."},
+        "summary": {"type": "string", "description": "The context summary sent to the modules: the last "
+                                                     "messages as `role: content` lines."},
         "created_at": _MS,
         "last_active_at": _MS,
         "expires_at": _MS,
@@ -289,6 +295,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "sessions": {"type": "array", "items": ref("SessionSummary"),
                      "description": "Live sessions, most recently active first."},
         "total": _COUNT,
+    }),
+    "SessionCleanup": _object({
+        "status": {"const": "ok"},
+        "removed": {**_COUNT, "description": "Expired sessions removed by this sweep."},
+        "total": {**_COUNT, "description": "Live sessions after the sweep."},
     }),
     # --- events (API.md §5)
     **_ingest_requests(),
@@ -348,6 +359,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     }),
     "Snapshot": _object({
         "timestamp": _MS,
+        "state": _map(_object({"status": _STR}),
+                      "Tentáculo Link's key: per module, its recorded status at `timestamp`."),
         "modules": _map(ref("RecordedModuleHealth"),
                         "Per module, its last recorded probe at or before `timestamp`."),
         "events": _object({
@@ -361,7 +374,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "channel": {"const": "control"}, "type": {"const": "connected"}, "client_id": _STR,
         "last_seq": _COUNT, "replayed": _COUNT, "truncated": _BOOL,
     }),
-    "WsEvent": _object({"channel": {"const": "event"}, **_EVENT_FIELDS}, closed=True),
+    "WsEvent": _object({"channel": {"const": "event"}, **_EVENT_FIELDS},
+                       description="An event sent by a WebSocket client in the flat form (`type` plus the "
+                                   "payload fields) also has its payload fields at the top level, as "
+                                   "Tentáculo Link broadcast it; the fields above win a clash."),
     "WsError": _object({"channel": {"const": "control"}, "type": {"const": "error"}, "error": _STR},
                        {"detail": _STR,
                         "event_type": {"type": "string", "description": "The type of a rejected event."}}),

@@ -17,9 +17,8 @@ from datetime import datetime, timezone
 
 from .config import ConfigError, ModuleConfig, Settings, load_settings
 from .gateway.health import HealthCheck
-from .ledger import Ledger, LedgerUnusable
+from .ledger import Ledger, LedgerUnusable, foreign_database, write_runtime_truth
 from .modules import Modules
-
 
 GATEWAY_SERVICE = "tentaculo_link"  # the gateway is a VX11 service too, recorded beside the modules
 
@@ -37,10 +36,15 @@ async def record_round(modules: Modules, ledger: Ledger, gateway: HealthCheck) -
     return checks
 
 
-async def record(ledger: Ledger, checks: dict[str, HealthCheck]) -> None:
-    """Write one round to the health tables, every check stamped with the same time."""
+def _stamped(checks: dict[str, HealthCheck]) -> list[HealthCheck]:
+    """The checks of one round, every one stamped with the same time."""
     checked_at = int(time.time() * 1000)
-    await ledger.record_health(dataclasses.replace(c, checked_at=checked_at) for c in checks.values())
+    return [dataclasses.replace(c, checked_at=checked_at) for c in checks.values()]
+
+
+async def record(ledger: Ledger, checks: dict[str, HealthCheck]) -> None:
+    """Write one round to the health tables."""
+    await ledger.record_health(_stamped(checks))
 
 
 def summary_line(probes: dict[str, HealthCheck]) -> tuple[str, bool]:
@@ -77,12 +81,14 @@ def markdown_report(probes: dict[str, HealthCheck], settings: Settings, checked_
 
 
 async def _probe_once(settings: Settings, report: str | None, progress: bool) -> int:
-    ledger = Ledger.from_settings(settings)
+    # A database the ledger did not create (VX11's own) gets the runtime-truth tables only.
+    ledger = None if await asyncio.to_thread(foreign_database, settings.db) else Ledger.from_settings(settings)
     # The gateway is probed over HTTP like the modules, at the address it listens on.
     gateway = ModuleConfig(GATEWAY_SERVICE, gateway_url(settings, settings.port))
     modules = Modules(dataclasses.replace(settings, modules=(gateway, *settings.modules)))
     try:
-        await ledger.start()
+        if ledger is not None:
+            await ledger.start()
     except LedgerUnusable as exc:
         await modules.close()
         raise SystemExit(f"edgelink probe: {exc}") from None
@@ -101,10 +107,14 @@ async def _probe_once(settings: Settings, report: str | None, progress: bool) ->
 
         await asyncio.gather(*(probe_one(name) for name in modules.registry))
         probes = {name: found[name] for name in modules.registry}
-        await record(ledger, probes)
+        if ledger is None:
+            await asyncio.to_thread(write_runtime_truth, settings.db, _stamped(probes))
+        else:
+            await record(ledger, probes)
     finally:
         await modules.close()
-        await ledger.close()
+        if ledger is not None:
+            await ledger.close()
     if report:
         with open(report, "w", encoding="utf-8") as fh:
             fh.write(markdown_report(probes, settings, datetime.now(timezone.utc)))

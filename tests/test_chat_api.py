@@ -103,13 +103,14 @@ def test_chat_answers_from_switch(switch, madre, gateway_factory, path) -> None:
     assert call.headers["x-vx11-token"] == TOKEN
     assert received(madre, MADRE_PATH) == []
 
-    # Without optional fields they are sent as null, and the gateway makes a correlation id.
+    # Without optional fields they are sent as Tentáculo Link sent them ("local", {}), and the
+    # gateway makes a correlation id.
     reply = gw.post(path, {"message": "again"})
     assert reply.status == 200
     generated = reply.headers["x-correlation-id"]
     assert reply.json()["correlation_id"] == generated
     last = received(switch, SWITCH_PATH)[-1]
-    assert last.json["user_id"] is None and last.json["metadata"] is None
+    assert last.json["user_id"] == "local" and last.json["metadata"] == {}
     assert last.json["correlation_id"] == generated and last.headers["x-correlation-id"] == generated
     assert last.json["session_id"] != body["session_id"]  # a new session
 
@@ -148,7 +149,7 @@ def test_chat_falls_back_to_madre(switch, madre, gateway_factory, tmp_path: Path
     elapsed = time.monotonic() - started
     assert reply.status == 200, reply.body
     body = reply.json()
-    assert set(body) == CHAT_FIELDS
+    assert set(body) == CHAT_FIELDS | {"model"}  # madre's own field passed through
     assert body["degraded"] is True and body["provider"] == "madre"
     assert body["response"] == "hello from madre" and body["model_used"] == "llama-small"
     assert body["session_id"] == "sess-fb" and body["correlation_id"] == CID and body["status"] == "ok"
@@ -156,7 +157,7 @@ def test_chat_falls_back_to_madre(switch, madre, gateway_factory, tmp_path: Path
     [fallback] = received(madre, MADRE_PATH)
     assert fallback.method == "POST" and fallback.headers["x-correlation-id"] == CID
     assert fallback.json == {"message": "are you there?", "session_id": "sess-fb", "user_id": "u-2",
-                             "context_summary": "user: are you there?", "metadata": None, "correlation_id": CID}
+                             "context_summary": "user: are you there?", "metadata": {}, "correlation_id": CID}
     if failure != "down":
         [primary] = received(switch, SWITCH_PATH)
         assert primary.json == fallback.json  # the fallback gets the same body
@@ -297,7 +298,7 @@ def test_session_history_summary_listing_and_delete(switch, gateway_factory) -> 
     reply = gw.get(f"/operator/session/{sid}")
     assert reply.status == 200
     session = reply.json()
-    assert set(session) == {"session_id", "user_id", "created_at", "last_active_at", "expires_at",
+    assert set(session) == {"session_id", "user_id", "summary", "created_at", "last_active_at", "expires_at",
                             "message_count", "messages"}
     assert session["session_id"] == sid and session["user_id"] == "u-5"
     assert session["message_count"] == 10 and len(session["messages"]) == 10

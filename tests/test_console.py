@@ -11,7 +11,6 @@ import gzip
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -445,7 +444,7 @@ def test_docs_lists_every_operation_and_tries_one(tmp_path: Path, watched: Any) 
         page.click(f"{ingest} button[type=submit]")
         page.wait_for_selector(f"{ingest} .result-status[data-status='201']", timeout=WAIT_MS)
 
-        page.fill("#filter", "/vx11/context-7")
+        page.fill("#filter", "/vx11/context-7/sessions")
         assert page.eval_on_selector_all("#operations details.op:not([hidden])", "els => els.length") == 1
         page.fill("#filter", "")
         page.click("#operations details[data-path='/vx11/health/history'] summary")  # a parameter table

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import edgelink
-from edgelink.config import KNOBS, MODULE_DEFAULTS, Settings, load_settings
+from edgelink.config import KNOBS, MODULE_DEFAULTS, MODULE_ENV_NAMES, Settings, load_settings
 
 REPO = Path(edgelink.__file__).resolve().parent.parent
 SYSTEMD = REPO / "systemd"
@@ -143,7 +143,7 @@ def test_socket_unit_settings():
 # -- environment example ----------------------------------------------------------------
 
 ENV_EXAMPLE = SYSTEMD / "edgelink.env.example"
-ENV_NAMES = {name for knob in KNOBS for name in knob.env} | {env for _, env, _ in MODULE_DEFAULTS}
+ENV_NAMES = {name for knob in KNOBS for name in knob.env} | MODULE_ENV_NAMES
 ASSIGNMENT = re.compile(r"^#?([A-Z][A-Z0-9_]*)=(.*)$")
 
 

@@ -299,20 +299,21 @@ def test_event_is_immutable():
 def test_flat_client_event():
     flat = {"type": "system.alert", "channel": "event", "source": "ui", "metadata": {"m": 1}} | \
         valid_payload("system.alert")
-    assert normalize_client_event(flat, "ws:c1") == ("system.alert", valid_payload("system.alert"), "ui", {"m": 1})
+    assert normalize_client_event(flat, "ws:c1") == \
+        ("system.alert", valid_payload("system.alert"), "ui", {"m": 1}, True)
 
 
 def test_envelope_client_event():
     message = {"type": "system.alert", "payload": valid_payload("system.alert"), "extra": 1}
     assert normalize_client_event(message, "ws:c1") == \
-        ("system.alert", valid_payload("system.alert"), "ws:c1", None)
+        ("system.alert", valid_payload("system.alert"), "ws:c1", None, False)
 
 
 def test_flat_and_envelope_forms_give_the_same_event():
     payload = valid_payload("shub.action.narrated")
     flat = normalize_client_event({"type": "shub.action.narrated", **payload}, "ws:a")
     envelope = normalize_client_event({"type": "shub.action.narrated", "payload": payload}, "ws:a")
-    assert flat == envelope
+    assert flat._replace(flat=False) == envelope and flat.flat  # the flat form's frame also has them on top
     assert build_event(flat.type, flat.source, flat.payload, flat.metadata, True, NOW_MS).broadcast is True
 
 

@@ -130,17 +130,18 @@ def test_frames_of_one_turn_keep_the_order_they_were_sent_in(tmp_path):
         # one turn: nothing awaited from here to the closes
         hub.broadcast(_event(1))
         a.send(b'{"echo": 1}')
-        hub.broadcast(_event(2), exclude=b)
-        hub.broadcast(_event(3), exclude=a)
+        hub.broadcast(_event(2))
+        hub.broadcast(_event(3), {"alert_id": "flat"})
         b.send(b'{"echo": 2}')
         hub.broadcast(_event(4))
         a.close()
         b.close(1001)
+        flat = {"alert_id": "flat", **_event(3).frame()}
         assert await peer_a.until_closed() == [
-            ("text", _event(1).frame()), ("text", {"echo": 1}), ("text", _event(2).frame()),
+            ("text", _event(1).frame()), ("text", {"echo": 1}), ("text", _event(2).frame()), ("text", flat),
             ("text", _event(4).frame()), ("close", 1000)]
         assert await peer_b.until_closed() == [
-            ("text", _event(1).frame()), ("text", _event(3).frame()), ("text", {"echo": 2}),
+            ("text", _event(1).frame()), ("text", _event(2).frame()), ("text", flat), ("text", {"echo": 2}),
             ("text", _event(4).frame()), ("close", 1001)]
         server.close()
         await ledger.close()

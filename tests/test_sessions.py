@@ -349,6 +349,7 @@ def test_view_has_the_api_shape():
     assert store.view(sid) == {
         "session_id": "s1",
         "user_id": "alice",
+        "summary": "user: hello\nassistant: hi there",
         "created_at": int(T0 * 1000),
         "last_active_at": int((T0 + 2.5) * 1000),
         "expires_at": int((T0 + 2.5 + 3600) * 1000),

@@ -466,8 +466,10 @@ def test_probe_all_reports_every_module(fake: FakeModule) -> None:
 
         health = run(main())
     assert list(health) == ["madre", "switch", "hermes", "hormiguero", "shubniggurath"]
-    for h in health.values():
-        assert set(h) == {"status", "http_code", "latency_ms", "url", "error"}
+    # madre's own /health fields beside ours (API.md §12); the failed probes have ours only
+    assert set(health["madre"]) == {"status", "http_code", "latency_ms", "url", "error", "path"}
+    for name in ("switch", "hermes", "hormiguero", "shubniggurath"):
+        assert set(health[name]) == {"status", "http_code", "latency_ms", "url", "error"}
     assert {name: h["status"] for name, h in health.items()} == {
         "madre": "ok", "switch": "error", "hermes": "unreachable", "hormiguero": "timeout",
         "shubniggurath": "disabled"}

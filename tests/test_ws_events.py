@@ -138,7 +138,7 @@ def test_broadcast_reaches_every_client_with_the_exact_frame(gateway):
     still_serving(gateway)
 
 
-def test_client_events_are_echoed_stored_and_sent_to_the_others(gateway):
+def test_client_events_are_echoed_stored_and_sent_to_every_client(gateway):
     async def go():
         (a, _), (b, _), (c, _) = [await connect(gateway, f"client_id={n}") for n in "abc"]
 
@@ -147,8 +147,8 @@ def test_client_events_are_echoed_stored_and_sent_to_the_others(gateway):
         text = orjson.dumps(envelope).decode()
         await a.send(text)
         assert await asyncio.wait_for(a.recv(), 10) == text  # the echo, verbatim
-        from_a = [await next_frame(ws) for ws in (b, c)]
-        assert from_a[0] == from_a[1]
+        from_a = [await next_frame(ws) for ws in (a, b, c)]  # the sender included, after its echo
+        assert from_a[0] == from_a[1] == from_a[2]
         frame = from_a[0]
         assert set(frame) == FRAME_KEYS
         assert (frame["channel"], frame["type"], frame["source"], frame["payload"], frame["metadata"]) == \
@@ -160,12 +160,15 @@ def test_client_events_are_echoed_stored_and_sent_to_the_others(gateway):
         text = orjson.dumps(flat).decode()
         await b.send(text)
         assert await asyncio.wait_for(b.recv(), 10) == text
-        from_b = [await next_frame(ws) for ws in (a, c)]
-        assert from_b[0] == from_b[1]
+        from_b = [await next_frame(ws) for ws in (a, b, c)]
+        assert from_b[0] == from_b[1] == from_b[2]
         assert from_b[0]["payload"] == NARRATION and from_b[0]["source"] == "ws:b"
         assert from_b[0]["metadata"] is None and from_b[0]["seq"] > frame["seq"]
+        # as Tentáculo Link broadcast a flat event: its fields at the top level too
+        assert set(from_b[0]) == FRAME_KEYS | set(NARRATION)
+        assert all(from_b[0][k] == v for k, v in NARRATION.items() if k not in FRAME_KEYS)
 
-        # the sender does not get its own event back as a broadcast
+        # nothing else: one broadcast per event
         await expect_marker(gateway, [a, b, c], "after-valid")
 
         rows = ledger_rows(gateway.db)
@@ -226,12 +229,15 @@ def test_replay_since_seq(gateway):
         clients = {}
         for since in (0, 1, 5, k - 1, k, k + 1, k + 2, k + 50):
             ws, first = await connect(gateway, f"client_id=r{since}&since_seq={since}")
-            expected = max(0, k - since)
+            # beyond last_seq: another ledger's seq, replayed from the oldest (API.md §6)
+            beyond = since > last_seq
+            after = 0 if beyond else since
+            expected = max(0, k - after)
             assert first.pop("epoch")
             assert first == {"channel": "control", "type": "connected", "client_id": f"r{since}",
-                             "last_seq": last_seq, "replayed": expected, "truncated": False}, since
+                             "last_seq": last_seq, "replayed": expected, "truncated": beyond}, since
             frames = [await next_frame(ws) for _ in range(expected)]
-            assert _read_seqs(frames) == list(range(since + 1, k + 1)), since
+            assert _read_seqs(frames) == list(range(after + 1, k + 1)), since
             for frame in frames:
                 assert frame["event_id"] == answers[frame["seq"] - 1]["event_id"]
                 assert frame["payload"] == dict(ALERT, alert_id=f"r{frame['seq'] - 1}")
@@ -701,7 +707,7 @@ def test_deflate_streams_keep_their_order_while_echoes_and_broadcasts_interleave
         ingested = sorted(seq for seqs in await asyncio.gather(*posting) for seq in seqs)
 
         echoes, seen_by_sender = [], []
-        while len(echoes) < count or len(seen_by_sender) < len(ingested):
+        while len(echoes) < count or len(seen_by_sender) < count + len(ingested):
             raw = await asyncio.wait_for(sender.recv(), 10)
             frame = orjson.loads(raw)
             if frame.get("channel") == "event":
@@ -709,7 +715,8 @@ def test_deflate_streams_keep_their_order_while_echoes_and_broadcasts_interleave
             else:
                 echoes.append(raw)
         assert echoes == texts  # verbatim, in the order sent
-        assert seen_by_sender == ingested  # in seq order, none of its own events
+        # in seq order, its own events included (as Tentáculo Link broadcast them)
+        assert seen_by_sender == sorted(set(seen_by_sender)) and set(ingested) <= set(seen_by_sender)
 
         seen_by_watcher = [(await next_frame(watcher))["seq"] for _ in range(count + len(ingested))]
         assert seen_by_watcher == sorted(set(seen_by_watcher))

@@ -10,11 +10,11 @@ from typing import Any, AsyncGenerator
 import orjson
 
 from ..config import Intent
-from ..modules import GATEWAY_OVERLOADED
 from ..gateway.fields import field_problems
+from ..gateway.sessions import DEFAULT_USER
 from ..http.messages import HTTPError, Request, Response, empty_response, json_response, validation_error
 from ..log import log
-from ..modules import ModuleError
+from ..modules import GATEWAY_OVERLOADED, ModuleError
 from . import streams
 from .modules import call
 
@@ -37,9 +37,9 @@ def _reply_text(data: Any) -> str | None:
     return None
 
 
-async def _ask(req: Request, route: Intent, body: dict[str, Any]) -> tuple[str, str] | str:
-    """(text, model) from one route, or the error code if it failed in any way (logged)."""
-    rt = req.runtime
+async def _ask(req: Request, route: Intent, body: dict[str, Any]) -> tuple[str, str, dict[str, Any]] | str:
+    """(text, model, the whole reply) from one route, or the error code if it failed in any
+    way (logged)."""
     try:
         reply = await call(req, route, body)
     except ModuleError as exc:
@@ -53,7 +53,7 @@ async def _ask(req: Request, route: Intent, body: dict[str, Any]) -> tuple[str, 
     # model_used, else model, else the provider name: a value that is not a name (a number,
     # an object, blank) counts as absent, as for the text keys.
     names = (reply.data.get(key) for key in ("model_used", "model"))
-    return text, next((m for m in names if isinstance(m, str) and m.strip()), route.module)
+    return text, next((m for m in names if isinstance(m, str) and m.strip()), route.module), reply.data
 
 
 async def chat(req: Request) -> Response:
@@ -73,15 +73,18 @@ async def chat(req: Request) -> Response:
     sessions = rt.sessions
     session_id = sessions.open(body.get("session_id"), body.get("user_id"))
     sessions.append(session_id, "user", message, metadata=body.get("metadata"))
+    # as Tentáculo Link sent them: a module may read body["metadata"].get(...)
+    user_id = body.get("user_id")
+    metadata = body.get("metadata")
     outgoing = {
-        "message": message, "session_id": session_id, "user_id": body.get("user_id"),
-        "context_summary": sessions.context_summary(session_id), "metadata": body.get("metadata"),
+        "message": message, "session_id": session_id, "user_id": DEFAULT_USER if user_id is None else user_id,
+        "context_summary": sessions.context_summary(session_id), "metadata": {} if metadata is None else metadata,
         "correlation_id": req.correlation_id,
     }
     route = rt.settings.route("chat")
     if body.get("stream"):
         return await _chat_stream(req, route, session_id, outgoing, started)
-    answer: tuple[str, str] | str = "no_route"
+    answer: tuple[str, str, dict[str, Any]] | str = "no_route"
     answered_by, degraded = route, False
     failures = set()
     if route is not None:
@@ -96,17 +99,20 @@ async def chat(req: Request) -> Response:
                             detail="the gateway is out of connections to reach the chat modules")
         raise HTTPError(503, "chat_unavailable", session_id=session_id,
                         detail="neither the chat route nor its fallback answered")
-    text, model = answer
+    text, model, reply = answer
     sessions.append(session_id, "assistant", text,
                     metadata={"provider": answered_by.module, "model": model})
-    return json_response({
+    ours = {
         "session_id": session_id, "response": text, "model_used": model, "provider": answered_by.module,
         "latency_ms": round((time.perf_counter() - started) * 1000, 3), "correlation_id": req.correlation_id,
         "status": "ok", "degraded": degraded,
-    })
+    }
+    # the module's other fields (tokens, sources, ...) reach the caller, as Tentáculo Link
+    # passed the reply through; ours win a clash
+    return json_response({**reply, **ours})
 
 
-async def _chat_stream(req: Request, chat_route: RouteConfig | None, session_id: str, outgoing: dict[str, Any],
+async def _chat_stream(req: Request, chat_route: Intent | None, session_id: str, outgoing: dict[str, Any],
                        started: float) -> Response:
     """``"stream": true``: SSE meta, delta..., done | error from the ``stream`` route; the
     chat's fallback answers (as one delta) if the stream fails before its first text."""
@@ -123,7 +129,7 @@ async def _chat_stream(req: Request, chat_route: RouteConfig | None, session_id:
     if isinstance(answer, str):
         raise HTTPError(503, "chat_unavailable", session_id=session_id,
                         detail="neither the stream route nor the chat fallback answered")
-    text, model = answer
+    text, model, _ = answer
     rt.sessions.append(session_id, "assistant", text, metadata={"provider": fallback.module, "model": model})
     meta = {"session_id": session_id, "correlation_id": req.correlation_id, "provider": fallback.module}
     done = {"response": text, "model_used": model, "provider": fallback.module,
@@ -132,7 +138,7 @@ async def _chat_stream(req: Request, chat_route: RouteConfig | None, session_id:
                                    streams.sse("done", done))), list(streams.NO_BUFFERING), streams.SSE_TYPE)
 
 
-async def _streamed_reply(req: Request, route: RouteConfig, session_id: str, outgoing: dict[str, Any],
+async def _streamed_reply(req: Request, route: Intent, session_id: str, outgoing: dict[str, Any],
                           started: float) -> AsyncGenerator[bytes, None]:
     """The SSE answer relayed from ``route``. Until its first text, a failure is raised
     (for the fallback); after it, the stream ends with an ``error`` event."""
@@ -240,3 +246,10 @@ async def delete_session(req: Request) -> Response:
 
 async def sessions(req: Request) -> Response:
     return json_response(req.runtime.sessions.list_sessions())
+
+
+async def cleanup(req: Request) -> Response:
+    """Sweep expired sessions now (Tentáculo Link's troubleshooting guide names this call)."""
+    sessions = req.runtime.sessions
+    removed = sessions.sweep()
+    return json_response({"status": "ok", "removed": removed, "total": len(sessions)})

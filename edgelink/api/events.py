@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import heapq
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import orjson
 
 from ..gateway.events import Event, InvalidEnvelope, SchemaRejected, parse_ingest
-from ..ledger import LedgerFull, LedgerUnavailable
 from ..http.messages import HTTPError, Request, Response, json_response, validation_error
+from ..ledger import LedgerFull, LedgerUnavailable
 
 if TYPE_CHECKING:
-    from ..http.websocket import WebSocket
     from ..runtime import Runtime
 
 RECENT_IN_SNAPSHOT = 20
@@ -32,8 +31,9 @@ def _type_label(event_type: str, canonical: bool) -> str:
     return event_type if canonical else "non_canonical"
 
 
-async def accept(rt: "Runtime", event: Event, exclude: WebSocket | None = None) -> Event:
-    """Commit ``event`` to the ledger, count it, and broadcast it if it asked to be."""
+async def accept(rt: "Runtime", event: Event, top_level: Mapping[str, Any] | None = None) -> Event:
+    """Commit ``event`` to the ledger, count it, and broadcast it if it asked to be
+    (``top_level``: fields its broadcast frame also carries at the top level)."""
     event = event.with_seq(await rt.ledger.append(event))
     rt.metrics.events.inc(_type_label(event.type, event.canonical), "accepted")
     rt.cardinality.record(event.type)
@@ -42,7 +42,7 @@ async def accept(rt: "Runtime", event: Event, exclude: WebSocket | None = None) 
     if event.canonical:
         rt.correlations.add(event)
     if event.broadcast:
-        rt.hub.broadcast(event, exclude)
+        rt.hub.broadcast(event, top_level)
     return event
 
 
@@ -97,7 +97,10 @@ async def snapshot(req: Request) -> Response:
         counts = dict(heapq.nlargest(SNAPSHOT_TYPES, counts.items(), key=lambda item: item[1]))
     recent = [{k: v for k, v in e.frame().items() if k != "channel"}
               for e in await ledger.recent(at, RECENT_IN_SNAPSHOT, SNAPSHOT_FIELD_BYTES)]
-    answer = {"timestamp": at, "modules": modules, "events": {"counts_by_type": counts, "recent": recent}}
+    # Tentáculo Link's key: each service's recorded status at t
+    state = {name: {"status": health["status"]} for name, health in modules.items()}
+    answer = {"timestamp": at, "state": state, "modules": modules,
+              "events": {"counts_by_type": counts, "recent": recent}}
     body = orjson.dumps(answer)
     if len(body) > SNAPSHOT_MAX_BYTES:
         _summarise_largest(recent, len(body) - SNAPSHOT_MAX_BYTES)

@@ -143,10 +143,10 @@ async def _passthrough(stream: ModuleStream, sse: bool) -> AsyncGenerator[bytes,
         yield b"\n\n" + streams.sse("error", {"error": exc.code, "module": exc.module, "detail": exc.detail})
 
 
-async def _proxy(req: Request, module: str, path: str) -> Response:
+async def _proxy(req: Request, module: str, path: str, method: str = "GET", body: Any = None) -> Response:
     rt = req.runtime
     try:
-        reply = await rt.modules.call(module, "GET", path, timeout=rt.settings.proxy_timeout,
+        reply = await rt.modules.call(module, method, path, json=body, timeout=rt.settings.proxy_timeout,
                                       correlation_id=req.correlation_id)
     except ModuleError as exc:
         raise module_error(exc) from None
@@ -154,7 +154,8 @@ async def _proxy(req: Request, module: str, path: str) -> Response:
 
 
 async def shub_dashboard(req: Request) -> Response:
-    return await _proxy(req, "shubniggurath", "/shub/dashboard")
+    # as Tentáculo Link called it: POST with an empty object
+    return await _proxy(req, "shubniggurath", "/shub/dashboard", "POST", {})
 
 
 async def resources(req: Request) -> Response:

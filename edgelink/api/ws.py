@@ -72,7 +72,9 @@ async def websocket(ws: WebSocket) -> None:
         after, count, truncated = None, 0, False
         if since is not None:
             epoch = query.get("epoch")
-            stale = bool(epoch) and epoch != ledger.epoch  # seq of another database file: from the oldest
+            # seq of another database file: from the oldest. A since_seq beyond ours can only
+            # come from another ledger (a client of an older file that passes no epoch).
+            stale = (bool(epoch) and epoch != ledger.epoch) or since > await ledger.last_seq()
             after, count, truncated = await ledger.replay_window(0 if stale else since, settings.ws_replay_max)
             truncated = truncated or stale
         # read after the window, so that last_seq covers every replayed event
@@ -114,7 +116,9 @@ async def websocket(ws: WebSocket) -> None:
                                  detail=validation_error(*exc.problems).extra["detail"]))
                 continue
             try:
-                await accept(rt, event, exclude=ws)
+                # to every client, the sender included; a flat event's fields also at the top
+                # level of the frame (both as Tentáculo Link broadcast it, API.md §12)
+                await accept(rt, event, incoming.payload if incoming.flat else None)
             except LedgerFull:  # the same refusals as POST /events/ingest, as a frame: stay connected
                 rt.metrics.budget_refusals.inc("ledger")
                 ws.send(_control("error", error="ledger_full", event_type=event.type,

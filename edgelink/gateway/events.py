@@ -232,6 +232,7 @@ class ClientEvent(NamedTuple):
     payload: Any
     source: str
     metadata: dict[str, Any] | None
+    flat: bool = False  # sent in the flat form: its fields were at the top level
 
 
 # Top-level keys of a flat client event that describe the event rather than belong to it.
@@ -252,12 +253,13 @@ def normalize_client_event(message: Any, default_source: str) -> ClientEvent | N
     event_type = message.get("type")
     if not isinstance(event_type, str) or not event_type:
         return None
-    if "payload" in message:
-        payload = message["payload"]
-    else:
+    flat = "payload" not in message
+    if flat:
         payload = {k: v for k, v in message.items() if k not in _FLAT_ENVELOPE_KEYS}
+    else:
+        payload = message["payload"]
     source = message.get("source")
     if not isinstance(source, str) or not source or len(source) > MAX_NAME_LENGTH:
         source = default_source
     metadata = message.get("metadata")
-    return ClientEvent(event_type, payload, source, metadata if isinstance(metadata, dict) else None)
+    return ClientEvent(event_type, payload, source, metadata if isinstance(metadata, dict) else None, flat)

@@ -46,6 +46,7 @@ import orjson
 from ..config import Settings
 from ..log import log
 
+DEFAULT_USER = "local"  # Tentáculo Link's user when a chat names none (API.md §4, §12)
 SUMMARY_MESSAGES = 10  # API.md §4: the summary is the last 10 messages...
 SUMMARY_CHARS = 500  # ...each content cut to 500 chars
 
@@ -196,11 +197,7 @@ class SessionStore:
     def context_summary(self, session_id: str) -> str:
         """The last messages as ``role: content`` lines, contents cut (empty if unknown)."""
         session = self._live(session_id, self._now())
-        if session is None:
-            return ""
-        return "\n".join(
-            f"{m.role}: {m.content[:SUMMARY_CHARS]}" for m in session.messages[-SUMMARY_MESSAGES:]
-        )
+        return "" if session is None else self._summary(session)
 
     def view(self, session_id: str) -> dict[str, Any] | None:
         """The ``GET /operator/session/{id}`` body, or None when unknown or expired."""
@@ -209,7 +206,8 @@ class SessionStore:
             return None
         return {
             "session_id": session.session_id,
-            "user_id": session.user_id,
+            "user_id": DEFAULT_USER if session.user_id is None else session.user_id,
+            "summary": self._summary(session),
             "created_at": _ms(session.created_at),
             "last_active_at": _ms(session.last_active),
             "expires_at": _ms(session.last_active + self._ttl),
@@ -261,6 +259,12 @@ class SessionStore:
         return removed
 
     # -- internals ------------------------------------------------------------------
+
+    @staticmethod
+    def _summary(session: Session) -> str:
+        return "\n".join(
+            f"{m.role}: {m.content[:SUMMARY_CHARS]}" for m in session.messages[-SUMMARY_MESSAGES:]
+        )
 
     def _expired(self, session: Session, now: float) -> bool:
         return now >= session.last_active + self._ttl

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 ALLOWED_HEADERS = b"X-VX11-Token, Content-Type, X-Correlation-ID"
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")  # a header name (RFC 9110 token), bounded
+MAX_REQUESTED_HEADERS = 32  # names taken from one preflight: a browser asks for a few
 PREFLIGHT_MAX_AGE = b"600"
 
 
@@ -18,11 +22,23 @@ def response_headers(origins: tuple[str, ...], origin: str | None) -> list[tuple
     ]
 
 
-def preflight_headers(origins: tuple[str, ...], origin: str, allow: str) -> list[tuple[bytes, bytes]]:
-    """Headers for a 204 answer to an allowed preflight; ``allow`` lists the path's methods."""
+def preflight_headers(origins: tuple[str, ...], origin: str, allow: str,
+                      requested: str | None = None) -> list[tuple[bytes, bytes]]:
+    """Headers for a 204 answer to an allowed preflight; ``allow`` lists the path's methods.
+
+    The headers the preflight asks for (``Access-Control-Request-Headers``) are allowed
+    besides ours, as Tentáculo Link's ``allow_headers=["*"]`` did: only allowed origins get
+    here, and the answer is never ``*`` (which a browser ignores with credentials)."""
+    headers = ALLOWED_HEADERS.decode().split(", ")
+    known = {name.lower() for name in headers}
+    for name in (requested or "").split(",")[:MAX_REQUESTED_HEADERS]:
+        name = name.strip()
+        if _TOKEN.fullmatch(name) and name.lower() not in known:
+            headers.append(name)
+            known.add(name.lower())
     return response_headers(origins, origin) + [
         (b"access-control-allow-methods", allow.encode()),
-        (b"access-control-allow-headers", ALLOWED_HEADERS),
+        (b"access-control-allow-headers", ", ".join(headers).encode("ascii")),
         (b"access-control-max-age", PREFLIGHT_MAX_AGE),
     ]
 
