@@ -137,8 +137,14 @@ def run_demo(args: argparse.Namespace) -> int:
     async def main() -> None:
         urls, servers = await start_modules(base)
         env.update({env_name: urls[name] for name, env_name, _ in MODULE_DEFAULTS})
-        settings = load_settings(env=env, config_file=args.config,
+
+        def load() -> Settings:
+            """The demo's settings, read again on SIGHUP: the config file may change, the
+            simulated modules stay where they are."""
+            return load_settings(env=env, config_file=args.config,
                                  overrides={"host": args.host or "127.0.0.1", "port": args.port})
+
+        settings = load()
         log.info("demo_modules_started", modules=urls)
 
         def banner(runtime: Any) -> None:
@@ -155,7 +161,7 @@ def run_demo(args: argparse.Namespace) -> int:
                   f"Stop with Ctrl-C.\n", flush=True)
 
         try:
-            await serve(settings, on_ready=banner)
+            await serve(settings, reload=load, on_ready=banner)
         finally:
             for server in servers:
                 await server.shutdown(0)
