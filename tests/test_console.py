@@ -456,6 +456,62 @@ def test_docs_lists_every_operation_and_tries_one(tmp_path: Path, watched: Any) 
         gw.stop()
 
 
+def test_docs_shows_schemas_as_fields_and_tries_with_valid_examples(tmp_path: Path, watched: Any) -> None:
+    """Request bodies as their fields (API.md §10), never a bare ``$ref``: the ingest body's
+    oneOf per event type, each branch's fields, the payload nested inside; "try it" of an
+    operation with a required query parameter works as the page fills it."""
+    gw = start_demo(tmp_path)
+    try:
+        doc = gw.get("/openapi.json").json()
+        branches = [r["$ref"].rsplit("/", 1)[1] for r in doc["components"]["schemas"]["IngestRequest"]["oneOf"]]
+        w = watched(gw)
+        page = w.page
+        page.goto(f"{gw.base_url}/docs")
+        ingest = "#operations details[data-path='/events/ingest']"
+        page.click(f"{ingest} summary")
+        body = page.inner_text(f"{ingest} .body")
+        assert "$ref" not in body and "#/components" not in body
+        listed = page.eval_on_selector_all(f"{ingest} .one-of > details.branch", "els => els.map(e => e.dataset.branch)")
+        assert listed == branches
+        alert = f"{ingest} details.branch[data-branch='IngestSystemAlert']"
+        assert '(type "system.alert")' in page.inner_text(f"{alert} > summary")
+        page.click(f"{alert} > summary")
+        fields = page.eval_on_selector_all(
+            f"{alert} > .schema > ul.fields > li.field",
+            "els => els.map(e => [e.dataset.name, e.querySelector('.type').textContent, !!e.querySelector(':scope > .req')])")
+        assert fields[:3] == [["source", "string", True], ["type", '"system.alert"', True],
+                              ["payload", "SystemAlertPayload", True]]
+        assert ["broadcast", "boolean | null", False] in fields
+        source = page.inner_text(f"{alert} li.field[data-name='source'] .constraints")
+        assert "1..256 chars" in source
+        # the payload is a nested object: its fields once opened
+        payload = f"{alert} li.field[data-name='payload']"
+        page.click(f"{payload} > details.nested > summary")
+        inner = page.eval_on_selector_all(f"{payload} li.field", "els => els.map(e => e.dataset.name)")
+        assert inner == ["alert_id", "severity", "message", "timestamp"]
+        assert "without a fraction" in page.inner_text(f"{payload} li.field[data-name='timestamp'] .desc")
+
+        # a component schema in the list at the bottom is fields too
+        page.click("#schema-ChatRequest > summary")
+        chat = page.eval_on_selector_all("#schema-ChatRequest li.field", "els => els.map(e => e.dataset.name)")
+        assert chat[0] == "message" and "stream" in chat
+        assert "$ref" not in page.inner_text("#schemas")
+
+        # "try it" starts from a valid example for the required parameter
+        page.fill("#doc-token", gw.token)
+        page.press("#doc-token", "Tab")
+        history = "#operations details[data-path='/vx11/health/history']"
+        page.click(f"{history} summary")
+        assert page.input_value(f"{history} input[name='module']") == "madre"
+        page.click(f"{history} button[type=submit]")
+        page.wait_for_selector(f"{history} .result-status[data-status='200']", timeout=WAIT_MS)
+        assert '"module": "madre"' in page.inner_text(f"{history} .result-body")
+        screenshots(page, tmp_path / "docs-schemas", (360, None), (1280, None))
+        assert w.unexpected_errors() == []
+    finally:
+        gw.stop()
+
+
 def test_rss_with_the_console_open(tmp_path: Path, watched: Any) -> None:
     """A memory figure (not a timing): the console's polling must not grow the gateway."""
     gw = start_demo(tmp_path)
