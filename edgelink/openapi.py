@@ -37,12 +37,12 @@ from . import __version__
 from .api.chat import MAX_MESSAGE as MAX_CHAT_MESSAGE
 from .api.events import RECENT_IN_SNAPSHOT
 from .api.health import MAX_HISTORY
+from .config import KNOB
 from .gateway.auth import MAX_CORRELATION_ID
 from .gateway.events import MAX_NAME_LENGTH
 from .gateway.events import SCHEMAS as EVENT_SCHEMAS
 from .gateway.events import Schema as EventSchema
 from .gateway.observe import MAX_NODES
-from .config import KNOB
 from .http.router import Route, Router
 
 OPENAPI_VERSION = "3.1.0"

@@ -11,7 +11,6 @@ import gzip
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
