@@ -340,6 +340,8 @@ def test_a_wrong_token_says_so(tmp_path: Path, watched: Any) -> None:
         w.sign_in("not-the-token")
         w.page.wait_for_selector("#login-error:has-text('refused')", timeout=WAIT_MS)
         assert w.page.is_hidden("#main")
+        # the gateway is up: the sign-in page must not call it offline
+        assert w.page.inner_text("#link") == "stream: not signed in"
         assert w.page.evaluate("sessionStorage.getItem('edgelink.token')") is None
         w.page.fill("#token", gw.token)
         w.page.press("#token", "Enter")
@@ -349,6 +351,11 @@ def test_a_wrong_token_says_so(tmp_path: Path, watched: Any) -> None:
         w.page.reload()
         w.page.wait_for_selector("#modules article", timeout=WAIT_MS)
         assert w.page.is_hidden("#login")
+        w.page.wait_for_selector("#link.ok", timeout=WAIT_MS)
+        w.page.click("#logout")  # signing out closes the stream on purpose: still not "offline"
+        w.page.wait_for_selector("#token", state="visible", timeout=WAIT_MS)
+        w.page.wait_for_function("() => document.querySelector('#link').textContent === 'stream: not signed in'",
+                                 timeout=WAIT_MS)
     finally:
         gw.stop()
 
