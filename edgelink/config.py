@@ -280,6 +280,7 @@ KNOB = {k.name: k for k in KNOBS}
 # The module table and the intent table are not scalars: a changed module (URL, enabled)
 # rebuilds the module clients, a changed intent applies live (handlers read it per request).
 MODULES_PIECE = "modules"
+DEMO_HOST = "127.0.0.1"  # where `edgelink demo` listens unless --host says otherwise (not EDGELINK_HOST)
 
 # name, the environment name of its URL, default URL (shubniggurath follows SHUB_ENABLED)
 MODULE_DEFAULTS: tuple[tuple[str, str, str], ...] = (
