@@ -475,6 +475,7 @@ def test_docs_shows_schemas_as_fields_and_tries_with_valid_examples(tmp_path: Pa
         page.goto(f"{gw.base_url}/docs")
         ingest = "#operations details[data-path='/events/ingest']"
         page.click(f"{ingest} summary")
+        page.wait_for_selector(f"{ingest} .one-of", timeout=WAIT_MS)  # built when the toggle event comes
         body = page.inner_text(f"{ingest} .body")
         assert "$ref" not in body and "#/components" not in body
         listed = page.eval_on_selector_all(f"{ingest} .one-of > details.branch", "els => els.map(e => e.dataset.branch)")
@@ -482,6 +483,7 @@ def test_docs_shows_schemas_as_fields_and_tries_with_valid_examples(tmp_path: Pa
         alert = f"{ingest} details.branch[data-branch='IngestSystemAlert']"
         assert '(type "system.alert")' in page.inner_text(f"{alert} > summary")
         page.click(f"{alert} > summary")
+        page.wait_for_selector(f"{alert} li.field", timeout=WAIT_MS)
         fields = page.eval_on_selector_all(
             f"{alert} > .schema > ul.fields > li.field",
             "els => els.map(e => [e.dataset.name, e.querySelector('.type').textContent, !!e.querySelector(':scope > .req')])")
@@ -493,12 +495,14 @@ def test_docs_shows_schemas_as_fields_and_tries_with_valid_examples(tmp_path: Pa
         # the payload is a nested object: its fields once opened
         payload = f"{alert} li.field[data-name='payload']"
         page.click(f"{payload} > details.nested > summary")
+        page.wait_for_selector(f"{payload} li.field", timeout=WAIT_MS)
         inner = page.eval_on_selector_all(f"{payload} li.field", "els => els.map(e => e.dataset.name)")
         assert inner == ["alert_id", "severity", "message", "timestamp"]
         assert "without a fraction" in page.inner_text(f"{payload} li.field[data-name='timestamp'] .desc")
 
         # a component schema in the list at the bottom is fields too
         page.click("#schema-ChatRequest > summary")
+        page.wait_for_selector("#schema-ChatRequest li.field", timeout=WAIT_MS)
         chat = page.eval_on_selector_all("#schema-ChatRequest li.field", "els => els.map(e => e.dataset.name)")
         assert chat[0] == "message" and "stream" in chat
         assert "$ref" not in page.inner_text("#schemas")
@@ -508,6 +512,7 @@ def test_docs_shows_schemas_as_fields_and_tries_with_valid_examples(tmp_path: Pa
         page.press("#doc-token", "Tab")
         history = "#operations details[data-path='/vx11/health/history']"
         page.click(f"{history} summary")
+        page.wait_for_selector(f"{history} input[name='module']", timeout=WAIT_MS)
         assert page.input_value(f"{history} input[name='module']") == "madre"
         page.click(f"{history} button[type=submit]")
         page.wait_for_selector(f"{history} .result-status[data-status='200']", timeout=WAIT_MS)
