@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -49,6 +50,39 @@ def test_demo_help_tells_the_true_default_host() -> None:
     assert "127.0.0.1" in host_help and "0.0.0.0" not in host_help
 
 
+def arrives_live(gw: Any, ws_url: str, body: dict) -> dict:
+    """Ingest ``body`` while a WebSocket client is connected to ``ws_url``; the frame it gets."""
+    async def live() -> dict:
+        async with websockets.connect(ws_url) as ws:
+            assert orjson.loads(await ws.recv())["type"] == "connected"
+            reply = await asyncio.to_thread(gw.post, "/events/ingest", body)
+            assert reply.status == 201
+            return orjson.loads(await asyncio.wait_for(ws.recv(), 20))
+
+    return asyncio.run(live())
+
+
+def test_readme_first_five_minutes(tmp_path: Path) -> None:
+    """The README's own lines, against a demo (on its own port instead of 8000): the ingest
+    arrives live on the /ws line, and each address it gives answers."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    steps = readme.split("## The first five minutes\n", 1)[1].split("\n## ", 1)[0]
+    gw = start_gateway(tmp_path, {"VX11_GATEWAY_TOKEN": "demo-token"}, command="demo")
+    try:
+        here = steps.replace("127.0.0.1:8000", f"127.0.0.1:{gw.port}")
+        for url in re.findall(r"<(http://[^>]+)>", here):
+            assert gw.get(url.split(str(gw.port), 1)[1], token=False).status == 200, url
+        curl = shlex.split(re.search(r"```sh\n\s*(curl .*?)\n\s*```", here, re.S)[1].replace("\\\n", " "))
+        assert curl[-1].endswith("/events/ingest") and "X-VX11-Token: demo-token" in curl
+        body = orjson.loads(curl[curl.index("-d") + 1])
+        ws_url = re.search(r"'(ws://[^']+)'", here)[1]
+        event = arrives_live(gw, ws_url, body)
+        assert event["channel"] == "event" and event["payload"] == body["payload"]
+        assert "edgelink demo --port" in steps
+    finally:
+        assert gw.stop() == 0
+
+
 def test_the_banner_lines_work(tmp_path: Path) -> None:
     """Console and docs addresses, an ingest that arrives live on the printed /ws address,
     and the printed probe line probing the demo's own modules."""
@@ -67,14 +101,7 @@ def test_the_banner_lines_work(tmp_path: Path) -> None:
         body = orjson.loads(curl[curl.index("-d") + 1])
         assert body["broadcast"] is True
 
-        async def live() -> dict:
-            async with websockets.connect(ws_url) as ws:
-                assert orjson.loads(await ws.recv())["type"] == "connected"
-                reply = await asyncio.to_thread(gw.post, "/events/ingest", body)
-                assert reply.status == 201
-                return orjson.loads(await asyncio.wait_for(ws.recv(), 20))
-
-        event = asyncio.run(live())
+        event = arrives_live(gw, ws_url, body)
         assert event["type"] == "system.alert" and event["payload"]["message"] == "hello from the demo"
 
         probe, command = re.search(r"probe every module once:  (\S+=\S+) (\S+) probe$", text, re.M).groups()

@@ -12,7 +12,7 @@ import resource
 import time
 from typing import Callable, Iterable
 
-# Budget names of edgelink_budget_refusals_total (README's metric table, API.md §1): each is
+# Budget names of edgelink_budget_refusals_total (docs/operations.md, API.md §1): each is
 # exported at 0 from the start.
 BUDGETS = ("connections", "request_line", "header_block", "request_time", "body", "bodies", "write_buffer",
            "ledger", "ws_queue", "file_descriptors", "module_reply")
