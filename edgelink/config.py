@@ -4,8 +4,9 @@ Each setting is declared once, in ``KNOBS``: its field name, its environment nam
 Tentáculo Link name first where there is one; new ones carry the ``EDGELINK_`` prefix), its
 TOML key, parser, default, a one-line doc and its reload policy. The ``Settings`` dataclass,
 the reload logic (runtime.py), ``edgelink check --print``, the settings list in
-docs/settings.md and the OpenAPI text that quotes defaults are all built from it. Besides the knobs, the TOML file has
-``[modules.<name>]`` (``url``, ``enabled``) and ``[routes.<intent>]`` tables.
+docs/settings.md and the OpenAPI text that quotes defaults are all built from it. Besides the
+knobs, the TOML file has ``[modules.<name>]`` (``url``, ``enabled``) and ``[routes.<intent>]``
+tables.
 
 A bad value stops the start with a message naming the setting (API.md §8); loading reports
 every problem it finds, one a line, not only the first.

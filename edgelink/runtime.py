@@ -16,7 +16,6 @@ from .config import MODULES_PIECE, REBUILD, RESTART, Settings, changed
 from .forward.forwarder import Forwarder
 from .gateway.events import SCHEMAS
 from .gateway.health import HealthCheck
-from .gateway.metrics import BREAKER_STATES as STATE_NAMES
 from .gateway.metrics import Gauge, Registry
 from .gateway.observe import CardinalityCounter, CorrelationGraph
 from .gateway.sessions import SessionStore, Sweeper
@@ -77,7 +76,7 @@ class Runtime:
 
     def _modules(self, settings: Settings) -> Modules:
         modules = Modules(settings, observe=self._upstream_call, on_breaker=self._breaker_changed)
-        self.metrics.breaker_transitions.known(*((name, to) for name in modules.breakers for to in STATE_NAMES))
+        self.metrics.breaker_transitions.known(*((name, to) for name in modules.breakers for to in BREAKER_STATES))
         return modules
 
     def _breaker_changed(self, module: str, old: str, new: str) -> None:

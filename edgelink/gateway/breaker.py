@@ -85,10 +85,10 @@ class Breaker:
                  on_change: Callable[[str, str], None] | None = None):
         """``on_change(old, new)``, if given, is told every change of the reported state."""
         self.threshold = threshold
-        self._on_change = on_change
         self.recovery = recovery
         self._now = now
         self._wall = wall
+        self._on_change = on_change
         self._state = CLOSED
         self._epoch = 0
         self._failures = 0
