@@ -147,7 +147,7 @@ def build_router() -> Router:
                error(404, "not_found", "not a configured module (nor `tentaculo_link`, the gateway's own row)."),
                VALIDATION),
               parameters=(param("module", "query", "A module name, or `tentaculo_link` for the gateway.",
-                                {"type": "string", "minLength": 1}, required=True),
+                                {"type": "string", "minLength": 1}, required=True, example="madre"),
                           query_param("since", "Only probes at or after this moment, Unix epoch ms.",
                                       {"type": "integer", "minimum": 0, "maximum": MAX_SNAPSHOT_T, "default": 0}),
                           query_param("limit", "At most this many points (the newest).",

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import __version__
-from .config import KNOB, ConfigError, Settings, load_settings, render
+from .config import DEMO_HOST, KNOB, ConfigError, Settings, load_settings, render
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -57,8 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edgelink {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--host", help=f"listen address ({KNOB['host'].quote()})")
+    def common(sp: argparse.ArgumentParser, host: str = f"listen address ({KNOB['host'].quote()})") -> None:
+        sp.add_argument("--host", help=host)
         sp.add_argument("--port", help=f"listen port ({KNOB['port'].quote()})")
         sp.add_argument("--config", help="TOML config file")
 
@@ -70,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--print", action="store_true", help="print the effective settings (secrets redacted)")
     check.set_defaults(func=_cmd_check)
     demo = sub.add_parser("demo", help="run the gateway with built-in simulated modules on loopback")
-    common(demo)
+    common(demo, host=f"listen address (default {DEMO_HOST}: the demo is for this machine)")
     demo.set_defaults(func=_cmd_demo)
     probe = sub.add_parser("probe", help="probe every module once, record it, print a summary")
     probe.add_argument("--db", help="SQLite file to record into (EDGELINK_DB)")

@@ -3,9 +3,10 @@
 Each setting is declared once, in ``KNOBS``: its field name, its environment names (the old
 Tentáculo Link name first where there is one; new ones carry the ``EDGELINK_`` prefix), its
 TOML key, parser, default, a one-line doc and its reload policy. The ``Settings`` dataclass,
-the reload logic (runtime.py), ``edgelink check --print``, the README settings list and the
-OpenAPI text that quotes defaults are all built from it. Besides the knobs, the TOML file has
-``[modules.<name>]`` (``url``, ``enabled``) and ``[routes.<intent>]`` tables.
+the reload logic (runtime.py), ``edgelink check --print``, the settings list in
+docs/settings.md and the OpenAPI text that quotes defaults are all built from it. Besides the
+knobs, the TOML file has ``[modules.<name>]`` (``url``, ``enabled``) and ``[routes.<intent>]``
+tables.
 
 A bad value stops the start with a message naming the setting (API.md §8); loading reports
 every problem it finds, one a line, not only the first.
@@ -281,6 +282,7 @@ KNOB = {k.name: k for k in KNOBS}
 # The module table and the intent table are not scalars: a changed module (URL, enabled)
 # rebuilds the module clients, a changed intent applies live (handlers read it per request).
 MODULES_PIECE = "modules"
+DEMO_HOST = "127.0.0.1"  # where `edgelink demo` listens unless --host says otherwise (not EDGELINK_HOST)
 
 # name, the environment name of its URL, default URL (shubniggurath follows SHUB_ENABLED)
 MODULE_DEFAULTS: tuple[tuple[str, str, str], ...] = (
@@ -685,7 +687,7 @@ def render(settings: Settings) -> str:
 
 
 def markdown_table() -> str:
-    """The README's settings list."""
+    """The settings list of docs/settings.md."""
     rows = ["| Environment | TOML key | Default | Reload | What |", "|---|---|---|---|---|"]
     for k in KNOBS:
         env = " / ".join(f"`{name}`" for name in k.env)

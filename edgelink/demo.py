@@ -11,12 +11,13 @@ import argparse
 import asyncio
 import os
 import random
+import sys
 import time
 from typing import Any, AsyncGenerator, Callable, Coroutine
 
 import orjson
 
-from .config import MODULE_DEFAULTS, ConfigError, Settings, load_settings
+from .config import DEMO_HOST, ENV_FILE_VAR, MODULE_DEFAULTS, ConfigError, Settings, load_settings
 from .http.messages import HTTPError, Request, Response, StreamingResponse, error_response, json_response
 from .http.server import HttpServer
 from .log import log
@@ -121,6 +122,51 @@ async def start_modules(settings: Settings) -> tuple[dict[str, str], list[HttpSe
     return urls, servers
 
 
+def probe_env_file(settings: Settings, port: int, urls: dict[str, str]) -> str:
+    """Write the settings ``edgelink probe`` needs to probe this demo (its modules' URLs, the
+    gateway's address, the same ledger) as an environment file beside the ledger; returns
+    its path. Probe reads it through EDGELINK_ENV_FILE like any environment file."""
+    path = os.path.abspath(f"{settings.db}-probe.env")
+    lines = [f"{env_name}={urls[name]}" for name, env_name, _ in MODULE_DEFAULTS]
+    lines += [f"SHUB_ENABLED={'true' if settings.shub_enabled else 'false'}", f"TENTACULO_LINK_PORT={port}",
+              f"EDGELINK_HOST={settings.host}", f"EDGELINK_DB={os.path.abspath(settings.db)}"]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write("# written by edgelink demo for `edgelink probe`; removed when the demo stops\n")
+        fh.write("\n".join(lines) + "\n")
+    return path
+
+
+def _command() -> str:
+    """This program as the user started it (``.venv/bin/edgelink``, or ``python -m edgelink``)."""
+    if os.path.basename(sys.argv[0]) == "edgelink":
+        return sys.argv[0]
+    return f"{sys.executable} -m edgelink"
+
+
+def banner(settings: Settings, port: int, modules: int, probe_env: str) -> str:
+    """What a newcomer needs on the first screen: where the console and docs are, an event
+    that shows up live, the WebSocket, a chat, a probe of every module."""
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    base, token = f"http://{host}:{port}", settings.token
+    auth = f"-H 'X-VX11-Token: {token}' " if settings.enable_auth else ""
+    event = orjson.dumps({"source": "demo", "type": "system.alert", "broadcast": True,
+                          "payload": {"alert_id": "hello-1", "severity": "low", "message": "hello from the demo",
+                                      "timestamp": int(time.time() * 1000)}}).decode()
+    ws_token = f"?token={token}" if settings.enable_auth else ""
+    return (f"\nedgelink demo: gateway on {base} with {modules} simulated modules"
+            + (f", token {token}" if settings.enable_auth else "") + ".\n"
+            f"  console   {base}/console   (sign in with the token)\n"
+            f"  API docs  {base}/docs      (\"try it\" with the token)\n"
+            f"  an event the console shows live (\"broadcast\": true sends it to /ws):\n"
+            f"    curl {auth}-H 'Content-Type: application/json' -d '{event}' {base}/events/ingest\n"
+            f"  live events over WebSocket: ws://{host}:{port}/ws{ws_token}\n"
+            f"  chat:  curl {auth}-H 'Content-Type: application/json' -d '{{\"message\":\"hello\"}}' "
+            f"{base}/operator/chat\n"
+            f"  probe every module once:  {ENV_FILE_VAR}={probe_env} {_command()} probe\n"
+            f"Stop with Ctrl-C.\n")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from .serve import run, serve
 
@@ -130,35 +176,36 @@ def run_demo(args: argparse.Namespace) -> int:
     env.setdefault("EDGELINK_PROBE_INTERVAL", "10")
     try:
         base = load_settings(env=env, config_file=args.config,
-                             overrides={"host": args.host or "127.0.0.1", "port": args.port})
+                             overrides={"host": args.host or DEMO_HOST, "port": args.port})
     except ConfigError as exc:
         raise SystemExit(f"edgelink: {exc}") from None
 
     async def main() -> None:
         urls, servers = await start_modules(base)
         env.update({env_name: urls[name] for name, env_name, _ in MODULE_DEFAULTS})
-        settings = load_settings(env=env, config_file=args.config,
-                                 overrides={"host": args.host or "127.0.0.1", "port": args.port})
+
+        def load() -> Settings:
+            """The demo's settings, read again on SIGHUP: the config file may change, the
+            simulated modules stay where they are."""
+            return load_settings(env=env, config_file=args.config,
+                                 overrides={"host": args.host or DEMO_HOST, "port": args.port})
+
+        settings = load()
         log.info("demo_modules_started", modules=urls)
 
-        def banner(runtime: Any) -> None:
-            base_url = f"http://{settings.host}:{runtime.port}"
-            token = settings.token
-            print(f"\nedgelink demo: gateway on {base_url} with {len(urls)} simulated modules.\n"
-                  f"  curl {base_url}/vx11/status\n"
-                  f"  curl -H 'X-VX11-Token: {token}' -H 'Content-Type: application/json' "
-                  f"-d '{{\"message\":\"hello\"}}' {base_url}/operator/chat\n"
-                  f"  curl -N -H 'X-VX11-Token: {token}' "
-                  f"-d '{{\"message\":\"hi\",\"stream\":true}}' {base_url}/operator/chat\n"
-                  f"  curl -H 'X-VX11-Token: {token}' -H 'Content-Type: application/json' "
-                  f"-d '{{\"source\":\"demo\",\"type\":\"custom.note\",\"payload\":{{}}}}' {base_url}/events/ingest\n"
-                  f"Stop with Ctrl-C.\n", flush=True)
+        written: list[str] = []
+
+        def ready(runtime: Any) -> None:
+            written.append(probe_env_file(settings, runtime.port, urls))
+            print(banner(settings, runtime.port, len(urls), written[0]), flush=True)
 
         try:
-            await serve(settings, on_ready=banner)
+            await serve(settings, reload=load, on_ready=ready)
         finally:
             for server in servers:
                 await server.shutdown(0)
+            for path in written:
+                os.unlink(path)
 
     run(main())
     return 0

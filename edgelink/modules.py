@@ -160,13 +160,19 @@ class Modules:
     ``observe(module, outcome, seconds)``, if given, is told about every call that was
     let through; outcome is ``ok``, ``http_5xx``, ``not_json``, ``too_costly`` (to parse)
     or an UpstreamError kind (``local`` for the gateway's own limits).
+    ``on_breaker(module, old, new)``, if given, is told every change of a breaker's state.
     """
 
     def __init__(self, settings: Settings, *, observe: Callable[[str, str, float], None] | None = None,
+                 on_breaker: Callable[[str, str, str], None] | None = None,
                  now: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         self.settings = settings
         self.registry: dict[str, ModuleConfig] = {m.name: m for m in settings.modules}
-        self.breakers = {m.name: Breaker(settings.breaker_failures, settings.breaker_recovery, now=now, wall=wall)
+
+        def watch(module: str) -> Callable[[str, str], None] | None:
+            return None if on_breaker is None else lambda old, new: on_breaker(module, old, new)
+        self.breakers = {m.name: Breaker(settings.breaker_failures, settings.breaker_recovery, now=now, wall=wall,
+                                         on_change=watch(m.name))
                          for m in settings.modules if m.enabled}
         self._client = UpstreamClient(settings)
         self._observe = observe
@@ -314,12 +320,8 @@ class Modules:
 
     @staticmethod
     def _verdict(module: str, breaker: Breaker, ticket: int, *, failed: bool) -> None:
-        before = breaker.state
+        # a change of state is told to on_breaker (the runtime counts and logs it)
         (breaker.record_failure if failed else breaker.record_success)(ticket)
-        after = breaker.state
-        if after != before:
-            log.log("info" if after == "closed" else "warning", "breaker_state_changed",
-                    module=module, before=before, after=after)
 
     def _overloaded(self, module: str, exc: UpstreamError) -> None:
         # once per module until a call to it gets through again: a flood must not flood the log

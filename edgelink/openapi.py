@@ -474,8 +474,10 @@ FORWARDED = Case("default", "The module's own reply, forwarded with its status a
 
 
 def param(name: str, where: str, description: str, schema: dict[str, Any], *,
-           required: bool = False) -> dict[str, Any]:
-    return {"name": name, "in": where, "description": description, "required": required, "schema": schema}
+           required: bool = False, example: Any = None) -> dict[str, Any]:
+    """``example`` is what /docs' "try it" starts from; a required parameter needs one."""
+    found = {"name": name, "in": where, "description": description, "required": required, "schema": schema}
+    return found if example is None else {**found, "example": example}
 
 
 def query_param(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -484,8 +486,7 @@ def query_param(name: str, description: str, schema: dict[str, Any]) -> dict[str
 
 
 def path_param(name: str, description: str, example: str) -> dict[str, Any]:
-    return {**param(name, "path", description, {"type": "string", "minLength": 1}, required=True),
-            "example": example}
+    return param(name, "path", description, {"type": "string", "minLength": 1}, required=True, example=example)
 
 
 # --- what an endpoint entry adds (app.py) -----------------------------------------------

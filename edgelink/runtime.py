@@ -14,9 +14,9 @@ from typing import Callable
 from . import forward
 from .config import MODULES_PIECE, REBUILD, RESTART, Settings, changed
 from .forward.forwarder import Forwarder
-from .gateway.metrics import Gauge, Registry
+from .gateway.events import SCHEMAS
 from .gateway.health import HealthCheck
-from .modules import Modules
+from .gateway.metrics import Gauge, Registry
 from .gateway.observe import CardinalityCounter, CorrelationGraph
 from .gateway.sessions import SessionStore, Sweeper
 from .http.router import Router
@@ -24,6 +24,7 @@ from .http.server import HttpServer
 from .hub import Hub
 from .ledger import Ledger
 from .log import configure, log
+from .modules import Modules
 from .probe import GATEWAY_SERVICE, gateway_url, record_round
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
@@ -39,6 +40,9 @@ class Runtime:
         self.port = settings.port  # the port actually bound, set once listening
         self.ledger = Ledger.from_settings(settings)
         self.hub = Hub(self.metrics, settings.ws_queue, settings.ws_queue_bytes)
+        self.metrics.events.known(*((t, outcome) for t in SCHEMAS for outcome in ("accepted", "rejected")),
+                                  ("non_canonical", "accepted"), ("invalid", "rejected"))
+        self._module_up: dict[str, bool] = {}  # each module's last probe verdict, to log changes once
         self.cardinality = CardinalityCounter(time.time)
         self.correlations = CorrelationGraph(time.time)
         self.sessions = SessionStore.from_settings(settings)
@@ -71,7 +75,35 @@ class Runtime:
         self.ledger.on_commit = self._observe_commit
 
     def _modules(self, settings: Settings) -> Modules:
-        return Modules(settings, observe=self._upstream_call)
+        modules = Modules(settings, observe=self._upstream_call, on_breaker=self._breaker_changed)
+        self.metrics.breaker_transitions.known(*((name, to) for name in modules.breakers for to in BREAKER_STATES))
+        return modules
+
+    def _breaker_changed(self, module: str, old: str, new: str) -> None:
+        """Counted; logged when the module goes down (opens from closed) or comes back
+        (closes), not at each failed trial of an open breaker."""
+        self.metrics.breaker_transitions.inc(module, new)
+        if new == "open" and old == "closed":
+            log.warning("module_down", module=module, by="breaker", detail="circuit breaker opened")
+        elif new == "closed":
+            log.info("module_up", module=module, by="breaker", detail="circuit breaker closed")
+        else:  # cooling to half-open, a failed trial opening it again: the module stays down
+            log.debug("breaker_state_changed", module=module, before=old, after=new)
+
+    def _probe_changes(self, probes: dict[str, HealthCheck]) -> None:
+        """Log a module whose probe verdict changed since the last round, once per change
+        (a first round logs only the modules that are down)."""
+        for name, check in probes.items():
+            up = check.status == "ok"
+            before = self._module_up.get(name)
+            self._module_up[name] = up
+            if before is None and up or before == up:
+                continue
+            if up:
+                log.info("module_up", module=name, by="probe", status=check.status)
+            else:
+                log.warning("module_down", module=name, by="probe", status=check.status,
+                            detail=check.error or f"HTTP {check.http_code}")
 
     def _upstream_call(self, module: str, outcome: str, seconds: float) -> None:
         self.metrics.upstream_latency.observe(seconds, module, outcome)
@@ -130,12 +162,16 @@ class Runtime:
         self._retired.clear()
         await self.ledger.close()
 
-    def apply(self, new: Settings) -> None:
+    def apply(self, new: Settings) -> list[str]:
         """Take reloaded settings as the settings table (config.KNOBS) says: ``restart``
         knobs keep their running values (logged), ``rebuild`` knobs rebuild the piece holding
-        a copy, ``live`` ones are read from ``self.settings`` when used or handed over here."""
+        a copy, ``live`` ones are read from ``self.settings`` when used or handed over here.
+        Returns the names of the settings that changed and were applied (environment name,
+        or the TOML table for modules and routes)."""
         old = self.settings
         knobs = list(changed(old, new))
+        applied = [k.env[0] if k.env else k.toml for k in knobs if k.reload != RESTART]
+        applied += [table for table in ("modules", "routes") if getattr(new, table) != getattr(old, table)]
         fixed = [k.name for k in knobs if k.reload == RESTART]
         if fixed:
             log.warning("reload_needs_restart", settings=fixed, detail="these keep their running values")
@@ -154,6 +190,7 @@ class Runtime:
         self._schedule_recorder()
         for piece in sorted(pieces):
             self.rebuilders[piece](old, new)
+        return applied
 
     def _rebuild_modules(self, old: Settings, new: Settings) -> None:
         """New module clients and breakers (closed again) for new URLs, tokens, limits."""
@@ -190,6 +227,7 @@ class Runtime:
                 enabled = {(n,): c for n, c in probes.items() if n != GATEWAY_SERVICE and c.status != "disabled"}
                 self.metrics.module_up.values = {k: int(c.status == "ok") for k, c in enabled.items()}
                 self.metrics.module_probe.values = {k: c.latency_ms / 1000 for k, c in enabled.items()}
+                self._probe_changes({k[0]: c for k, c in enabled.items()})
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failed round is logged; the next one still runs

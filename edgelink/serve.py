@@ -132,6 +132,5 @@ def _reload(runtime: Runtime, reload: Callable[[], Settings]) -> None:
         log.error("reload_refused", error=str(exc), detail="keeping the running configuration")
         systemd.ready()
         return
-    runtime.apply(new)
-    log.info("reloaded", config_file=new.config_file)
+    log.info("reloaded", config_file=new.config_file, changed=runtime.apply(new))
     systemd.ready()

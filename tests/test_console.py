@@ -340,6 +340,8 @@ def test_a_wrong_token_says_so(tmp_path: Path, watched: Any) -> None:
         w.sign_in("not-the-token")
         w.page.wait_for_selector("#login-error:has-text('refused')", timeout=WAIT_MS)
         assert w.page.is_hidden("#main")
+        # the gateway is up: the sign-in page must not call it offline
+        assert w.page.inner_text("#link") == "stream: not signed in"
         assert w.page.evaluate("sessionStorage.getItem('edgelink.token')") is None
         w.page.fill("#token", gw.token)
         w.page.press("#token", "Enter")
@@ -349,6 +351,11 @@ def test_a_wrong_token_says_so(tmp_path: Path, watched: Any) -> None:
         w.page.reload()
         w.page.wait_for_selector("#modules article", timeout=WAIT_MS)
         assert w.page.is_hidden("#login")
+        w.page.wait_for_selector("#link.ok", timeout=WAIT_MS)
+        w.page.click("#logout")  # signing out closes the stream on purpose: still not "offline"
+        w.page.wait_for_selector("#token", state="visible", timeout=WAIT_MS)
+        w.page.wait_for_function("() => document.querySelector('#link').textContent === 'stream: not signed in'",
+                                 timeout=WAIT_MS)
     finally:
         gw.stop()
 
@@ -451,6 +458,67 @@ def test_docs_lists_every_operation_and_tries_one(tmp_path: Path, watched: Any) 
         screenshots(page, tmp_path / "docs", (360, None), (1280, None))
         assert w.unexpected_errors() == []
         assert w.foreign == []
+    finally:
+        gw.stop()
+
+
+def test_docs_shows_schemas_as_fields_and_tries_with_valid_examples(tmp_path: Path, watched: Any) -> None:
+    """Request bodies as their fields (API.md §10), never a bare ``$ref``: the ingest body's
+    oneOf per event type, each branch's fields, the payload nested inside; "try it" of an
+    operation with a required query parameter works as the page fills it."""
+    gw = start_demo(tmp_path)
+    try:
+        doc = gw.get("/openapi.json").json()
+        branches = [r["$ref"].rsplit("/", 1)[1] for r in doc["components"]["schemas"]["IngestRequest"]["oneOf"]]
+        w = watched(gw)
+        page = w.page
+        page.goto(f"{gw.base_url}/docs")
+        ingest = "#operations details[data-path='/events/ingest']"
+        page.click(f"{ingest} summary")
+        page.wait_for_selector(f"{ingest} .one-of", timeout=WAIT_MS)  # built when the toggle event comes
+        body = page.inner_text(f"{ingest} .body")
+        assert "$ref" not in body and "#/components" not in body
+        listed = page.eval_on_selector_all(f"{ingest} .one-of > details.branch", "els => els.map(e => e.dataset.branch)")
+        assert listed == branches
+        alert = f"{ingest} details.branch[data-branch='IngestSystemAlert']"
+        assert '(type "system.alert")' in page.inner_text(f"{alert} > summary")
+        page.click(f"{alert} > summary")
+        page.wait_for_selector(f"{alert} li.field", timeout=WAIT_MS)
+        fields = page.eval_on_selector_all(
+            f"{alert} > .schema > ul.fields > li.field",
+            "els => els.map(e => [e.dataset.name, e.querySelector('.type').textContent, !!e.querySelector(':scope > .req')])")
+        assert fields[:3] == [["source", "string", True], ["type", '"system.alert"', True],
+                              ["payload", "SystemAlertPayload", True]]
+        assert ["broadcast", "boolean | null", False] in fields
+        source = page.inner_text(f"{alert} li.field[data-name='source'] .constraints")
+        assert "1..256 chars" in source
+        # the payload is a nested object: its fields once opened
+        payload = f"{alert} li.field[data-name='payload']"
+        page.click(f"{payload} > details.nested > summary")
+        page.wait_for_selector(f"{payload} li.field", timeout=WAIT_MS)
+        inner = page.eval_on_selector_all(f"{payload} li.field", "els => els.map(e => e.dataset.name)")
+        assert inner == ["alert_id", "severity", "message", "timestamp"]
+        assert "without a fraction" in page.inner_text(f"{payload} li.field[data-name='timestamp'] .desc")
+
+        # a component schema in the list at the bottom is fields too
+        page.click("#schema-ChatRequest > summary")
+        page.wait_for_selector("#schema-ChatRequest li.field", timeout=WAIT_MS)
+        chat = page.eval_on_selector_all("#schema-ChatRequest li.field", "els => els.map(e => e.dataset.name)")
+        assert chat[0] == "message" and "stream" in chat
+        assert "$ref" not in page.inner_text("#schemas")
+
+        # "try it" starts from a valid example for the required parameter
+        page.fill("#doc-token", gw.token)
+        page.press("#doc-token", "Tab")
+        history = "#operations details[data-path='/vx11/health/history']"
+        page.click(f"{history} summary")
+        page.wait_for_selector(f"{history} input[name='module']", timeout=WAIT_MS)
+        assert page.input_value(f"{history} input[name='module']") == "madre"
+        page.click(f"{history} button[type=submit]")
+        page.wait_for_selector(f"{history} .result-status[data-status='200']", timeout=WAIT_MS)
+        assert '"module": "madre"' in page.inner_text(f"{history} .result-body")
+        screenshots(page, tmp_path / "docs-schemas", (360, None), (1280, None))
+        assert w.unexpected_errors() == []
     finally:
         gw.stop()
 

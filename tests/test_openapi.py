@@ -59,6 +59,20 @@ def test_document_is_valid_openapi_31() -> None:
     OpenAPIV31SpecValidator(doc).validate()
 
 
+def test_every_required_parameter_and_body_has_an_example() -> None:
+    """What /docs' "try it" starts from (API.md §10): nothing required starts empty."""
+    doc = openapi.document(build_router())
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            for p in op.get("parameters", []):
+                if "$ref" not in p and p["required"]:
+                    assert "example" in p, (method, path, p["name"])
+            body = op.get("requestBody")
+            if body and body.get("required"):
+                for media_type, media in body["content"].items():
+                    assert "example" in media, (method, path, media_type)
+
+
 def test_every_route_is_documented_and_nothing_else() -> None:
     router = build_router()
     doc = openapi.document(router)

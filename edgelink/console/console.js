@@ -217,6 +217,7 @@ const stream = {
     clearTimeout(this.timer);
     if (this.ws) this.ws.close(1000);
     this.ws = null;
+    link("not signed in", ""); // closed on purpose (sign-in page): the gateway is not offline
   },
 
   frame(ws, raw) {
@@ -264,7 +265,6 @@ const stream = {
 
   closed(ws, e) {
     if (ws !== this.ws) return;
-    if (!this.wanted) { link("offline", "bad"); return; }
     const delay = this.attempt === 0 && e.code === 1000 ? 0
       : BACKOFF_MS[Math.min(this.attempt, BACKOFF_MS.length - 1)] * (0.75 + Math.random() / 2);
     this.attempt += 1;

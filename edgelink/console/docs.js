@@ -25,40 +25,113 @@ function resolve(obj) {
   return obj.$ref.replace(/^#\//, "").split("/").reduce((o, k) => (o ? o[k] : undefined), doc) || obj;
 }
 
-function refsIn(value, found = new Set()) {
-  if (Array.isArray(value)) value.forEach((v) => refsIn(v, found));
-  else if (value && typeof value === "object") {
-    for (const [k, v] of Object.entries(value)) {
-      if (k === "$ref" && typeof v === "string" && v.startsWith("#/components/schemas/")) found.add(refName(v));
-      else refsIn(v, found);
-    }
-  }
-  return found;
-}
-
-function schemaLinks(schema) {
-  const names = [...refsIn(schema)];
-  return names.length ? h("p", { class: "small" }, "schemas: ", names.flatMap((n, i) => [i ? ", " : "",
-    h("a", { href: `#schema-${n}`, onclick: () => openSchema(n) }, n)])) : null;
-}
-
 function openSchema(name) {
   const el = $(`schema-${name}`);
   if (el) el.open = true;
 }
 
+function componentSchema(ref) {
+  return doc.components.schemas[refName(ref)] || {};
+}
+
+// A short type name: "string", "integer | null", "array of Event", "SystemAlertPayload".
+function typeName(schema) {
+  if (!schema) return "any";
+  if (schema.$ref) return refName(schema.$ref);
+  const variants = schema.anyOf || schema.oneOf;
+  if (variants) return variants.map(typeName).join(" | ");
+  if ("const" in schema) return JSON.stringify(schema.const);
+  if (schema.type === "array") return `array of ${typeName(schema.items)}`;
+  if (schema.type) return [].concat(schema.type).join(" | ");
+  if (schema.enum) return "enum";
+  return schema.properties ? "object" : "any";
+}
+
+// The rules a value must keep, in words: "1..5000", "≤ 256 chars", "one of a, b", "default 500".
+function constraints(schema) {
+  const parts = [];
+  if (schema.enum) parts.push(`one of ${schema.enum.map((v) => JSON.stringify(v)).join(", ")}`);
+  if ("minimum" in schema || "maximum" in schema) parts.push(`${schema.minimum ?? "…"}..${schema.maximum ?? "…"}`);
+  if ("exclusiveMinimum" in schema) parts.push(`> ${schema.exclusiveMinimum}`);
+  if ("minLength" in schema && "maxLength" in schema) parts.push(`${schema.minLength}..${schema.maxLength} chars`);
+  else if ("maxLength" in schema) parts.push(`≤ ${schema.maxLength} chars`);
+  else if ("minLength" in schema) parts.push(`≥ ${schema.minLength} chars`);
+  if ("minItems" in schema || "maxItems" in schema) parts.push(`${schema.minItems ?? 0}..${schema.maxItems ?? "…"} items`);
+  if (schema.pattern) parts.push(`matches ${schema.pattern}`);
+  if (schema.format) parts.push(schema.format);
+  if ("default" in schema) parts.push(`default ${JSON.stringify(schema.default)}`);
+  return parts.join(", ");
+}
+
+// What a nested part of a schema opens to: an object's fields, an array's item, the
+// branches of a oneOf/anyOf; null for a plain value (string, number, enum, null).
+function inner(schema) {
+  if (!schema) return null;
+  if (schema.$ref) return componentSchema(schema.$ref);
+  const variants = (schema.oneOf || schema.anyOf || []).filter((v) => v.type !== "null");
+  if (variants.length === 1) return inner(variants[0]);
+  if (variants.length > 1 && variants.some((v) => inner(v))) return schema;
+  if (schema.type === "array") return inner(schema.items);
+  if (schema.properties || schema.additionalProperties) return schema;
+  return null;
+}
+
+// An expandable part: its content is built when first opened (schemas nest deeply, and
+// a $ref met again inside itself is only built if the reader opens it).
+function expandable(label, build, attrs = {}) {
+  const details = h("details", { class: "nested", ...attrs }, h("summary", {}, label));
+  details.addEventListener("toggle", () => {
+    if (details.open && details.childElementCount === 1) details.append(build());
+  });
+  return details;
+}
+
+function fieldRow(name, schema, required) {
+  const nested = inner(schema);
+  const facts = constraints(schema.$ref ? {} : schema);
+  return h("li", { class: "field", dataset: { name } },
+    h("code", { class: "name" }, name), " ",
+    h("span", { class: "type" }, typeName(schema)),
+    required ? h("span", { class: "req" }, "required") : null,
+    facts ? h("span", { class: "constraints muted" }, facts) : null,
+    schema.description ? h("div", { class: "desc small" }, inline(schema.description)) : null,
+    nested ? expandable(`fields of ${typeName(schema)}`, () => schemaView(nested)) : null);
+}
+
+// A schema as the fields a reader fills in: never a bare $ref.
+function schemaView(schema) {
+  if (schema.$ref) return schemaView(componentSchema(schema.$ref));
+  const parts = [];
+  if (schema.description) parts.push(h("p", { class: "small" }, inline(schema.description)));
+  const variants = schema.oneOf || schema.anyOf;
+  if (variants) {
+    const kind = schema.oneOf ? "exactly one of" : "any of";
+    parts.push(h("div", { class: "one-of" }, h("p", { class: "small muted" }, `${kind} ${variants.length}:`),
+      variants.map((v) => {
+        const target = v.$ref ? componentSchema(v.$ref) : v;
+        const tag = target.properties && target.properties.type && "const" in target.properties.type
+          ? ` (type ${JSON.stringify(target.properties.type.const)})` : "";
+        return inner(v)
+          ? expandable(`${typeName(v)}${tag}`, () => schemaView(v), { class: "nested branch", dataset: { branch: typeName(v) } })
+          : h("div", { class: "small" }, h("span", { class: "type" }, typeName(v)), " ", constraints(v));
+      })));
+  }
+  if (schema.properties) {
+    const required = new Set(schema.required || []);
+    parts.push(h("ul", { class: "fields" }, Object.entries(schema.properties).map(([name, prop]) => fieldRow(name, prop, required.has(name)))));
+  }
+  if (schema.additionalProperties && typeof schema.additionalProperties === "object") {
+    parts.push(h("ul", { class: "fields" }, fieldRow("{any key}", schema.additionalProperties, false)));
+  }
+  if (schema.type === "array") parts.push(h("ul", { class: "fields" }, fieldRow("[items]", schema.items || {}, false)));
+  if (!parts.length) parts.push(h("p", { class: "small" }, h("span", { class: "type" }, typeName(schema)), " ", constraints(schema)));
+  return h("div", { class: "schema" }, parts);
+}
+
 function schemaSummary(schema) {
   if (!schema) return "";
-  if (schema.$ref) return refName(schema.$ref);
-  const parts = [];
-  if (schema.type) parts.push([].concat(schema.type).join(" | "));
-  if (schema.enum) parts.push(`one of ${schema.enum.join(", ")}`);
-  if ("const" in schema) parts.push(`= ${JSON.stringify(schema.const)}`);
-  if ("minimum" in schema || "maximum" in schema) parts.push(`${schema.minimum ?? "…"}..${schema.maximum ?? "…"}`);
-  if ("maxLength" in schema) parts.push(`≤ ${schema.maxLength} chars`);
-  if ("default" in schema) parts.push(`default ${JSON.stringify(schema.default)}`);
-  if (schema.anyOf) parts.push(schema.anyOf.map(schemaSummary).join(" | "));
-  return parts.join(", ");
+  const facts = constraints(schema);
+  return facts ? `${typeName(schema)}, ${facts}` : typeName(schema);
 }
 
 // --- one operation -----------------------------------------------------------------------
@@ -77,14 +150,15 @@ function operationBody(method, path, op, websocket) {
         h("td", {}, h("code", {}, p.name), " ", h("span", { class: "muted" }, p.in, p.required ? ", required" : "")),
         h("td", {}, schemaSummary(p.schema)), h("td", {}, inline(p.description))))))] : null,
     media ? [h("h4", {}, `Request body (${media[0]}${body.required ? ", required" : ""})`),
-      h("pre", {}, pretty(media[1].schema)), schemaLinks(media[1].schema),
+      schemaView(media[1].schema),
       media[1].example !== undefined ? [h("p", { class: "small" }, "example"), h("pre", {}, pretty(media[1].example))] : null] : null,
     h("h4", {}, "Responses"),
     h("dl", { class: "facts" }, Object.entries(op.responses).map(([status, r]) => {
       const resp = resolve(r);
       const types = Object.entries(resp.content || {});
       return [h("dt", {}, h("code", {}, status)), h("dd", {}, inline(resp.description),
-        types.map(([type, m]) => h("div", { class: "small" }, h("code", {}, type), " ", schemaSummary(m.schema))))];
+        types.map(([type, m]) => h("div", { class: "small" }, h("code", {}, type), " ",
+          m.schema && inner(m.schema) ? expandable(typeName(m.schema), () => schemaView(m.schema)) : schemaSummary(m.schema))))];
     })),
     websocket ? h("p", { class: "muted" }, "A WebSocket: open it with a WebSocket client (the console does), not from this form.")
       : tryIt(method, path, op, params, media));
@@ -172,7 +246,7 @@ function render() {
   fill($("schemas"), Object.entries(doc.components.schemas).map(([name, schema]) => {
     const details = h("details", { class: "op card", id: `schema-${name}` }, h("summary", {}, h("code", {}, name)));
     details.addEventListener("toggle", () => {
-      if (details.open && details.childElementCount === 1) details.append(h("div", { class: "body" }, h("pre", {}, pretty(schema)), schemaLinks(schema)));
+      if (details.open && details.childElementCount === 1) details.append(h("div", { class: "body" }, schemaView(schema)));
     });
     return details;
   }));
@@ -180,9 +254,9 @@ function render() {
 
 function applyFilter() {
   const words = $("filter").value.toLowerCase().trim();
-  for (const el of document.querySelectorAll("#operations details")) el.hidden = Boolean(words) && !el.dataset.search.includes(words);
+  for (const el of document.querySelectorAll("#operations details.op")) el.hidden = Boolean(words) && !el.dataset.search.includes(words);
   for (const section of document.querySelectorAll("#operations section")) {
-    section.hidden = ![...section.querySelectorAll("details")].some((d) => !d.hidden);
+    section.hidden = ![...section.querySelectorAll("details.op")].some((d) => !d.hidden);
   }
 }
 

@@ -78,14 +78,17 @@ class Breaker:
     ended without a verdict."""
 
     __slots__ = ("threshold", "recovery", "_now", "_wall", "_state", "_epoch",
-                 "_failures", "_opened_at", "_last_failure")
+                 "_failures", "_opened_at", "_last_failure", "_on_change")
 
     def __init__(self, threshold: int, recovery: float, *,
-                 now: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+                 now: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 on_change: Callable[[str, str], None] | None = None):
+        """``on_change(old, new)``, if given, is told every change of the reported state."""
         self.threshold = threshold
         self.recovery = recovery
         self._now = now
         self._wall = wall
+        self._on_change = on_change
         self._state = CLOSED
         self._epoch = 0
         self._failures = 0
@@ -132,9 +135,11 @@ class Breaker:
             self._fire(COOLED)
 
     def _fire(self, event: str) -> None:
-        new = TRANSITIONS[self._state, event]
-        if new != self._state:
+        old, new = self._state, TRANSITIONS[self._state, event]
+        if new != old:
             self._state = new
             self._epoch += 1
             if new == OPEN:
                 self._opened_at = self._now()
+            if self._on_change is not None and REPORTED[new] != REPORTED[old]:
+                self._on_change(REPORTED[old], REPORTED[new])

@@ -12,6 +12,10 @@ import resource
 import time
 from typing import Callable, Iterable
 
+# Budget names of edgelink_budget_refusals_total (docs/operations.md, API.md §1): each is
+# exported at 0 from the start.
+BUDGETS = ("connections", "request_line", "header_block", "request_time", "body", "bodies", "write_buffer",
+           "ledger", "ws_queue", "file_descriptors", "module_reply")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -34,9 +38,17 @@ def _num(value: float) -> str:
 class Counter:
     kind = "counter"
 
-    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = ()):
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
+                 known: Iterable[tuple[str, ...]] = ()):
         self.name, self.help, self.label_names = name, help_text, labels
         self.values: dict[tuple[str, ...], float] = {}
+        # Series known at start are exported at 0 (API.md §7), so rate() sees the first one.
+        self.known(*(known if labels else [()]))
+
+    def known(self, *series: tuple[str, ...]) -> None:
+        """Export these label tuples (at 0 until counted) if not already there."""
+        for labels in series:
+            self.values.setdefault(labels, 0)
 
     def inc(self, *labels: str, amount: float = 1) -> None:
         self.values[labels] = self.values.get(labels, 0) + amount
@@ -54,7 +66,9 @@ class Gauge(Counter):
 
     def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
                  read: Callable[[], dict[tuple[str, ...], float]] | None = None, kind: str = "gauge"):
-        super().__init__(name, help_text, labels)
+        # no series at start: a gauge has no value until it is set or read
+        self.name, self.help, self.label_names = name, help_text, labels
+        self.values: dict[tuple[str, ...], float] = {}
         self.read = read
         self.kind = kind
 
@@ -139,7 +153,10 @@ class Registry:
             "edgelink_ws_slow_consumer_closes_total", "WebSocket clients closed with 1013 for not keeping up"))
         self.budget_refusals = self.add(Counter(
             "edgelink_budget_refusals_total", "Requests, replies and clients refused because a budget was reached",
-            ("budget",)))
+            ("budget",), known=[(b,) for b in BUDGETS]))
+        self.breaker_transitions = self.add(Counter(
+            "edgelink_breaker_transitions_total", "Circuit breaker changes of state, by module and the state entered",
+            ("module", "to")))
         self.upstream_latency = self.add(Histogram(
             "edgelink_upstream_request_duration_seconds", "Upstream module call latency", ("module", "outcome")))
         self.streams_open = self.add(Gauge(
