@@ -37,12 +37,12 @@ from . import __version__
 from .api.chat import MAX_MESSAGE as MAX_CHAT_MESSAGE
 from .api.events import RECENT_IN_SNAPSHOT
 from .api.health import MAX_HISTORY
+from .config import KNOB
 from .gateway.auth import MAX_CORRELATION_ID
 from .gateway.events import MAX_NAME_LENGTH
 from .gateway.events import SCHEMAS as EVENT_SCHEMAS
 from .gateway.events import Schema as EventSchema
 from .gateway.observe import MAX_NODES
-from .config import KNOB
 from .http.router import Route, Router
 
 OPENAPI_VERSION = "3.1.0"
@@ -187,6 +187,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "latency_ms": _nullable(_NUMBER),
         "url": _STR,
         "error": _nullable(_STR),
+        "trend": {"enum": ["stable", "degrading", "recovering", "unknown"],
+                  "description": "The module's health prediction (API.md §11): its recent latency and error rate "
+                                 "against its baseline; `unknown` until enough samples (and for a disabled module)."},
+        "anomaly_score": {"type": "number", "minimum": 0,
+                          "description": "How far the recent behaviour is from the baseline, in standard "
+                                         "deviations: 0 = as usual; `degrading` from 4."},
     }, description="One module's `GET <url>/health` probe; a disabled module is listed, not probed."),
     "Status": _object({
         "ok": {"const": True},

@@ -98,6 +98,11 @@ def test_new_metrics_carry_true_values(scraped):
     assert _value(families, "edgelink_module_up", module="switch") == 0
     assert _value(families, "edgelink_module_up", module="shubniggurath") is None  # disabled
     assert 0 < _value(families, "edgelink_module_probe_duration_seconds", module="madre") < 2
+    # health prediction (API.md §11): every enabled module from the start, 0 with no baseline yet
+    for module in ("madre", "switch"):
+        assert _value(families, "edgelink_module_anomaly_score", module=module) == 0
+        assert _value(families, "edgelink_module_degrading", module=module) == 0
+    assert _value(families, "edgelink_module_degrading", module="shubniggurath") is None  # disabled
     assert _value(families, "edgelink_http_connections") >= 2  # the WebSocket and the scrape
     assert _value(families, "edgelink_http_connections_limit") == 321
     assert _value(families, "edgelink_ledger_events") == 3
@@ -126,7 +131,7 @@ def test_promtool_check_metrics_on_live_metrics(scraped, promtool):
 def test_alert_rules_pass_promtool_check(promtool):
     proc = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 8 rules found" in proc.stdout
+    assert "SUCCESS: 9 rules found" in proc.stdout
 
 
 def test_alert_rules_unit_tests(promtool):
@@ -137,7 +142,7 @@ def test_alert_rules_unit_tests(promtool):
 
 def test_every_alert_has_a_unit_test_that_fires_it():
     alerts = re.findall(r"^\s+- alert: (\w+)$", RULES.read_text(), re.M)
-    assert len(alerts) == 8
+    assert len(alerts) == 9
     tests = RULE_TESTS.read_text()
     for alert in alerts:
         assert re.search(rf"alertname: {alert}\n\s+exp_alerts:\n\s+- exp_labels:", tests), alert

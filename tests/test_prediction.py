@@ -6,8 +6,13 @@ from __future__ import annotations
 import math
 import random
 import sys
+import time
+from pathlib import Path
 
 import pytest
+from conftest import Gateway, log_records, module_env, start_gateway
+from fakemodule import HEALTHY, FakeModule
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgelink.gateway.prediction import (
     CALL,
@@ -166,3 +171,64 @@ def test_state_is_bounded_in_bytes(calls: int) -> None:
     before = _state_bytes(run.p)
     run.feed(calls * 0.05, noisy(17), gap=0.05)
     assert _state_bytes(run.p) == before
+
+
+# --- over the real process ---------------------------------------------------------------
+
+
+def _status(gw: Gateway, module: str) -> dict:
+    return gw.get("/vx11/status", token=False).json()["modules"][module]
+
+
+def _call_until(gw: Gateway, module: str, wanted: set[str], limit: float = 120) -> dict:
+    """Call the ``task`` intent (madre) until the module's trend is one of ``wanted``."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        for _ in range(5):
+            assert gw.post("/vx11/intent/task", {"task": "x"}).status == 200
+        health = _status(gw, module)
+        if health["trend"] in wanted:
+            return health
+    raise AssertionError(f"{module} never became {wanted}: {health}")
+
+
+def _trend_lines(gw: Gateway) -> list[tuple[str, str]]:
+    return [(r["before"], r["after"]) for r in log_records(gw.log_path) if r.get("event") == "module_trend_changed"]
+
+
+def test_a_module_whose_latency_creeps_up_is_degrading_before_its_breaker_opens(tmp_path: Path) -> None:
+    with FakeModule("madre") as madre:
+        # a 30 s window: the baseline spans 30 s instead of 2 h, so a test can watch it
+        gw = start_gateway(tmp_path, {**module_env({"madre": madre}), "EDGELINK_PREDICTION_WINDOW": "30",
+                                      "EDGELINK_PROBE_INTERVAL": "0.5"})
+        try:
+            health = _status(gw, "madre")
+            assert (health["trend"], health["anomaly_score"]) == ("unknown", 0)
+            _call_until(gw, "madre", {"stable"})
+            assert _trend_lines(gw) == []  # unknown -> stable is not news
+
+            delay = 0.001
+            deadline = time.monotonic() + 120
+            while (health := _status(gw, "madre"))["trend"] != "degrading":
+                assert time.monotonic() < deadline, health
+                madre.behave("/madre/task", HEALTHY, delay=delay)
+                for _ in range(3):
+                    assert gw.post("/vx11/intent/task", {"task": "x"}).status == 200
+                delay = min(delay * 1.2, 1.0)  # creeping; the route's timeout is 30 s
+            assert health["anomaly_score"] >= 4
+            breaker = gw.get("/vx11/circuit-breaker/status").json()["breakers"]["madre"]
+            assert breaker["state"] == "closed" and breaker["failure_count"] == 0  # warned before any failure
+            families = {f.name: f for f in text_string_to_metric_families(gw.get("/metrics").body.decode())}
+            degrading = {s.labels["module"]: s.value for s in families["edgelink_module_degrading"].samples}
+            assert degrading["madre"] == 1 and degrading["switch"] == 0
+            scores = {s.labels["module"]: s.value for s in families["edgelink_module_anomaly_score"].samples}
+            assert scores["madre"] >= 4
+            assert gw.get("/vx11/overview").json()["modules_health"]["madre"]["trend"] == "degrading"
+
+            madre.behave("/madre/task", HEALTHY)  # fast again
+            _call_until(gw, "madre", {"recovering", "stable"})
+            lines = _trend_lines(gw)
+            assert lines[0] == ("stable", "degrading") and lines.count(("stable", "degrading")) == 1
+            assert [after for before, after in lines if before == "degrading"] in (["recovering"], ["stable"])
+        finally:
+            gw.stop()

@@ -194,6 +194,11 @@ class HealthPredictor:
     def modules(self) -> list[str]:
         return list(self._modules)
 
+    def retain(self, modules: list[str] | tuple[str, ...]) -> None:
+        """Follow exactly ``modules`` (after a reload): new ones start unknown, the others keep
+        what they learnt, gone ones are forgotten."""
+        self._modules = {name: self._modules.get(name) or _Module() for name in modules}
+
     def _close(self, name: str, m: _Module, c: _Channel, at: float) -> None:
         c.close(at, self.step, self._decay)
         live = [ch for ch in m.channels if ch.known and at - ch.last_seen < STALE_STEPS * self.step]
