@@ -18,6 +18,7 @@ from edgelink.gateway.prediction import (
     CALL,
     DEFAULT_WINDOW,
     DEGRADING,
+    LEAVE,
     MIN_BASELINE,
     PROBE,
     RECOVERING,
@@ -198,8 +199,9 @@ def _trend_lines(gw: Gateway) -> list[tuple[str, str]]:
 
 def test_a_module_whose_latency_creeps_up_is_degrading_before_its_breaker_opens(tmp_path: Path) -> None:
     with FakeModule("madre") as madre:
-        # a 30 s window: the baseline spans 30 s instead of 2 h, so a test can watch it
-        gw = start_gateway(tmp_path, {**module_env({"madre": madre}), "EDGELINK_PREDICTION_WINDOW": "30",
+        # a 120 s window: the baseline spans 2 min instead of 2 h, so a test can watch it; a channel
+        # that saw nothing for 4 s (4 steps) no longer counts
+        gw = start_gateway(tmp_path, {**module_env({"madre": madre}), "EDGELINK_PREDICTION_WINDOW": "120",
                                       "EDGELINK_PROBE_INTERVAL": "0.5"})
         try:
             health = _status(gw, "madre")
@@ -215,14 +217,14 @@ def test_a_module_whose_latency_creeps_up_is_degrading_before_its_breaker_opens(
                 for _ in range(3):
                     assert gw.post("/vx11/intent/task", {"task": "x"}).status == 200
                 delay = min(delay * 1.2, 1.0)  # creeping; the route's timeout is 30 s
-            assert health["anomaly_score"] >= 4
+            assert health["anomaly_score"] >= LEAVE  # entered at ENTER; it stays degrading down to LEAVE
             breaker = gw.get("/vx11/circuit-breaker/status").json()["breakers"]["madre"]
             assert breaker["state"] == "closed" and breaker["failure_count"] == 0  # warned before any failure
             families = {f.name: f for f in text_string_to_metric_families(gw.get("/metrics").body.decode())}
             degrading = {s.labels["module"]: s.value for s in families["edgelink_module_degrading"].samples}
             assert degrading["madre"] == 1 and degrading["switch"] == 0
             scores = {s.labels["module"]: s.value for s in families["edgelink_module_anomaly_score"].samples}
-            assert scores["madre"] >= 4
+            assert scores["madre"] >= LEAVE
             assert gw.get("/vx11/overview").json()["modules_health"]["madre"]["trend"] == "degrading"
 
             madre.behave("/madre/task", HEALTHY)  # fast again

@@ -18,9 +18,11 @@ is. Its failures feed an error rate that decays with a time constant of the wind
 Scores, in standard deviations of the baseline (0 = as usual; never negative: faster or
 cleaner than usual is no anomaly):
 
-- latency: ``(median(recent) - median(baseline)) / spread``, where ``spread`` is the
-  baseline's MAD scaled to a standard deviation (1.4826 x), at least ``MIN_SPREAD`` (a 15 %
-  step) so a very steady module is not flagged for a few percent;
+- latency: ``(median(recent) - median(baseline)) / spread``, where ``spread`` is the noise
+  of the baseline from one entry to the next (the median of their successive differences,
+  scaled to a standard deviation), at least ``MIN_SPREAD`` (a 15 % step) so a very steady
+  module is not flagged for a few percent. Not the MAD around the median: a creep across
+  the window would widen it and hide itself (bench/README.md, "Health prediction");
 - errors: the recent failure rate against the baseline's, in binomial standard errors plus
   ``ERROR_SLACK`` (so hundreds of calls a second do not make 1 % more failures an alarm).
 
@@ -59,7 +61,7 @@ LEAVE = 2.0  # score under which degrading ends
 MIN_SPREAD = math.log(1.15)  # the smallest latency spread (log): a 15 % step
 ERROR_SLACK = 0.05  # added to the error rate's standard error
 ERROR_FLOOR = 0.01  # the baseline error rate assumed at least, for the standard error
-MAD_SCALE = 1.4826  # MAD -> standard deviation for normal noise
+DIFF_SCALE = 1 / (0.6745 * math.sqrt(2))  # median |x[i+1] - x[i]| -> standard deviation, normal noise
 NAN = float("nan")
 
 
@@ -127,8 +129,11 @@ class _Channel:
         if self.base_len < MIN_BASELINE:
             return 0.0
         base = list(self.base[:self.base_len])
+        if self.base_len == BASELINE:  # oldest first
+            base = base[self.base_pos:] + base[:self.base_pos]
+        # the noise from one entry to the next: a slow trend across the window does not widen it
+        spread = max(DIFF_SCALE * _median([abs(b - a) for a, b in zip(base, base[1:])]), MIN_SPREAD)
         centre = _median(base)
-        spread = max(MAD_SCALE * _median([abs(v - centre) for v in base]), MIN_SPREAD)
         levels = [v for v in self.recent[:self.recent_len] if v == v]
         latency = (_median(levels) - centre) / spread if levels else 0.0
         n = sum(self.recent_n[:self.recent_len])
