@@ -181,7 +181,7 @@ def _status(gw: Gateway, module: str) -> dict:
     return gw.get("/vx11/status", token=False).json()["modules"][module]
 
 
-def _call_until(gw: Gateway, module: str, wanted: set[str], limit: float = 120) -> dict:
+def call_until(gw: Gateway, module: str, wanted: set[str], limit: float = 120) -> dict:
     """Call the ``task`` intent (madre) until the module's trend is one of ``wanted``."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
@@ -197,26 +197,37 @@ def _trend_lines(gw: Gateway) -> list[tuple[str, str]]:
     return [(r["before"], r["after"]) for r in log_records(gw.log_path) if r.get("event") == "module_trend_changed"]
 
 
+def creep_until_degrading(gw: Gateway, madre: FakeModule) -> dict:
+    """Slow madre's task calls down a little more every few calls until the gateway calls it
+    degrading; its ModuleHealth then."""
+    delay = 0.001
+    deadline = time.monotonic() + 120
+    while (health := _status(gw, "madre"))["trend"] != "degrading":
+        assert time.monotonic() < deadline, health
+        madre.behave("/madre/task", HEALTHY, delay=delay)
+        for _ in range(3):
+            assert gw.post("/vx11/intent/task", {"task": "x"}).status == 200
+        delay = min(delay * 1.2, 1.0)  # creeping; the route's timeout is 30 s
+    return health
+
+
+def start_predicting(tmp_path: Path, madre: FakeModule) -> Gateway:
+    """A gateway in front of ``madre`` whose baseline spans 2 min instead of 2 h, so a test can
+    watch it learn and judge (a channel that saw nothing for 4 s, 4 steps, no longer counts)."""
+    return start_gateway(tmp_path, {**module_env({"madre": madre}), "EDGELINK_PREDICTION_WINDOW": "120",
+                                    "EDGELINK_PROBE_INTERVAL": "0.5"})
+
+
 def test_a_module_whose_latency_creeps_up_is_degrading_before_its_breaker_opens(tmp_path: Path) -> None:
     with FakeModule("madre") as madre:
-        # a 120 s window: the baseline spans 2 min instead of 2 h, so a test can watch it; a channel
-        # that saw nothing for 4 s (4 steps) no longer counts
-        gw = start_gateway(tmp_path, {**module_env({"madre": madre}), "EDGELINK_PREDICTION_WINDOW": "120",
-                                      "EDGELINK_PROBE_INTERVAL": "0.5"})
+        gw = start_predicting(tmp_path, madre)
         try:
             health = _status(gw, "madre")
             assert (health["trend"], health["anomaly_score"]) == ("unknown", 0)
-            _call_until(gw, "madre", {"stable"})
+            call_until(gw, "madre", {"stable"})
             assert _trend_lines(gw) == []  # unknown -> stable is not news
 
-            delay = 0.001
-            deadline = time.monotonic() + 120
-            while (health := _status(gw, "madre"))["trend"] != "degrading":
-                assert time.monotonic() < deadline, health
-                madre.behave("/madre/task", HEALTHY, delay=delay)
-                for _ in range(3):
-                    assert gw.post("/vx11/intent/task", {"task": "x"}).status == 200
-                delay = min(delay * 1.2, 1.0)  # creeping; the route's timeout is 30 s
+            health = creep_until_degrading(gw, madre)
             assert health["anomaly_score"] >= LEAVE  # entered at ENTER; it stays degrading down to LEAVE
             breaker = gw.get("/vx11/circuit-breaker/status").json()["breakers"]["madre"]
             assert breaker["state"] == "closed" and breaker["failure_count"] == 0  # warned before any failure
@@ -228,7 +239,7 @@ def test_a_module_whose_latency_creeps_up_is_degrading_before_its_breaker_opens(
             assert gw.get("/vx11/overview").json()["modules_health"]["madre"]["trend"] == "degrading"
 
             madre.behave("/madre/task", HEALTHY)  # fast again
-            _call_until(gw, "madre", {"recovering", "stable"})
+            call_until(gw, "madre", {"recovering", "stable"})
             lines = _trend_lines(gw)
             assert lines[0] == ("stable", "degrading") and lines.count(("stable", "degrading")) == 1
             assert [after for before, after in lines if before == "degrading"] in (["recovering"], ["stable"])
