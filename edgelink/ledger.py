@@ -59,7 +59,6 @@ from .gateway.events import Event
 from .gateway.health import HealthCheck
 from .log import log
 
-
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 PRUNE_BATCH = 500  # rows deleted per retention transaction: short enough not to delay appends
 READERS = 2  # reader connections; the box has few cores and reads are short
@@ -809,6 +808,38 @@ class Ledger:
                           _field(metadata, metadata_bytes), bool(canonical), bool(broadcast), seq)
                     for (seq, event_id, type_, source, timestamp, payload, payload_bytes, metadata,
                          metadata_bytes, canonical, broadcast) in rows]
+        return await self._read(query)
+
+    async def between(self, since_ms: int, until_ms: int, limit: int, max_field_bytes: int, *,
+                      containing: bytes = b"", scan: int = 0) -> tuple[list[Event], int]:
+        """The newest ``limit`` events with ``since_ms <= timestamp <= until_ms``, newest first,
+        fields over ``max_field_bytes`` summarised as in ``recent``; and how many rows were
+        looked at. With ``containing``, only events whose payload or metadata holds those
+        bytes, looked for among the newest ``scan`` rows of the range only (a bounded scan,
+        whatever the ledger holds)."""
+
+        def query(conn: sqlite3.Connection) -> tuple[list[Event], int]:
+            columns = ("seq, event_id, type, source, timestamp,"
+                       " CASE WHEN length(payload) > ?1 THEN NULL ELSE payload END, length(payload),"
+                       " CASE WHEN length(metadata) > ?1 THEN NULL ELSE metadata END, length(metadata),"
+                       " canonical, broadcast")
+            newest = "FROM events WHERE timestamp BETWEEN ?2 AND ?3 ORDER BY timestamp DESC, seq DESC"
+            if containing:
+                scanned = conn.execute(f"SELECT count(*) FROM (SELECT 1 {newest} LIMIT ?4)",
+                                       (max_field_bytes, since_ms, until_ms, scan)).fetchone()[0]
+                rows = conn.execute(
+                    f"SELECT {columns} FROM (SELECT * {newest} LIMIT ?4)"
+                    " WHERE instr(payload, ?5) > 0 OR instr(metadata, ?5) > 0"
+                    " ORDER BY timestamp DESC, seq DESC LIMIT ?6",
+                    (max_field_bytes, since_ms, until_ms, scan, containing, limit)).fetchall()
+            else:
+                rows = conn.execute(f"SELECT {columns} {newest} LIMIT ?4",
+                                    (max_field_bytes, since_ms, until_ms, limit)).fetchall()
+                scanned = len(rows)
+            return [Event(event_id, type_, source, timestamp, _field(payload, payload_bytes),
+                          _field(metadata, metadata_bytes), bool(canonical), bool(broadcast), seq)
+                    for (seq, event_id, type_, source, timestamp, payload, payload_bytes, metadata,
+                         metadata_bytes, canonical, broadcast) in rows], scanned
         return await self._read(query)
 
     async def health_at(self, t_ms: int) -> dict[str, dict[str, Any]]:

@@ -501,10 +501,16 @@ def _wait_drawn(page: Any, count: int) -> None:
 def test_timeline_aligns_skewed_clocks_and_joins_a_correlation(tmp_path: Path, watched: Any) -> None:
     gw = start_demo(tmp_path)
     try:
+        # stored before the page opens, and not broadcast: only GET /debug/events/timeline has it
+        early = gw.post("/events/ingest", {"source": "manifestator", "type": "forensic.snapshot.created",
+                                           "payload": {"snapshot_id": "s-1", "reason": "before",
+                                                       "timestamp": int(time.time() * 1000)}}).json()["event_id"]
         w = watched(gw)
         w.sign_in(gw.token)
         page = w.page
         page.wait_for_selector("#link.ok", timeout=WAIT_MS)
+        _wait_drawn(page, 1)
+        assert _timeline(page)["manifestator"]["id"] == early
         # two modules report the same moment; switch's clock is 2 s ahead of the gateway's
         flow = {"correlation_id": "flow-7"}
         now = int(time.time() * 1000)
@@ -517,7 +523,7 @@ def test_timeline_aligns_skewed_clocks_and_joins_a_correlation(tmp_path: Path, w
             "source": "hormiguero", "type": "system.correlation.updated", "broadcast": True,
             "payload": {"correlation_id": "meta-1", "related_events": [madre, switch], "strength": 0.9,
                         "timestamp": int(time.time() * 1000)}}).json()["event_id"]
-        _wait_drawn(page, 3)  # from the live stream, nothing reloaded
+        _wait_drawn(page, 4)  # from the live stream, nothing reloaded
         drawn = _timeline(page)
         assert {drawn[s]["id"] for s in ("madre", "switch", "hormiguero")} == {madre, switch, link}
 
@@ -541,9 +547,9 @@ def test_timeline_aligns_skewed_clocks_and_joins_a_correlation(tmp_path: Path, w
 
         # zoom: a quarter of the span, four times the distance
         page.select_option("#tl-zoom", "30")
-        page.wait_for_function(f"() => {{ const c = [...document.querySelectorAll('#timeline g.tl-event')]; "
-                               f"return c.length === 3 && Math.abs(c[1].querySelector('circle').getAttribute('cx') - "
-                               f"c[0].querySelector('circle').getAttribute('cx')) > {apart * 3}; }}", timeout=WAIT_MS)
+        page.wait_for_function(f"() => {{ const x = (s) => Number(document.querySelector("
+                               f"`#timeline g.tl-event[data-source=${{s}}] circle`).getAttribute('cx')); "
+                               f"return x('switch') - x('madre') > {apart * 3}; }}", timeout=WAIT_MS)
 
         # align clocks: each source's median skew removed, the two moments line up
         page.check("#tl-align")
@@ -567,7 +573,7 @@ def test_timeline_aligns_skewed_clocks_and_joins_a_correlation(tmp_path: Path, w
         _wait_drawn(page, 1)
         assert set(_timeline(page)) == {"hormiguero"}
         page.select_option("#tl-type", "")
-        _wait_drawn(page, 3)
+        _wait_drawn(page, 4)
 
         page.locator("#timeline-section").screenshot(path=str(tmp_path / "timeline.png"))
         screenshots(page, tmp_path / "console", (360, "dark"), (1280, "light"))

@@ -2,8 +2,9 @@
 // its own `timestamp` (the payload's) with the gateway's receive time beside it, so a module
 // whose clock is off shows as a constant offset; "align clocks" removes each source's median
 // offset. Events sharing a correlation_id, or named in a system.correlation.updated's
-// related_events, are joined. Reads bounded sources only: the snapshot's recent events once,
-// then the live stream the console already follows.
+// related_events, are joined. Reads bounded sources only: GET /debug/events/timeline (the last
+// hour at start, a correlation id's events when one is typed), then the live stream the
+// console already follows.
 import { $, api, fill, h, time } from "/console/common.js";
 
 const MAX_EVENTS = 300; // kept; the oldest fall off
@@ -38,13 +39,18 @@ export function add(f) {
   queue();
 }
 
-// The snapshot's recent events (at most 20, bounded in bytes by the gateway): a start before
-// the stream brings more.
-export async function load() {
-  const r = await api("/operator/snapshot");
+// Stored events (oldest first, bounded in count and bytes by the gateway) before the stream
+// brings more: the last hour, or one correlation id's.
+export async function load(correlationId = "") {
+  const q = new URLSearchParams({ limit: String(MAX_EVENTS) });
+  if (correlationId) q.set("correlation_id", correlationId);
+  else q.set("since", String(Math.max(Date.now() - 3600e3, 0)));
+  const r = await api(`/debug/events/timeline?${q}`);
   if (r.status !== 200) return;
-  r.data.events.recent.slice().reverse().forEach(add);
+  r.data.events.forEach(add);
 }
+
+let lookup = null; // a correlation id typed in the filter is looked up in the ledger once typing pauses
 
 export function start() {
   clearInterval(timer);
@@ -157,5 +163,10 @@ function niceStep(raw) {
 
 export function wire() {
   for (const id of ["tl-type", "tl-source", "tl-zoom", "tl-align", "tl-follow"]) $(id).addEventListener("change", queue);
-  $("tl-cid").addEventListener("input", queue);
+  $("tl-cid").addEventListener("input", () => {
+    queue();
+    clearTimeout(lookup);
+    const cid = $("tl-cid").value.trim();
+    if (/^[!-~]{1,128}$/.test(cid)) lookup = setTimeout(() => load(cid).catch(() => null), 400);
+  });
 }
