@@ -73,15 +73,21 @@ def test_one_correlation_id_from_payload_or_metadata(gateway: Gateway) -> None:
 
 def test_the_answer_is_bounded_in_bytes(gateway_factory: Any) -> None:
     gw = gateway_factory({"EDGELINK_LEDGER_SYNC": "normal"})
-    big = "x" * 7000  # under the 8 KiB a payload is summarised past, 60 of them over 256 KiB
+    ingest(gw, "madre", "blob.stored", {"n": -1, "data": "y" * 20_000})  # over 8 KiB: not even read
+    time.sleep(0.01)
+    huge_until = int(time.time() * 1000)
+    time.sleep(0.01)
+    big = "x" * 7000  # 60 of them are over 256 KiB: the newest that fit come back
     for n in range(60):
         ingest(gw, "madre", "blob.stored", {"n": n, "data": big})
     reply = gw.get("/debug/events/timeline?limit=1000")
     body = orjson.loads(reply.body)
-    assert len(reply.body) <= TIMELINE_MAX_BYTES
-    assert len(body["events"]) == 60  # every event, the largest payloads summarised
-    summarised = [e for e in body["events"] if e["payload"].get("truncated") is True]
-    assert summarised and all(e["payload"]["bytes"] > 7000 for e in summarised)
+    assert len(reply.body) <= TIMELINE_MAX_BYTES and body["truncated"] is True
+    ns = [e["payload"]["n"] for e in body["events"]]
+    assert 30 < len(ns) < 60 and ns == list(range(60 - len(ns), 60))
+    huge = timeline(gw, f"?until={huge_until}")["events"]
+    assert len(huge) == 1
+    assert huge[0]["payload"]["truncated"] is True and huge[0]["payload"]["bytes"] > 20_000
 
     # long names cost bytes no summary saves: the oldest events give way
     long_name = "s" * 256

@@ -139,14 +139,12 @@ async def timeline(req: Request) -> Response:
                                 f"X-Correlation-ID"))
     if since > until:
         raise validation_error((["query", "since"], "must not be after until"))
-    found, scanned = await req.runtime.ledger.between(
-        since, until, limit + 1, SNAPSHOT_FIELD_BYTES,
+    found, more = await req.runtime.ledger.between(
+        since, until, limit, SNAPSHOT_FIELD_BYTES, TIMELINE_MAX_BYTES,
         containing=orjson.dumps(correlation_id) if correlation_id else b"", scan=TIMELINE_SCAN)
     events = [{k: v for k, v in e.frame().items() if k != "channel"} for e in reversed(found)]
     if correlation_id:
         events = [e for e in events if _correlated(e, correlation_id)]
-    more = len(found) > limit or (bool(correlation_id) and scanned >= TIMELINE_SCAN)
-    events = events[-limit:]
     answer = {"status": "ok", "since": since, "until": until, "correlation_id": correlation_id or None,
               "events": events, "truncated": more}
     body = orjson.dumps(answer)
