@@ -158,6 +158,15 @@ def test_tick_closes_the_bucket_of_a_module_that_went_quiet() -> None:
     assert run.p.score("m") >= 4 and run.p.trend("m") == DEGRADING
 
 
+def test_retain_follows_a_new_module_list() -> None:
+    run = Run()
+    run.feed(WINDOW, noisy(18))
+    run.p.retain(["m", "new"])
+    assert (run.p.trend("m"), run.p.trend("new")) == (STABLE, UNKNOWN)  # what m learnt is kept
+    run.p.retain(["new"])
+    assert run.p.modules() == ["new"] and run.p.trend("m") == UNKNOWN
+
+
 def _state_bytes(p: HealthPredictor) -> int:
     total = 0
     for m in p._modules.values():

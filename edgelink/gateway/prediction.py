@@ -207,11 +207,11 @@ class HealthPredictor:
     def _close(self, name: str, m: _Module, c: _Channel, at: float) -> None:
         c.close(at, self.step, self._decay)
         live = [ch for ch in m.channels if ch.known and at - ch.last_seen < STALE_STEPS * self.step]
-        m.score = max((ch.score for ch in live), default=0.0)
+        if not live:  # nothing to judge by now: the last verdict stands
+            return
+        m.score = max(ch.score for ch in live)
         before = m.trend
-        if not live:
-            after = UNKNOWN if not any(ch.known for ch in m.channels) else before
-        elif m.score >= ENTER:
+        if m.score >= ENTER:
             after = DEGRADING
         elif before == DEGRADING:
             after = RECOVERING if m.score < LEAVE else DEGRADING
