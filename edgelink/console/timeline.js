@@ -98,7 +98,10 @@ function draw() {
   const shown = all.filter(wanted);
   const span = Number($("tl-zoom").value) * 1000;
   const follow = $("tl-follow").checked;
-  const newest = Math.max(Date.now(), ...shown.map(placed), ...shown.map((e) => e.received));
+  // the axis ends now, or at the newest event placed ahead of now by a fast clock (up to half
+  // a span: one clock set a day ahead must not push every other event off the axis)
+  const now = Date.now();
+  const newest = Math.max(now, ...shown.map((e) => e.received), Math.min(Math.max(now, ...shown.map(placed)), now + span / 2));
   if (follow || frozenEnd === null) frozenEnd = newest + span * 0.03;
   const end = frozenEnd, begin = end - span;
   const x = (t) => LABEL + ((t - begin) / span) * (WIDTH - LABEL - PAD);
