@@ -109,3 +109,20 @@ def test_bad_queries_are_422(gateway: Gateway, query: str) -> None:
 def test_auth(gateway: Gateway) -> None:
     assert_error(gateway.get("/debug/events/timeline", token=False), 401, "auth_required")
     assert_error(gateway.get("/debug/events/timeline", headers={"X-VX11-Token": "wrong"}), 403, "forbidden")
+
+
+def test_a_ledger_of_large_events_costs_the_answer_its_bound_only(gateway_factory: Any) -> None:
+    """Peak RSS of the real process: 1,000 stored events of 7.5 KiB (each under the 8 KiB a field
+    is summarised past) are not all read and decoded to answer ``limit=1000``."""
+    gw = gateway_factory({"EDGELINK_LEDGER_SYNC": "normal"})
+    data = "z" * 7500
+    for n in range(1000):
+        ingest(gw, "madre", "blob.stored", {"n": n, "data": data})
+    timeline(gw, "?limit=1")  # the code paths warm
+    before = gw.peak_rss_mib()
+    for _ in range(5):
+        body = timeline(gw, "?limit=1000")
+        assert body["truncated"] is True and body["events"][-1]["payload"]["n"] == 999
+    grown = gw.peak_rss_mib() - before
+    print(f"peak RSS {before:.1f} MiB, +{grown:.2f} MiB answering limit=1000 five times")
+    assert grown < 3
