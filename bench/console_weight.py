@@ -6,7 +6,7 @@ page refresh. Prints the page's transfer size (every response of the page load, 
 encoded bodies, gzip as the browser asks for it), the same for ``/docs``, and the gateway's
 VmRSS growth over ``--seconds`` with the console open, beside that of a second, fresh demo
 that gets the same events with no page open. With ``--screenshots DIR`` it also writes the
-console at 360 and 1280 px (the README's picture).
+console at 360 and 1280 px (the README's picture) and its timeline (docs/timeline.png).
 
     .venv/bin/python bench/console_weight.py [--seconds 30] [--screenshots docs]
 """
@@ -48,22 +48,30 @@ def start_demo(workdir: Path) -> tuple[subprocess.Popen, int]:
     raise SystemExit("edgelink demo did not start")
 
 
-def ingest(port: int, body: dict) -> None:
+def ingest(port: int, body: dict) -> str:
+    """The event's id."""
     req = urllib.request.Request(f"http://127.0.0.1:{port}/events/ingest", data=orjson.dumps(body),
                                  headers={"X-VX11-Token": TOKEN, "Content-Type": "application/json"})
-    urllib.request.urlopen(req, timeout=10).read()
+    return orjson.loads(urllib.request.urlopen(req, timeout=10).read())["event_id"]
 
 
 def some_events(port: int) -> None:
-    """Alerts and a correlation update linking two of them, so the graph has an edge."""
+    """Alerts sharing a correlation id, one from a module whose clock is 1.5 s ahead, and a
+    correlation update naming two of them, so the graph and the timeline have links."""
+    ids = []
     for n in range(4):
-        ingest(port, {"source": "madre", "type": "system.alert", "broadcast": True,
-                      "metadata": {"correlation_id": "incident-7"},
-                      "payload": {"alert_id": f"a-{n}", "severity": "high" if n % 2 else "low",
-                                  "message": f"disk {80 + n}% full", "timestamp": int(time.time() * 1000)}})
-    ingest(port, {"source": "switch", "type": "switch.tension.updated", "broadcast": True,
-                  "metadata": {"correlation_id": "incident-7"},
-                  "payload": {"value": 3, "components": {"cpu": 2, "io": 1}, "timestamp": int(time.time() * 1000)}})
+        ids.append(ingest(port, {"source": "madre", "type": "system.alert", "broadcast": True,
+                                 "metadata": {"correlation_id": "incident-7"},
+                                 "payload": {"alert_id": f"a-{n}", "severity": "high" if n % 2 else "low",
+                                             "message": f"disk {80 + n}% full", "timestamp": int(time.time() * 1000)}}))
+        time.sleep(0.4)
+    ids.append(ingest(port, {"source": "switch", "type": "switch.tension.updated", "broadcast": True,
+                             "metadata": {"correlation_id": "incident-7"},
+                             "payload": {"value": 3, "components": {"cpu": 2, "io": 1},
+                                         "timestamp": int(time.time() * 1000) + 1500}}))
+    ingest(port, {"source": "hormiguero", "type": "system.correlation.updated", "broadcast": True,
+                  "payload": {"correlation_id": "incident-7-review", "related_events": [ids[1], ids[-1]],
+                              "strength": 0.8, "timestamp": int(time.time() * 1000)}})
 
 
 def transfer(page, url: str, ready: str, sign_in: bool) -> int:
@@ -120,6 +128,10 @@ def main() -> int:
                 if args.screenshots:
                     args.screenshots.mkdir(parents=True, exist_ok=True)
                     page.screenshot(path=str(args.screenshots / "console.png"), full_page=True)
+                    some_events(port)  # fresh ones: the timeline's 30 s span ends now
+                    page.select_option("#tl-zoom", "30")
+                    page.wait_for_timeout(1000)
+                    page.locator("#timeline-section").screenshot(path=str(args.screenshots / "timeline.png"))
                     page.set_viewport_size({"width": 360, "height": 800})
                     page.screenshot(path=str(args.screenshots / "console-360.png"), full_page=True)
                 docs = browser.new_page(viewport={"width": 1280, "height": 900})

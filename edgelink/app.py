@@ -6,14 +6,39 @@ from __future__ import annotations
 
 from .api import chat, console, events, health, modules, ops, ws
 from .api.console import ASSETS as CONSOLE_ASSETS
-from .api.events import MAX_SNAPSHOT_T
+from .api.events import (
+    MAX_SNAPSHOT_T,
+    SNAPSHOT_FIELD_BYTES,
+    TIMELINE_DEFAULT,
+    TIMELINE_MAX,
+    TIMELINE_MAX_BYTES,
+    TIMELINE_SCAN,
+)
 from .api.health import DEFAULT_HISTORY, MAX_HISTORY
 from .api.ws import MAX_CLIENT_ID
 from .config import KNOB
+from .gateway.auth import MAX_CORRELATION_ID
 from .gateway.observe import MAX_AGE_SECONDS, MAX_NODES, WINDOW_SECONDS
 from .http.router import Router
-from .openapi import (HTML, INVALID_JSON, PROMETHEUS, SSE, STREAM_HEADERS, UPSTREAM_CASES, VALIDATION, WS_AUTH_CASES,
-                      Case, Operation, error, json_body, param, path_param, query_param, ref, reply)
+from .openapi import (
+    HTML,
+    INVALID_JSON,
+    PROMETHEUS,
+    SSE,
+    STREAM_HEADERS,
+    UPSTREAM_CASES,
+    VALIDATION,
+    WS_AUTH_CASES,
+    Case,
+    Operation,
+    error,
+    json_body,
+    param,
+    path_param,
+    query_param,
+    ref,
+    reply,
+)
 
 # Pieces several entries share.
 PROXY = Operation((reply(200, "The module's reply.", "ModuleReply"), *UPSTREAM_CASES), forwards=True)
@@ -129,6 +154,24 @@ def build_router() -> Router:
           tags=("events",), doc=Operation((
               reply(200, f"Recent canonical events (at most {MAX_NODES}, none older than {MAX_AGE_SECONDS} s) "
                          f"and their links.", "Correlations"),)))
+    r.add("GET", "/debug/events/timeline", events.timeline, summary="Stored events in a time range",
+          tags=("events",), doc=Operation(
+              (reply(200, f"The newest `limit` stored events received between `since` and `until`, oldest first; "
+                          f"payloads and metadata over {SNAPSHOT_FIELD_BYTES // 1024} KiB summarised, the answer at "
+                          f"most {TIMELINE_MAX_BYTES // 1024} KiB (the oldest events dropped past it, `truncated`). "
+                          f"With `correlation_id`, only the events whose payload or metadata carries it, among "
+                          f"the newest {TIMELINE_SCAN} of the range.", "Timeline"), VALIDATION),
+              description="What the console's timeline reads (API.md §10).",
+              parameters=(
+                  query_param("since", "Events received at or after this moment, Unix epoch ms.",
+                              {"type": "integer", "minimum": 0, "maximum": MAX_SNAPSHOT_T, "default": 0}),
+                  query_param("until", "Events received at or before this moment, Unix epoch ms; absent or 0: now.",
+                              {"type": "integer", "minimum": 0, "maximum": MAX_SNAPSHOT_T, "default": 0}),
+                  query_param("correlation_id", "Only events whose payload or metadata `correlation_id` is this.",
+                              {"type": "string", "maxLength": MAX_CORRELATION_ID}),
+                  query_param("limit", "At most this many events (the newest).",
+                              {"type": "integer", "minimum": 1, "maximum": TIMELINE_MAX,
+                               "default": TIMELINE_DEFAULT}))))
     r.add("GET", "/operator/snapshot", events.snapshot, summary="Module health and events at time t",
           tags=("events",), doc=Operation(
               (reply(200, "Built from the ledger and the recorded health probes.", "Snapshot"), VALIDATION),

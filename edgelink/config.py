@@ -196,6 +196,9 @@ KNOBS: tuple[Knob, ...] = (
          "Bound on each module health probe.", REBUILD, "modules", unit="s"),
     Knob("probe_interval", ("EDGELINK_PROBE_INTERVAL",), _number(float, 0), 30.0,
          "Seconds between recorded probe rounds; 0 = off.", LIVE, unit="s"),
+    Knob("prediction_window", ("EDGELINK_PREDICTION_WINDOW",), _number(float, 12), 7200.0,
+         "Time the health prediction's baseline of each module spans (API.md §11); a shorter one "
+         "follows a slow creep in latency instead of warning of it.", RESTART, unit="s"),
     Knob("breaker_failures", ("EDGELINK_BREAKER_FAILURES",), _int, 3,
          "Failures in a row that open a module's breaker.", REBUILD, "modules"),
     Knob("breaker_recovery", ("EDGELINK_BREAKER_RECOVERY",), _positive_s, 60.0,

@@ -81,6 +81,10 @@ CONVERT_MAX_BYTES = 64 * MIB  # an older file without auto_vacuum is VACUUMed at
 BUCKET_MS = 60_000  # per-type counts are kept per minute of event timestamp
 DROP_LOG_INTERVAL = 60.0  # seconds between log lines about events dropped at the byte bound
 
+# What an event's JSON costs besides its type, source, payload and metadata (keys, event_id,
+# seq, timestamp, a summary in place of a long field): for answers bounded in bytes.
+_ROW_JSON = 200
+
 # The events table and its indexes (the benchmark's reference peer creates the same ones).
 EVENTS_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS events (
@@ -802,6 +806,45 @@ class Ledger:
                           _field(metadata, metadata_bytes), bool(canonical), bool(broadcast), seq)
                     for (seq, event_id, type_, source, timestamp, payload, payload_bytes, metadata,
                          metadata_bytes, canonical, broadcast) in rows]
+        return await self._read(query)
+
+    async def between(self, since_ms: int, until_ms: int, limit: int, max_field_bytes: int, max_bytes: int, *,
+                      containing: bytes = b"", scan: int = 0) -> tuple[list[Event], bool]:
+        """The newest events with ``since_ms <= timestamp <= until_ms``, newest first, fields
+        over ``max_field_bytes`` summarised as in ``recent``: at most ``limit`` of them, and no
+        more once ``max_bytes`` of names and fields have been read (rows are read one by one,
+        so a wide range costs no memory). With ``containing``, only events whose payload or
+        metadata holds those bytes, looked for among the newest ``scan`` rows of the range
+        only, whatever the ledger holds. The flag says whether more events may match."""
+
+        def query(conn: sqlite3.Connection) -> tuple[list[Event], bool]:
+            columns = ("seq, event_id, type, source, timestamp,"
+                       " CASE WHEN length(payload) > ?1 THEN NULL ELSE payload END, length(payload),"
+                       " CASE WHEN length(metadata) > ?1 THEN NULL ELSE metadata END, length(metadata),"
+                       " canonical, broadcast")
+            newest = "FROM events WHERE timestamp BETWEEN ?2 AND ?3 ORDER BY timestamp DESC, seq DESC"
+            more = False
+            if containing:
+                more = conn.execute(f"SELECT count(*) FROM (SELECT 1 {newest} LIMIT ?4)",
+                                    (max_field_bytes, since_ms, until_ms, scan)).fetchone()[0] >= scan
+                rows = conn.execute(f"SELECT {columns} FROM (SELECT * {newest} LIMIT ?4)"
+                                    " WHERE instr(payload, ?5) > 0 OR instr(metadata, ?5) > 0"
+                                    " ORDER BY timestamp DESC, seq DESC",
+                                    (max_field_bytes, since_ms, until_ms, scan, containing))
+            else:
+                rows = conn.execute(f"SELECT {columns} {newest}", (max_field_bytes, since_ms, until_ms))
+            events: list[Event] = []
+            read = 0
+            for (seq, event_id, type_, source, timestamp, payload, payload_bytes, metadata, metadata_bytes,
+                 canonical, broadcast) in rows:
+                read += _ROW_JSON + len(type_) + len(source) + len(payload or b"") + len(metadata or b"")
+                if len(events) == limit or read > max_bytes:
+                    more = True
+                    break
+                events.append(Event(event_id, type_, source, timestamp, _field(payload, payload_bytes),
+                                    _field(metadata, metadata_bytes), bool(canonical), bool(broadcast), seq))
+            rows.close()
+            return events, more
         return await self._read(query)
 
     async def health_at(self, t_ms: int) -> dict[str, dict[str, Any]]:

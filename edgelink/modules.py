@@ -161,10 +161,12 @@ class Modules:
     let through; outcome is ``ok``, ``http_5xx``, ``not_json``, ``too_costly`` (to parse)
     or an UpstreamError kind (``local`` for the gateway's own limits).
     ``on_breaker(module, old, new)``, if given, is told every change of a breaker's state.
+    ``probed(check)``, if given, is told each enabled module's probe of every shared round.
     """
 
     def __init__(self, settings: Settings, *, observe: Callable[[str, str, float], None] | None = None,
                  on_breaker: Callable[[str, str, str], None] | None = None,
+                 probed: Callable[[HealthCheck], None] | None = None,
                  now: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         self.settings = settings
         self.registry: dict[str, ModuleConfig] = {m.name: m for m in settings.modules}
@@ -176,6 +178,7 @@ class Modules:
                          for m in settings.modules if m.enabled}
         self._client = UpstreamClient(settings)
         self._observe = observe
+        self._probed = probed
         self._now = now
         self._wall = wall
         self._token = [(b"x-vx11-token", settings.token.encode())] if settings.token else []
@@ -346,6 +349,10 @@ class Modules:
         modules = list(self.registry.values())
         correlation_id = uuid.uuid4().hex
         probes = await asyncio.gather(*(self._probe(m, correlation_id) for m in modules))
+        if self._probed is not None:
+            for m, p in zip(modules, probes):
+                if m.enabled:
+                    self._probed(p)
         return {m.name: p for m, p in zip(modules, probes)}
 
     # Probes do not feed the breakers: a breaker judges the calls it guards, and a

@@ -35,7 +35,7 @@ from typing import Any
 
 from . import __version__
 from .api.chat import MAX_MESSAGE as MAX_CHAT_MESSAGE
-from .api.events import RECENT_IN_SNAPSHOT
+from .api.events import RECENT_IN_SNAPSHOT, TIMELINE_MAX
 from .api.health import MAX_HISTORY
 from .config import KNOB
 from .gateway.auth import MAX_CORRELATION_ID
@@ -187,6 +187,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "latency_ms": _nullable(_NUMBER),
         "url": _STR,
         "error": _nullable(_STR),
+        "trend": {"enum": ["stable", "degrading", "recovering", "unknown"],
+                  "description": "The module's health prediction (API.md §11): its recent latency and error rate "
+                                 "against its baseline; `unknown` until enough samples (and for a disabled module)."},
+        "anomaly_score": {"type": "number", "minimum": 0,
+                          "description": "How far the recent behaviour is from the baseline, in standard "
+                                         "deviations: 0 = as usual; `degrading` from 4."},
     }, description="One module's `GET <url>/health` probe; a disabled module is listed, not probed. The fields "
                    "of the module's own `/health` JSON object are there too (up to 4 KiB of it, as Tentáculo "
                    "Link showed them); the gateway's fields win a clash."),
@@ -368,6 +374,17 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "recent": {"type": "array", "maxItems": RECENT_IN_SNAPSHOT, "items": ref("StoredEvent"),
                        "description": "Newest first."},
         }),
+    }),
+    "Timeline": _object({
+        "status": {"const": "ok"},
+        "since": _MS,
+        "until": _MS,
+        "correlation_id": _nullable(_STR),
+        "events": {"type": "array", "maxItems": TIMELINE_MAX, "items": ref("StoredEvent"),
+                   "description": "Oldest first, by the gateway's receive time (`timestamp`); the event's "
+                                  "own time is its payload's `timestamp`."},
+        "truncated": {"type": "boolean", "description": "More events match than were returned (the limit, "
+                                                        "the byte bound or the correlation scan was reached)."},
     }),
     # --- WebSocket frames (API.md §6), described by GET /ws
     "WsConnected": _object({

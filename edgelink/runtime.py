@@ -18,6 +18,7 @@ from .gateway.events import SCHEMAS
 from .gateway.health import HealthCheck
 from .gateway.metrics import Gauge, Registry
 from .gateway.observe import CardinalityCounter, CorrelationGraph
+from .gateway.prediction import CALL, DEGRADING, PROBE, HealthPredictor
 from .gateway.sessions import SessionStore, Sweeper
 from .http.router import Router
 from .http.server import HttpServer
@@ -46,6 +47,8 @@ class Runtime:
         self.cardinality = CardinalityCounter(time.time)
         self.correlations = CorrelationGraph(time.time)
         self.sessions = SessionStore.from_settings(settings)
+        self.prediction = HealthPredictor(self._predicted(settings), settings.prediction_window,
+                                          on_change=self._trend_changed)
         self.modules = self._modules(settings)
         self.forwarder: Forwarder | None = None  # set by start() when EDGELINK_FORWARD_URL is
         self.router: Router | None = None  # set by serve(); /openapi.json describes it
@@ -72,10 +75,19 @@ class Runtime:
         self.metrics.add(Gauge("edgelink_ledger_write_failures_total",
                                "Ledger write transactions the disk refused (answered 503)",
                                read=lambda: {(): self.ledger.write_failures}, kind="counter"))
+        self.metrics.add(Gauge("edgelink_module_anomaly_score",
+                               "How far the module's recent latency and error rate are from its baseline, in "
+                               "standard deviations (0 = as usual; API.md §11)", ("module",),
+                               read=lambda: self._predicted_values(self.prediction.score)))
+        self.metrics.add(Gauge("edgelink_module_degrading",
+                               "1 while the module's trend is degrading (its latency or errors growing past its "
+                               "baseline), else 0", ("module",),
+                               read=lambda: self._predicted_values(self._degrading)))
         self.ledger.on_commit = self._observe_commit
 
     def _modules(self, settings: Settings) -> Modules:
-        modules = Modules(settings, observe=self._upstream_call, on_breaker=self._breaker_changed)
+        modules = Modules(settings, observe=self._upstream_call, on_breaker=self._breaker_changed,
+                          probed=self._probed)
         self.metrics.breaker_transitions.known(*((name, to) for name in modules.breakers for to in BREAKER_STATES))
         return modules
 
@@ -105,11 +117,34 @@ class Runtime:
                 log.warning("module_down", module=name, by="probe", status=check.status,
                             detail=check.error or f"HTTP {check.http_code}")
 
+    @staticmethod
+    def _predicted(settings: Settings) -> list[str]:
+        return [m.name for m in settings.modules if m.enabled]
+
+    def _predicted_values(self, value: Callable[[str], float]) -> dict[tuple[str, ...], float]:
+        self.prediction.tick(time.monotonic())
+        return {(name,): value(name) for name in self.prediction.modules()}
+
+    def _degrading(self, module: str) -> int:
+        return int(self.prediction.trend(module) == DEGRADING)
+
     def _upstream_call(self, module: str, outcome: str, seconds: float) -> None:
         self.metrics.upstream_latency.observe(seconds, module, outcome)
         budget = BUDGET_OUTCOMES.get(outcome)
         if budget is not None:
             self.metrics.budget_refusals.inc(budget)
+        if outcome != "local":  # the gateway's own limit says nothing about the module
+            self.prediction.observe(module, CALL, time.monotonic(), seconds * 1000 if outcome == "ok" else None)
+
+    def _probed(self, check: HealthCheck) -> None:
+        self.prediction.observe(check.service, PROBE, time.monotonic(),
+                                check.latency_ms if check.status == "ok" else None)
+
+    @staticmethod
+    def _trend_changed(module: str, before: str, after: str, score: float) -> None:
+        if DEGRADING in (before, after):  # entering and leaving degrading, once each (API.md §11)
+            log.log("warning" if after == DEGRADING else "info", "module_trend_changed", module=module,
+                    before=before, after=after, anomaly_score=score)
 
     def _observe_commit(self, seconds: float, writes: int) -> None:
         # called on the ledger's writer thread: the histograms' one series already exists
@@ -195,6 +230,7 @@ class Runtime:
     def _rebuild_modules(self, old: Settings, new: Settings) -> None:
         """New module clients and breakers (closed again) for new URLs, tokens, limits."""
         previous, self.modules = self.modules, self._modules(new)
+        self.prediction.retain(self._predicted(new))
         # Calls and probe rounds in flight finish on the old client; close it after the
         # longest of them could have ended (or at shutdown, whichever comes first).
         self._retired.append(previous)

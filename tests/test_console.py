@@ -11,12 +11,15 @@ import gzip
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 import pytest
 from conftest import Gateway, assert_error, module_env, start_gateway
+from test_prediction import call_until, creep_until_degrading, start_predicting
 
 from edgelink.api.console import ASSETS, accepts_gzip
 from edgelink.config import MODULE_DEFAULTS
@@ -543,4 +546,137 @@ def test_rss_with_the_console_open(tmp_path: Path, watched: Any) -> None:
               f"three refreshes")
         assert grown < 2048
     finally:
+        gw.stop()
+
+
+# --- the timeline (API.md §10) and the health prediction on the cards (§11) ------------------
+
+
+def _timeline(page: Any) -> dict[str, dict[str, Any]]:
+    """The events drawn, by source: their own, received and placed times and the circle's x."""
+    rows = page.eval_on_selector_all("#timeline g.tl-event", """els => els.map(e => ({
+        id: e.dataset.eventId, source: e.dataset.source, type: e.dataset.type, own: Number(e.dataset.own),
+        received: Number(e.dataset.received), placed: Number(e.dataset.placed),
+        x: Number(e.querySelector('circle').getAttribute('cx'))}))""")
+    return {r["source"]: r for r in rows}
+
+
+def _wait_drawn(page: Any, count: int) -> None:
+    page.wait_for_function(f"() => document.querySelectorAll('#timeline g.tl-event').length === {count}",
+                           timeout=WAIT_MS)
+
+
+def test_timeline_aligns_skewed_clocks_and_joins_a_correlation(tmp_path: Path, watched: Any) -> None:
+    gw = start_demo(tmp_path)
+    try:
+        # stored before the page opens, and not broadcast: only GET /debug/events/timeline has it
+        early = gw.post("/events/ingest", {"source": "manifestator", "type": "forensic.snapshot.created",
+                                           "payload": {"snapshot_id": "s-1", "reason": "before",
+                                                       "timestamp": int(time.time() * 1000)}}).json()["event_id"]
+        w = watched(gw)
+        w.sign_in(gw.token)
+        page = w.page
+        page.wait_for_selector("#link.ok", timeout=WAIT_MS)
+        _wait_drawn(page, 1)
+        assert _timeline(page)["manifestator"]["id"] == early
+        # two modules report the same moment; switch's clock is 2 s ahead of the gateway's
+        flow = {"correlation_id": "flow-7"}
+        now = int(time.time() * 1000)
+        madre = gw.post("/events/ingest", {**alert(1), "metadata": flow, "payload": {
+            **alert(1)["payload"], "timestamp": now}}).json()["event_id"]
+        switch = gw.post("/events/ingest", {"source": "switch", "type": "switch.tension.updated", "broadcast": True,
+                                            "metadata": flow, "payload": {"value": 7, "components": {},
+                                                                          "timestamp": now + 2000}}).json()["event_id"]
+        link = gw.post("/events/ingest", {
+            "source": "hormiguero", "type": "system.correlation.updated", "broadcast": True,
+            "payload": {"correlation_id": "meta-1", "related_events": [madre, switch], "strength": 0.9,
+                        "timestamp": int(time.time() * 1000)}}).json()["event_id"]
+        _wait_drawn(page, 4)  # from the live stream, nothing reloaded
+        drawn = _timeline(page)
+        assert {drawn[s]["id"] for s in ("madre", "switch", "hormiguero")} == {madre, switch, link}
+
+        # placed by their own timestamps, the receive time beside: switch sits 2 s to the right
+        m, s = drawn["madre"], drawn["switch"]
+        assert (m["own"], s["own"]) == (now, now + 2000) and m["placed"] == m["own"] and s["placed"] == s["own"]
+        assert 0 <= s["received"] - m["received"] < 1000
+        skews = dict(page.eval_on_selector_all("#timeline g.tl-lane", "els => els.map(e => [e.dataset.source, "
+                                                                      "Number(e.dataset.skew)])"))
+        assert 1000 < skews["switch"] <= 2000 and -1000 < skews["madre"] <= 0
+        assert "clock +" in page.text_content("#timeline g.tl-lane[data-source='switch']")
+        apart = s["x"] - m["x"]
+        assert apart > 0
+
+        # the two flow-7 events are joined, the correlation update to both it names
+        joins = page.eval_on_selector_all("#timeline path.tl-join", "els => els.map(e => [e.dataset.a, e.dataset.b, "
+                                                                    "e.dataset.correlation, e.classList.contains('tl-related')])")
+        assert sorted((frozenset((a, b)), c, r) for a, b, c, r in joins) == sorted([
+            (frozenset((madre, switch)), "flow-7", False),
+            (frozenset((link, madre)), "", True), (frozenset((link, switch)), "", True)])
+
+        # zoom: a quarter of the span, four times the distance
+        page.select_option("#tl-zoom", "30")
+        page.wait_for_function(f"() => {{ const x = (s) => Number(document.querySelector("
+                               f"`#timeline g.tl-event[data-source=${{s}}] circle`).getAttribute('cx')); "
+                               f"return x('switch') - x('madre') > {apart * 3}; }}", timeout=WAIT_MS)
+
+        # align clocks: each source's median skew removed, the two moments line up
+        page.check("#tl-align")
+        page.wait_for_function("() => document.querySelector('#timeline g.tl-event[data-source=switch]')"
+                               ".dataset.placed !== document.querySelector('#timeline g.tl-event[data-source=switch]')"
+                               ".dataset.own", timeout=WAIT_MS)
+        aligned = _timeline(page)
+        assert abs(aligned["switch"]["placed"] - aligned["madre"]["placed"]) < 1000
+        assert abs(aligned["switch"]["x"] - aligned["madre"]["x"]) < apart  # at four times the zoom
+        page.uncheck("#tl-align")
+
+        # filters: correlation id, source, type
+        page.fill("#tl-cid", "flow-7")
+        _wait_drawn(page, 2)
+        assert set(_timeline(page)) == {"madre", "switch"}
+        page.select_option("#tl-source", "switch")
+        _wait_drawn(page, 1)
+        page.fill("#tl-cid", "")
+        page.select_option("#tl-source", "")
+        page.select_option("#tl-type", "system.correlation.updated")
+        _wait_drawn(page, 1)
+        assert set(_timeline(page)) == {"hormiguero"}
+        page.select_option("#tl-type", "")
+        _wait_drawn(page, 4)
+
+        page.locator("#timeline-section").screenshot(path=str(tmp_path / "timeline.png"))
+        screenshots(page, tmp_path / "console", (360, "dark"), (1280, "light"))
+        assert w.unexpected_errors() == []
+        assert w.foreign == []
+    finally:
+        gw.stop()
+
+
+def test_a_degrading_module_is_marked_on_its_card(tmp_path: Path, watched: Any, fake: Any) -> None:
+    madre = fake("madre")
+    gw = start_predicting(tmp_path, madre)
+    stop = threading.Event()
+
+    def keep_calling() -> None:  # a module nobody calls is judged on its probes alone after 4 s
+        while not stop.is_set():
+            gw.post("/vx11/intent/task", {"task": "x"})
+
+    try:
+        call_until(gw, "madre", {"stable"})
+        creep_until_degrading(gw, madre)
+        caller = threading.Thread(target=keep_calling, daemon=True)
+        caller.start()
+        w = watched(gw)
+        w.sign_in(gw.token)
+        card = "#modules article[data-module='madre']"
+        w.page.wait_for_selector(f"{card}.degrading", timeout=WAIT_MS)
+        assert "trend degrading" in w.page.inner_text(card)
+        assert w.page.get_attribute(card, "aria-label") == "madre: ok, degrading"
+        switch = "#modules article[data-module='switch']"
+        assert "degrading" not in w.page.get_attribute(switch, "class")
+        assert "trend unknown" in w.page.inner_text(switch)  # never answered: nothing learnt
+        stop.set()
+        caller.join(30)
+        assert w.unexpected_errors() == []
+    finally:
+        stop.set()
         gw.stop()

@@ -77,7 +77,9 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def check_module_health(health: dict[str, Any]) -> None:
     # beside the module's own /health fields (API.md §12)
-    assert {"status", "http_code", "latency_ms", "url", "error"} <= set(health), health
+    assert {"status", "http_code", "latency_ms", "url", "error", "trend", "anomaly_score"} <= set(health), health
+    # a gateway just started has no baseline yet (API.md §11)
+    assert health["trend"] == "unknown" and health["anomaly_score"] == 0
     assert health["status"] in HEALTH_STATUSES
     assert health["http_code"] is None or (type(health["http_code"]) is int)
     assert health["latency_ms"] is None or (type(health["latency_ms"]) in (int, float) and health["latency_ms"] >= 0)
@@ -140,7 +142,8 @@ def test_shub_is_listed_but_not_counted_unless_enabled(fake, gateway_factory) ->
     body = gw.get("/vx11/status", token=False).json()
     check_status_body(body, gw)
     assert body["modules"]["shubniggurath"] == {"status": "disabled", "http_code": None, "latency_ms": None,
-                                                "url": fakes["shubniggurath"].url, "error": None}
+                                                "url": fakes["shubniggurath"].url, "error": None,
+                                                "trend": "unknown", "anomaly_score": 0}
     assert body["ports"]["shubniggurath"] == fakes["shubniggurath"].port
     assert body["summary"] == {"healthy_modules": 8, "total_modules": 8, "all_healthy": True}
     assert received(fakes["shubniggurath"], "/health") == []  # a disabled module is not probed

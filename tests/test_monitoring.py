@@ -101,6 +101,11 @@ def test_new_metrics_carry_true_values(scraped):
     assert _value(families, "edgelink_module_up", module="switch") == 0
     assert _value(families, "edgelink_module_up", module="shubniggurath") is None  # disabled
     assert 0 < _value(families, "edgelink_module_probe_duration_seconds", module="madre") < 2
+    # health prediction (API.md §11): every enabled module from the start, 0 with no baseline yet
+    for module in ("madre", "switch"):
+        assert _value(families, "edgelink_module_anomaly_score", module=module) == 0
+        assert _value(families, "edgelink_module_degrading", module=module) == 0
+    assert _value(families, "edgelink_module_degrading", module="shubniggurath") is None  # disabled
     assert _value(families, "edgelink_http_connections") >= 2  # the WebSocket and the scrape
     assert _value(families, "edgelink_http_connections_limit") == 321
     assert _value(families, "edgelink_ledger_events") == 3

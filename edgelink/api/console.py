@@ -21,7 +21,7 @@ MAX_ASSET_BYTES = 256 * 1024  # per file; the whole console is a few tens of KiB
 HTML = b"text/html; charset=utf-8"
 _TYPES = {".html": HTML, ".css": b"text/css; charset=utf-8", ".js": b"text/javascript; charset=utf-8"}
 # The files under /console/{asset}; the pages themselves are /console and /docs.
-ASSETS = ("app.css", "common.js", "console.js", "docs.js")
+ASSETS = ("app.css", "common.js", "console.js", "docs.js", "timeline.js")
 _FILES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "console")
 
 # 'self' covers same-origin ws:/wss: in CSP Level 3 browsers; the icon is an inline data: URL

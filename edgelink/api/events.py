@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import orjson
 
+from ..gateway.auth import MAX_CORRELATION_ID
 from ..gateway.events import Event, InvalidEnvelope, SchemaRejected, parse_ingest
 from ..http.messages import HTTPError, Request, Response, json_response, validation_error
 from ..ledger import LedgerFull, LedgerUnavailable
@@ -108,14 +109,66 @@ async def snapshot(req: Request) -> Response:
     return Response(200, body)
 
 
+TIMELINE_DEFAULT = 200  # events
+TIMELINE_MAX = 1000
+TIMELINE_SCAN = 5000  # rows of the range looked at for a correlation id
+TIMELINE_MAX_BYTES = 256 * 1024  # the whole answer, as a snapshot's
+
+
+def _correlated(event: dict[str, Any], correlation_id: str) -> bool:
+    """Whether a payload or metadata ``correlation_id`` is ``correlation_id`` (a field too long
+    to be read back, summarised, is kept: the bytes were in it)."""
+    fields = [event[k] for k in ("payload", "metadata") if isinstance(event[k], dict)]
+    return any(f.get("correlation_id") == correlation_id or f.get("truncated") is True for f in fields)
+
+
+async def timeline(req: Request) -> Response:
+    """GET /debug/events/timeline: stored events in a time range (by the gateway's receive
+    time), optionally of one correlation id, oldest first; bounded in count and in bytes."""
+    now = now_ms()
+    since = req.int_query("since", 0, 0, MAX_SNAPSHOT_T)
+    until = req.int_query("until", 0, 0, MAX_SNAPSHOT_T) or now
+    limit = req.int_query("limit", TIMELINE_DEFAULT, 1, TIMELINE_MAX)
+    correlation_id = req.query.get("correlation_id", "")
+    if len(correlation_id) > MAX_CORRELATION_ID or not all(33 <= ord(c) <= 126 for c in correlation_id):
+        raise validation_error((["query", "correlation_id"],
+                                f"must be at most {MAX_CORRELATION_ID} printable ASCII characters, as "
+                                f"X-Correlation-ID"))
+    if since > until:
+        raise validation_error((["query", "since"], "must not be after until"))
+    found, more = await req.runtime.ledger.between(
+        since, until, limit, SNAPSHOT_FIELD_BYTES, TIMELINE_MAX_BYTES,
+        containing=orjson.dumps(correlation_id) if correlation_id else b"", scan=TIMELINE_SCAN)
+    events = [{k: v for k, v in e.frame().items() if k != "channel"} for e in reversed(found)]
+    if correlation_id:
+        events = [e for e in events if _correlated(e, correlation_id)]
+    answer = {"status": "ok", "since": since, "until": until, "correlation_id": correlation_id or None,
+              "events": events, "truncated": more}
+    body = orjson.dumps(answer)
+    if len(body) > TIMELINE_MAX_BYTES:
+        _summarise_largest(events, len(body) - TIMELINE_MAX_BYTES)
+        body = orjson.dumps(answer)
+    if len(body) > TIMELINE_MAX_BYTES:  # long types and sources: the oldest events go
+        excess = len(body) - TIMELINE_MAX_BYTES
+        drop = 0
+        while excess > 0:
+            excess -= len(orjson.dumps(events[drop])) + 1
+            drop += 1
+        del events[:drop]
+        answer["truncated"] = True
+        body = orjson.dumps(answer)
+    return Response(200, body)
+
+
 def _summarise_largest(recent: list[dict[str, Any]], excess: int) -> None:
     """Replace the largest payloads and metadata of ``recent`` by their summary until
     about ``excess`` bytes are saved: twenty fields under 8 KiB each can still add up."""
     fields = sorted(((len(orjson.dumps(item[key])), i, key) for i, item in enumerate(recent)
                      for key in ("payload", "metadata") if item[key] is not None), reverse=True)
     for size, i, key in fields:
-        if excess <= 0:
-            break
         summary = {"truncated": True, "bytes": size}
+        saved = size - len(orjson.dumps(summary))
+        if excess <= 0 or saved <= 0:  # the rest are no longer than their summary would be
+            break
         recent[i][key] = summary
-        excess -= size - len(orjson.dumps(summary))
+        excess -= saved

@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 from contextlib import aclosing
 from datetime import datetime, timezone
-from typing import Any, AsyncGenerator
+from typing import TYPE_CHECKING, Any, AsyncGenerator
 
 from ..config import Intent
 from ..http.messages import HTTPError, Request, Response, json_response
 from ..modules import ModuleError, ModuleReply, ModuleStream
 from . import streams
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
 
 GATEWAY = {"module": "tentaculo_link", "version": "7.0"}
 # the HTTP answer to a module call that got no usable reply (API.md §3)
@@ -36,9 +39,20 @@ def _counted(health: dict[str, dict[str, Any]]) -> tuple[int, int]:
     return sum(1 for h in enabled if h["status"] == "ok"), len(enabled)
 
 
+async def _health(rt: Runtime) -> dict[str, dict[str, Any]]:
+    """Every module's ModuleHealth with its health prediction's trend and score (API.md §11)."""
+    health = await rt.modules.probe_all()
+    prediction = rt.prediction
+    prediction.tick(time.monotonic())
+    for name, entry in health.items():
+        entry["trend"] = prediction.trend(name)
+        entry["anomaly_score"] = prediction.score(name)
+    return health
+
+
 async def status(req: Request) -> Response:
     rt = req.runtime
-    health = await rt.modules.probe_all()
+    health = await _health(rt)
     healthy, total = _counted(health)
     ports: dict[str, int] = {m.name: m.port for m in rt.settings.modules}
     ports.update(tentaculo_link=rt.port, gateway=rt.port)
@@ -52,7 +66,7 @@ async def status(req: Request) -> Response:
 
 
 async def overview(req: Request) -> Response:
-    health = await req.runtime.modules.probe_all()
+    health = await _health(req.runtime)
     healthy, total = _counted(health)
     return json_response({
         "status": "ok", "gateway": "tentaculo_link", "version": "7.0", "modules_health": health,

@@ -29,7 +29,7 @@ export async function api(path, { method = "GET", headers = {}, body, auth = tru
 
 // h("li", {class: "x", dataset: {seq: 1}}, "text", child) -> an element; strings become text nodes.
 export function h(tag, attrs = {}, ...children) {
-  const svg = ["svg", "polyline", "line", "circle", "title", "g", "text"].includes(tag);
+  const svg = ["svg", "polyline", "line", "circle", "title", "g", "text", "rect", "path"].includes(tag);
   const el = svg ? document.createElementNS("http://www.w3.org/2000/svg", tag) : document.createElement(tag);
   for (const [name, value] of Object.entries(attrs)) {
     if (value === null || value === undefined || value === false) continue;

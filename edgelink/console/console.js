@@ -1,6 +1,7 @@
 // The operator console: module health, the live event stream over /ws, events per type,
 // the correlation graph, sessions and the forwarder. Plain DOM, no framework.
 import { $, AuthError, api, fill, h, time, token } from "/console/common.js";
+import * as timeline from "/console/timeline.js";
 
 const REFRESH_MS = 5000;
 const HISTORY_POINTS = 60; // per sparkline
@@ -48,12 +49,15 @@ function start() {
   $("logout").hidden = false;
   stream.open();
   refresh();
+  timeline.start();
+  timeline.load().catch((err) => (err instanceof AuthError ? lost(err) : null));
 }
 
 function stopAll() {
   clearTimeout(refreshTimer);
   refreshTimer = null;
   stream.stop();
+  timeline.stop();
 }
 
 function lost(err) {
@@ -98,18 +102,29 @@ async function trend(name) {
 function moduleCard(name, health, breaker, points) {
   const disabled = health.status === "disabled";
   const latency = health.latency_ms === null || health.latency_ms === undefined ? "—" : `${health.latency_ms.toFixed(1)} ms`;
-  return h("article", { class: `card module ${disabled ? "disabled" : health.status === "ok" ? "ok" : "bad"}`,
-                        dataset: { module: name }, tabindex: 0,
-                        "aria-label": `${name}: ${health.status}` },
+  const degrading = health.trend === "degrading";
+  return h("article", { class: `card module ${disabled ? "disabled" : health.status === "ok" ? "ok" : "bad"}${degrading ? " degrading" : ""}`,
+                        dataset: { module: name, trend: health.trend || "" }, tabindex: 0,
+                        "aria-label": `${name}: ${health.status}${degrading ? ", degrading" : ""}` },
     h("h3", {}, name),
     h("p", { class: "status" }, h("span", { class: "dot", "aria-hidden": "true" }), disabled ? "disabled" : health.status,
       health.http_code ? ` (${health.http_code})` : ""),
     disabled ? h("p", { class: "muted" }, "not probed, not called") : [
       h("p", {}, "breaker ", h("strong", { class: `breaker ${breaker ? breaker.state : ""}` }, breaker ? breaker.state.replace("_", "-") : "—")),
       h("p", {}, "latency ", h("strong", {}, latency)),
+      trendLine(health),
       sparkline(points),
     ],
     health.error && !disabled ? h("p", { class: "error small" }, health.error) : null);
+}
+
+// API.md §11: the module's trend against its own baseline, and how far off it is.
+function trendLine(health) {
+  if (!health.trend) return null;
+  const score = typeof health.anomaly_score === "number" ? health.anomaly_score : 0;
+  return h("p", { class: `trend ${health.trend}`, title: "anomaly score: how far recent latency and errors are from "
+                    + "the module's baseline, in standard deviations (0 = as usual)" },
+    "trend ", h("strong", {}, health.trend), health.trend === "unknown" ? "" : ` (score ${score.toFixed(1)})`);
 }
 
 function sparkline(points) {
@@ -247,6 +262,7 @@ const stream = {
     if (this.seen.size > MAX_SEEN) this.seen.delete(this.seen.values().next().value);
     this.lastSeq = Math.max(this.lastSeq || 0, f.seq);
     f.epoch = this.epoch;
+    timeline.add(f);
     this.events.unshift(f);
     if (this.events.length > MAX_EVENTS) this.events.length = MAX_EVENTS;
     if (!this.types.has(f.type)) {
@@ -303,6 +319,7 @@ async function main() {
   $("login").addEventListener("submit", signIn);
   $("logout").addEventListener("click", () => { token.clear(); showLogin("Token forgotten."); });
   $("type-filter").addEventListener("change", rerender);
+  timeline.wire();
   $("pause").addEventListener("click", () => {
     stream.paused = !stream.paused;
     $("pause").setAttribute("aria-pressed", String(stream.paused));
