@@ -416,6 +416,7 @@ class Settings:
     forward_ca: str = _default("forward_ca")
     forward_cert: str = _default("forward_cert")
     forward_key: str = _default("forward_key")
+    prediction_window: float = _default("prediction_window")
     modules: tuple[ModuleConfig, ...] = ()
     routes: tuple[Intent, ...] = INTENT_DEFAULTS
     config_file: str | None = None
