@@ -12,7 +12,7 @@ from .http import cors
 from .http.messages import HTTPError, Request, Response, empty_response, error_response
 from .http.router import Router
 from .http.server import WsHandler
-from .log import Throttle, address, log, traceback_text
+from .log import address, client_log, log, traceback_text
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -51,7 +51,7 @@ class Dispatcher:
     def __init__(self, router: Router, runtime: "Runtime"):
         self.router = router
         self.runtime = runtime
-        self.refusals = Throttle()  # per client address: a flood of bad tokens is a few lines
+        self.refusals = client_log  # per address and in total: a flood of bad tokens is a few lines
 
     def _admit(self, req: Request) -> None:
         """What every request gets first: the gateway state and its correlation id (kept
@@ -193,7 +193,7 @@ class Dispatcher:
                 _check_token(settings.token, req.headers.get("x-vx11-token") or req.query.get("token"))
         except HTTPError as exc:
             self._count(req, exc.status)
-            if exc.code not in _LOGGED_REFUSALS:  # those _refusal logs, rate-limited
+            if exc.code not in _LOGGED_REFUSALS and client_log.allow(address(req.client)) is not None:
                 log.info("websocket_refused", status=exc.status, error=exc.code, path=req.path,
                          correlation_id=req.correlation_id)
             response = self._refusal(req, exc)

@@ -82,7 +82,7 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     except LedgerUnusable as exc:
         raise SystemExit(f"edgelink: {exc}") from None
     runtime.router = build_router()
-    server = runtime.server = HttpServer(Dispatcher(runtime.router, runtime), settings)
+    server = runtime.server = HttpServer(Dispatcher(runtime.router, runtime), settings, runtime.account)
     runtime.metrics.add(Gauge("edgelink_http_connections", "Open client connections (HTTP and WebSocket)",
                               read=lambda: {(): len(server.connections)}))
     runtime.metrics.add(Gauge("edgelink_http_connections_limit", "The connection limit (EDGELINK_MAX_CONNECTIONS)",
