@@ -1,0 +1,184 @@
+"""The one memory account in the transport (issue 20), against the real ``edgelink serve``.
+
+Each test is one class of attack from the issue, over real sockets: the account is lent
+only to authenticated work on a route that takes a body, what waits to be written is the
+account's and a slow reader still gets all of it, a head of many fields is refused before
+it costs much, and client-caused log lines are bounded in total, not only per address.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import orjson
+import pytest
+
+from conftest import RawClient, log_records, module_env
+from test_budget_transport import BUDGET_MIB, metric, served
+
+EVENT = {"source": "t", "type": "system.alert",
+         "payload": {"alert_id": "a", "severity": "info", "message": "m", "timestamp": 1}}
+
+
+def ingest(gw, sock: socket.socket | None = None) -> int:
+    body = orjson.dumps(EVENT)
+    sock = sock or gw.connect()
+    client = RawClient(sock)
+    client.send(b"POST /events/ingest HTTP/1.1\r\nHost: t\r\nX-VX11-Token: %s\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (gw.token.encode(), len(body), body))
+    status = client.read_response()[0]
+    sock.close()
+    return status
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/health"), ("HEAD", "/metrics"), ("DELETE", "/vx11/routes"),
+                                          ("POST", "/events/ingest")])
+def test_anonymous_bodies_never_draw_from_the_account(gateway_factory, method, path):
+    # Finding 1: connections without a token declare 1 MiB bodies (and ask for 100 Continue)
+    # on public routes, on routes that take no body, or on a protected one, and trickle.
+    # None of it may be reserved: every authenticated ingest meanwhile gets 201.
+    gw = gateway_factory(module_env(EDGELINK_BODY_TIMEOUT="30"))
+    attackers = []
+    for _ in range(16):
+        sock = gw.connect()
+        sock.sendall(b"%s %s HTTP/1.1\r\nHost: t\r\nContent-Length: 1048576\r\nExpect: 100-continue\r\n\r\n"
+                     % (method.encode(), path.encode()))
+        attackers.append(sock)
+    time.sleep(0.3)
+    for sock in attackers:
+        sock.setblocking(False)
+        try:
+            got = sock.recv(65536)
+        except BlockingIOError:
+            got = b""
+        assert not got.startswith(b"HTTP/1.1 100"), "told 100 Continue without a route that takes a body"
+        sock.setblocking(True)
+    for _ in range(3):
+        for sock in attackers:
+            try:
+                sock.send(b"x")
+            except OSError:
+                pass  # refused (401) and closed: that is fine too
+        assert [ingest(gw) for _ in range(5)] == [201] * 5
+        time.sleep(0.2)
+    assert metric(gw, 'edgelink_budget_refusals_total{budget="bodies"}') == 0
+    assert metric(gw, 'edgelink_budget_bytes{piece="bodies"}') == 0
+    assert gw.peak_rss_mib() < BUDGET_MIB
+    for sock in attackers:
+        sock.close()
+
+
+def test_an_authenticated_connection_holds_at_most_its_share(gateway_factory):
+    # EDGELINK_CLIENT_SHARE of a 4 MiB account is 1 MiB: a 1 MiB body fits, the account
+    # refuses a second connection once four are held, and each is given back when answered.
+    gw = gateway_factory(module_env(EDGELINK_MEMORY_BUDGET=str(4 << 20), EDGELINK_MAX_BODIES=str(4 << 20),
+                                    EDGELINK_BODY_TIMEOUT="20"))
+    head = (b"POST /events/ingest HTTP/1.1\r\nHost: t\r\nX-VX11-Token: %s\r\nContent-Length: %d\r\n\r\n"
+            % (gw.token.encode(), 1 << 20))
+    held = []
+    for _ in range(4):
+        sock = gw.connect()
+        sock.sendall(head + b"x" * 1000)
+        held.append(sock)
+    time.sleep(0.3)
+    assert metric(gw, 'edgelink_budget_bytes{piece="bodies"}') == 4 << 20
+    refused = RawClient(gw.connect())
+    refused.send(head)
+    status, headers, body = refused.read_response()
+    assert status == 503 and orjson.loads(body)["error"] == "gateway_overloaded" and headers["retry-after"] == "1"
+    assert metric(gw, 'edgelink_budget_refusals_total{budget="bodies"}') == 1
+    for sock in held:
+        sock.close()
+    time.sleep(0.3)
+    assert metric(gw, 'edgelink_budget_bytes{piece="bodies"}') == 0
+    assert ingest(gw) == 201
+
+
+def test_more_header_fields_than_the_limit_are_refused_before_they_are_parsed(gateway_factory):
+    # Finding 9: 3,200 empty fields fit in the 16 KiB block but cost h11 ~10 ms each time.
+    gw = gateway_factory(module_env())
+    hundred = b"".join(b"X-F%d: v\r\n" % i for i in range(99))  # with Host: 100 fields
+    client = RawClient(gw.connect())
+    client.send(b"GET /health HTTP/1.1\r\nHost: t\r\n" + hundred + b"\r\n")
+    assert client.read_response()[0] == 200
+    for fields in (b"X-F: 1\r\n" * 101, b"A:\r\n" * 3200):
+        client = RawClient(gw.connect())
+        client.send(b"GET /health HTTP/1.1\r\nHost: t\r\n" + fields + b"\r\n")
+        status, _, body = client.read_response()
+        assert status == 431 and orjson.loads(body)["error"] == "headers_too_large", body
+        assert "header fields" in orjson.loads(body)["detail"]
+    # The same head sent a field at a time: refused once the count is past the limit,
+    # before the block is complete.
+    sock = gw.connect()
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n")
+    for _ in range(150):
+        try:
+            sock.sendall(b"A:\r\n")
+        except OSError:
+            break
+    assert RawClient(sock).read_response()[0] == 431
+    assert metric(gw, 'edgelink_budget_refusals_total{budget="header_fields"}') == 3
+    served(gw)
+
+
+@pytest.mark.parametrize("framing", ["keep-alive", "close", "http/1.0"])
+def test_a_slow_reader_gets_the_whole_answer_whatever_the_framing(gateway_factory, fake, framing):
+    # Finding 8: a large answer read slowly was cut short with Connection: close or HTTP/1.0
+    # (the lingering close gave up after the keep-alive timeout) and the send timeout
+    # dropped a client that was reading all along, only slowly.
+    madre = fake("madre")
+    text = "y" * (4 << 20)
+    madre.reply("/madre/task", {"result": text})
+    gw = gateway_factory(module_env({"madre": madre}, EDGELINK_KEEPALIVE_TIMEOUT="0.5", EDGELINK_SEND_TIMEOUT="1",
+                                    EDGELINK_WRITE_BUFFER_HIGH="65536"))
+    sock = gw.connect()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+    version = b"1.0" if framing == "http/1.0" else b"1.1"
+    close = b"Connection: close\r\n" if framing == "close" else b""
+    sock.sendall(b"POST /vx11/intent/task HTTP/%s\r\nHost: t\r\n%sX-VX11-Token: %s\r\nContent-Length: 2\r\n\r\n{}"
+                 % (version, close, gw.token.encode()))
+    got = bytearray()
+    sock.settimeout(10)
+    started = time.monotonic()
+    while time.monotonic() - started < 60:
+        chunk = sock.recv(16384)
+        if not chunk:
+            break
+        got += chunk
+        head, sep, body = bytes(got).partition(b"\r\n\r\n")
+        if sep and framing == "keep-alive" and len(body) >= int(head.split(b"content-length: ")[1].split(b"\r\n")[0]):
+            break
+        time.sleep(0.01)  # ~1.6 MB/s at most: seconds for the whole answer
+    head, _, body = bytes(got).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:80]
+    size = len(body)
+    assert size == len(text) + len('{"result":""}'), f"cut short: {size} bytes"
+    assert orjson.loads(body)["result"] == text
+    assert time.monotonic() - started > 1.5, "read too fast to be a slow reader"
+    sock.close()
+
+
+def test_client_caused_log_lines_are_limited_in_total(gateway_factory):
+    # Finding 10: one client speaking from many loopback addresses gets past a per-address
+    # limit; the total (50 a second) holds, and one line says how many were dropped.
+    gw = gateway_factory(module_env())
+    for i in range(300):
+        sock = socket.socket()
+        sock.bind((f"127.0.{1 + i // 250}.{1 + i % 250}", 0))
+        sock.connect(("127.0.0.1", gw.port))
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        sock.close()
+    time.sleep(1.2)
+    bad = RawClient(gw.connect())
+    bad.send(b"BAD\x00\r\n\r\n")
+    assert bad.read_response()[0] == 400
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(r["event"] == "log_suppressed" for r in log_records(gw.log_path)):
+        time.sleep(0.05)
+    records = log_records(gw.log_path)
+    refused = [r for r in records if r["event"] == "request_refused"]
+    suppressed = [r for r in records if r["event"] == "log_suppressed"]
+    assert len(refused) <= 50 * 3, len(refused)  # three seconds at most, at 50 a second
+    assert len(suppressed) >= 1 and sum(r["dropped"] for r in suppressed) + len(refused) >= 300
+    served(gw)
