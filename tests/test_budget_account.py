@@ -182,3 +182,59 @@ def test_client_caused_log_lines_are_limited_in_total(gateway_factory):
     assert len(refused) <= 50 * 3, len(refused)  # three seconds at most, at 50 a second
     assert len(suppressed) >= 1 and sum(r["dropped"] for r in suppressed) + len(refused) >= 300
     served(gw)
+
+
+def overload_actions(gw) -> dict[str, float]:
+    text = gw.get("/metrics", token=False).body.decode()
+    return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("edgelink_overload_actions_total{")}
+
+
+def test_over_the_soft_mark_new_bodies_and_websockets_wait_and_health_answers(gateway_factory):
+    # Marks below what the idle process already takes: the gateway is overloaded from its
+    # first reading on. Requests without a body are served; a body is refused with
+    # Retry-After, a WebSocket closed 1013; each counted, the episode logged once.
+    gw = gateway_factory(module_env(EDGELINK_MEMORY_SOFT=str(8 << 20), EDGELINK_MEMORY_HARD=str(9 << 20)))
+    time.sleep(0.5)
+    assert set(overload_actions(gw)) == {"refuse_new_work", "stop_reading", "close_connections", "trim"}
+    for _ in range(3):
+        served(gw)
+        client = RawClient(gw.connect())
+        body = orjson.dumps(EVENT)
+        client.send(b"POST /events/ingest HTTP/1.1\r\nHost: t\r\nX-VX11-Token: %s\r\nContent-Length: %d\r\n\r\n%s"
+                    % (gw.token.encode(), len(body), body))
+        status, headers, reply = client.read_response()
+        assert status == 503 and orjson.loads(reply)["error"] == "gateway_overloaded"
+        assert headers["retry-after"] == "1"
+    ws = RawClient(gw.connect())
+    ws.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            b"X-VX11-Token: %s\r\n\r\n" % gw.token.encode())
+    assert ws.read_response()[0] == 101
+    ws.sock.settimeout(5)
+    frame = ws.buf or ws.sock.recv(64)
+    assert frame[0] == 0x88 and int.from_bytes(frame[2:4], "big") == 1013  # close, try again later
+    assert overload_actions(gw)["refuse_new_work"] == 4
+    records = log_records(gw.log_path)
+    assert [r["event"] for r in records].count("overload_started") == 1
+    assert [r["action"] for r in records if r["event"] == "overload_action"].count("refuse_new_work") == 1
+
+
+def test_over_the_hard_mark_the_heaviest_connection_is_closed(gateway_factory):
+    gw = gateway_factory(module_env(EDGELINK_MEMORY_SOFT=str(8 << 20), EDGELINK_MEMORY_HARD=str(9 << 20),
+                                    EDGELINK_KEEPALIVE_TIMEOUT="60"))
+    time.sleep(0.3)
+    # A client that pipelines requests for a large document and never reads holds bytes
+    # in its buffer: it goes; an idle keep-alive connection holding nothing stays.
+    idle = RawClient(gw.connect())
+    idle.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert idle.read_response()[0] == 200
+    heavy = gw.connect()
+    heavy.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n" * 40)
+    deadline = time.monotonic() + 10
+    while overload_actions(gw)["close_connections"] < 1:
+        assert time.monotonic() < deadline, "the heavy connection was not closed"
+        time.sleep(0.1)
+    assert RawClient(heavy).closed_by_peer(timeout=30)  # what the kernel holds still arrives, then EOF
+    idle.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert idle.read_response()[0] == 200

@@ -63,10 +63,11 @@ import h11
 
 from ..account import Account, Share
 from ..log import address, client_log, log, traceback_text
-from .frames import CLOSE_GOING_AWAY
+from .frames import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from .messages import HTTPError, Request, Response, StreamingResponse
 
 if TYPE_CHECKING:
+    from ..overload import OverloadManager
     from .websocket import WebSocket
 
 WsHandler = Callable[["WebSocket"], Awaitable[None]]
@@ -163,6 +164,10 @@ class HttpServer:
             account = Account(settings.memory_budget, settings.client_share)
             account.limit(BODIES, settings.max_bodies)
         self.account = account
+        # Set by the overload manager (overload.py) while resident memory is over the soft
+        # mark: no new body, stream or WebSocket is accepted. ``overload`` counts what it refuses.
+        self.overloaded = False
+        self.overload: OverloadManager | None = None
         self.connections: set[HttpProtocol] = set()
         self.stopping = False
         self._servers: list[asyncio.AbstractServer] = []
@@ -403,6 +408,26 @@ class HttpProtocol(asyncio.Protocol):
         return self.phase in (Phase.HEADERS, Phase.BODY, Phase.HANDLING) or (
             self.phase is Phase.WEBSOCKET and self.server.stopping)
 
+    def held_bytes(self) -> int:
+        """What this connection holds for its client: its share of the account and what
+        waits in its buffers (the overload manager closes the heaviest first)."""
+        held = self._share.held if self._share is not None else 0
+        if self.transport is not None and self.phase is not Phase.CLOSED:
+            held += self.transport.get_write_buffer_size()
+        if self._ws is not None:
+            held += self._ws.waiting_bytes()
+        return held
+
+    def overload_reading(self, on: bool) -> bool:
+        """Stop (or resume) reading for the overload manager; whether it was stopped."""
+        if on:
+            self._unblock_reading("overload")
+            return True
+        if self.phase is Phase.CLOSED:
+            return False
+        self._block_reading("overload")
+        return True
+
     def begin_shutdown(self) -> None:
         # Idle keep-alive connections stay open while requests elsewhere finish: a request
         # on one is answered (/health with 503 stopping) and then closed.
@@ -536,6 +561,9 @@ class HttpProtocol(asyncio.Protocol):
                 self._answer_refusal(request)
                 return False
             self._keep_body = self._refusal is None and request.admitted is not None
+            if self._keep_body and self.server.overloaded:
+                self._refuse_overloaded("request bodies")
+                return False
             if self._keep_body and length is not None and not chunked and not self._reserve_body(int(length)):
                 return False  # decided before reading the body (and before 100 Continue)
             if expects and self._keep_body:
@@ -813,6 +841,11 @@ class HttpProtocol(asyncio.Protocol):
             set_reading=self._ws_reading,
         )
         self.server.busy_changed()
+        if self.server.overloaded:
+            if self.server.overload is not None:
+                self.server.overload.count("refuse_new_work")
+            self._ws.close(CLOSE_TRY_AGAIN_LATER, "gateway overloaded")
+            return
         if trailing:
             self._ws.feed(trailing)
         self._task = self._loop.create_task(self._run_websocket(outcome, self._ws))
@@ -866,6 +899,12 @@ class HttpProtocol(asyncio.Protocol):
     def _refuse_headers(self) -> None:
         self._refuse(431, "headers_too_large", "header_block",
                      detail=f"header block exceeds {self.settings.max_header} bytes")
+
+    def _refuse_overloaded(self, what: str) -> None:
+        if self.server.overload is not None:
+            self.server.overload.count("refuse_new_work")
+        self._refuse(503, "gateway_overloaded", headers=RETRY_AFTER,
+                     detail=f"resident memory is over EDGELINK_MEMORY_SOFT: no new {what} for now; retry")
 
     def _refuse_fields(self) -> None:
         self._refuse(431, "headers_too_large", "header_fields",
