@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Coroutine
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine
 
 from .gateway import auth
 from .http import cors
@@ -100,16 +100,18 @@ class Dispatcher:
                     if not route.public and settings.enable_auth:
                         _check_token(settings.token, req.headers.get("x-vx11-token"))
                 if route.suspends:
-                    return self._complete(req, route.handler(req), started, origin)
+                    return self._complete(req, route.handler, started, origin)
                 response = run_unsuspended(route.handler(req))
         except (Exception, asyncio.CancelledError) as exc:
             response = self._failed(req, exc)
         return self._finish(req, response, started, origin, preflight)
 
-    async def _complete(self, req: Request, pending: Awaitable[Response], started: float,
+    async def _complete(self, req: Request, handler: Callable[[Request], Awaitable[Response]], started: float,
                         origin: str | None) -> Response:
+        # The handler is called here, not by respond: a coroutine the transport drops
+        # unstarted (its caller gone) then never ran, nor left a handler coroutine behind.
         try:
-            response = await pending
+            response = await handler(req)
         except (Exception, asyncio.CancelledError) as exc:
             response = self._failed(req, exc)
         return self._finish(req, response, started, origin, False)

@@ -29,7 +29,7 @@ from .probe import GATEWAY_SERVICE, gateway_url, record_round
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 # the account's pieces (API.md §1 "one account"), each exported from the start, at 0
-ACCOUNT_PIECES = ("bodies", "replies", "streams")
+ACCOUNT_PIECES = ("bodies", "decode", "replies", "streams")
 # upstream call outcomes that are refusals by a budget of the gateway's, by budget name
 BUDGET_OUTCOMES = {"local": "file_descriptors", "too_large": "module_reply", "too_costly": "module_reply"}
 

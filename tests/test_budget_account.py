@@ -238,3 +238,68 @@ def test_over_the_hard_mark_the_heaviest_connection_is_closed(gateway_factory):
     assert RawClient(heavy).closed_by_peer(timeout=30)  # what the kernel holds still arrives, then EOF
     idle.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
     assert idle.read_response()[0] == 200
+
+
+def never_reading_request(gw, head: bytes, body: bytes = b"") -> socket.socket:
+    sock = gw.connect()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(head + body)
+    return sock
+
+
+def test_module_replies_waiting_for_callers_are_bounded_together(gateway_factory, fake):
+    # Finding 6: 20 callers that do not read 7.5 MiB replies: each reply was bounded alone
+    # (8 MiB), 200 MiB in all. The account holds what fits; the rest answer 503 at once.
+    madre = fake("madre")
+    madre.reply("/madre/task", {"result": "y" * (7 << 20 | 1 << 19)})
+    gw = gateway_factory(module_env({"madre": madre}))
+    head = (b"POST /vx11/intent/task HTTP/1.1\r\nHost: t\r\nX-VX11-Token: %s\r\nContent-Length: 2\r\n\r\n{}"
+            % gw.token.encode())
+    socks = [never_reading_request(gw, head) for _ in range(20)]
+    time.sleep(4)
+    peak = gw.peak_rss_mib()
+    assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
+    assert metric(gw, 'edgelink_budget_refusals_total{budget="replies"}') >= 10
+    assert metric(gw, 'edgelink_budget_bytes{piece="replies"}') <= 40 << 20
+    for sock in socks:
+        sock.close()
+    time.sleep(0.5)
+    assert metric(gw, 'edgelink_budget_bytes{piece="replies"}') == 0
+    assert ingest(gw) == 201
+
+
+def stream_head(gw, body: bytes) -> bytes:
+    return (b"POST /vx11/intent/stream HTTP/1.1\r\nHost: t\r\nX-VX11-Token: %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (gw.token.encode(), len(body)))
+
+
+def test_streams_hold_one_slice_each_and_not_their_bodies(gateway_factory):
+    # Finding 4: non-reading callers of a streaming route on 1 MiB chunks held ~759 KiB
+    # each (179 MiB for 200), and eight streams posted with 1 MiB bodies kept the body
+    # pool for as long as the module streamed, refusing every other ingest.
+    from test_streaming import StreamingModule, StreamPlan
+
+    switch = StreamingModule("switch").start()
+    try:
+        switch.reply("/switch/stream", StreamPlan([], content_type=b"application/octet-stream", then="endless",
+                                                  chunk=b"z" * (1 << 20)))
+        gw = gateway_factory(module_env({"switch": switch}))
+        socks = [never_reading_request(gw, stream_head(gw, b"{}"), b"{}") for _ in range(200)]
+        big = orjson.dumps({"prompt": "p" * ((1 << 20) - 64)})
+        socks += [never_reading_request(gw, stream_head(gw, big), big) for _ in range(8)]
+        time.sleep(5)
+        peak = gw.peak_rss_mib()
+        assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
+        assert metric(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') == 208
+        assert metric(gw, 'edgelink_budget_bytes{piece="streams"}') <= 208 * 64 * 1024
+        assert metric(gw, 'edgelink_budget_bytes{piece="bodies"}') == 0
+        assert [ingest(gw) for _ in range(10)] == [201] * 10
+        for sock in socks:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while metric(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 0:
+            assert time.monotonic() < deadline, "streams outlived their callers"
+            time.sleep(0.1)
+        assert metric(gw, 'edgelink_budget_bytes{piece="streams"}') == 0
+    finally:
+        switch.stop()

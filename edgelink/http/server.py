@@ -149,7 +149,12 @@ RETRY_AFTER = b"retry-after: 1\r\n"
 # Methods whose routes take no body (API.md §1): a body they declare is read and dropped as
 # it arrives, never held, reserved or answered with 100 Continue.
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE"})
-BODIES, REPLIES = "bodies", "replies"  # the account's pieces held by the transport
+BODIES, REPLIES, STREAMS = "bodies", "replies", "streams"  # the account's pieces held by the transport
+STREAM_SLICE = 64 * 1024  # the most of a stream that waits to be written (API.md §3)
+
+
+class StreamRefused(Exception):
+    """A stream's next slice did not fit in the account: the stream ends there."""
 
 
 class HttpServer:
@@ -536,6 +541,7 @@ class HttpProtocol(asyncio.Protocol):
                                           http_version=_VERSIONS.get(event.http_version) or event.http_version.decode())
         if "%" in request.path:
             request.path = unquote(request.path)
+        request.share = self._share
         self._body = []
         self._body_size = 0
         self._head_lines = 0
@@ -618,7 +624,12 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._task = self._loop.create_task(self._respond(request, outcome))
 
-    async def _respond(self, request: Request, pending: Awaitable[Response]) -> None:
+    async def _respond(self, request: Request, pending: Coroutine[Any, Any, Response]) -> None:
+        if self.phase is Phase.CLOSED:
+            # The caller left before the handler ran (a burst of requests whose callers hung
+            # up at once): none of its work is done for nobody.
+            pending.close()
+            return
         try:
             response = await pending
         except Exception as exc:
@@ -721,16 +732,17 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.write(b"".join(parts))
                 self._end_response(keep_alive)
                 return
-            if response.body:  # what the handler already has goes out with the head
-                parts.append(b"%x\r\n%s\r\n" % (len(response.body), response.body) if chunked else response.body)
             self.transport.write(b"".join(parts))
             self._streaming = True
+            # The handler has sent the body on: the stream may last long, its body need not.
+            request.drop_body()
+            self._release_body()
             try:
-                await self._drained()
+                first, response.body = response.body, b""
+                await self._send_chunk(first, chunked)
+                del first
                 async for chunk in chunks:
-                    if chunk:
-                        self.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
-                        await self._drained()
+                    await self._send_chunk(chunk, chunked)
             except asyncio.CancelledError:
                 # shutdown grace over (not the caller gone, nor dropped): end it, not cut it
                 if self.phase is not Phase.CLOSED and not self.transport.is_closing():
@@ -753,6 +765,26 @@ class HttpProtocol(asyncio.Protocol):
             self._end_response(keep_alive)
         finally:
             await chunks.aclose()
+
+    async def _send_chunk(self, chunk: bytes, chunked: bool) -> None:
+        """Write a stream's chunk STREAM_SLICE bytes at a time, each taken from the account
+        (piece ``streams``) while it waits and given back once written out: what waits for
+        a slow caller is one slice. Past its share or the account, the stream is ended
+        (truncated: the caller sees it failed) rather than held."""
+        share = self._share
+        view = memoryview(chunk)
+        for start in range(0, len(chunk), STREAM_SLICE):
+            piece = view[start:start + STREAM_SLICE]
+            if share is None or not share.take(STREAMS, len(piece)):
+                raise StreamRefused("the stream's waiting bytes would exceed the memory account or its share")
+            try:
+                if chunked:
+                    self.transport.writelines((b"%x\r\n" % len(piece), piece, b"\r\n"))
+                else:
+                    self.transport.write(piece)
+                await self._drained()
+            finally:
+                share.give(STREAMS, len(piece))
 
     async def _drained(self) -> None:
         """Return once nothing waits in our buffer (writing is not paused): the next chunk
