@@ -428,7 +428,9 @@ class HttpProtocol(asyncio.Protocol):
         if on:
             self._unblock_reading("overload")
             return True
-        if self.phase is Phase.CLOSED:
+        if self.phase is Phase.CLOSED or self.phase is Phase.HANDLING:
+            # While an answer is being made, what the client pipelines is held back already;
+            # reading on is what tells us the caller left (a stream is then stopped at once).
             return False
         self._block_reading("overload")
         return True
