@@ -30,6 +30,7 @@ from edgelink.app import build_router
 from edgelink.config import load_settings
 from edgelink.dispatch import Dispatcher
 from edgelink.http.server import HttpServer
+from edgelink.overload import OverloadManager
 from edgelink.runtime import Runtime
 
 from .micro.inputs import INGEST_BODY
@@ -93,7 +94,10 @@ async def drive(kind: str, requests: int, rounds: int, profile: bool, db: str) -
     runtime = Runtime(settings)
     await runtime.start()
     runtime.router = build_router()
-    server = HttpServer(Dispatcher(runtime.router, runtime), settings)
+    server = HttpServer(Dispatcher(runtime.router, runtime), settings, runtime.account)
+    # the overload manager runs as in `edgelink serve`: its readings are part of the cost
+    overload = server.overload = OverloadManager(server, lambda: runtime.settings, runtime.metrics)
+    overload.start()
     proto = server._make_protocol()
     transport = Transport()
     proto.connection_made(transport)  # type: ignore[arg-type]
@@ -121,6 +125,7 @@ async def drive(kind: str, requests: int, rounds: int, profile: bool, db: str) -
         per_request.append((time.perf_counter() - started) / requests * 1e6)
         if profiler is not None:
             profiler.disable()
+    overload.stop()
     await runtime.stop()
     if profiler is not None:
         stats = pstats.Stats(profiler, stream=sys.stderr)

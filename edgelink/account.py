@@ -8,6 +8,8 @@ their own bounds as limits inside it; the account is what makes them add up to o
 
 Rules it keeps:
 - ``take`` either grants all ``n`` bytes or nothing, and counts a refusal by piece.
+- A piece may have its own limit inside the account (``limit``: the bodies' part is
+  ``EDGELINK_MAX_BODIES``); what it holds over all shares stays under it.
 - A ``Share`` is one connection's (or one owner's) part: it may hold at most
   ``share_limit`` bytes (``EDGELINK_CLIENT_SHARE`` of the total) unless opened unlimited
   (stored state owned by the gateway itself, such as sessions).
@@ -22,7 +24,7 @@ from typing import Callable
 
 
 class Account:
-    __slots__ = ("total", "share_limit", "used", "held", "refusals", "_on_refusal")
+    __slots__ = ("total", "share_limit", "used", "held", "refusals", "limits", "_on_refusal")
 
     def __init__(self, total: int, share: float, on_refusal: Callable[[str], None] | None = None):
         self.total = total
@@ -30,12 +32,17 @@ class Account:
         self.used = 0
         self.held: dict[str, int] = {}  # bytes held now, by piece
         self.refusals: dict[str, int] = {}
+        self.limits: dict[str, int] = {}  # a piece's own bound inside the account
         self._on_refusal = on_refusal
 
     def resize(self, total: int, share: float) -> None:
         """A reload's new bounds; what is held stays held and is given back as usual."""
         self.total = total
         self.share_limit = int(total * share)
+
+    def limit(self, piece: str, n: int) -> None:
+        """What ``piece`` may hold over all shares (inside the account's total)."""
+        self.limits[piece] = n
 
     def open(self, limited: bool = True) -> Share:
         return Share(self, limited)
@@ -66,7 +73,8 @@ class Share:
         account = self.account
         if n <= 0:
             return True
-        if account.used + n > account.total or (self.limited and self.held + n > account.share_limit):
+        if account.used + n > account.total or (self.limited and self.held + n > account.share_limit) or (
+                piece in account.limits and account.held.get(piece, 0) + n > account.limits[piece]):
             account.refuse(piece)
             return False
         self._add(piece, n)

@@ -215,11 +215,24 @@ KNOBS: tuple[Knob, ...] = (
          "Idle time after which a pooled connection is closed.", REBUILD, "modules", unit="s"),
     Knob("max_body", ("EDGELINK_MAX_BODY",), _int, MIB, "Largest request body.", LIVE, unit="bytes"),
     Knob("max_bodies", ("EDGELINK_MAX_BODIES",), _number(int, 1024), 8 * MIB,
-         "Request body bytes held at once over all connections (from the first byte, or the "
-         "Content-Length, until the answer); a request past it answers 503 gateway_overloaded.", LIVE,
+         "Request body bytes held at once over all connections, the bodies' part of the memory "
+         "account (authenticated bodies only, as they arrive, until the answer); a request past it "
+         "answers 503 gateway_overloaded.", LIVE, unit="bytes"),
+    Knob("memory_budget", ("EDGELINK_MEMORY_BUDGET",), _number(int, MIB), 40 * MIB,
+         "The one account of bytes held for others (bodies, replies, streams, queues); past it "
+         "new work answers 503 gateway_overloaded.", LIVE, unit="bytes"),
+    Knob("client_share", ("EDGELINK_CLIENT_SHARE",), _number(float, 0.01, 1.0), 0.25,
+         "Most of the memory account one connection may hold (a fraction).", LIVE),
+    Knob("memory_soft", ("EDGELINK_MEMORY_SOFT",), _number(int, 8 * MIB), 64 * MIB,
+         "Resident memory past which no new body, stream, replay or WebSocket is accepted.", LIVE,
+         unit="bytes"),
+    Knob("memory_hard", ("EDGELINK_MEMORY_HARD",), _number(int, 8 * MIB), 72 * MIB,
+         "Resident memory past which the connections holding the most bytes are closed.", LIVE,
          unit="bytes"),
     Knob("max_header", ("EDGELINK_MAX_HEADER",), _number(int, 1024), 16 * KIB,
          "Largest request header block.", LIVE, unit="bytes"),
+    Knob("max_header_fields", ("EDGELINK_MAX_HEADER_FIELDS",), _number(int, 8), 100,
+         "Most header fields in a request; more answer 431.", LIVE),
     Knob("max_request_line", ("EDGELINK_MAX_REQUEST_LINE",), _number(int, 256), 8 * KIB,
          "Longest request line; longer ones answer 414.", LIVE, unit="bytes"),
     Knob("max_connections", ("EDGELINK_MAX_CONNECTIONS",), _int, 1000, "Most open client connections.", LIVE),
@@ -417,6 +430,11 @@ class Settings:
     forward_cert: str = _default("forward_cert")
     forward_key: str = _default("forward_key")
     prediction_window: float = _default("prediction_window")
+    memory_budget: int = _default("memory_budget")
+    client_share: float = _default("client_share")
+    memory_soft: int = _default("memory_soft")
+    memory_hard: int = _default("memory_hard")
+    max_header_fields: int = _default("max_header_fields")
     modules: tuple[ModuleConfig, ...] = ()
     routes: tuple[Intent, ...] = INTENT_DEFAULTS
     config_file: str | None = None
@@ -433,6 +451,12 @@ class Settings:
         if self.max_body > self.max_bodies:
             found.append(f"EDGELINK_MAX_BODY ({self.max_body}) is over EDGELINK_MAX_BODIES ({self.max_bodies}), "
                          "the bytes all bodies together may hold: bodies that large could never be read")
+        if self.memory_soft >= self.memory_hard:
+            found.append(f"EDGELINK_MEMORY_SOFT ({self.memory_soft}) must be under EDGELINK_MEMORY_HARD "
+                         f"({self.memory_hard})")
+        if self.memory_soft >= self.memory_hard:
+            found.append(f"EDGELINK_MEMORY_SOFT ({self.memory_soft}) must be under EDGELINK_MEMORY_HARD "
+                         f"({self.memory_hard})")
         if self.enable_auth and not self.token:
             found.append("auth is on (ENABLE_AUTH) but no token is configured: set "
                          "VX11_TENTACULO_LINK_TOKEN or VX11_GATEWAY_TOKEN, or ENABLE_AUTH=false")

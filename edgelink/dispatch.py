@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Coroutine
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine
 
 from .gateway import auth
 from .http import cors
 from .http.messages import HTTPError, Request, Response, empty_response, error_response
 from .http.router import Router
 from .http.server import WsHandler
-from .log import Throttle, address, log, traceback_text
+from .log import address, client_log, log, traceback_text
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -51,7 +51,7 @@ class Dispatcher:
     def __init__(self, router: Router, runtime: "Runtime"):
         self.router = router
         self.runtime = runtime
-        self.refusals = Throttle()  # per client address: a flood of bad tokens is a few lines
+        self.refusals = client_log  # per address and in total: a flood of bad tokens is a few lines
 
     def _admit(self, req: Request) -> None:
         """What every request gets first: the gateway state and its correlation id (kept
@@ -100,16 +100,18 @@ class Dispatcher:
                     if not route.public and settings.enable_auth:
                         _check_token(settings.token, req.headers.get("x-vx11-token"))
                 if route.suspends:
-                    return self._complete(req, route.handler(req), started, origin)
+                    return self._complete(req, route.handler, started, origin)
                 response = run_unsuspended(route.handler(req))
         except (Exception, asyncio.CancelledError) as exc:
             response = self._failed(req, exc)
         return self._finish(req, response, started, origin, preflight)
 
-    async def _complete(self, req: Request, pending: Awaitable[Response], started: float,
+    async def _complete(self, req: Request, handler: Callable[[Request], Awaitable[Response]], started: float,
                         origin: str | None) -> Response:
+        # The handler is called here, not by respond: a coroutine the transport drops
+        # unstarted (its caller gone) then never ran, nor left a handler coroutine behind.
         try:
-            response = await pending
+            response = await handler(req)
         except (Exception, asyncio.CancelledError) as exc:
             response = self._failed(req, exc)
         return self._finish(req, response, started, origin, False)
@@ -194,7 +196,7 @@ class Dispatcher:
                 _check_token(settings.token, req.headers.get("x-vx11-token") or req.query.get("token"))
         except HTTPError as exc:
             self._count(req, exc.status)
-            if exc.code not in _LOGGED_REFUSALS:  # those _refusal logs, rate-limited
+            if exc.code not in _LOGGED_REFUSALS and client_log.allow(address(req.client)) is not None:
                 log.info("websocket_refused", status=exc.status, error=exc.code, path=req.path,
                          correlation_id=req.correlation_id)
             response = self._refusal(req, exc)

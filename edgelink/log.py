@@ -115,3 +115,45 @@ class Throttle:
             del self._windows[next(iter(self._windows))]  # the oldest window
         self._windows[key] = [t, 1, 0]
         return suppressed
+
+
+class ClientLog:
+    """Whether to write a line a client caused (a refusal, an auth failure, a dropped
+    connection): at most ``Throttle``'s burst per address, and at most ``per_second`` lines a
+    second in total, since one client may speak from many addresses (every 127/8 address
+    is loopback). What is dropped is counted, and said in one ``log_suppressed`` line at the
+    first client-caused line after the second it was dropped in."""
+
+    def __init__(self, per_second: int = 50, per_address: Throttle | None = None,
+                 now: Callable[[], float] = time.monotonic, logger: Logger | None = None) -> None:
+        self.per_second, self.now = per_second, now
+        self.per_address = per_address if per_address is not None else Throttle(now=now)
+        self.logger = logger if logger is not None else log
+        self.dropped = 0  # since the last log_suppressed line
+        self._second = -1.0
+        self._lines = 0
+
+    def allow(self, key: str) -> int | None:
+        """None if this line is to be dropped; else how many lines of ``key`` were dropped
+        since its last one (``Throttle.allow``)."""
+        t = self.now()
+        if t - self._second >= 1.0:
+            if self.dropped:
+                self.logger.warning("log_suppressed", dropped=self.dropped,
+                                    detail="client-caused log lines over the limits (per address, "
+                                           f"{self.per_second} a second in total)")
+                self.dropped = 0
+            self._second, self._lines = t, 0
+        if self._lines >= self.per_second:
+            self.dropped += 1
+            return None
+        suppressed = self.per_address.allow(key)
+        if suppressed is None:
+            self.dropped += 1
+            return None
+        self._lines += 1
+        return suppressed
+
+
+client_log = ClientLog()
+"""Every client-caused line goes through this one, whichever piece writes it."""

@@ -1,4 +1,5 @@
-"""Large short-lived buffers go back to the system when freed (glibc malloc tuning).
+"""Large short-lived buffers go back to the system when freed (glibc malloc tuning), and
+what an overload freed is given back at once (``trim``).
 
 glibc serves allocations of 128 KiB and more with mmap, but raises that threshold to the
 size of each such block freed (up to 32 MiB): after the first 1 MiB request body is
@@ -30,3 +31,14 @@ def return_big_buffers() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def trim() -> bool:
+    """Give free heap memory back to the system (glibc's ``malloc_trim(0)``); False where the
+    C library has none, or nothing could be given back."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    return bool(malloc_trim(0))

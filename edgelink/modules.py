@@ -10,8 +10,9 @@ says why (api/modules.py maps it to the API.md §3 answer):
   ``upstream_unavailable``;
 - no reply within the call's timeout: ``upstream_timeout``;
 - a disabled module: ``module_disabled``;
-- the gateway itself out of file descriptors or buffers (``UpstreamError`` kind ``local``):
-  ``gateway_overloaded``; the module was never reached, so its breaker is not told;
+- the gateway itself out of file descriptors or buffers (``UpstreamError`` kind ``local``),
+  or the reply past the caller's share of the memory account (kind ``account``):
+  ``gateway_overloaded``; that says nothing about the module, so its breaker is not told;
 - a body that cannot be encoded as JSON: ``invalid_json``, before the breaker is asked.
 
 A reply is parsed only if a byte scan bounds what parsing it costs (``parse_cost_problem``):
@@ -43,6 +44,7 @@ from typing import Any, AsyncGenerator, Callable
 
 import orjson
 
+from .account import Share
 from .config import ModuleConfig, Settings
 from .gateway.breaker import Breaker
 from .gateway.health import HealthCheck, module_fields
@@ -51,6 +53,8 @@ from .log import log
 from .upstream import Stream, UpstreamClient, UpstreamError
 
 GATEWAY_OVERLOADED = "gateway_overloaded"
+DECODE = "decode"  # the memory account's piece for what parsing a reply costs while it runs
+DECODE_FACTOR = 2  # bytes held while parsing, per reply byte (orjson builds a long string, then copies it)
 
 # JSON containers and separators a parsed reply may have: each becomes at most one Python
 # object of <= ~72 bytes (an empty list and its slot), so parsing costs at most ~9 MiB more
@@ -186,8 +190,9 @@ class Modules:
         self._overload_logged: set[str] = set()  # modules whose calls hit a local limit, logged once
 
     async def call(self, module: str, method: str, path: str, *, json: Any = None,
-                   timeout: float, correlation_id: str) -> ModuleReply:
-        """Call ``module`` behind its breaker; ``json`` (if not None) is sent as the body."""
+                   timeout: float, correlation_id: str, share: Share | None = None) -> ModuleReply:
+        """Call ``module`` behind its breaker; ``json`` (if not None) is sent as the body. The
+        reply's bytes are taken from ``share`` (the caller's part of the memory account)."""
         config = self.registry[module]
         if not config.enabled:
             raise ModuleError("module_disabled", module, f"module {module} is disabled")
@@ -206,10 +211,10 @@ class Modules:
         try:
             try:
                 reply = await self._client.request(config.url, method, path, headers=headers, body=body,
-                                                   timeout=timeout)
+                                                   timeout=timeout, share=share)
             except UpstreamError as exc:
                 self._done(module, exc.kind, started)
-                if exc.kind == "local":
+                if exc.kind in ("local", "account"):  # the gateway's own limits, not the module's failure
                     self._overloaded(module, exc)
                     raise ModuleError(GATEWAY_OVERLOADED, module, str(exc)) from None
                 failed = True
@@ -219,15 +224,31 @@ class Modules:
                     raise ModuleError("upstream_timeout", module, str(exc)) from None
                 raise ModuleError("upstream_unavailable", module, str(exc)) from None
             latency_ms = round((self._now() - started) * 1000, 3)
-            failed = reply.status >= 500
             data, problem, costly = None, "", ""
             if reply.status != 204 or reply.body:
                 problem = costly = parse_cost_problem(reply.body)
                 if not problem:
+                    # Parsing costs up to twice the reply while it runs (a long string is built
+                    # once, then copied): the account holds that too, for that long. Outside
+                    # the caller's share: one parse runs at a time, and a reply within the
+                    # reply limit must stay parseable whatever the share.
+                    cost = DECODE_FACTOR * len(reply.body)
+                    parse = share.account.open(limited=False) if share is not None else None
+                    if parse is not None and not parse.take(DECODE, cost):
+                        self._done(module, "account", started)
+                        self._overloaded(module, UpstreamError("account", "parsing the reply would exceed the "
+                                                                          "memory account or this caller's share"))
+                        raise ModuleError(GATEWAY_OVERLOADED, module, "parsing the reply would exceed the memory "
+                                                                      "account (EDGELINK_MEMORY_BUDGET) or this "
+                                                                      "caller's share of it; retry")
                     try:
                         data = orjson.loads(reply.body)
                     except orjson.JSONDecodeError:
                         problem = f"{module} answered HTTP {reply.status} without a JSON body"
+                    finally:
+                        if parse is not None:
+                            parse.close()
+            failed = reply.status >= 500
             if problem:
                 # a 4xx that is not JSON still shows the module up and answering
                 failed = failed or not 400 <= reply.status < 500

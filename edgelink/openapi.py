@@ -453,12 +453,15 @@ CONNECTION_CASES = (
     error(413, "payload_too_large", f"the body is over the limit ({KNOB['max_body'].quote()}), decided "
                                      "from Content-Length before reading it, or while reading a chunked body.",
            correlated=False),
-    error(431, "headers_too_large", f"the header block is over the limit ({KNOB['max_header'].quote()}).",
+    error(431, "headers_too_large", f"the header block is over the limit ({KNOB['max_header'].quote()}), "
+                                     f"or has more fields than allowed ({KNOB['max_header_fields'].quote()}).",
            correlated=False),
     error(503, ("too_many_connections", "gateway_overloaded", "stopping"),
-           "the connection limit is reached, the request bodies being received on all connections "
-           f"would go past their budget ({KNOB['max_bodies'].quote()}; `gateway_overloaded`, the body is "
-           "not read), or the gateway is shutting down.", correlated=False),
+           "the connection limit is reached; or (`gateway_overloaded`, with `Retry-After`, the body not read) "
+           "the body would take the memory account, its bodies' part or this connection's share past "
+           f"their bounds ({KNOB['memory_budget'].quote()}; {KNOB['max_bodies'].quote()}; "
+           f"{KNOB['client_share'].quote()}), or resident memory is over the soft mark "
+           f"({KNOB['memory_soft'].quote()}); or the gateway is shutting down.", correlated=False),
 )
 AUTH_CASES = (
     error(401, "auth_required", "no X-VX11-Token header."),

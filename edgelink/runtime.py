@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 from . import forward
+from .account import Account
 from .config import MODULES_PIECE, REBUILD, RESTART, Settings, changed
 from .forward.forwarder import Forwarder
 from .gateway.events import SCHEMAS
@@ -29,6 +30,8 @@ from .modules import Modules
 from .probe import GATEWAY_SERVICE, gateway_url, record_round
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+# the account's pieces (API.md §1 "one account"), each exported from the start, at 0
+ACCOUNT_PIECES = ("bodies", "decode", "replies", "streams")
 # upstream call outcomes that are refusals by a budget of the gateway's, by budget name
 BUDGET_OUTCOMES = {"local": "file_descriptors", "too_large": "module_reply", "too_costly": "module_reply"}
 
@@ -37,6 +40,12 @@ class Runtime:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Registry()
+        # The one account of bytes held for others: each connection opens its share of it,
+        # every piece asks it before holding bytes; refusals are counted by piece.
+        self.account = Account(settings.memory_budget, settings.client_share, self.metrics.budget_refusals.inc)
+        self.account.limit("bodies", settings.max_bodies)
+        for piece in ACCOUNT_PIECES:
+            self.metrics.budget_refusals.inc(piece, amount=0)
         self.stopping = False
         self.port = settings.port  # the port actually bound, set once listening
         self.ledger = Ledger.from_settings(settings)
@@ -61,6 +70,10 @@ class Runtime:
         self._closing: set[asyncio.Task[None]] = set()  # retired clients being closed
         # what a reload rebuilds, by the piece name the settings table gives (Knob.piece)
         self.rebuilders: dict[str, Callable[[Settings, Settings], None]] = {MODULES_PIECE: self._rebuild_modules}
+        self.metrics.add(Gauge("edgelink_budget_bytes", "Bytes held now in the memory account, by piece",
+                               ("piece",), read=self._account_held))
+        self.metrics.add(Gauge("edgelink_budget_limit_bytes", "The memory account's size (EDGELINK_MEMORY_BUDGET)",
+                               read=lambda: {(): self.account.total}))
         self.metrics.add(Gauge("edgelink_ws_clients", "Connected WebSocket clients",
                                read=lambda: {(): len(self.hub.clients)}))
         self.metrics.add(Gauge("edgelink_ws_queued_bytes", "Bytes waiting in WebSocket send queues",
@@ -151,6 +164,11 @@ class Runtime:
         self.metrics.ledger_commit.observe(seconds)
         self.metrics.ledger_batch.observe(writes)
 
+    def _account_held(self) -> dict[tuple[str, ...], float]:
+        held = {(piece,): 0.0 for piece in ACCOUNT_PIECES}
+        held.update({(piece,): n for piece, n in self.account.held.items()})
+        return held
+
     def _breaker_states(self) -> dict[tuple[str, ...], float]:
         return {(name, ): BREAKER_STATES[b.state] for name, b in self.modules.breakers.items()}
 
@@ -220,6 +238,8 @@ class Runtime:
         if new.enable_auth and (new.token, True) != (old.token, old.enable_auth):
             self.hub.close_other_tokens(new.token)  # API.md §6: old tokens are closed 1008
         self.ledger.max_bytes, self.ledger.full_policy = new.ledger_max_bytes, new.ledger_full
+        self.account.resize(new.memory_budget, new.client_share)
+        self.account.limit("bodies", new.max_bodies)
         if self.server is not None:
             self.server.settings = new  # connections accepted from now on get the new limits
         self._schedule_recorder()

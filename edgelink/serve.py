@@ -22,6 +22,7 @@ from .gateway.metrics import Gauge
 from .http.server import HttpServer
 from .ledger import LedgerUnusable
 from .log import configure, log
+from .overload import OverloadManager
 from .runtime import Runtime
 
 # Descriptors beyond connections: listening sockets, the ledger (db, WAL, shm), stdio and
@@ -82,7 +83,7 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     except LedgerUnusable as exc:
         raise SystemExit(f"edgelink: {exc}") from None
     runtime.router = build_router()
-    server = runtime.server = HttpServer(Dispatcher(runtime.router, runtime), settings)
+    server = runtime.server = HttpServer(Dispatcher(runtime.router, runtime), settings, runtime.account)
     runtime.metrics.add(Gauge("edgelink_http_connections", "Open client connections (HTTP and WebSocket)",
                               read=lambda: {(): len(server.connections)}))
     runtime.metrics.add(Gauge("edgelink_http_connections_limit", "The connection limit (EDGELINK_MAX_CONNECTIONS)",
@@ -94,6 +95,8 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
         await runtime.stop()
         raise SystemExit(f"edgelink: cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
     runtime.listening(server.sockets[0].getsockname()[1])
+    overload = server.overload = OverloadManager(server, lambda: runtime.settings, runtime.metrics)
+    overload.start()
     loop = asyncio.get_running_loop()
     log.info("started", version=__version__, host=settings.host, port=runtime.port,
              loop=type(loop).__module__.split(".")[0], auth=settings.enable_auth,
@@ -118,6 +121,7 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     log.info("stopping", grace_seconds=runtime.settings.shutdown_grace)
     runtime.stopping = True
     await server.shutdown(runtime.settings.shutdown_grace)
+    overload.stop()
     await runtime.stop()
     if watchdog is not None:
         watchdog.cancel()

@@ -5,10 +5,13 @@ One ``UpstreamClient`` serves every module. Each call is bounded by a total time
 timeout; a reply larger than ``upstream_max_reply`` is refused, decided from
 ``Content-Length`` when present and while reading otherwise. Anything that leaves no
 usable reply raises ``UpstreamError`` with a ``kind``: ``connect``, ``timeout``,
-``too_large``, ``closed`` (the module hung up), ``protocol`` (it spoke bad HTTP) or
+``too_large``, ``closed`` (the module hung up), ``protocol`` (it spoke bad HTTP),
 ``local``: the gateway itself is out of file descriptors, buffers or memory (EMFILE,
 ENFILE, ENOBUFS, ENOMEM creating or connecting the socket), which says nothing about
-the module.
+the module, or ``account``: the reply would take the caller's connection past its share of
+the memory account, or the account past its total (API.md §1): a call given a ``Share``
+takes each reply byte from it (piece ``replies``) as it arrives; the caller's transport
+gives them back once the answer is written, and a failed call gives them back at once.
 
 Pool: up to ``upstream_pool_size`` idle keep-alive connections are kept per origin,
 each closed after ``upstream_pool_idle`` idle seconds. Busy connections are not capped
@@ -37,14 +40,20 @@ from __future__ import annotations
 import asyncio
 import errno
 import select
+import socket
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 from urllib.parse import urlsplit
 
 import h11
 
 from .config import Settings
 
+if TYPE_CHECKING:
+    from .account import Share
+
+REPLIES = "replies"  # the memory account's piece a reply is read into
+READ_SIZE = 64 * 1024  # about the most one read of a reply brings in
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 # connect failures that are the gateway's own shortage, not the module's fault
 LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -140,7 +149,13 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self._fd = transport.get_extra_info("socket").fileno()
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno()
+        # A reply is read a little at a time: one read brings at most what the kernel's
+        # receive buffer holds, so what waits unparsed per call (and per relayed stream
+        # while its caller is slow) stays near READ_SIZE (API.md §3: 64 KiB), not the
+        # event loop's 256 KiB read buffer times the calls in flight.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, READ_SIZE // 2)  # the kernel doubles it
 
     def data_received(self, data: bytes) -> None:
         if not self.busy:  # bytes nobody asked for: the connection cannot be trusted again
@@ -218,9 +233,10 @@ class UpstreamClient:
 
     async def request(self, base_url: str, method: str, path: str, *,
                       headers: Iterable[tuple[bytes, bytes]] = (), body: bytes = b"",
-                      timeout: float) -> Reply:
-        """Send one request (``Host`` and ``Content-Length`` are added) and read the whole reply."""
-        reply = await self._call(base_url, method, path, headers, body, timeout, stream=False)
+                      timeout: float, share: Share | None = None) -> Reply:
+        """Send one request (``Host`` and ``Content-Length`` are added) and read the whole
+        reply, its bytes taken from ``share`` if given."""
+        reply = await self._call(base_url, method, path, headers, body, timeout, stream=False, share=share)
         assert isinstance(reply, Reply)
         return reply
 
@@ -233,7 +249,7 @@ class UpstreamClient:
         return reply
 
     async def _call(self, base_url: str, method: str, path: str, headers: Iterable[tuple[bytes, bytes]],
-                    body: bytes, timeout: float, stream: bool) -> Reply | Stream:
+                    body: bytes, timeout: float, stream: bool, share: Share | None = None) -> Reply | Stream:
         origin = self._origin(base_url)
         head = [(b"host", origin.authority), *headers]
         if body or method not in IDEMPOTENT:
@@ -241,7 +257,7 @@ class UpstreamClient:
         request = h11.Request(method=method, target=path, headers=head)
         try:
             async with asyncio.timeout(timeout):
-                return await self._send(origin, request, body, method in IDEMPOTENT, stream)
+                return await self._send(origin, request, body, method in IDEMPOTENT, stream, share)
         except TimeoutError:
             raise UpstreamError("timeout", f"no reply within {timeout:g} s") from None
 
@@ -254,16 +270,16 @@ class UpstreamClient:
         self._idle.clear()
 
     async def _send(self, origin: _Origin, request: h11.Request, body: bytes, idempotent: bool,
-                    stream: bool) -> Reply | Stream:
+                    stream: bool, share: Share | None) -> Reply | Stream:
         conn = self._checkout(origin)
         if conn is None:
-            return await self._exchange(origin, await self._connect(origin), request, body, stream)
+            return await self._exchange(origin, await self._connect(origin), request, body, stream, share)
         try:
-            return await self._exchange(origin, conn, request, body, stream)
+            return await self._exchange(origin, conn, request, body, stream, share)
         except UpstreamError as exc:
             if exc.kind != "closed" or (conn.reply_bytes and not idempotent):
                 raise
-        return await self._exchange(origin, await self._connect(origin), request, body, stream)
+        return await self._exchange(origin, await self._connect(origin), request, body, stream, share)
 
     def _origin(self, base_url: str) -> _Origin:
         origin = self._origins.get(base_url)
@@ -320,7 +336,7 @@ class UpstreamClient:
         return conn
 
     async def _exchange(self, origin: _Origin, conn: _Connection, request: h11.Request, body: bytes,
-                        stream: bool) -> Reply | Stream:
+                        stream: bool, share: Share | None = None) -> Reply | Stream:
         h = conn.h11
         conn.busy = True
         conn.reply_bytes = 0
@@ -339,7 +355,7 @@ class UpstreamClient:
                 response = await self._read_head(conn, limit=False)
                 done = True
                 return Stream(self, origin, conn, response)  # the Stream owns the connection now
-            reply = await self._read_reply(conn)
+            reply = await self._read_reply(conn, share)
             done = True
         except h11.RemoteProtocolError as exc:
             if conn.ended:
@@ -378,17 +394,25 @@ class UpstreamClient:
             if kind is not h11.InformationalResponse:  # 1xx (100 Continue...) carry nothing for us
                 raise UpstreamError("protocol", f"unexpected {kind.__name__} from module")
 
-    async def _read_reply(self, conn: _Connection) -> Reply:
+    async def _read_reply(self, conn: _Connection, share: Share | None) -> Reply:
         response = await self._read_head(conn)
         body = bytearray()
-        while True:
-            event = await conn.next_event()
-            kind = type(event)
-            if kind is h11.Data:
-                if len(body) + len(event.data) > self._max_reply:
-                    raise UpstreamError("too_large", f"reply exceeds {self._max_reply} bytes")
-                body += event.data
-            elif kind is h11.EndOfMessage:
-                return Reply(response.status_code, list(response.headers), body)
-            else:
-                raise UpstreamError("protocol", f"unexpected {kind.__name__} from module")
+        try:
+            while True:
+                event = await conn.next_event()
+                kind = type(event)
+                if kind is h11.Data:
+                    if len(body) + len(event.data) > self._max_reply:
+                        raise UpstreamError("too_large", f"reply exceeds {self._max_reply} bytes")
+                    if share is not None and not share.take(REPLIES, len(event.data)):
+                        raise UpstreamError("account", "the reply would exceed the memory account "
+                                                       "(EDGELINK_MEMORY_BUDGET) or this caller's share of it")
+                    body += event.data
+                elif kind is h11.EndOfMessage:
+                    return Reply(response.status_code, list(response.headers), body)
+                else:
+                    raise UpstreamError("protocol", f"unexpected {kind.__name__} from module")
+        except BaseException:
+            if share is not None:
+                share.give(REPLIES, len(body))  # nobody will hold this reply
+            raise

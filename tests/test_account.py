@@ -51,3 +51,12 @@ def test_resize_applies_to_later_takes():
     assert not share.take("bodies", 1)
     share.close()
     assert account.used == 0
+
+
+def test_a_piece_limit_bounds_that_piece_over_all_shares():
+    account = Account(1000, 1.0)
+    account.limit("bodies", 300)
+    a, b = account.open(), account.open()
+    assert a.take("bodies", 200) and not b.take("bodies", 101)
+    assert b.take("replies", 500)  # other pieces only see the account's total
+    assert account.refusals == {"bodies": 1}

@@ -24,13 +24,16 @@ MODULE_ERROR_STATUS = {"upstream_unavailable": 502, "circuit_open": 503, "module
 def module_error(exc: ModuleError) -> HTTPError:
     # an open breaker also says "status": "circuit_open" in its body (API.md §2)
     body = {"status": "circuit_open"} if exc.code == "circuit_open" else None
-    return HTTPError(MODULE_ERROR_STATUS[exc.code], exc.code, body=body, module=exc.module, detail=exc.detail)
+    headers = [(b"retry-after", b"1")] if exc.code == "gateway_overloaded" else ()
+    return HTTPError(MODULE_ERROR_STATUS[exc.code], exc.code, headers, body=body, module=exc.module,
+                     detail=exc.detail)
 
 
 async def call(req: Request, target: Intent, body: Any) -> ModuleReply:
     """Call an intent's target; ModuleError is left to the caller, which may fall back."""
     return await req.runtime.modules.call(target.module, target.method, target.endpoint, json=body,
-                                          timeout=target.timeout, correlation_id=req.correlation_id)
+                                          timeout=target.timeout, correlation_id=req.correlation_id,
+                                          share=req.share)
 
 
 def _counted(health: dict[str, dict[str, Any]]) -> tuple[int, int]:
@@ -161,7 +164,7 @@ async def _proxy(req: Request, module: str, path: str, method: str = "GET", body
     rt = req.runtime
     try:
         reply = await rt.modules.call(module, method, path, json=body, timeout=rt.settings.proxy_timeout,
-                                      correlation_id=req.correlation_id)
+                                      correlation_id=req.correlation_id, share=req.share)
     except ModuleError as exc:
         raise module_error(exc) from None
     return _forwarded(reply)

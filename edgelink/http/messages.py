@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl
 import orjson
 
 if TYPE_CHECKING:  # for the annotation only: the transport does not use the runtime
+    from ..account import Share
     from ..runtime import Runtime
 
 JSON_TYPE = b"application/json"
@@ -149,8 +150,8 @@ class Request:
     """One parsed HTTP request. ``runtime`` is the gateway state the dispatcher attaches."""
 
     __slots__ = ("method", "target", "path", "query_string", "headers", "body", "client",
-                 "http_version", "params", "route", "admitted", "correlation_id", "runtime", "_query", "_json",
-                 "_gone")
+                 "http_version", "params", "route", "admitted", "correlation_id", "runtime", "share", "_query",
+                 "_json", "_gone")
 
     def __init__(self, method: str, target: str, headers: dict[str, str], body: bytes = b"",
                  client: tuple[str, int] | None = None, http_version: str = "1.1"):
@@ -167,6 +168,7 @@ class Request:
         self.admitted: Any = None  # the router's Route, once the dispatcher's admit accepted it
         self.correlation_id = ""
         self.runtime: Runtime = None  # type: ignore[assignment]  # set by the dispatcher
+        self.share: Share | None = None  # the connection's part of the memory account (the transport's)
         self._query: dict[str, str] | None = None
         self._json: Any = _NO_BODY
         self._gone: asyncio.Event | None = None
@@ -181,6 +183,12 @@ class Request:
     def hang_up(self) -> None:
         """Called by the transport when the caller goes away."""
         self.caller_gone().set()
+
+    def drop_body(self) -> None:
+        """Forget the body and what was parsed from it (the handler is done with them: a
+        stream is being relayed), so a long stream does not keep them."""
+        self.body = b""
+        self._json = _NO_BODY
 
     @property
     def query(self) -> dict[str, str]:

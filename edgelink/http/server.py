@@ -61,11 +61,13 @@ from urllib.parse import unquote
 
 import h11
 
-from ..log import address, log, traceback_text
-from .frames import CLOSE_GOING_AWAY
+from ..account import Account, Share
+from ..log import address, client_log, log, traceback_text
+from .frames import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from .messages import HTTPError, Request, Response, StreamingResponse
 
 if TYPE_CHECKING:
+    from ..overload import OverloadManager
     from .websocket import WebSocket
 
 WsHandler = Callable[["WebSocket"], Awaitable[None]]
@@ -131,23 +133,46 @@ class _Clock:
         return cls.value
 
 
-def raw_error(status: int, code: str, **extra: Any) -> bytes:
+def raw_error(status: int, code: str, headers: bytes = b"", **extra: Any) -> bytes:
     """A complete HTTP/1.1 error response that closes the connection, for answers given
-    when h11's state can no longer be trusted (bad bytes, limits, timeouts)."""
+    when h11's state can no longer be trusted (bad bytes, limits, timeouts). ``headers``:
+    more header lines, each ending in CRLF."""
     body = HTTPError(status, code, **extra).response().body
     return b"".join((
         b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
-        b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+        b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body), headers,
         b"connection: close\r\ndate: ", _Clock.date(), b"\r\n\r\n", body,
     ))
+
+
+RETRY_AFTER = b"retry-after: 1\r\n"
+# Methods whose routes take no body (API.md §1): a body they declare is read and dropped as
+# it arrives, never held, reserved or answered with 100 Continue.
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE"})
+BODIES, REPLIES, STREAMS = "bodies", "replies", "streams"  # the account's pieces held by the transport
+STREAM_SLICE = 64 * 1024  # the most of a stream that waits to be written (API.md §3)
+
+
+class StreamRefused(Exception):
+    """A stream's next slice did not fit in the account: the stream ends there."""
 
 
 class HttpServer:
     """Owns the listening sockets and the set of live connections; knows nothing of routes."""
 
-    def __init__(self, dispatcher: Dispatcher, settings: Any):
+    def __init__(self, dispatcher: Dispatcher, settings: Any, account: Account | None = None):
         self.dispatcher = dispatcher
         self.settings = settings
+        # The one account of bytes held for others (account.py); each connection opens its
+        # share of it. A server on its own (the demo modules, benches) keeps its own.
+        if account is None:
+            account = Account(settings.memory_budget, settings.client_share)
+            account.limit(BODIES, settings.max_bodies)
+        self.account = account
+        # Set by the overload manager (overload.py) while resident memory is over the soft
+        # mark: no new body, stream or WebSocket is accepted. ``overload`` counts what it refuses.
+        self.overloaded = False
+        self.overload: OverloadManager | None = None
         self.connections: set[HttpProtocol] = set()
         self.stopping = False
         self._servers: list[asyncio.AbstractServer] = []
@@ -155,10 +180,6 @@ class HttpServer:
         self._idle.set()
         self._refused_since_log = 0
         self._refusal_logged_at = -1.0
-        # Request body bytes held across all connections, from the first byte read (or the
-        # Content-Length, reserved up front) until the answer is written: with
-        # EDGELINK_MAX_BODIES the bodies of many clients cannot add up past the budget.
-        self.body_bytes = 0
 
     def refuse_connection(self, client: tuple[str, int] | None) -> None:
         """Count a connection refused at the limit; log at most once a second, with the
@@ -218,7 +239,8 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = ("server", "settings", "transport", "conn", "phase", "client", "_timer", "_send_timer",
                  "_request", "_body", "_body_size", "_body_deadline", "_reading", "_read_blockers",
                  "_ws", "_task", "_loop", "_line_checked", "_must_close", "_stall_read", "_eof", "_refusal",
-                 "_streaming", "_drain", "_processing", "_parser_empty", "_reserved")
+                 "_streaming", "_drain", "_processing", "_parser_empty", "_reserved", "_share", "_keep_body",
+                 "_head_lines", "_sent_mark")
 
     def __init__(self, server: HttpServer):
         self.server = server
@@ -247,7 +269,11 @@ class HttpProtocol(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._processing = False  # _process is running: an answer given inside it does not recurse
         self._parser_empty = False  # a fresh parser was fed nothing: asking it would only say NEED_DATA
-        self._reserved = 0  # body bytes this request holds of the server's EDGELINK_MAX_BODIES
+        self._reserved = 0  # body bytes this request holds of the account (piece "bodies")
+        self._share: Share | None = None  # this connection's part of the account, while open
+        self._keep_body = False  # this request's body is held (admitted, authenticated, reserved)
+        self._head_lines = 0  # line ends read since the current head began (field count check)
+        self._sent_mark = 0  # write buffer size when the send timer was armed (progress check)
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -267,6 +293,7 @@ class HttpProtocol(asyncio.Protocol):
             self.phase = Phase.CLOSED
             return
         self.server.connections.add(self)
+        self._share = self.server.account.open()
         # HTTP: "paused" means anything waits in our buffer, the kernel's being full (it is
         # sized by write_buffer_high below); the next pipelined answer waits until ours is
         # empty, so a connection holds at most the one answer that did not fit.
@@ -286,7 +313,9 @@ class HttpProtocol(asyncio.Protocol):
         if self._send_timer is not None:
             self._send_timer.cancel()
         self.server.connections.discard(self)
-        self._release_body()
+        self._reserved = 0
+        if self._share is not None:
+            self._share.close()  # whatever the connection held, at whatever point it was lost
         if self._ws is not None:
             self._ws.connection_lost()
         if self._request is not None:
@@ -304,6 +333,12 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._parser_empty = False
         self.conn.receive_data(data)
+        if self.phase is Phase.IDLE or self.phase is Phase.HEADERS:
+            # A head of many short fields costs h11 far more to parse than its bytes suggest:
+            # count line ends as they come and look closer (rarely) only past the limit.
+            self._head_lines += data.count(b"\n")
+            if self._head_lines > self.settings.max_header_fields + 1 and self._too_many_fields():
+                return
         if self.phase is Phase.HANDLING:
             # Pipelined bytes wait in h11's buffer until this answer is out; read no more
             # meanwhile, so what we hold is one read's worth, whatever the client sends.
@@ -348,15 +383,18 @@ class HttpProtocol(asyncio.Protocol):
         self._block_reading("write")
         if self._ws is not None:
             self._ws.pause_writing()
-        # A client that stops reading for this long is gone as far as we are concerned. Its
+        # A client that reads nothing for this long is gone as far as we are concerned. Its
         # own timer: the phase timer is re-armed as buffered requests are answered.
-        self._send_timer = self._loop.call_later(self.settings.send_timeout, self._on_send_timeout)
+        if self._send_timer is None and self.transport is not None:
+            self._arm_send_timer(self.transport.get_write_buffer_size())
 
     def resume_writing(self) -> None:
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
         self._unblock_reading("write")
+        if self._share is not None:
+            self._share.give(REPLIES, self._share.by_piece.get(REPLIES, 0))  # written out
         if self._ws is not None:
             self._ws.resume_writing()
         elif self.phase is Phase.IDLE:
@@ -374,6 +412,28 @@ class HttpProtocol(asyncio.Protocol):
         is finishing its close handshake."""
         return self.phase in (Phase.HEADERS, Phase.BODY, Phase.HANDLING) or (
             self.phase is Phase.WEBSOCKET and self.server.stopping)
+
+    def held_bytes(self) -> int:
+        """What this connection holds for its client: its share of the account and what
+        waits in its buffers (the overload manager closes the heaviest first)."""
+        held = self._share.held if self._share is not None else 0
+        if self.transport is not None and self.phase is not Phase.CLOSED:
+            held += self.transport.get_write_buffer_size()
+        if self._ws is not None:
+            held += self._ws.waiting_bytes()
+        return held
+
+    def overload_reading(self, on: bool) -> bool:
+        """Stop (or resume) reading for the overload manager; whether it was stopped."""
+        if on:
+            self._unblock_reading("overload")
+            return True
+        if self.phase is Phase.CLOSED or self.phase is Phase.HANDLING:
+            # While an answer is being made, what the client pipelines is held back already;
+            # reading on is what tells us the caller left (a stream is then stopped at once).
+            return False
+        self._block_reading("overload")
+        return True
 
     def begin_shutdown(self) -> None:
         # Idle keep-alive connections stay open while requests elsewhere finish: a request
@@ -437,9 +497,9 @@ class HttpProtocol(asyncio.Protocol):
                 if self._body_size > self.settings.max_body:
                     self._refuse(413, "payload_too_large", "body", detail=f"body exceeds {self.settings.max_body} bytes")
                     return
-                if self._refusal is None:  # a refused request's body is read and dropped
+                if self._keep_body:  # any other body is read and dropped as it arrives
                     if self._body_size > self._reserved and not self._reserve_body(self._body_size):
-                        return  # a chunked body past what all connections may hold
+                        return  # a chunked body past what the account or this share may hold
                     self._body.append(event.data)
                 # Each chunk buys another header timeout, but never past the body deadline:
                 # a body trickled in a byte at a time cannot hold the connection for ever.
@@ -473,6 +533,9 @@ class HttpProtocol(asyncio.Protocol):
         if size > self.settings.max_header:
             self._refuse_headers()
             return False
+        if len(event.headers) > self.settings.max_header_fields:  # those the line count missed
+            self._refuse_fields()
+            return False
         target = event.target.decode("latin-1")
         if not target.startswith("/"):
             target = _origin_form(target)
@@ -480,8 +543,11 @@ class HttpProtocol(asyncio.Protocol):
                                           http_version=_VERSIONS.get(event.http_version) or event.http_version.decode())
         if "%" in request.path:
             request.path = unquote(request.path)
+        request.share = self._share
         self._body = []
         self._body_size = 0
+        self._head_lines = 0
+        self._keep_body = False
         length = headers.get("content-length")
         chunked = "transfer-encoding" in headers
         # Both framings: h11 reads the body as chunked; RFC 9112 §6.1 says close after answering.
@@ -491,7 +557,10 @@ class HttpProtocol(asyncio.Protocol):
             self._refuse(413, "payload_too_large", "body", detail=f"body exceeds {self.settings.max_body} bytes")
             return False
         expects = self.conn.they_are_waiting_for_100_continue
-        if chunked or expects or (length is not None and length != "0"):
+        if (chunked or expects or (length is not None and length != "0")) \
+                and request.method not in _NO_BODY_METHODS:
+            # Only a route that takes a body, with its token accepted, has its body held
+            # (and is told 100 Continue); any other body is read and dropped as it arrives.
             self._refusal = self.server.dispatcher.admit(request)
             if self._refusal is not None and expects:
                 # The client holds its body back: answer, then close, as it may send the
@@ -499,31 +568,36 @@ class HttpProtocol(asyncio.Protocol):
                 self._must_close = True
                 self._answer_refusal(request)
                 return False
-        if self._refusal is None and length is not None and not chunked and not self._reserve_body(int(length)):
-            return False  # decided before reading the body (and before 100 Continue)
-        if expects:
-            self.transport.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            self._keep_body = self._refusal is None and request.admitted is not None
+            if self._keep_body and self.server.overloaded:
+                self._refuse_overloaded("request bodies")
+                return False
+            if self._keep_body and length is not None and not chunked and not self._reserve_body(int(length)):
+                return False  # decided before reading the body (and before 100 Continue)
+            if expects and self._keep_body:
+                self.transport.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         self.phase = Phase.BODY
         self._body_deadline = self._loop.time() + self.settings.body_timeout
         return True
 
     def _reserve_body(self, size: int) -> bool:
-        """Hold ``size`` body bytes for this request (in all, not more) of the server's
-        EDGELINK_MAX_BODIES; past it, answer 503 ``gateway_overloaded`` and close."""
-        more = size - self._reserved
-        server = self.server
-        if server.body_bytes + more > self.settings.max_bodies:
-            self._refuse(503, "gateway_overloaded", "bodies",
-                         detail=f"request bodies in progress would exceed {self.settings.max_bodies} bytes; retry")
+        """Hold ``size`` body bytes for this request (in all, not more) of the account and
+        this connection's share; past either, answer 503 ``gateway_overloaded`` and close
+        (the account counts the refusal under ``bodies``)."""
+        assert self._share is not None
+        if not self._share.take(BODIES, size - self._reserved):
+            self._refuse(503, "gateway_overloaded", headers=RETRY_AFTER,
+                         detail="request bodies in progress would exceed the memory account "
+                                "(EDGELINK_MEMORY_BUDGET, EDGELINK_MAX_BODIES) or this connection's share; retry")
             return False
-        server.body_bytes += more
         self._reserved = size
         return True
 
     def _release_body(self) -> None:
         if self._reserved:
-            self.server.body_bytes -= self._reserved
             self._reserved = 0
+            if self._share is not None:
+                self._share.give(BODIES, self._share.by_piece.get(BODIES, 0))
 
     def _answer_refusal(self, request: Request) -> None:
         refusal, self._refusal = self._refusal, None
@@ -552,7 +626,12 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._task = self._loop.create_task(self._respond(request, outcome))
 
-    async def _respond(self, request: Request, pending: Awaitable[Response]) -> None:
+    async def _respond(self, request: Request, pending: Coroutine[Any, Any, Response]) -> None:
+        if self.phase is Phase.CLOSED:
+            # The caller left before the handler ran (a burst of requests whose callers hung
+            # up at once): none of its work is done for nobody.
+            pending.close()
+            return
         try:
             response = await pending
         except Exception as exc:
@@ -585,7 +664,28 @@ class HttpProtocol(asyncio.Protocol):
         else:
             parts.append(body)
             self.transport.write(b"".join(parts))
+        self._hold_reply()
         self._end_response(keep_alive)
+
+    def _hold_reply(self) -> None:
+        """What the client has not taken yet waits in our buffer: it is the account's
+        (``replies``) until written out (resume_writing gives it back). The reply's bytes
+        may already be reserved (a module's reply, read under the same piece): only what
+        waits beyond that is taken now. Past this share or the account, the connection is
+        dropped, counted: we do not hold it."""
+        share = self._share
+        if share is None or self.transport is None:
+            return
+        buffered = self.transport.get_write_buffer_size()
+        held = share.by_piece.get(REPLIES, 0)
+        if not buffered:
+            if held:
+                share.give(REPLIES, held)
+        elif buffered > held and not share.take(REPLIES, buffered - held):
+            if client_log.allow(address(self.client)) is not None:
+                log.info("connection_dropped", reason="reply over the memory account", client=address(self.client),
+                         buffered=buffered)
+            self.abort()
 
     def _head(self, request: Request, response: Response, framing: bytes) -> tuple[list[bytes], bool] | None:
         """The status line and headers (``framing`` says how the body is delimited), and
@@ -634,16 +734,17 @@ class HttpProtocol(asyncio.Protocol):
                 self.transport.write(b"".join(parts))
                 self._end_response(keep_alive)
                 return
-            if response.body:  # what the handler already has goes out with the head
-                parts.append(b"%x\r\n%s\r\n" % (len(response.body), response.body) if chunked else response.body)
             self.transport.write(b"".join(parts))
             self._streaming = True
+            # The handler has sent the body on: the stream may last long, its body need not.
+            request.drop_body()
+            self._release_body()
             try:
-                await self._drained()
+                first, response.body = response.body, b""
+                await self._send_chunk(first, chunked)
+                del first
                 async for chunk in chunks:
-                    if chunk:
-                        self.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
-                        await self._drained()
+                    await self._send_chunk(chunk, chunked)
             except asyncio.CancelledError:
                 # shutdown grace over (not the caller gone, nor dropped): end it, not cut it
                 if self.phase is not Phase.CLOSED and not self.transport.is_closing():
@@ -666,6 +767,26 @@ class HttpProtocol(asyncio.Protocol):
             self._end_response(keep_alive)
         finally:
             await chunks.aclose()
+
+    async def _send_chunk(self, chunk: bytes, chunked: bool) -> None:
+        """Write a stream's chunk STREAM_SLICE bytes at a time, each taken from the account
+        (piece ``streams``) while it waits and given back once written out: what waits for
+        a slow caller is one slice. Past its share or the account, the stream is ended
+        (truncated: the caller sees it failed) rather than held."""
+        share = self._share
+        view = memoryview(chunk)
+        for start in range(0, len(chunk), STREAM_SLICE):
+            piece = view[start:start + STREAM_SLICE]
+            if share is None or not share.take(STREAMS, len(piece)):
+                raise StreamRefused("the stream's waiting bytes would exceed the memory account or its share")
+            try:
+                if chunked:
+                    self.transport.writelines((b"%x\r\n" % len(piece), piece, b"\r\n"))
+                else:
+                    self.transport.write(piece)
+                await self._drained()
+            finally:
+                share.give(STREAMS, len(piece))
 
     async def _drained(self) -> None:
         """Return once nothing waits in our buffer (writing is not paused): the next chunk
@@ -734,7 +855,8 @@ class HttpProtocol(asyncio.Protocol):
             accept = ws_conn.send(AcceptConnection(extensions=extensions,
                                                    extra_headers=[(b"x-correlation-id", request.correlation_id.encode())]))
         except Exception as exc:  # wsproto refused a handshake we thought valid
-            log.info("websocket_handshake_refused", error=type(exc).__name__, client=address(self.client))
+            if client_log.allow(address(self.client)) is not None:
+                log.info("websocket_handshake_refused", error=type(exc).__name__, client=address(self.client))
             self.transport.write(raw_error(400, "bad_request", detail="invalid WebSocket handshake"))
             self._close()
             return
@@ -753,6 +875,11 @@ class HttpProtocol(asyncio.Protocol):
             set_reading=self._ws_reading,
         )
         self.server.busy_changed()
+        if self.server.overloaded:
+            if self.server.overload is not None:
+                self.server.overload.count("refuse_new_work")
+            self._ws.close(CLOSE_TRY_AGAIN_LATER, "gateway overloaded")
+            return
         if trailing:
             self._ws.feed(trailing)
         self._task = self._loop.create_task(self._run_websocket(outcome, self._ws))
@@ -807,15 +934,45 @@ class HttpProtocol(asyncio.Protocol):
         self._refuse(431, "headers_too_large", "header_block",
                      detail=f"header block exceeds {self.settings.max_header} bytes")
 
-    def _refuse(self, status: int, code: str, budget: str | None = None, **extra: Any) -> None:
+    def _refuse_overloaded(self, what: str) -> None:
+        if self.server.overload is not None:
+            self.server.overload.count("refuse_new_work")
+        self._refuse(503, "gateway_overloaded", headers=RETRY_AFTER,
+                     detail=f"resident memory is over EDGELINK_MEMORY_SOFT: no new {what} for now; retry")
+
+    def _refuse_fields(self) -> None:
+        self._refuse(431, "headers_too_large", "header_fields",
+                     detail=f"more than {self.settings.max_header_fields} header fields")
+
+    def _too_many_fields(self) -> bool:
+        """With the line count past the limit: whether the head being read has more fields
+        than allowed (refused with 431 if so), counted up to its end or the header block
+        limit, before h11 parses a field of it. Pipelined requests behind a head of few
+        fields also push the count up: then it starts again."""
+        pending, _ = self.conn.trailing_data
+        limit = self.settings.max_header
+        end = pending.find(b"\n\r\n", 0, limit)
+        if end == -1:
+            end = pending.find(b"\n\n", 0, limit)
+        lines = pending.count(b"\n", 0, limit if end == -1 else end + 1)
+        if lines > self.settings.max_header_fields + 1:  # the request line, then a field a line
+            self._refuse_fields()
+            return True
+        self._head_lines = 0
+        return False
+
+    def _refuse(self, status: int, code: str, budget: str | None = None, headers: bytes = b"",
+                **extra: Any) -> None:
         """Answer an error the server decides itself and close. Each ends its connection,
-        so a client is logged once per connection, not once per request it sent."""
+        so a client is logged once per connection, not once per request it sent, and
+        client-caused lines are rate-limited (per address and in total)."""
         if budget is not None:
             self.server.dispatcher.refused(budget)
-        log.info("request_refused", status=status, error=code, client=address(self.client),
-                 **({"detail": extra["detail"]} if "detail" in extra else {}))
+        if client_log.allow(address(self.client)) is not None:
+            log.info("request_refused", status=status, error=code, client=address(self.client),
+                     **({"detail": extra["detail"]} if "detail" in extra else {}))
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(raw_error(status, code, **extra))
+            self.transport.write(raw_error(status, code, headers, **extra))
         self._close()
 
     def _on_timeout(self) -> None:
@@ -834,10 +991,21 @@ class HttpProtocol(asyncio.Protocol):
 
     def _on_send_timeout(self) -> None:
         self._send_timer = None
+        buffered = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        if 0 < buffered < self._sent_mark:
+            # The client is reading, only slowly (a large answer): a slow reader is not a
+            # stuck one, whatever the framing. It gets another send timeout from here.
+            self._arm_send_timer(buffered)
+            return
         self.server.dispatcher.refused("write_buffer")
-        log.info("connection_dropped", reason="client not reading", client=address(self.client),
-                 buffered=self.transport.get_write_buffer_size() if self.transport is not None else 0)
+        if client_log.allow(address(self.client)) is not None:
+            log.info("connection_dropped", reason="client not reading", client=address(self.client),
+                     buffered=buffered)
         self.abort()
+
+    def _arm_send_timer(self, buffered: int) -> None:
+        self._sent_mark = buffered
+        self._send_timer = self._loop.call_later(self.settings.send_timeout, self._on_send_timeout)
 
     def _set_timer(self, delay: float, callback: Callable[[], None]) -> None:
         if self._timer is not None:
@@ -883,12 +1051,14 @@ class HttpProtocol(asyncio.Protocol):
         self._timer = self._loop.call_later(self.settings.keepalive_timeout, self._linger_expired)
 
     def _linger_expired(self) -> None:
-        # A client that has not read its answer by now will not: drop what is left of it.
-        if self.transport is not None:
-            if self.transport.get_write_buffer_size():
-                self.transport.abort()
-            else:
-                self.transport.close()
+        if self.transport is None:
+            return
+        if self.transport.get_write_buffer_size():
+            # The answer is still going out: the send timer (running while anything waits)
+            # drops a client that stops reading; one that reads slowly gets all of it.
+            self._timer = self._loop.call_later(self.settings.keepalive_timeout, self._linger_expired)
+        else:
+            self.transport.close()
 
 
 def _unread_bytes(transport: asyncio.Transport) -> int:
