@@ -103,6 +103,7 @@ class DemoModule:
 
     def admit(self, req: Request) -> Response | None:
         if req.method == "GET" and req.path == "/health" or (self.name, req.method, req.path) in (*_ENDPOINTS, _STREAM):
+            req.admitted = (self.name, req.method, req.path)  # the server holds the body of admitted routes only
             return None
         return error_response(404, "not_found", module=self.name)
 

@@ -82,7 +82,8 @@ class Dispatcher(Protocol):
     def websocket(self, request: Request) -> Response | WsHandler: ...
 
     def admit(self, request: Request) -> Response | None:
-        """Before its body is read: a Response refuses the request, None lets it in."""
+        """Before its body is read: a Response refuses the request, None lets it in; the
+        body is held only if ``request.admitted`` is then set (a route that takes one)."""
 
     def refused(self, budget: str) -> None:
         """Count one refusal by a transport budget (``request_line``, ``connections``, ...)."""
