@@ -35,14 +35,14 @@ from typing import Any
 
 from . import __version__
 from .api.chat import MAX_MESSAGE as MAX_CHAT_MESSAGE
-from .api.events import RECENT_IN_SNAPSHOT
+from .api.events import RECENT_IN_SNAPSHOT, SNAPSHOT_TYPES
 from .api.health import MAX_HISTORY
+from .config import KNOB
 from .gateway.auth import MAX_CORRELATION_ID
 from .gateway.events import MAX_NAME_LENGTH
 from .gateway.events import SCHEMAS as EVENT_SCHEMAS
 from .gateway.events import Schema as EventSchema
 from .gateway.observe import MAX_NODES
-from .config import KNOB
 from .http.router import Route, Router
 
 OPENAPI_VERSION = "3.1.0"
@@ -351,7 +351,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "modules": _map(ref("RecordedModuleHealth"),
                         "Per module, its last recorded probe at or before `timestamp`."),
         "events": _object({
-            "counts_by_type": _map(_COUNT, "Stored events per type at or before `timestamp`."),
+            "counts_by_type": _map(_COUNT, "Stored events per type at or before `timestamp`: the "
+                                           f"{SNAPSHOT_TYPES} types with most events at most."),
+            "other_types": {**_COUNT, "description": "Stored events of the types not listed in "
+                                                     "`counts_by_type`."},
             "recent": {"type": "array", "maxItems": RECENT_IN_SNAPSHOT, "items": ref("StoredEvent"),
                        "description": "Newest first."},
         }),

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import heapq
 import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from ..gateway.events import Event, InvalidEnvelope, SchemaRejected, parse_ingest
+from ..http.messages import (
+    HTTPError,
+    Request,
+    Response,
+    json_response,
+    validation_error,
+)
 from ..ledger import LedgerFull, LedgerUnavailable
-from ..http.messages import HTTPError, Request, Response, json_response, validation_error
 
 if TYPE_CHECKING:
     from ..http.websocket import WebSocket
@@ -20,7 +25,7 @@ RECENT_IN_SNAPSHOT = 20
 MAX_SNAPSHOT_T = 2**53  # the largest ``t`` a snapshot takes (a JSON-safe integer)
 SNAPSHOT_MAX_BYTES = 256 * 1024  # API.md §5: the whole answer
 SNAPSHOT_FIELD_BYTES = 8192  # a longer payload (or metadata) of a recent event is summarised
-SNAPSHOT_TYPES = 200  # with more types than this, counts_by_type lists those with most events
+SNAPSHOT_TYPES = 256  # API.md §5: counts_by_type lists at most the types with most events
 
 
 def now_ms() -> int:
@@ -92,22 +97,24 @@ async def snapshot(req: Request) -> Response:
     at = t or now_ms()
     ledger = rt.ledger
     modules = await ledger.health_at(at)
-    counts = await ledger.counts_by_type(at)
-    if len(counts) > SNAPSHOT_TYPES:
-        counts = dict(heapq.nlargest(SNAPSHOT_TYPES, counts.items(), key=lambda item: item[1]))
+    counts, other = await ledger.top_types(at, SNAPSHOT_TYPES)
     recent = [{k: v for k, v in e.frame().items() if k != "channel"}
               for e in await ledger.recent(at, RECENT_IN_SNAPSHOT, SNAPSHOT_FIELD_BYTES)]
-    answer = {"timestamp": at, "modules": modules, "events": {"counts_by_type": counts, "recent": recent}}
+    events = {"counts_by_type": counts, "other_types": other, "recent": recent}
+    answer = {"timestamp": at, "modules": modules, "events": events}
     body = orjson.dumps(answer)
     if len(body) > SNAPSHOT_MAX_BYTES:
-        _summarise_largest(recent, len(body) - SNAPSHOT_MAX_BYTES)
+        excess = _summarise_largest(recent, len(body) - SNAPSHOT_MAX_BYTES)
+        if excess > 0:  # 256 type names of up to 1 KiB of UTF-8 each can fill it alone
+            events["other_types"] += _drop_rarest(counts, excess + 24)  # other_types' digits may grow
         body = orjson.dumps(answer)
     return Response(200, body)
 
 
-def _summarise_largest(recent: list[dict[str, Any]], excess: int) -> None:
+def _summarise_largest(recent: list[dict[str, Any]], excess: int) -> int:
     """Replace the largest payloads and metadata of ``recent`` by their summary until
-    about ``excess`` bytes are saved: twenty fields under 8 KiB each can still add up."""
+    ``excess`` bytes are saved: twenty fields under 8 KiB each can still add up. Returns
+    the bytes still to save (<= 0 when done)."""
     fields = sorted(((len(orjson.dumps(item[key])), i, key) for i, item in enumerate(recent)
                      for key in ("payload", "metadata") if item[key] is not None), reverse=True)
     for size, i, key in fields:
@@ -116,3 +123,17 @@ def _summarise_largest(recent: list[dict[str, Any]], excess: int) -> None:
         summary = {"truncated": True, "bytes": size}
         recent[i][key] = summary
         excess -= size - len(orjson.dumps(summary))
+    return excess
+
+
+def _drop_rarest(counts: dict[str, int], excess: int) -> int:
+    """Remove the types with fewest events from ``counts`` until ``excess`` bytes of JSON
+    are saved; returns how many events they had (for ``other_types``)."""
+    dropped = 0
+    for type_, n in sorted(counts.items(), key=lambda item: item[1]):
+        if excess <= 0:
+            break
+        del counts[type_]
+        dropped += n
+        excess -= len(orjson.dumps({type_: n})) - 1  # the entry and its comma
+    return dropped
