@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import zlib
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -28,6 +29,8 @@ from wsproto.events import (
     Pong,
     TextMessage,
 )
+from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from .frames import (
@@ -230,7 +233,9 @@ class WebSocket:
 
     def _on_event(self, event: Any) -> None:
         if isinstance(event, (TextMessage, BytesMessage)):
-            self._size += len(event.data)
+            data = event.data
+            # bytes, not characters: 64 Ki emoji are 256 KiB
+            self._size += len(data) if isinstance(data, bytes) or data.isascii() else len(data.encode())
             if self._size > self._max_message:
                 self._parts.clear()
                 self._size = 0
@@ -324,6 +329,48 @@ class WebSocket:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class BoundedDeflate(PerMessageDeflate):
+    """permessage-deflate whose inflation stops at ``limit`` bytes per message, while it
+    inflates (API.md §6): wsproto's own inflates each read whole, so 200 KB of zeros
+    became 200 MiB before anyone could look at its size. Past the limit the connection is
+    closed with 1009 and the rest of the input is never inflated."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self._limit = limit
+        self._inflated = 0  # bytes of the current message so far
+
+    def _inflate(self, data: bytes) -> bytes | CloseReason:
+        assert self._decompressor is not None
+        room = self._limit - self._inflated
+        try:
+            out = self._decompressor.decompress(data, room + 1)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        self._inflated += len(out)
+        if self._inflated > self._limit or self._decompressor.unconsumed_tail:
+            self._decompressor = None  # its window and state go now, not with the connection
+            return CloseReason.MESSAGE_TOO_BIG
+        return out
+
+    def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
+        if not self._inbound_compressed or not self._inbound_is_compressible:
+            return data
+        return self._inflate(bytes(data))
+
+    def frame_inbound_complete(self, proto: Any, fin: bool) -> bytes | CloseReason | None:
+        if not (fin and self._inbound_is_compressible and self._inbound_compressed):
+            return super().frame_inbound_complete(proto, fin)  # nothing inflated here
+        tail = self._inflate(b"\x00\x00\xff\xff")  # the end of the message's deflate block
+        if isinstance(tail, CloseReason):
+            return tail
+        self._inflated = 0
+        if self.client_no_context_takeover:
+            self._decompressor = None
+        self._inbound_compressed = None
+        return tail
 
 
 def server_connection() -> WSConnection:
