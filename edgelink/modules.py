@@ -44,12 +44,11 @@ from typing import Any, AsyncGenerator, Callable
 import orjson
 
 from .config import ModuleConfig, Settings
-from .http.messages import outside_strings
-from .log import log
-from .upstream import Stream, UpstreamClient, UpstreamError
 from .gateway.breaker import Breaker
 from .gateway.health import HealthCheck
-
+from .jsonbounds import outside_strings
+from .log import log
+from .upstream import Stream, UpstreamClient, UpstreamError
 
 GATEWAY_OVERLOADED = "gateway_overloaded"
 

@@ -8,9 +8,16 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from ..gateway.events import SCHEMAS, InvalidEnvelope, SchemaRejected, build_event, normalize_client_event
+from ..gateway.events import (
+    SCHEMAS,
+    InvalidEnvelope,
+    SchemaRejected,
+    build_event,
+    normalize_client_event,
+)
 from ..http.frames import CLOSE_INTERNAL_ERROR
-from ..http.messages import InvalidJSON, parse_json, validation_error
+from ..http.messages import validation_error
+from ..jsonbounds import CostlyJSON, InvalidJSON, parse_json
 from ..ledger import LedgerFull, LedgerUnavailable
 from ..log import log, traceback_text
 from .events import accept, now_ms
@@ -94,6 +101,9 @@ async def websocket(ws: WebSocket) -> None:
                 data = parse_json(raw)
             except InvalidJSON:  # too deep included; the frame's shape is fixed by API.md §6
                 ws.send(_control("error", error="invalid_json"))
+                continue
+            except CostlyJSON as exc:  # refused before it was decoded, as a body would be
+                ws.send(_control("error", error="payload_too_large", detail=f"frame refused: {exc}"))
                 continue
             ws.send(raw)  # the echo
             incoming = normalize_client_event(data, source)

@@ -1,0 +1,154 @@
+"""The bounds on what JSON from others costs to decode (API.md §1), in one place for the
+transport, the handlers and the module calls.
+
+- Depth: more than ``MAX_JSON_DEPTH`` levels is refused (orjson itself accepts ~1024 but
+  refuses to encode past 255, so a deeper document would fail later, after it was stored
+  or sent on).
+- Decoded cost: a document whose structure would cost more than ``MAX_DECODE_RATIO`` times
+  its size once decoded (1 MiB of ``[[],[],...]`` is ~22 MiB of Python lists, of
+  ``[{"a":0},...]`` ~24 MiB) is refused before it is decoded. ``decode_cost`` estimates
+  it from a byte scan, never from the decoded value.
+
+The cost model (CPython 3.10-3.13, 64-bit, GC headers included; measured with
+tracemalloc against orjson.loads, see docs/json-bounds.md): a list 56 bytes, a dict 64
+empty and 184 with up to 5 entries, each further entry 40 (the table's growth averaged),
+8 bytes a slot per element, a string 56 beyond its text (24 for an object key: orjson
+shares repeated short keys; "" nothing, it is a singleton), a number of 3 characters or more 32 (shorter ones are
+CPython's cached small integers), ``true``/``false``/``null`` nothing. The text of
+strings counts at its UTF-8 size, which no str exceeds. It overestimates by up to ~1.5x on
+ordinary documents and never underestimated by more than a quarter on the shapes tried.
+"""
+
+from __future__ import annotations
+
+from array import array
+from functools import cache
+from itertools import accumulate
+from typing import Any
+
+import orjson
+
+MAX_JSON_DEPTH = 64  # API.md §1
+MAX_DECODE_RATIO = 8  # API.md §1: decoded cost over size
+# Decoded cost always allowed: below it the ratio says nothing about memory ({"a":{}} is
+# 8 bytes of text and ~250 decoded).
+DECODE_FLOOR = 64 * 1024
+
+# translate() table: openers +1, closers -1 (signed bytes)
+_BRACKET_SIGNS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+# bytes of text scanned at a time by outside_strings: its pieces (one object per string,
+# ~34 bytes each for the shortest) are bounded by this, not by the document's size
+_SCAN_WINDOW = 64 * 1024
+
+# the cost model (see the module docstring)
+LIST, EMPTY_DICT, SMALL_DICT, SMALL_DICT_ENTRIES, ENTRY, SLOT, STRING, KEY, NUMBER = 56, 64, 184, 5, 40, 8, 56, 24, 32
+_STRUCTURE = b"[]{},:-.0123456789"
+_NUMBERS = bytes.maketrans(b"-.0123456789", b"d" * 12)  # a number's characters, all alike
+# Most any one byte of text can cost decoded ("{}," is 3 bytes for 184 + 8): a document this
+# short is within the floor whatever it holds.
+_MAX_PER_BYTE = 64
+_ALWAYS_CHEAP = DECODE_FLOOR // _MAX_PER_BYTE
+
+
+class InvalidJSON(ValueError):
+    """A document refused by ``parse_json``; the message says why, after "body is"."""
+
+
+class CostlyJSON(ValueError):
+    """A document whose decoded cost is over its bound; the message says why."""
+
+
+def outside_strings(raw: bytes | bytearray, keep: bytes) -> bytes:
+    """The bytes of ``keep`` in the JSON text ``raw`` that are not inside strings."""
+    return _scan(raw, keep)[0]
+
+
+def _scan(raw: bytes | bytearray, keep: bytes) -> tuple[bytes, int, int]:
+    """``outside_strings``, the number of (unescaped) quotes and of empty strings, in
+    C-speed passes over windows of the text: escaped quotes removed (``\\\\`` first, as a
+    left-to-right read pairs them), then only ``keep`` and quotes kept, and the pieces
+    between quotes (strings) dropped. A window never ends inside an escape, and whether it
+    ends inside a string carries over to the next."""
+    drop = _dropping(keep)
+    view = memoryview(raw)
+    out: list[bytes] = []
+    inside = False
+    quotes = empty = 0
+    start = 0
+    while start < len(raw):
+        end = min(start + _SCAN_WINDOW, len(raw))
+        while end < len(raw) and raw[end - 1] == 0x5C:  # a backslash: take what it escapes too
+            end += 1
+        window = bytes(view[start:end])
+        if b"\\" in window:
+            window = window.replace(b"\\\\", b"").replace(b'\\"', b"")
+        empty += window.count(b'""')  # a quote cannot follow a string's closing quote
+        pieces = window.translate(None, drop).split(b'"')
+        out.append(b"".join(pieces[1::2] if inside else pieces[::2]))
+        quotes += len(pieces) - 1
+        inside ^= len(pieces) % 2 == 0  # an odd number of quotes in the window
+        start = end
+    return b"".join(out), quotes, empty
+
+
+@cache
+def _dropping(keep: bytes) -> bytes:
+    """A ``translate`` deletion table for every byte but ``keep`` and the quote."""
+    return bytes(b for b in range(256) if b not in keep + b'"')
+
+
+def json_depth(raw: bytes | bytearray) -> int:
+    """How deep ``raw`` nests: the running sum of its brackets outside strings."""
+    return max(accumulate(array("b", outside_strings(raw, b"[{]}").translate(_BRACKET_SIGNS))), default=0)
+
+
+def decode_cost(raw: bytes | bytearray) -> int:
+    """Bytes ``orjson.loads(raw)`` would allocate, estimated from one scan of the text."""
+    text, quotes, empty = _scan(raw, _STRUCTURE)
+    text = text.translate(_NUMBERS)
+    dicts, empty_dicts, colons = text.count(b"{"), text.count(b"{}"), text.count(b":")
+    small_dicts = dicts - empty_dicts
+    lists, commas = text.count(b"["), text.count(b",")
+    numbers = text.count(b",ddd") + text.count(b":ddd") + text.count(b"[ddd") + text.startswith(b"ddd")
+    return (len(raw) - len(text)  # the strings' text (and whitespace, and literals)
+            + LIST * lists + EMPTY_DICT * empty_dicts + SMALL_DICT * small_dicts
+            + ENTRY * max(0, colons - SMALL_DICT_ENTRIES * small_dicts)
+            + SLOT * (commas + lists) + STRING * max(0, quotes // 2 - empty - colons) + KEY * colons
+            + NUMBER * numbers)
+
+
+def _cost_bound(raw: bytes | bytearray) -> int:
+    """An upper bound of ``decode_cost`` from a few ``count`` calls (brackets, commas and
+    quotes inside strings counted too), to skip the scan for most documents."""
+    count = raw.count
+    return (len(raw) + (LIST + SLOT + NUMBER) * count(b"[") + SMALL_DICT * count(b"{")
+            + (ENTRY + KEY + NUMBER) * count(b":") + (SLOT + NUMBER) * count(b",") + STRING * count(b'"') // 2)
+
+
+def cost_problem(raw: bytes | bytearray, ratio: int = MAX_DECODE_RATIO, floor: int = DECODE_FLOOR) -> str:
+    """Why decoding ``raw`` would cost too much (more than ``ratio`` times its size and
+    than ``floor``), or ``""``."""
+    allowed = max(ratio * len(raw), floor)
+    if len(raw) <= _ALWAYS_CHEAP or _cost_bound(raw) <= allowed:
+        return ""
+    cost = decode_cost(raw)
+    if cost <= allowed:
+        return ""
+    return (f"{len(raw)} bytes of JSON would cost about {cost} bytes once decoded, more than {ratio} times "
+            "their size: too many containers, strings or numbers for the size")
+
+
+def parse_json(raw: bytes | bytearray) -> Any:
+    """``orjson.loads`` for anything a client sends: ``InvalidJSON`` for text that is not
+    JSON or nests deeper than ``MAX_JSON_DEPTH``, ``CostlyJSON`` for a document that would
+    cost more than ``MAX_DECODE_RATIO`` times its size decoded. A short document (most)
+    costs a few ``count`` calls."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
+        raise InvalidJSON(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    problem = cost_problem(raw)
+    if problem:
+        raise CostlyJSON(problem)
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"not valid JSON: {exc}") from None
