@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import io
 import time
 from contextlib import aclosing
 from typing import Any, AsyncGenerator
@@ -10,11 +11,19 @@ from typing import Any, AsyncGenerator
 import orjson
 
 from ..config import Intent
-from ..modules import GATEWAY_OVERLOADED
 from ..gateway.fields import field_problems
-from ..http.messages import HTTPError, Request, Response, empty_response, json_response, validation_error
+from ..gateway.sessions import Message, SessionsOverloaded, char_cost
+from ..http.messages import (
+    HTTPError,
+    Request,
+    Response,
+    StreamingResponse,
+    empty_response,
+    json_response,
+    validation_error,
+)
 from ..log import log
-from ..modules import ModuleError
+from ..modules import GATEWAY_OVERLOADED, ModuleError
 from . import streams
 from .modules import call
 
@@ -25,6 +34,14 @@ _CHAT_FIELDS = {"message": (str, True), "session_id": (str, False), "user_id": (
 # A line of the module's event stream (or of its plain text) held while incomplete.
 MAX_STREAM_LINE = 64 * 1024
 _TEXT_KEYS = ("response", "message", "text", "content")
+# A session view whose texts and metadata may take more than this is streamed, in pieces
+# of VIEW_PIECE characters of text.
+STREAMED_VIEW = 256 * 1024
+VIEW_PIECE = 16 * 1024
+# A streamed chat keeps at most this fraction of EDGELINK_UPSTREAM_MAX_REPLY (in bytes) of
+# its reply for the session and the done event: three chats streaming at once each hold it
+# about twice (as it grows, then as one str).
+KEPT_REPLY_SHARE = 4
 
 
 def _reply_text(data: Any) -> str | None:
@@ -39,7 +56,6 @@ def _reply_text(data: Any) -> str | None:
 
 async def _ask(req: Request, route: Intent, body: dict[str, Any]) -> tuple[str, str] | str:
     """(text, model) from one route, or the error code if it failed in any way (logged)."""
-    rt = req.runtime
     try:
         reply = await call(req, route, body)
     except ModuleError as exc:
@@ -71,8 +87,11 @@ async def chat(req: Request) -> Response:
     if problems:
         raise validation_error(*problems)
     sessions = rt.sessions
-    session_id = sessions.open(body.get("session_id"), body.get("user_id"))
-    sessions.append(session_id, "user", message, metadata=body.get("metadata"))
+    try:
+        session_id = sessions.open(body.get("session_id"), body.get("user_id"))
+        sessions.append(session_id, "user", message, metadata=body.get("metadata"))
+    except SessionsOverloaded as exc:
+        raise HTTPError(503, GATEWAY_OVERLOADED, [(b"retry-after", b"1")], detail=str(exc)) from None
     outgoing = {
         "message": message, "session_id": session_id, "user_id": body.get("user_id"),
         "context_summary": sessions.context_summary(session_id), "metadata": body.get("metadata"),
@@ -97,8 +116,7 @@ async def chat(req: Request) -> Response:
         raise HTTPError(503, "chat_unavailable", session_id=session_id,
                         detail="neither the chat route nor its fallback answered")
     text, model = answer
-    sessions.append(session_id, "assistant", text,
-                    metadata={"provider": answered_by.module, "model": model})
+    _record_reply(req, session_id, text, {"provider": answered_by.module, "model": model})
     return json_response({
         "session_id": session_id, "response": text, "model_used": model, "provider": answered_by.module,
         "latency_ms": round((time.perf_counter() - started) * 1000, 3), "correlation_id": req.correlation_id,
@@ -106,7 +124,7 @@ async def chat(req: Request) -> Response:
     })
 
 
-async def _chat_stream(req: Request, chat_route: RouteConfig | None, session_id: str, outgoing: dict[str, Any],
+async def _chat_stream(req: Request, chat_route: Intent | None, session_id: str, outgoing: dict[str, Any],
                        started: float) -> Response:
     """``"stream": true``: SSE meta, delta..., done | error from the ``stream`` route; the
     chat's fallback answers (as one delta) if the stream fails before its first text."""
@@ -124,7 +142,7 @@ async def _chat_stream(req: Request, chat_route: RouteConfig | None, session_id:
         raise HTTPError(503, "chat_unavailable", session_id=session_id,
                         detail="neither the stream route nor the chat fallback answered")
     text, model = answer
-    rt.sessions.append(session_id, "assistant", text, metadata={"provider": fallback.module, "model": model})
+    _record_reply(req, session_id, text, {"provider": fallback.module, "model": model})
     meta = {"session_id": session_id, "correlation_id": req.correlation_id, "provider": fallback.module}
     done = {"response": text, "model_used": model, "provider": fallback.module,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3), "degraded": True}
@@ -132,13 +150,18 @@ async def _chat_stream(req: Request, chat_route: RouteConfig | None, session_id:
                                    streams.sse("done", done))), list(streams.NO_BUFFERING), streams.SSE_TYPE)
 
 
-async def _streamed_reply(req: Request, route: RouteConfig, session_id: str, outgoing: dict[str, Any],
+async def _streamed_reply(req: Request, route: Intent, session_id: str, outgoing: dict[str, Any],
                           started: float) -> AsyncGenerator[bytes, None]:
     """The SSE answer relayed from ``route``. Until its first text, a failure is raised
     (for the fallback); after it, the stream ends with an ``error`` event."""
     rt = req.runtime
-    parts: list[str] = []
-    kept = 0  # characters of the reply kept for the session, bounded like a buffered reply
+    # The reply kept for the session and the done event, in bytes as one str will occupy
+    # them (chars x char_cost), at most KEPT_REPLY_SHARE of the reply limit and what a
+    # session takes: a StringIO, not a list of deltas (a one-character delta is a 50-byte
+    # object). The rest is relayed, not kept.
+    kept = io.StringIO()
+    chars, per_char, cut = 0, 1, False
+    room = min(rt.settings.upstream_max_reply // KEPT_REPLY_SHARE, rt.sessions.max_text)
     stream = await rt.modules.stream(route.module, route.method, route.endpoint, json=outgoing,
                                      timeout=route.timeout, idle=rt.settings.stream_idle,
                                      correlation_id=req.correlation_id)
@@ -152,32 +175,53 @@ async def _streamed_reply(req: Request, route: RouteConfig, session_id: str, out
                 if not texts:
                     continue
                 out = []
-                if not parts:
+                if not (chars or cut):
                     out.append(streams.sse("meta", {"session_id": session_id, "correlation_id": req.correlation_id,
                                                     "provider": route.module}))
                 for text in texts:
-                    if kept < rt.settings.upstream_max_reply:
-                        parts.append(text)
-                        kept += len(text)
+                    if not cut:
+                        per_char = max(per_char, char_cost(text))
+                        part = text[:max(0, room // per_char - chars)]
+                        kept.write(part)
+                        chars += len(part)
+                        cut = len(part) < len(text)
                     out.append(streams.sse("delta", {"text": text}))
                 yield b"".join(out)
-        if not parts:
+        if not (chars or cut):
             raise ModuleError("upstream_unavailable", route.module, f"{route.module} streamed no text")
     except ModuleError as exc:
-        if not parts:
+        if not (chars or cut):
             raise
         log.warning("chat_stream_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
-        rt.sessions.append(session_id, "assistant", "".join(parts),
-                           metadata={"provider": route.module, "model": deltas.model or route.module,
-                                     "incomplete": True})
+        _record_reply(req, session_id, kept.getvalue(),
+                      {"provider": route.module, "model": deltas.model or route.module, "incomplete": True})
         yield streams.sse("error", {"error": "chat_unavailable"})
         return
     finally:
         stream.close()
-    text, model = "".join(parts), deltas.model or route.module
-    rt.sessions.append(session_id, "assistant", text, metadata={"provider": route.module, "model": model})
-    yield streams.sse("done", {"response": text, "model_used": model, "provider": route.module,
-                               "latency_ms": round((time.perf_counter() - started) * 1000, 3), "degraded": False})
+    text, model = kept.getvalue(), deltas.model or route.module
+    kept.close()
+    recorded = {"provider": route.module, "model": model}
+    done = {"model_used": model, "provider": route.module,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3), "degraded": False}
+    if cut:  # the text kept is the start of what was relayed
+        recorded["truncated"] = done["truncated"] = True
+    _record_reply(req, session_id, text, recorded)
+    # the response a piece at a time: one event of megabytes is not copied whole, thrice
+    yield b'event: done\ndata: {"response":"'
+    for start in range(0, len(text), VIEW_PIECE):
+        yield orjson.dumps(text[start:start + VIEW_PIECE])[1:-1]
+    yield b'",' + orjson.dumps(done)[1:] + b"\n\n"
+
+
+def _record_reply(req: Request, session_id: str, text: str, metadata: dict[str, Any]) -> None:
+    """Record the assistant's reply; one the memory account has no room for is answered
+    anyway, and logged."""
+    try:
+        req.runtime.sessions.append(session_id, "assistant", text, metadata=metadata)
+    except SessionsOverloaded as exc:
+        log.warning("session_reply_not_recorded", session_id=session_id, error=str(exc),
+                    correlation_id=req.correlation_id)
 
 
 class _TextDeltas:
@@ -226,10 +270,34 @@ class _TextDeltas:
 
 
 async def session(req: Request) -> Response:
-    view = req.runtime.sessions.view(req.params["session_id"])
+    sessions = req.runtime.sessions
+    view = sessions.view(req.params["session_id"])
     if view is None:
         raise HTTPError(404, "session_not_found", session_id=req.params["session_id"])
-    return json_response(view)
+    if sessions.size_of(view["session_id"]) <= STREAMED_VIEW:
+        return json_response(view)
+    # A large session is written a piece at a time as the caller reads it: building the
+    # answer whole would hold another copy of the session for every reader (three readers
+    # of a 16 MB session: +48 MB).
+    del view["messages"]
+    head = orjson.dumps(view)[:-1] + b',"messages":['
+    return StreamingResponse(200, head, [], chunks=_messages_json(sessions.messages(view["session_id"])))
+
+
+async def _messages_json(messages: list[Message]) -> AsyncGenerator[bytes, None]:
+    """The JSON of ``messages`` and the end of the view, in pieces of at most
+    ``VIEW_PIECE`` characters of text or bytes of stored metadata."""
+    for i, m in enumerate(messages):
+        yield b'%s{"role":%s,"timestamp":%d,"metadata":' % (b"," if i else b"", orjson.dumps(m.role), m.timestamp)
+        metadata = memoryview(m.metadata or b"null")
+        for start in range(0, len(metadata), VIEW_PIECE):
+            yield bytes(metadata[start:start + VIEW_PIECE])
+        yield b',"content":"'
+        content = m.content
+        for start in range(0, len(content), VIEW_PIECE):
+            yield orjson.dumps(content[start:start + VIEW_PIECE])[1:-1]  # an escape never spans a cut
+        yield b'"}'
+    yield b"]}"
 
 
 async def delete_session(req: Request) -> Response:

@@ -547,7 +547,9 @@ class HttpProtocol(asyncio.Protocol):
         except Exception as exc:
             self._dispatch_failed(request, exc)
             return
-        if isinstance(outcome, Response):
+        if isinstance(outcome, StreamingResponse):  # a handler that streams without waiting first
+            self._task = self._loop.create_task(self._write_stream(request, outcome))
+        elif isinstance(outcome, Response):
             self._write_response(request, outcome)
         else:
             self._task = self._loop.create_task(self._respond(request, outcome))
