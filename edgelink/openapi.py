@@ -421,7 +421,9 @@ CONNECTION_CASES = (
     error(408, "request_timeout", "the header block or the body did not arrive within the header "
                                    f"timeout ({KNOB['header_timeout'].quote()}).", correlated=False),
     error(413, "payload_too_large", f"the body is over the limit ({KNOB['max_body'].quote()}), decided "
-                                     "from Content-Length before reading it, or while reading a chunked body.",
+                                     "from Content-Length before reading it, or while reading a chunked body; "
+                                     "or a JSON body whose structure would cost more than 8 times its size to "
+                                     "decode (such as `[[],[],...]`), refused before decoding, the detail says so.",
            correlated=False),
     error(431, "headers_too_large", f"the header block is over the limit ({KNOB['max_header'].quote()}).",
            correlated=False),

@@ -313,19 +313,23 @@ def test_a_deleted_database_is_noticed_at_the_next_start(tmp_path):
         third.stop()
 
 
-def test_snapshot_of_200000_made_up_types_costs_o_types_and_lists_the_256_most_frequent(gateway_factory):
-    # 200,000 distinct types, as clients may choose them: written straight into the ledger
-    # file (through its own triggers) while the gateway is stopped, as ingesting them one
-    # by one over HTTP would take minutes here
-    gw = gateway_factory()
-    gw.stop()
+def add_made_up_types(db: Path, count: int) -> None:
+    """``count`` events of as many distinct types, an hour old, written into a stopped
+    gateway's ledger through its own triggers (ingesting them over HTTP takes minutes)."""
     now = int(time.time() * 1000)
-    with sqlite3.connect(gw.db) as conn:
+    with sqlite3.connect(db) as conn:
         conn.executemany(
             "INSERT INTO events (event_id, type, source, timestamp, payload, metadata, canonical, broadcast)"
             " VALUES (?, ?, 's', ?, '{}', NULL, 0, 0)",
-            ((f"id{i}", f"made.up.type.{i:06}.{'x' * 40}", now - 3_600_000 + i) for i in range(200_000)))
+            ((f"id{i}", f"made.up.type.{i:06}.{'x' * 40}", now - 3_600_000 + i) for i in range(count)))
     conn.close()
+
+
+def test_snapshot_of_200000_made_up_types_costs_o_types_and_lists_the_256_most_frequent(gateway_factory):
+    # 200,000 distinct types, as clients may choose them
+    gw = gateway_factory()
+    gw.stop()
+    add_made_up_types(gw.db, 200_000)
     gw = gateway_factory({"EDGELINK_DB": str(gw.db)})
     for i in range(300):  # a few frequent ones, over HTTP
         assert gw.post("/events/ingest", {"source": "s", "type": f"frequent.{i % 3}", "payload": {}}).status == 201
