@@ -131,6 +131,7 @@ class Dispatcher:
 
     def _finish(self, req: Request, response: Response, started: float, origin: str | None,
                 preflight: bool) -> Response:
+        req.release()  # the handler is done with the decoded body
         settings = self.runtime.settings
         response.headers.append((b"x-correlation-id", req.correlation_id.encode()))
         if settings.cors_origins and not preflight:  # a preflight answer carries its own

@@ -24,9 +24,12 @@ from __future__ import annotations
 from array import array
 from functools import cache
 from itertools import accumulate
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from .account import Share
 
 MAX_JSON_DEPTH = 64  # API.md §1
 MAX_DECODE_RATIO = 8  # API.md §1: decoded cost over size
@@ -44,10 +47,7 @@ _SCAN_WINDOW = 64 * 1024
 LIST, EMPTY_DICT, SMALL_DICT, SMALL_DICT_ENTRIES, ENTRY, SLOT, STRING, KEY, NUMBER = 56, 64, 184, 5, 40, 8, 56, 24, 32
 _STRUCTURE = b"[]{},:-.0123456789"
 _NUMBERS = bytes.maketrans(b"-.0123456789", b"d" * 12)  # a number's characters, all alike
-# Most any one byte of text can cost decoded ("{}," is 3 bytes for 184 + 8): a document this
-# short is within the floor whatever it holds.
-_MAX_PER_BYTE = 64
-_ALWAYS_CHEAP = DECODE_FLOOR // _MAX_PER_BYTE
+DECODED = "json_decoded"  # the memory account's name for decoded JSON
 
 
 class InvalidJSON(ValueError):
@@ -56,6 +56,10 @@ class InvalidJSON(ValueError):
 
 class CostlyJSON(ValueError):
     """A document whose decoded cost is over its bound; the message says why."""
+
+
+class DecodeRefused(Exception):
+    """The memory account has no room for what a document costs decoded."""
 
 
 def outside_strings(raw: bytes | bytearray, keep: bytes) -> bytes:
@@ -125,30 +129,38 @@ def _cost_bound(raw: bytes | bytearray) -> int:
             + (ENTRY + KEY + NUMBER) * count(b":") + (SLOT + NUMBER) * count(b",") + STRING * count(b'"') // 2)
 
 
-def cost_problem(raw: bytes | bytearray, ratio: int = MAX_DECODE_RATIO, floor: int = DECODE_FLOOR) -> str:
-    """Why decoding ``raw`` would cost too much (more than ``ratio`` times its size and
-    than ``floor``), or ``""``."""
+def checked_cost(raw: bytes | bytearray, ratio: int = MAX_DECODE_RATIO, floor: int = DECODE_FLOOR) -> int:
+    """What decoding ``raw`` costs, estimated (from a few ``count`` calls when their upper
+    bound is within the limit, else from ``decode_cost``); ``CostlyJSON`` when it is more
+    than ``ratio`` times its size and than ``floor``."""
     allowed = max(ratio * len(raw), floor)
-    if len(raw) <= _ALWAYS_CHEAP or _cost_bound(raw) <= allowed:
-        return ""
-    cost = decode_cost(raw)
-    if cost <= allowed:
-        return ""
-    return (f"{len(raw)} bytes of JSON would cost about {cost} bytes once decoded, more than {ratio} times "
-            "their size: too many containers, strings or numbers for the size")
+    cost = _cost_bound(raw)
+    if cost <= allowed or (cost := decode_cost(raw)) <= allowed:
+        return cost
+    raise CostlyJSON(f"{len(raw)} bytes of JSON would cost about {cost} bytes once decoded, more than {ratio} "
+                     "times their size: too many containers, strings or numbers for the size")
+
+
+def decode(raw: bytes | bytearray, share: Share | None = None) -> tuple[Any, int]:
+    """``orjson.loads`` for anything a client sends, and the bytes its value is estimated
+    to cost: ``InvalidJSON`` for text that is not JSON or nests deeper than
+    ``MAX_JSON_DEPTH``, ``CostlyJSON`` for a document that would cost more than
+    ``MAX_DECODE_RATIO`` times its size decoded. With a ``share`` of the memory account,
+    those bytes are taken from it first (``DecodeRefused`` if it has no room); the caller
+    gives them back (``share.give(DECODED, cost)``) once it drops the value."""
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
+        raise InvalidJSON(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    cost = checked_cost(raw)
+    if share is not None and not share.take(DECODED, cost):
+        raise DecodeRefused(f"no room in the memory account for the {cost} bytes this JSON costs decoded")
+    try:
+        return orjson.loads(raw), cost
+    except orjson.JSONDecodeError as exc:
+        if share is not None:
+            share.give(DECODED, cost)
+        raise InvalidJSON(f"not valid JSON: {exc}") from None
 
 
 def parse_json(raw: bytes | bytearray) -> Any:
-    """``orjson.loads`` for anything a client sends: ``InvalidJSON`` for text that is not
-    JSON or nests deeper than ``MAX_JSON_DEPTH``, ``CostlyJSON`` for a document that would
-    cost more than ``MAX_DECODE_RATIO`` times its size decoded. A short document (most)
-    costs a few ``count`` calls."""
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
-        raise InvalidJSON(f"nested deeper than {MAX_JSON_DEPTH} levels")
-    problem = cost_problem(raw)
-    if problem:
-        raise CostlyJSON(problem)
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidJSON(f"not valid JSON: {exc}") from None
+    """``decode`` without an account: the value only."""
+    return decode(raw)[0]

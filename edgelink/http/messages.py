@@ -14,9 +14,10 @@ from urllib.parse import parse_qsl
 
 import orjson
 
-from ..jsonbounds import CostlyJSON, InvalidJSON, parse_json
+from ..jsonbounds import DECODED, CostlyJSON, DecodeRefused, InvalidJSON, decode
 
 if TYPE_CHECKING:  # for the annotation only: the transport does not use the runtime
+    from ..account import Share
     from ..runtime import Runtime
 
 JSON_TYPE = b"application/json"
@@ -86,7 +87,7 @@ class Request:
 
     __slots__ = ("method", "target", "path", "query_string", "headers", "body", "client",
                  "http_version", "params", "route", "admitted", "correlation_id", "runtime", "_query", "_json",
-                 "_gone")
+                 "_gone", "share", "_decoded")
 
     def __init__(self, method: str, target: str, headers: dict[str, str], body: bytes = b"",
                  client: tuple[str, int] | None = None, http_version: str = "1.1"):
@@ -106,6 +107,10 @@ class Request:
         self._query: dict[str, str] | None = None
         self._json: Any = _NO_BODY
         self._gone: asyncio.Event | None = None
+        # The caller's part of the memory account, if the transport gives one: the decoded
+        # body is taken from it (API.md §1) and given back by ``release``.
+        self.share: Share | None = None
+        self._decoded = 0
 
     def caller_gone(self) -> asyncio.Event:
         """Set once the caller has closed or dropped its connection (for a handler that
@@ -130,17 +135,27 @@ class Request:
 
     def json(self) -> Any:
         """The body as JSON, or 400 ``invalid_json``, or 413 ``payload_too_large`` for a body
-        that would cost too much decoded (``jsonbounds``)."""
+        that would cost too much decoded (``jsonbounds``), or 503 ``gateway_overloaded`` when
+        the caller's share of the memory account has no room for it."""
         if self._json is _NO_BODY:
             if not self.body.strip():
                 raise HTTPError(400, "invalid_json", detail="request body is empty; a JSON document is required")
             try:
-                self._json = parse_json(self.body)
+                self._json, self._decoded = decode(self.body, self.share)
             except InvalidJSON as exc:
                 raise HTTPError(400, "invalid_json", detail=f"body is {exc}") from None
             except CostlyJSON as exc:  # refused before it was decoded
                 raise HTTPError(413, "payload_too_large", detail=f"body refused: {exc}") from None
+            except DecodeRefused as exc:
+                raise HTTPError(503, "gateway_overloaded", [(b"retry-after", b"1")], detail=str(exc)) from None
         return self._json
+
+    def release(self) -> None:
+        """Give back to the account what the decoded body was counted for (the handler is
+        done with it); idempotent."""
+        if self.share is not None and self._decoded:
+            self.share.give(DECODED, self._decoded)
+        self._decoded = 0
 
     def json_object(self) -> dict[str, Any]:
         """The body as a JSON object, or 422 naming the body."""

@@ -44,6 +44,7 @@ from .frames import (
 )
 
 if TYPE_CHECKING:
+    from ..account import Share
     from .messages import Request
 
 # Messages buffered from a client before we stop reading its socket until the handler
@@ -53,6 +54,7 @@ _CLOSE_WAIT = 5.0  # seconds to wait for the client's close frame before droppin
 # The transport's own buffer before it pauses: what waits beyond it is in the send queue,
 # counted against the client's byte bound, so this one is kept small.
 _TRANSPORT_HIGH = 64 * 1024
+INBOUND = "ws_inbound"  # the memory account's name for messages received and not yet handled
 
 
 class WebSocket:
@@ -60,9 +62,13 @@ class WebSocket:
 
     def __init__(self, transport: asyncio.Transport, conn: WSConnection, request: "Request",
                  *, max_message: int, queue_limit: int, queue_bytes: int, ping_interval: float,
-                 compressed: bool, set_reading: Callable[[bool], None]):
+                 compressed: bool, set_reading: Callable[[bool], None], share: Share | None = None):
         self.request = request
         self.close_code: int | None = None
+        # The connection's part of the memory account (API.md §1): what it sends us is
+        # taken from it as it arrives (inflated) and given back once the handler has it.
+        self.share = share
+        self._inbound_held = 0
         self._transport = transport
         # also the most this turn's frames may hold before they are handed over
         self._high = min(transport.get_write_buffer_limits()[1], _TRANSPORT_HIGH)
@@ -83,7 +89,7 @@ class WebSocket:
         self.queued_bytes = 0  # bytes in _out
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None  # a writable() waiter
-        self._in: deque[str | bytes] = deque()
+        self._in: deque[tuple[str | bytes, int]] = deque()  # a message and its bytes
         self._waiter: asyncio.Future[None] | None = None
         self._parts: list[Any] = []
         self._size = 0
@@ -163,7 +169,8 @@ class WebSocket:
                 await self._waiter
             finally:
                 self._waiter = None
-        message = self._in.popleft()
+        message, size = self._in.popleft()
+        self._give_inbound(size)
         if len(self._in) == _INBOUND_HIGH // 2:
             self._set_reading(True)
         return message
@@ -226,28 +233,49 @@ class WebSocket:
         self._clear_out()
         self._pending.clear()
         self._pending_bytes = 0
+        self._in.clear()
+        self._parts.clear()
+        self._give_inbound(self._inbound_held)
         self._cancel_timer()
         self._wake()
 
     # --- internals --------------------------------------------------------------------
 
+    def _take_inbound(self, n: int) -> bool:
+        if self.share is not None:
+            if not self.share.take(INBOUND, n):
+                return False
+            self._inbound_held += n
+        return True
+
+    def _give_inbound(self, n: int) -> None:
+        if self.share is not None and n > 0:
+            self.share.give(INBOUND, n)
+            self._inbound_held -= n
+
     def _on_event(self, event: Any) -> None:
         if isinstance(event, (TextMessage, BytesMessage)):
             data = event.data
             # bytes, not characters: 64 Ki emoji are 256 KiB
-            self._size += len(data) if isinstance(data, bytes) or data.isascii() else len(data.encode())
-            if self._size > self._max_message:
+            size = len(data) if isinstance(data, bytes) or data.isascii() else len(data.encode())
+            self._size += size
+            if self._size > self._max_message or not self._take_inbound(size):
+                self._give_inbound(self._size - size)  # the parts dropped
+                too_big = self._size > self._max_message
                 self._parts.clear()
                 self._size = 0
-                self.close(CLOSE_TOO_BIG, "message too big")
+                self.close(*((CLOSE_TOO_BIG, "message too big") if too_big else
+                             (CLOSE_TRY_AGAIN_LATER, "gateway overloaded")))
                 return
             self._parts.append(event.data)
             if event.message_finished:
                 message: str | bytes = ("" if isinstance(event, TextMessage) else b"").join(self._parts)
                 self._parts.clear()
-                self._size = 0
-                if not self._closing:
-                    self._in.append(message)
+                size, self._size = self._size, 0
+                if self._closing:
+                    self._give_inbound(size)
+                else:
+                    self._in.append((message, size))
                     if len(self._in) >= _INBOUND_HIGH:
                         self._set_reading(False)
                     self._wake()
