@@ -56,6 +56,8 @@ def test_client_json_too_costly_to_decode_is_refused_413_before_decoding(gateway
         assert (status, body["error"]) == (413, "payload_too_large"), body
         assert "once decoded" in body["detail"], body
     check_budget(gw, f"8 clients posting 1 MiB of {shape.__name__}")
+    metrics = gw.get("/metrics", token=False).body.decode()
+    assert 'edgelink_budget_refusals_total{budget="json_cost"} 24' in metrics
     assert gw.get("/vx11/context-7/sessions").json()["total"] == 0  # refused before anything was kept
     # the same structure, small, is fine: only the cost decides
     small = gw.post("/events/ingest", {"source": "s", "type": "custom.small", "payload": {"x": shape(1500)}})
@@ -74,6 +76,7 @@ def test_a_websocket_frame_too_costly_to_decode_gets_an_error_frame(gateway) -> 
     assert refused["type"] == "error" and refused["error"] == "payload_too_large", refused
     assert "once decoded" in refused["detail"]
     assert echo == {"still": "connected"}
+    assert 'edgelink_budget_refusals_total{budget="json_cost"} 1' in gateway.get("/metrics").body.decode()
 
 
 def log_rows(n: int) -> dict:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from ..dispatch import JSON_COST
 from ..gateway.events import (
     SCHEMAS,
     InvalidEnvelope,
@@ -108,6 +109,7 @@ async def websocket(ws: WebSocket) -> None:
                 ws.send(_control("error", error="invalid_json"))
                 continue
             except CostlyJSON as exc:  # refused before it was decoded, as a body would be
+                rt.metrics.budget_refusals.inc(JSON_COST)
                 ws.send(_control("error", error="payload_too_large", detail=f"frame refused: {exc}"))
                 continue
             except DecodeRefused:  # API.md §1: the account is exhausted
