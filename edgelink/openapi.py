@@ -245,7 +245,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
          "data": {"type": "string", "contentMediaType": JSON, "description": (
              "JSON: `meta` {session_id, correlation_id, provider}, then `delta` {text} as the `stream` route "
              "produces text, then `done` {response, model_used, provider, latency_ms, degraded} or `error` "
-             "{error: \"chat_unavailable\"}.")}},
+             "{error: \"chat_unavailable\"}. A reply longer than a quarter of EDGELINK_UPSTREAM_MAX_REPLY (in "
+             "bytes) is relayed whole, but `done` carries its start as `response` with `truncated: true`.")}},
         description="One server-sent event of a streamed chat."),
     "StreamedEvent": {"type": "object", "description": (
         "One event of the module's stream, relayed as it arrives. A module silent for EDGELINK_STREAM_IDLE after "
