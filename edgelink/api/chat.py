@@ -6,7 +6,7 @@ import codecs
 import io
 import time
 from contextlib import aclosing
-from typing import Any, AsyncGenerator
+from typing import TYPE_CHECKING, Any, AsyncGenerator
 
 import orjson
 
@@ -27,6 +27,9 @@ from ..modules import GATEWAY_OVERLOADED, ModuleError
 from . import streams
 from .modules import call
 
+if TYPE_CHECKING:
+    from ..account import Share
+
 MAX_MESSAGE = 32_768
 MAX_ID = 256  # session_id and user_id (API.md §4): both are stored with the session
 _CHAT_FIELDS = {"message": (str, True), "session_id": (str, False), "user_id": (str, False),
@@ -38,6 +41,7 @@ _TEXT_KEYS = ("response", "message", "text", "content")
 # of VIEW_PIECE characters of text.
 STREAMED_VIEW = 256 * 1024
 VIEW_PIECE = 16 * 1024
+VIEW_PIECE_NAME = "session_view"  # the memory account's name for session views being sent
 # A streamed chat keeps at most this fraction of EDGELINK_UPSTREAM_MAX_REPLY (in bytes) of
 # its reply for the session and the done event: three chats streaming at once each hold it
 # about twice (as it grows, then as one str).
@@ -274,19 +278,37 @@ async def session(req: Request) -> Response:
     view = sessions.view(req.params["session_id"])
     if view is None:
         raise HTTPError(404, "session_not_found", session_id=req.params["session_id"])
-    if sessions.size_of(view["session_id"]) <= STREAMED_VIEW:
+    size = sessions.size_of(view["session_id"])
+    if size <= STREAMED_VIEW:
         return json_response(view)
     # A large session is written a piece at a time as the caller reads it: building the
     # answer whole would hold another copy of the session for every reader (three readers
-    # of a 16 MB session: +48 MB).
+    # of a 16 MB session: +48 MB). What the reader keeps alive (messages the store may drop
+    # meanwhile) is counted in its share of the memory account until it has them all.
+    share = req.share if req.method != "HEAD" else None  # a HEAD sends none of it
+    if share is not None and not share.take(VIEW_PIECE_NAME, size):
+        raise HTTPError(503, GATEWAY_OVERLOADED, [(b"retry-after", b"1")],
+                        detail="no room in the memory account to send this session")
     del view["messages"]
     head = orjson.dumps(view)[:-1] + b',"messages":['
-    return StreamingResponse(200, head, [], chunks=_messages_json(sessions.messages(view["session_id"])))
+    return StreamingResponse(200, head, [],
+                             chunks=_messages_json(sessions.messages(view["session_id"]), share, size))
 
 
-async def _messages_json(messages: list[Message]) -> AsyncGenerator[bytes, None]:
+async def _messages_json(messages: list[Message], share: Share | None, held: int) -> AsyncGenerator[bytes, None]:
     """The JSON of ``messages`` and the end of the view, in pieces of at most
-    ``VIEW_PIECE`` characters of text or bytes of stored metadata."""
+    ``VIEW_PIECE`` characters of text or bytes of stored metadata; ``held`` bytes are
+    given back to ``share`` at the end (a stream never started is given back with the
+    connection's share)."""
+    try:
+        async for piece in _message_pieces(messages):
+            yield piece
+    finally:
+        if share is not None:
+            share.give(VIEW_PIECE_NAME, held)
+
+
+async def _message_pieces(messages: list[Message]) -> AsyncGenerator[bytes, None]:
     for i, m in enumerate(messages):
         yield b'%s{"role":%s,"timestamp":%d,"metadata":' % (b"," if i else b"", orjson.dumps(m.role), m.timestamp)
         metadata = memoryview(m.metadata or b"null")
