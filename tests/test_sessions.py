@@ -194,6 +194,12 @@ def test_a_session_alone_over_budget_keeps_its_newest_messages():
     kept = contents(store, sid)
     assert kept[-1] == "y" * len(kept[-1]) and 1000 < len(kept[-1]) < 10_000
     assert store.bytes_used <= 5000
+    # and metadata that alone would pass it is summarised
+    store.append(sid, "user", "z", metadata={"blob": "m" * 10_000})
+    view = orjson.loads(orjson.dumps(store.view(sid)))
+    assert view["messages"][-1] == {**view["messages"][-1], "content": "z",
+                                    "metadata": {"truncated": True, "bytes": 10011}}
+    assert store.bytes_used <= 5000
 
 
 @pytest.mark.parametrize("char", ["y", "\u00e9", "\u4e2d", "\N{GRINNING FACE}"])  # 1 to 4 bytes in UTF-8

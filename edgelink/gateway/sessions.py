@@ -32,8 +32,9 @@ mutating its dict later cannot rewrite history. The overheads were measured with
 ``bench/session_memory.py`` (CPython 3.11, 64-bit). A text counts the bytes it occupies,
 never its characters: the str object (1, 2 or 4 bytes a character, by its widest one) or
 its UTF-8 length, whichever is larger (``text_cost``). A message is never larger than the
-bound: a text that alone would pass it is cut to fit (``max_text``), so the newest message
-kept does not carry the store past it. The view splices the stored metadata into the answer
+bound: a text that alone would pass it is cut to fit (``max_text``), and metadata over half
+of that is kept as ``{"truncated": true, "bytes": n}``, so the newest message kept does
+not carry the store past it. The view splices the stored metadata into the answer
 as it is (``orjson.Fragment``), never decoding it, so a read costs about what is stored.
 
 With a ``share`` of the memory account (API.md §1), the store also asks the account before
@@ -224,18 +225,21 @@ class SessionStore:
         ``metadata`` must be JSON-serialisable (orjson). Returns False and records nothing
         when the session is unknown, expired or evicted: a reply that outlived its session
         is dropped rather than starting a session that holds an answer without its question.
-        A text longer than ``max_text`` is cut to fit. ``SessionsOverloaded`` when the
-        memory account has no room for it.
+        A text longer than ``max_text`` is cut to fit, metadata over half of it summarised.
+        ``SessionsOverloaded`` when the memory account has no room for it.
         """
         now = self._now()
         session = self._live(session_id, now)
         if session is None:
             return False
+        stored = None if metadata is None else orjson.dumps(metadata)
+        if stored is not None and len(stored) > self.max_text // 2:  # its text must fit beside it
+            stored = orjson.dumps({"truncated": True, "bytes": len(stored)})
         message = Message(
             role,
-            fit_text(content, self.max_text),
+            fit_text(content, self.max_text - (0 if stored is None else sys.getsizeof(stored))),
             _ms(now) if timestamp is None else timestamp,
-            None if metadata is None else orjson.dumps(metadata),
+            stored,
         )
         cost = _cost(message)
         if cost + session.size > self._max_bytes:  # room within the bound first: older messages go
