@@ -786,7 +786,7 @@ class Ledger:
                            f" WHERE bucket {'>=' if head else '>'} :bucket")
             rows = conn.execute(
                 f"WITH parts(type, n) AS ({minutes} UNION ALL {partial}),"
-                " totals(type, n) AS MATERIALIZED (SELECT type, sum(n) FROM parts GROUP BY type HAVING sum(n) > 0)"
+                " totals(type, n) AS (SELECT type, sum(n) FROM parts GROUP BY type HAVING sum(n) > 0)"
                 " SELECT type, n, (SELECT sum(n) FROM totals) FROM totals ORDER BY n DESC, type LIMIT :limit",
                 {"bucket": bucket, "start": start, "at": at_ms, "end": end, "limit": limit}).fetchall()
             top = {type_: n for type_, n, _ in rows}
