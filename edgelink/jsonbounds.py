@@ -9,14 +9,15 @@ transport, the handlers and the module calls.
   ``[{"a":0},...]`` ~24 MiB) is refused before it is decoded. ``decode_cost`` estimates
   it from a byte scan, never from the decoded value.
 
-The cost model (CPython 3.10-3.13, 64-bit, GC headers included; measured with
-tracemalloc against orjson.loads, see docs/json-bounds.md): a list 56 bytes, a dict 64
-empty and 184 with up to 5 entries, each further entry 40 (the table's growth averaged),
-8 bytes a slot per element, a string 56 beyond its text (24 for an object key: orjson
-shares repeated short keys; "" nothing, it is a singleton), a number of 3 characters or more 32 (shorter ones are
-CPython's cached small integers), ``true``/``false``/``null`` nothing. The text of
-strings counts at its UTF-8 size, which no str exceeds. It overestimates by up to ~1.5x on
-ordinary documents and never underestimated by more than a quarter on the shapes tried.
+The cost model (64-bit CPython, GC headers included; measured with tracemalloc against
+orjson.loads on CPython 3.11, see docs/decoded-memory.md): a list 56 bytes, a dict 64
+empty and 184 with up to 5 entries, each further entry 40 (the table's growth averaged), 8
+bytes a slot per element, a string 56 beyond its text (24 for an object key: orjson shares
+repeated short keys; nothing for "", a singleton), a number of 3 characters or more 32
+(shorter ones are CPython's cached small integers), ``true``/``false``/``null`` their slot
+only. A string's text counts as its bytes in the document, which no str exceeds (escapes
+only make the document longer). On the shapes in tests/test_jsonbounds.py it is never under
+0.75x of what is allocated, and over it by up to ~1.5x on ordinary documents.
 """
 
 from __future__ import annotations
