@@ -15,9 +15,11 @@ empty and 184 with up to 5 entries, each further entry 40 (the table's growth av
 bytes a slot per element, a string 56 beyond its text (24 for an object key: orjson shares
 repeated short keys; nothing for "", a singleton), a number of 3 characters or more 32
 (shorter ones are CPython's cached small integers), ``true``/``false``/``null`` their slot
-only. A string's text counts as its bytes in the document, which no str exceeds (escapes
-only make the document longer). On the shapes in tests/test_jsonbounds.py it is never under
-0.75x of what is allocated, and over it by up to ~1.5x on ordinary documents.
+only. A string's text counts as its bytes in the document, what a str of it takes unless
+one wide character widens the whole string (then up to 4 bytes for each ASCII one: short
+strings mixing ASCII and emoji can cost ~10x their text while counted ~7x; the model does
+not look for them). On the shapes in tests/test_jsonbounds.py it is never under 0.75x of
+what is allocated, and over it by up to ~1.5x on ordinary documents.
 """
 
 from __future__ import annotations
