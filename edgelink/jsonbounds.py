@@ -51,6 +51,10 @@ LIST, EMPTY_DICT, SMALL_DICT, SMALL_DICT_ENTRIES, ENTRY, SLOT, STRING, KEY, NUMB
 _STRUCTURE = b"[]{},:-.0123456789"
 _NUMBERS = bytes.maketrans(b"-.0123456789", b"d" * 12)  # a number's characters, all alike
 DECODED = "json_decoded"  # the memory account's name for decoded JSON
+# The most one byte of JSON costs decoded: 32 for "{}" or "[]" alone, less in any longer
+# document (tests/test_jsonbounds.py), so a document this many times shorter than the
+# floor is within it.
+MAX_PER_BYTE = 64
 
 
 class InvalidJSON(ValueError):
@@ -133,9 +137,11 @@ def _cost_bound(raw: bytes | bytearray) -> int:
 
 
 def checked_cost(raw: bytes | bytearray, ratio: int = MAX_DECODE_RATIO, floor: int = DECODE_FLOOR) -> int:
-    """What decoding ``raw`` costs, estimated (from a few ``count`` calls when their upper
-    bound is within the limit, else from ``decode_cost``); ``CostlyJSON`` when it is more
-    than ``ratio`` times its size and than ``floor``."""
+    """What decoding ``raw`` costs, estimated (an upper bound from its length or a few
+    ``count`` calls when that is within the limit, else ``decode_cost``); ``CostlyJSON``
+    when it is more than ``ratio`` times its size and than ``floor``."""
+    if len(raw) * MAX_PER_BYTE <= floor:  # most documents: within the floor whatever they hold
+        return len(raw) * MAX_PER_BYTE
     allowed = max(ratio * len(raw), floor)
     cost = _cost_bound(raw)
     if cost <= allowed or (cost := decode_cost(raw)) <= allowed:

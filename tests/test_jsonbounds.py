@@ -12,6 +12,7 @@ import pytest
 
 from edgelink.jsonbounds import (
     DECODE_FLOOR,
+    MAX_PER_BYTE,
     CostlyJSON,
     InvalidJSON,
     checked_cost,
@@ -81,7 +82,7 @@ def test_refused_over_8_times_the_size_and_only_then(name):
 
 def test_a_short_document_is_never_refused_for_its_cost():
     raw = b"[" + b"{}," * 340 + b"{}]"  # ~1 KiB of the costliest shape: ~25 KiB decoded
-    assert decode_cost(raw) <= checked_cost(raw) < DECODE_FLOOR
+    assert decode_cost(raw) <= checked_cost(raw) <= DECODE_FLOOR
     assert parse_json(raw) == [{}] * 341
 
 
@@ -94,3 +95,9 @@ def test_brackets_and_quotes_inside_strings_are_not_structure():
 def test_too_deep_is_invalid_json_before_the_cost_is_asked():
     with pytest.raises(InvalidJSON, match="nested deeper than 64"):
         parse_json(b"[" * 65 + b"]" * 65)
+
+
+@pytest.mark.parametrize("raw", [b"{}", b"[]", b"[{}]", b'{"a":{}}', b"[[[[]]]]", b"[" + b"{}," * 300 + b"{}]",
+                                 b'[{"a":0},{"b":1}]', b'["",""]', b"[1000,1001]"])
+def test_no_byte_of_a_short_document_costs_more_than_max_per_byte(raw):
+    assert allocated(raw) <= MAX_PER_BYTE * len(raw) == checked_cost(raw)
