@@ -76,8 +76,9 @@ def test_a_large_session_view_is_counted_until_it_is_sent(tmp_path):
 
     runtime = Runtime(Settings(token="secret", db=str(tmp_path / "t.db")))
     sid = runtime.sessions.open("big")
+    text = '"\\\n\N{GRINNING FACE}\u00e9x' * 10_000  # escapes and wide characters across the pieces' cuts
     for _ in range(3):
-        runtime.sessions.append(sid, "user", "x" * 30_000, metadata={"rows": list(range(20_000))})
+        runtime.sessions.append(sid, "user", text, metadata={"rows": list(range(20_000))})
     account = Account(10 * 1024 * 1024, 0.25)
     share = account.open()
 
@@ -93,6 +94,7 @@ def test_a_large_session_view_is_counted_until_it_is_sent(tmp_path):
 
     view = orjson.loads(asyncio.run(read()))
     assert view["message_count"] == 3 and view["messages"][2]["metadata"] == {"rows": list(range(20_000))}
+    assert [m["content"] for m in view["messages"]] == [text] * 3
     assert share.held == 0
     crowded = account.open(limited=False)
     assert crowded.take("body", account.free - 1000)
