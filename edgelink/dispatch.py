@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 _METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 # Refusals a client causes at will, logged at warning even without the access log (API.md §7).
+JSON_COST = "json_cost"  # the refusals of JSON too costly to decode, in edgelink_budget_refusals_total
 _LOGGED_REFUSALS = frozenset({"auth_required", "forbidden", "invalid_json"})
 
 AUTH_STATUS = {"auth_required": 401, "forbidden": 403}
@@ -68,6 +69,8 @@ class Dispatcher:
 
     def _refusal(self, req: Request, exc: HTTPError) -> Response:
         exc.extra.setdefault("correlation_id", req.correlation_id)
+        if exc.status == 413:  # from a handler: a body too costly to decode (jsonbounds)
+            self.runtime.metrics.budget_refusals.inc(JSON_COST)
         if exc.code in _LOGGED_REFUSALS:
             client = address(req.client)
             suppressed = self.refusals.allow(client)
@@ -133,6 +136,7 @@ class Dispatcher:
 
     def _finish(self, req: Request, response: Response, started: float, origin: str | None,
                 preflight: bool) -> Response:
+        req.release()  # the handler is done with the decoded body
         settings = self.runtime.settings
         response.headers.append((b"x-correlation-id", req.correlation_id.encode()))
         if settings.cors_origins and not preflight:  # a preflight answer carries its own

@@ -750,41 +750,45 @@ class Ledger:
         return await self._read(query)
 
     async def counts_by_type(self, at_ms: int) -> dict[str, int]:
-        """How many stored events of each type have ``timestamp <= at_ms``.
+        """How many stored events of each type have ``timestamp <= at_ms``, every type."""
+        return (await self.top_types(at_ms, -1))[0]
+
+    async def top_types(self, at_ms: int, limit: int) -> tuple[dict[str, int], int]:
+        """The ``limit`` types (-1: all) with the most stored events of ``timestamp <= at_ms``,
+        and how many events the other types have.
 
         Read from the per-minute counts, never from all the events: the minutes before
         ``at_ms``'s own minute (summed directly, or as the totals minus the later minutes,
         whichever side has fewer), corrected by the events of its own minute on the nearer
-        side of ``at_ms``, counted from the timestamp index."""
+        side of ``at_ms``, counted from the timestamp index. The sums and the ranking are
+        SQLite's (its sorter spills to disk past its cache), so only ``limit`` rows reach
+        Python however many types clients made up (API.md §5)."""
         bucket = at_ms // BUCKET_MS
         start, end = bucket * BUCKET_MS, (bucket + 1) * BUCKET_MS
         # counts(t) = C(minutes < b) + events in [start, t] = C(minutes <= b) - events in (t, end)
         head = at_ms - start < end - at_ms
-        partial = ("SELECT type, count(*) FROM events WHERE timestamp >= ? AND timestamp <= ? GROUP BY type",
-                   (start, at_ms)) if head else (
-                   "SELECT type, count(*) FROM events WHERE timestamp > ? AND timestamp < ? GROUP BY type",
-                   (at_ms, end))
+        partial = ("SELECT type, 1 FROM events WHERE timestamp >= :start AND timestamp <= :at" if head else
+                   "SELECT type, -1 FROM events WHERE timestamp > :at AND timestamp < :end")
 
-        def query(conn: sqlite3.Connection) -> dict[str, int]:
+        def query(conn: sqlite3.Connection) -> tuple[dict[str, int], int]:
             # two lone aggregates: SQLite answers each from the index's ends, where
             # min() and max() together would scan the whole table
             first, last = conn.execute("SELECT (SELECT min(bucket) FROM event_counts),"
                                        " (SELECT max(bucket) FROM event_counts)").fetchone()
             if first is None:
-                return {}
+                return {}, 0
             if bucket - first <= last - bucket:
-                counts = dict(conn.execute(
-                    f"SELECT type, sum(n) FROM event_counts WHERE bucket {'<' if head else '<='} ? GROUP BY type",
-                    (bucket,)))
+                minutes = f"SELECT type, n FROM event_counts WHERE bucket {'<' if head else '<='} :bucket"
             else:
-                counts = dict(conn.execute("SELECT type, n FROM event_type_counts"))
-                for type_, n in conn.execute(
-                        f"SELECT type, sum(n) FROM event_counts WHERE bucket {'>=' if head else '>'} ? GROUP BY type",
-                        (bucket,)):
-                    counts[type_] -= n
-            for type_, n in conn.execute(*partial):
-                counts[type_] = counts.get(type_, 0) + (n if head else -n)
-            return {type_: n for type_, n in counts.items() if n > 0}
+                minutes = ("SELECT type, n FROM event_type_counts UNION ALL SELECT type, -n FROM event_counts"
+                           f" WHERE bucket {'>=' if head else '>'} :bucket")
+            rows = conn.execute(
+                f"WITH parts(type, n) AS ({minutes} UNION ALL {partial}),"
+                " totals(type, n) AS (SELECT type, sum(n) FROM parts GROUP BY type HAVING sum(n) > 0)"
+                " SELECT type, n, (SELECT sum(n) FROM totals) FROM totals ORDER BY n DESC, type LIMIT :limit",
+                {"bucket": bucket, "start": start, "at": at_ms, "end": end, "limit": limit}).fetchall()
+            top = {type_: n for type_, n, _ in rows}
+            return top, (rows[0][2] - sum(top.values()) if rows else 0)
         return await self._read(query)
 
     async def recent(self, at_ms: int, limit: int, max_field_bytes: int | None = None) -> list[Event]:

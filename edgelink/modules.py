@@ -48,7 +48,7 @@ from .account import Share
 from .config import ModuleConfig, Settings
 from .gateway.breaker import Breaker
 from .gateway.health import HealthCheck, module_fields
-from .http.messages import outside_strings
+from .jsonbounds import outside_strings
 from .log import log
 from .upstream import Stream, UpstreamClient, UpstreamError
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from . import __version__
 from .api.chat import MAX_MESSAGE as MAX_CHAT_MESSAGE
-from .api.events import RECENT_IN_SNAPSHOT, TIMELINE_MAX
+from .api.events import RECENT_IN_SNAPSHOT, SNAPSHOT_TYPES, TIMELINE_MAX
 from .api.health import MAX_HISTORY
 from .config import KNOB
 from .gateway.auth import MAX_CORRELATION_ID
@@ -254,7 +254,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
          "data": {"type": "string", "contentMediaType": JSON, "description": (
              "JSON: `meta` {session_id, correlation_id, provider}, then `delta` {text} as the `stream` route "
              "produces text, then `done` {response, model_used, provider, latency_ms, degraded} or `error` "
-             "{error: \"chat_unavailable\"}.")}},
+             "{error: \"chat_unavailable\"}. A reply longer than a quarter of EDGELINK_UPSTREAM_MAX_REPLY (in "
+             "bytes) is relayed whole, but `done` carries its start as `response` with `truncated: true`.")}},
         description="One server-sent event of a streamed chat."),
     "StreamedEvent": {"type": "object", "description": (
         "One event of the module's stream, relayed as it arrives. A module silent for EDGELINK_STREAM_IDLE after "
@@ -370,7 +371,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "modules": _map(ref("RecordedModuleHealth"),
                         "Per module, its last recorded probe at or before `timestamp`."),
         "events": _object({
-            "counts_by_type": _map(_COUNT, "Stored events per type at or before `timestamp`."),
+            "counts_by_type": _map(_COUNT, "Stored events per type at or before `timestamp`: the "
+                                           f"{SNAPSHOT_TYPES} types with most events at most."),
+            "other_types": {**_COUNT, "description": "Stored events of the types not listed in "
+                                                     "`counts_by_type`."},
             "recent": {"type": "array", "maxItems": RECENT_IN_SNAPSHOT, "items": ref("StoredEvent"),
                        "description": "Newest first."},
         }),
@@ -451,7 +455,9 @@ CONNECTION_CASES = (
     error(408, "request_timeout", "the header block or the body did not arrive within the header "
                                    f"timeout ({KNOB['header_timeout'].quote()}).", correlated=False),
     error(413, "payload_too_large", f"the body is over the limit ({KNOB['max_body'].quote()}), decided "
-                                     "from Content-Length before reading it, or while reading a chunked body.",
+                                     "from Content-Length before reading it, or while reading a chunked body; "
+                                     "or a JSON body whose structure would cost more than 8 times its size to "
+                                     "decode (such as `[[],[],...]`), refused before decoding, the detail says so.",
            correlated=False),
     error(431, "headers_too_large", f"the header block is over the limit ({KNOB['max_header'].quote()}), "
                                      f"or has more fields than allowed ({KNOB['max_header_fields'].quote()}).",

@@ -12,15 +12,15 @@ import asyncio
 import os
 import re
 import shutil
-import subprocess
 import sqlite3
+import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
 import pytest
 import websockets
-
 from conftest import EDGELINK, TOKEN, Gateway, assert_error, log_records, start_gateway
 
 MIB = 1024 * 1024
@@ -152,7 +152,8 @@ def test_snapshot_stays_under_256_kib_with_many_types_and_fields_just_under_8_ki
     reply = gw.get("/operator/snapshot")
     assert reply.status == 200 and len(reply.body) <= 256 * 1024, len(reply.body)
     events = reply.json()["events"]
-    assert len(events["counts_by_type"]) == 200 and events["counts_by_type"]["big"] == 20
+    assert len(events["counts_by_type"]) == 256 and events["counts_by_type"]["big"] == 20
+    assert events["other_types"] == 300 + 20 - sum(events["counts_by_type"].values())
     recent = events["recent"]
     assert len(recent) == 20
     assert any(e["payload"] == payload for e in recent)  # only as many summarised as needed
@@ -310,3 +311,54 @@ def test_a_deleted_database_is_noticed_at_the_next_start(tmp_path):
         assert not [r for r in log_records(third.log_path) if r["event"] == "ledger_epoch_changed"]
     finally:
         third.stop()
+
+
+def add_made_up_types(db: Path, count: int) -> None:
+    """``count`` events of as many distinct types, an hour old, written into a stopped
+    gateway's ledger through its own triggers (ingesting them over HTTP takes minutes)."""
+    now = int(time.time() * 1000)
+    with sqlite3.connect(db) as conn:
+        conn.executemany(
+            "INSERT INTO events (event_id, type, source, timestamp, payload, metadata, canonical, broadcast)"
+            " VALUES (?, ?, 's', ?, '{}', NULL, 0, 0)",
+            ((f"id{i}", f"made.up.type.{i:06}.{'x' * 40}", now - 3_600_000 + i) for i in range(count)))
+    conn.close()
+
+
+def test_snapshot_of_200000_made_up_types_costs_o_types_and_lists_the_256_most_frequent(gateway_factory):
+    # 200,000 distinct types, as clients may choose them
+    gw = gateway_factory()
+    gw.stop()
+    add_made_up_types(gw.db, 200_000)
+    gw = gateway_factory({"EDGELINK_DB": str(gw.db)})
+    for i in range(300):  # a few frequent ones, over HTTP
+        assert gw.post("/events/ingest", {"source": "s", "type": f"frequent.{i % 3}", "payload": {}}).status == 201
+
+    def snapshot(_: int) -> dict:
+        reply = gw.get("/operator/snapshot", timeout=120)
+        assert reply.status == 200 and len(reply.body) <= 256 * 1024, (reply.status, len(reply.body))
+        return reply.json()["events"]
+
+    with ThreadPoolExecutor(3) as pool:  # three at once
+        answers = list(pool.map(snapshot, range(3)))
+    peak = gw.peak_rss_mib()
+    print(f"\n3 snapshots of 200,000 types: peak RSS {peak:.1f} MiB")
+    assert peak < BUDGET_MIB, peak
+    for events in answers:
+        counts = events["counts_by_type"]
+        assert len(counts) == 256
+        assert counts["frequent.0"] == counts["frequent.1"] == counts["frequent.2"] == 100
+        assert events["other_types"] == 200_300 - sum(counts.values()) == 200_000 - 253
+    still_serves(gw)
+
+
+def test_snapshot_of_long_multibyte_type_names_stays_under_256_kib(gateway_factory):
+    gw = gateway_factory()
+    for i in range(300):  # 256 characters of 4 UTF-8 bytes each: 1 KiB a name
+        name = f"{i:03}" + "\N{GRINNING FACE}" * 253
+        assert gw.post("/events/ingest", {"source": "s", "type": name, "payload": {}}).status == 201
+    reply = gw.get("/operator/snapshot")
+    assert reply.status == 200 and len(reply.body) <= 256 * 1024, len(reply.body)
+    events = reply.json()["events"]
+    assert 200 < len(events["counts_by_type"]) < 256  # the rarest left out to fit, and counted
+    assert events["other_types"] == 300 - len(events["counts_by_type"])

@@ -16,7 +16,6 @@ import uuid
 
 import orjson
 import pytest
-
 from conftest import EDGELINK, RawClient, recv_all
 
 GET_HEALTH = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -681,9 +680,9 @@ def _depth_of(value) -> int:
     [{"k": "\\\"]", "v": [["\\\\"], {"x": "}"}]}], {"deep": nested(70)[:-1].decode()},
 ])
 def test_json_depth_scan_matches_the_parsed_depth(doc):
-    from edgelink.http.messages import _json_depth
+    from edgelink.jsonbounds import json_depth
 
-    assert _json_depth(orjson.dumps(doc)) == _depth_of(doc)
+    assert json_depth(orjson.dumps(doc)) == _depth_of(doc)
 
 
 def test_date_header_is_imf_fixdate() -> None:

@@ -237,3 +237,33 @@ def test_a_send_queue_drains_in_order_and_in_few_writes_once_the_client_reads(tm
         server.close()
         await ledger.close()
     asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_messages_received_are_taken_from_the_account_until_handled(tmp_path):
+    from edgelink.account import Account
+    from edgelink.http.websocket import INBOUND
+
+    async def go():
+        server, ledger, hub, [(ws, peer)] = await _connected(tmp_path, 1)
+        account = Account(10_000, 1.0)
+        ws.share = account.open()
+        for text in ('{"n": 1}', '{"emoji": "\N{GRINNING FACE}"}'):  # 8 and 17 bytes
+            peer.writer.write(peer.conn.send(TextMessage(data=text)))
+        for _ in range(100):
+            if ws.share.held == 25:
+                break
+            await asyncio.sleep(0.01)
+        assert ws.share.by_piece[INBOUND] == 25  # held while the handler has not taken them
+        assert await ws.receive() == '{"n": 1}' and ws.share.held == 17
+        others = account.open()
+        assert others.take("body", account.free)  # the rest of the account is someone else's
+        peer.writer.write(peer.conn.send(TextMessage(data='{"n": 2}')))
+        assert ("close", 1013) in await peer.until_closed()
+        assert await ws.receive() == '{"emoji": "\N{GRINNING FACE}"}' and ws.share.held == 0
+        ws.connection_lost()
+        others.close()
+        assert account.used == 0
+        server.close()
+        await ledger.close()
+
+    asyncio.run(go())

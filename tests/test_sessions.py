@@ -7,16 +7,21 @@ import sys
 import time
 import uuid
 
+import orjson
 import pytest
-from hypothesis import given, settings, strategies as st
-
 from clock import T0, Clock
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgelink.account import Account
 from edgelink.config import load_settings
 from edgelink.gateway.sessions import (
     MESSAGE_OVERHEAD,
     SESSION_OVERHEAD,
+    SessionsOverloaded,
     SessionStore,
     Sweeper,
+    text_cost,
 )
 
 
@@ -184,9 +189,50 @@ def test_a_session_alone_over_budget_keeps_its_newest_messages():
     assert len(kept) < 10
     assert store.bytes_used <= 5000
 
-    # one message larger than the whole budget is still kept: the turn's own newest text
+    # one message larger than the whole budget is cut to fit: the bound holds
     store.append(sid, "assistant", "y" * 10_000)
-    assert contents(store, sid) == ["y" * 10_000]
+    kept = contents(store, sid)
+    assert kept[-1] == "y" * len(kept[-1]) and 1000 < len(kept[-1]) < 10_000
+    assert store.bytes_used <= 5000
+    # and metadata that alone would pass it is summarised
+    store.append(sid, "user", "z", metadata={"blob": "m" * 10_000})
+    view = orjson.loads(orjson.dumps(store.view(sid)))
+    assert view["messages"][-1] == {**view["messages"][-1], "content": "z",
+                                    "metadata": {"truncated": True, "bytes": 10011}}
+    assert store.bytes_used <= 5000
+
+
+@pytest.mark.parametrize("char", ["y", "\u00e9", "\u4e2d", "\N{GRINNING FACE}"])  # 1 to 4 bytes in UTF-8
+def test_stored_text_counts_its_bytes_never_its_characters(char):
+    assert text_cost(char * 1000) >= max(sys.getsizeof(char * 1000), len((char * 1000).encode()))
+    store = make(Clock(), max_bytes=65536)
+    sid = store.open(None)
+    for _ in range(50):
+        store.append(sid, "assistant", char * 30_000)  # each alone over the bound in bytes, unless ASCII
+        assert store.bytes_used <= 65536
+        assert sum(len(c.encode()) for c in contents(store, sid)) <= 65536
+
+
+def test_a_store_with_a_share_asks_the_account_first_and_gives_everything_back():
+    account = Account(100_000, 0.25)
+    share = account.open(limited=False)
+    clock = Clock()
+    store = make(clock, max_bytes=1_000_000, share=share)
+    sids = [store.open(None) for _ in range(5)]
+    for sid in sids:
+        store.append(sid, "user", "\N{GRINNING FACE}" * 5_000)  # ~20 KB each
+        assert share.held == store.bytes_used <= 100_000
+    assert store.view(sids[0]) is None  # evicted to make room in the account
+    others = account.open()  # a connection holds the rest of the account
+    assert others.take("body", account.free)
+    with pytest.raises(SessionsOverloaded):  # more than evicting every other session frees
+        store.append(sids[-1], "user", "x" * 90_000)
+    assert contents(store, sids[-1]) == ["\N{GRINNING FACE}" * 5_000]  # the turn's own session stays
+    assert len(store) == 1 and share.held == store.bytes_used
+    others.close()
+    clock.advance(3600)
+    store.sweep()
+    assert share.held == store.bytes_used == 0 and account.used == 0
 
 
 def test_bytes_used_returns_to_zero_when_everything_is_gone():
@@ -236,10 +282,10 @@ def test_accounting_and_bounds_hold_under_any_sequence(ops):
         # the running count equals a recount from scratch
         recount = sum(
             SESSION_OVERHEAD
-            + sys.getsizeof(s.session_id)
-            + (sys.getsizeof(s.user_id) if s.user_id is not None else 0)
+            + text_cost(s.session_id)
+            + (text_cost(s.user_id) if s.user_id is not None else 0)
             + sum(
-                MESSAGE_OVERHEAD + sys.getsizeof(m.content) + (sys.getsizeof(m.metadata) if m.metadata else 0)
+                MESSAGE_OVERHEAD + text_cost(m.content) + (sys.getsizeof(m.metadata) if m.metadata else 0)
                 for m in s.messages
             )
             for s in store._sessions.values()
@@ -346,7 +392,7 @@ def test_view_has_the_api_shape():
     clock.advance(2.5)
     store.append(sid, "assistant", "hi there", metadata=meta)
     meta["tags"].append("changed later")  # history is a snapshot
-    assert store.view(sid) == {
+    assert orjson.loads(orjson.dumps(store.view(sid))) == {
         "session_id": "s1",
         "user_id": "alice",
         "summary": "user: hello\nassistant: hi there",

@@ -407,15 +407,17 @@ def test_replay_joins_live_events_without_gap_or_duplicate(gateway_factory):
 # --- a slow consumer ------------------------------------------------------------------------
 
 
-def _stuck_client(gw, query: str = "client_id=stuck") -> socket.socket:
-    """A WebSocket that completes its handshake and then never reads again."""
+def _stuck_client(gw, query: str = "client_id=stuck", headers: str = "") -> socket.socket:
+    """A WebSocket that completes its handshake and then never reads again; ``headers``
+    are extra header lines, each ending in CRLF."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(10)
     sock.connect(("127.0.0.1", gw.port))
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall((f"GET /ws?token={gw.token}&{query} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                  f"{headers}\r\n").encode())
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(1)  # byte by byte: leave everything after the handshake unread

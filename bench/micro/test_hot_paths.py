@@ -15,11 +15,24 @@ from edgelink.api import health as health_api
 from edgelink.api import modules as modules_api
 from edgelink.app import build_router
 from edgelink.gateway.breaker import Breaker
-from edgelink.gateway.events import SCHEMAS, SchemaRejected, parse_ingest, schema_problem
+from edgelink.gateway.events import (
+    SCHEMAS,
+    SchemaRejected,
+    parse_ingest,
+    schema_problem,
+)
 from edgelink.gateway.sessions import SessionStore
-from edgelink.http.messages import HTTPError, json_response, parse_json
+from edgelink.http.messages import HTTPError, json_response
+from edgelink.jsonbounds import parse_json
 
-from .inputs import ALERT_PAYLOAD, BODY_1K_BRACKETY, BODY_1K_FLAT, INGEST_BODY, INVALID_INGEST_BODY, run_sync
+from .inputs import (
+    ALERT_PAYLOAD,
+    BODY_1K_BRACKETY,
+    BODY_1K_FLAT,
+    INGEST_BODY,
+    INVALID_INGEST_BODY,
+    run_sync,
+)
 
 NOW_MS = 1_763_776_000_123
 ALERT = SCHEMAS["system.alert"]

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import codecs
+import io
 import time
 from contextlib import aclosing
-from typing import Any, AsyncGenerator
+from typing import TYPE_CHECKING, Any, AsyncGenerator
 
 import orjson
 
 from ..config import Intent
 from ..gateway.fields import field_problems
-from ..gateway.sessions import DEFAULT_USER
-from ..http.messages import HTTPError, Request, Response, empty_response, json_response, validation_error
+from ..gateway.sessions import DEFAULT_USER, Message, SessionsOverloaded, char_cost
+from ..http.messages import (
+    HTTPError,
+    Request,
+    Response,
+    StreamingResponse,
+    empty_response,
+    json_response,
+    validation_error,
+)
 from ..log import log
 from ..modules import GATEWAY_OVERLOADED, ModuleError
 from . import streams
 from .modules import call
+
+if TYPE_CHECKING:
+    from ..account import Share
 
 MAX_MESSAGE = 32_768
 MAX_ID = 256  # session_id and user_id (API.md §4): both are stored with the session
@@ -25,6 +37,15 @@ _CHAT_FIELDS = {"message": (str, True), "session_id": (str, False), "user_id": (
 # A line of the module's event stream (or of its plain text) held while incomplete.
 MAX_STREAM_LINE = 64 * 1024
 _TEXT_KEYS = ("response", "message", "text", "content")
+# A session view whose texts and metadata may take more than this is streamed, in pieces
+# of VIEW_PIECE characters of text.
+STREAMED_VIEW = 256 * 1024
+VIEW_PIECE = 16 * 1024
+VIEW_PIECE_NAME = "session_view"  # the memory account's name for session views being sent
+# A streamed chat keeps at most this fraction of EDGELINK_UPSTREAM_MAX_REPLY (in bytes) of
+# its reply for the session and the done event: three chats streaming at once each hold it
+# about twice (as it grows, then as one str).
+KEPT_REPLY_SHARE = 4
 
 
 def _reply_text(data: Any) -> str | None:
@@ -71,8 +92,11 @@ async def chat(req: Request) -> Response:
     if problems:
         raise validation_error(*problems)
     sessions = rt.sessions
-    session_id = sessions.open(body.get("session_id"), body.get("user_id"))
-    sessions.append(session_id, "user", message, metadata=body.get("metadata"))
+    try:
+        session_id = sessions.open(body.get("session_id"), body.get("user_id"))
+        sessions.append(session_id, "user", message, metadata=body.get("metadata"))
+    except SessionsOverloaded as exc:
+        raise HTTPError(503, GATEWAY_OVERLOADED, [(b"retry-after", b"1")], detail=str(exc)) from None
     # as Tentáculo Link sent them: a module may read body["metadata"].get(...)
     user_id = body.get("user_id")
     metadata = body.get("metadata")
@@ -100,8 +124,7 @@ async def chat(req: Request) -> Response:
         raise HTTPError(503, "chat_unavailable", session_id=session_id,
                         detail="neither the chat route nor its fallback answered")
     text, model, reply = answer
-    sessions.append(session_id, "assistant", text,
-                    metadata={"provider": answered_by.module, "model": model})
+    _record_reply(req, session_id, text, {"provider": answered_by.module, "model": model})
     ours = {
         "session_id": session_id, "response": text, "model_used": model, "provider": answered_by.module,
         "latency_ms": round((time.perf_counter() - started) * 1000, 3), "correlation_id": req.correlation_id,
@@ -130,7 +153,7 @@ async def _chat_stream(req: Request, chat_route: Intent | None, session_id: str,
         raise HTTPError(503, "chat_unavailable", session_id=session_id,
                         detail="neither the stream route nor the chat fallback answered")
     text, model, _ = answer
-    rt.sessions.append(session_id, "assistant", text, metadata={"provider": fallback.module, "model": model})
+    _record_reply(req, session_id, text, {"provider": fallback.module, "model": model})
     meta = {"session_id": session_id, "correlation_id": req.correlation_id, "provider": fallback.module}
     done = {"response": text, "model_used": model, "provider": fallback.module,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3), "degraded": True}
@@ -143,8 +166,13 @@ async def _streamed_reply(req: Request, route: Intent, session_id: str, outgoing
     """The SSE answer relayed from ``route``. Until its first text, a failure is raised
     (for the fallback); after it, the stream ends with an ``error`` event."""
     rt = req.runtime
-    parts: list[str] = []
-    kept = 0  # characters of the reply kept for the session, bounded like a buffered reply
+    # The reply kept for the session and the done event, in bytes as one str will occupy
+    # them (chars x char_cost), at most KEPT_REPLY_SHARE of the reply limit and what a
+    # session takes: a StringIO, not a list of deltas (a one-character delta is a 50-byte
+    # object). The rest is relayed, not kept.
+    kept = io.StringIO()
+    chars, per_char, cut = 0, 1, False
+    room = min(rt.settings.upstream_max_reply // KEPT_REPLY_SHARE, rt.sessions.max_text)
     stream = await rt.modules.stream(route.module, route.method, route.endpoint, json=outgoing,
                                      timeout=route.timeout, idle=rt.settings.stream_idle,
                                      correlation_id=req.correlation_id)
@@ -158,32 +186,53 @@ async def _streamed_reply(req: Request, route: Intent, session_id: str, outgoing
                 if not texts:
                     continue
                 out = []
-                if not parts:
+                if not (chars or cut):
                     out.append(streams.sse("meta", {"session_id": session_id, "correlation_id": req.correlation_id,
                                                     "provider": route.module}))
                 for text in texts:
-                    if kept < rt.settings.upstream_max_reply:
-                        parts.append(text)
-                        kept += len(text)
+                    if not cut:
+                        per_char = max(per_char, char_cost(text))
+                        part = text[:max(0, room // per_char - chars)]
+                        kept.write(part)
+                        chars += len(part)
+                        cut = len(part) < len(text)
                     out.append(streams.sse("delta", {"text": text}))
                 yield b"".join(out)
-        if not parts:
+        if not (chars or cut):
             raise ModuleError("upstream_unavailable", route.module, f"{route.module} streamed no text")
     except ModuleError as exc:
-        if not parts:
+        if not (chars or cut):
             raise
         log.warning("chat_stream_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
-        rt.sessions.append(session_id, "assistant", "".join(parts),
-                           metadata={"provider": route.module, "model": deltas.model or route.module,
-                                     "incomplete": True})
+        _record_reply(req, session_id, kept.getvalue(),
+                      {"provider": route.module, "model": deltas.model or route.module, "incomplete": True})
         yield streams.sse("error", {"error": "chat_unavailable"})
         return
     finally:
         stream.close()
-    text, model = "".join(parts), deltas.model or route.module
-    rt.sessions.append(session_id, "assistant", text, metadata={"provider": route.module, "model": model})
-    yield streams.sse("done", {"response": text, "model_used": model, "provider": route.module,
-                               "latency_ms": round((time.perf_counter() - started) * 1000, 3), "degraded": False})
+    text, model = kept.getvalue(), deltas.model or route.module
+    kept.close()
+    recorded = {"provider": route.module, "model": model}
+    done = {"model_used": model, "provider": route.module,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3), "degraded": False}
+    if cut:  # the text kept is the start of what was relayed
+        recorded["truncated"] = done["truncated"] = True
+    _record_reply(req, session_id, text, recorded)
+    # the response a piece at a time: one event of megabytes is not copied whole, thrice
+    yield b'event: done\ndata: {"response":"'
+    for start in range(0, len(text), VIEW_PIECE):
+        yield orjson.dumps(text[start:start + VIEW_PIECE])[1:-1]
+    yield b'",' + orjson.dumps(done)[1:] + b"\n\n"
+
+
+def _record_reply(req: Request, session_id: str, text: str, metadata: dict[str, Any]) -> None:
+    """Record the assistant's reply; one the memory account has no room for is answered
+    anyway, and logged."""
+    try:
+        req.runtime.sessions.append(session_id, "assistant", text, metadata=metadata)
+    except SessionsOverloaded as exc:
+        log.warning("session_reply_not_recorded", session_id=session_id, error=str(exc),
+                    correlation_id=req.correlation_id)
 
 
 class _TextDeltas:
@@ -232,10 +281,52 @@ class _TextDeltas:
 
 
 async def session(req: Request) -> Response:
-    view = req.runtime.sessions.view(req.params["session_id"])
+    sessions = req.runtime.sessions
+    view = sessions.view(req.params["session_id"])
     if view is None:
         raise HTTPError(404, "session_not_found", session_id=req.params["session_id"])
-    return json_response(view)
+    size = sessions.size_of(view["session_id"])
+    if size <= STREAMED_VIEW:
+        return json_response(view)
+    # A large session is written a piece at a time as the caller reads it: building the
+    # answer whole would hold another copy of the session for every reader (three readers
+    # of a 16 MB session: +48 MB). What the reader keeps alive (messages the store may drop
+    # meanwhile) is counted in its share of the memory account until it has them all.
+    share = req.share if req.method != "HEAD" else None  # a HEAD sends none of it
+    if share is not None and not share.take(VIEW_PIECE_NAME, size):
+        raise HTTPError(503, GATEWAY_OVERLOADED, [(b"retry-after", b"1")],
+                        detail="no room in the memory account to send this session")
+    del view["messages"]
+    head = orjson.dumps(view)[:-1] + b',"messages":['
+    return StreamingResponse(200, head, [],
+                             chunks=_messages_json(sessions.messages(view["session_id"]), share, size))
+
+
+async def _messages_json(messages: list[Message], share: Share | None, held: int) -> AsyncGenerator[bytes, None]:
+    """The JSON of ``messages`` and the end of the view, in pieces of at most
+    ``VIEW_PIECE`` characters of text or bytes of stored metadata; ``held`` bytes are
+    given back to ``share`` at the end (a stream never started is given back with the
+    connection's share)."""
+    try:
+        async for piece in _message_pieces(messages):
+            yield piece
+    finally:
+        if share is not None:
+            share.give(VIEW_PIECE_NAME, held)
+
+
+async def _message_pieces(messages: list[Message]) -> AsyncGenerator[bytes, None]:
+    for i, m in enumerate(messages):
+        yield b'%s{"role":%s,"timestamp":%d,"metadata":' % (b"," if i else b"", orjson.dumps(m.role), m.timestamp)
+        metadata = memoryview(m.metadata or b"null")
+        for start in range(0, len(metadata), VIEW_PIECE):
+            yield bytes(metadata[start:start + VIEW_PIECE])
+        yield b',"content":"'
+        content = m.content
+        for start in range(0, len(content), VIEW_PIECE):
+            yield orjson.dumps(content[start:start + VIEW_PIECE])[1:-1]  # an escape never spans a cut
+        yield b'"}'
+    yield b"]}"
 
 
 async def delete_session(req: Request) -> Response:

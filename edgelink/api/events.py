@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
 import time
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -10,7 +9,14 @@ import orjson
 
 from ..gateway.auth import MAX_CORRELATION_ID
 from ..gateway.events import Event, InvalidEnvelope, SchemaRejected, parse_ingest
-from ..http.messages import HTTPError, Request, Response, json_response, validation_error
+from ..http.messages import (
+    HTTPError,
+    Request,
+    Response,
+    json_response,
+    validation_error,
+)
+from ..jsonbounds import MAX_DECODE_RATIO
 from ..ledger import LedgerFull, LedgerUnavailable
 
 if TYPE_CHECKING:
@@ -20,7 +26,11 @@ RECENT_IN_SNAPSHOT = 20
 MAX_SNAPSHOT_T = 2**53  # the largest ``t`` a snapshot takes (a JSON-safe integer)
 SNAPSHOT_MAX_BYTES = 256 * 1024  # API.md §5: the whole answer
 SNAPSHOT_FIELD_BYTES = 8192  # a longer payload (or metadata) of a recent event is summarised
-SNAPSHOT_TYPES = 200  # with more types than this, counts_by_type lists those with most events
+SNAPSHOT_PIECE = "snapshot"  # the memory account's name for snapshots being built
+# What building one holds at most: the answer, and the payloads and metadata of the recent
+# events decoded (each at most 8 KiB of JSON, accepted at most 8x that decoded)
+SNAPSHOT_BUILD_BYTES = SNAPSHOT_MAX_BYTES + 2 * RECENT_IN_SNAPSHOT * SNAPSHOT_FIELD_BYTES * MAX_DECODE_RATIO
+SNAPSHOT_TYPES = 256  # API.md §5: counts_by_type lists at most the types with most events
 
 
 def now_ms() -> int:
@@ -88,23 +98,34 @@ async def correlations(req: Request) -> Response:
 
 
 async def snapshot(req: Request) -> Response:
-    rt = req.runtime
     t = req.int_query("t", 0, 0, MAX_SNAPSHOT_T)
-    at = t or now_ms()
+    share = req.share  # an answer built from stored data is counted while it is built (API.md §1)
+    if share is not None and not share.take(SNAPSHOT_PIECE, SNAPSHOT_BUILD_BYTES):
+        raise HTTPError(503, "gateway_overloaded", [(b"retry-after", b"1")],
+                        detail="no room in the memory account to build a snapshot")
+    try:
+        return await _snapshot(req, t or now_ms())
+    finally:
+        if share is not None:
+            share.give(SNAPSHOT_PIECE, SNAPSHOT_BUILD_BYTES)
+
+
+async def _snapshot(req: Request, at: int) -> Response:
+    rt = req.runtime
     ledger = rt.ledger
     modules = await ledger.health_at(at)
-    counts = await ledger.counts_by_type(at)
-    if len(counts) > SNAPSHOT_TYPES:
-        counts = dict(heapq.nlargest(SNAPSHOT_TYPES, counts.items(), key=lambda item: item[1]))
+    counts, other = await ledger.top_types(at, SNAPSHOT_TYPES)
     recent = [{k: v for k, v in e.frame().items() if k != "channel"}
               for e in await ledger.recent(at, RECENT_IN_SNAPSHOT, SNAPSHOT_FIELD_BYTES)]
     # Tentáculo Link's key: each service's recorded status at t
     state = {name: {"status": health["status"]} for name, health in modules.items()}
-    answer = {"timestamp": at, "state": state, "modules": modules,
-              "events": {"counts_by_type": counts, "recent": recent}}
+    events = {"counts_by_type": counts, "other_types": other, "recent": recent}
+    answer = {"timestamp": at, "state": state, "modules": modules, "events": events}
     body = orjson.dumps(answer)
     if len(body) > SNAPSHOT_MAX_BYTES:
-        _summarise_largest(recent, len(body) - SNAPSHOT_MAX_BYTES)
+        excess = _summarise_largest(recent, len(body) - SNAPSHOT_MAX_BYTES)
+        if excess > 0:  # 256 type names of up to 1 KiB of UTF-8 each can fill it alone
+            events["other_types"] += _drop_rarest(counts, excess + 24)  # other_types' digits may grow
         body = orjson.dumps(answer)
     return Response(200, body)
 
@@ -160,9 +181,10 @@ async def timeline(req: Request) -> Response:
     return Response(200, body)
 
 
-def _summarise_largest(recent: list[dict[str, Any]], excess: int) -> None:
+def _summarise_largest(recent: list[dict[str, Any]], excess: int) -> int:
     """Replace the largest payloads and metadata of ``recent`` by their summary until
-    about ``excess`` bytes are saved: twenty fields under 8 KiB each can still add up."""
+    ``excess`` bytes are saved: twenty fields under 8 KiB each can still add up. Returns
+    the bytes still to save (<= 0 when done)."""
     fields = sorted(((len(orjson.dumps(item[key])), i, key) for i, item in enumerate(recent)
                      for key in ("payload", "metadata") if item[key] is not None), reverse=True)
     for size, i, key in fields:
@@ -171,4 +193,18 @@ def _summarise_largest(recent: list[dict[str, Any]], excess: int) -> None:
         if excess <= 0 or saved <= 0:  # the rest are no longer than their summary would be
             break
         recent[i][key] = summary
-        excess -= saved
+        excess -= size - len(orjson.dumps(summary))
+    return excess
+
+
+def _drop_rarest(counts: dict[str, int], excess: int) -> int:
+    """Remove the types with fewest events from ``counts`` until ``excess`` bytes of JSON
+    are saved; returns how many events they had (for ``other_types``)."""
+    dropped = 0
+    for type_, n in sorted(counts.items(), key=lambda item: item[1]):
+        if excess <= 0:
+            break
+        del counts[type_]
+        dropped += n
+        excess -= len(orjson.dumps({type_: n})) - 1  # the entry and its comma
+    return dropped

@@ -8,9 +8,17 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from ..gateway.events import SCHEMAS, InvalidEnvelope, SchemaRejected, build_event, normalize_client_event
-from ..http.frames import CLOSE_INTERNAL_ERROR
-from ..http.messages import InvalidJSON, parse_json, validation_error
+from ..dispatch import JSON_COST
+from ..gateway.events import (
+    SCHEMAS,
+    InvalidEnvelope,
+    SchemaRejected,
+    build_event,
+    normalize_client_event,
+)
+from ..http.frames import CLOSE_INTERNAL_ERROR, CLOSE_TRY_AGAIN_LATER
+from ..http.messages import validation_error
+from ..jsonbounds import DECODED, CostlyJSON, DecodeRefused, InvalidJSON, decode
 from ..ledger import LedgerFull, LedgerUnavailable
 from ..log import log, traceback_text
 from .events import accept, now_ms
@@ -67,6 +75,7 @@ async def websocket(ws: WebSocket) -> None:
     settings = rt.settings
     client = rt.hub.add(ws, client_id, settings.token if settings.enable_auth else None)
     replay: asyncio.Task[None] | None = None
+    held = 0  # bytes of the account the last decoded message is counted for (while ``data`` holds it)
     try:
         ledger = rt.ledger
         after, count, truncated = None, 0, False
@@ -88,15 +97,26 @@ async def websocket(ws: WebSocket) -> None:
         replay.add_done_callback(lambda task: _replay_over(task, ws, client_id))
         source = f"ws:{client_id}"
         while (message := await ws.receive()) is not None:
+            if held:
+                ws.share.give(DECODED, held)
+                held = 0
             if isinstance(message, bytes):
                 ws.send(_control("error", error="binary_not_supported", detail="send JSON in text frames"))
                 continue
             raw = message.encode()
             try:
-                data = parse_json(raw)
+                data, cost = decode(raw, ws.share)
+                held = cost if ws.share is not None else 0
             except InvalidJSON:  # too deep included; the frame's shape is fixed by API.md §6
                 ws.send(_control("error", error="invalid_json"))
                 continue
+            except CostlyJSON as exc:  # refused before it was decoded, as a body would be
+                rt.metrics.budget_refusals.inc(JSON_COST)
+                ws.send(_control("error", error="payload_too_large", detail=f"frame refused: {exc}"))
+                continue
+            except DecodeRefused:  # API.md §1: the account is exhausted
+                ws.close(CLOSE_TRY_AGAIN_LATER, "gateway overloaded")
+                break
             ws.send(raw)  # the echo
             incoming = normalize_client_event(data, source)
             if incoming is None or incoming.type not in SCHEMAS:
@@ -131,6 +151,8 @@ async def websocket(ws: WebSocket) -> None:
                   correlation_id=ws.request.correlation_id, traceback=traceback_text(exc))
         raise
     finally:
+        if held:
+            ws.share.give(DECODED, held)
         rt.hub.remove(client)
         if replay is not None:
             replay.cancel()

@@ -29,7 +29,18 @@ so a late sweep never serves stale history.)
 Memory is counted, not measured: a message costs its text object plus a fixed overhead,
 and its metadata is kept as compact JSON bytes, so its cost is known exactly and a caller
 mutating its dict later cannot rewrite history. The overheads were measured with
-``bench/session_memory.py`` (CPython 3.11, 64-bit).
+``bench/session_memory.py`` (CPython 3.11, 64-bit). A text counts the bytes it occupies,
+never its characters: the str object (1, 2 or 4 bytes a character, by its widest one) or
+its UTF-8 length, whichever is larger (``text_cost``). A message is never larger than the
+bound: a text that alone would pass it is cut to fit (``max_text``), and metadata over half
+of that is kept as ``{"truncated": true, "bytes": n}``, so the newest message kept does
+not carry the store past it. The view splices the stored metadata into the answer
+as it is (``orjson.Fragment``), never decoding it, so a read costs about what is stored.
+
+With a ``share`` of the memory account (API.md §1), the store also asks the account before
+it holds more bytes, evicting the least recently active sessions (never the current one)
+to make room, and gives bytes back as it drops them; a turn that still finds no room is
+refused with ``SessionsOverloaded``.
 """
 
 from __future__ import annotations
@@ -39,12 +50,15 @@ import sys
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import orjson
 
 from ..config import Settings
 from ..log import log
+
+if TYPE_CHECKING:
+    from ..account import Share
 
 DEFAULT_USER = "local"  # Tentáculo Link's user when a chat names none (API.md §4, §12)
 SUMMARY_MESSAGES = 10  # API.md §4: the summary is the last 10 messages...
@@ -54,6 +68,35 @@ SUMMARY_CHARS = 500  # ...each content cut to 500 chars
 # and the list slot; per session the Session object, its id, floats, list and dict entry.
 MESSAGE_OVERHEAD = 128
 SESSION_OVERHEAD = 270
+PIECE = "sessions"  # the memory account's name for what the store holds
+_EMPTY_STR = sys.getsizeof("")
+
+
+def str_width(text: str) -> int:
+    """Bytes a character of ``text`` takes in its str object: 1, 2 or 4 (by its widest)."""
+    if text.isascii():
+        return 1
+    widest = max(text)
+    return 1 if widest < "\u0100" else 2 if widest < "\U00010000" else 4
+
+
+def char_cost(text: str) -> int:
+    """Bytes a character of ``text`` counts for: its width in the str object, or its
+    UTF-8 length if that is more (a non-ASCII character of 1 or 2 bytes in the object is
+    up to 2 or 3 in UTF-8)."""
+    if text.isascii():
+        return 1
+    width = str_width(text)
+    return width if width == 4 else width + 1
+
+
+def text_cost(text: str) -> int:
+    """The bytes ``text`` occupies: its str object, or its UTF-8 length if that is more."""
+    return sys.getsizeof(text) + (char_cost(text) - str_width(text)) * len(text)
+
+
+class SessionsOverloaded(Exception):
+    """The memory account has no room for a chat turn, even after evicting other sessions."""
 
 
 class Message(NamedTuple):
@@ -79,7 +122,7 @@ class Session:
         # at most max_messages entries is cheap.
         self.messages: list[Message] = []
         # every stored string counts: the ids as much as the messages
-        self.size = SESSION_OVERHEAD + sys.getsizeof(session_id) + _str_cost(user_id)
+        self.size = SESSION_OVERHEAD + text_cost(session_id) + _str_cost(user_id)
 
 
 def _ms(seconds: float) -> int:
@@ -87,12 +130,12 @@ def _ms(seconds: float) -> int:
 
 
 def _str_cost(value: str | None) -> int:
-    return 0 if value is None else sys.getsizeof(value)
+    return 0 if value is None else text_cost(value)
 
 
 def _cost(message: Message) -> int:
     meta = message.metadata
-    return MESSAGE_OVERHEAD + sys.getsizeof(message.content) + (0 if meta is None else sys.getsizeof(meta))
+    return MESSAGE_OVERHEAD + text_cost(message.content) + (0 if meta is None else sys.getsizeof(meta))
 
 
 class SessionStore:
@@ -106,6 +149,7 @@ class SessionStore:
         max_messages: int,
         max_bytes: int,
         now: Callable[[], float] = time.time,
+        share: Share | None = None,
     ) -> None:
         if ttl <= 0 or max_sessions < 1 or max_messages < 1 or max_bytes < 1:
             raise ValueError("ttl must be > 0; max_sessions, max_messages and max_bytes >= 1")
@@ -116,15 +160,18 @@ class SessionStore:
         self._now = now
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._bytes = 0
+        self._share = share
 
     @classmethod
-    def from_settings(cls, settings: Settings, now: Callable[[], float] = time.time) -> "SessionStore":
+    def from_settings(cls, settings: Settings, now: Callable[[], float] = time.time,
+                      share: Share | None = None) -> "SessionStore":
         return cls(
             ttl=settings.context7_ttl_seconds,
             max_sessions=settings.context7_max_sessions,
             max_messages=settings.context7_max_messages,
             max_bytes=settings.context7_max_bytes,
             now=now,
+            share=share,
         )
 
     def __len__(self) -> int:
@@ -135,6 +182,12 @@ class SessionStore:
     def bytes_used(self) -> int:
         """Estimated memory held by the sessions, in bytes."""
         return self._bytes
+
+    @property
+    def max_text(self) -> int:
+        """The most bytes one message's text may occupy (``text_cost``): what is left of
+        the bound beyond one session and one message's overheads."""
+        return max(0, self._max_bytes - SESSION_OVERHEAD - 2 * MESSAGE_OVERHEAD - 2 * 256 * 4)
 
     # -- chat turns (activity) ------------------------------------------------------
 
@@ -152,6 +205,7 @@ class SessionStore:
             session = self._create(session_id or str(uuid.uuid4()), user_id, now)
         else:
             if session.user_id is None and user_id is not None:
+                self._reserve(_str_cost(user_id), keep=session)
                 session.user_id = user_id
                 self._resize(session, _str_cost(user_id))
             self._touch(session, now)
@@ -172,20 +226,29 @@ class SessionStore:
         ``metadata`` must be JSON-serialisable (orjson). Returns False and records nothing
         when the session is unknown, expired or evicted: a reply that outlived its session
         is dropped rather than starting a session that holds an answer without its question.
+        A text longer than ``max_text`` is cut to fit, metadata over half of it summarised.
+        ``SessionsOverloaded`` when the memory account has no room for it.
         """
         now = self._now()
         session = self._live(session_id, now)
         if session is None:
             return False
+        stored = None if metadata is None else orjson.dumps(metadata)
+        if stored is not None and len(stored) > self.max_text // 2:  # its text must fit beside it
+            stored = orjson.dumps({"truncated": True, "bytes": len(stored)})
         message = Message(
             role,
-            content,
+            fit_text(content, self.max_text - (0 if stored is None else sys.getsizeof(stored))),
             _ms(now) if timestamp is None else timestamp,
-            None if metadata is None else orjson.dumps(metadata),
+            stored,
         )
+        cost = _cost(message)
+        if cost + session.size > self._max_bytes:  # room within the bound first: older messages go
+            self._drop_oldest(session, session.size + cost - self._max_bytes)
+        self._reserve(cost, keep=session)
         messages = session.messages
         messages.append(message)
-        self._resize(session, _cost(message))
+        self._resize(session, cost)
         while len(messages) > self._max_messages or (session.size > self._max_bytes and len(messages) > 1):
             self._resize(session, -_cost(messages.pop(0)))
         self._touch(session, now)
@@ -200,7 +263,8 @@ class SessionStore:
         return "" if session is None else self._summary(session)
 
     def view(self, session_id: str) -> dict[str, Any] | None:
-        """The ``GET /operator/session/{id}`` body, or None when unknown or expired."""
+        """The ``GET /operator/session/{id}`` body, or None when unknown or expired; the
+        metadata as stored (``orjson.Fragment``), never decoded."""
         session = self._live(session_id, self._now())
         if session is None:
             return None
@@ -217,11 +281,21 @@ class SessionStore:
                     "role": m.role,
                     "content": m.content,
                     "timestamp": m.timestamp,
-                    "metadata": None if m.metadata is None else orjson.loads(m.metadata),
+                    "metadata": None if m.metadata is None else orjson.Fragment(m.metadata),
                 }
                 for m in session.messages
             ],
         }
+
+    def messages(self, session_id: str) -> list[Message]:
+        """A live session's messages as stored, oldest first (empty when unknown)."""
+        session = self._live(session_id, self._now())
+        return [] if session is None else list(session.messages)
+
+    def size_of(self, session_id: str) -> int:
+        """The bytes a session holds (0 when unknown): about what its view takes as JSON."""
+        session = self._sessions.get(session_id)
+        return 0 if session is None else session.size
 
     def list_sessions(self) -> dict[str, Any]:
         """The ``GET /vx11/context-7/sessions`` body, most recently active first."""
@@ -281,12 +355,37 @@ class SessionStore:
         self._sessions.move_to_end(session.session_id)
 
     def _resize(self, session: Session, delta: int) -> None:
+        """Count ``delta`` more bytes (a growth already ``_reserve``d)."""
         session.size += delta
         self._bytes += delta
+        if delta < 0 and self._share is not None:
+            self._share.give(PIECE, -delta)
 
     def _remove(self, session: Session) -> None:
         del self._sessions[session.session_id]
         self._bytes -= session.size
+        if self._share is not None:
+            self._share.give(PIECE, session.size)
+
+    def _drop_oldest(self, session: Session, excess: int) -> None:
+        """Drop ``session``'s oldest messages until ``excess`` bytes are freed (or none is left)."""
+        messages = session.messages
+        while excess > 0 and messages:
+            cost = _cost(messages.pop(0))
+            self._resize(session, -cost)
+            excess -= cost
+
+    def _reserve(self, n: int, keep: Session | None) -> None:
+        """Take ``n`` bytes from the account, evicting the least recently active sessions
+        (never ``keep``) while it has no room; ``SessionsOverloaded`` if it still has none."""
+        share = self._share
+        if share is None:
+            return
+        while not share.take(PIECE, n):
+            oldest = next((s for s in self._sessions.values() if s is not keep), None)
+            if oldest is None:
+                raise SessionsOverloaded(f"no room in the memory account for {n} bytes of session text")
+            self._remove(oldest)
 
     def _shed(self, keep: Session) -> None:
         """Evict least recently active sessions, never ``keep``, until within the bounds."""
@@ -298,10 +397,18 @@ class SessionStore:
 
     def _create(self, session_id: str, user_id: str | None, now: float) -> Session:
         session = Session(session_id, user_id, now)
+        self._reserve(session.size, keep=None)
         self._sessions[session_id] = session
         self._bytes += session.size
         self._shed(keep=session)
         return session
+
+
+def fit_text(text: str, limit: int) -> str:
+    """``text``, or as much of its start as occupies at most ``limit`` bytes (``text_cost``)."""
+    if text_cost(text) <= limit:
+        return text
+    return text[:max(0, limit - _EMPTY_STR - 32) // char_cost(text)]
 
 
 class Sweeper:

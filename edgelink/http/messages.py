@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-from array import array
 from dataclasses import dataclass, field
-from functools import cache
-from itertools import accumulate
 from typing import TYPE_CHECKING, Any, AsyncGenerator, Iterable
 from urllib.parse import parse_qsl
 
 import orjson
+
+from ..jsonbounds import DECODED, CostlyJSON, DecodeRefused, InvalidJSON, decode
 
 if TYPE_CHECKING:  # for the annotation only: the transport does not use the runtime
     from ..account import Share
@@ -23,69 +22,6 @@ if TYPE_CHECKING:  # for the annotation only: the transport does not use the run
 
 JSON_TYPE = b"application/json"
 _INTEGER = re.compile(r"-?[0-9]+")
-
-# API.md §1. orjson itself accepts ~1024 levels but refuses to encode past 255, so a deeper
-# document would fail later, after it was stored or sent on: refuse it at the door.
-MAX_JSON_DEPTH = 64
-# translate() table: openers +1, closers -1 (signed bytes)
-_BRACKET_SIGNS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
-
-
-# bytes of text scanned at a time by outside_strings: its pieces (one object per string,
-# ~34 bytes each for the shortest) are bounded by this, not by the document's size
-_SCAN_WINDOW = 64 * 1024
-
-
-def outside_strings(raw: bytes | bytearray, keep: bytes) -> bytes:
-    """The bytes of ``keep`` in the JSON text ``raw`` that are not inside strings, in C-speed
-    passes over windows of the text: escaped quotes removed (``\\\\`` first, as a
-    left-to-right read pairs them), then only ``keep`` and quotes kept, and the pieces
-    between quotes (strings) dropped. A window never ends inside an escape, and whether it
-    ends inside a string carries over to the next."""
-    drop = _dropping(keep)
-    view = memoryview(raw)
-    out: list[bytes] = []
-    inside = False
-    start = 0
-    while start < len(raw):
-        end = min(start + _SCAN_WINDOW, len(raw))
-        while end < len(raw) and raw[end - 1] == 0x5C:  # a backslash: take what it escapes too
-            end += 1
-        window = bytes(view[start:end])
-        if b"\\" in window:
-            window = window.replace(b"\\\\", b"").replace(b'\\"', b"")
-        pieces = window.translate(None, drop).split(b'"')
-        out.append(b"".join(pieces[1::2] if inside else pieces[::2]))
-        inside ^= len(pieces) % 2 == 0  # an odd number of quotes in the window
-        start = end
-    return b"".join(out)
-
-
-@cache
-def _dropping(keep: bytes) -> bytes:
-    """A ``translate`` deletion table for every byte but ``keep`` and the quote."""
-    return bytes(b for b in range(256) if b not in keep + b'"')
-
-
-def _json_depth(raw: bytes) -> int:
-    """How deep ``raw`` nests: the running sum of its brackets outside strings."""
-    return max(accumulate(array("b", outside_strings(raw, b"[{]}").translate(_BRACKET_SIGNS))), default=0)
-
-
-class InvalidJSON(ValueError):
-    """A document refused by ``parse_json``; the message says why, after "body is"."""
-
-
-def parse_json(raw: bytes) -> Any:
-    """``orjson.loads`` for anything a client sends, refusing depth > ``MAX_JSON_DEPTH``.
-
-    A body with fewer brackets than the limit (most) costs two ``count`` calls."""
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _json_depth(raw) > MAX_JSON_DEPTH:
-        raise InvalidJSON(f"nested deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidJSON(f"not valid JSON: {exc}") from None
 
 
 class HTTPError(Exception):
@@ -151,7 +87,7 @@ class Request:
 
     __slots__ = ("method", "target", "path", "query_string", "headers", "body", "client",
                  "http_version", "params", "route", "admitted", "correlation_id", "runtime", "share", "_query",
-                 "_json", "_gone")
+                 "_json", "_gone", "_decoded")
 
     def __init__(self, method: str, target: str, headers: dict[str, str], body: bytes = b"",
                  client: tuple[str, int] | None = None, http_version: str = "1.1"):
@@ -172,6 +108,10 @@ class Request:
         self._query: dict[str, str] | None = None
         self._json: Any = _NO_BODY
         self._gone: asyncio.Event | None = None
+        # The caller's part of the memory account, if the transport gives one: the decoded
+        # body is taken from it (API.md §1) and given back by ``release``.
+        self.share: Share | None = None
+        self._decoded = 0
 
     def caller_gone(self) -> asyncio.Event:
         """Set once the caller has closed or dropped its connection (for a handler that
@@ -201,15 +141,28 @@ class Request:
         return self._query
 
     def json(self) -> Any:
-        """The body as JSON, or 400 ``invalid_json``."""
+        """The body as JSON, or 400 ``invalid_json``, or 413 ``payload_too_large`` for a body
+        that would cost too much decoded (``jsonbounds``), or 503 ``gateway_overloaded`` when
+        the caller's share of the memory account has no room for it."""
         if self._json is _NO_BODY:
             if not self.body.strip():
                 raise HTTPError(400, "invalid_json", detail="request body is empty; a JSON document is required")
             try:
-                self._json = parse_json(self.body)
+                self._json, self._decoded = decode(self.body, self.share)
             except InvalidJSON as exc:
                 raise HTTPError(400, "invalid_json", detail=f"body is {exc}") from None
+            except CostlyJSON as exc:  # refused before it was decoded
+                raise HTTPError(413, "payload_too_large", detail=f"body refused: {exc}") from None
+            except DecodeRefused as exc:
+                raise HTTPError(503, "gateway_overloaded", [(b"retry-after", b"1")], detail=str(exc)) from None
         return self._json
+
+    def release(self) -> None:
+        """Give back to the account what the decoded body was counted for (the handler is
+        done with it); idempotent."""
+        if self.share is not None and self._decoded:
+            self.share.give(DECODED, self._decoded)
+        self._decoded = 0
 
     def json_object(self) -> dict[str, Any]:
         """The body as a JSON object, or 422 naming the body."""

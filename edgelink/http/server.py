@@ -622,7 +622,9 @@ class HttpProtocol(asyncio.Protocol):
         except Exception as exc:
             self._dispatch_failed(request, exc)
             return
-        if isinstance(outcome, Response):
+        if isinstance(outcome, StreamingResponse):  # a handler that streams without waiting first
+            self._task = self._loop.create_task(self._write_stream(request, outcome))
+        elif isinstance(outcome, Response):
             self._write_response(request, outcome)
         else:
             self._task = self._loop.create_task(self._respond(request, outcome))
@@ -842,17 +844,17 @@ class HttpProtocol(asyncio.Protocol):
             self._close()
             return
         # wsproto is imported at the first upgrade, not by every gateway (frames.py)
-        from wsproto.events import AcceptConnection, Request as WsRequest
-        from wsproto.extensions import PerMessageDeflate
+        from wsproto.events import AcceptConnection
+        from wsproto.events import Request as WsRequest
 
-        from .websocket import WebSocket, server_connection
+        from .websocket import BoundedDeflate, WebSocket, server_connection
 
         ws_conn = server_connection()
         raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
         try:
             ws_conn.initiate_upgrade_connection(raw_headers, request.target)
             offer = next(e for e in ws_conn.events() if isinstance(e, WsRequest))
-            extensions = [PerMessageDeflate()] if self.settings.ws_compression else []
+            extensions = [BoundedDeflate(self.settings.ws_max_frame)] if self.settings.ws_compression else []
             accept = ws_conn.send(AcceptConnection(extensions=extensions,
                                                    extra_headers=[(b"x-correlation-id", request.correlation_id.encode())]))
         except Exception as exc:  # wsproto refused a handshake we thought valid

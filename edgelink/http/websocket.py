@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import zlib
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -28,6 +29,8 @@ from wsproto.events import (
     Pong,
     TextMessage,
 )
+from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from .frames import (
@@ -41,6 +44,7 @@ from .frames import (
 )
 
 if TYPE_CHECKING:
+    from ..account import Share
     from .messages import Request
 
 # Messages buffered from a client before we stop reading its socket until the handler
@@ -50,6 +54,7 @@ _CLOSE_WAIT = 5.0  # seconds to wait for the client's close frame before droppin
 # The transport's own buffer before it pauses: what waits beyond it is in the send queue,
 # counted against the client's byte bound, so this one is kept small.
 _TRANSPORT_HIGH = 64 * 1024
+INBOUND = "ws_inbound"  # the memory account's name for messages received and not yet handled
 
 
 class WebSocket:
@@ -57,9 +62,13 @@ class WebSocket:
 
     def __init__(self, transport: asyncio.Transport, conn: WSConnection, request: "Request",
                  *, max_message: int, queue_limit: int, queue_bytes: int, ping_interval: float,
-                 compressed: bool, set_reading: Callable[[bool], None]):
+                 compressed: bool, set_reading: Callable[[bool], None], share: Share | None = None):
         self.request = request
         self.close_code: int | None = None
+        # The connection's part of the memory account (API.md §1): what it sends us is
+        # taken from it as it arrives (inflated) and given back once the handler has it.
+        self.share = share
+        self._inbound_held = 0
         self._transport = transport
         # also the most this turn's frames may hold before they are handed over
         self._high = min(transport.get_write_buffer_limits()[1], _TRANSPORT_HIGH)
@@ -80,7 +89,7 @@ class WebSocket:
         self.queued_bytes = 0  # bytes in _out
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None  # a writable() waiter
-        self._in: deque[str | bytes] = deque()
+        self._in: deque[tuple[str | bytes, int]] = deque()  # a message and its bytes
         self._waiter: asyncio.Future[None] | None = None
         self._parts: list[Any] = []
         self._size = 0
@@ -160,7 +169,8 @@ class WebSocket:
                 await self._waiter
             finally:
                 self._waiter = None
-        message = self._in.popleft()
+        message, size = self._in.popleft()
+        self._give_inbound(size)
         if len(self._in) == _INBOUND_HIGH // 2:
             self._set_reading(True)
         return message
@@ -223,26 +233,49 @@ class WebSocket:
         self._clear_out()
         self._pending.clear()
         self._pending_bytes = 0
+        self._in.clear()
+        self._parts.clear()
+        self._give_inbound(self._inbound_held)
         self._cancel_timer()
         self._wake()
 
     # --- internals --------------------------------------------------------------------
 
+    def _take_inbound(self, n: int) -> bool:
+        if self.share is not None:
+            if not self.share.take(INBOUND, n):
+                return False
+            self._inbound_held += n
+        return True
+
+    def _give_inbound(self, n: int) -> None:
+        if self.share is not None and n > 0:
+            self.share.give(INBOUND, n)
+            self._inbound_held -= n
+
     def _on_event(self, event: Any) -> None:
         if isinstance(event, (TextMessage, BytesMessage)):
-            self._size += len(event.data)
-            if self._size > self._max_message:
+            data = event.data
+            # bytes, not characters: 64 Ki emoji are 256 KiB
+            size = len(data) if isinstance(data, bytes) or data.isascii() else len(data.encode())
+            self._size += size
+            if self._size > self._max_message or not self._take_inbound(size):
+                self._give_inbound(self._size - size)  # the parts dropped
+                too_big = self._size > self._max_message
                 self._parts.clear()
                 self._size = 0
-                self.close(CLOSE_TOO_BIG, "message too big")
+                self.close(*((CLOSE_TOO_BIG, "message too big") if too_big else
+                             (CLOSE_TRY_AGAIN_LATER, "gateway overloaded")))
                 return
             self._parts.append(event.data)
             if event.message_finished:
                 message: str | bytes = ("" if isinstance(event, TextMessage) else b"").join(self._parts)
                 self._parts.clear()
-                self._size = 0
-                if not self._closing:
-                    self._in.append(message)
+                size, self._size = self._size, 0
+                if self._closing:
+                    self._give_inbound(size)
+                else:
+                    self._in.append((message, size))
                     if len(self._in) >= _INBOUND_HIGH:
                         self._set_reading(False)
                     self._wake()
@@ -324,6 +357,48 @@ class WebSocket:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+class BoundedDeflate(PerMessageDeflate):
+    """permessage-deflate whose inflation stops at ``limit`` bytes per message, while it
+    inflates (API.md §6): wsproto's own inflates each read whole, so 200 KB of zeros
+    became 200 MiB before anyone could look at its size. Past the limit the connection is
+    closed with 1009 and the rest of the input is never inflated."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self._limit = limit
+        self._inflated = 0  # bytes of the current message so far
+
+    def _inflate(self, data: bytes) -> bytes | CloseReason:
+        assert self._decompressor is not None
+        room = self._limit - self._inflated
+        try:
+            out = self._decompressor.decompress(data, room + 1)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        self._inflated += len(out)
+        if self._inflated > self._limit or self._decompressor.unconsumed_tail:
+            self._decompressor = None  # its window and state go now, not with the connection
+            return CloseReason.MESSAGE_TOO_BIG
+        return out
+
+    def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
+        if not self._inbound_compressed or not self._inbound_is_compressible:
+            return data
+        return self._inflate(bytes(data))
+
+    def frame_inbound_complete(self, proto: Any, fin: bool) -> bytes | CloseReason | None:
+        if not (fin and self._inbound_is_compressible and self._inbound_compressed):
+            return super().frame_inbound_complete(proto, fin)  # nothing inflated here
+        tail = self._inflate(b"\x00\x00\xff\xff")  # the end of the message's deflate block
+        if isinstance(tail, CloseReason):
+            return tail
+        self._inflated = 0
+        if self.client_no_context_takeover:
+            self._decompressor = None
+        self._inbound_compressed = None
+        return tail
 
 
 def server_connection() -> WSConnection:
