@@ -22,6 +22,18 @@ from __future__ import annotations
 
 from typing import Callable
 
+# The pieces that draw from the account, by the names /metrics shows them under
+# (edgelink_budget_bytes{piece}); every one is exported from the start.
+BODIES = "bodies"  # request bodies as they arrive
+REPLIES = "replies"  # module replies read, and answers waiting to be written
+STREAMS = "streams"  # streamed chunks waiting to be written (at most 64 KiB per stream)
+DECODE = "decode"  # what parsing a module reply costs while it runs
+DECODED = "json_decoded"  # client JSON once decoded
+INBOUND = "ws_inbound"  # WebSocket messages received (inflated) and not yet handled
+SNAPSHOT = "snapshot"  # snapshots being built from the ledger
+SESSIONS = "sessions"  # stored session text, in bytes
+PIECES = (BODIES, REPLIES, STREAMS, DECODE, DECODED, INBOUND, SNAPSHOT, SESSIONS)
+
 
 class Account:
     __slots__ = ("total", "share_limit", "used", "held", "refusals", "limits", "_on_refusal")

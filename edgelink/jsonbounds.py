@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .account import DECODED
+
 if TYPE_CHECKING:
     from .account import Share
 
@@ -50,7 +52,6 @@ _SCAN_WINDOW = 64 * 1024
 LIST, EMPTY_DICT, SMALL_DICT, SMALL_DICT_ENTRIES, ENTRY, SLOT, STRING, KEY, NUMBER = 56, 64, 184, 5, 40, 8, 56, 24, 32
 _STRUCTURE = b"[]{},:-.0123456789"
 _NUMBERS = bytes.maketrans(b"-.0123456789", b"d" * 12)  # a number's characters, all alike
-DECODED = "json_decoded"  # the memory account's name for decoded JSON
 # The most one byte of JSON costs decoded: 32 for "{}" or "[]" alone, less in any longer
 # document (tests/test_jsonbounds.py), so a document this many times shorter than the
 # floor is within it.

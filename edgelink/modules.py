@@ -44,7 +44,7 @@ from typing import Any, AsyncGenerator, Callable
 
 import orjson
 
-from .account import Share
+from .account import DECODE, Share
 from .config import ModuleConfig, Settings
 from .gateway.breaker import Breaker
 from .gateway.health import HealthCheck, module_fields
@@ -53,7 +53,6 @@ from .log import log
 from .upstream import Stream, UpstreamClient, UpstreamError
 
 GATEWAY_OVERLOADED = "gateway_overloaded"
-DECODE = "decode"  # the memory account's piece for what parsing a reply costs while it runs
 DECODE_FACTOR = 2  # bytes held while parsing, per reply byte (orjson builds a long string, then copies it)
 
 # JSON containers and separators a parsed reply may have: each becomes at most one Python

@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from . import forward
-from .account import Account
+from .account import PIECES, Account
 from .config import MODULES_PIECE, REBUILD, RESTART, Settings, changed
 from .forward.forwarder import Forwarder
 from .gateway.events import SCHEMAS
@@ -31,7 +31,6 @@ from .probe import GATEWAY_SERVICE, gateway_url, record_round
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 # the account's pieces (API.md §1 "one account"), each exported from the start, at 0
-ACCOUNT_PIECES = ("bodies", "decode", "replies", "streams")
 # upstream call outcomes that are refusals by a budget of the gateway's, by budget name
 BUDGET_OUTCOMES = {"local": "file_descriptors", "too_large": "module_reply", "too_costly": "module_reply"}
 
@@ -44,7 +43,7 @@ class Runtime:
         # every piece asks it before holding bytes; refusals are counted by piece.
         self.account = Account(settings.memory_budget, settings.client_share, self.metrics.budget_refusals.inc)
         self.account.limit("bodies", settings.max_bodies)
-        for piece in ACCOUNT_PIECES:
+        for piece in PIECES:
             self.metrics.budget_refusals.inc(piece, amount=0)
         self.stopping = False
         self.port = settings.port  # the port actually bound, set once listening
@@ -55,7 +54,8 @@ class Runtime:
         self._module_up: dict[str, bool] = {}  # each module's last probe verdict, to log changes once
         self.cardinality = CardinalityCounter(time.time)
         self.correlations = CorrelationGraph(time.time)
-        self.sessions = SessionStore.from_settings(settings)
+        # stored session text draws from the account like every other piece (API.md §1)
+        self.sessions = SessionStore.from_settings(settings, share=self.account.open(limited=False))
         self.prediction = HealthPredictor(self._predicted(settings), settings.prediction_window,
                                           on_change=self._trend_changed)
         self.modules = self._modules(settings)
@@ -165,7 +165,7 @@ class Runtime:
         self.metrics.ledger_batch.observe(writes)
 
     def _account_held(self) -> dict[tuple[str, ...], float]:
-        held = {(piece,): 0.0 for piece in ACCOUNT_PIECES}
+        held = {(piece,): 0.0 for piece in PIECES}
         held.update({(piece,): n for piece, n in self.account.held.items()})
         return held
 

@@ -47,12 +47,12 @@ from urllib.parse import urlsplit
 
 import h11
 
+from .account import REPLIES
 from .config import Settings
 
 if TYPE_CHECKING:
     from .account import Share
 
-REPLIES = "replies"  # the memory account's piece a reply is read into
 READ_SIZE = 64 * 1024  # about the most one read of a reply brings in
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 # connect failures that are the gateway's own shortage, not the module's fault

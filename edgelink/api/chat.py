@@ -28,7 +28,7 @@ from . import streams
 from .modules import call
 
 if TYPE_CHECKING:
-    from ..account import Share
+    pass
 
 MAX_MESSAGE = 32_768
 MAX_ID = 256  # session_id and user_id (API.md §4): both are stored with the session
@@ -41,7 +41,6 @@ _TEXT_KEYS = ("response", "message", "text", "content")
 # of VIEW_PIECE characters of text.
 STREAMED_VIEW = 256 * 1024
 VIEW_PIECE = 16 * 1024
-VIEW_PIECE_NAME = "session_view"  # the memory account's name for session views being sent
 # A streamed chat keeps at most this fraction of EDGELINK_UPSTREAM_MAX_REPLY (in bytes) of
 # its reply for the session and the done event: three chats streaming at once each hold it
 # about twice (as it grows, then as one str).
@@ -290,29 +289,13 @@ async def session(req: Request) -> Response:
         return json_response(view)
     # A large session is written a piece at a time as the caller reads it: building the
     # answer whole would hold another copy of the session for every reader (three readers
-    # of a 16 MB session: +48 MB). What the reader keeps alive (messages the store may drop
-    # meanwhile) is counted in its share of the memory account until it has them all.
-    share = req.share if req.method != "HEAD" else None  # a HEAD sends none of it
-    if share is not None and not share.take(VIEW_PIECE_NAME, size):
-        raise HTTPError(503, GATEWAY_OVERLOADED, [(b"retry-after", b"1")],
-                        detail="no room in the memory account to send this session")
+    # of a 16 MB session: +48 MB). The messages are the store's, counted once in the
+    # account's "sessions" piece; the pieces waiting to be written are counted as a stream's
+    # by the transport (at most 64 KiB each). Charging the reader the whole session as well
+    # would count it twice and make a session larger than one connection's share unreadable.
     del view["messages"]
     head = orjson.dumps(view)[:-1] + b',"messages":['
-    return StreamingResponse(200, head, [],
-                             chunks=_messages_json(sessions.messages(view["session_id"]), share, size))
-
-
-async def _messages_json(messages: list[Message], share: Share | None, held: int) -> AsyncGenerator[bytes, None]:
-    """The JSON of ``messages`` and the end of the view, in pieces of at most
-    ``VIEW_PIECE`` characters of text or bytes of stored metadata; ``held`` bytes are
-    given back to ``share`` at the end (a stream never started is given back with the
-    connection's share)."""
-    try:
-        async for piece in _message_pieces(messages):
-            yield piece
-    finally:
-        if share is not None:
-            share.give(VIEW_PIECE_NAME, held)
+    return StreamingResponse(200, head, [], chunks=_message_pieces(sessions.messages(view["session_id"])))
 
 
 async def _message_pieces(messages: list[Message]) -> AsyncGenerator[bytes, None]:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import orjson
 
+from ..account import SNAPSHOT
 from ..gateway.auth import MAX_CORRELATION_ID
 from ..gateway.events import Event, InvalidEnvelope, SchemaRejected, parse_ingest
 from ..http.messages import (
@@ -26,7 +27,6 @@ RECENT_IN_SNAPSHOT = 20
 MAX_SNAPSHOT_T = 2**53  # the largest ``t`` a snapshot takes (a JSON-safe integer)
 SNAPSHOT_MAX_BYTES = 256 * 1024  # API.md §5: the whole answer
 SNAPSHOT_FIELD_BYTES = 8192  # a longer payload (or metadata) of a recent event is summarised
-SNAPSHOT_PIECE = "snapshot"  # the memory account's name for snapshots being built
 # What building one holds at most: the answer, and the payloads and metadata of the recent
 # events decoded (each at most 8 KiB of JSON, accepted at most 8x that decoded)
 SNAPSHOT_BUILD_BYTES = SNAPSHOT_MAX_BYTES + 2 * RECENT_IN_SNAPSHOT * SNAPSHOT_FIELD_BYTES * MAX_DECODE_RATIO
@@ -100,14 +100,14 @@ async def correlations(req: Request) -> Response:
 async def snapshot(req: Request) -> Response:
     t = req.int_query("t", 0, 0, MAX_SNAPSHOT_T)
     share = req.share  # an answer built from stored data is counted while it is built (API.md §1)
-    if share is not None and not share.take(SNAPSHOT_PIECE, SNAPSHOT_BUILD_BYTES):
+    if share is not None and not share.take(SNAPSHOT, SNAPSHOT_BUILD_BYTES):
         raise HTTPError(503, "gateway_overloaded", [(b"retry-after", b"1")],
                         detail="no room in the memory account to build a snapshot")
     try:
         return await _snapshot(req, t or now_ms())
     finally:
         if share is not None:
-            share.give(SNAPSHOT_PIECE, SNAPSHOT_BUILD_BYTES)
+            share.give(SNAPSHOT, SNAPSHOT_BUILD_BYTES)
 
 
 async def _snapshot(req: Request, at: int) -> Response:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from ..account import DECODED
 from ..dispatch import JSON_COST
 from ..gateway.events import (
     SCHEMAS,
@@ -18,7 +19,7 @@ from ..gateway.events import (
 )
 from ..http.frames import CLOSE_INTERNAL_ERROR, CLOSE_TRY_AGAIN_LATER
 from ..http.messages import validation_error
-from ..jsonbounds import DECODED, CostlyJSON, DecodeRefused, InvalidJSON, decode
+from ..jsonbounds import CostlyJSON, DecodeRefused, InvalidJSON, decode
 from ..ledger import LedgerFull, LedgerUnavailable
 from ..log import log, traceback_text
 from .events import accept, now_ms

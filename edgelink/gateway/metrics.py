@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 # Budget names of edgelink_budget_refusals_total (docs/operations.md, API.md §1): each is
 # exported at 0 from the start.
 BUDGETS = ("connections", "request_line", "header_block", "request_time", "body", "bodies", "write_buffer",
-           "ledger", "ws_queue", "file_descriptors", "module_reply")
+           "ledger", "ws_queue", "file_descriptors", "module_reply", "json_cost")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

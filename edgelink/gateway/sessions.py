@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import orjson
 
+from ..account import SESSIONS
 from ..config import Settings
 from ..log import log
 
@@ -68,7 +69,6 @@ SUMMARY_CHARS = 500  # ...each content cut to 500 chars
 # and the list slot; per session the Session object, its id, floats, list and dict entry.
 MESSAGE_OVERHEAD = 128
 SESSION_OVERHEAD = 270
-PIECE = "sessions"  # the memory account's name for what the store holds
 _EMPTY_STR = sys.getsizeof("")
 
 
@@ -359,13 +359,13 @@ class SessionStore:
         session.size += delta
         self._bytes += delta
         if delta < 0 and self._share is not None:
-            self._share.give(PIECE, -delta)
+            self._share.give(SESSIONS, -delta)
 
     def _remove(self, session: Session) -> None:
         del self._sessions[session.session_id]
         self._bytes -= session.size
         if self._share is not None:
-            self._share.give(PIECE, session.size)
+            self._share.give(SESSIONS, session.size)
 
     def _drop_oldest(self, session: Session, excess: int) -> None:
         """Drop ``session``'s oldest messages until ``excess`` bytes are freed (or none is left)."""
@@ -381,7 +381,7 @@ class SessionStore:
         share = self._share
         if share is None:
             return
-        while not share.take(PIECE, n):
+        while not share.take(SESSIONS, n):
             oldest = next((s for s in self._sessions.values() if s is not keep), None)
             if oldest is None:
                 raise SessionsOverloaded(f"no room in the memory account for {n} bytes of session text")

@@ -14,7 +14,8 @@ from urllib.parse import parse_qsl
 
 import orjson
 
-from ..jsonbounds import DECODED, CostlyJSON, DecodeRefused, InvalidJSON, decode
+from ..account import DECODED
+from ..jsonbounds import CostlyJSON, DecodeRefused, InvalidJSON, decode
 
 if TYPE_CHECKING:  # for the annotation only: the transport does not use the runtime
     from ..account import Share

@@ -61,7 +61,7 @@ from urllib.parse import unquote
 
 import h11
 
-from ..account import Account, Share
+from ..account import BODIES, REPLIES, STREAMS, Account, Share
 from ..log import address, client_log, log, traceback_text
 from .frames import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from .messages import HTTPError, Request, Response, StreamingResponse
@@ -150,7 +150,6 @@ RETRY_AFTER = b"retry-after: 1\r\n"
 # Methods whose routes take no body (API.md §1): a body they declare is read and dropped as
 # it arrives, never held, reserved or answered with 100 Continue.
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE"})
-BODIES, REPLIES, STREAMS = "bodies", "replies", "streams"  # the account's pieces held by the transport
 STREAM_SLICE = 64 * 1024  # the most of a stream that waits to be written (API.md §3)
 
 
@@ -875,7 +874,7 @@ class HttpProtocol(asyncio.Protocol):
             max_message=self.settings.ws_max_frame, queue_limit=self.settings.ws_queue,
             queue_bytes=self.settings.ws_queue_bytes,
             ping_interval=self.settings.ws_ping_interval, compressed=compressed,
-            set_reading=self._ws_reading,
+            set_reading=self._ws_reading, share=self._share,
         )
         self.server.busy_changed()
         if self.server.overloaded:

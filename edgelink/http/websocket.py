@@ -33,6 +33,7 @@ from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from ..account import INBOUND
 from .frames import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_NORMAL,
@@ -54,7 +55,6 @@ _CLOSE_WAIT = 5.0  # seconds to wait for the client's close frame before droppin
 # The transport's own buffer before it pauses: what waits beyond it is in the send queue,
 # counted against the client's byte bound, so this one is kept small.
 _TRANSPORT_HIGH = 64 * 1024
-INBOUND = "ws_inbound"  # the memory account's name for messages received and not yet handled
 
 
 class WebSocket:
