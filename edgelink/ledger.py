@@ -11,14 +11,16 @@ Rules it keeps
   reads run on a small pool of reader connections in threads (WAL lets them read
   while the writer writes).
 * Retention (count and age) runs on the writer thread in small batches, each its own
-  short transaction, with pending appends served between batches. It never deletes an
-  event above ``protect_after`` (the forwarder's cursor, when forwarding is on).
+  short transaction, with pending appends served between batches. With ``forwarding`` on
+  it never deletes an event above the forwarder's STORED cursor, read in the batch's own
+  transaction: so also the pass at start, before any forwarder runs, keeps them.
 * The file (main database + WAL) stays under ``max_bytes``: before a chunk of appends is
   inserted, the pages in use (measured at least once per chunk's worth of writes or per
   second, and again before any refusal or drop) plus the chunk are compared with the
   bound; at the bound ``drop_oldest`` deletes the oldest events in the same transaction
-  (the only deletion allowed past ``protect_after``; ``on_forced_drop`` tells the
-  forwarder) and ``reject`` refuses the appends (``LedgerFull``). Free pages beyond a
+  (the only deletion allowed past the cursor; ``on_forced_drop`` tells the forwarder,
+  and every dropped event is in the log: the first drop at once, the rest summed at most
+  DROP_LOG_INTERVAL later or at close) and ``reject`` refuses the appends (``LedgerFull``). Free pages beyond a
   small reserve go back to the file system by ``incremental_vacuum`` in small steps
   between batches; the WAL is held near ``WAL_LIMIT`` by the auto-checkpoint and
   ``journal_size_limit``.
@@ -247,18 +249,18 @@ _STOP = object()
 class Ledger:
     """The event and health store. ``await start()`` before use, ``await close()`` after.
 
-    Hook for forwarding (API.md §9): ``protect_after`` is the seq of the last forwarded
-    event (``None`` = forwarding off). Count and age retention never delete an event above
-    it; only the byte bound under ``drop_oldest`` does, and then calls
+    Hook for forwarding (API.md §9): with ``forwarding`` on, the stored forward cursor
+    (the seq of the last forwarded event) is the line count and age retention never cross;
+    only the byte bound under ``drop_oldest`` does, and then calls
     ``on_forced_drop(dropped, unforwarded, last_seq)`` on the event loop after the commit:
-    how many events it deleted, how many of them were above ``protect_after``, and the
-    highest seq deleted (so a forwarder can move its cursor past it).
+    how many events it deleted, how many of them were above the cursor, and the highest
+    seq deleted (so a forwarder can move its cursor past it).
     """
 
     def __init__(self, path: str, *, sync: str = Settings.ledger_sync,
                  retention_events: int = Settings.retention_events, retention_days: float = Settings.retention_days,
                  max_bytes: int = Settings.ledger_max_bytes, full_policy: str = Settings.ledger_full,
-                 now: Callable[[], float] = time.time,
+                 now: Callable[[], float] = time.time, forwarding: bool = False,
                  prune_interval: float = PRUNE_INTERVAL, prune_batch: int = PRUNE_BATCH):
         if sync not in ("full", "normal"):
             raise ValueError(f"ledger sync must be 'full' or 'normal', not {sync!r}")
@@ -273,7 +275,7 @@ class Ledger:
         self.now = now  # wall clock in seconds, for the retention age
         self.prune_interval = prune_interval
         self.prune_batch = prune_batch
-        self.protect_after: int | None = None
+        self.forwarding = forwarding  # retention keeps what the stored cursor has not passed
         self.on_forced_drop: Callable[[int, int, int], None] | None = None
         self.commits = 0  # committed write transactions (the group-commit test counts them)
         self.on_commit: Callable[[float, int], None] | None = None  # (seconds, writes) per commit, for /metrics
@@ -289,7 +291,8 @@ class Ledger:
         self._full = False  # in a run of LedgerFull refusals (logged once per run)
         self._failing = False  # in a run of refused writes (logged once per run)
         self._vacuum_failing = False
-        self._drops_unlogged = [0, 0]  # events, unforwarded dropped at the bound since the last log line
+        # events, unforwarded events and the highest seq dropped at the bound since the last log line
+        self._drops_unlogged = [0, 0, 0]
         self._drop_logged_at = -DROP_LOG_INTERVAL
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -303,7 +306,7 @@ class Ledger:
     def from_settings(cls, settings: Settings, now: Callable[[], float] = time.time) -> "Ledger":
         return cls(settings.db, sync=settings.ledger_sync, retention_events=settings.retention_events,
                    retention_days=settings.retention_days, max_bytes=settings.ledger_max_bytes,
-                   full_policy=settings.ledger_full, now=now)
+                   full_policy=settings.ledger_full, now=now, forwarding=bool(settings.forward_url))
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -404,14 +407,18 @@ class Ledger:
             while True:
                 pass_due = waiters is not None or time.monotonic() >= next_pass
                 busy = pass_due or vacuuming
-                jobs = self._take_jobs(0.0 if busy else next_pass - time.monotonic())
+                due = next_pass if self._drops_unlogged[0] == 0 else min(
+                    next_pass, self._drop_logged_at + DROP_LOG_INTERVAL)
+                jobs = self._take_jobs(0.0 if busy else due - time.monotonic())
                 writes = [j for j in jobs if isinstance(j, (_Append, _Health, _Cursor))]
                 if writes:
                     self._commit_writes(conn, writes)
                 requests = [j for j in jobs if isinstance(j, _Prune)]
                 if requests or (waiters is None and time.monotonic() >= next_pass):
                     waiters = (waiters or []) + requests
-                if any(j is _STOP for j in jobs):
+                stopping = any(j is _STOP for j in jobs)
+                self._log_drops(force=stopping)
+                if stopping:
                     # a pass cut short by close() reports what it deleted so far
                     self._settle([(w.future, deleted, None) for w in waiters or ()])
                     return
@@ -535,7 +542,7 @@ class Ledger:
     def _drop_oldest(self, conn: sqlite3.Connection, need: int) -> tuple[tuple[int, int, int], int]:
         """Delete the oldest events, inside the caller's transaction, until about ``need``
         bytes are free: ((events, of them unforwarded, highest seq), bytes freed)."""
-        protect = self.protect_after
+        protect = self._protected_after(conn)
         freed = count = unforwarded = last = 0
         lost_broadcast = None
         while freed < need:
@@ -576,14 +583,21 @@ class Ledger:
         pending = self._drops_unlogged
         pending[0] += count
         pending[1] += unforwarded
-        # one line per DROP_LOG_INTERVAL at most: at the bound every chunk may drop some
-        if time.monotonic() - self._drop_logged_at >= DROP_LOG_INTERVAL:
-            log.warning("ledger_dropped_oldest", events=pending[0], unforwarded=pending[1], last_seq=last_seq,
-                        max_bytes=self.max_bytes)
-            self._drops_unlogged = [0, 0]
-            self._drop_logged_at = time.monotonic()
+        pending[2] = last_seq
+        self._log_drops()
         if self.on_forced_drop is not None:
             self._loop.call_soon_threadsafe(self.on_forced_drop, count, unforwarded, last_seq)
+
+    def _log_drops(self, force: bool = False) -> None:
+        """Log the events dropped at the byte bound since the last line: at once after a
+        quiet DROP_LOG_INTERVAL, else summed into one line per interval (at the bound every
+        chunk may drop some); every dropped event is in some line, the last at close."""
+        events, unforwarded, last_seq = self._drops_unlogged
+        if events and (force or time.monotonic() - self._drop_logged_at >= DROP_LOG_INTERVAL):
+            log.warning("ledger_dropped_oldest", events=events, unforwarded=unforwarded, last_seq=last_seq,
+                        max_bytes=self.max_bytes)
+            self._drops_unlogged = [0, 0, 0]
+            self._drop_logged_at = time.monotonic()
 
     def _vacuum_step(self, conn: sqlite3.Connection) -> bool:
         """Give up to VACUUM_STEP free pages back to the file system, keeping VACUUM_KEEP
@@ -641,11 +655,11 @@ class Ledger:
     def _prune_batch(self, conn: sqlite3.Connection) -> tuple[int, bool]:
         """Delete one batch of expired rows in one short transaction: (rows deleted, more left?)."""
         cutoff_ms = int((self.now() - self.retention_days * 86_400) * 1000)
-        # events not yet forwarded are kept whatever their count or age
-        protect = self.protect_after
         self._used = None  # what this deletes is measured by the next chunk's _room
         try:
             conn.execute("BEGIN IMMEDIATE")
+            # events not yet forwarded are kept whatever their count or age
+            protect = self._protected_after(conn)
             (max_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
             # Seqs are unique integers, so at most retention_events rows lie above this line.
             keep_above = max_seq - self.retention_events
@@ -879,9 +893,15 @@ class Ledger:
         conn.execute("INSERT INTO forward_cursor (epoch, acked_seq) VALUES (?, ?) ON CONFLICT (epoch)"
                      " DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq)", (self.epoch, seq))
         (stored,) = conn.execute("SELECT acked_seq FROM forward_cursor WHERE epoch = ?", (self.epoch,)).fetchone()
-        if self.protect_after is not None:
-            self.protect_after = max(self.protect_after, stored)
         return stored
+
+    def _protected_after(self, conn: sqlite3.Connection) -> int | None:
+        """The seq above which retention deletes nothing (the stored cursor), None when
+        forwarding is off; read inside the caller's transaction."""
+        if not self.forwarding:
+            return None
+        row = conn.execute("SELECT acked_seq FROM forward_cursor WHERE epoch = ?", (self.epoch,)).fetchone()
+        return row[0] if row else 0
 
     # --- opening and upgrading --------------------------------------------------------
 

@@ -326,13 +326,36 @@ class Proxy:
         return f"127.0.0.1:{self.port}"
 
 
+def tally(bodies: list[dict], n: int) -> dict[str, int]:
+    """The fault table's row for one box whose seqs 1..n were acknowledged: what the
+    consumer got (distinct seqs), lost (acknowledged, never delivered), duplicated (copies
+    beyond the first, the broker's own DUP redeliveries left out) and reordered (distinct
+    seqs that came after a higher one)."""
+    seen: set[int] = set()
+    copies = reordered = high = 0
+    for b in bodies:
+        if b["seq"] in seen:
+            copies += not b.get("_dup")
+            continue
+        seen.add(b["seq"])
+        reordered += b["seq"] < high
+        high = max(high, b["seq"])
+    return {"acknowledged": n, "delivered": len(seen), "lost": len(set(range(1, n + 1)) - seen),
+            "duplicated": copies, "reordered": reordered}
+
+
 def check_delivery(bodies: list[dict], n: int, window: int, interruptions: int, epoch: str | None = None) -> None:
     """At the consumer: every seq 1..n present, in order after dedup by (edge_id, epoch,
     seq), and at most ``window`` duplicates per interruption. Copies the broker itself
     delivered again (MQTT DUP flag: its delivery to this subscriber was not acked before a
-    broker kill) are the broker's, not the forwarder's resends, and are not counted."""
+    broker kill) are the broker's, not the forwarder's resends, and are not counted.
+    The box's row of the fault table is printed (``pytest -s`` shows it)."""
     if epoch is not None:
         bodies = [b for b in bodies if b["epoch"] == epoch]
+    for box in sorted({b["edge_id"] for b in bodies}):
+        row = tally([b for b in bodies if b["edge_id"] == box], n)
+        print(f"fault-table {os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]} box={box} "
+              + " ".join(f"{k}={v}" for k, v in row.items()))
     seen: set[tuple] = set()
     order: list[int] = []
     for b in bodies:

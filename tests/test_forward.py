@@ -131,7 +131,6 @@ def test_forwards_everything_in_order_and_stores_the_cursor(tmp_path: Path) -> N
         await until(lambda: fw.acked_seq == 1000)
         await fw.stop()
         assert await ledger.forward_cursor() == 1000
-        assert ledger.protect_after is None  # stopped: nothing protected any more
         # counted per burst, still one per event; every ack's latency is in the histogram
         assert fw.forwarded.values[()] == fw.acked.values[()] == 1000
         counts, total = fw.ack_latency.values[()]
@@ -366,16 +365,36 @@ def test_retention_never_prunes_unforwarded_events(tmp_path: Path) -> None:
         ledger.retention_events = 5
         await fill(ledger, 20)
         await ledger.store_forward_cursor(8)
-        ledger.protect_after = 8
+        ledger.forwarding = True
         await ledger.prune()
         rows = await ledger.forward_page(0, 100, 1 << 20)
         assert [r[0] for r in rows] == list(range(9, 21))  # 1..8 forwarded: pruned; the rest kept
-        ledger.protect_after = None
+        ledger.forwarding = False
         await ledger.prune()
         rows = await ledger.forward_page(0, 100, 1 << 20)
         assert [r[0] for r in rows] == list(range(16, 21))
 
     run_with_ledger(tmp_path, body)
+
+
+def test_the_retention_pass_at_start_keeps_unforwarded_events(tmp_path: Path) -> None:
+    # the pass at start runs before any forwarder: the stored cursor alone protects
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 20)
+        await ledger.store_forward_cursor(4)
+
+    run_with_ledger(tmp_path, body)
+
+    async def again() -> list[int]:
+        ledger = Ledger(str(tmp_path / "l.db"), sync="normal", retention_events=5, forwarding=True)
+        await ledger.start()
+        try:
+            await ledger.prune()  # waits for the pass at start, then runs one more
+            return [r[0] for r in await ledger.forward_page(0, 100, 1 << 20)]
+        finally:
+            await ledger.close()
+
+    assert asyncio.run(again()) == list(range(5, 21))
 
 
 def test_byte_bound_drop_moves_the_cursor_and_counts(tmp_path: Path) -> None:
@@ -389,9 +408,9 @@ def test_byte_bound_drop_moves_the_cursor_and_counts(tmp_path: Path) -> None:
         await until(lambda: len(world.sent) == 4)
         assert ledger.on_forced_drop is not None
         ledger.on_forced_drop(6, 6, 6)  # what the byte bound reports after deleting 1..6
-        await until(lambda: ledger.protect_after == 6)
+        await until(lambda: fw.acked_seq == 6)
         assert await ledger.forward_cursor() == 6
-        assert fw.status()["dropped"] == 6
+        assert fw.status()["dropped"] == 6 and fw.status()["backlog"] == 4
         world.auto = True
         for seq in range(1, 5):
             world.engine.ack(seq)

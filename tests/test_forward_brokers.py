@@ -186,6 +186,40 @@ def test_gateway_sigkilled_three_times(kind: str, side, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["nats", "mqtt"])
+def test_gateway_restarts_during_an_outage_at_the_count_bound_lose_nothing(kind: str, tmp_path: Path) -> None:
+    # API.md §9: no retention pass, also the one at start, removes an unforwarded event
+    n, bound, restarts, live = 3000, 1000, 4, 100
+    port = unused_port()
+    env = forward_env(f"{kind}://127.0.0.1:{port}", EDGELINK_RETENTION_EVENTS=str(bound))
+    fill_db(tmp_path / "gw.db", n)
+    for i in range(restarts):
+        gw = start_gateway(tmp_path, env)
+        assert ingest(gw, live, threads=1) == [201] * live
+        assert status(gw)["backlog"] == n + (i + 1) * live
+        gw.stop(signal.SIGKILL if i % 2 else signal.SIGTERM)
+    total = n + restarts * live
+    broker = (Nats if kind == "nats" else Mosquitto)(tmp_path, port=port).start()
+    consumer = None
+    if kind == "nats":
+        broker.add_stream()
+    else:
+        consumer = MqttSubscriber(broker)
+    try:
+        gw = start_gateway(tmp_path, env)
+        try:
+            wait_status(gw, lambda st: st["acked_seq"] == total, timeout=120)
+            assert "edgelink_forward_dropped_total 0" in gw.get("/metrics").body.decode()
+        finally:
+            gw.stop()
+        bodies = broker.stream_seqs(expect=total) if consumer is None else consumer.wait(total)
+        check_delivery(bodies, total, WINDOW, interruptions=1)
+    finally:
+        if consumer is not None:
+            consumer.close()
+        broker.kill()
+
+
+@pytest.mark.parametrize("kind", ["nats", "mqtt"])
 def test_broker_down_while_ingesting(kind: str, gateway_factory) -> None:
     n = 20_000
     port = unused_port()

@@ -98,8 +98,8 @@ class Forwarder:
     # --- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.ledger.forwarding = True  # retention keeps what the stored cursor has not passed
         self.acked_seq = await self.ledger.forward_cursor()
-        self.ledger.protect_after = self.acked_seq  # retention keeps what is not forwarded
         self.ledger.on_forced_drop = self._forced_drop
         self.last_seq = await self.ledger.last_seq()
         self._task = asyncio.create_task(self._run(), name="forwarder")
@@ -112,7 +112,6 @@ class Forwarder:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         await asyncio.gather(*self._skips, return_exceptions=True)
-        self.ledger.protect_after = None
         self.ledger.on_forced_drop = None
 
     def _forced_drop(self, dropped: int, unforwarded: int, last_seq: int) -> None:
@@ -128,8 +127,13 @@ class Forwarder:
 
     def _skip_done(self, task: asyncio.Task[int]) -> None:
         self._skips.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
             log.error("forward_cursor_write_failed", error=repr(task.exception()))
+        else:  # dropped events are no backlog, also while no connection runs a pump
+            self.acked_seq = max(self.acked_seq, task.result())
+
     def wake(self, seq: int) -> None:
         """A new event was committed (called on the ingest path: O(1), never waits)."""
         if seq > self.last_seq:
