@@ -80,6 +80,8 @@ VACUUM_STEP = 256  # pages per incremental_vacuum step (1 MiB at 4 KiB pages): o
 CONVERT_MAX_BYTES = 64 * MIB  # an older file without auto_vacuum is VACUUMed at start up to this size
 BUCKET_MS = 60_000  # per-type counts are kept per minute of event timestamp
 DROP_LOG_INTERVAL = 60.0  # seconds between log lines about events dropped at the byte bound
+DEAD_LETTERS_KEPT = 10_000  # dead-letter records kept (the oldest go first): a bounded table
+DEAD_LETTER_DETAIL_CHARS = 1000  # of the broker's reason kept with a dead letter
 
 # The events table and its indexes (the benchmark's reference peer creates the same ones).
 EVENTS_SCHEMA = (
@@ -105,6 +107,18 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ledger_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     # the forwarder's cursor (API.md §9): the last seq the broker acknowledged, per epoch
     "CREATE TABLE IF NOT EXISTS forward_cursor (epoch TEXT PRIMARY KEY, acked_seq INTEGER NOT NULL)",
+    # events the broker refused for themselves (API.md §9): the cursor moved past them; the
+    # event stays in ``events`` until retention reaches it like any forwarded one
+    """CREATE TABLE IF NOT EXISTS forward_dead_letters (
+        epoch TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        event_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        PRIMARY KEY (epoch, seq)
+    )""",
     # the first version of this table; _upgrade adds the later columns and the unique index
     """CREATE TABLE IF NOT EXISTS copilot_runtime_services (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -236,6 +250,8 @@ class _Cursor:
     seq: int
     future: asyncio.Future
     size: int = 0  # one small row, updated in place
+    rewind: bool = False  # set the cursor to ``seq`` even if that moves it back
+    dead: tuple | None = None  # a dead letter recorded with the move: (seq, event_id, type, reason, detail, at)
 
 
 @dataclass(slots=True)
@@ -488,7 +504,9 @@ class Ledger:
                         " broadcast) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", job.row)
                     results.append((job.future, cursor.lastrowid, None))
                 elif isinstance(job, _Cursor):
-                    results.append((job.future, self._write_cursor(conn, job.seq), None))
+                    if job.dead is not None:
+                        self._write_dead_letter(conn, job.dead)
+                    results.append((job.future, self._write_cursor(conn, job.seq, job.rewind), None))
                 else:
                     self._write_health(conn, job.rows)
                     written += job.size
@@ -871,6 +889,38 @@ class Ledger:
         the byte bound may have moved further."""
         return await self._submit(lambda fut: _Cursor(seq, fut))
 
+    async def rewind_forward_cursor(self, seq: int) -> int:
+        """Set the cursor to ``seq``, also back (a rewind: the events after it are forwarded
+        again and retention keeps them again); returns the stored cursor."""
+        return await self._submit(lambda fut: _Cursor(seq, fut, rewind=True))
+
+    async def dead_letter(self, seq: int, event_id: str, type_: str, reason: str, detail: str, at_ms: int) -> int:
+        """Record event ``seq`` as a dead letter and move the cursor past it, in one
+        transaction; returns the stored cursor."""
+        dead = (seq, event_id, type_, reason, detail[:DEAD_LETTER_DETAIL_CHARS], at_ms)
+        return await self._submit(lambda fut: _Cursor(seq, fut, dead=dead))
+
+    async def dead_letters(self, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """This epoch's newest ``limit`` dead letters (newest first) and how many are recorded;
+        ``stored`` says whether the event itself is still in the ledger."""
+        def query(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], int]:
+            (total,) = conn.execute("SELECT count(*) FROM forward_dead_letters WHERE epoch = ?",
+                                    (self.epoch,)).fetchone()
+            rows = conn.execute(
+                "SELECT d.seq, d.event_id, d.type, d.reason, d.detail, d.at, e.seq IS NOT NULL"
+                " FROM forward_dead_letters d LEFT JOIN events e ON e.seq = d.seq"
+                " WHERE d.epoch = ? ORDER BY d.seq DESC LIMIT ?", (self.epoch, limit)).fetchall()
+            keys = ("seq", "event_id", "type", "reason", "detail", "at", "stored")
+            return [dict(zip(keys, (*row[:6], bool(row[6])))) for row in rows], total
+        return await self._read(query)
+
+    async def forward_oldest(self, after_seq: int) -> tuple[int, int] | None:
+        """(seq, timestamp ms) of the first stored event after ``after_seq``, or None."""
+        def query(conn: sqlite3.Connection) -> tuple[int, int] | None:
+            return conn.execute("SELECT seq, timestamp FROM events WHERE seq > ? ORDER BY seq LIMIT 1",
+                                (after_seq,)).fetchone()
+        return await self._read(query)
+
     async def forward_page(self, after_seq: int, limit: int, max_bytes: int) -> list[tuple]:
         """Up to ``limit`` events with ``seq > after_seq``, oldest first, as raw rows
         (seq, event_id, type, source, timestamp, payload JSON, metadata JSON or None,
@@ -889,11 +939,20 @@ class Ledger:
             return rows
         return await self._read(query)
 
-    def _write_cursor(self, conn: sqlite3.Connection, seq: int) -> int:
-        conn.execute("INSERT INTO forward_cursor (epoch, acked_seq) VALUES (?, ?) ON CONFLICT (epoch)"
-                     " DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq)", (self.epoch, seq))
+    def _write_cursor(self, conn: sqlite3.Connection, seq: int, rewind: bool = False) -> int:
+        conn.execute("INSERT INTO forward_cursor (epoch, acked_seq) VALUES (?, ?) ON CONFLICT (epoch) DO UPDATE SET"
+                     f" acked_seq = {'excluded.acked_seq' if rewind else 'max(acked_seq, excluded.acked_seq)'}",
+                     (self.epoch, seq))
         (stored,) = conn.execute("SELECT acked_seq FROM forward_cursor WHERE epoch = ?", (self.epoch,)).fetchone()
         return stored
+
+    def _write_dead_letter(self, conn: sqlite3.Connection, dead: tuple) -> None:
+        conn.execute("INSERT OR REPLACE INTO forward_dead_letters (epoch, seq, event_id, type, reason, detail, at)"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?)", (self.epoch, *dead))
+        (count,) = conn.execute("SELECT count(*) FROM forward_dead_letters").fetchone()
+        if count > DEAD_LETTERS_KEPT:
+            conn.execute("DELETE FROM forward_dead_letters WHERE rowid IN (SELECT rowid FROM forward_dead_letters"
+                         " ORDER BY at, seq LIMIT ?)", (count - DEAD_LETTERS_KEPT,))
 
     def _protected_after(self, conn: sqlite3.Connection) -> int | None:
         """The seq above which retention deletes nothing (the stored cursor), None when

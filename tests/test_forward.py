@@ -444,6 +444,11 @@ def test_type_filter_and_subject_tokens() -> None:
     wanted = type_filter(("system.*", "custom"))
     assert wanted("system.alert") and wanted("custom") and not wanted("customer") and not wanted("systemx")
     assert safe_type("a.b c/d*e>f") == "a.b_c_d_e_f"
+    # never an empty token: NATS refuses such a subject (the stream then looks missing)
+    assert [safe_type(t) for t in ("a..b", ".", "a.", ".a.", "*", ">", "#", "+")] == [
+        "a._.b", "_._", "a._", "_.a._", "_", "_", "_", "_"]
+    long_a, long_b = safe_type("x" * 250 + "a"), safe_type("x" * 250 + "b")
+    assert len(long_a) == len(long_b) == 128 and long_a != long_b  # cut, and still apart
 
 
 def settings(**kw: Any) -> Settings:
@@ -492,9 +497,46 @@ def test_status_when_forwarding_is_off(gateway) -> None:
     st = gateway.get("/vx11/forward/status").json()
     assert st == {"enabled": False, "engine": None, "url": None, "edge_id": st["edge_id"], "epoch": st["epoch"],
                   "state": "disabled", "acked_seq": 0, "last_seq": 0, "backlog": 0, "in_flight": 0,
-                  "last_error": None, "last_ack_at": None, "dropped": 0}
+                  "last_error": None, "last_error_at": None, "last_ack_at": None, "dropped": 0, "dead_letters": 0,
+                  "lag_seconds": 0}
     assert forward.EDGE_ID.fullmatch(st["edge_id"]) and len(st["epoch"]) == 32
     assert "edgelink_forward_" not in gateway.get("/metrics").body.decode()  # no forwarder, no series
+
+
+def test_rewind_when_forwarding_is_off_or_asked_badly(gateway) -> None:
+    assert gateway.post("/vx11/forward/rewind", {}, token=False).status == 401
+    for body in ({"from_seq": 0}, {"from_seq": "1"}, {"from_seq": True}, {"from_seq": 2**63}, [1]):
+        reply = gateway.post("/vx11/forward/rewind", body)
+        assert reply.status == 422 and reply.json()["error"] == "validation_error", (body, reply.body)
+    assert gateway.post("/vx11/forward/rewind", raw=b"{").status == 400
+    for body in ({}, {"from_seq": 5}, None):
+        reply = gateway.post("/vx11/forward/rewind", body)
+        assert reply.status == 409 and reply.json()["error"] == "forwarding_disabled", reply.body
+    listed = gateway.get("/vx11/forward/dead-letters")
+    assert listed.status == 200 and listed.json() == {"dead_letters": [], "total": 0}
+    assert gateway.get("/vx11/forward/dead-letters?limit=0").status == 422
+
+
+def test_rewind_resends_from_a_seq_and_counts_the_resends(tmp_path: Path) -> None:
+    world = World()
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 30)
+        fw = forwarder(ledger, world, window=8)
+        await fw.start()
+        await until(lambda: fw.acked_seq == 30)
+        assert await fw.rewind(21) == {"from_seq": 21, "acked_seq": 20, "backlog": 10}
+        assert await ledger.forward_cursor() == 20  # the stored cursor went back
+        await until(lambda: fw.acked_seq == 30)
+        assert fw.resent.values[()] == 10 and fw.rewinds.values[()] == 1
+        ledger.retention_events = 1
+        await ledger.prune()
+        assert await fw.rewind(None) == {"from_seq": 30, "acked_seq": 29, "backlog": 1}  # the oldest stored
+        await until(lambda: fw.acked_seq == 30)
+        await fw.stop()
+
+    run_with_ledger(tmp_path, body)
+    assert [m.seq for m in world.sent] == list(range(1, 31)) + list(range(21, 31)) + [30]
 
 
 def test_bad_edge_id_stops_the_start(tmp_path: Path) -> None:
