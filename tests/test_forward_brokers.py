@@ -604,3 +604,32 @@ def test_rewind_from_the_command_line_after_mosquitto_lost_messages(gateway_fact
         assert done.returncode == 1 and "403" in done.stderr, done.stderr  # a wrong token
     finally:
         broker.kill()
+
+
+@pytest.mark.parametrize("kind", ["nats", "mqtt"])
+def test_two_boxes_with_one_edge_id_are_reported(kind: str, side, gateway_factory) -> None:
+    # NATS: each connection announces its process on vx11-presence.<edge_id>; MQTT 3.1.1:
+    # one client id, so each connection takes the other's over (a reconnect storm)
+    s = side(kind)
+    boxes = [gateway_factory(forward_env(s.url)) for _ in range(2)]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        warned = [any(r.get("event") == "forward_duplicate_edge_id" for r in log_records(gw.log_path))
+                  for gw in boxes]
+        if any(warned):
+            break
+        for gw in boxes:
+            assert_ingest_ok(gw)  # traffic, so an MQTT connection is in use
+        time.sleep(0.2)
+    assert any(warned), [gw.logs()[-2000:] for gw in boxes]
+    record = next(r for gw in boxes for r in log_records(gw.log_path) if r.get("event") == "forward_duplicate_edge_id")
+    assert record["edge_id"] == "box1" and record["level"] == "warning"
+
+
+def test_one_box_is_not_reported_as_a_duplicate(side, gateway_factory) -> None:
+    s = side("nats")
+    gw = gateway_factory(forward_env(s.url))
+    ingest(gw, 50, threads=1)
+    wait_status(gw, lambda st: st["acked_seq"] == 50)
+    time.sleep(1)
+    assert not any(r.get("event") == "forward_duplicate_edge_id" for r in log_records(gw.log_path))
