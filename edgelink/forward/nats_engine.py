@@ -33,7 +33,7 @@ from ..log import log
 from .engine import (FRAME_BYTES, INSTANCE, Acks, EngineError, Message, safe_type, tls_context,
                      warn_duplicate_edge_id)
 
-SUBSCRIPTION_LIMIT = 1 << 20  # bytes of acks the inbox may hold; acks are ~50 bytes each
+SUBSCRIPTION_LIMIT = 1 << 20  # bytes of presence announcements queued (each is 32 bytes)
 # nats-py's publish waits (without a bound) for its flusher once this many bytes are
 # pending: a broker that stops reading would hold the forwarder there. The forwarder's
 # window bounds what is pending instead, so the client's own bound is never reached.
@@ -84,8 +84,9 @@ class NatsEngine:
                 timeout)
             self._bound_frames(self._nc)
             self._inbox = self._nc.new_inbox()
-            await self._nc.subscribe(self._inbox + ".*", cb=self._on_reply, pending_msgs_limit=-1,
-                                     pending_bytes_limit=SUBSCRIPTION_LIMIT)
+            # no callback: _take_replies takes this subscription's messages from the parser
+            replies = await self._nc.subscribe(self._inbox + ".*")
+            self._take_replies(self._nc, replies._id)
             await self._nc.subscribe(PRESENCE + edge_id, cb=self._on_presence, pending_bytes_limit=SUBSCRIPTION_LIMIT)
             await asyncio.wait_for(self._nc.flush(), timeout)
         except asyncio.TimeoutError:
@@ -152,21 +153,39 @@ class NatsEngine:
         except (OSError, NatsError) as exc:
             raise EngineError("disconnected", str(exc) or type(exc).__name__) from None
 
-    async def _on_reply(self, reply) -> None:
-        try:
-            index = int(reply.subject[len(self._inbox) + 1:])
-        except ValueError:
-            return
+    def _take_replies(self, nc: nats.NATS, sid: int) -> None:
+        """Handle the replies (PubAcks) as the parser hands them over, instead of nats-py
+        making a message object, parsing its headers and queueing it for a task that calls
+        ``_on_reply``: that cost about as much CPU as the whole publish (issue 23's
+        catch-up against a plain client). Other subscriptions go nats-py's way."""
+        process = nc._process_msg
+
+        async def take(msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+            if msg_sid != sid:
+                await process(msg_sid, subject, reply, data, headers)
+                return
+            try:
+                index = int(subject[len(self._inbox) + 1:])
+            except ValueError:
+                return
+            # a status line "NATS/1.0 503": no responders, no stream holds the subject
+            self._reply(index, bytes(data), bool(headers) and bytes(headers[9:12]) == b"503")
+
+        nc._process_msg = take
+
+    def _reply(self, index: int, data: bytes, no_responders: bool) -> None:
         acks = self.acks
         subject = self._subjects.pop(index, None)
-        status = (reply.headers or {}).get("Status")
-        if status == "503":
+        if no_responders:
             acks.refuse(index, EngineError("no_stream", f"no JetStream stream holds the subject {subject}"))
             return
+        if data.startswith(b'{"stream":') and b'"error"' not in data:
+            acks.ack(index)  # a PubAck: {"stream":"VX11","seq":123} (maybe "duplicate":true)
+            return
         try:
-            answer = orjson.loads(reply.data)
+            answer = orjson.loads(data)
         except orjson.JSONDecodeError:
-            acks.refuse(index, EngineError("rejected", f"not a PubAck: {reply.data[:100]!r}"))
+            acks.refuse(index, EngineError("rejected", f"not a PubAck: {data[:100]!r}"))
             return
         error = answer.get("error") if isinstance(answer, dict) else None
         if error is not None or not isinstance(answer, dict) or "stream" not in answer:
