@@ -188,6 +188,9 @@ _SERVICE_COLUMNS = (
 
 # Highest seq of a broadcast event retention has deleted: a replay from below it missed events.
 _PRUNED_BROADCAST = "pruned_broadcast_seq"
+# Highest seq the forwarder had sent when it last stored its cursor (per epoch: key + epoch):
+# after a restart, sending one at or below it again counts as a resend.
+_FORWARD_SENT = "forward_sent_seq:"
 
 _EVENT_COLUMNS = "seq, event_id, type, source, timestamp, payload, metadata, canonical, broadcast"
 _HEALTH_COLUMNS = "service_name, status, http_code, latency_ms, url, error, checked_at"
@@ -251,6 +254,7 @@ class _Cursor:
     future: asyncio.Future
     size: int = 0  # one small row, updated in place
     rewind: bool = False  # set the cursor to ``seq`` even if that moves it back
+    sent: int = 0  # the highest seq sent so far, kept beside the cursor
     dead: tuple | None = None  # a dead letter recorded with the move: (seq, event_id, type, reason, detail, at)
 
 
@@ -522,6 +526,10 @@ class Ledger:
                     if job.dead is not None:
                         self._write_dead_letter(conn, job.dead)
                     results.append((job.future, self._write_cursor(conn, job.seq, job.rewind), None))
+                    if job.sent:
+                        conn.execute("INSERT INTO ledger_meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
+                                     " DO UPDATE SET value = max(value, excluded.value)",
+                                     (_FORWARD_SENT + self.epoch, job.sent))
                 else:
                     self._write_health(conn, job.rows)
                     written += job.size
@@ -899,10 +907,18 @@ class Ledger:
             return row[0] if row else 0
         return await self._read(query)
 
-    async def store_forward_cursor(self, seq: int) -> int:
-        """Move the cursor forward to ``seq`` (never back); returns the stored cursor, which
-        the byte bound may have moved further."""
-        return await self._submit(lambda fut: _Cursor(seq, fut))
+    async def store_forward_cursor(self, seq: int, sent: int = 0) -> int:
+        """Move the cursor forward to ``seq`` (never back), and keep ``sent``, the highest
+        seq sent so far, if higher than the kept one; returns the stored cursor, which the
+        byte bound may have moved further."""
+        return await self._submit(lambda fut: _Cursor(seq, fut, sent=sent))
+
+    async def forward_sent_seq(self) -> int:
+        """The highest seq sent as of the last cursor write in this epoch (0: none)."""
+        def query(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT value FROM ledger_meta WHERE key = ?", (_FORWARD_SENT + self.epoch,)).fetchone()
+            return row[0] if row else 0
+        return await self._read(query)
 
     async def rewind_forward_cursor(self, seq: int) -> int:
         """Set the cursor to ``seq``, also back (a rewind: the events after it are forwarded

@@ -87,7 +87,7 @@ class Forwarder:
         self.dead_letter_count = 0  # this epoch's recorded dead letters (read at start)
         self.lag_seconds = 0.0  # age of the oldest event still to forward (refresh_lag)
         self._refused = (0, 0)  # (seq, consecutive refusals) of the message refused last
-        self._high_sent = 0  # highest seq sent since start or the last rewind: a lower one is a resend
+        self._high_sent = 0  # highest seq sent (kept with the cursor across restarts): a lower one is a resend
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self.forwarded = metrics.add(Counter("edgelink_forward_forwarded_total", "Events published to the broker"))
@@ -127,6 +127,8 @@ class Forwarder:
     async def start(self) -> None:
         self.ledger.forwarding = True  # retention keeps what the stored cursor has not passed
         self.acked_seq = await self.ledger.forward_cursor()
+        # what an earlier run had sent (as of its last cursor write) goes again as a resend
+        self._high_sent = await self.ledger.forward_sent_seq()
         self.ledger.on_forced_drop = self._forced_drop
         self.last_seq = await self.ledger.last_seq()
         self.dead_letter_count = (await self.ledger.dead_letters(0))[1]
@@ -381,7 +383,7 @@ class Forwarder:
                         acked = stored
                         scanned = max(scanned, stored)
                 if store is None and acked > self.acked_seq:
-                    store = loop.create_task(self.ledger.store_forward_cursor(acked))
+                    store = loop.create_task(self.ledger.store_forward_cursor(acked, self._high_sent))
                     storing = unstored
                 elif store is None:
                     unstored = 0  # every ack is at or below the stored cursor already
@@ -414,7 +416,7 @@ class Forwarder:
             if store is not None:
                 self.acked_seq, store = await store, None
             if acked > self.acked_seq:
-                self.acked_seq = await self.ledger.store_forward_cursor(acked)
+                self.acked_seq = await self.ledger.store_forward_cursor(acked, self._high_sent)
             raise
         finally:
             if store is not None:
