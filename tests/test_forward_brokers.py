@@ -362,6 +362,9 @@ def test_unreachable_broker(kind: str, gateway_factory) -> None:
     gw = gateway_factory(forward_env(f"{kind}://127.0.0.1:{unused_port()}"))
     assert_degraded(gw, "unreachable")
     assert_ingest_ok(gw)
+    st = status(gw)  # the first event waits since before assert_degraded's second
+    assert st["lag_seconds"] >= 1 and st["last_error_at"] is not None and st["last_error_at"] <= time.time() * 1000
+    assert metric(gw, "edgelink_forward_lag_seconds") >= 1 and metric(gw, "edgelink_forward_ack_age_seconds") >= 1
     metrics = gw.get("/metrics").body.decode()
     for name in ("edgelink_forward_forwarded_total 0", "edgelink_forward_acked_total 0",
                  "edgelink_forward_resent_total 0", "edgelink_forward_reconnects_total 0",
