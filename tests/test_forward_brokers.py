@@ -463,6 +463,27 @@ def test_nats_poison_events_never_stop_forwarding(gateway_factory, tmp_path: Pat
         broker.kill()
 
 
+def test_nats_publish_refused_by_an_acl_becomes_a_dead_letter(gateway_factory, tmp_path: Path) -> None:
+    # the server refuses one subject to the box's user (a permissions violation names the
+    # subject; the connection stays): after the retries that event is a dead letter
+    n = 30
+    conf = ('authorization { users = [\n'
+            '  {user: admin, password: pw}\n'
+            '  {user: edge, password: pw, permissions: {publish: {allow: [">"], '
+            'deny: ["vx11.box1.events.fleet.secret"]}, subscribe: {allow: [">"]}}}\n]}\n')
+    broker = Nats(tmp_path, conf=conf).start()
+    broker.auth = ("admin", "pw")  # the test's own client (the flags are set at start only)
+    broker.add_stream()
+    try:
+        gw = gateway_factory(forward_env(broker.url.replace("://", "://edge:pw@")))
+        poison(gw, n, {7: {"type": "fleet.secret"}})
+        wait_status(gw, lambda st: st["acked_seq"] == n and st["backlog"] == 0)
+        assert_dead_letters(gw, {7: "acl"})
+        check_delivery(broker.stream_seqs(expect=n - 1), n, WINDOW, interruptions=3, dead=frozenset({7}))
+    finally:
+        broker.kill()
+
+
 def test_mqtt_poison_events_never_stop_forwarding(gateway_factory, tmp_path: Path) -> None:
     # MQTT 5: the broker's maximum packet size (from its CONNACK) and an ACL refusing one
     # topic (PUBACK 0x87, a dead letter after the retries)
