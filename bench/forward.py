@@ -10,6 +10,12 @@ For each engine (NATS JetStream, MQTT via mosquitto) on real loopback brokers:
   and CPU seconds per 100,000 events during the catch-up;
 * time from a broker restart to the first ack.
 
+``--floor`` runs only the catch-up of a backlog, alternating in one run the gateway (its
+default ledger sync, window 64) and the floor: a plain client publishing the same messages
+with the same window (nats-py with PubAcks on a reply inbox and ``Nats-Msg-Id``; paho QoS 1
+with ``max_inflight_messages`` = window), no subscriber on this box; medians of ``--runs``
+pairs and their ratio (issue 23: the gateway at or above the floor).
+
 ``--in-process`` runs only the catch-up, with the ``Forwarder`` and the real engine in this
 process (real ledger file, real broker, uvloop), and reports the process's CPU seconds and
 its loop thread's: the figure that judged each catch-up change, without a gateway, HTTP
@@ -71,11 +77,11 @@ def wait_acked(gw: Gateway, at_least: int, timeout: float = 300) -> float:
     return time.monotonic() - start
 
 
-def gateway(tmp: Path, url: str, window: int, name: str, backlog: int) -> Gateway:
+def gateway(tmp: Path, url: str, window: int, name: str, backlog: int, sync: str = "normal") -> Gateway:
     run = tmp / name
     run.mkdir()
     fill_db(run / "gw.db", backlog)
-    return start_gateway(run, forward_env(url, EDGELINK_FORWARD_WINDOW=str(window)))
+    return start_gateway(run, forward_env(url, EDGELINK_FORWARD_WINDOW=str(window), EDGELINK_LEDGER_SYNC=sync))
 
 
 def rate(tmp: Path, url: str, window: int, name: str) -> float:
@@ -192,13 +198,111 @@ def in_process(kind: str, root: Path, window: int, runs: int) -> dict[str, Any]:
             "cursor_writes": int(commits)}
 
 
+def floor_nats(url: str, bodies: list[tuple[str, bytes, str]], window: int) -> float:
+    """Seconds for a plain nats-py publisher to have ``bodies`` acked by the stream, at
+    most ``window`` unacked: the same publish, reply inbox and header as the gateway's."""
+    import nats
+
+    async def go() -> float:
+        nc = await nats.connect(url)
+        inbox = nc.new_inbox()
+        free = asyncio.Semaphore(window)
+        done = asyncio.Event()
+        acks = 0
+
+        async def on_ack(msg: Any) -> None:
+            nonlocal acks
+            acks += 1
+            free.release()
+            if acks == len(bodies):
+                done.set()
+
+        await nc.subscribe(inbox + ".*", cb=on_ack, pending_msgs_limit=-1)
+        t0 = time.monotonic()
+        for i, (subject, body, msg_id) in enumerate(bodies):
+            await free.acquire()
+            await nc.publish(subject, body, reply=f"{inbox}.{i}", headers={"Nats-Msg-Id": msg_id})
+        await done.wait()
+        elapsed = time.monotonic() - t0
+        await nc.close()
+        return elapsed
+
+    return asyncio.run(go())
+
+
+def floor_mqtt(port: int, bodies: list[tuple[str, bytes, str]], window: int) -> float:
+    """Seconds for a plain paho QoS 1 client to have ``bodies`` PUBACKed, at most
+    ``window`` in flight (paho's own bound)."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="floor", clean_session=True)
+    client.max_inflight_messages_set(window)
+    client.max_queued_messages_set(0)
+    finished = threading.Event()
+    acks = [0]
+
+    def on_publish(*_: Any) -> None:
+        acks[0] += 1
+        if acks[0] == len(bodies):
+            finished.set()
+
+    client.on_publish = on_publish
+    client.connect("127.0.0.1", port, 30)
+    client.loop_start()
+    t0 = time.monotonic()
+    for subject, body, _ in bodies:
+        client.publish(subject.replace(".", "/", 3), body, qos=1)
+    finished.wait(600)
+    elapsed = time.monotonic() - t0
+    client.loop_stop()
+    client.disconnect()
+    return elapsed
+
+
+def floor_pairs(kind: str, root: Path, runs: int, backlog: int, window: int = 64) -> dict[str, Any]:
+    """``runs`` pairs of (gateway, floor) catch-ups of ``backlog`` events, alternating."""
+    tmp = root / f"floor-{kind}"
+    tmp.mkdir()
+    b = broker(kind, tmp)
+    # the gateway's messages: the same subject, body and id for the floor
+    bodies = [("vx11.box1.events.fleet.test",
+               orjson.dumps({"edge_id": "box1", "epoch": "0" * 32, "seq": i, "event_id": f"e{i}", "type": "fleet.test",
+                             "source": "fill", "timestamp": int(time.time() * 1000), "payload": {"i": i},
+                             "metadata": None, "canonical": False}), f"floor:{run_id}:{i}")
+              for run_id in ("x",) for i in range(1, backlog + 1)]
+    gateway_rates, floor_rates = [], []
+    try:
+        for run in range(runs):
+            gw = gateway(tmp, b.url, window, f"g{run}", backlog, sync="full")  # the default
+            try:
+                first = acked(gw)
+                t0 = time.monotonic()
+                wait_acked(gw, backlog)
+                gateway_rates.append((backlog - first) / (time.monotonic() - t0))
+            finally:
+                gw.stop(signal.SIGKILL)
+            run_bodies = [(subject, body, msg_id.replace(":x:", f":{run}:")) for subject, body, msg_id in bodies]
+            seconds = floor_nats(b.url, run_bodies, window) if kind == "nats" else floor_mqtt(b.port, run_bodies, window)
+            floor_rates.append(backlog / seconds)
+    finally:
+        b.kill()
+    g, f = statistics.median(gateway_rates), statistics.median(floor_rates)
+    return {"window": window, "backlog": backlog, "runs": runs,
+            "gateway_events_per_s": round(g), "floor_events_per_s": round(f), "ratio": round(g / f, 2),
+            "gateway_each": [round(r) for r in gateway_rates], "floor_each": [round(r) for r in floor_rates]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", choices=("nats", "mqtt", "mqtt5", "both"), default="both")
     parser.add_argument("--skip-rates", action="store_true", help="only catch-up, RSS, CPU and restart")
     parser.add_argument("--in-process", action="store_true",
                         help="only the catch-up, the forwarder in this process (see above); --engine may be mqtt5")
-    parser.add_argument("--runs", type=int, default=3, help="--in-process: runs to take the median of")
+    parser.add_argument("--floor", action="store_true",
+                        help="only the catch-up, gateway and plain client alternating (see above)")
+    parser.add_argument("--backlog", type=int, default=BACKLOG, help="--floor: events per catch-up")
+    parser.add_argument("--runs", type=int, default=3, help="--in-process, --floor: runs to take the median of")
     parser.add_argument("--window", type=int, default=64, help="--in-process: the forwarding window")
     args = parser.parse_args()
     if args.engine == "mqtt5" and not args.in_process:
@@ -207,6 +311,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as root:
         if args.in_process:
             figures = {kind: in_process(kind, Path(root), args.window, args.runs) for kind in kinds}
+        elif args.floor:
+            figures = {kind: floor_pairs(kind, Path(root), args.runs, args.backlog, args.window) for kind in kinds}
         else:
             figures = {kind: engine_figures(kind, Path(root), not args.skip_rates) for kind in kinds}
     print(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())

@@ -79,6 +79,23 @@ def build_router() -> Router:
     r.add("GET", "/vx11/forward/status", ops.forward_status, summary="Forwarding to the fleet broker",
           tags=("operations",), doc=Operation((reply(200, "The forwarder's connection, cursor and backlog.",
                                                      "ForwardStatus"),)))
+    r.add("GET", "/vx11/forward/dead-letters", ops.forward_dead_letters, summary="Events the broker refused",
+          tags=("operations",), doc=Operation(
+              (reply(200, "This epoch's dead letters, newest first: events the broker refused for themselves (too "
+                          "large, refused by an ACL after retries), which the cursor moved past. `stored` says "
+                          "whether the event is still in the ledger (retention treats it as forwarded).",
+                     "ForwardDeadLetters"), VALIDATION),
+              parameters=(query_param("limit", f"How many to list ({ops.DEAD_LETTERS_LISTED} by default).",
+                                      {"type": "integer", "minimum": 1, "maximum": ops.DEAD_LETTERS_MAX}),)))
+    r.add("POST", "/vx11/forward/rewind", ops.forward_rewind, summary="Forward again from a seq",
+          tags=("operations",), doc=Operation(
+              (reply(200, "The cursor is set back: forwarding resends from `from_seq` (the oldest stored event when "
+                          "absent or older), for a broker that lost messages it had acknowledged. Resends are "
+                          "counted in `edgelink_forward_resent_total`; the consumer's dedup by (edge_id, epoch, seq) "
+                          "keeps them exactly-once.", "ForwardRewound"),
+               INVALID_JSON, VALIDATION,
+               error(409, "forwarding_disabled", "EDGELINK_FORWARD_URL is not set.")),
+              request_body=json_body("ForwardRewind", {"from_seq": 1}, required=False)))
     r.add("POST", "/vx11/intent/{intent}", modules.intent, summary="Forward an intent to its module",
           tags=("modules",), doc=Operation(
               (reply(200, "The module's reply.", "ModuleReply"),

@@ -1,4 +1,4 @@
-"""The ``edgelink`` command: serve, check, demo, probe."""
+"""The ``edgelink`` command: serve, check, demo, probe, forward rewind."""
 
 from __future__ import annotations
 
@@ -52,6 +52,38 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return run_probe(args)
 
 
+def _cmd_forward_rewind(args: argparse.Namespace) -> int:
+    """Ask the running gateway (the settings' host and port, with its token) to forward
+    again from ``--from-seq`` (or the oldest stored event); prints its JSON answer."""
+    import http.client
+    import json
+
+    try:
+        settings = _load(args)
+    except ConfigError as exc:
+        raise SystemExit("\n".join(f"edgelink: {problem}" for problem in exc.problems)) from None
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host, settings.host)
+    body = json.dumps({} if args.from_seq is None else {"from_seq": args.from_seq})
+    headers = {"Content-Type": "application/json"}
+    if settings.token:
+        headers["X-VX11-Token"] = settings.token
+    conn = http.client.HTTPConnection(host, settings.port, timeout=30)
+    try:
+        conn.request("POST", "/vx11/forward/rewind", body=body, headers=headers)
+        reply = conn.getresponse()
+        text = reply.read().decode(errors="replace")
+    except OSError as exc:
+        print(f"edgelink forward rewind: no gateway answered at {host}:{settings.port}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        conn.close()
+    if reply.status != 200:
+        print(f"edgelink forward rewind: the gateway answered {reply.status}: {text}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgelink", description="Low-power VX11 gateway (Tentáculo Link v7 API).")
     p.add_argument("--version", action="version", version=f"edgelink {__version__}")
@@ -77,6 +109,12 @@ def parser() -> argparse.ArgumentParser:
     probe.add_argument("--report", help="write a Markdown report to this file")
     probe.add_argument("--config", help="TOML config file")
     probe.set_defaults(func=_cmd_probe)
+    fwd = sub.add_parser("forward", help="ask the running gateway about forwarding")
+    fwd_sub = fwd.add_subparsers(dest="forward_command", required=True)
+    rewind = fwd_sub.add_parser("rewind", help="forward again from a seq (a broker lost messages it had acked)")
+    common(rewind)
+    rewind.add_argument("--from-seq", type=int, help="the first seq to send again (default: the oldest stored)")
+    rewind.set_defaults(func=_cmd_forward_rewind)
     return p
 
 

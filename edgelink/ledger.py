@@ -11,14 +11,16 @@ Rules it keeps
   reads run on a small pool of reader connections in threads (WAL lets them read
   while the writer writes).
 * Retention (count and age) runs on the writer thread in small batches, each its own
-  short transaction, with pending appends served between batches. It never deletes an
-  event above ``protect_after`` (the forwarder's cursor, when forwarding is on).
+  short transaction, with pending appends served between batches. With ``forwarding`` on
+  it never deletes an event above the forwarder's STORED cursor, read in the batch's own
+  transaction: so also the pass at start, before any forwarder runs, keeps them.
 * The file (main database + WAL) stays under ``max_bytes``: before a chunk of appends is
   inserted, the pages in use (measured at least once per chunk's worth of writes or per
   second, and again before any refusal or drop) plus the chunk are compared with the
   bound; at the bound ``drop_oldest`` deletes the oldest events in the same transaction
-  (the only deletion allowed past ``protect_after``; ``on_forced_drop`` tells the
-  forwarder) and ``reject`` refuses the appends (``LedgerFull``). Free pages beyond a
+  (the only deletion allowed past the cursor; ``on_forced_drop`` tells the forwarder,
+  and every dropped event is in the log: the first drop at once, the rest summed at most
+  DROP_LOG_INTERVAL later or at close) and ``reject`` refuses the appends (``LedgerFull``). Free pages beyond a
   small reserve go back to the file system by ``incremental_vacuum`` in small steps
   between batches; the WAL is held near ``WAL_LIMIT`` by the auto-checkpoint and
   ``journal_size_limit``.
@@ -80,6 +82,8 @@ VACUUM_STEP = 256  # pages per incremental_vacuum step (1 MiB at 4 KiB pages): o
 CONVERT_MAX_BYTES = 64 * MIB  # an older file without auto_vacuum is VACUUMed at start up to this size
 BUCKET_MS = 60_000  # per-type counts are kept per minute of event timestamp
 DROP_LOG_INTERVAL = 60.0  # seconds between log lines about events dropped at the byte bound
+DEAD_LETTERS_KEPT = 10_000  # dead-letter records kept (the oldest go first): a bounded table
+DEAD_LETTER_DETAIL_CHARS = 1000  # of the broker's reason kept with a dead letter
 
 # What an event's JSON costs besides its type, source, payload and metadata (keys, event_id,
 # seq, timestamp, a summary in place of a long field): for answers bounded in bytes.
@@ -109,6 +113,18 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ledger_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     # the forwarder's cursor (API.md §9): the last seq the broker acknowledged, per epoch
     "CREATE TABLE IF NOT EXISTS forward_cursor (epoch TEXT PRIMARY KEY, acked_seq INTEGER NOT NULL)",
+    # events the broker refused for themselves (API.md §9): the cursor moved past them; the
+    # event stays in ``events`` until retention reaches it like any forwarded one
+    """CREATE TABLE IF NOT EXISTS forward_dead_letters (
+        epoch TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        event_id TEXT NOT NULL,
+        type TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        PRIMARY KEY (epoch, seq)
+    )""",
 )
 # The runtime-truth tables (API.md §7): all ``edgelink probe --db`` creates in a database the
 # ledger did not create (VX11's own, say).
@@ -184,6 +200,9 @@ _SERVICE_COLUMNS = (
 
 # Highest seq of a broadcast event retention has deleted: a replay from below it missed events.
 _PRUNED_BROADCAST = "pruned_broadcast_seq"
+# Highest seq the forwarder had sent when it last stored its cursor (per epoch: key + epoch):
+# after a restart, sending one at or below it again counts as a resend.
+_FORWARD_SENT = "forward_sent_seq:"
 
 _EVENT_COLUMNS = "seq, event_id, type, source, timestamp, payload, metadata, canonical, broadcast"
 _HEALTH_COLUMNS = "service_name, status, http_code, latency_ms, url, error, checked_at"
@@ -246,6 +265,9 @@ class _Cursor:
     seq: int
     future: asyncio.Future
     size: int = 0  # one small row, updated in place
+    rewind: bool = False  # set the cursor to ``seq`` even if that moves it back
+    sent: int = 0  # the highest seq sent so far, kept beside the cursor
+    dead: tuple | None = None  # a dead letter recorded with the move: (seq, event_id, type, reason, detail, at)
 
 
 @dataclass(slots=True)
@@ -259,18 +281,18 @@ _STOP = object()
 class Ledger:
     """The event and health store. ``await start()`` before use, ``await close()`` after.
 
-    Hook for forwarding (API.md §9): ``protect_after`` is the seq of the last forwarded
-    event (``None`` = forwarding off). Count and age retention never delete an event above
-    it; only the byte bound under ``drop_oldest`` does, and then calls
+    Hook for forwarding (API.md §9): with ``forwarding`` on, the stored forward cursor
+    (the seq of the last forwarded event) is the line count and age retention never cross;
+    only the byte bound under ``drop_oldest`` does, and then calls
     ``on_forced_drop(dropped, unforwarded, last_seq)`` on the event loop after the commit:
-    how many events it deleted, how many of them were above ``protect_after``, and the
-    highest seq deleted (so a forwarder can move its cursor past it).
+    how many events it deleted, how many of them were above the cursor, and the highest
+    seq deleted (so a forwarder can move its cursor past it).
     """
 
     def __init__(self, path: str, *, sync: str = Settings.ledger_sync,
                  retention_events: int = Settings.retention_events, retention_days: float = Settings.retention_days,
                  max_bytes: int = Settings.ledger_max_bytes, full_policy: str = Settings.ledger_full,
-                 now: Callable[[], float] = time.time,
+                 now: Callable[[], float] = time.time, forwarding: bool = False,
                  prune_interval: float = PRUNE_INTERVAL, prune_batch: int = PRUNE_BATCH):
         if sync not in ("full", "normal"):
             raise ValueError(f"ledger sync must be 'full' or 'normal', not {sync!r}")
@@ -285,7 +307,7 @@ class Ledger:
         self.now = now  # wall clock in seconds, for the retention age
         self.prune_interval = prune_interval
         self.prune_batch = prune_batch
-        self.protect_after: int | None = None
+        self.forwarding = forwarding  # retention keeps what the stored cursor has not passed
         self.on_forced_drop: Callable[[int, int, int], None] | None = None
         self.commits = 0  # committed write transactions (the group-commit test counts them)
         self.on_commit: Callable[[float, int], None] | None = None  # (seconds, writes) per commit, for /metrics
@@ -302,7 +324,8 @@ class Ledger:
         self._full = False  # in a run of LedgerFull refusals (logged once per run)
         self._failing = False  # in a run of refused writes (logged once per run)
         self._vacuum_failing = False
-        self._drops_unlogged = [0, 0]  # events, unforwarded dropped at the bound since the last log line
+        # events, unforwarded events and the highest seq dropped at the bound since the last log line
+        self._drops_unlogged = [0, 0, 0]
         self._drop_logged_at = -DROP_LOG_INTERVAL
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -316,7 +339,7 @@ class Ledger:
     def from_settings(cls, settings: Settings, now: Callable[[], float] = time.time) -> "Ledger":
         return cls(settings.db, sync=settings.ledger_sync, retention_events=settings.retention_events,
                    retention_days=settings.retention_days, max_bytes=settings.ledger_max_bytes,
-                   full_policy=settings.ledger_full, now=now)
+                   full_policy=settings.ledger_full, now=now, forwarding=bool(settings.forward_url))
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -416,14 +439,18 @@ class Ledger:
             while True:
                 pass_due = waiters is not None or time.monotonic() >= next_pass
                 busy = pass_due or vacuuming
-                jobs = self._take_jobs(0.0 if busy else next_pass - time.monotonic())
+                due = next_pass if self._drops_unlogged[0] == 0 else min(
+                    next_pass, self._drop_logged_at + DROP_LOG_INTERVAL)
+                jobs = self._take_jobs(0.0 if busy else due - time.monotonic())
                 writes = [j for j in jobs if isinstance(j, (_Append, _Health, _Cursor))]
                 if writes:
                     self._commit_writes(conn, writes)
                 requests = [j for j in jobs if isinstance(j, _Prune)]
                 if requests or (waiters is None and time.monotonic() >= next_pass):
                     waiters = (waiters or []) + requests
-                if any(j is _STOP for j in jobs):
+                stopping = any(j is _STOP for j in jobs)
+                self._log_drops(force=stopping)
+                if stopping:
                     # a pass cut short by close() reports what it deleted so far
                     self._settle([(w.future, deleted, None) for w in waiters or ()])
                     return
@@ -466,6 +493,21 @@ class Ledger:
             self._commit_chunk(conn, chunk)
 
     def _commit_chunk(self, conn: sqlite3.Connection, jobs: list[_Append | _Health | _Cursor]) -> None:
+        # A transaction of forward-cursor moves only is not fsynced (WAL, synchronous
+        # NORMAL: it survives a crash of the process, not a power cut): a cursor lost to a
+        # power cut only makes events go to the broker again, which the consumer's dedup
+        # absorbs, while an fsync per burst of acks held the forwarder's window (issue 23).
+        # The next fsynced commit makes it durable as well.
+        light = self.sync == "full" and all(isinstance(job, _Cursor) and job.dead is None for job in jobs)
+        if light:
+            conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            self._commit_jobs(conn, jobs)
+        finally:
+            if light:
+                conn.execute("PRAGMA synchronous = FULL")
+
+    def _commit_jobs(self, conn: sqlite3.Connection, jobs: list[_Append | _Health | _Cursor]) -> None:
         results: list[tuple[asyncio.Future, Any, BaseException | None]] = []
         dropped = (0, 0, 0)
         started = time.perf_counter()
@@ -493,7 +535,13 @@ class Ledger:
                         " broadcast) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", job.row)
                     results.append((job.future, cursor.lastrowid, None))
                 elif isinstance(job, _Cursor):
-                    results.append((job.future, self._write_cursor(conn, job.seq), None))
+                    if job.dead is not None:
+                        self._write_dead_letter(conn, job.dead)
+                    results.append((job.future, self._write_cursor(conn, job.seq, job.rewind), None))
+                    if job.sent:
+                        conn.execute("INSERT INTO ledger_meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
+                                     " DO UPDATE SET value = max(value, excluded.value)",
+                                     (_FORWARD_SENT + self.epoch, job.sent))
                 else:
                     write_health(conn, job.rows, self._service_row)
                     written += job.size
@@ -547,7 +595,7 @@ class Ledger:
     def _drop_oldest(self, conn: sqlite3.Connection, need: int) -> tuple[tuple[int, int, int], int]:
         """Delete the oldest events, inside the caller's transaction, until about ``need``
         bytes are free: ((events, of them unforwarded, highest seq), bytes freed)."""
-        protect = self.protect_after
+        protect = self._protected_after(conn)
         freed = count = unforwarded = last = 0
         lost_broadcast = None
         while freed < need:
@@ -588,14 +636,21 @@ class Ledger:
         pending = self._drops_unlogged
         pending[0] += count
         pending[1] += unforwarded
-        # one line per DROP_LOG_INTERVAL at most: at the bound every chunk may drop some
-        if time.monotonic() - self._drop_logged_at >= DROP_LOG_INTERVAL:
-            log.warning("ledger_dropped_oldest", events=pending[0], unforwarded=pending[1], last_seq=last_seq,
-                        max_bytes=self.max_bytes)
-            self._drops_unlogged = [0, 0]
-            self._drop_logged_at = time.monotonic()
+        pending[2] = last_seq
+        self._log_drops()
         if self.on_forced_drop is not None:
             self._loop.call_soon_threadsafe(self.on_forced_drop, count, unforwarded, last_seq)
+
+    def _log_drops(self, force: bool = False) -> None:
+        """Log the events dropped at the byte bound since the last line: at once after a
+        quiet DROP_LOG_INTERVAL, else summed into one line per interval (at the bound every
+        chunk may drop some); every dropped event is in some line, the last at close."""
+        events, unforwarded, last_seq = self._drops_unlogged
+        if events and (force or time.monotonic() - self._drop_logged_at >= DROP_LOG_INTERVAL):
+            log.warning("ledger_dropped_oldest", events=events, unforwarded=unforwarded, last_seq=last_seq,
+                        max_bytes=self.max_bytes)
+            self._drops_unlogged = [0, 0, 0]
+            self._drop_logged_at = time.monotonic()
 
     def _vacuum_step(self, conn: sqlite3.Connection) -> bool:
         """Give up to VACUUM_STEP free pages back to the file system, keeping VACUUM_KEEP
@@ -638,11 +693,11 @@ class Ledger:
     def _prune_batch(self, conn: sqlite3.Connection) -> tuple[int, bool]:
         """Delete one batch of expired rows in one short transaction: (rows deleted, more left?)."""
         cutoff_ms = int((self.now() - self.retention_days * 86_400) * 1000)
-        # events not yet forwarded are kept whatever their count or age
-        protect = self.protect_after
         self._used = None  # what this deletes is measured by the next chunk's _room
         try:
             conn.execute("BEGIN IMMEDIATE")
+            # events not yet forwarded are kept whatever their count or age
+            protect = self._protected_after(conn)
             (max_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()
             # Seqs are unique integers, so at most retention_events rows lie above this line.
             keep_above = max_seq - self.retention_events
@@ -892,10 +947,50 @@ class Ledger:
             return row[0] if row else 0
         return await self._read(query)
 
-    async def store_forward_cursor(self, seq: int) -> int:
-        """Move the cursor forward to ``seq`` (never back); returns the stored cursor, which
-        the byte bound may have moved further."""
-        return await self._submit(lambda fut: _Cursor(seq, fut))
+    async def store_forward_cursor(self, seq: int, sent: int = 0) -> int:
+        """Move the cursor forward to ``seq`` (never back), and keep ``sent``, the highest
+        seq sent so far, if higher than the kept one; returns the stored cursor, which the
+        byte bound may have moved further."""
+        return await self._submit(lambda fut: _Cursor(seq, fut, sent=sent))
+
+    async def forward_sent_seq(self) -> int:
+        """The highest seq sent as of the last cursor write in this epoch (0: none)."""
+        def query(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT value FROM ledger_meta WHERE key = ?", (_FORWARD_SENT + self.epoch,)).fetchone()
+            return row[0] if row else 0
+        return await self._read(query)
+
+    async def rewind_forward_cursor(self, seq: int) -> int:
+        """Set the cursor to ``seq``, also back (a rewind: the events after it are forwarded
+        again and retention keeps them again); returns the stored cursor."""
+        return await self._submit(lambda fut: _Cursor(seq, fut, rewind=True))
+
+    async def dead_letter(self, seq: int, event_id: str, type_: str, reason: str, detail: str, at_ms: int) -> int:
+        """Record event ``seq`` as a dead letter and move the cursor past it, in one
+        transaction; returns the stored cursor."""
+        dead = (seq, event_id, type_, reason, detail[:DEAD_LETTER_DETAIL_CHARS], at_ms)
+        return await self._submit(lambda fut: _Cursor(seq, fut, dead=dead))
+
+    async def dead_letters(self, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """This epoch's newest ``limit`` dead letters (newest first) and how many are recorded;
+        ``stored`` says whether the event itself is still in the ledger."""
+        def query(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], int]:
+            (total,) = conn.execute("SELECT count(*) FROM forward_dead_letters WHERE epoch = ?",
+                                    (self.epoch,)).fetchone()
+            rows = conn.execute(
+                "SELECT d.seq, d.event_id, d.type, d.reason, d.detail, d.at, e.seq IS NOT NULL"
+                " FROM forward_dead_letters d LEFT JOIN events e ON e.seq = d.seq"
+                " WHERE d.epoch = ? ORDER BY d.seq DESC LIMIT ?", (self.epoch, limit)).fetchall()
+            keys = ("seq", "event_id", "type", "reason", "detail", "at", "stored")
+            return [dict(zip(keys, (*row[:6], bool(row[6])))) for row in rows], total
+        return await self._read(query)
+
+    async def forward_oldest(self, after_seq: int) -> tuple[int, int] | None:
+        """(seq, timestamp ms) of the first stored event after ``after_seq``, or None."""
+        def query(conn: sqlite3.Connection) -> tuple[int, int] | None:
+            return conn.execute("SELECT seq, timestamp FROM events WHERE seq > ? ORDER BY seq LIMIT 1",
+                                (after_seq,)).fetchone()
+        return await self._read(query)
 
     async def forward_page(self, after_seq: int, limit: int, max_bytes: int) -> list[tuple]:
         """Up to ``limit`` events with ``seq > after_seq``, oldest first, as raw rows
@@ -915,13 +1010,28 @@ class Ledger:
             return rows
         return await self._read(query)
 
-    def _write_cursor(self, conn: sqlite3.Connection, seq: int) -> int:
-        conn.execute("INSERT INTO forward_cursor (epoch, acked_seq) VALUES (?, ?) ON CONFLICT (epoch)"
-                     " DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq)", (self.epoch, seq))
+    def _write_cursor(self, conn: sqlite3.Connection, seq: int, rewind: bool = False) -> int:
+        conn.execute("INSERT INTO forward_cursor (epoch, acked_seq) VALUES (?, ?) ON CONFLICT (epoch) DO UPDATE SET"
+                     f" acked_seq = {'excluded.acked_seq' if rewind else 'max(acked_seq, excluded.acked_seq)'}",
+                     (self.epoch, seq))
         (stored,) = conn.execute("SELECT acked_seq FROM forward_cursor WHERE epoch = ?", (self.epoch,)).fetchone()
-        if self.protect_after is not None:
-            self.protect_after = max(self.protect_after, stored)
         return stored
+
+    def _write_dead_letter(self, conn: sqlite3.Connection, dead: tuple) -> None:
+        conn.execute("INSERT OR REPLACE INTO forward_dead_letters (epoch, seq, event_id, type, reason, detail, at)"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?)", (self.epoch, *dead))
+        (count,) = conn.execute("SELECT count(*) FROM forward_dead_letters").fetchone()
+        if count > DEAD_LETTERS_KEPT:
+            conn.execute("DELETE FROM forward_dead_letters WHERE rowid IN (SELECT rowid FROM forward_dead_letters"
+                         " ORDER BY at, seq LIMIT ?)", (count - DEAD_LETTERS_KEPT,))
+
+    def _protected_after(self, conn: sqlite3.Connection) -> int | None:
+        """The seq above which retention deletes nothing (the stored cursor), None when
+        forwarding is off; read inside the caller's transaction."""
+        if not self.forwarding:
+            return None
+        row = conn.execute("SELECT acked_seq FROM forward_cursor WHERE epoch = ?", (self.epoch,)).fetchone()
+        return row[0] if row else 0
 
     # --- opening and upgrading --------------------------------------------------------
 

@@ -413,8 +413,21 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "url": _nullable({"type": "string", "description": "The broker URL without credentials."}),
         "edge_id": _STR, "epoch": _STR, "state": {"enum": ["disabled", "connecting", "connected", "backoff"]},
         "acked_seq": _COUNT, "last_seq": _COUNT, "backlog": _COUNT, "in_flight": _COUNT,
-        "last_error": _nullable(_STR), "last_ack_at": _nullable(_MS), "dropped": _COUNT,
+        "last_error": _nullable(_STR), "last_error_at": _nullable(_MS), "last_ack_at": _nullable(_MS),
+        "dropped": _COUNT, "dead_letters": _COUNT,
+        "lag_seconds": {"type": "number", "minimum": 0,
+                        "description": "Age of the oldest event not yet forwarded (0 when none)."},
     }, closed=True),
+    "ForwardDeadLetters": _object({
+        "dead_letters": {"type": "array", "items": _object({
+            "seq": _COUNT, "event_id": _STR, "type": _STR,
+            "reason": {"enum": ["too_large", "acl", "invalid"]}, "detail": _STR, "at": _MS, "stored": _BOOL,
+        }, closed=True)},
+        "total": _COUNT,
+    }, closed=True),
+    "ForwardRewind": _object({}, {"from_seq": {"type": "integer", "minimum": 1,
+                                               "description": "Absent: the oldest stored event."}}),
+    "ForwardRewound": _object({"from_seq": _COUNT, "acked_seq": _COUNT, "backlog": _COUNT}, closed=True),
     # --- operations
     "PrometheusText": {"type": "string", "description": "Prometheus text exposition format 0.0.4."},
     "Text": {"type": "string", "description": "An HTML page, a stylesheet or a script."},

@@ -78,13 +78,19 @@ class Broker:
 
 
 class Nats(Broker):
-    def __init__(self, tmp: Path, auth: tuple[str, str] | None = None, port: int | None = None):
+    def __init__(self, tmp: Path, auth: tuple[str, str] | None = None, port: int | None = None, conf: str = ""):
         super().__init__(tmp, "nats", port)
         self.binary = need_binary("nats-server")
         self.auth = auth
+        self.conf = None
+        if conf:  # server settings beyond the flags (max_payload, authorization)
+            self.conf = self.dir / "nats.conf"
+            self.conf.write_text(conf)
 
     def argv(self) -> list[str]:
         argv = [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.dir / "js")]
+        if self.conf is not None:
+            argv += ["-c", str(self.conf)]
         if self.auth:
             argv += ["--user", self.auth[0], "--pass", self.auth[1]]
         return argv
@@ -93,11 +99,20 @@ class Nats(Broker):
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def add_stream(self, name: str = "VX11", subjects: str = "vx11.>") -> None:
+    def add_stream(self, name: str = "VX11", subjects: str = "vx11.>", **config: Any) -> None:
         async def go() -> None:
             import nats
             nc = await nats.connect(self.url, user=self.auth and self.auth[0], password=self.auth and self.auth[1])
-            await nc.jetstream().add_stream(name=name, subjects=[subjects])
+            await nc.jetstream().add_stream(name=name, subjects=[subjects], **config)
+            await nc.close()
+        asyncio.run(go())
+
+    def purge(self, name: str = "VX11") -> None:
+        """Empty the stream: the broker loses messages it had acknowledged."""
+        async def go() -> None:
+            import nats
+            nc = await nats.connect(self.url, user=self.auth and self.auth[0], password=self.auth and self.auth[1])
+            await nc.jetstream().purge_stream(name)
             await nc.close()
         asyncio.run(go())
 
@@ -134,7 +149,8 @@ class Nats(Broker):
 
 class Mosquitto(Broker):
     def __init__(self, tmp: Path, auth: tuple[str, str] | None = None, port: int | None = None,
-                 durable: bool = False, tls: "TestCA | None" = None, acl: str | None = None):
+                 durable: bool = False, tls: "TestCA | None" = None, acl: str | None = None,
+                 extra: list[str] = ()):
         super().__init__(tmp, "mosquitto", port)
         self.binary = need_binary("mosquitto")
         self.auth = auth  # also the test subscriber's credentials
@@ -144,7 +160,7 @@ class Mosquitto(Broker):
         # at every change costs the broker most of its speed, so only the kill test asks for it.
         lines = [f"listener {self.port} 127.0.0.1", "persistence true", f"persistence_location {self.dir}/",
                  *(["autosave_on_changes true", "autosave_interval 1"] if durable else ["autosave_interval 1"]),
-                 "max_queued_messages 0", "max_inflight_messages 0", "max_queued_bytes 0"]
+                 "max_queued_messages 0", "max_inflight_messages 0", "max_queued_bytes 0", *extra]
         self.tls_port = None
         if tls is not None:
             # a second listener with TLS (its options apply to the listener above them);
@@ -326,13 +342,39 @@ class Proxy:
         return f"127.0.0.1:{self.port}"
 
 
-def check_delivery(bodies: list[dict], n: int, window: int, interruptions: int, epoch: str | None = None) -> None:
-    """At the consumer: every seq 1..n present, in order after dedup by (edge_id, epoch,
-    seq), and at most ``window`` duplicates per interruption. Copies the broker itself
+def tally(bodies: list[dict], n: int) -> dict[str, int]:
+    """The fault table's row for one box whose seqs 1..n were acknowledged: what the
+    consumer got (distinct seqs), lost (acknowledged, never delivered), duplicated (copies
+    beyond the first, the broker's own DUP redeliveries left out) and reordered (distinct
+    seqs that came after a higher one)."""
+    seen: set[int] = set()
+    copies = reordered = high = 0
+    for b in bodies:
+        if b["seq"] in seen:
+            copies += not b.get("_dup")
+            continue
+        seen.add(b["seq"])
+        reordered += b["seq"] < high
+        high = max(high, b["seq"])
+    return {"acknowledged": n, "delivered": len(seen), "lost": len(set(range(1, n + 1)) - seen),
+            "duplicated": copies, "reordered": reordered}
+
+
+def check_delivery(bodies: list[dict], n: int, window: int, interruptions: int, epoch: str | None = None,
+                   dead: frozenset[int] = frozenset()) -> None:
+    """At the consumer: every seq 1..n present (but the ``dead`` letters), in order after
+    dedup by (edge_id, epoch, seq), and at most ``window`` duplicates per interruption. Copies the broker itself
     delivered again (MQTT DUP flag: its delivery to this subscriber was not acked before a
-    broker kill) are the broker's, not the forwarder's resends, and are not counted."""
+    broker kill) are the broker's, not the forwarder's resends, and are not counted.
+    The box's row of the fault table is printed (``pytest -s`` shows it)."""
     if epoch is not None:
         bodies = [b for b in bodies if b["epoch"] == epoch]
+    for box in sorted({b["edge_id"] for b in bodies}):
+        row = tally([b for b in bodies if b["edge_id"] == box], n)
+        row["lost"] -= len(dead)
+        row["dead_letters"] = len(dead)
+        print(f"fault-table {os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]} box={box} "
+              + " ".join(f"{k}={v}" for k, v in row.items()))
     seen: set[tuple] = set()
     order: list[int] = []
     for b in bodies:
@@ -341,7 +383,8 @@ def check_delivery(bodies: list[dict], n: int, window: int, interruptions: int, 
             seen.add(key)
             order.append(b["seq"])
     assert order == sorted(order), "out of order after dedup"
-    assert order == list(range(1, n + 1)), (len(order), sorted(set(range(1, n + 1)) - set(order))[:10])
+    expected = [seq for seq in range(1, n + 1) if seq not in dead]
+    assert order == expected, (len(order), sorted(set(expected) - set(order))[:10], sorted(set(order) & dead))
     copies: dict[tuple, int] = {}
     for b in bodies:
         if not b.get("_dup"):
@@ -349,3 +392,75 @@ def check_delivery(bodies: list[dict], n: int, window: int, interruptions: int, 
             copies[key] = copies.get(key, 0) + 1
     duplicates = sum(count - 1 for count in copies.values() if count > 1)
     assert duplicates <= window * max(1, interruptions), (duplicates, window, interruptions)
+
+
+class HugeFrameServer:
+    """A fake broker on its own thread: it answers a client's handshake as a NATS server
+    (INFO, PONG) or an MQTT broker (CONNACK), then starts one enormous frame (a NATS MSG,
+    an MQTT PUBLISH announcing ``size`` bytes) and streams its body until the client hangs
+    up. ``connections`` counts clients; ``streamed`` holds the bytes each took."""
+
+    def __init__(self, kind: str, size: int = 200 << 20):  # MQTT's largest is 256 MiB
+        self.kind, self.size = kind, size
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.streamed: list[int] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"{self.kind}://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.settimeout(10)
+                try:
+                    self._handshake(conn)
+                    self.streamed.append(self._stream(conn))
+                except OSError:
+                    self.streamed.append(-1)
+
+    def _handshake(self, conn: socket.socket) -> None:
+        if self.kind == "mqtt":
+            conn.recv(65536)  # CONNECT
+            conn.sendall(b"\x20\x02\x00\x00")  # CONNACK, accepted
+            return
+        conn.sendall(b'INFO {"server_id":"fake","version":"2.9.10","proto":1,"headers":true,'
+                     b'"max_payload":1048576,"host":"127.0.0.1","port":%d}\r\n' % self.port)
+        seen = b""
+        while b"SUB " not in seen or not seen.endswith(b"PING\r\n"):  # CONNECT, PING; SUB, PING
+            data = conn.recv(65536)
+            if not data:
+                raise ConnectionError("client left")
+            seen += data
+            conn.sendall(b"PONG\r\n" * data.count(b"PING\r\n"))
+
+    def _stream(self, conn: socket.socket) -> int:
+        if self.kind == "mqtt":
+            length, header = self.size, bytearray(b"\x30")  # PUBLISH, its remaining length as a varint
+            while True:
+                length, byte = divmod(length, 128)
+                header.append(byte | (128 if length else 0))
+                if not length:
+                    break
+        else:
+            header = b"MSG _INBOX.fake.1 1 %d\r\n" % self.size
+        conn.sendall(bytes(header))
+        chunk, sent = b"x" * 65536, 0
+        try:
+            while sent < self.size:
+                sent += conn.send(chunk)
+        except OSError:
+            pass
+        return sent
+
+    def close(self) -> None:
+        self.listener.close()

@@ -131,7 +131,6 @@ def test_forwards_everything_in_order_and_stores_the_cursor(tmp_path: Path) -> N
         await until(lambda: fw.acked_seq == 1000)
         await fw.stop()
         assert await ledger.forward_cursor() == 1000
-        assert ledger.protect_after is None  # stopped: nothing protected any more
         # counted per burst, still one per event; every ack's latency is in the histogram
         assert fw.forwarded.values[()] == fw.acked.values[()] == 1000
         counts, total = fw.ack_latency.values[()]
@@ -289,6 +288,32 @@ def test_a_lost_connection_resends_after_the_cursor_at_most_a_window(tmp_path: P
     assert world.engines[1].sent[0] == 6  # the second connection starts right after the cursor
 
 
+def test_resends_after_a_restart_are_counted(tmp_path: Path) -> None:
+    world = World()
+    world.auto = False
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 20)
+        fw = forwarder(ledger, world, window=8)
+        await fw.start()
+        await until(lambda: len(world.sent) == 8)
+        for seq in range(1, 6):
+            world.engine.ack(seq)
+        await until(lambda: fw.acked_seq == 5 and len(world.sent) == 13)
+        await fw.stop()  # as a crash would leave it: 6..13 sent, not acked
+        world.auto = True
+        again = forwarder(ledger, world, window=8)
+        await again.start()
+        await until(lambda: again.acked_seq == 20)
+        # 6..8 were sent when the cursor was written last: counted; 9..13 went out after
+        # it, which the ledger never heard of (at most a window per crash goes uncounted)
+        assert again.resent.values[()] == 3
+        await again.stop()
+
+    run_with_ledger(tmp_path, body)
+    assert [m.seq for m in world.sent] == list(range(1, 14)) + list(range(6, 21))
+
+
 def test_a_missing_ack_times_out_and_reconnects(tmp_path: Path) -> None:
     world = World()
     world.lose = {3}
@@ -366,16 +391,36 @@ def test_retention_never_prunes_unforwarded_events(tmp_path: Path) -> None:
         ledger.retention_events = 5
         await fill(ledger, 20)
         await ledger.store_forward_cursor(8)
-        ledger.protect_after = 8
+        ledger.forwarding = True
         await ledger.prune()
         rows = await ledger.forward_page(0, 100, 1 << 20)
         assert [r[0] for r in rows] == list(range(9, 21))  # 1..8 forwarded: pruned; the rest kept
-        ledger.protect_after = None
+        ledger.forwarding = False
         await ledger.prune()
         rows = await ledger.forward_page(0, 100, 1 << 20)
         assert [r[0] for r in rows] == list(range(16, 21))
 
     run_with_ledger(tmp_path, body)
+
+
+def test_the_retention_pass_at_start_keeps_unforwarded_events(tmp_path: Path) -> None:
+    # the pass at start runs before any forwarder: the stored cursor alone protects
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 20)
+        await ledger.store_forward_cursor(4)
+
+    run_with_ledger(tmp_path, body)
+
+    async def again() -> list[int]:
+        ledger = Ledger(str(tmp_path / "l.db"), sync="normal", retention_events=5, forwarding=True)
+        await ledger.start()
+        try:
+            await ledger.prune()  # waits for the pass at start, then runs one more
+            return [r[0] for r in await ledger.forward_page(0, 100, 1 << 20)]
+        finally:
+            await ledger.close()
+
+    assert asyncio.run(again()) == list(range(5, 21))
 
 
 def test_byte_bound_drop_moves_the_cursor_and_counts(tmp_path: Path) -> None:
@@ -389,9 +434,9 @@ def test_byte_bound_drop_moves_the_cursor_and_counts(tmp_path: Path) -> None:
         await until(lambda: len(world.sent) == 4)
         assert ledger.on_forced_drop is not None
         ledger.on_forced_drop(6, 6, 6)  # what the byte bound reports after deleting 1..6
-        await until(lambda: ledger.protect_after == 6)
+        await until(lambda: fw.acked_seq == 6)
         assert await ledger.forward_cursor() == 6
-        assert fw.status()["dropped"] == 6
+        assert fw.status()["dropped"] == 6 and fw.status()["backlog"] == 4
         world.auto = True
         for seq in range(1, 5):
             world.engine.ack(seq)
@@ -425,6 +470,11 @@ def test_type_filter_and_subject_tokens() -> None:
     wanted = type_filter(("system.*", "custom"))
     assert wanted("system.alert") and wanted("custom") and not wanted("customer") and not wanted("systemx")
     assert safe_type("a.b c/d*e>f") == "a.b_c_d_e_f"
+    # never an empty token: NATS refuses such a subject (the stream then looks missing)
+    assert [safe_type(t) for t in ("a..b", ".", "a.", ".a.", "*", ">", "#", "+")] == [
+        "a._.b", "_._", "a._", "_.a._", "_", "_", "_", "_"]
+    long_a, long_b = safe_type("x" * 250 + "a"), safe_type("x" * 250 + "b")
+    assert len(long_a) == len(long_b) == 128 and long_a != long_b  # cut, and still apart
 
 
 def settings(**kw: Any) -> Settings:
@@ -473,9 +523,46 @@ def test_status_when_forwarding_is_off(gateway) -> None:
     st = gateway.get("/vx11/forward/status").json()
     assert st == {"enabled": False, "engine": None, "url": None, "edge_id": st["edge_id"], "epoch": st["epoch"],
                   "state": "disabled", "acked_seq": 0, "last_seq": 0, "backlog": 0, "in_flight": 0,
-                  "last_error": None, "last_ack_at": None, "dropped": 0}
+                  "last_error": None, "last_error_at": None, "last_ack_at": None, "dropped": 0, "dead_letters": 0,
+                  "lag_seconds": 0}
     assert forward.EDGE_ID.fullmatch(st["edge_id"]) and len(st["epoch"]) == 32
     assert "edgelink_forward_" not in gateway.get("/metrics").body.decode()  # no forwarder, no series
+
+
+def test_rewind_when_forwarding_is_off_or_asked_badly(gateway) -> None:
+    assert gateway.post("/vx11/forward/rewind", {}, token=False).status == 401
+    for body in ({"from_seq": 0}, {"from_seq": "1"}, {"from_seq": True}, {"from_seq": 2**63}, [1]):
+        reply = gateway.post("/vx11/forward/rewind", body)
+        assert reply.status == 422 and reply.json()["error"] == "validation_error", (body, reply.body)
+    assert gateway.post("/vx11/forward/rewind", raw=b"{").status == 400
+    for body in ({}, {"from_seq": 5}, None):
+        reply = gateway.post("/vx11/forward/rewind", body)
+        assert reply.status == 409 and reply.json()["error"] == "forwarding_disabled", reply.body
+    listed = gateway.get("/vx11/forward/dead-letters")
+    assert listed.status == 200 and listed.json() == {"dead_letters": [], "total": 0}
+    assert gateway.get("/vx11/forward/dead-letters?limit=0").status == 422
+
+
+def test_rewind_resends_from_a_seq_and_counts_the_resends(tmp_path: Path) -> None:
+    world = World()
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 30)
+        fw = forwarder(ledger, world, window=8)
+        await fw.start()
+        await until(lambda: fw.acked_seq == 30)
+        assert await fw.rewind(21) == {"from_seq": 21, "acked_seq": 20, "backlog": 10}
+        assert await ledger.forward_cursor() == 20  # the stored cursor went back
+        await until(lambda: fw.acked_seq == 30)
+        assert fw.resent.values[()] == 10 and fw.rewinds.values[()] == 1
+        ledger.retention_events = 1
+        await ledger.prune()
+        assert await fw.rewind(None) == {"from_seq": 30, "acked_seq": 29, "backlog": 1}  # the oldest stored
+        await until(lambda: fw.acked_seq == 30)
+        await fw.stop()
+
+    run_with_ledger(tmp_path, body)
+    assert [m.seq for m in world.sent] == list(range(1, 31)) + list(range(21, 31)) + [30]
 
 
 def test_bad_edge_id_stops_the_start(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import orjson
 import pytest
 
-from brokers import Mosquitto, MqttSubscriber, Nats, Proxy, TestCA, check_delivery
+from brokers import HugeFrameServer, Mosquitto, MqttSubscriber, Nats, Proxy, TestCA, check_delivery
 from conftest import Gateway, log_records, start_gateway
 from edgelink.ledger import Ledger
 from fakemodule import unused_port
@@ -40,8 +40,9 @@ def forward_env(url: str, **extra: str) -> dict[str, str]:
             "EDGELINK_FORWARD_WINDOW": str(WINDOW), "EDGELINK_FORWARD_ACK_TIMEOUT": "1", **extra}
 
 
-def fill_db(db: Path, n: int, first: int = 0) -> None:
-    """``n`` events straight into the ledger file (a backlog built before the gateway runs)."""
+def fill_db(db: Path, n: int, first: int = 0, pad: int = 0) -> None:
+    """``n`` events straight into the ledger file (a backlog built before the gateway runs),
+    their payloads ``pad`` bytes longer than ``{"i": i}``."""
     async def create() -> None:
         ledger = Ledger(str(db), sync="normal")
         await ledger.start()
@@ -52,7 +53,8 @@ def fill_db(db: Path, n: int, first: int = 0) -> None:
         conn.executemany(
             "INSERT INTO events (event_id, type, source, timestamp, payload, metadata, canonical, broadcast)"
             " VALUES (?, 'fleet.test', 'fill', ?, ?, NULL, 0, 0)",
-            ((f"e{i}", now, orjson.dumps({"i": i})) for i in range(first, first + n)))
+            ((f"e{i}", now, orjson.dumps({"i": i, **({"pad": "x" * pad} if pad else {})}))
+             for i in range(first, first + n)))
 
 
 def status(gw: Gateway) -> dict[str, Any]:
@@ -161,7 +163,9 @@ def test_backlog_with_broker_killed_mid_catch_up(kind: str, n: int, side, gatewa
     time.sleep(0.3)
     s.broker.start()
     st = wait_status(gw, lambda st: st["acked_seq"] == n, timeout=120)
-    assert st["backlog"] == 0 and st["last_error"] is not None
+    # the kill was seen, and the acks after it cleared the error (API.md §9)
+    assert any(r.get("event") == "forward_error" for r in log_records(gw.log_path))
+    assert st["backlog"] == 0 and st["last_error"] is None and st["last_error_at"] is None and st["lag_seconds"] == 0
     check_delivery(s.bodies(n), n, WINDOW, interruptions=reconnects(gw) or 1)
 
 
@@ -183,6 +187,40 @@ def test_gateway_sigkilled_three_times(kind: str, side, tmp_path: Path) -> None:
     finally:
         gw.stop()
     check_delivery(s.bodies(n), n, WINDOW, interruptions=3)
+
+
+@pytest.mark.parametrize("kind", ["nats", "mqtt"])
+def test_gateway_restarts_during_an_outage_at_the_count_bound_lose_nothing(kind: str, tmp_path: Path) -> None:
+    # API.md §9: no retention pass, also the one at start, removes an unforwarded event
+    n, bound, restarts, live = 3000, 1000, 4, 100
+    port = unused_port()
+    env = forward_env(f"{kind}://127.0.0.1:{port}", EDGELINK_RETENTION_EVENTS=str(bound))
+    fill_db(tmp_path / "gw.db", n)
+    for i in range(restarts):
+        gw = start_gateway(tmp_path, env)
+        assert ingest(gw, live, threads=1) == [201] * live
+        assert status(gw)["backlog"] == n + (i + 1) * live
+        gw.stop(signal.SIGKILL if i % 2 else signal.SIGTERM)
+    total = n + restarts * live
+    broker = (Nats if kind == "nats" else Mosquitto)(tmp_path, port=port).start()
+    consumer = None
+    if kind == "nats":
+        broker.add_stream()
+    else:
+        consumer = MqttSubscriber(broker)
+    try:
+        gw = start_gateway(tmp_path, env)
+        try:
+            wait_status(gw, lambda st: st["acked_seq"] == total, timeout=120)
+            assert "edgelink_forward_dropped_total 0" in gw.get("/metrics").body.decode()
+        finally:
+            gw.stop()
+        bodies = broker.stream_seqs(expect=total) if consumer is None else consumer.wait(total)
+        check_delivery(bodies, total, WINDOW, interruptions=1)
+    finally:
+        if consumer is not None:
+            consumer.close()
+        broker.kill()
 
 
 @pytest.mark.parametrize("kind", ["nats", "mqtt"])
@@ -247,6 +285,32 @@ def test_blackholed_acks_hold_the_cursor_until_healed(kind: str, side, gateway_f
         proxy.close()
 
 
+@pytest.mark.parametrize("kind", ["nats", "mqtt"])
+def test_a_broker_that_stops_reading_is_detected_while_writes_block(kind: str, side, gateway_factory,
+                                                                    tmp_path: Path) -> None:
+    # the broker SIGSTOPped in a catch-up of 100 KB events with a window of 256: 25 MB in
+    # flight fill the socket buffers, so the gateway's writes block; the ack timeout holds
+    n = 600
+    s = side(kind)
+    fill_db(tmp_path / "gw0.db", n, pad=100_000)
+    gw = gateway_factory(forward_env(s.url, EDGELINK_FORWARD_WINDOW="256", EDGELINK_FORWARD_ACK_TIMEOUT="3"))
+    wait_status(gw, lambda st: st["acked_seq"] >= 10)
+    stopped_ms = int(time.time() * 1000)
+    os.kill(s.broker.proc.pid, signal.SIGSTOP)
+    try:
+        # the stall is seen (an earlier ack timeout of a slow catch-up does not count)
+        st = wait_status(gw, lambda st: (st["last_error"] or "").startswith("ack_timeout")
+                         and st["last_error_at"] >= stopped_ms and st["state"] in ("backoff", "connecting"),
+                         timeout=30)
+        assert st["acked_seq"] < n, st
+        assert assert_ingest_ok(gw)
+    finally:
+        os.kill(s.broker.proc.pid, signal.SIGCONT)
+    st = wait_status(gw, lambda st: st["acked_seq"] == n + 1, timeout=120)
+    assert st["last_error"] is None  # acks came after it
+    check_delivery(s.bodies(n + 1), n + 1, 256, interruptions=reconnects(gw) + 1)
+
+
 def assert_ingest_ok(gw: Gateway) -> bool:
     reply = gw.post("/events/ingest", {"source": "t", "type": "fleet.live", "payload": {}})
     return reply.status == 201 and gw.get("/health").status == 200
@@ -298,6 +362,9 @@ def test_unreachable_broker(kind: str, gateway_factory) -> None:
     gw = gateway_factory(forward_env(f"{kind}://127.0.0.1:{unused_port()}"))
     assert_degraded(gw, "unreachable")
     assert_ingest_ok(gw)
+    st = status(gw)  # the first event waits since before assert_degraded's second
+    assert st["lag_seconds"] >= 1 and st["last_error_at"] is not None and st["last_error_at"] <= time.time() * 1000
+    assert metric(gw, "edgelink_forward_lag_seconds") >= 1 and metric(gw, "edgelink_forward_ack_age_seconds") >= 1
     metrics = gw.get("/metrics").body.decode()
     for name in ("edgelink_forward_forwarded_total 0", "edgelink_forward_acked_total 0",
                  "edgelink_forward_resent_total 0", "edgelink_forward_reconnects_total 0",
@@ -342,18 +409,100 @@ def test_mqtt5_carries_the_msg_id_user_property(gateway_factory, tmp_path: Path)
         broker.kill()
 
 
-def test_mqtt5_refused_publish_holds_the_cursor(gateway_factory, tmp_path: Path) -> None:
-    # anonymous clients may only read: mosquitto answers an MQTT 5 publish with PUBACK
-    # reason 0x87 (not authorised), which is a refusal, not an ack
-    broker = Mosquitto(tmp_path, acl="topic read #\n").start()
+def poison(gw: Gateway, n: int, bad: dict[int, dict[str, Any]]) -> None:
+    """Ingest seq 1..n one by one: ``bad[seq]`` gives the type and payload of a poison
+    event, the others are small ``fleet.ok`` events."""
+    for seq in range(1, n + 1):
+        event = {"source": "t", "type": "fleet.ok", "payload": {"i": seq}, **bad.get(seq, {})}
+        reply = gw.post("/events/ingest", event)
+        assert reply.status == 201 and reply.json()["seq"] == seq, reply.body[:300]
+
+
+def assert_dead_letters(gw: Gateway, expect: dict[int, str]) -> None:
+    """The dead letters are listed (auth), counted by reason, logged, and the errors that
+    made them named their real reason, never no_stream."""
+    assert gw.get("/vx11/forward/dead-letters", token=False).status == 401
+    listed = gw.get("/vx11/forward/dead-letters").json()
+    assert listed["total"] == len(expect) and {d["seq"]: d["reason"] for d in listed["dead_letters"]} == expect
+    assert all(d["stored"] for d in listed["dead_letters"])
+    assert status(gw)["dead_letters"] == len(expect)
+    metrics = gw.get("/metrics").body.decode()
+    for reason in set(expect.values()):
+        count = sum(1 for r in expect.values() if r == reason)
+        assert f'edgelink_forward_dead_letters_total{{reason="{reason}"}} {count}' in metrics, metrics
+    records = log_records(gw.log_path)
+    logged = {r["seq"]: r["reason"] for r in records if r.get("event") == "forward_dead_letter"}
+    assert logged == expect
+    errors = [r["kind"] for r in records if r.get("event") == "forward_error"]
+    assert set(errors) <= set(expect.values()) | {"disconnected"}, errors  # never a misleading no_stream
+
+
+BAD_TYPES = {2: {"type": "a..b"}, 3: {"type": "x.*.>"}, 4: {"type": ".lead.trail."}, 5: {"type": "t" * 250},
+             6: {"type": "."}}
+
+
+def test_nats_poison_events_never_stop_forwarding(gateway_factory, tmp_path: Path) -> None:
+    # the server's max_payload (headers included) and a stream's max_msg_size: two refusals
+    # of a message for itself; subjects that are not valid as the types are (empty tokens,
+    # wildcards, too long) are mapped and forwarded
+    n = 40
+    broker = Nats(tmp_path, conf="max_payload: 262144\n").start()
+    broker.add_stream(max_msg_size=65536)
     try:
-        fill_db(tmp_path / "gw0.db", 50)
-        gw = gateway_factory(forward_env(broker.url + "/5"))
-        st = wait_status(gw, lambda st: st["last_error"] is not None and "rejected" in st["last_error"])
-        assert st["acked_seq"] == 0 and st["backlog"] == 50
-        time.sleep(0.5)
-        assert status(gw)["acked_seq"] == 0
+        gw = gateway_factory(forward_env(broker.url))
+        poison(gw, n, {**BAD_TYPES, 10: {"payload": {"x": "y" * 100_000}}, 20: {"payload": {"x": "y" * 300_000}}})
+        wait_status(gw, lambda st: st["acked_seq"] == n and st["backlog"] == 0)
+        st = status(gw)
+        assert st["last_error"] is None and st["last_error_at"] is None and st["lag_seconds"] == 0  # acks came after
+        assert_dead_letters(gw, {10: "too_large", 20: "too_large"})
+        bodies = broker.stream_seqs(expect=n - 2)
+        check_delivery(bodies, n, WINDOW, interruptions=2, dead=frozenset({10, 20}))
+        types = {b["seq"]: b["type"] for b in bodies}
+        assert [types[seq] for seq in BAD_TYPES] == [e["type"] for e in BAD_TYPES.values()]  # the real type
     finally:
+        broker.kill()
+
+
+def test_nats_publish_refused_by_an_acl_becomes_a_dead_letter(gateway_factory, tmp_path: Path) -> None:
+    # the server refuses one subject to the box's user (a permissions violation names the
+    # subject; the connection stays): after the retries that event is a dead letter
+    n = 30
+    conf = ('authorization { users = [\n'
+            '  {user: admin, password: pw}\n'
+            '  {user: edge, password: pw, permissions: {publish: {allow: [">"], '
+            'deny: ["vx11.box1.events.fleet.secret"]}, subscribe: {allow: [">"]}}}\n]}\n')
+    broker = Nats(tmp_path, conf=conf).start()
+    broker.auth = ("admin", "pw")  # the test's own client (the flags are set at start only)
+    broker.add_stream()
+    try:
+        gw = gateway_factory(forward_env(broker.url.replace("://", "://edge:pw@")))
+        poison(gw, n, {7: {"type": "fleet.secret"}})
+        wait_status(gw, lambda st: st["acked_seq"] == n and st["backlog"] == 0)
+        assert_dead_letters(gw, {7: "acl"})
+        check_delivery(broker.stream_seqs(expect=n - 1), n, WINDOW, interruptions=3, dead=frozenset({7}))
+    finally:
+        broker.kill()
+
+
+def test_mqtt_poison_events_never_stop_forwarding(gateway_factory, tmp_path: Path) -> None:
+    # MQTT 5: the broker's maximum packet size (from its CONNACK) and an ACL refusing one
+    # topic (PUBACK 0x87, a dead letter after the retries)
+    n = 30
+    broker = Mosquitto(tmp_path, acl="topic readwrite #\ntopic deny vx11/box1/events/fleet.secret\n",
+                       extra=["max_packet_size 65536"]).start()
+    consumer = MqttSubscriber(broker)
+    try:
+        gw = gateway_factory(forward_env(broker.url + "/5"))
+        poison(gw, n, {**BAD_TYPES, 12: {"payload": {"x": "y" * 100_000}}, 15: {"type": "fleet.secret"}})
+        wait_status(gw, lambda st: st["acked_seq"] == n and st["backlog"] == 0)
+        assert status(gw)["last_error"] is None
+        assert_dead_letters(gw, {12: "too_large", 15: "acl"})
+        bodies = consumer.wait(n - 2)
+        check_delivery(bodies, n, WINDOW, interruptions=4, dead=frozenset({12, 15}))
+        types = {b["seq"]: b["type"] for b in bodies}
+        assert [types[seq] for seq in BAD_TYPES] == [e["type"] for e in BAD_TYPES.values()]
+    finally:
+        consumer.close()
         broker.kill()
 
 
@@ -396,3 +545,115 @@ def test_missing_extra_stops_the_start(kind: str, extra: str, tmp_path: Path) ->
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0
     assert f"edgelink[{kind}]" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("kind", ["nats", "mqtt"])
+def test_an_enormous_frame_from_the_broker_is_cut_off(kind: str, gateway_factory) -> None:
+    # API.md §9: the gateway never holds more than its own bound of one frame; the
+    # connection is dropped, logged and tried again (a fake broker streams a 200 MiB frame)
+    server = HugeFrameServer(kind)
+    try:
+        gw = gateway_factory(forward_env(server.url))
+        before = gw.peak_rss_mib()
+        wait_status(gw, lambda st: (st["last_error"] or "").startswith("frame_too_large"))
+        deadline = time.monotonic() + 30
+        while server.connections < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.connections >= 2  # retried
+        assert gw.peak_rss_mib() - before < 16, (before, gw.peak_rss_mib(), server.streamed)
+        assert server.streamed[0] < 64 << 20, server.streamed  # cut off long before the end
+        assert any(r.get("event") == "forward_frame_too_large" for r in log_records(gw.log_path))
+        assert assert_ingest_ok(gw)
+    finally:
+        server.close()
+
+
+def metric(gw: Gateway, name: str) -> float:
+    for line in gw.get("/metrics").body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def test_rewind_after_the_stream_lost_acknowledged_messages(gateway_factory, tmp_path: Path) -> None:
+    # JetStream purged (a broker losing what it had acknowledged): a rewind from the oldest
+    # stored event sends it all again; the duplicate window is short, as after a broker
+    # that lost its store (a window still holding the ids would drop the resends)
+    n = 2000
+    broker = Nats(tmp_path).start()
+    broker.add_stream(duplicate_window=0.5)
+    try:
+        fill_db(tmp_path / "gw0.db", n)
+        gw = gateway_factory(forward_env(broker.url))
+        wait_status(gw, lambda st: st["acked_seq"] == n)
+        broker.purge()
+        time.sleep(1)
+        assert gw.post("/vx11/forward/rewind", {}, token=False).status == 401
+        reply = gw.post("/vx11/forward/rewind", {})
+        assert reply.status == 200 and reply.json() == {"from_seq": 1, "acked_seq": 0, "backlog": n}, reply.body
+        wait_status(gw, lambda st: st["acked_seq"] == n)
+        assert metric(gw, "edgelink_forward_resent_total") >= n
+        assert any(r.get("event") == "forward_rewound" for r in log_records(gw.log_path))
+        bodies = broker.stream_seqs(expect=n)
+        check_delivery(bodies, n, WINDOW, interruptions=1)
+    finally:
+        broker.kill()
+
+
+def test_rewind_from_the_command_line_after_mosquitto_lost_messages(gateway_factory, tmp_path: Path) -> None:
+    # mosquitto PUBACKs what no session subscribes to and keeps none of it: lost. Once the
+    # consumer is there, ``edgelink forward rewind --from-seq`` sends it again.
+    from conftest import EDGELINK
+    n = 1000
+    broker = Mosquitto(tmp_path).start()
+    try:
+        fill_db(tmp_path / "gw0.db", n)
+        gw = gateway_factory(forward_env(broker.url))
+        wait_status(gw, lambda st: st["acked_seq"] == n)
+        consumer = MqttSubscriber(broker)
+        try:
+            env = {"PATH": os.environ.get("PATH", ""), "VX11_GATEWAY_TOKEN": gw.token, "EDGELINK_HOST": "127.0.0.1",
+                   "EDGELINK_PORT": str(gw.port)}
+            done = subprocess.run([EDGELINK, "forward", "rewind", "--from-seq", "501"], env=env, capture_output=True,
+                                  text=True, timeout=30, cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+            assert orjson.loads(done.stdout) == {"from_seq": 501, "acked_seq": 500, "backlog": n - 500}
+            wait_status(gw, lambda st: st["acked_seq"] == n)
+            bodies = consumer.wait(n - 500)
+            check_delivery([{**b, "seq": b["seq"] - 500} for b in bodies], n - 500, WINDOW, interruptions=1)
+        finally:
+            consumer.close()
+        done = subprocess.run([EDGELINK, "forward", "rewind"], env={**env, "VX11_GATEWAY_TOKEN": "wrong"},
+                              capture_output=True, text=True, timeout=30, cwd=tmp_path)
+        assert done.returncode == 1 and "403" in done.stderr, done.stderr  # a wrong token
+    finally:
+        broker.kill()
+
+
+@pytest.mark.parametrize("kind", ["nats", "mqtt"])
+def test_two_boxes_with_one_edge_id_are_reported(kind: str, side, gateway_factory) -> None:
+    # NATS: each connection announces its process on vx11-presence.<edge_id>; MQTT 3.1.1:
+    # one client id, so each connection takes the other's over (a reconnect storm)
+    s = side(kind)
+    boxes = [gateway_factory(forward_env(s.url)) for _ in range(2)]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        warned = [any(r.get("event") == "forward_duplicate_edge_id" for r in log_records(gw.log_path))
+                  for gw in boxes]
+        if any(warned):
+            break
+        for gw in boxes:
+            assert_ingest_ok(gw)  # traffic, so an MQTT connection is in use
+        time.sleep(0.2)
+    assert any(warned), [gw.logs()[-2000:] for gw in boxes]
+    record = next(r for gw in boxes for r in log_records(gw.log_path) if r.get("event") == "forward_duplicate_edge_id")
+    assert record["edge_id"] == "box1" and record["level"] == "warning"
+
+
+def test_one_box_is_not_reported_as_a_duplicate(side, gateway_factory) -> None:
+    s = side("nats")
+    gw = gateway_factory(forward_env(s.url))
+    ingest(gw, 50, threads=1)
+    wait_status(gw, lambda st: st["acked_seq"] == 50)
+    time.sleep(1)
+    assert not any(r.get("event") == "forward_duplicate_edge_id" for r in log_records(gw.log_path))

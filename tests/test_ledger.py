@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import orjson
 import pytest
 
 from clock import T0, Clock
@@ -560,15 +561,16 @@ def file_bytes(path: Path) -> int:
     return sum(os.path.getsize(p) for p in (path, Path(f"{path}-wal")) if p.exists())
 
 
-def test_drop_oldest_keeps_the_file_under_the_bound_and_reports_unforwarded_drops(tmp_path):
+def test_drop_oldest_keeps_the_file_under_the_bound_and_reports_unforwarded_drops(tmp_path, capfd):
     path = tmp_path / "l.db"
     drops = []
 
     async def main():
-        async with opened(path, max_bytes=BOUND) as ledger:
-            ledger.protect_after = 3  # a forwarder acknowledged seq 1..3
+        async with opened(path, max_bytes=BOUND, forwarding=True) as ledger:
             ledger.on_forced_drop = lambda *report: drops.append(report)
-            seqs = [await ledger.append(big(i)) for i in range(40)]
+            seqs = [await ledger.append(big(i)) for i in range(3)]
+            await ledger.store_forward_cursor(seqs[2])  # a forwarder acknowledged seq 1..3
+            seqs += [await ledger.append(big(i)) for i in range(3, 40)]
             assert file_bytes(path) <= BOUND, file_bytes(path)
             assert os.path.getsize(f"{path}-wal") <= WAL_LIMIT + 2 * WRITE_CHUNK_BYTES
             kept = stored_seqs(path)
@@ -578,8 +580,13 @@ def test_drop_oldest_keeps_the_file_under_the_bound_and_reports_unforwarded_drop
             assert sum(d[1] for d in drops) == 40 - len(kept) - 3  # all but the 3 forwarded ones
             assert drops[-1][2] == seqs[-len(kept)] - 1  # the highest seq dropped
             assert sum((await ledger.counts_by_type(2**62)).values()) == len(kept)
+        return len(kept)
 
-    run(main())
+    kept = run(main())
+    # the log tells every drop, exactly: the first line at once, the rest summed by close
+    lines = [orjson.loads(line) for line in capfd.readouterr().err.splitlines() if "ledger_dropped_oldest" in line]
+    assert len(lines) >= 2 and sum(r["events"] for r in lines) == 40 - kept, lines
+    assert sum(r["unforwarded"] for r in lines) == 40 - kept - 3 and lines[-1]["last_seq"] == 40 - kept
 
 
 @pytest.mark.parametrize("policy", ["drop_oldest", "reject"])
@@ -639,13 +646,15 @@ def test_count_and_age_retention_keep_events_not_yet_forwarded(tmp_path):
     clock = Clock()
 
     async def main():
-        async with opened(tmp_path / "l.db", retention_events=2, retention_days=1, now=clock) as ledger:
+        async with opened(tmp_path / "l.db", retention_events=2, retention_days=1, now=clock,
+                          forwarding=True) as ledger:
             seqs = [await ledger.append(event()) for _ in range(10)]
-            ledger.protect_after = seqs[3]
+            assert await ledger.prune() == 0  # nothing forwarded yet: nothing goes
+            await ledger.store_forward_cursor(seqs[3])
             assert await ledger.prune() == 4  # count retention stops at the cursor
             clock.t += 3 * 86_400  # everything is old now
             assert await ledger.prune() == 0
-            ledger.protect_after = seqs[8]
+            await ledger.store_forward_cursor(seqs[8])
             assert await ledger.prune() == 5
             assert stored_seqs(tmp_path / "l.db") == [seqs[9]]
             assert ledger.pruned == {"count": 8, "age": 1, "bytes": 0}

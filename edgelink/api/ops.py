@@ -7,12 +7,14 @@ import sqlite3
 import orjson
 
 from .. import forward, openapi
-from ..http.messages import Request, Response, json_response
+from ..http.messages import HTTPError, Request, Response, json_response, validation_error
 from ..ledger import LedgerClosed
 from ..log import log
 from .console import accepts_gzip
 
 PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+DEAD_LETTERS_LISTED, DEAD_LETTERS_MAX = 100, 1000  # the dead-letter list: default and largest ``limit``
+MAX_SEQ = 2**63 - 1  # SQLite's largest integer
 
 
 async def metrics(req: Request) -> Response:
@@ -26,6 +28,11 @@ async def metrics(req: Request) -> Response:
     else:
         m.ledger_events.set(value=events)
         m.ledger_bytes.set(value=size)
+    if rt.forwarder is not None:
+        try:
+            await rt.forwarder.refresh_lag()
+        except (LedgerClosed, sqlite3.Error) as exc:  # the last value stands
+            log.warning("metrics_ledger_unavailable", error=repr(exc))
     return Response(200, m.render(), content_type=PROMETHEUS_TYPE)
 
 
@@ -45,11 +52,33 @@ async def openapi_json(req: Request) -> Response:
 async def forward_status(req: Request) -> Response:
     rt = req.runtime
     if rt.forwarder is not None:
+        await rt.forwarder.refresh_lag()
         return json_response(rt.forwarder.status())
     ledger = rt.ledger
     acked = await ledger.forward_cursor()
     return json_response({
         "enabled": False, "engine": None, "url": None, "edge_id": forward.edge_id(rt.settings),
         "epoch": ledger.epoch, "state": "disabled", "acked_seq": acked, "last_seq": await ledger.last_seq(),
-        "backlog": 0, "in_flight": 0, "last_error": None, "last_ack_at": None, "dropped": 0,
+        "backlog": 0, "in_flight": 0, "last_error": None, "last_error_at": None, "last_ack_at": None, "dropped": 0,
+        "dead_letters": (await ledger.dead_letters(0))[1], "lag_seconds": 0,
     })
+
+
+async def forward_dead_letters(req: Request) -> Response:
+    """This epoch's dead letters, newest first (also with forwarding off: they are the ledger's)."""
+    limit = req.int_query("limit", DEAD_LETTERS_LISTED, 1, DEAD_LETTERS_MAX)
+    listed, total = await req.runtime.ledger.dead_letters(limit)
+    return json_response({"dead_letters": listed, "total": total})
+
+
+async def forward_rewind(req: Request) -> Response:
+    rt = req.runtime
+    body = req.json() if req.body.strip() else {}  # no body: from the oldest stored event
+    if not isinstance(body, dict):
+        raise validation_error((["body"], "must be a JSON object"))
+    from_seq = body.get("from_seq")
+    if from_seq is not None and (type(from_seq) is not int or not 1 <= from_seq <= MAX_SEQ):
+        raise validation_error((["body", "from_seq"], f"must be an integer between 1 and {MAX_SEQ}"))
+    if rt.forwarder is None:
+        raise HTTPError(409, "forwarding_disabled", detail="EDGELINK_FORWARD_URL is not set: nothing to rewind")
+    return json_response(await rt.forwarder.rewind(from_seq))

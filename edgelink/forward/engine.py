@@ -13,22 +13,49 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import re
 import ssl
+import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import orjson
 
+from ..log import log
+
 if TYPE_CHECKING:
     from . import Target
 
 _SUBJECT_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+TYPE_TOKEN_MAX = 128  # characters of a subject/topic's type part; longer types end in a hash
+FRAME_BYTES = 1 << 20  # bound on one frame from the broker (acks and control lines are small)
+# refusals of one message for itself: it becomes a dead letter (at once for too_large, after
+# DEAD_LETTER_AFTER refusals of the same message for the others)
+DEAD_LETTER_KINDS = ("too_large", "acl", "invalid")
+
+
+INSTANCE = uuid.uuid4().hex  # this process, as announced to other boxes (duplicate edge_id check)
+DUPLICATE_LOG_INTERVAL = 60.0  # seconds between warnings about another box with our edge_id
+_duplicate_logged_at = [-DUPLICATE_LOG_INTERVAL]
+
+
+def warn_duplicate_edge_id(edge_id: str, engine: str, evidence: str) -> None:
+    """Log (at most once a DUPLICATE_LOG_INTERVAL) that another box forwards as ``edge_id``."""
+    now = time.monotonic()
+    if now - _duplicate_logged_at[0] >= DUPLICATE_LOG_INTERVAL:
+        _duplicate_logged_at[0] = now
+        log.warning("forward_duplicate_edge_id", edge_id=edge_id, engine=engine, evidence=evidence,
+                    detail="another box forwards with the same EDGELINK_EDGE_ID: each box needs its own, or "
+                           "their events interleave (NATS) or they take each other's connection (MQTT)")
 
 
 class EngineError(Exception):
     """The broker refused, or the connection failed; ``kind`` is a short stable word
-    (unreachable, auth, no_stream, timeout, disconnected, rejected, tls) for status and logs."""
+    (unreachable, auth, no_stream, timeout, ack_timeout, disconnected, rejected, tls,
+    frame_too_large; and for a refusal of one message for itself, too_large, acl, invalid)
+    for status and logs."""
 
     def __init__(self, kind: str, detail: str):
         super().__init__(f"{kind}: {detail}")
@@ -45,8 +72,15 @@ class Message:
 
 @functools.lru_cache(maxsize=1024)  # a ledger holds few types: one regex per type, not per event
 def safe_type(event_type: str) -> str:
-    """The event type as a subject/topic token: characters outside [A-Za-z0-9_.-] become '_'."""
-    return _SUBJECT_UNSAFE.sub("_", event_type)
+    """The event type as a valid subject/topic tail (API.md §9): characters outside
+    [A-Za-z0-9_.-] (wildcards, '/', spaces) become '_', an empty dot-separated token (``a..b``,
+    a leading or trailing dot, an empty type) becomes '_', and a type longer than
+    TYPE_TOKEN_MAX keeps its start and ends in a hash of the whole, so two long types stay apart."""
+    token = ".".join(part or "_" for part in _SUBJECT_UNSAFE.sub("_", event_type).split("."))
+    if len(token) > TYPE_TOKEN_MAX:
+        digest = hashlib.blake2b(event_type.encode(), digest_size=8).hexdigest()
+        token = token[:TYPE_TOKEN_MAX - 17].rstrip(".") + "-" + digest
+    return token
 
 
 def message(edge_id: str, epoch: str, row: tuple) -> Message:
@@ -156,7 +190,10 @@ class Engine(Protocol):
 
     async def send(self, messages: list[Message]) -> None:
         """Hand ``messages`` to the socket in order, each as the next message of ``acks``
-        (whose ack is counted there). Raises EngineError when the connection is gone."""
+        (whose ack is counted there). Never waits for the socket to take them (a broker
+        that stops reading would hold the forwarder past its ack timeout): they are
+        buffered, and the forwarder's window bounds that buffer. Raises EngineError when
+        the connection is gone."""
 
     async def close(self) -> None:
         """Drop the connection; what is not acked yet fails."""

@@ -14,6 +14,16 @@ Rules it keeps
   connects after a jittered exponential backoff (0.1 s to 30 s) and resumes after the
   cursor, which first takes the acks that connection collected. Ingest never waits on
   any of this: ``wake`` only sets a number and a future.
+* A broker that stops reading cannot hold the pump: an engine's ``send`` only buffers
+  (at most the window's messages), so the wait for acks, bounded by the ack timeout
+  from the oldest unacked burst, is the only wait while events are in flight.
+* No event stops forwarding for good: a refusal of one message for itself (too large at
+  once; an ACL or an invalid message after DEAD_LETTER_AFTER refusals of the same seq)
+  makes it a dead letter, recorded with the cursor's move past it in one transaction.
+  The refused message is always the first wanted event after the stored cursor: acks
+  count only up to a refusal, and the cursor takes every ack before it.
+* A rewind sets the stored cursor back, while no pump runs: the events after it go out
+  again (counted as resent) and retention keeps them again.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..gateway.metrics import Counter, Gauge, Histogram, Registry
 from ..log import log
-from .engine import Engine, EngineError, Message, message
+from .engine import DEAD_LETTER_KINDS, Engine, EngineError, Message, message
 
 if TYPE_CHECKING:
     from ..ledger import Ledger
@@ -36,6 +46,7 @@ PAGE_BYTES = 1 << 20  # payload+metadata bytes per ledger read: the buffer's bou
 IDLE_POLL = 5.0  # seconds idle before re-reading the ledger anyway (a wake-up is the rule)
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 30.0
 STATES = ("disabled", "connecting", "connected", "backoff")
+DEAD_LETTER_AFTER = 3  # refusals of the same seq (acl, invalid) before it becomes a dead letter
 
 
 def type_filter(patterns: tuple[str, ...]) -> Callable[[str], bool] | None:
@@ -71,8 +82,12 @@ class Forwarder:
         self.last_seq = 0  # the newest seq in the ledger, as far as we heard
         self.in_flight = 0
         self.last_error: str | None = None
+        self.last_error_at: int | None = None
         self.last_ack_at: int | None = None
-        self._high_sent = 0  # highest seq sent by this process: a lower one is a resend
+        self.dead_letter_count = 0  # this epoch's recorded dead letters (read at start)
+        self.lag_seconds = 0.0  # age of the oldest event still to forward (refresh_lag)
+        self._refused = (0, 0)  # (seq, consecutive refusals) of the message refused last
+        self._high_sent = 0  # highest seq sent (kept with the cursor across restarts): a lower one is a resend
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self.forwarded = metrics.add(Counter("edgelink_forward_forwarded_total", "Events published to the broker"))
@@ -83,13 +98,25 @@ class Forwarder:
                                                  "Time from publish to the broker's ack"))
         self.dropped = metrics.add(Counter("edgelink_forward_dropped_total",
                                            "Unforwarded events pruned at the ledger byte bound"))
+        self.dead_letters = metrics.add(Counter("edgelink_forward_dead_letters_total",
+                                                "Events the broker refused for themselves, passed by the cursor",
+                                                ("reason",)))
+        self.rewinds = metrics.add(Counter("edgelink_forward_rewinds_total", "Rewinds asked for"))
+        metrics.add(Gauge("edgelink_forward_lag_seconds", "Age of the oldest event not yet forwarded (0: none)",
+                          read=lambda: {(): self.lag_seconds}))
+        metrics.add(Gauge("edgelink_forward_ack_age_seconds",
+                          "Seconds since the broker's last ack while events wait to be forwarded (0: none wait)",
+                          read=lambda: {(): self.ack_age()}))
         metrics.add(Gauge("edgelink_forward_backlog", "Events not yet acknowledged by the broker",
                           read=lambda: {(): self.backlog}))
         metrics.add(Gauge("edgelink_forward_state", "Forwarder state (1 for the current one)", ("state",),
                           read=lambda: {(s,): float(s == self.state) for s in STATES}))
         self._skips: set[asyncio.Task[int]] = set()  # cursor writes past dropped events
-        for counter in (self.forwarded, self.acked, self.resent, self.reconnects, self.dropped):
+        for counter in (self.forwarded, self.acked, self.resent, self.reconnects, self.dropped, self.rewinds):
             counter.inc(amount=0)  # the series exist from the start
+        for reason in DEAD_LETTER_KINDS:
+            self.dead_letters.inc(reason, amount=0)
+        self._since = self.wall()  # for the ack age before the first ack
 
     @property
     def backlog(self) -> int:
@@ -98,10 +125,14 @@ class Forwarder:
     # --- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.ledger.forwarding = True  # retention keeps what the stored cursor has not passed
         self.acked_seq = await self.ledger.forward_cursor()
-        self.ledger.protect_after = self.acked_seq  # retention keeps what is not forwarded
+        # what an earlier run had sent (as of its last cursor write) goes again as a resend
+        self._high_sent = await self.ledger.forward_sent_seq()
         self.ledger.on_forced_drop = self._forced_drop
         self.last_seq = await self.ledger.last_seq()
+        self.dead_letter_count = (await self.ledger.dead_letters(0))[1]
+        await self.refresh_lag()
         self._task = asyncio.create_task(self._run(), name="forwarder")
         log.info("forward_started", engine=self.engine_name, url=self.url, edge_id=self.edge_id,
                  epoch=self.ledger.epoch, acked_seq=self.acked_seq, last_seq=self.last_seq, window=self.window)
@@ -112,7 +143,6 @@ class Forwarder:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         await asyncio.gather(*self._skips, return_exceptions=True)
-        self.ledger.protect_after = None
         self.ledger.on_forced_drop = None
 
     def _forced_drop(self, dropped: int, unforwarded: int, last_seq: int) -> None:
@@ -128,8 +158,13 @@ class Forwarder:
 
     def _skip_done(self, task: asyncio.Task[int]) -> None:
         self._skips.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
             log.error("forward_cursor_write_failed", error=repr(task.exception()))
+        else:  # dropped events are no backlog, also while no connection runs a pump
+            self.acked_seq = max(self.acked_seq, task.result())
+
     def wake(self, seq: int) -> None:
         """A new event was committed (called on the ingest path: O(1), never waits)."""
         if seq > self.last_seq:
@@ -141,8 +176,45 @@ class Forwarder:
         return {"enabled": True, "engine": self.engine_name, "url": self.url, "edge_id": self.edge_id,
                 "epoch": self.ledger.epoch, "state": self.state, "acked_seq": self.acked_seq,
                 "last_seq": self.last_seq, "backlog": self.backlog, "in_flight": self.in_flight,
-                "last_error": self.last_error, "last_ack_at": self.last_ack_at,
-                "dropped": int(self.dropped.values.get((), 0))}
+                "last_error": self.last_error, "last_error_at": self.last_error_at, "last_ack_at": self.last_ack_at,
+                "dropped": int(self.dropped.values.get((), 0)), "dead_letters": self.dead_letter_count,
+                "lag_seconds": self.lag_seconds}
+
+    async def refresh_lag(self) -> float:
+        """Read the age of the oldest event not yet forwarded (one indexed row) into
+        ``lag_seconds``; the status and /metrics handlers call it before answering."""
+        oldest = await self.ledger.forward_oldest(self.acked_seq) if self.backlog else None
+        self.lag_seconds = 0.0 if oldest is None else round(max(0.0, self.wall() - oldest[1] / 1000), 3)
+        return self.lag_seconds
+
+    def ack_age(self) -> float:
+        if not self.backlog:
+            return 0.0
+        since = self.last_ack_at / 1000 if self.last_ack_at is not None else self._since
+        return round(max(0.0, self.wall() - since), 3)
+
+    def _error(self, text: str) -> None:
+        self.last_error, self.last_error_at = text, int(self.wall() * 1000)
+
+    async def rewind(self, from_seq: int | None) -> dict[str, int]:
+        """Forward again from ``from_seq`` (None: the oldest stored event; below it: from
+        it): the running connection is dropped, the stored cursor set to ``from_seq - 1``,
+        and forwarding starts again. Resends are counted in ``resent``."""
+        oldest = await self.ledger.forward_oldest(0)
+        first = oldest[0] if oldest is not None else self.last_seq + 1
+        start = first if from_seq is None else max(from_seq, first)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            self.acked_seq = await self.ledger.rewind_forward_cursor(start - 1)
+        finally:
+            self.in_flight = 0
+            self._task = asyncio.create_task(self._run(), name="forwarder")
+        self.rewinds.inc()
+        log.warning("forward_rewound", from_seq=start, asked=from_seq, acked_seq=self.acked_seq,
+                    backlog=self.backlog, resend_up_to=self._high_sent)
+        return {"from_seq": start, "acked_seq": self.acked_seq, "backlog": self.backlog}
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -166,12 +238,17 @@ class Forwarder:
                 finally:
                     progressed = self.acked_seq > before
             except EngineError as exc:
-                self.last_error = str(exc)
+                self._error(str(exc))
                 log.warning("forward_error", kind=exc.kind, error=str(exc), url=self.url, acked_seq=self.acked_seq)
+                if exc.kind in DEAD_LETTER_KINDS:
+                    try:
+                        progressed = await self._refused_message(exc) or progressed
+                    except Exception as failure:  # the ledger: the refusal is seen again next time
+                        log.error("forward_dead_letter_failed", error=repr(failure), acked_seq=self.acked_seq)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a ledger error: log it and retry like a broker error
-                self.last_error = repr(exc)
+                self._error(repr(exc))
                 log.error("forward_failed", error=repr(exc), acked_seq=self.acked_seq)
             finally:
                 self.in_flight = 0
@@ -181,6 +258,32 @@ class Forwarder:
             self.state = "backoff"
             log.info("forward_backoff", seconds=round(delay, 3), failures=failures)
             await asyncio.sleep(delay)
+
+    async def _refused_message(self, exc: EngineError) -> bool:
+        """The broker refused the first wanted event after the cursor for itself: count
+        the refusal, and make it a dead letter when it is too large or refused again
+        DEAD_LETTER_AFTER times. True when the cursor moved past it."""
+        row = None
+        after = self.acked_seq
+        while row is None:
+            rows = await self.ledger.forward_page(after, PAGE_EVENTS, PAGE_BYTES)
+            if not rows:
+                return False
+            row = next((r for r in rows if self.wanted is None or self.wanted(r[2])), None)
+            after = rows[-1][0]
+        seq = row[0]
+        count = self._refused[1] + 1 if self._refused[0] == seq else 1
+        self._refused = (seq, count)
+        if exc.kind != "too_large" and count < DEAD_LETTER_AFTER:
+            return False
+        self.acked_seq = await self.ledger.dead_letter(seq, row[1], row[2], exc.kind, str(exc),
+                                                       int(self.wall() * 1000))
+        self.dead_letter_count += 1
+        self.dead_letters.inc(exc.kind)
+        self._refused = (0, 0)
+        log.warning("forward_dead_letter", seq=seq, event_id=row[1], type=row[2], reason=exc.kind, error=str(exc),
+                    refusals=count, acked_seq=self.acked_seq)
+        return True
 
     async def _pump(self, engine: Engine) -> None:
         """Send and collect acks until an error; raises EngineError."""
@@ -244,7 +347,7 @@ class Forwarder:
                         else:
                             high = seq
                     if batch:
-                        await engine.send(batch)
+                        await engine.send(batch)  # never blocks on the socket (Engine.send)
                         self._high_sent = high
                         bursts.append((acks.sent, self.clock()))
                         self.forwarded.inc(amount=len(batch))
@@ -265,6 +368,8 @@ class Forwarder:
                         if end == upto:
                             bursts.popleft()
                     self.last_ack_at = int(self.wall() * 1000)
+                    if self.last_error is not None:  # an ack after the error: it is over
+                        self.last_error = self.last_error_at = None
                 error = acks.error
                 if error is not None:
                     raise error
@@ -278,7 +383,7 @@ class Forwarder:
                         acked = stored
                         scanned = max(scanned, stored)
                 if store is None and acked > self.acked_seq:
-                    store = loop.create_task(self.ledger.store_forward_cursor(acked))
+                    store = loop.create_task(self.ledger.store_forward_cursor(acked, self._high_sent))
                     storing = unstored
                 elif store is None:
                     unstored = 0  # every ack is at or below the stored cursor already
@@ -293,8 +398,8 @@ class Forwarder:
                     waits.add(acks.wait(counted + min(len(inflight), max(1, burst - room))))
                     timeout = bursts[0][1] + self.ack_timeout - self.clock()
                     if timeout <= 0:
-                        raise EngineError("timeout", f"no ack within {self.ack_timeout:g} s for the "
-                                                     f"event after seq {acked}")
+                        raise EngineError("ack_timeout", f"no ack within {self.ack_timeout:g} s for the "
+                                                         f"event after seq {acked}")
                 if store is not None:
                     waits.add(store)
                 if reading is not None:
@@ -311,7 +416,7 @@ class Forwarder:
             if store is not None:
                 self.acked_seq, store = await store, None
             if acked > self.acked_seq:
-                self.acked_seq = await self.ledger.store_forward_cursor(acked)
+                self.acked_seq = await self.ledger.store_forward_cursor(acked, self._high_sent)
             raise
         finally:
             if store is not None:

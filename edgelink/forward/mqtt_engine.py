@@ -1,7 +1,16 @@
 """MQTT 3.1.1 / 5 engine (``mqtt://``, ``mqtts://``; a URL path ``/5`` selects MQTT 5), on paho-mqtt.
 
 QoS 1 to ``vx11/<edge_id>/events/<type>``; an event counts when its PUBACK arrives, and
-under MQTT 5 a PUBACK reason code of 0x80 or more is a refusal. The session is clean
+under MQTT 5 a PUBACK reason code of 0x80 or more is a refusal (0x95 packet too large:
+``too_large``, 0x87 not authorised: ``acl``, 0x90 / 0x99 bad topic or payload: ``invalid``,
+the refusals of a message for itself; a message over the CONNACK's maximum packet size
+is refused here before it is sent). A packet from the broker longer than FRAME_BYTES
+drops the connection before its body is read.
+
+Another box with the same edge_id (so the same client id) takes the connection over: an
+MQTT 5 broker says so (DISCONNECT 0x8E, session taken over); under 3.1.1 the broker only
+closes it, so TAKEOVER_SUSPECT connections in a row that the broker closed within
+SHORT_LIVED seconds of their CONNACK are reported as a likely duplicate. The session is clean
 (3.1.1 clean session, 5 clean start with no expiry): the ledger is the queue, and each
 connection gets a new paho client, so the library never resends from a memory of its own.
 
@@ -16,6 +25,7 @@ until its timeout instead of failing it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import socket
 import ssl
 import threading
@@ -26,8 +36,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.reasoncodes import ReasonCode
 
+from ..log import log
 from . import Target
-from .engine import Acks, EngineError, Message, safe_type, tls_context
+from .engine import FRAME_BYTES, Acks, EngineError, Message, safe_type, tls_context, warn_duplicate_edge_id
 
 KEEPALIVE = 30  # seconds between PINGREQs on an idle connection
 AUTH_CODES = {4, 5, 0x86, 0x87}  # 3.1.1 bad user/password, not authorised; their MQTT 5 codes
@@ -42,6 +53,10 @@ PLAIN_PUBACKS = {False: {b"": _SUCCESS},
                  True: {b"": _SUCCESS, b"\x00": _SUCCESS, b"\x00\x00": _SUCCESS,
                         b"\x10": _NO_SUBSCRIBERS, b"\x10\x00": _NO_SUBSCRIBERS}}
 PUBACK_NO_PROPERTIES = Properties(PacketTypes.PUBACK)
+REFUSALS = {0x95: "too_large", 0x87: "acl", 0x90: "invalid", 0x99: "invalid"}  # PUBACK reason -> kind
+SESSION_TAKEN_OVER = 0x8E
+SHORT_LIVED, TAKEOVER_SUSPECT = 5.0, 3  # seconds; connections in a row
+_lifetimes: collections.deque[bool] = collections.deque(maxlen=TAKEOVER_SUSPECT)  # closed by the broker soon?
 
 
 class _MsgIdProperties(Properties):
@@ -77,8 +92,14 @@ class _BatchingClient(mqtt.Client):
         super().__init__(*args, **kwargs)
         self.read_buffer = bytearray()
         self.write_buffer = bytearray()
+        self.oversize = 0  # the announced length of a packet refused for its size
 
     def _sock_recv(self, bufsize: int) -> bytes:
+        packet = self._in_packet
+        if packet["have_remaining"] and packet["remaining_length"] > FRAME_BYTES:
+            # paho would gather the whole body in memory: the connection goes instead
+            self.oversize = packet["remaining_length"]
+            raise ConnectionError(f"a packet of {self.oversize} bytes from the broker")
         if not self.read_buffer:
             data = super()._sock_recv(RECV_BYTES)  # BlockingIOError when nothing came
             if not data:
@@ -141,6 +162,9 @@ class MqttEngine:
         self._pending: dict[int, int] = {}  # paho's message id -> our index in acks
         self._misc: asyncio.Task[None] | None = None
         self._prefix = ""
+        self._max_packet: int | None = None  # MQTT 5: the broker's maximum packet size, from its CONNACK
+        self._edge_id = ""
+        self._up_since: float | None = None  # loop time of the CONNACK
 
     async def connect(self, edge_id: str, timeout: float) -> None:
         t = self.target
@@ -148,6 +172,7 @@ class MqttEngine:
         self.acks = Acks(loop)
         self._loop_thread = threading.get_ident()
         self._prefix = f"vx11/{edge_id}/events/"
+        self._edge_id = edge_id
         self._connected = loop.create_future()
         protocol = mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
         client = self._client = _BatchingClient(
@@ -180,6 +205,7 @@ class MqttEngine:
             await self.close()
             raise
         self._misc = loop.create_task(self._keepalive(client))
+        self._up_since = loop.time()
 
     def _blocking_connect(self, client: mqtt.Client) -> None:
         if self.v5:
@@ -191,10 +217,18 @@ class MqttEngine:
         client = self._client
         if client is None or not client.is_connected():
             raise EngineError("disconnected", "not connected")
-        acks, pending, prefix, v5 = self.acks, self._pending, self._prefix, self.v5
+        acks, pending, prefix, v5, max_packet = self.acks, self._pending, self._prefix, self.v5, self._max_packet
         for msg in messages:
             properties = _MsgIdProperties(msg.msg_id) if v5 else None
-            info = client.publish(prefix + safe_type(msg.type), msg.body, qos=1, properties=properties)
+            topic = prefix + safe_type(msg.type)
+            if max_packet is not None:
+                # fixed header (5 at most), topic, packet id, properties, body
+                size = 5 + 2 + len(topic.encode()) + 2 + len(properties.pack()) + len(msg.body)
+                if size > max_packet:
+                    acks.refuse(acks.add(), EngineError("too_large", f"seq {msg.seq}: a packet of {size} bytes, the "
+                                                                     f"broker's maximum packet size is {max_packet}"))
+                    return  # nothing after it counts; it is sent again after the dead letter
+            info = client.publish(topic, msg.body, qos=1, properties=properties)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 raise EngineError("disconnected", mqtt.error_string(info.rc))
             # the PUBACK cannot come within the call: paho only queues the packet (the
@@ -230,6 +264,7 @@ class MqttEngine:
             self._loop.call_soon_threadsafe(callback, *args)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, code: Any, properties: Any) -> None:
+        self._max_packet = getattr(properties, "MaximumPacketSize", None)
         self._on_loop(self._settle_connect, code)
 
     def _settle_connect(self, code: Any) -> None:
@@ -242,10 +277,31 @@ class MqttEngine:
             self._connected.set_result(None)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, code: Any, properties: Any) -> None:
-        self._on_loop(self._disconnected, str(code))
+        self._on_loop(self._broker_closed, code)
+
+    def _broker_closed(self, code: Any) -> None:
+        if self._client is not None and self._up_since is not None:  # not our own close
+            if getattr(code, "value", None) == SESSION_TAKEN_OVER:
+                warn_duplicate_edge_id(self._edge_id, "mqtt", "the broker handed this client id's session to "
+                                                              "another connection (DISCONNECT 0x8E)")
+            else:
+                _lifetimes.append(self._loop.time() - self._up_since < SHORT_LIVED)
+                if len(_lifetimes) == TAKEOVER_SUSPECT and all(_lifetimes):
+                    warn_duplicate_edge_id(self._edge_id, "mqtt", f"the broker closed {TAKEOVER_SUSPECT} connections "
+                                                                  f"in a row within {SHORT_LIVED:g} s of their CONNACK")
+            self._up_since = None
+        self._disconnected(str(code))
 
     def _disconnected(self, reason: str) -> None:
-        error = EngineError("disconnected", f"connection to the broker lost ({reason})")
+        oversize = self._client.oversize if self._client is not None else 0
+        if oversize:
+            error = EngineError("frame_too_large", f"the broker sent a packet of {oversize} bytes, more than "
+                                                   f"{FRAME_BYTES}; connection dropped")
+            if self.acks is None or self.acks.error is None:  # logged once, not per callback
+                log.warning("forward_frame_too_large", engine="mqtt", url=self.target.safe_url, bytes=oversize,
+                            bound=FRAME_BYTES)
+        else:
+            error = EngineError("disconnected", f"connection to the broker lost ({reason})")
         if self._connected is not None and not self._connected.done():
             self._connected.set_exception(error)
         self._fail(error)
@@ -255,7 +311,7 @@ class MqttEngine:
         if index is None:
             return
         if code.is_failure:
-            self.acks.refuse(index, EngineError("rejected", f"PUBACK reason: {code}"))
+            self.acks.refuse(index, EngineError(REFUSALS.get(code.value, "rejected"), f"PUBACK reason: {code}"))
         else:
             self.acks.ack(index)
 
@@ -323,6 +379,8 @@ class MqttEngine:
     async def _keepalive(self, client: mqtt.Client) -> None:
         while client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
             await asyncio.sleep(1)
+            if self._up_since is not None and self._loop.time() - self._up_since > SHORT_LIVED:
+                _lifetimes.clear()  # a connection that lasts: no takeover going on
         self._disconnected("keep-alive failed")
 
 
