@@ -30,7 +30,8 @@ DASHBOARD = REPO / "deploy" / "grafana" / "edgelink-dashboard.json"
 ELSEWHERE = {"edgelink_forward_backlog", "edgelink_forward_state", "edgelink_forward_forwarded_total",
              "edgelink_forward_acked_total", "edgelink_forward_resent_total", "edgelink_forward_dropped_total",
              "edgelink_forward_reconnects_total", "edgelink_forward_ack_latency_seconds",
-             "edgelink_forward_lag_seconds", "edgelink_forward_ack_age_seconds"}  # forwarding on only
+             "edgelink_forward_lag_seconds", "edgelink_forward_ack_age_seconds",
+             "edgelink_forward_dead_letters_total"}  # forwarding on only
 OPERATIONS = REPO / "docs" / "operations.md"
 
 ALERT = {"system.alert": {"alert_id": "a", "severity": "low", "message": "m", "timestamp": 1}}
