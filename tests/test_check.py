@@ -6,12 +6,12 @@ import os
 import shlex
 import signal
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
 from conftest import EDGELINK, TOKEN, log_records, wait_for_log
 
+from edgelink.compat import tomllib
 from edgelink.config import KNOBS, load_settings
 
 SERVICE = Path(__file__).resolve().parent.parent / "systemd" / "edgelink.service"
