@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import edgelink
+from edgelink.compat import tomllib
 from edgelink.config import KNOBS, MODULE_DEFAULTS, Settings, load_settings
 
 REPO = Path(edgelink.__file__).resolve().parent.parent
@@ -224,7 +225,9 @@ def test_containerfile_lint():
     froms = [args for keyword, args in steps if keyword == "FROM"]
     assert len(froms) >= 2, "multi-stage: a builder and a runtime"
     runtime = final_stage(steps)
-    assert runtime[0] == ("FROM", "python:3.11-slim")
+    # pinned: a Python patch version and a Debian release, the same in both stages
+    assert re.fullmatch(r"python:3\.\d+\.\d+-slim-[a-z]+", runtime[0][1]), runtime[0]
+    assert {args.split()[0] for args in froms} == {runtime[0][1]}
     last = {keyword: args for keyword, args in runtime}
     assert last["USER"].split(":")[0] not in ("root", "0"), "runs as root"
     assert last["HEALTHCHECK"] and not last["HEALTHCHECK"].upper().startswith("NONE")
@@ -237,6 +240,17 @@ def test_containerfile_lint():
         if keyword == "COPY" and "--from" not in args:
             for source in shlex.split(args)[:-1]:
                 assert (REPO / source).exists(), f"COPY {source}: not in the build context"
+
+
+def test_containerfile_oci_labels_match_the_package():
+    labels = {}
+    for keyword, args in final_stage(instructions(CONTAINERFILE.read_text())):
+        if keyword == "LABEL":
+            labels.update(word.split("=", 1) for word in shlex.split(args))
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert labels["org.opencontainers.image.version"] == edgelink.__version__
+    assert labels["org.opencontainers.image.licenses"] == pyproject["project"]["license"]
+    assert labels["org.opencontainers.image.source"] == "${SOURCE}"  # the build argument
 
 
 def test_ignore_files_agree_and_keep_the_build_inputs():
