@@ -1,7 +1,7 @@
-"""The unit under real systemd: Debian 12 booted in systemd-nspawn, installed by the doc's steps.
+"""The unit under real systemd: Debian booted in systemd-nspawn, installed by the doc's steps.
 
-A minimal Debian 12 root (systemd 252 as PID 1, Debian's /usr/bin/python3) is built once by
-debootstrap and cached outside the clone, in ``$EDGELINK_NSPAWN_CACHE`` (default
+Minimal roots of Debian 12 (systemd 252 as PID 1, where the issue was seen; /usr/bin/python3
+is 3.11) and Debian 13 (a current systemd; 3.13) are built once by debootstrap and cached outside the clone, in ``$EDGELINK_NSPAWN_CACHE`` (default
 ``/var/cache/edgelink-test``), under a name keyed by the suite and the package list: change
 either and a new root is built (about 2 minutes), else the cached one boots in seconds. Each
 run boots it with ``--volatile=overlay`` (writes go to a tmpfs, the cache stays clean), binds
@@ -10,7 +10,8 @@ a copy of the checkout and a wheelhouse (pip runs with ``--no-index`` inside), r
 journalctl and HTTP on the socket unit's port. nspawn keeps the host's network namespace, so
 the port the socket listens on inside is this machine's loopback port.
 
-The tests share one booted machine and run in file order, each leaving the service healthy.
+The tests share one booted machine per suite and run in file order, each leaving the service
+healthy.
 Needs root, systemd-nspawn (systemd-container) and debootstrap: skipped without them, failed
 under CI=true.
 """
@@ -39,7 +40,9 @@ from test_deploy_files import REPO, install_blocks
 
 from edgelink.compat import tomllib
 
-SUITE = "bookworm"
+# Debian 12 (systemd 252, what the issue was seen on) and Debian 13 (a current systemd): the
+# suite's /usr/bin/python3, for which the wheelhouse is downloaded, and its systemd
+SUITES = {"bookworm": ("3.11", 252), "trixie": ("3.13", 257)}
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3-venv")
 MIRROR = os.environ.get("EDGELINK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 CACHE = Path(os.environ.get("EDGELINK_NSPAWN_CACHE", "/var/cache/edgelink-test"))
@@ -59,17 +62,17 @@ def _need_root() -> None:
         pytest.skip(message)
 
 
-def debian_root() -> Path:
-    """The cached debootstrapped root for SUITE and PACKAGES, built on first use."""
-    key = hashlib.sha256(f"{SUITE} minbase {' '.join(sorted(PACKAGES))}".encode()).hexdigest()[:12]
-    root = CACHE / f"debian-{SUITE}-{key}"
+def debian_root(suite: str) -> Path:
+    """The cached debootstrapped root for ``suite`` and PACKAGES, built on first use."""
+    key = hashlib.sha256(f"{suite} minbase {' '.join(sorted(PACKAGES))}".encode()).hexdigest()[:12]
+    root = CACHE / f"debian-{suite}-{key}"
     if (root / "usr/lib/systemd/systemd").exists():
         return root
     debootstrap = need_binary("debootstrap", "debootstrap")
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=root.name + ".partial-", dir=CACHE))
     try:
-        subprocess.run([debootstrap, "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE,
+        subprocess.run([debootstrap, "--variant=minbase", f"--include={','.join(PACKAGES)}", suite,
                         str(partial), MIRROR], check=True, capture_output=True, timeout=1200)
         partial.rename(root)  # only a complete root gets the cache's name
     finally:
@@ -77,12 +80,12 @@ def debian_root() -> Path:
     return root
 
 
-def wheelhouse(directory: Path) -> Path:
-    """Wheels of the build backend and the runtime dependencies, for Debian 12's CPython
-    3.11, so the doc's `pip install .` runs inside without reaching an index."""
+def wheelhouse(directory: Path, python: str) -> Path:
+    """Wheels of the build backend and the runtime dependencies, for the suite's CPython
+    ``python``, so the doc's `pip install .` runs inside without reaching an index."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     requirements = [*pyproject["build-system"]["requires"], *pyproject["project"]["dependencies"]]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", "3.11",
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", python,
                     "--implementation", "cp", "-d", str(directory), *requirements],
                    check=True, capture_output=True, timeout=600)
     return directory
@@ -103,8 +106,8 @@ def checkout_copy(directory: Path) -> Path:
 class Machine:
     """A booted container; ``sh`` runs a shell command in it as root, in the checkout."""
 
-    def __init__(self, proc: subprocess.Popen, console: Path):
-        self.proc, self.console = proc, console
+    def __init__(self, suite: str, proc: subprocess.Popen, console: Path):
+        self.suite, self.proc, self.console = suite, proc, console
         self.leader = 0
 
     def wait_booted(self, timeout: float = 180) -> None:
@@ -160,22 +163,23 @@ def message(entry: dict) -> str:
     return bytes(value).decode(errors="replace") if isinstance(value, list) else value
 
 
-@pytest.fixture(scope="module")
-def machine(tmp_path_factory) -> Iterator[Machine]:
+@pytest.fixture(scope="module", params=sorted(SUITES))
+def machine(request, tmp_path_factory) -> Iterator[Machine]:
     _need_root()
     nspawn = need_binary("systemd-nspawn", "systemd-container")
     need_binary("nsenter", "util-linux")
-    root = debian_root()
-    work = tmp_path_factory.mktemp("nspawn")
+    suite = request.param
+    root = debian_root(suite)
+    work = tmp_path_factory.mktemp(f"nspawn-{suite}")
     src = checkout_copy(work / "edgelink")
-    wheels = wheelhouse(work / "wheels")
+    wheels = wheelhouse(work / "wheels", SUITES[suite][0])
     console = work / "console.log"
-    name = f"edgelink-test-{os.getpid()}"
+    name = f"edgelink-test-{suite}-{os.getpid()}"
     with open(console, "wb") as out:
         proc = subprocess.Popen([nspawn, "-q", "-D", str(root), "--volatile=overlay", "-b", f"--machine={name}",
                                  "--register=no", "--keep-unit", f"--bind={src}:/root/edgelink", f"--bind-ro={wheels}:/wheelhouse"],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    m = Machine(proc, console)
+    m = Machine(suite, proc, console)
     try:
         m.wait_booted()
         install, start = install_blocks()
@@ -207,6 +211,7 @@ def main_pid(m: Machine) -> int:
 
 
 def test_starts_as_its_user_and_answers_through_the_socket(machine):
+    assert int(machine.sh("systemctl --version").stdout.split()[1]) == SUITES[machine.suite][1]
     assert machine.show("edgelink.socket", "ActiveState") == "active"
     assert machine.show("edgelink.service", "ActiveState") == "active"
     assert get(machine, "/health").status == 200  # the port exists only in the socket unit: fd passing works
