@@ -218,7 +218,7 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = ("server", "settings", "transport", "conn", "phase", "client", "_timer", "_send_timer",
                  "_request", "_body", "_body_size", "_body_deadline", "_reading", "_read_blockers",
                  "_ws", "_task", "_loop", "_line_checked", "_must_close", "_stall_read", "_eof", "_refusal",
-                 "_streaming", "_drain", "_processing", "_parser_empty", "_reserved")
+                 "_streaming", "_drain", "_processing", "_parser_empty", "_reserved", "_answered")
 
     def __init__(self, server: HttpServer):
         self.server = server
@@ -248,6 +248,7 @@ class HttpProtocol(asyncio.Protocol):
         self._processing = False  # _process is running: an answer given inside it does not recurse
         self._parser_empty = False  # a fresh parser was fed nothing: asking it would only say NEED_DATA
         self._reserved = 0  # body bytes this request holds of the server's EDGELINK_MAX_BODIES
+        self._answered = False  # a request on this connection was answered (it is not fresh)
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -371,9 +372,11 @@ class HttpProtocol(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         """True while a request is in flight, or, once shutdown began, while a WebSocket
-        is finishing its close handshake."""
-        return self.phase in (Phase.HEADERS, Phase.BODY, Phase.HANDLING) or (
-            self.phase is Phase.WEBSOCKET and self.server.stopping)
+        is finishing its close handshake or a fresh connection has not sent its request yet
+        (a client connects to send one: closing it unanswered would lose that request; the
+        header timeout still bounds the wait)."""
+        return self.phase in (Phase.HEADERS, Phase.BODY, Phase.HANDLING) or (self.server.stopping and (
+            self.phase is Phase.WEBSOCKET or (self.phase is Phase.IDLE and not self._answered)))
 
     def begin_shutdown(self) -> None:
         # Idle keep-alive connections stay open while requests elsewhere finish: a request
@@ -685,6 +688,7 @@ class HttpProtocol(asyncio.Protocol):
             self.conn.receive_data(b"")
         self._parser_empty = not pending and not eof
         self.phase = Phase.IDLE
+        self._answered = True
         self._request = None
         self._task = None
         self._release_body()
@@ -720,7 +724,8 @@ class HttpProtocol(asyncio.Protocol):
             self._close()
             return
         # wsproto is imported at the first upgrade, not by every gateway (frames.py)
-        from wsproto.events import AcceptConnection, Request as WsRequest
+        from wsproto.events import AcceptConnection
+        from wsproto.events import Request as WsRequest
         from wsproto.extensions import PerMessageDeflate
 
         from .websocket import WebSocket, server_connection
