@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
 from .config import DEMO_HOST, KNOB, ConfigError, Settings, load_settings, render
+from .log import PRIORITIES
+
+
+def _problem_lines(prefix: str, problems: list[str]) -> str:
+    """One line a problem; under journald each starts with ``<3>`` (err) so that
+    ``journalctl -p warning`` shows why a start or reload was refused (log.py does the same)."""
+    mark = PRIORITIES["error"] if os.environ.get("JOURNAL_STREAM") else ""
+    return "\n".join(f"{mark}{prefix}: {problem}" for problem in problems)
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -20,7 +29,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = _load(args)
     except ConfigError as exc:
-        raise SystemExit("\n".join(f"edgelink: {problem}" for problem in exc.problems)) from None
+        raise SystemExit(_problem_lines("edgelink", exc.problems)) from None
     run(serve(settings, reload=lambda: _load(args)))
     return 0
 
@@ -33,8 +42,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         settings = _load(args)
         forward.check(settings)  # as serve does at start: edge id, URL scheme, the extra installed
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"edgelink check: {problem}", file=sys.stderr)
+        print(_problem_lines("edgelink check", exc.problems), file=sys.stderr)
         return 1
     print(render(settings) if args.print else "ok", end="" if args.print else "\n")
     return 0

@@ -18,12 +18,13 @@ import dataclasses
 import functools
 import math
 import os
-import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 import orjson
+
+from edgelink.compat import tomllib
 
 
 class ConfigError(ValueError):

@@ -47,6 +47,7 @@ from urllib.parse import urlsplit
 
 import h11
 
+from . import compat
 from .account import REPLIES
 from .config import Settings
 
@@ -92,7 +93,7 @@ class Stream:
         if self._done:
             return None
         try:
-            async with asyncio.timeout(timeout):
+            async with compat.timeout(timeout):
                 while True:
                     event = await self._conn.next_event()
                     kind = type(event)
@@ -256,7 +257,7 @@ class UpstreamClient:
             head.append((b"content-length", str(len(body)).encode()))
         request = h11.Request(method=method, target=path, headers=head)
         try:
-            async with asyncio.timeout(timeout):
+            async with compat.timeout(timeout):
                 return await self._send(origin, request, body, method in IDEMPOTENT, stream, share)
         except TimeoutError:
             raise UpstreamError("timeout", f"no reply within {timeout:g} s") from None
@@ -321,7 +322,7 @@ class UpstreamClient:
     async def _connect(self, origin: _Origin) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with compat.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(_Connection, origin.host, origin.port)
         except TimeoutError:
             raise UpstreamError(

@@ -21,14 +21,14 @@ from typing import Any
 
 import orjson
 import pytest
-
 from fakemodule import unused_port
 
 
-def need_binary(name: str) -> str:
+def need_binary(name: str, packages: str = "nats-server mosquitto") -> str:
+    """The path of ``name``; skipped without it, failed under CI=true (Debian ``packages``)."""
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
     if path is None:
-        message = f"{name} is not installed (apt-get install -y nats-server mosquitto)"
+        message = f"{name} is not installed (apt-get install -y {packages})"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)

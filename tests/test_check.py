@@ -6,12 +6,12 @@ import os
 import shlex
 import signal
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
 from conftest import EDGELINK, TOKEN, log_records, wait_for_log
 
+from edgelink.compat import tomllib
 from edgelink.config import KNOBS, load_settings
 
 SERVICE = Path(__file__).resolve().parent.parent / "systemd" / "edgelink.service"
@@ -53,6 +53,20 @@ def test_every_problem_is_reported_once_a_line_naming_its_key(tmp_path):
         assert sum(needle in line for line in lines) >= 1, (needle, lines)
     assert len(lines) == 9, lines
     assert "invalid literal" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_under_journald_each_problem_is_an_error_line(tmp_path):
+    """systemd files stderr at priority info unless a line says otherwise: the refusal of a
+    start or reload must show in `journalctl -p warning` (tests/test_systemd_boot.py)."""
+    config = tmp_path / "bad.toml"
+    config.write_text('port = "x"\nnonsense = 1\n')
+    result = check(tmp_path, "--config", str(config), JOURNAL_STREAM="8:12345")
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1 and len(lines) == 2
+    assert all(line.startswith("<3>edgelink check: ") for line in lines), lines
+    serve = subprocess.run([EDGELINK, "serve", "--config", str(config)], capture_output=True, text=True, timeout=60,
+                           env=clean_env(VX11_GATEWAY_TOKEN=TOKEN, JOURNAL_STREAM="8:12345"), cwd=tmp_path)
+    assert serve.returncode == 1 and serve.stderr.startswith("<3>edgelink: "), serve.stderr
 
 
 @pytest.mark.parametrize("text,key", [
@@ -128,7 +142,9 @@ def run_unit_line(line: str, tmp_path: Path, config: Path, main_pid: int, env: d
     binary, config_path = start[0], start[start.index("--config") + 1]
     argv = [{binary: EDGELINK, config_path: str(config), "$MAINPID": str(main_pid)}.get(word, word)
             for word in shlex.split(line)]
-    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    # systemd also puts $MAINPID in the environment of ExecReload= (the unit's sh -c reads it there)
+    return subprocess.run(argv, capture_output=True, text=True, env={**env, "MAINPID": str(main_pid)}, cwd=tmp_path,
+                          timeout=60)
 
 
 def test_unit_checks_before_start_and_before_reload(tmp_path, gateway_factory):

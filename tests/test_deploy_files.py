@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import edgelink
+from edgelink.compat import tomllib
 from edgelink.config import KNOBS, MODULE_DEFAULTS, MODULE_ENV_NAMES, Settings, load_settings
 
 REPO = Path(edgelink.__file__).resolve().parent.parent
@@ -83,11 +84,14 @@ def test_service_unit_settings():
         "Service.ExecStart": [f"{INSTALLED_BINARY} serve --config /etc/edgelink/edgelink.toml"],
         "Service.ExecStartPre": [f"{INSTALLED_BINARY} check --config /etc/edgelink/edgelink.toml"],
         "Service.ExecReload": [f"{INSTALLED_BINARY} check --config /etc/edgelink/edgelink.toml",
-                               "/bin/kill -HUP $MAINPID"],
-        "Service.EnvironmentFile": ["/etc/edgelink/edgelink.env"],
+                               "/bin/sh -c 'kill -HUP \"$MAINPID\"'"],
+        # optional for systemd, required by the gateway: the refusal names the file
+        "Service.EnvironmentFile": ["-/etc/edgelink/edgelink.env"],
         "Service.Restart": ["on-failure"],
-        "Service.DynamicUser": ["yes"],
-        "Service.SupplementaryGroups": ["edgelink"],
+        "Service.User": ["edgelink"],
+        "Service.Group": ["edgelink"],
+        "Service.DynamicUser": None,  # it clashes with the static user/group (status=217/USER)
+        "Unit.StartLimitIntervalSec": ["0"],  # a hit start limit would fail the socket too
         "Unit.Documentation": ["file:///opt/edgelink/README.md"],
         "Service.StateDirectory": ["edgelink"],
         "Service.ProtectSystem": ["strict"],
@@ -109,26 +113,30 @@ def test_service_unit_settings():
     assert float(unit["Service.TimeoutStopSec"][0]) > Settings().shutdown_grace
 
 
-def _readme_section(title: str) -> str:
-    text = (REPO / "README.md").read_text()
-    start = text.index(f"\n### {title}\n")
-    return text[start:text.index("\n#", start + 1)]
+DEPLOY_DOC = REPO / "docs" / "deploy-systemd.md"
 
 
-def test_readme_install_creates_what_the_unit_names():
+def install_blocks() -> list[str]:
+    """The ```sh blocks of docs/deploy-systemd.md, in order: the install, then the start."""
+    return re.findall(r"^```sh\n(.*?)^```$", DEPLOY_DOC.read_text(), re.S | re.M)
+
+
+def test_install_steps_create_what_the_unit_names():
     """Debian 12 refuses `pip install` outside a venv (PEP 668): the install is a venv
     under /opt/edgelink, and the unit's ExecStart= and Documentation= name its files."""
-    install = _readme_section("systemd")
+    install = "".join(install_blocks())
     unit = unit_entries(SYSTEMD / "edgelink.service")
     assert "python3 -m venv /opt/edgelink && /opt/edgelink/bin/pip install ." in install
     assert unit["Service.ExecStart"][0].startswith(INSTALLED_BINARY + " ")
     assert "install -m 0644 README.md /opt/edgelink/README.md" in install
     assert unit["Unit.Documentation"] == ["file:///opt/edgelink/README.md"]
-    # the group the unit reads /etc/edgelink with, declared for systemd-sysusers
-    assert "systemd/edgelink.sysusers /etc/sysusers.d/edgelink.conf" in install
-    sysusers = [line.split() for line in (SYSTEMD / "edgelink.sysusers").read_text().splitlines()
+    # the user and group the unit runs as, declared for systemd-sysusers; -D: a stock
+    # Debian 12 has no /etc/sysusers.d
+    assert "install -D -m 0644 systemd/edgelink.sysusers /etc/sysusers.d/edgelink.conf" in install
+    sysusers = [shlex.split(line) for line in (SYSTEMD / "edgelink.sysusers").read_text().splitlines()
                 if line and not line.startswith("#")]
-    assert sysusers == [["g", unit["Service.SupplementaryGroups"][0], "-"]]
+    assert [line[:2] for line in sysusers] == [["u", unit["Service.User"][0]]]
+    assert unit["Service.Group"] == unit["Service.User"]  # sysusers' u line makes the same-named group
     assert "install -m 0640 -g edgelink systemd/edgelink.env.example /etc/edgelink/edgelink.env" in install
     assert "pip install ." not in install.replace("/opt/edgelink/bin/pip install .", "")
 
@@ -217,7 +225,9 @@ def test_containerfile_lint():
     froms = [args for keyword, args in steps if keyword == "FROM"]
     assert len(froms) >= 2, "multi-stage: a builder and a runtime"
     runtime = final_stage(steps)
-    assert runtime[0] == ("FROM", "python:3.11-slim")
+    # pinned: a Python patch version and a Debian release, the same in both stages
+    assert re.fullmatch(r"python:3\.\d+\.\d+-slim-[a-z]+", runtime[0][1]), runtime[0]
+    assert {args.split()[0] for args in froms} == {runtime[0][1]}
     last = {keyword: args for keyword, args in runtime}
     assert last["USER"].split(":")[0] not in ("root", "0"), "runs as root"
     assert last["HEALTHCHECK"] and not last["HEALTHCHECK"].upper().startswith("NONE")
@@ -230,6 +240,17 @@ def test_containerfile_lint():
         if keyword == "COPY" and "--from" not in args:
             for source in shlex.split(args)[:-1]:
                 assert (REPO / source).exists(), f"COPY {source}: not in the build context"
+
+
+def test_containerfile_oci_labels_match_the_package():
+    labels = {}
+    for keyword, args in final_stage(instructions(CONTAINERFILE.read_text())):
+        if keyword == "LABEL":
+            labels.update(word.split("=", 1) for word in shlex.split(args))
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert labels["org.opencontainers.image.version"] == edgelink.__version__
+    assert labels["org.opencontainers.image.licenses"] == pyproject["project"]["license"]
+    assert labels["org.opencontainers.image.source"] == "${SOURCE}"  # the build argument
 
 
 def test_ignore_files_agree_and_keep_the_build_inputs():

@@ -113,8 +113,9 @@ def test_the_table_of_this_test_covers_every_live_and_rebuild_setting():
 def test_sighup_applies_every_live_and_rebuild_setting(tmp_path: Path, capfd):
     config = tmp_path / "edgelink.toml"
     config.write_text("")
-    env = {"VX11_GATEWAY_TOKEN": TOKEN, "EDGELINK_HOST": "127.0.0.1", "EDGELINK_PROBE_INTERVAL": "0",
-           "EDGELINK_DB": str(tmp_path / "gw.db"), "MADRE_URL": f"http://127.0.0.1:{unused_port()}"}
+    env = {"VX11_GATEWAY_TOKEN": TOKEN, "EDGELINK_HOST": "127.0.0.1", "EDGELINK_PORT": "0",  # never 8000: shared
+           "EDGELINK_PROBE_INTERVAL": "0", "EDGELINK_DB": str(tmp_path / "gw.db"),
+           "MADRE_URL": f"http://127.0.0.1:{unused_port()}"}
 
     def reload() -> Any:
         return load_settings(env=env, config_file=str(config))

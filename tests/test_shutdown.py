@@ -9,7 +9,6 @@ import threading
 import time
 
 import orjson
-
 from conftest import RawClient, module_env, received
 from fakemodule import HANG, HEALTHY
 
@@ -43,6 +42,22 @@ def test_in_flight_request_finishes_and_health_says_stopping(fake, gateway_facto
 
     thread.join(10)
     assert result["reply"].status == 200 and result["reply"].json()["path"] == "/madre/task"
+    assert gw.proc.wait(15) == 0
+
+
+def test_a_connection_made_before_the_signal_gets_its_request_answered(gateway_factory):
+    """A client that connected just before SIGTERM and sends its request just after gets an
+    answer, not a closed connection: under socket activation a poller across a restart would
+    otherwise lose that request (tests/test_systemd_boot.py)."""
+    gw = gateway_factory()
+    fresh = RawClient(gw.connect())
+    time.sleep(0.3)  # accepted by the gateway, nothing sent yet
+    gw.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    fresh.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    status, headers, body = fresh.read_response()
+    assert status == 503 and orjson.loads(body)["status"] == "stopping"
+    assert headers["connection"] == "close"
     assert gw.proc.wait(15) == 0
 
 

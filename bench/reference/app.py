@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from functools import partial
 from typing import Annotated, Any
 
@@ -49,7 +49,7 @@ def error_response(status_code: int, code: str | None = None, headers: dict[str,
 
 
 def iso_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def create_app(settings: Settings) -> FastAPI:

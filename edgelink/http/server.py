@@ -240,7 +240,7 @@ class HttpProtocol(asyncio.Protocol):
                  "_request", "_body", "_body_size", "_body_deadline", "_reading", "_read_blockers",
                  "_ws", "_task", "_loop", "_line_checked", "_must_close", "_stall_read", "_eof", "_refusal",
                  "_streaming", "_drain", "_processing", "_parser_empty", "_reserved", "_share", "_keep_body",
-                 "_head_lines", "_sent_mark")
+                 "_head_lines", "_sent_mark", "_answered")
 
     def __init__(self, server: HttpServer):
         self.server = server
@@ -274,6 +274,7 @@ class HttpProtocol(asyncio.Protocol):
         self._keep_body = False  # this request's body is held (admitted, authenticated, reserved)
         self._head_lines = 0  # line ends read since the current head began (field count check)
         self._sent_mark = 0  # write buffer size when the send timer was armed (progress check)
+        self._answered = False  # a request on this connection was answered (it is not fresh)
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -409,9 +410,11 @@ class HttpProtocol(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         """True while a request is in flight, or, once shutdown began, while a WebSocket
-        is finishing its close handshake."""
-        return self.phase in (Phase.HEADERS, Phase.BODY, Phase.HANDLING) or (
-            self.phase is Phase.WEBSOCKET and self.server.stopping)
+        is finishing its close handshake or a fresh connection has not sent its request yet
+        (a client connects to send one: closing it unanswered would lose that request; the
+        header timeout still bounds the wait)."""
+        return self.phase in (Phase.HEADERS, Phase.BODY, Phase.HANDLING) or (self.server.stopping and (
+            self.phase is Phase.WEBSOCKET or (self.phase is Phase.IDLE and not self._answered)))
 
     def held_bytes(self) -> int:
         """What this connection holds for its client: its share of the account and what
@@ -808,6 +811,7 @@ class HttpProtocol(asyncio.Protocol):
             self.conn.receive_data(b"")
         self._parser_empty = not pending and not eof
         self.phase = Phase.IDLE
+        self._answered = True
         self._request = None
         self._task = None
         self._release_body()
