@@ -276,6 +276,9 @@ KNOBS: tuple[Knob, ...] = (
          RESTART, toml="forward.url"),
     Knob("forward_window", ("EDGELINK_FORWARD_WINDOW",), _number(int, 1, 65535), 64,
          "Events in flight to the forward target.", RESTART, toml="forward.window"),
+    Knob("forward_window_bytes", ("EDGELINK_FORWARD_WINDOW_BYTES",), _number(int, 64 * KIB), 4 * MIB,
+         "Bytes of events in flight to the forward target (at least one event goes out).", RESTART,
+         toml="forward.window_bytes", unit="bytes"),
     Knob("forward_ack_timeout", ("EDGELINK_FORWARD_ACK_TIMEOUT",), _positive_s, 10.0,
          "Bound on a broker connect and on the oldest unacknowledged event.", RESTART, toml="forward.ack_timeout",
          unit="s"),
@@ -422,6 +425,7 @@ class Settings:
     edge_id: str = _default("edge_id")
     forward_url: str = _default("forward_url")
     forward_window: int = _default("forward_window")
+    forward_window_bytes: int = _default("forward_window_bytes")
     forward_ack_timeout: float = _default("forward_ack_timeout")
     forward_types: tuple[str, ...] = _default("forward_types")
     forward_user: str = _default("forward_user")

@@ -182,6 +182,7 @@ class Runtime:
             self.forwarder = Forwarder(
                 self.ledger, lambda: forward.open_engine(s), self.metrics, engine=forward.SCHEMES[target.scheme][0],
                 url=target.safe_url, edge_id=forward.edge_id(s), window=s.forward_window,
+                window_bytes=s.forward_window_bytes,
                 ack_timeout=s.forward_ack_timeout, types=s.forward_types)
             await self.forwarder.start()
 

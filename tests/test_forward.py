@@ -170,6 +170,42 @@ def test_window_bounds_unacked_events_and_acks_move_the_cursor_in_order(tmp_path
     assert world.max_unacked <= 8
 
 
+def test_window_bytes_bound_large_events_in_flight_but_one_always_goes(tmp_path: Path) -> None:
+    world = World()
+    world.auto = False
+    big = "x" * 40_000
+
+    async def body(ledger: Ledger) -> None:
+        now_ms = int(time.time() * 1000)
+        for i in range(20):
+            await ledger.append(build_event("custom.big", "t", {"i": i, "pad": big}, None, False, now_ms))
+        # a window of 16 events, but only 100 kB of them in flight: two 40 kB events
+        fw = forwarder(ledger, world, window=16, window_bytes=100_000)
+        await fw.start()
+        await until(lambda: len(world.sent) == 2)
+        await asyncio.sleep(0.05)  # a wrong bound would have sent more by now (the window allows 16)
+        assert len(world.sent) == 2
+        world.engine.ack(1)
+        await until(lambda: len(world.sent) == 3)
+        for seq in range(2, 21):
+            await until(lambda: seq in world.engine.sent)
+            world.engine.ack(seq)
+        await until(lambda: fw.acked_seq == 20)
+        await fw.stop()
+
+        # one event larger than the bound still goes out, alone
+        world2 = World()
+        world2.auto = True
+        await ledger.append(build_event("custom.big", "t", {"pad": big * 4}, None, False, now_ms))
+        fw2 = forwarder(ledger, world2, window=16, window_bytes=100_000)
+        await fw2.start()
+        await until(lambda: fw2.acked_seq == 21)
+        await fw2.stop()
+
+    run_with_ledger(tmp_path, body)
+    assert world.max_unacked <= 2
+
+
 def test_a_nearly_full_window_waits_for_a_burst_of_acks(tmp_path: Path) -> None:
     world = World()
     world.auto = False

@@ -5,11 +5,14 @@ Rules it keeps
 * At most ``window`` events are past the STORED cursor at any time (in flight, or acked
   but not yet written), so a crash, a lost connection or a lost ack makes at most
   ``window`` events go out twice, and none is skipped.
+* At most ``window_bytes`` of events are in flight (unacked) at once, but always at least
+  one: a window of large events cannot hold tens of megabytes in the engine's buffers
+  while a broker stalls (the process's memory budget, API.md §1).
 * The cursor moves only forward, only over a contiguous prefix of acks, and is written to
   the ledger by one write at a time while sending goes on.
 * Memory is O(window): the ledger is read in pages bounded by count and bytes (the next
-  one read ahead once at most a window of rows is left), whatever the backlog; a backlog
-  and live events are one ordered stream.
+  one read ahead once at most a window of rows and a page's bytes are left), whatever the
+  backlog; a backlog and live events are one ordered stream.
 * Any error (connect, publish, a failed or missing ack) drops the engine; a new one
   connects after a jittered exponential backoff (0.1 s to 30 s) and resumes after the
   cursor, which first takes the acks that connection collected. Ingest never waits on
@@ -34,6 +37,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..config import KNOB
 from ..gateway.metrics import Counter, Gauge, Histogram, Registry
 from ..log import log
 from .engine import DEAD_LETTER_KINDS, Engine, EngineError, Message, message
@@ -46,6 +50,7 @@ PAGE_BYTES = 1 << 20  # payload+metadata bytes per ledger read: the buffer's bou
 IDLE_POLL = 5.0  # seconds idle before re-reading the ledger anyway (a wake-up is the rule)
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 30.0
 STATES = ("disabled", "connecting", "connected", "backoff")
+WINDOW_BYTES = KNOB["forward_window_bytes"].default
 DEAD_LETTER_AFTER = 3  # refusals of the same seq (acl, invalid) before it becomes a dead letter
 
 
@@ -58,6 +63,11 @@ def type_filter(patterns: tuple[str, ...]) -> Callable[[str], bool] | None:
     return lambda t: t in exact or t.startswith(prefixes)
 
 
+def _row_bytes(row: tuple) -> int:
+    """What a ledger row weighs in flight: its payload and metadata JSON."""
+    return len(row[5]) + len(row[6] or b"")
+
+
 def backoff(failures: int, rng: Callable[[], float]) -> float:
     """Seconds to wait after ``failures`` consecutive failed connections: doubling from
     0.1 s up to 30 s, each drawn in [half, whole] so a fleet does not reconnect in step."""
@@ -68,13 +78,14 @@ def backoff(failures: int, rng: Callable[[], float]) -> float:
 class Forwarder:
     def __init__(self, ledger: "Ledger", make_engine: Callable[[], Engine], metrics: Registry, *,
                  engine: str, url: str, edge_id: str, window: int, ack_timeout: float,
+                 window_bytes: int = WINDOW_BYTES,
                  types: tuple[str, ...] = (), clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time, rng: Callable[[], float] = random.random,
                  idle_poll: float = IDLE_POLL):
         self.ledger = ledger
         self.make_engine = make_engine
         self.engine_name, self.url, self.edge_id = engine, url, edge_id
-        self.window, self.ack_timeout = window, ack_timeout
+        self.window, self.window_bytes, self.ack_timeout = window, window_bytes, ack_timeout
         self.wanted = type_filter(types)
         self.clock, self.wall, self.rng, self.idle_poll = clock, wall, rng, idle_poll
         self.state = "connecting"
@@ -296,9 +307,12 @@ class Forwarder:
         # per message in flight, in send order: the cursor after its ack (message
         # ``counted`` is the first); per burst: [messages sent up to its end, sent at]
         inflight: deque[int] = deque()
+        sizes: deque[int] = deque()  # the payload bytes of each message in flight, in send order
+        held = 0  # their sum: bounded by window_bytes (with at least one message in flight)
         bursts: deque[tuple[int, float]] = deque()
         counted = 0  # messages of this connection whose ack is collected
         page: deque[tuple] = deque()
+        paged = 0  # the payload bytes of the rows in ``page``
         store: asyncio.Task[int] | None = None
         reading: asyncio.Task[list[tuple]] | None = None  # the next page, read ahead
         read_up_to = scanned  # self.last_seq when that read started
@@ -320,9 +334,10 @@ class Forwarder:
                     if rows:
                         scanned = rows[-1][0]
                         page.extend(rows)
+                        paged += sum(_row_bytes(r) for r in rows)
                     else:  # the newest events are gone (retention): nothing to read up to there
                         scanned = max(scanned, read_up_to)
-                if reading is None and len(page) <= self.window and scanned < self.last_seq:
+                if reading is None and len(page) <= self.window and paged <= PAGE_BYTES and scanned < self.last_seq:
                     # the next page is read while this one goes out and acks come in
                     read_up_to = self.last_seq
                     reading = loop.create_task(self.ledger.forward_page(scanned, PAGE_EVENTS, PAGE_BYTES))
@@ -331,7 +346,11 @@ class Forwarder:
                     resent = 0
                     high = self._high_sent
                     while page and len(batch) < room_to_send:
+                        size = _row_bytes(page[0])
+                        if inflight and held + size > self.window_bytes:
+                            break  # the bytes in flight are at their bound: wait for acks
                         row = page.popleft()
+                        paged -= size
                         seq = row[0]
                         if wanted is not None and not wanted(row[2]):
                             # not forwarded: the cursor passes it with the ack before it
@@ -342,6 +361,8 @@ class Forwarder:
                             continue
                         batch.append(message(edge_id, epoch, row))
                         inflight.append(seq)
+                        sizes.append(size)
+                        held += size
                         if seq <= high:
                             resent += 1
                         else:
@@ -357,6 +378,8 @@ class Forwarder:
                     n, now = acks.acked - counted, self.clock()
                     for _ in range(n - 1):
                         inflight.popleft()
+                        held -= sizes.popleft()
+                    held -= sizes.popleft()
                     acked = max(acked, inflight.popleft())  # a drop at the byte bound may have moved it on
                     unstored += n
                     self.acked.inc(amount=n)
@@ -388,7 +411,8 @@ class Forwarder:
                 elif store is None:
                     unstored = 0  # every ack is at or below the stored cursor already
                 room = self.window - len(inflight) - unstored
-                sendable = room >= burst or (room > 0 and not inflight)
+                sendable = (room >= burst or (room > 0 and not inflight)) and (
+                    not inflight or not page or held + _row_bytes(page[0]) <= self.window_bytes)
                 if sendable and page:
                     continue  # more to send right away
                 waits: set[asyncio.Future[Any]] = set()
