@@ -10,8 +10,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import EDGELINK, TOKEN, log_records, wait_for_log
 
+from conftest import EDGELINK, TOKEN, log_records, wait_for_log
 from edgelink.config import KNOBS, load_settings
 
 SERVICE = Path(__file__).resolve().parent.parent / "systemd" / "edgelink.service"

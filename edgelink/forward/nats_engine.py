@@ -26,12 +26,12 @@ import asyncio
 
 import nats
 import orjson
-from nats.errors import AuthorizationError, Error as NatsError
+from nats.errors import AuthorizationError
+from nats.errors import Error as NatsError
 
-from . import Target
 from ..log import log
-from .engine import (FRAME_BYTES, INSTANCE, Acks, EngineError, Message, safe_type, tls_context,
-                     warn_duplicate_edge_id)
+from . import Target
+from .engine import FRAME_BYTES, INSTANCE, Acks, EngineError, Message, safe_type, tls_context, warn_duplicate_edge_id
 
 SUBSCRIPTION_LIMIT = 1 << 20  # bytes of presence announcements queued (each is 32 bytes)
 # nats-py's publish waits (without a bound) for its flusher once this many bytes are
