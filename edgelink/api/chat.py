@@ -123,6 +123,7 @@ async def chat(req: Request) -> Response:
         raise HTTPError(503, "chat_unavailable", session_id=session_id,
                         detail="neither the chat route nor its fallback answered")
     text, model, reply = answer
+    assert answered_by is not None  # an answer came from the route or its fallback
     _record_reply(req, session_id, text, {"provider": answered_by.module, "model": model})
     ours = {
         "session_id": session_id, "response": text, "model_used": model, "provider": answered_by.module,
@@ -148,7 +149,7 @@ async def _chat_stream(req: Request, chat_route: Intent | None, session_id: str,
             log.warning("chat_route_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
     fallback = chat_route.fallback if chat_route is not None else None
     answer = await _ask(req, fallback, outgoing) if fallback is not None else "no_route"
-    if isinstance(answer, str):
+    if isinstance(answer, str) or fallback is None:
         raise HTTPError(503, "chat_unavailable", session_id=session_id,
                         detail="neither the stream route nor the chat fallback answered")
     text, model, _ = answer
@@ -211,7 +212,7 @@ async def _streamed_reply(req: Request, route: Intent, session_id: str, outgoing
         stream.close()
     text, model = kept.getvalue(), deltas.model or route.module
     kept.close()
-    recorded = {"provider": route.module, "model": model}
+    recorded: dict[str, Any] = {"provider": route.module, "model": model}
     done = {"model_used": model, "provider": route.module,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3), "degraded": False}
     if cut:  # the text kept is the start of what was relayed

@@ -45,11 +45,12 @@ def _type_label(event_type: str, canonical: bool) -> str:
 async def accept(rt: "Runtime", event: Event, top_level: Mapping[str, Any] | None = None) -> Event:
     """Commit ``event`` to the ledger, count it, and broadcast it if it asked to be
     (``top_level``: fields its broadcast frame also carries at the top level)."""
-    event = event.with_seq(await rt.ledger.append(event))
+    seq = await rt.ledger.append(event)
+    event = event.with_seq(seq)
     rt.metrics.events.inc(_type_label(event.type, event.canonical), "accepted")
     rt.cardinality.record(event.type)
     if rt.forwarder is not None:
-        rt.forwarder.wake(event.seq)
+        rt.forwarder.wake(seq)
     if event.canonical:
         rt.correlations.add(event)
     if event.broadcast:
@@ -125,7 +126,7 @@ async def _snapshot(req: Request, at: int) -> Response:
     if len(body) > SNAPSHOT_MAX_BYTES:
         excess = _summarise_largest(recent, len(body) - SNAPSHOT_MAX_BYTES)
         if excess > 0:  # 256 type names of up to 1 KiB of UTF-8 each can fill it alone
-            events["other_types"] += _drop_rarest(counts, excess + 24)  # other_types' digits may grow
+            events["other_types"] = other = other + _drop_rarest(counts, excess + 24)  # its digits may grow
         body = orjson.dumps(answer)
     return Response(200, body)
 

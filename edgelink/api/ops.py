@@ -39,6 +39,7 @@ async def metrics(req: Request) -> Response:
 async def openapi_json(req: Request) -> Response:
     rt = req.runtime
     if rt.openapi_cache is None:
+        assert rt.router is not None  # serve() gives it before serving
         rt.openapi_cache = orjson.dumps(openapi.document(rt.router))
         # ~115 KB of JSON is ~10 KB gzipped: the API reference page loads it on every visit
         import gzip  # here: most gateways never serve the document

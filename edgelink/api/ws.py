@@ -98,7 +98,7 @@ async def websocket(ws: WebSocket) -> None:
         replay.add_done_callback(lambda task: _replay_over(task, ws, client_id))
         source = f"ws:{client_id}"
         while (message := await ws.receive()) is not None:
-            if held:
+            if held and ws.share is not None:  # (held only with a share: for the checker)
                 ws.share.give(DECODED, held)
                 held = 0
             if isinstance(message, bytes):
@@ -152,7 +152,7 @@ async def websocket(ws: WebSocket) -> None:
                   correlation_id=ws.request.correlation_id, traceback=traceback_text(exc))
         raise
     finally:
-        if held:
+        if held and ws.share is not None:
             ws.share.give(DECODED, held)
         rt.hub.remove(client)
         if replay is not None:

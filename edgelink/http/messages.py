@@ -50,7 +50,7 @@ def validation_error(*problems: tuple[list[Any], str]) -> HTTPError:
 @dataclass(slots=True)
 class Response:
     status: int = 200
-    body: bytes = b""
+    body: bytes | bytearray = b""  # a module's reply is forwarded as read (upstream.Reply.body)
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     content_type: bytes | None = JSON_TYPE
 
@@ -105,7 +105,6 @@ class Request:
         self.admitted: Any = None  # the router's Route, once the dispatcher's admit accepted it
         self.correlation_id = ""
         self.runtime: Runtime = None  # type: ignore[assignment]  # set by the dispatcher
-        self.share: Share | None = None  # the connection's part of the memory account (the transport's)
         self._query: dict[str, str] | None = None
         self._json: Any = _NO_BODY
         self._gone: asyncio.Event | None = None
