@@ -65,7 +65,7 @@ def schema_rejected(exc: SchemaRejected) -> HTTPError:
         "detail": exc.detail})
 
 
-async def ingest(req: Request) -> Response:
+async def ingest(req: Request[Runtime]) -> Response:
     rt = req.runtime
     body = req.json()
     try:
@@ -90,15 +90,15 @@ async def ingest(req: Request) -> Response:
     }, 201)
 
 
-async def cardinality(req: Request) -> Response:
+async def cardinality(req: Request[Runtime]) -> Response:
     return json_response(req.runtime.cardinality.snapshot())
 
 
-async def correlations(req: Request) -> Response:
+async def correlations(req: Request[Runtime]) -> Response:
     return json_response(req.runtime.correlations.snapshot())
 
 
-async def snapshot(req: Request) -> Response:
+async def snapshot(req: Request[Runtime]) -> Response:
     t = req.int_query("t", 0, 0, MAX_SNAPSHOT_T)
     share = req.share  # an answer built from stored data is counted while it is built (API.md §1)
     if share is not None and not share.take(SNAPSHOT, SNAPSHOT_BUILD_BYTES):
@@ -111,7 +111,7 @@ async def snapshot(req: Request) -> Response:
             share.give(SNAPSHOT, SNAPSHOT_BUILD_BYTES)
 
 
-async def _snapshot(req: Request, at: int) -> Response:
+async def _snapshot(req: Request[Runtime], at: int) -> Response:
     rt = req.runtime
     ledger = rt.ledger
     modules = await ledger.health_at(at)
@@ -144,7 +144,7 @@ def _correlated(event: dict[str, Any], correlation_id: str) -> bool:
     return any(f.get("correlation_id") == correlation_id or f.get("truncated") is True for f in fields)
 
 
-async def timeline(req: Request) -> Response:
+async def timeline(req: Request[Runtime]) -> Response:
     """GET /debug/events/timeline: stored events in a time range (by the gateway's receive
     time), optionally of one correlation id, oldest first; bounded in count and in bytes."""
     now = now_ms()

@@ -26,6 +26,7 @@ from .events import accept, now_ms
 
 if TYPE_CHECKING:
     from ..http.websocket import WebSocket
+    from ..runtime import Runtime
 
 MAX_CLIENT_ID = 128
 POLICY_VIOLATION = 1008
@@ -56,7 +57,7 @@ def _replay_over(task: "asyncio.Task[None]", ws: WebSocket, client_id: str) -> N
 
 
 async def websocket(ws: WebSocket) -> None:
-    rt = ws.request.runtime
+    rt: Runtime = ws.request.runtime
     query = ws.request.query
     client_id = query.get("client_id") or uuid.uuid4().hex[:12]
     if len(client_id) > MAX_CLIENT_ID:

@@ -67,7 +67,6 @@ from .frames import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from .messages import HTTPError, Request, Response, StreamingResponse
 
 if TYPE_CHECKING:
-    from ..overload import OverloadManager
     from .websocket import WebSocket
 
 WsHandler = Callable[["WebSocket"], Awaitable[None]]
@@ -87,6 +86,12 @@ class Dispatcher(Protocol):
 
     def refused(self, budget: str) -> None:
         """Count one refusal by a transport budget (``request_line``, ``connections``, ...)."""
+
+
+class OverloadCounter(Protocol):
+    """What the server needs from the overload manager (overload.py, above http/)."""
+
+    def count(self, action: str, n: int = 1) -> None: ...
 
 
 class Phase(enum.Enum):
@@ -172,7 +177,7 @@ class HttpServer:
         # Set by the overload manager (overload.py) while resident memory is over the soft
         # mark: no new body, stream or WebSocket is accepted. ``overload`` counts what it refuses.
         self.overloaded = False
-        self.overload: OverloadManager | None = None
+        self.overload: OverloadCounter | None = None
         self.connections: set[HttpProtocol] = set()
         self.stopping = False
         self._servers: list[asyncio.Server] = []
