@@ -29,7 +29,6 @@ from .modules import call
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
-    pass
 
 MAX_MESSAGE = 32_768
 MAX_ID = 256  # session_id and user_id (API.md §4): both are stored with the session

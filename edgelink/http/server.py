@@ -710,7 +710,7 @@ class HttpProtocol(asyncio.Protocol):
         status = response.status
         keep_alive = _keep_alive(request) and not self.server.stopping and not self._must_close
         parts: list[bytes | bytearray] = [b"HTTP/1.1 %d %s\r\ndate: %s\r\nserver: edgelink\r\n"
-                 % (status, _REASONS.get(status, b""), _Clock.date())]
+                                          % (status, _REASONS.get(status, b""), _Clock.date())]
         if response.content_type is not None:
             parts.append(b"content-type: %s\r\n" % response.content_type)
         if status not in (204, 304):
@@ -868,7 +868,8 @@ class HttpProtocol(asyncio.Protocol):
         try:
             ws_conn.initiate_upgrade_connection(raw_headers, request.target)
             offer = next(e for e in ws_conn.events() if isinstance(e, WsRequest))
-            extensions: list[Extension] = [BoundedDeflate(self.settings.ws_max_frame)] if self.settings.ws_compression else []
+            extensions: list[Extension] = \
+                [BoundedDeflate(self.settings.ws_max_frame)] if self.settings.ws_compression else []
             accept = ws_conn.send(AcceptConnection(extensions=extensions,
                                                    extra_headers=[(b"x-correlation-id", request.correlation_id.encode())]))
         except Exception as exc:  # wsproto refused a handshake we thought valid
