@@ -45,7 +45,7 @@ from brokers import Mosquitto, MqttSubscriber, Nats, Proxy  # noqa: E402
 from conftest import Gateway, start_gateway  # noqa: E402
 from test_forward_brokers import fill_db, forward_env, status  # noqa: E402
 
-from .proc import cpu_seconds, rss_bytes, MIB  # noqa: E402
+from .proc import MIB, cpu_seconds, rss_bytes  # noqa: E402
 
 BACKLOG = 100_000
 RATE_SECONDS = 3.0

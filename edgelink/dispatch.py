@@ -4,6 +4,7 @@ error rendering, metrics and the access log, the same for every request."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine
 
@@ -93,7 +94,7 @@ class Dispatcher:
         origin = req.headers.get("origin")
         preflight = req.method == "OPTIONS" and bool(settings.cors_origins) and origin is not None
         try:
-            if preflight:
+            if preflight and origin is not None:  # (preflight implies an origin: for the checker)
                 response = self._preflight(req, origin)
             else:
                 route = req.admitted
@@ -125,7 +126,9 @@ class Dispatcher:
             return self._refusal(req, exc)
         if isinstance(exc, asyncio.CancelledError):
             current = asyncio.current_task()
-            if current is not None and current.cancelling():
+            # Python 3.10 cannot tell the two apart (Task.cancelling is 3.11's): the
+            # cancellation goes on, as asyncio's own code let it before 3.11.
+            if current is not None and (sys.version_info < (3, 11) or current.cancelling()):
                 raise exc  # this request is being cancelled (shutdown): nobody waits for an answer
             # Something the handler awaited was cancelled under it: still answer the client.
             log.error("handler_cancelled", path=req.path, method=req.method, correlation_id=req.correlation_id)

@@ -343,6 +343,11 @@ class Ledger:
 
     # --- life cycle -------------------------------------------------------------------
 
+    def _started_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop start() ran on (the writer and readers exist only after it)."""
+        assert self._loop is not None, "the ledger was not started"
+        return self._loop
+
     async def start(self) -> None:
         """Open (creating or upgrading) the database and start the writer thread.
 
@@ -372,6 +377,7 @@ class Ledger:
             return
         self._open = False  # appends from now on fail at once instead of queueing behind _STOP
         self._queue.put(_STOP)
+        assert self._writer is not None and self._readers is not None  # start() made them before _open
         await asyncio.to_thread(self._writer.join)
         await asyncio.to_thread(self._readers.shutdown)
         while not self._reader_pool.empty():
@@ -419,7 +425,7 @@ class Ledger:
     async def _submit(self, make_job: Callable[[asyncio.Future], Any]) -> Any:
         if not self._open:
             raise LedgerClosed("the ledger is not open")
-        future = self._loop.create_future()
+        future = self._started_loop().create_future()
         self._queue.put(make_job(future))
         try:
             return await future
@@ -639,7 +645,7 @@ class Ledger:
         pending[2] = last_seq
         self._log_drops()
         if self.on_forced_drop is not None:
-            self._loop.call_soon_threadsafe(self.on_forced_drop, count, unforwarded, last_seq)
+            self._started_loop().call_soon_threadsafe(self.on_forced_drop, count, unforwarded, last_seq)
 
     def _log_drops(self, force: bool = False) -> None:
         """Log the events dropped at the byte bound since the last line: at once after a
@@ -680,7 +686,7 @@ class Ledger:
     def _settle(self, results: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
         if results:
             # one wake-up of the loop per batch, not one per event
-            self._loop.call_soon_threadsafe(_settle_futures, results)
+            self._started_loop().call_soon_threadsafe(_settle_futures, results)
 
     @staticmethod
     def _record_lost_broadcast(conn: sqlite3.Connection, seq: int | None) -> None:
@@ -748,7 +754,7 @@ class Ledger:
             finally:
                 self._reader_pool.put(conn)
 
-        return await self._loop.run_in_executor(self._readers, run)
+        return await self._started_loop().run_in_executor(self._readers, run)
 
     async def last_seq(self) -> int:
         """The highest seq ever assigned (0 if none), even if retention deleted its row."""
@@ -998,7 +1004,8 @@ class Ledger:
         canonical); cut once their payload and metadata exceed ``max_bytes`` (at least
         one row, so a single large event still moves)."""
         def query(conn: sqlite3.Connection) -> list[tuple]:
-            rows, size = [], 0
+            rows: list[tuple] = []
+            size = 0
             # iterating the cursor reads row by row: the byte cut bounds what is held
             for row in conn.execute(
                     "SELECT seq, event_id, type, source, timestamp, payload, metadata, canonical FROM events"

@@ -381,6 +381,7 @@ class Modules:
         if not module.enabled:
             return HealthCheck(module.name, "disabled", None, None, module.url, None, port=module.port)
         started = self._now()
+        error: str | None
         try:
             reply = await self._client.request(module.url, "GET", "/health",
                                                headers=self._headers(correlation_id, False),

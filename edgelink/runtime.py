@@ -165,7 +165,7 @@ class Runtime:
         self.metrics.ledger_batch.observe(writes)
 
     def _account_held(self) -> dict[tuple[str, ...], float]:
-        held = {(piece,): 0.0 for piece in PIECES}
+        held: dict[tuple[str, ...], float] = {(piece,): 0.0 for piece in PIECES}
         held.update({(piece,): n for piece, n in self.account.held.items()})
         return held
 
@@ -283,7 +283,8 @@ class Runtime:
                 # replaced whole each round, so a module disabled by a reload leaves no stale series
                 enabled = {(n,): c for n, c in probes.items() if n != GATEWAY_SERVICE and c.status != "disabled"}
                 self.metrics.module_up.values = {k: int(c.status == "ok") for k, c in enabled.items()}
-                self.metrics.module_probe.values = {k: c.latency_ms / 1000 for k, c in enabled.items()}
+                self.metrics.module_probe.values = {k: c.latency_ms / 1000 for k, c in enabled.items()
+                                                    if c.latency_ms is not None}
                 self._probe_changes({k[0]: c for k, c in enabled.items()})
             except asyncio.CancelledError:
                 raise

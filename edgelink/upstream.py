@@ -42,7 +42,7 @@ import errno
 import select
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, cast
 from urllib.parse import urlsplit
 
 import h11
@@ -97,7 +97,7 @@ class Stream:
                 while True:
                     event = await self._conn.next_event()
                     kind = type(event)
-                    if kind is h11.Data:
+                    if isinstance(event, h11.Data):
                         if event.data:
                             return bytes(event.data)
                     elif kind is h11.EndOfMessage:
@@ -146,10 +146,18 @@ class _Connection(asyncio.Protocol):
         self._fd = -1
         self._waiter: asyncio.Future[None] | None = None
 
+    @property
+    def wire(self) -> asyncio.Transport:
+        """The transport (create_connection gives the connection only once it is made)."""
+        assert self.transport is not None
+        return self.transport
+
     # --- asyncio.Protocol ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # asyncio's stubs say BaseTransport; a stream connection's is a Transport (uvloop's has
+        # its methods without subclassing it)
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno()
         # A reply is read a little at a time: one read brings at most what the kernel's
@@ -166,7 +174,7 @@ class _Connection(asyncio.Protocol):
         self.h11.receive_data(data)
         # One read at a time until the reply reader has taken it: the event loop may read a
         # fast module many times per turn, and h11 would buffer a whole 8 MiB reply again.
-        self.transport.pause_reading()
+        self.wire.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -191,9 +199,9 @@ class _Connection(asyncio.Protocol):
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
-                return event
+                return cast("h11.Event | type[h11.PAUSED]", event)  # h11's own type still names NEED_DATA
             if not self.ended:
-                self.transport.resume_reading()
+                self.wire.resume_reading()
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -309,7 +317,7 @@ class UpstreamClient:
             conn.close()
             return
         conn.h11.start_next_cycle()
-        conn.transport.resume_reading()  # an idle connection must see the module hang up
+        conn.wire.resume_reading()  # an idle connection must see the module hang up
         conn.reaper = asyncio.get_running_loop().call_later(self._pool_idle, self._reap, pool, conn)
         pool.append(conn)
 
@@ -351,7 +359,7 @@ class UpstreamClient:
             out.append(h.send(h11.EndOfMessage()))
             # No drain: the request is already in memory, and the total timeout bounds a
             # module that does not read it.
-            conn.transport.write(b"".join(out))
+            conn.wire.write(b"".join(out))
             if stream:
                 response = await self._read_head(conn, limit=False)
                 done = True
@@ -386,7 +394,7 @@ class UpstreamClient:
         while True:
             event = await conn.next_event()
             kind = type(event)
-            if kind is h11.Response:
+            if isinstance(event, h11.Response):
                 for name, value in event.headers:
                     if limit and name == b"content-length" and int(value) > self._max_reply:
                         raise UpstreamError("too_large", f"reply of {int(value)} bytes exceeds "
@@ -402,7 +410,7 @@ class UpstreamClient:
             while True:
                 event = await conn.next_event()
                 kind = type(event)
-                if kind is h11.Data:
+                if isinstance(event, h11.Data):
                     if len(body) + len(event.data) > self._max_reply:
                         raise UpstreamError("too_large", f"reply exceeds {self._max_reply} bytes")
                     if share is not None and not share.take(REPLIES, len(event.data)):

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 import pytest
+
 from fakemodule import unused_port
 
 

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import orjson
 import pytest
 import websockets
+
 from conftest import module_env
 from test_budget_clients import check_budget, in_parallel, keepalive_posts
 from test_streaming import StreamClient, StreamPlan, events, switch  # noqa: F401 (switch: a fixture)

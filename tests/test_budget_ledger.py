@@ -21,6 +21,7 @@ from pathlib import Path
 import orjson
 import pytest
 import websockets
+
 from conftest import EDGELINK, TOKEN, Gateway, assert_error, log_records, start_gateway
 
 MIB = 1024 * 1024

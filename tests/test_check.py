@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import EDGELINK, TOKEN, log_records, wait_for_log
 
+from conftest import EDGELINK, TOKEN, log_records, wait_for_log
 from edgelink.compat import tomllib
 from edgelink.config import KNOBS, load_settings
 

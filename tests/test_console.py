@@ -18,11 +18,11 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import Gateway, assert_error, module_env, start_gateway
-from test_prediction import call_until, creep_until_degrading, start_predicting
 
+from conftest import Gateway, assert_error, module_env, start_gateway
 from edgelink.api.console import ASSETS, accepts_gzip
 from edgelink.config import MODULE_DEFAULTS
+from test_prediction import call_until, creep_until_degrading, start_predicting
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",

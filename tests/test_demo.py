@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 import pytest
 import websockets
-from conftest import EDGELINK, start_gateway
 
+from conftest import EDGELINK, start_gateway
 from edgelink.demo import DemoModule
 from edgelink.http.messages import Request
 

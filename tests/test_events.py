@@ -6,13 +6,21 @@ import uuid
 
 import orjson
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from edgelink.api.events import schema_rejected
 from edgelink.gateway.events import (
-    SCHEMAS, Event, InvalidEnvelope, SchemaRejected, build_event, json_kind, normalize_client_event, parse_ingest,
+    SCHEMAS,
+    Event,
+    InvalidEnvelope,
+    SchemaRejected,
+    build_event,
+    json_kind,
+    normalize_client_event,
+    parse_ingest,
     schema_problem,
 )
-from edgelink.api.events import schema_rejected
 
 NOW_MS = 1_700_000_000_000
 

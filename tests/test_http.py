@@ -16,6 +16,7 @@ import uuid
 
 import orjson
 import pytest
+
 from conftest import EDGELINK, RawClient, recv_all
 
 GET_HEALTH = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"

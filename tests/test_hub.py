@@ -240,8 +240,7 @@ def test_a_send_queue_drains_in_order_and_in_few_writes_once_the_client_reads(tm
 
 
 def test_messages_received_are_taken_from_the_account_until_handled(tmp_path):
-    from edgelink.account import Account
-    from edgelink.account import INBOUND
+    from edgelink.account import INBOUND, Account
 
     async def go():
         server, ledger, hub, [(ws, peer)] = await _connected(tmp_path, 1)

@@ -20,8 +20,18 @@ from clock import T0, Clock
 from edgelink.config import Settings
 from edgelink.gateway.events import Event, build_event
 from edgelink.gateway.health import HealthCheck
-from edgelink.ledger import (BUCKET_MS, EVENTS_SCHEMA, MIB, SNIPPET_CHARS, WAL_LIMIT, WRITE_CHUNK_BYTES, Ledger,
-                            LedgerClosed, LedgerFull, LedgerUnavailable)
+from edgelink.ledger import (
+    BUCKET_MS,
+    EVENTS_SCHEMA,
+    MIB,
+    SNIPPET_CHARS,
+    WAL_LIMIT,
+    WRITE_CHUNK_BYTES,
+    Ledger,
+    LedgerClosed,
+    LedgerFull,
+    LedgerUnavailable,
+)
 
 DAY_MS = 86_400_000
 

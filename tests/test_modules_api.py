@@ -24,8 +24,18 @@ import pytest
 
 from conftest import TOKEN, URL_ENV, Gateway, Reply, assert_error, module_env, received
 from edgelink.config import MODULE_DEFAULTS
-from fakemodule import (CLOSE_AFTER_REPLY, CLOSE_BEFORE_REPLY, CLOSE_MID_REPLY, ERROR_500, HANG, HEALTHY, HUGE,
-                        HUGE_CHUNKED, NOT_HTTP, NOT_JSON)
+from fakemodule import (
+    CLOSE_AFTER_REPLY,
+    CLOSE_BEFORE_REPLY,
+    CLOSE_MID_REPLY,
+    ERROR_500,
+    HANG,
+    HEALTHY,
+    HUGE,
+    HUGE_CHUNKED,
+    NOT_HTTP,
+    NOT_JSON,
+)
 
 NAMES = [name for name, _, _ in MODULE_DEFAULTS]
 HEALTH_STATUSES = {"ok", "error", "unreachable", "timeout", "disabled"}

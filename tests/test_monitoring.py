@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import websockets
-from conftest import module_env, start_gateway
-from fakemodule import FakeModule
 from prometheus_client.parser import text_string_to_metric_families
 
 import edgelink
+from conftest import module_env, start_gateway
+from fakemodule import FakeModule
 
 REPO = Path(edgelink.__file__).resolve().parent.parent
 RULES = REPO / "deploy" / "prometheus" / "edgelink.rules.yml"

@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import log_records, module_env, start_gateway, wait_for_log
-from fakemodule import ERROR_500, HEALTHY, FakeModule
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import log_records, module_env, start_gateway, wait_for_log
 from edgelink.config import MODULE_DEFAULTS
 from edgelink.gateway.events import SCHEMAS
 from edgelink.gateway.metrics import BUDGETS
+from fakemodule import ERROR_500, HEALTHY, FakeModule
 
 ENABLED = [name for name, _, _ in MODULE_DEFAULTS if name != "shubniggurath"]  # shub is off by default
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from clock import T0, Clock
 from edgelink.gateway.events import build_event
 from edgelink.gateway.observe import OVERFLOW_TYPE, CardinalityCounter, CorrelationGraph
-
 
 # --- cardinality ---------------------------------------------------------------------------
 

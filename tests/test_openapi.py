@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakemodule import FakeModule
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
 from edgelink import openapi
 from edgelink.app import build_router
 from edgelink.http.router import Router
+from fakemodule import FakeModule
 
 SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
 DEFAULT_CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import EDGELINK, TOKEN, URL_ENV, module_env
 from fakemodule import ERROR_500, HANG, FakeModule
 
+
 def test_metrics_parse_and_count(gateway):
     gateway.get("/health")
     gateway.get("/nope")

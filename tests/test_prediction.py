@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Gateway, log_records, module_env, start_gateway
-from fakemodule import HEALTHY, FakeModule
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import Gateway, log_records, module_env, start_gateway
 from edgelink.gateway.prediction import (
     CALL,
     DEFAULT_WINDOW,
@@ -26,6 +25,7 @@ from edgelink.gateway.prediction import (
     UNKNOWN,
     HealthPredictor,
 )
+from fakemodule import HEALTHY, FakeModule
 
 WINDOW = 1200.0  # 10 s steps, buckets of 0.83 s
 GAP = 0.5  # seconds between calls

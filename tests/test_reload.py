@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from conftest import TOKEN
-from fakemodule import unused_port
-
 from edgelink.config import KNOB, KNOBS, RESTART, load_settings
 from edgelink.log import LEVELS, log
 from edgelink.runtime import Runtime
 from edgelink.serve import serve
+from fakemodule import unused_port
 
 
 def _level(rt: Runtime) -> str:

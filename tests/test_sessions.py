@@ -9,10 +9,10 @@ import uuid
 
 import orjson
 import pytest
-from clock import T0, Clock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from clock import T0, Clock
 from edgelink.account import Account
 from edgelink.config import load_settings
 from edgelink.gateway.sessions import (

@@ -9,6 +9,7 @@ import threading
 import time
 
 import orjson
+
 from conftest import RawClient, module_env, received
 from fakemodule import HANG, HEALTHY
 

@@ -34,11 +34,11 @@ from typing import Iterator
 
 import orjson
 import pytest
+
 from brokers import need_binary
 from conftest import Gateway, Reply
-from test_deploy_files import REPO, install_blocks
-
 from edgelink.compat import tomllib
+from test_deploy_files import REPO, install_blocks
 
 # Debian 12 (systemd 252, what the issue was seen on) and Debian 13 (a current systemd): the
 # suite's /usr/bin/python3, for which the wheelhouse is downloaded, and its systemd

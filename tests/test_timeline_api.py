@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import Gateway, assert_error
 
+from conftest import Gateway, assert_error
 from edgelink.api.events import TIMELINE_MAX_BYTES
 
 TS = 1_700_000_000_000

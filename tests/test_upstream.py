@@ -9,13 +9,25 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 import orjson
 import pytest
 
-from edgelink.config import ModuleConfig, Settings
 from edgelink.api.modules import module_error
-from edgelink.modules import ModuleError, ModuleReply, Modules
+from edgelink.config import ModuleConfig, Settings
 from edgelink.http.messages import HTTPError
+from edgelink.modules import ModuleError, ModuleReply, Modules
 from edgelink.upstream import UpstreamClient, UpstreamError
-from fakemodule import (CLOSE_AFTER_REPLY, CLOSE_BEFORE_REPLY, CLOSE_MID_REPLY, ERROR_500, HANG, HUGE,
-                        HUGE_CHUNKED, HUGE_HEADERS_ONLY, NOT_HTTP, NOT_JSON, FakeModule, unused_port)
+from fakemodule import (
+    CLOSE_AFTER_REPLY,
+    CLOSE_BEFORE_REPLY,
+    CLOSE_MID_REPLY,
+    ERROR_500,
+    HANG,
+    HUGE,
+    HUGE_CHUNKED,
+    HUGE_HEADERS_ONLY,
+    NOT_HTTP,
+    NOT_JSON,
+    FakeModule,
+    unused_port,
+)
 
 TOKEN = "upstream-test-token"
 CID = "corr-0123456789abcdef"

@@ -15,10 +15,9 @@ import orjson
 import pytest
 
 from conftest import TOKEN, assert_error, module_env, received
+from edgelink.config import ConfigError, load_settings
 from fakemodule import unused_port
 from test_ws_events import connect, ingest, next_frame, run
-
-from edgelink.config import ConfigError, load_settings
 
 SWITCH_PATH = "/switch/route-v5"
 TS = 1_700_000_000_000

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from edgelink.dispatch import run_unsuspended as run_sync  # noqa: F401  (the benchmarks' name)
 
 # A canonical event as a client sends it, and a copy that breaks its schema on the last rule

@@ -21,6 +21,7 @@ from typing import Any
 
 from edgelink.ledger import EVENTS_SCHEMA
 
+
 @dataclass(frozen=True)
 class StoredEvent:
     seq: int

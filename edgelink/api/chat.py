@@ -28,7 +28,7 @@ from . import streams
 from .modules import call
 
 if TYPE_CHECKING:
-    pass
+    from ..runtime import Runtime
 
 MAX_MESSAGE = 32_768
 MAX_ID = 256  # session_id and user_id (API.md §4): both are stored with the session
@@ -57,7 +57,7 @@ def _reply_text(data: Any) -> str | None:
     return None
 
 
-async def _ask(req: Request, route: Intent, body: dict[str, Any]) -> tuple[str, str, dict[str, Any]] | str:
+async def _ask(req: Request[Runtime], route: Intent, body: dict[str, Any]) -> tuple[str, str, dict[str, Any]] | str:
     """(text, model, the whole reply) from one route, or the error code if it failed in any
     way (logged)."""
     try:
@@ -76,7 +76,7 @@ async def _ask(req: Request, route: Intent, body: dict[str, Any]) -> tuple[str, 
     return text, next((m for m in names if isinstance(m, str) and m.strip()), route.module), reply.data
 
 
-async def chat(req: Request) -> Response:
+async def chat(req: Request[Runtime]) -> Response:
     started = time.perf_counter()
     rt = req.runtime
     body = req.json_object()
@@ -123,6 +123,7 @@ async def chat(req: Request) -> Response:
         raise HTTPError(503, "chat_unavailable", session_id=session_id,
                         detail="neither the chat route nor its fallback answered")
     text, model, reply = answer
+    assert answered_by is not None  # an answer came from the route or its fallback
     _record_reply(req, session_id, text, {"provider": answered_by.module, "model": model})
     ours = {
         "session_id": session_id, "response": text, "model_used": model, "provider": answered_by.module,
@@ -134,7 +135,7 @@ async def chat(req: Request) -> Response:
     return json_response({**reply, **ours})
 
 
-async def _chat_stream(req: Request, chat_route: Intent | None, session_id: str, outgoing: dict[str, Any],
+async def _chat_stream(req: Request[Runtime], chat_route: Intent | None, session_id: str, outgoing: dict[str, Any],
                        started: float) -> Response:
     """``"stream": true``: SSE meta, delta..., done | error from the ``stream`` route; the
     chat's fallback answers (as one delta) if the stream fails before its first text."""
@@ -148,7 +149,7 @@ async def _chat_stream(req: Request, chat_route: Intent | None, session_id: str,
             log.warning("chat_route_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
     fallback = chat_route.fallback if chat_route is not None else None
     answer = await _ask(req, fallback, outgoing) if fallback is not None else "no_route"
-    if isinstance(answer, str):
+    if isinstance(answer, str) or fallback is None:
         raise HTTPError(503, "chat_unavailable", session_id=session_id,
                         detail="neither the stream route nor the chat fallback answered")
     text, model, _ = answer
@@ -160,7 +161,7 @@ async def _chat_stream(req: Request, chat_route: Intent | None, session_id: str,
                                    streams.sse("done", done))), list(streams.NO_BUFFERING), streams.SSE_TYPE)
 
 
-async def _streamed_reply(req: Request, route: Intent, session_id: str, outgoing: dict[str, Any],
+async def _streamed_reply(req: Request[Runtime], route: Intent, session_id: str, outgoing: dict[str, Any],
                           started: float) -> AsyncGenerator[bytes, None]:
     """The SSE answer relayed from ``route``. Until its first text, a failure is raised
     (for the fallback); after it, the stream ends with an ``error`` event."""
@@ -211,7 +212,7 @@ async def _streamed_reply(req: Request, route: Intent, session_id: str, outgoing
         stream.close()
     text, model = kept.getvalue(), deltas.model or route.module
     kept.close()
-    recorded = {"provider": route.module, "model": model}
+    recorded: dict[str, Any] = {"provider": route.module, "model": model}
     done = {"model_used": model, "provider": route.module,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3), "degraded": False}
     if cut:  # the text kept is the start of what was relayed
@@ -224,7 +225,7 @@ async def _streamed_reply(req: Request, route: Intent, session_id: str, outgoing
     yield b'",' + orjson.dumps(done)[1:] + b"\n\n"
 
 
-def _record_reply(req: Request, session_id: str, text: str, metadata: dict[str, Any]) -> None:
+def _record_reply(req: Request[Runtime], session_id: str, text: str, metadata: dict[str, Any]) -> None:
     """Record the assistant's reply; one the memory account has no room for is answered
     anyway, and logged."""
     try:
@@ -279,7 +280,7 @@ class _TextDeltas:
         return text if isinstance(text, str) else None
 
 
-async def session(req: Request) -> Response:
+async def session(req: Request[Runtime]) -> Response:
     sessions = req.runtime.sessions
     view = sessions.view(req.params["session_id"])
     if view is None:
@@ -312,17 +313,17 @@ async def _message_pieces(messages: list[Message]) -> AsyncGenerator[bytes, None
     yield b"]}"
 
 
-async def delete_session(req: Request) -> Response:
+async def delete_session(req: Request[Runtime]) -> Response:
     if not req.runtime.sessions.delete(req.params["session_id"]):
         raise HTTPError(404, "session_not_found", session_id=req.params["session_id"])
     return empty_response(204)
 
 
-async def sessions(req: Request) -> Response:
+async def sessions(req: Request[Runtime]) -> Response:
     return json_response(req.runtime.sessions.list_sessions())
 
 
-async def cleanup(req: Request) -> Response:
+async def cleanup(req: Request[Runtime]) -> Response:
     """Sweep expired sessions now (Tentáculo Link's troubleshooting guide names this call)."""
     sessions = req.runtime.sessions
     removed = sessions.sweep()

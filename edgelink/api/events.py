@@ -45,11 +45,12 @@ def _type_label(event_type: str, canonical: bool) -> str:
 async def accept(rt: "Runtime", event: Event, top_level: Mapping[str, Any] | None = None) -> Event:
     """Commit ``event`` to the ledger, count it, and broadcast it if it asked to be
     (``top_level``: fields its broadcast frame also carries at the top level)."""
-    event = event.with_seq(await rt.ledger.append(event))
+    seq = await rt.ledger.append(event)
+    event = event.with_seq(seq)
     rt.metrics.events.inc(_type_label(event.type, event.canonical), "accepted")
     rt.cardinality.record(event.type)
     if rt.forwarder is not None:
-        rt.forwarder.wake(event.seq)
+        rt.forwarder.wake(seq)
     if event.canonical:
         rt.correlations.add(event)
     if event.broadcast:
@@ -64,7 +65,7 @@ def schema_rejected(exc: SchemaRejected) -> HTTPError:
         "detail": exc.detail})
 
 
-async def ingest(req: Request) -> Response:
+async def ingest(req: Request[Runtime]) -> Response:
     rt = req.runtime
     body = req.json()
     try:
@@ -89,15 +90,15 @@ async def ingest(req: Request) -> Response:
     }, 201)
 
 
-async def cardinality(req: Request) -> Response:
+async def cardinality(req: Request[Runtime]) -> Response:
     return json_response(req.runtime.cardinality.snapshot())
 
 
-async def correlations(req: Request) -> Response:
+async def correlations(req: Request[Runtime]) -> Response:
     return json_response(req.runtime.correlations.snapshot())
 
 
-async def snapshot(req: Request) -> Response:
+async def snapshot(req: Request[Runtime]) -> Response:
     t = req.int_query("t", 0, 0, MAX_SNAPSHOT_T)
     share = req.share  # an answer built from stored data is counted while it is built (API.md §1)
     if share is not None and not share.take(SNAPSHOT, SNAPSHOT_BUILD_BYTES):
@@ -110,7 +111,7 @@ async def snapshot(req: Request) -> Response:
             share.give(SNAPSHOT, SNAPSHOT_BUILD_BYTES)
 
 
-async def _snapshot(req: Request, at: int) -> Response:
+async def _snapshot(req: Request[Runtime], at: int) -> Response:
     rt = req.runtime
     ledger = rt.ledger
     modules = await ledger.health_at(at)
@@ -125,7 +126,7 @@ async def _snapshot(req: Request, at: int) -> Response:
     if len(body) > SNAPSHOT_MAX_BYTES:
         excess = _summarise_largest(recent, len(body) - SNAPSHOT_MAX_BYTES)
         if excess > 0:  # 256 type names of up to 1 KiB of UTF-8 each can fill it alone
-            events["other_types"] += _drop_rarest(counts, excess + 24)  # other_types' digits may grow
+            events["other_types"] = other = other + _drop_rarest(counts, excess + 24)  # its digits may grow
         body = orjson.dumps(answer)
     return Response(200, body)
 
@@ -143,7 +144,7 @@ def _correlated(event: dict[str, Any], correlation_id: str) -> bool:
     return any(f.get("correlation_id") == correlation_id or f.get("truncated") is True for f in fields)
 
 
-async def timeline(req: Request) -> Response:
+async def timeline(req: Request[Runtime]) -> Response:
     """GET /debug/events/timeline: stored events in a time range (by the gateway's receive
     time), optionally of one correlation id, oldest first; bounded in count and in bytes."""
     now = now_ms()

@@ -3,11 +3,16 @@ recorded probe history (API.md §7)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import orjson
 
 from .. import __version__
 from ..http.messages import HTTPError, Request, Response, json_response, validation_error
 from ..probe import GATEWAY_SERVICE
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
 
 DEFAULT_HISTORY = 500  # points; API.md §7
 MAX_HISTORY = 5000
@@ -18,13 +23,13 @@ _OK = orjson.dumps(_BODY)
 _STOPPING = orjson.dumps({**_BODY, "status": "stopping", "error": "stopping", "status_code": 503})
 
 
-async def health(req: Request) -> Response:
+async def health(req: Request[Runtime]) -> Response:
     if req.runtime.stopping:
         return Response(503, _STOPPING)
     return Response(200, _OK)
 
 
-async def history(req: Request) -> Response:
+async def history(req: Request[Runtime]) -> Response:
     """GET /vx11/health/history (API.md §7): one module's recorded probes, oldest first."""
     rt = req.runtime
     module = req.query.get("module")

@@ -29,7 +29,7 @@ def module_error(exc: ModuleError) -> HTTPError:
                      detail=exc.detail)
 
 
-async def call(req: Request, target: Intent, body: Any) -> ModuleReply:
+async def call(req: Request[Runtime], target: Intent, body: Any) -> ModuleReply:
     """Call an intent's target; ModuleError is left to the caller, which may fall back."""
     return await req.runtime.modules.call(target.module, target.method, target.endpoint, json=body,
                                           timeout=target.timeout, correlation_id=req.correlation_id,
@@ -53,7 +53,7 @@ async def _health(rt: Runtime) -> dict[str, dict[str, Any]]:
     return health
 
 
-async def status(req: Request) -> Response:
+async def status(req: Request[Runtime]) -> Response:
     rt = req.runtime
     health = await _health(rt)
     healthy, total = _counted(health)
@@ -68,7 +68,7 @@ async def status(req: Request) -> Response:
     })
 
 
-async def overview(req: Request) -> Response:
+async def overview(req: Request[Runtime]) -> Response:
     health = await _health(req.runtime)
     healthy, total = _counted(health)
     return json_response({
@@ -77,7 +77,7 @@ async def overview(req: Request) -> Response:
     })
 
 
-async def breakers(req: Request) -> Response:
+async def breakers(req: Request[Runtime]) -> Response:
     return json_response(req.runtime.modules.breaker_status())
 
 
@@ -92,11 +92,11 @@ def _route_body(route: Intent) -> dict[str, Any]:
     }
 
 
-async def routes(req: Request) -> Response:
+async def routes(req: Request[Runtime]) -> Response:
     return json_response({"routes": {r.intent: _route_body(r) for r in req.runtime.settings.routes}})
 
 
-async def intent(req: Request) -> Response:
+async def intent(req: Request[Runtime]) -> Response:
     started = time.perf_counter()
     rt = req.runtime
     route = rt.settings.route(req.params["intent"])
@@ -128,7 +128,7 @@ def _forwarded(reply: ModuleReply) -> Response:
     return Response(reply.status, reply.raw)
 
 
-async def _relay(req: Request, route: Intent, body: Any, started: float) -> Response:
+async def _relay(req: Request[Runtime], route: Intent, body: Any, started: float) -> Response:
     """A streaming route: the module's reply passed on as it arrives (API.md §3)."""
     rt = req.runtime
     stream = await rt.modules.stream(route.module, route.method, route.endpoint, json=body, timeout=route.timeout,
@@ -160,7 +160,7 @@ async def _passthrough(stream: ModuleStream, sse: bool) -> AsyncGenerator[bytes,
         yield b"\n\n" + streams.sse("error", {"error": exc.code, "module": exc.module, "detail": exc.detail})
 
 
-async def _proxy(req: Request, module: str, path: str, method: str = "GET", body: Any = None) -> Response:
+async def _proxy(req: Request[Runtime], module: str, path: str, method: str = "GET", body: Any = None) -> Response:
     rt = req.runtime
     try:
         reply = await rt.modules.call(module, method, path, json=body, timeout=rt.settings.proxy_timeout,
@@ -170,19 +170,19 @@ async def _proxy(req: Request, module: str, path: str, method: str = "GET", body
     return _forwarded(reply)
 
 
-async def shub_dashboard(req: Request) -> Response:
+async def shub_dashboard(req: Request[Runtime]) -> Response:
     # as Tentáculo Link called it: POST with an empty object
     return await _proxy(req, "shubniggurath", "/shub/dashboard", "POST", {})
 
 
-async def resources(req: Request) -> Response:
+async def resources(req: Request[Runtime]) -> Response:
     return await _proxy(req, "hermes", "/hermes/resources")
 
 
-async def queen_status(req: Request) -> Response:
+async def queen_status(req: Request[Runtime]) -> Response:
     return await _proxy(req, "hormiguero", "/queen/status")
 
 
-async def hormiguero_report(req: Request) -> Response:
+async def hormiguero_report(req: Request[Runtime]) -> Response:
     limit = req.int_query("limit", 50, 1, 1000)
     return await _proxy(req, "hormiguero", f"/report?limit={limit}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -12,12 +13,15 @@ from ..ledger import LedgerClosed
 from ..log import log
 from .console import accepts_gzip
 
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
 PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 DEAD_LETTERS_LISTED, DEAD_LETTERS_MAX = 100, 1000  # the dead-letter list: default and largest ``limit``
 MAX_SEQ = 2**63 - 1  # SQLite's largest integer
 
 
-async def metrics(req: Request) -> Response:
+async def metrics(req: Request[Runtime]) -> Response:
     rt = req.runtime
     m = rt.metrics
     m.ledger_max_bytes.set(value=rt.settings.ledger_max_bytes)
@@ -36,9 +40,10 @@ async def metrics(req: Request) -> Response:
     return Response(200, m.render(), content_type=PROMETHEUS_TYPE)
 
 
-async def openapi_json(req: Request) -> Response:
+async def openapi_json(req: Request[Runtime]) -> Response:
     rt = req.runtime
     if rt.openapi_cache is None:
+        assert rt.router is not None  # serve() gives it before serving
         rt.openapi_cache = orjson.dumps(openapi.document(rt.router))
         # ~115 KB of JSON is ~10 KB gzipped: the API reference page loads it on every visit
         import gzip  # here: most gateways never serve the document
@@ -49,7 +54,7 @@ async def openapi_json(req: Request) -> Response:
     return Response(200, rt.openapi_cache, [(b"vary", b"Accept-Encoding")])
 
 
-async def forward_status(req: Request) -> Response:
+async def forward_status(req: Request[Runtime]) -> Response:
     rt = req.runtime
     if rt.forwarder is not None:
         await rt.forwarder.refresh_lag()
@@ -64,14 +69,14 @@ async def forward_status(req: Request) -> Response:
     })
 
 
-async def forward_dead_letters(req: Request) -> Response:
+async def forward_dead_letters(req: Request[Runtime]) -> Response:
     """This epoch's dead letters, newest first (also with forwarding off: they are the ledger's)."""
     limit = req.int_query("limit", DEAD_LETTERS_LISTED, 1, DEAD_LETTERS_MAX)
     listed, total = await req.runtime.ledger.dead_letters(limit)
     return json_response({"dead_letters": listed, "total": total})
 
 
-async def forward_rewind(req: Request) -> Response:
+async def forward_rewind(req: Request[Runtime]) -> Response:
     rt = req.runtime
     body = req.json() if req.body.strip() else {}  # no body: from the oldest stored event
     if not isinstance(body, dict):

@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import aclosing
-from typing import Any, AsyncGenerator
+from typing import TYPE_CHECKING, Any, AsyncGenerator
 
 import orjson
 
 from ..gateway.metrics import Registry
 from ..http.messages import HTTPError, Request, Response, StreamingResponse
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
 
 SSE_TYPE = b"text/event-stream"
 # Proxies in front of us (nginx) must not buffer a stream either.
@@ -35,7 +38,7 @@ def sse(event: str, data: Any) -> bytes:
     return b"event: %s\ndata: %s\n\n" % (event.encode(), orjson.dumps(data))
 
 
-async def respond(req: Request, status: int, content_type: bytes, chunks: AsyncGenerator[bytes, None],
+async def respond(req: Request[Runtime], status: int, content_type: bytes, chunks: AsyncGenerator[bytes, None],
                   started: float) -> Response:
     """The answer that streams ``chunks``; whatever it raises before its first chunk
     propagates (and ``chunks`` is closed), and ``CallerGone`` if the caller leaves while

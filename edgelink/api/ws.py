@@ -26,6 +26,7 @@ from .events import accept, now_ms
 
 if TYPE_CHECKING:
     from ..http.websocket import WebSocket
+    from ..runtime import Runtime
 
 MAX_CLIENT_ID = 128
 POLICY_VIOLATION = 1008
@@ -56,7 +57,7 @@ def _replay_over(task: "asyncio.Task[None]", ws: WebSocket, client_id: str) -> N
 
 
 async def websocket(ws: WebSocket) -> None:
-    rt = ws.request.runtime
+    rt: Runtime = ws.request.runtime
     query = ws.request.query
     client_id = query.get("client_id") or uuid.uuid4().hex[:12]
     if len(client_id) > MAX_CLIENT_ID:
@@ -98,7 +99,7 @@ async def websocket(ws: WebSocket) -> None:
         replay.add_done_callback(lambda task: _replay_over(task, ws, client_id))
         source = f"ws:{client_id}"
         while (message := await ws.receive()) is not None:
-            if held:
+            if held and ws.share is not None:  # (held only with a share: for the checker)
                 ws.share.give(DECODED, held)
                 held = 0
             if isinstance(message, bytes):
@@ -152,7 +153,7 @@ async def websocket(ws: WebSocket) -> None:
                   correlation_id=ws.request.correlation_id, traceback=traceback_text(exc))
         raise
     finally:
-        if held:
+        if held and ws.share is not None:
             ws.share.give(DECODED, held)
         rt.hub.remove(client)
         if replay is not None:

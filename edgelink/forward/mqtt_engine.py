@@ -29,7 +29,7 @@ import collections
 import socket
 import ssl
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -39,6 +39,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from ..log import log
 from . import Target
 from .engine import FRAME_BYTES, Acks, EngineError, Message, safe_type, tls_context, warn_duplicate_edge_id
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import SocketLike  # a Protocol paho declares for its checker only
 
 KEEPALIVE = 30  # seconds between PINGREQs on an idle connection
 AUTH_CODES = {4, 5, 0x86, 0x87}  # 3.1.1 bad user/password, not authorised; their MQTT 5 codes
@@ -67,6 +70,7 @@ class _MsgIdProperties(Properties):
     properties' length, then 0x26 and a UTF-8 string pair), ~0.5 us in all."""
 
     _fields = Properties(PacketTypes.PUBLISH).__dict__
+    _packed: bytes  # set in __dict__: paho's __setattr__ takes only property names
 
     def __init__(self, msg_id: str):
         fields = self.__dict__
@@ -107,7 +111,8 @@ class _BatchingClient(mqtt.Client):
             if QUICKACK is not None:
                 # acknowledge at once: a broker with Nagle on (mosquitto's default) holds its
                 # next PUBACKs until our TCP ACK, which would otherwise wait up to 40 ms
-                self._sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
+                # paho types _sock as its SocketLike, which has no setsockopt: here it is a socket
+                self._sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)  # type: ignore[union-attr]
             self.read_buffer += data
         chunk = bytes(self.read_buffer[:bufsize])
         del self.read_buffer[:bufsize]
@@ -156,7 +161,7 @@ class MqttEngine:
         self.target = target
         self.v5 = target.path.strip("/") == "5"
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: mqtt.Client | None = None
+        self._client: _BatchingClient | None = None
         self._connected: asyncio.Future[None] | None = None
         self.acks: Acks | None = None
         self._pending: dict[int, int] = {}  # paho's message id -> our index in acks
@@ -214,14 +219,14 @@ class MqttEngine:
             client.connect(self.target.host, self.target.port, KEEPALIVE)
 
     async def send(self, messages: list[Message]) -> None:
-        client = self._client
-        if client is None or not client.is_connected():
+        client, acks = self._client, self.acks
+        if client is None or acks is None or not client.is_connected():  # (acks come with the client)
             raise EngineError("disconnected", "not connected")
-        acks, pending, prefix, v5, max_packet = self.acks, self._pending, self._prefix, self.v5, self._max_packet
+        pending, prefix, v5, max_packet = self._pending, self._prefix, self.v5, self._max_packet
         for msg in messages:
             properties = _MsgIdProperties(msg.msg_id) if v5 else None
             topic = prefix + safe_type(msg.type)
-            if max_packet is not None:
+            if max_packet is not None and properties is not None:  # (a maximum comes only with MQTT 5)
                 # fixed header (5 at most), topic, packet id, properties, body
                 size = 5 + 2 + len(topic.encode()) + 2 + len(properties.pack()) + len(msg.body)
                 if size > max_packet:
@@ -253,6 +258,11 @@ class MqttEngine:
                 self._forget(sock.fileno())
                 sock.close()
 
+    def _started_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop connect() ran on (paho calls back only after it)."""
+        assert self._loop is not None, "the engine was not connected"
+        return self._loop
+
     # --- paho callbacks ---------------------------------------------------------------
 
     def _on_loop(self, callback: Any, *args: Any) -> None:
@@ -261,7 +271,7 @@ class MqttEngine:
         if threading.get_ident() == self._loop_thread:
             callback(*args)
         else:
-            self._loop.call_soon_threadsafe(callback, *args)
+            self._started_loop().call_soon_threadsafe(callback, *args)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, code: Any, properties: Any) -> None:
         self._max_packet = getattr(properties, "MaximumPacketSize", None)
@@ -285,7 +295,7 @@ class MqttEngine:
                 warn_duplicate_edge_id(self._edge_id, "mqtt", "the broker handed this client id's session to "
                                                               "another connection (DISCONNECT 0x8E)")
             else:
-                _lifetimes.append(self._loop.time() - self._up_since < SHORT_LIVED)
+                _lifetimes.append(self._started_loop().time() - self._up_since < SHORT_LIVED)
                 if len(_lifetimes) == TAKEOVER_SUSPECT and all(_lifetimes):
                     warn_duplicate_edge_id(self._edge_id, "mqtt", f"the broker closed {TAKEOVER_SUSPECT} connections "
                                                                   f"in a row within {SHORT_LIVED:g} s of their CONNACK")
@@ -308,7 +318,7 @@ class MqttEngine:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, code: Any, properties: Any) -> None:
         index = self._pending.pop(mid, None)
-        if index is None:
+        if index is None or self.acks is None:  # (pending only while acks are: for the checker)
             return
         if code.is_failure:
             self.acks.refuse(index, EngineError(REFUSALS.get(code.value, "rejected"), f"PUBACK reason: {code}"))
@@ -325,22 +335,23 @@ class MqttEngine:
     # Registered by file descriptor, taken when paho calls: by the time a hop from its
     # connect thread runs, it may have closed the socket object already. On the loop's own
     # thread (every publish registers the writer) they run at once, without a wake-up.
-    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
-        self._on_loop(self._loop.add_reader, sock.fileno(), self._readable, client)
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: SocketLike) -> None:
+        self._on_loop(self._started_loop().add_reader, sock.fileno(), self._readable, client)
 
-    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: SocketLike) -> None:
         self._on_loop(self._forget, sock.fileno())
 
-    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
-        self._on_loop(self._loop.add_writer, sock.fileno(), self._writable, client)
+    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: SocketLike) -> None:
+        self._on_loop(self._started_loop().add_writer, sock.fileno(), self._writable, client)
 
-    def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: socket.socket) -> None:
-        self._on_loop(self._loop.remove_writer, sock.fileno())
+    def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: SocketLike) -> None:
+        self._on_loop(self._started_loop().remove_writer, sock.fileno())
 
     def _forget(self, fd: int) -> None:
         if fd >= 0:
-            self._loop.remove_reader(fd)
-            self._loop.remove_writer(fd)
+            loop = self._started_loop()
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
 
     def _readable(self, client: _BatchingClient) -> None:
         # our read buffer, or a TLS socket, may hold bytes the selector will not report
@@ -362,7 +373,7 @@ class MqttEngine:
             self._disconnected(repr(exc))
             return
         if left:  # loop_write unregistered the writer: paho's queue is empty, ours is not
-            self._loop.add_writer(sock.fileno(), self._writable, client)
+            self._started_loop().add_writer(sock.fileno(), self._writable, client)
 
     def _drive(self, client: mqtt.Client, step: Any) -> bool:
         """Run one paho I/O step; False (the connection failed) on an error."""
@@ -379,7 +390,7 @@ class MqttEngine:
     async def _keepalive(self, client: mqtt.Client) -> None:
         while client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
             await asyncio.sleep(1)
-            if self._up_since is not None and self._loop.time() - self._up_since > SHORT_LIVED:
+            if self._up_since is not None and self._started_loop().time() - self._up_since > SHORT_LIVED:
                 _lifetimes.clear()  # a connection that lasts: no takeover going on
         self._disconnected("keep-alive failed")
 

@@ -26,12 +26,12 @@ import asyncio
 
 import nats
 import orjson
-from nats.errors import AuthorizationError, Error as NatsError
+from nats.errors import AuthorizationError
+from nats.errors import Error as NatsError
 
-from . import Target
 from ..log import log
-from .engine import (FRAME_BYTES, INSTANCE, Acks, EngineError, Message, safe_type, tls_context,
-                     warn_duplicate_edge_id)
+from . import Target
+from .engine import FRAME_BYTES, INSTANCE, Acks, EngineError, Message, safe_type, tls_context, warn_duplicate_edge_id
 
 SUBSCRIPTION_LIMIT = 1 << 20  # bytes of presence announcements queued (each is 32 bytes)
 # nats-py's publish waits (without a bound) for its flusher once this many bytes are
@@ -129,13 +129,13 @@ class NatsEngine:
                             bytes=self._oversize, bound=FRAME_BYTES)
                 raise FrameTooLarge(f"a frame from the server passed {FRAME_BYTES} bytes")
 
-        parser.parse = bounded
+        parser.parse = bounded  # type: ignore[method-assign]  # nats-py's parser, wrapped on this instance
 
     async def send(self, messages: list[Message]) -> None:
-        nc = self._nc
-        if nc is None or not nc.is_connected:
+        nc, acks = self._nc, self.acks
+        if nc is None or acks is None or not nc.is_connected:  # (acks come with the connection)
             raise EngineError("disconnected", "not connected")
-        acks, prefix, inbox, subjects = self.acks, self._prefix, self._inbox, self._subjects
+        prefix, inbox, subjects = self._prefix, self._inbox, self._subjects
         limit = nc.max_payload - HEADER_BYTES
         try:
             for msg in messages:
@@ -162,19 +162,22 @@ class NatsEngine:
 
         async def take(msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
             if msg_sid != sid:
-                await process(msg_sid, subject, reply, data, headers)
+                # nats-py annotates headers as bytes, and passes None for a message without
+                await process(msg_sid, subject, reply, data, headers)  # type: ignore[arg-type]
                 return
             try:
                 index = int(subject[len(self._inbox) + 1:])
             except ValueError:
                 return
             # a status line "NATS/1.0 503": no responders, no stream holds the subject
-            self._reply(index, bytes(data), bool(headers) and bytes(headers[9:12]) == b"503")
+            self._reply(index, bytes(data), headers is not None and bytes(headers[9:12]) == b"503")
 
-        nc._process_msg = take
+        # nats-py's message handler, replaced on this instance (see the docstring)
+        nc._process_msg = take  # type: ignore[method-assign,assignment]
 
     def _reply(self, index: int, data: bytes, no_responders: bool) -> None:
         acks = self.acks
+        assert acks is not None  # replies come only on a connection connect() made
         subject = self._subjects.pop(index, None)
         if no_responders:
             acks.refuse(index, EngineError("no_stream", f"no JetStream stream holds the subject {subject}"))

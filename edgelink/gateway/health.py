@@ -42,7 +42,7 @@ MODULE_FIELDS_BYTES = 4096  # API.md §12: up to 4 KiB of a module's /health obj
 MODULE_FIELDS_LIMIT = 64 * 1024  # a larger /health reply is not decoded for them
 
 
-def module_fields(body: bytes) -> dict[str, Any] | None:
+def module_fields(body: bytes | bytearray) -> dict[str, Any] | None:
     """The fields of a module's ``/health`` reply to show beside ours: the members of a JSON
     object in their order, while they fit in ``MODULE_FIELDS_BYTES`` of compact JSON (a
     member that does not fit is left out, the next ones may still fit). None when the reply

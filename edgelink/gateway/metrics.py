@@ -10,7 +10,7 @@ import bisect
 import os
 import resource
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
 
 # Budget names of edgelink_budget_refusals_total (docs/operations.md, API.md §1): each is
 # exported at 0 from the start.
@@ -117,6 +117,7 @@ class Histogram:
 
 
 Metric = Counter | Gauge | Histogram
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 
 def process_stats() -> dict[str, float]:
@@ -199,7 +200,7 @@ class Registry:
     def _process_reader(self, key: str) -> Callable[[], dict[tuple[str, ...], float]]:
         return lambda: {(): self._process[key]}
 
-    def add(self, metric: Metric) -> Metric:
+    def add(self, metric: M) -> M:
         self.metrics.append(metric)
         return metric
 

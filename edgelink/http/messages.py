@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Iterable
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Generic, Iterable, TypeVar
 from urllib.parse import parse_qsl
 
 import orjson
@@ -17,9 +17,8 @@ import orjson
 from ..account import DECODED
 from ..jsonbounds import CostlyJSON, DecodeRefused, InvalidJSON, decode
 
-if TYPE_CHECKING:  # for the annotation only: the transport does not use the runtime
+if TYPE_CHECKING:
     from ..account import Share
-    from ..runtime import Runtime
 
 JSON_TYPE = b"application/json"
 _INTEGER = re.compile(r"-?[0-9]+")
@@ -50,7 +49,7 @@ def validation_error(*problems: tuple[list[Any], str]) -> HTTPError:
 @dataclass(slots=True)
 class Response:
     status: int = 200
-    body: bytes = b""
+    body: bytes | bytearray = b""  # a module's reply is forwarded as read (upstream.Reply.body)
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     content_type: bytes | None = JSON_TYPE
 
@@ -81,10 +80,15 @@ def empty_response(status: int = 204, headers: list[tuple[bytes, bytes]] | None 
 
 
 _NO_BODY = object()
+# The gateway state a request carries (``Request.runtime``), named by the layer above: the
+# transport neither reads it nor imports its type, so http/ imports nothing from above it;
+# handlers take ``Request[Runtime]`` (api/), the dispatcher sets it.
+R = TypeVar("R")
 
 
-class Request:
-    """One parsed HTTP request. ``runtime`` is the gateway state the dispatcher attaches."""
+class Request(Generic[R]):
+    """One parsed HTTP request. ``runtime`` is the gateway state the dispatcher attaches
+    (unset until then)."""
 
     __slots__ = ("method", "target", "path", "query_string", "headers", "body", "client",
                  "http_version", "params", "route", "admitted", "correlation_id", "runtime", "share", "_query",
@@ -104,8 +108,7 @@ class Request:
         self.route: str | None = None  # the matched route template, for metrics and logs
         self.admitted: Any = None  # the router's Route, once the dispatcher's admit accepted it
         self.correlation_id = ""
-        self.runtime: Runtime = None  # type: ignore[assignment]  # set by the dispatcher
-        self.share: Share | None = None  # the connection's part of the memory account (the transport's)
+        self.runtime: R  # set by the dispatcher, before any handler runs
         self._query: dict[str, str] | None = None
         self._json: Any = _NO_BODY
         self._gone: asyncio.Event | None = None

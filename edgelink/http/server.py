@@ -56,7 +56,7 @@ import sys
 import termios
 import time
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Protocol, cast
 from urllib.parse import unquote
 
 import h11
@@ -67,7 +67,6 @@ from .frames import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from .messages import HTTPError, Request, Response, StreamingResponse
 
 if TYPE_CHECKING:
-    from ..overload import OverloadManager
     from .websocket import WebSocket
 
 WsHandler = Callable[["WebSocket"], Awaitable[None]]
@@ -87,6 +86,12 @@ class Dispatcher(Protocol):
 
     def refused(self, budget: str) -> None:
         """Count one refusal by a transport budget (``request_line``, ``connections``, ...)."""
+
+
+class OverloadCounter(Protocol):
+    """What the server needs from the overload manager (overload.py, above http/)."""
+
+    def count(self, action: str, n: int = 1) -> None: ...
 
 
 class Phase(enum.Enum):
@@ -172,10 +177,10 @@ class HttpServer:
         # Set by the overload manager (overload.py) while resident memory is over the soft
         # mark: no new body, stream or WebSocket is accepted. ``overload`` counts what it refuses.
         self.overloaded = False
-        self.overload: OverloadManager | None = None
+        self.overload: OverloadCounter | None = None
         self.connections: set[HttpProtocol] = set()
         self.stopping = False
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.Server] = []
         self._idle = asyncio.Event()
         self._idle.set()
         self._refused_since_log = 0
@@ -193,7 +198,7 @@ class HttpServer:
             self._refused_since_log = 0
             self._refusal_logged_at = now
 
-    async def start(self, host: str | None = None, port: int | None = None,
+    async def start(self, host: str | None = None, port: int = 0,
                     socks: list[socket.socket] | None = None) -> None:
         """Listen on ``host:port``, or on already-bound sockets (systemd socket activation)."""
         loop = asyncio.get_running_loop()
@@ -276,10 +281,18 @@ class HttpProtocol(asyncio.Protocol):
         self._sent_mark = 0  # write buffer size when the send timer was armed (progress check)
         self._answered = False  # a request on this connection was answered (it is not fresh)
 
+    @property
+    def _wire(self) -> asyncio.Transport:
+        """The transport, for what runs only once connected (connection_made set it)."""
+        assert self.transport is not None
+        return self.transport
+
     # --- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        # asyncio's stubs say BaseTransport; a stream server's is a Transport (uvloop's has its
+        # methods without subclassing it)
+        self.transport = transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
         if self.server.stopping:
@@ -578,7 +591,7 @@ class HttpProtocol(asyncio.Protocol):
             if self._keep_body and length is not None and not chunked and not self._reserve_body(int(length)):
                 return False  # decided before reading the body (and before 100 Continue)
             if expects and self._keep_body:
-                self.transport.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+                self._wire.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         self.phase = Phase.BODY
         self._body_deadline = self._loop.time() + self.settings.body_timeout
         return True
@@ -651,7 +664,7 @@ class HttpProtocol(asyncio.Protocol):
         # The dispatcher answers handler errors; this is a bug of its own.
         log.error("dispatch_failed", error=repr(exc), path=request.path, traceback=traceback_text(exc))
         if self.phase is not Phase.CLOSED:
-            self.transport.write(raw_error(500, "internal_error"))
+            self._wire.write(raw_error(500, "internal_error"))
             self._close()
 
     def _write_response(self, request: Request, response: Response) -> None:
@@ -665,10 +678,10 @@ class HttpProtocol(asyncio.Protocol):
         if len(body) > _SHARE_BODY_OVER:
             # Written as it is: a body shared by many answers (a cached document) is then
             # held once, not copied into each slow client's buffer.
-            self.transport.writelines((b"".join(parts), body))
+            self._wire.writelines((b"".join(parts), body))
         else:
             parts.append(body)
-            self.transport.write(b"".join(parts))
+            self._wire.write(b"".join(parts))
         self._hold_reply()
         self._end_response(keep_alive)
 
@@ -692,14 +705,15 @@ class HttpProtocol(asyncio.Protocol):
                          buffered=buffered)
             self.abort()
 
-    def _head(self, request: Request, response: Response, framing: bytes) -> tuple[list[bytes], bool] | None:
+    def _head(self, request: Request, response: Response,
+              framing: bytes) -> tuple[list[bytes | bytearray], bool] | None:
         """The status line and headers (``framing`` says how the body is delimited), and
         whether the connection stays open; None if the handler's headers were invalid (a
         500 has been sent and the connection closed)."""
         status = response.status
         keep_alive = _keep_alive(request) and not self.server.stopping and not self._must_close
-        parts = [b"HTTP/1.1 %d %s\r\ndate: %s\r\nserver: edgelink\r\n"
-                 % (status, _REASONS.get(status, b""), _Clock.date())]
+        parts: list[bytes | bytearray] = [b"HTTP/1.1 %d %s\r\ndate: %s\r\nserver: edgelink\r\n"
+                                          % (status, _REASONS.get(status, b""), _Clock.date())]
         if response.content_type is not None:
             parts.append(b"content-type: %s\r\n" % response.content_type)
         if status not in (204, 304):
@@ -708,7 +722,7 @@ class HttpProtocol(asyncio.Protocol):
             if b"\n" in value or b"\r" in value or b"\n" in name or b":" in name:
                 log.error("response_invalid", header=name.decode("latin-1"), path=request.path,
                           correlation_id=request.correlation_id)
-                self.transport.write(raw_error(500, "internal_error"))
+                self._wire.write(raw_error(500, "internal_error"))
                 self._close()
                 return None
             if name == b"connection" and b"close" in value.lower():
@@ -736,10 +750,10 @@ class HttpProtocol(asyncio.Protocol):
                 return
             parts, keep_alive = head
             if request.method == "HEAD" or response.status in (204, 304):
-                self.transport.write(b"".join(parts))
+                self._wire.write(b"".join(parts))
                 self._end_response(keep_alive)
                 return
-            self.transport.write(b"".join(parts))
+            self._wire.write(b"".join(parts))
             self._streaming = True
             # The handler has sent the body on: the stream may last long, its body need not.
             request.drop_body()
@@ -752,9 +766,9 @@ class HttpProtocol(asyncio.Protocol):
                     await self._send_chunk(chunk, chunked)
             except asyncio.CancelledError:
                 # shutdown grace over (not the caller gone, nor dropped): end it, not cut it
-                if self.phase is not Phase.CLOSED and not self.transport.is_closing():
+                if self.phase is not Phase.CLOSED and not self._wire.is_closing():
                     if chunked:
-                        self.transport.write(b"0\r\n\r\n")
+                        self._wire.write(b"0\r\n\r\n")
                     self._close()
                 raise
             except Exception as exc:  # the producer failed: a truncated body tells the caller
@@ -768,12 +782,12 @@ class HttpProtocol(asyncio.Protocol):
             if self.phase is Phase.CLOSED:
                 return
             if chunked:
-                self.transport.write(b"0\r\n\r\n")
+                self._wire.write(b"0\r\n\r\n")
             self._end_response(keep_alive)
         finally:
             await chunks.aclose()
 
-    async def _send_chunk(self, chunk: bytes, chunked: bool) -> None:
+    async def _send_chunk(self, chunk: bytes | bytearray, chunked: bool) -> None:
         """Write a stream's chunk STREAM_SLICE bytes at a time, each taken from the account
         (piece ``streams``) while it waits and given back once written out: what waits for
         a slow caller is one slice. Past its share or the account, the stream is ended
@@ -786,9 +800,9 @@ class HttpProtocol(asyncio.Protocol):
                 raise StreamRefused("the stream's waiting bytes would exceed the memory account or its share")
             try:
                 if chunked:
-                    self.transport.writelines((b"%x\r\n" % len(piece), piece, b"\r\n"))
+                    self._wire.writelines((b"%x\r\n" % len(piece), piece, b"\r\n"))
                 else:
-                    self.transport.write(piece)
+                    self._wire.write(piece)
                 await self._drained()
             finally:
                 share.give(STREAMS, len(piece))
@@ -849,6 +863,7 @@ class HttpProtocol(asyncio.Protocol):
         # wsproto is imported at the first upgrade, not by every gateway (frames.py)
         from wsproto.events import AcceptConnection
         from wsproto.events import Request as WsRequest
+        from wsproto.extensions import Extension
 
         from .websocket import BoundedDeflate, WebSocket, server_connection
 
@@ -857,24 +872,25 @@ class HttpProtocol(asyncio.Protocol):
         try:
             ws_conn.initiate_upgrade_connection(raw_headers, request.target)
             offer = next(e for e in ws_conn.events() if isinstance(e, WsRequest))
-            extensions = [BoundedDeflate(self.settings.ws_max_frame)] if self.settings.ws_compression else []
+            extensions: list[Extension] = \
+                [BoundedDeflate(self.settings.ws_max_frame)] if self.settings.ws_compression else []
             accept = ws_conn.send(AcceptConnection(extensions=extensions,
                                                    extra_headers=[(b"x-correlation-id", request.correlation_id.encode())]))
         except Exception as exc:  # wsproto refused a handshake we thought valid
             if client_log.allow(address(self.client)) is not None:
                 log.info("websocket_handshake_refused", error=type(exc).__name__, client=address(self.client))
-            self.transport.write(raw_error(400, "bad_request", detail="invalid WebSocket handshake"))
+            self._wire.write(raw_error(400, "bad_request", detail="invalid WebSocket handshake"))
             self._close()
             return
         compressed = bool(extensions) and any(
             "permessage-deflate" in ext for ext in offer.extensions if isinstance(ext, str))
         trailing, _ = self.conn.trailing_data
-        self.transport.set_write_buffer_limits(high=self.settings.write_buffer_high)  # the WS queue takes over
-        self.transport.write(accept)
+        self._wire.set_write_buffer_limits(high=self.settings.write_buffer_high)  # the WS queue takes over
+        self._wire.write(accept)
         self.phase = Phase.WEBSOCKET
         self._unblock_reading("pipeline")
         self._ws = WebSocket(
-            self.transport, ws_conn, request,
+            self._wire, ws_conn, request,
             max_message=self.settings.ws_max_frame, queue_limit=self.settings.ws_queue,
             queue_bytes=self.settings.ws_queue_bytes,
             ping_interval=self.settings.ws_ping_interval, compressed=compressed,

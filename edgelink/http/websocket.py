@@ -257,7 +257,7 @@ class WebSocket:
         if isinstance(event, (TextMessage, BytesMessage)):
             data = event.data
             # bytes, not characters: 64 Ki emoji are 256 KiB
-            size = len(data) if isinstance(data, bytes) or data.isascii() else len(data.encode())
+            size = len(data) if isinstance(data, (bytes, bytearray)) or data.isascii() else len(data.encode())
             self._size += size
             if self._size > self._max_message or not self._take_inbound(size):
                 self._give_inbound(self._size - size)  # the parts dropped
