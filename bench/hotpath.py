@@ -140,7 +140,7 @@ SPLIT = (
     ("h11: fresh Connection per request", ("h11/_connection.py:__init__",), ()),
     ("server: headers dict, Request (_start_request)", ("http/connection.py:_start_request",), ("dispatch.py:admit",)),
     ("server: response bytes (ResponseWriter.write own)", ("http/writer.py:write",),
-     ("http/connection.py:_next_cycle",)),
+     ("http/connection.py:end_response",)),
     ("server: timers (_set_timer, _cancel_timer)", ("http/connection.py:_set_timer", "http/connection.py:_cancel_timer"), ()),
     ("dispatch: admit, route, auth, metrics, id", ("dispatch.py:respond", "dispatch.py:admit", "dispatch.py:_finish"),
      ("api/", "ledger.py:")),
