@@ -58,7 +58,7 @@ _TRANSPORT_HIGH = 64 * 1024
 
 
 class WebSocket:
-    """One accepted WebSocket. Created by the server protocol, used by one handler task."""
+    """One accepted WebSocket. Created by ``WebSocketProtocol`` (upgrade.py), used by one handler task."""
 
     def __init__(self, transport: asyncio.Transport, conn: WSConnection, request: "Request",
                  *, max_message: int, queue_limit: int, queue_bytes: int, ping_interval: float,
@@ -195,7 +195,7 @@ class WebSocket:
         self._timer = self._loop.call_later(_CLOSE_WAIT, self._transport.abort)
         self._wake()
 
-    # --- what the server protocol calls -----------------------------------------------
+    # --- what WebSocketProtocol calls -------------------------------------------------
 
     def feed(self, data: bytes | None) -> None:
         """Bytes from the socket (None at EOF)."""
