@@ -367,3 +367,27 @@ def test_shutdown_closes_websockets_with_1001_and_answers_a_request_in_flight_th
         assert server.connections == set()
 
     asyncio.run(run())
+
+
+def test_permessage_deflate_is_agreed_only_when_offered_and_enabled():
+    async def run() -> None:
+        offered = handshake()[:-2] + b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
+        for compression, request, agreed in ((True, offered, True), (True, handshake(), False),
+                                             (False, offered, False)):
+            transport = connect(make_server(App(), ws_compression=compression))
+            transport.send(request)
+            head = transport.take().lower()
+            assert head.startswith(b"http/1.1 101 ")
+            assert (b"sec-websocket-extensions: permessage-deflate" in head) is agreed
+            assert transport.protocol.ws._compressed is agreed
+            transport.abort()
+
+    asyncio.run(run())
+
+
+def test_an_http10_upgrade_without_host_is_refused_400():
+    app = App()
+    transport = connect(make_server(app))
+    transport.send(handshake().replace(b"HTTP/1.1\r\nHost: t\r\n", b"HTTP/1.0\r\n"))
+    [answer] = answers(transport.take())
+    assert answer[0] == 400 and isinstance(transport.protocol, HttpProtocol)

@@ -53,7 +53,7 @@ import h11
 from ..account import BODIES, Share
 from ..log import address, client_log, log, traceback_text
 from .messages import Request, Response, StreamingResponse
-from .upgrade import WebSocketHandshake, WebSocketProtocol, WsHandler
+from .upgrade import Accepted, WebSocketHandshake, WebSocketProtocol, WsHandler
 from .wire import (
     RETRY_AFTER,
     ReadGate,
@@ -66,8 +66,6 @@ from .wire import (
 from .writer import ResponseWriter
 
 if TYPE_CHECKING:
-    from wsproto import WSConnection
-
     from .server import HttpServer
 
 
@@ -533,7 +531,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         try:
             accepted = handshake.accept(self.settings.ws_compression, self.settings.ws_max_frame)
-        except Exception as exc:  # wsproto refused a handshake we thought valid
+        except Exception as exc:  # an extension offer wsproto cannot parse
             if client_log.allow(address(self.client)) is not None:
                 log.info("websocket_handshake_refused", error=type(exc).__name__, client=address(self.client))
             self.transport.write(raw_error(400, "bad_request", detail="invalid WebSocket handshake"))
@@ -541,8 +539,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._hand_over(handshake, accepted, outcome)
 
-    def _hand_over(self, handshake: WebSocketHandshake, accepted: tuple[bytes, WSConnection, bool],
-                   handler: WsHandler) -> None:
+    def _hand_over(self, handshake: WebSocketHandshake, accepted: Accepted, handler: WsHandler) -> None:
         """From here the connection is a ``WebSocketProtocol``'s: this one is done (CLOSED,
         without closing the transport) and gets no more events."""
         trailing, _ = self.conn.trailing_data

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable, NamedTuple
 
 from ..account import REPLIES
 from ..log import log, traceback_text
@@ -19,7 +19,7 @@ from .frames import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from .messages import HTTPError, Request, Response
 
 if TYPE_CHECKING:
-    from wsproto import WSConnection
+    from wsproto.connection import Connection
 
     from ..account import Share
     from .server import HttpServer
@@ -29,9 +29,16 @@ if TYPE_CHECKING:
 WsHandler = Callable[["WebSocket"], Awaitable[None]]
 
 
+class Accepted(NamedTuple):
+    response: bytes  # the 101
+    conn: Connection  # wsproto's, open
+    compressed: bool  # permessage-deflate agreed
+
+
 class WebSocketHandshake:
-    """An upgrade request, checked against RFC 6455 once (``problem``); ``accept`` then has
-    wsproto build the 101 and the connection that speaks the frames."""
+    """An upgrade request, checked against RFC 6455 once, here (``problem``); ``accept``
+    then writes the 101 and opens wsproto's frame-level connection (as hypercorn does),
+    without wsproto's handshake checking the same headers again."""
 
     __slots__ = ("request", "problem")
 
@@ -45,6 +52,8 @@ class WebSocketHandshake:
         headers = request.headers
         if request.method != "GET":
             return 400, "bad_request", "a WebSocket handshake must be a GET"
+        if "host" not in headers:  # HTTP/1.1 requires it (h11 checks); an HTTP/1.0 request may lack it
+            return 400, "bad_request", "a WebSocket handshake must have a Host header"
         if "upgrade" not in headers.get("connection", "").lower():
             return 400, "bad_request", "Connection header must include Upgrade"
         if headers.get("sec-websocket-version", "").strip() != "13":
@@ -64,26 +73,28 @@ class WebSocketHandshake:
         extra = [(b"sec-websocket-version", b"13")] if status == 426 else []
         return HTTPError(status, code, extra + [(b"connection", b"close")], detail=detail).response()
 
-    def accept(self, compression: bool, max_frame: int) -> tuple[bytes, WSConnection, bool]:
-        """The 101's bytes, the wsproto connection and whether permessage-deflate was agreed.
-        Raises what wsproto raises for an offer it refuses."""
-        from wsproto.events import AcceptConnection
-        from wsproto.events import Request as WsRequest
+    def accept(self, compression: bool, max_frame: int) -> Accepted:
+        """The 101 (extensions agreed with wsproto's negotiation) and the wsproto connection
+        that speaks the frames from then on. Raises for an extension offer it cannot parse."""
+        from wsproto import ConnectionType
+        from wsproto.connection import Connection
         from wsproto.extensions import Extension
+        from wsproto.handshake import server_extensions_handshake
+        from wsproto.utilities import generate_accept_token, split_comma_header
 
-        from .websocket import BoundedDeflate, server_connection
+        from .websocket import BoundedDeflate
 
-        request = self.request
-        ws_conn = server_connection()
-        raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
-        ws_conn.initiate_upgrade_connection(raw_headers, request.target)
-        offer = next(e for e in ws_conn.events() if isinstance(e, WsRequest))
+        headers = self.request.headers
         extensions: list[Extension] = [BoundedDeflate(max_frame)] if compression else []
-        accept = ws_conn.send(AcceptConnection(extensions=extensions,
-                                               extra_headers=[(b"x-correlation-id", request.correlation_id.encode())]))
-        compressed = bool(extensions) and any(
-            "permessage-deflate" in ext for ext in offer.extensions if isinstance(ext, str))
-        return accept, ws_conn, compressed
+        offers = split_comma_header(headers.get("sec-websocket-extensions", "").encode("latin-1"))
+        agreed = server_extensions_handshake(offers, extensions) if extensions and offers else None
+        key = headers["sec-websocket-key"].encode("latin-1")
+        head = [b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                b"sec-websocket-accept: %s\r\n" % generate_accept_token(key)]
+        if agreed is not None:
+            head.append(b"sec-websocket-extensions: %s\r\n" % agreed)
+        head.append(b"x-correlation-id: %s\r\n\r\n" % self.request.correlation_id.encode())
+        return Accepted(b"".join(head), Connection(ConnectionType.SERVER, extensions), agreed is not None)
 
 
 class WebSocketProtocol(asyncio.Protocol):
@@ -105,22 +116,20 @@ class WebSocketProtocol(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._lost = False
 
-    def start(self, handshake: WebSocketHandshake, accepted: tuple[bytes, WSConnection, bool],
-              handler: WsHandler, trailing: bytes) -> None:
+    def start(self, handshake: WebSocketHandshake, accepted: Accepted, handler: WsHandler, trailing: bytes) -> None:
         """Write the 101 and run ``handler``; ``trailing``: what the client sent behind the
         handshake (its first frames)."""
         from .websocket import WebSocket
 
-        accept, ws_conn, compressed = accepted
         settings = self.server.settings
         self.transport.set_write_buffer_limits(high=settings.write_buffer_high)  # the WS queue takes over
-        self.transport.write(accept)
+        self.transport.write(accepted.response)
         self.gate.unblock("pipeline")
         ws = self.ws = WebSocket(
-            self.transport, ws_conn, handshake.request,
+            self.transport, accepted.conn, handshake.request,
             max_message=settings.ws_max_frame, queue_limit=settings.ws_queue,
             queue_bytes=settings.ws_queue_bytes,
-            ping_interval=settings.ws_ping_interval, compressed=compressed,
+            ping_interval=settings.ws_ping_interval, compressed=accepted.compressed,
             set_reading=self._ws_reading, share=self.share,
         )
         self.server.busy_changed()

@@ -20,7 +20,7 @@ import zlib
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
-from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection
 from wsproto.events import (
     BytesMessage,
     CloseConnection,
@@ -60,7 +60,7 @@ _TRANSPORT_HIGH = 64 * 1024
 class WebSocket:
     """One accepted WebSocket. Created by ``WebSocketProtocol`` (upgrade.py), used by one handler task."""
 
-    def __init__(self, transport: asyncio.Transport, conn: WSConnection, request: "Request",
+    def __init__(self, transport: asyncio.Transport, conn: Connection, request: "Request",
                  *, max_message: int, queue_limit: int, queue_bytes: int, ping_interval: float,
                  compressed: bool, set_reading: Callable[[bool], None], share: Share | None = None):
         self.request = request
@@ -399,7 +399,3 @@ class BoundedDeflate(PerMessageDeflate):
             self._decompressor = None
         self._inbound_compressed = None
         return tail
-
-
-def server_connection() -> WSConnection:
-    return WSConnection(ConnectionType.SERVER)
