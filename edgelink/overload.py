@@ -35,7 +35,7 @@ from .gateway.metrics import Counter, Registry
 from .log import log
 
 if TYPE_CHECKING:
-    from .http.server import HttpProtocol, HttpServer
+    from .http.server import Connection, HttpServer
 
 ACTIONS = ("refuse_new_work", "stop_reading", "close_connections", "trim")
 BUSY_INTERVAL = 0.1  # seconds between readings while anything is in flight
@@ -72,7 +72,7 @@ class OverloadManager:
         self.rss = 0
         self._timer: asyncio.TimerHandle | None = None
         self._episode: dict[str, int] | None = None  # actions taken in the current episode
-        self._paused: set[HttpProtocol] = set()
+        self._paused: set[Connection] = set()
 
     def start(self) -> None:
         self._schedule(BUSY_INTERVAL)

@@ -690,7 +690,7 @@ def test_date_header_is_imf_fixdate() -> None:
     # the gateway formats it itself (no email.utils at start-up): the same text for any second
     from email.utils import formatdate
 
-    from edgelink.http.server import http_date
+    from edgelink.http.wire import http_date
 
     rng = random.Random(7)
     for seconds in [0, 784111777, 951782400, 1764633599, 2**31 - 1] + [rng.randrange(2**34) for _ in range(2000)]:

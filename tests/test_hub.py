@@ -15,7 +15,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessa
 
 from edgelink.gateway.events import Event
 from edgelink.gateway.metrics import Registry
-from edgelink.http.websocket import WebSocket, server_connection
+from edgelink.http.websocket import WebSocket
 from edgelink.hub import Hub
 from edgelink.ledger import Ledger
 
@@ -26,7 +26,7 @@ class _Server(asyncio.Protocol):
     def __init__(self, accepted: asyncio.Future[WebSocket], queue_limit: int, queue_bytes: int):
         self.accepted = accepted
         self.queue_limit, self.queue_bytes = queue_limit, queue_bytes
-        self.conn = server_connection()
+        self.conn = WSConnection(ConnectionType.SERVER)
         self.ws: WebSocket | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -291,3 +291,33 @@ def test_wsproto_is_imported_at_the_first_upgrade_not_at_start() -> None:
             "bad = [m for m in sys.modules if m.split('.')[0] == 'wsproto' or m == 'edgelink.http.websocket']; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_upgrade_hands_the_uvloop_socket_over_to_the_websocket_protocol():
+    """``transport.set_protocol`` on uvloop's own transport, over a real socket: after the
+    101 the socket's events go to the WebSocket protocol, which answers the frames."""
+    import uvloop
+    from memtransport import App
+
+    from edgelink.config import Settings
+    from edgelink.http.server import HttpServer
+    from edgelink.http.upgrade import WebSocketProtocol
+
+    async def go() -> None:
+        app = App()
+        server = HttpServer(app, Settings())
+        await server.start("127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            await ws.send("hello")
+            assert await ws.recv() == "echo:hello"
+            [conn] = server.connections
+            assert isinstance(conn, WebSocketProtocol)
+            assert type(conn.transport).__module__.startswith("uvloop")
+            assert conn.transport.get_protocol() is conn
+            await ws.send("again")
+            assert await ws.recv() == "echo:again"
+        await server.shutdown(5)
+        assert app.ws_messages == ["hello", "again"]
+
+    uvloop.run(asyncio.wait_for(go(), 60))

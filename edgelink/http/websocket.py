@@ -20,7 +20,7 @@ import zlib
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
-from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection
 from wsproto.events import (
     BytesMessage,
     CloseConnection,
@@ -58,9 +58,9 @@ _TRANSPORT_HIGH = 64 * 1024
 
 
 class WebSocket:
-    """One accepted WebSocket. Created by the server protocol, used by one handler task."""
+    """One accepted WebSocket. Created by ``WebSocketProtocol`` (upgrade.py), used by one handler task."""
 
-    def __init__(self, transport: asyncio.Transport, conn: WSConnection, request: "Request",
+    def __init__(self, transport: asyncio.Transport, conn: Connection, request: "Request",
                  *, max_message: int, queue_limit: int, queue_bytes: int, ping_interval: float,
                  compressed: bool, set_reading: Callable[[bool], None], share: Share | None = None):
         self.request = request
@@ -195,7 +195,7 @@ class WebSocket:
         self._timer = self._loop.call_later(_CLOSE_WAIT, self._transport.abort)
         self._wake()
 
-    # --- what the server protocol calls -----------------------------------------------
+    # --- what WebSocketProtocol calls -------------------------------------------------
 
     def feed(self, data: bytes | None) -> None:
         """Bytes from the socket (None at EOF)."""
@@ -399,7 +399,3 @@ class BoundedDeflate(PerMessageDeflate):
             self._decompressor = None
         self._inbound_compressed = None
         return tail
-
-
-def server_connection() -> WSConnection:
-    return WSConnection(ConnectionType.SERVER)
