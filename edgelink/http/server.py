@@ -17,16 +17,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, Protocol
+from typing import Any, Callable, Coroutine, Protocol
 
 from ..account import BODIES, Account
 from ..log import address, log
 from .connection import HttpProtocol
 from .messages import Request, Response
 from .upgrade import WsHandler
-
-if TYPE_CHECKING:
-    from ..overload import OverloadManager
 
 
 class Dispatcher(Protocol):
@@ -43,6 +40,12 @@ class Dispatcher(Protocol):
 
     def refused(self, budget: str) -> None:
         """Count one refusal by a transport budget (``request_line``, ``connections``, ...)."""
+
+
+class OverloadCounter(Protocol):
+    """What the server needs from the overload manager (overload.py, above http/)."""
+
+    def count(self, action: str, n: int = 1) -> None: ...
 
 
 class Connection(Protocol):
@@ -84,7 +87,7 @@ class HttpServer:
         # Set by the overload manager (overload.py) while resident memory is over the soft
         # mark: no new body, stream or WebSocket is accepted. ``overload`` counts what it refuses.
         self.overloaded = False
-        self.overload: OverloadManager | None = None
+        self.overload: OverloadCounter | None = None
         self.connections: set[Connection] = set()
         self.stopping = False
         self._servers: list[asyncio.Server] = []
