@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import signal
 import socket
@@ -36,6 +37,25 @@ def need_binary(name: str, packages: str = "nats-server mosquitto") -> str:
     return path
 
 
+def broker_port() -> int:
+    """A free loopback port below the kernel's ephemeral range, for a broker that may start
+    (again) after clients have been dialling it: a port inside that range can meanwhile be
+    taken by one of their outgoing connections (a client's source port, or a TCP
+    self-connect to a port nothing listens on), and the broker then fails with "Address
+    already in use" (seen in CI)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 10_000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -55,7 +75,7 @@ class Broker:
     def __init__(self, tmp: Path, name: str, port: int | None = None):
         self.dir = tmp / name
         self.dir.mkdir(exist_ok=True)
-        self.port = port or unused_port()
+        self.port = port or broker_port()
         self.proc: subprocess.Popen | None = None
         self.log = self.dir / "broker.log"
 
@@ -166,7 +186,7 @@ class Mosquitto(Broker):
         if tls is not None:
             # a second listener with TLS (its options apply to the listener above them);
             # the plain one stays for the test's subscriber
-            self.tls_port = unused_port()
+            self.tls_port = broker_port()
             lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {tls.ca}", f"certfile {tls.cert}",
                       f"keyfile {tls.key}"]
         if os.geteuid() == 0:  # as root mosquitto drops to its own user, which cannot read our temp dir
