@@ -96,23 +96,8 @@ class Modules:
         conn.settimeout(60)
         try:
             while not self._stop.is_set():
-                while b"\r\n\r\n" not in buf:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                while len(buf) < length:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buf += chunk
-                buf = buf[length:]
+                head, body, buf = read_message(conn, buf)  # a close ends the loop (OSError)
+                length = len(body)
                 path = head.split(b" ", 2)[1]
                 if path == b"/switch/stream":
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -258,12 +243,13 @@ class GoodClient:
         self._stop.set()
 
 
-def read_response(sock: socket.socket) -> tuple[int, bytes]:
-    buf = b""
+def read_message(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes, bytes]:
+    """One HTTP message from ``sock`` after the bytes already in ``buf``: its head, its body
+    (by Content-Length) and what follows it; ConnectionError if the peer closes first."""
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
         if not chunk:
-            raise ConnectionError("closed by the gateway")
+            raise ConnectionError("closed before a whole head")
         buf += chunk
     head, _, rest = buf.partition(b"\r\n\r\n")
     length = 0
@@ -274,11 +260,16 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
     while len(rest) < length:
         chunk = sock.recv(65536)
         if not chunk:
-            raise ConnectionError("closed mid-answer")
+            raise ConnectionError("closed mid-body")
         rest += chunk
+    return head, rest[:length], rest[length:]
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    head, body, _ = read_message(sock)
     if b"connection: close" in head.lower():
         raise ConnectionError(f"closed after {head.split(b' ', 2)[1].decode()}")
-    return int(head.split(b" ", 2)[1]), rest[:length]
+    return int(head.split(b" ", 2)[1]), body
 
 
 # --- the run -----------------------------------------------------------------------------
