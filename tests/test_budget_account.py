@@ -250,27 +250,35 @@ def never_reading_request(gw, head: bytes, body: bytes = b"") -> socket.socket:
 def test_module_replies_waiting_for_callers_are_bounded_together(gateway_factory, fake):
     # Finding 6: 20 callers that do not read 7.5 MiB replies: each reply was bounded alone
     # (8 MiB), 200 MiB in all. The account holds what fits; the rest answer 503 at once.
+    # With the DEFAULT account (40 MiB on top of the idle process) and marks: the account is a
+    # true bound only if what a reply really holds is what it is charged. A reply grown as it
+    # was read was over-allocated and moved, and what it left in the heap counted nowhere:
+    # peaks of 75-83 MiB (one run in three over 80); three runs, each must stay under.
     madre = fake("madre")
     madre.reply("/madre/task", {"result": "y" * (7 << 20 | 1 << 19)})
-    # An account of 32 MiB: with the default 40 MiB on top of an idle process of ~33 MiB the
-    # replies' unaccounted transients (a copy while written) leave too little margin to 80.
-    gw = gateway_factory(module_env({"madre": madre}, EDGELINK_MEMORY_BUDGET=str(32 << 20)))
-    head = (b"POST /vx11/intent/task HTTP/1.1\r\nHost: t\r\nX-VX11-Token: %s\r\nContent-Length: 2\r\n\r\n{}"
-            % gw.token.encode())
-    socks = [never_reading_request(gw, head) for _ in range(20)]
-    time.sleep(4)
-    peak = gw.peak_rss_mib()
-    assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
-    # refused by the account (while reading, or before parsing) or, past the soft mark, at the door
-    refused = (metric(gw, 'edgelink_budget_refusals_total{budget="replies"}')
-               + metric(gw, 'edgelink_budget_refusals_total{budget="decode"}') + overload_actions(gw)["refuse_new_work"])
-    assert refused >= 10
-    assert metric(gw, 'edgelink_budget_bytes{piece="replies"}') <= 32 << 20
-    for sock in socks:
-        sock.close()
-    time.sleep(0.5)
-    assert metric(gw, 'edgelink_budget_bytes{piece="replies"}') == 0
-    assert ingest(gw) == 201
+    for _ in range(3):
+        gw = gateway_factory(module_env({"madre": madre}))
+        idle = gw.status_kib("VmRSS") / 1024
+        head = (b"POST /vx11/intent/task HTTP/1.1\r\nHost: t\r\nX-VX11-Token: %s\r\nContent-Length: 2\r\n\r\n{}"
+                % gw.token.encode())
+        socks = [never_reading_request(gw, head) for _ in range(20)]
+        time.sleep(4)
+        peak = gw.peak_rss_mib()
+        assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
+        # what the account lends (40 MiB) is what the process grew by, give or take 2 MiB
+        assert peak - idle < 42, f"peak RSS {peak:.1f} MiB, {peak - idle:.1f} MiB over the idle process"
+        # refused by the account (while reading, or before parsing) or, past the soft mark, at the door
+        refused = (metric(gw, 'edgelink_budget_refusals_total{budget="replies"}')
+                   + metric(gw, 'edgelink_budget_refusals_total{budget="decode"}')
+                   + overload_actions(gw)["refuse_new_work"])
+        assert refused >= 10
+        assert metric(gw, 'edgelink_budget_bytes{piece="replies"}') <= 40 << 20
+        for sock in socks:
+            sock.close()
+        time.sleep(0.5)
+        assert metric(gw, 'edgelink_budget_bytes{piece="replies"}') == 0
+        assert ingest(gw) == 201
+        gw.stop()
 
 
 def stream_head(gw, body: bytes) -> bytes:
