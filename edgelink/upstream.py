@@ -10,8 +10,10 @@ usable reply raises ``UpstreamError`` with a ``kind``: ``connect``, ``timeout``,
 ENFILE, ENOBUFS, ENOMEM creating or connecting the socket), which says nothing about
 the module, or ``account``: the reply would take the caller's connection past its share of
 the memory account, or the account past its total (API.md §1): a call given a ``Share``
-takes each reply byte from it (piece ``replies``) as it arrives; the caller's transport
-gives them back once the answer is written, and a failed call gives them back at once.
+takes from it (piece ``replies``) what the reply's buffer holds, before it holds it: the
+declared ``Content-Length`` before a byte is read, or, for a chunked reply, what its
+growing buffer has allocated; the caller's transport gives it back once the answer is
+written, and a failed call gives it back at once.
 
 Pool: up to ``upstream_pool_size`` idle keep-alive connections are kept per origin,
 each closed after ``upstream_pool_idle`` idle seconds. Busy connections are not capped
@@ -72,7 +74,7 @@ class UpstreamError(Exception):
 class Reply:
     status: int
     headers: list[tuple[bytes, bytes]]
-    body: bytearray  # grown in place while read: no list of parts joined into a second copy
+    body: bytearray  # filled in place while read: no list of parts joined into a second copy
 
 
 class Stream:
