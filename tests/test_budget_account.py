@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from conftest import RawClient, log_records, module_env
+from edgelink.modules import STREAM_STATE
 from test_budget_transport import BUDGET_MIB, metric, served
 
 EVENT = {"source": "t", "type": "system.alert",
@@ -306,7 +307,7 @@ def test_streams_hold_one_slice_each_and_not_their_bodies(gateway_factory):
             peak = gw.peak_rss_mib()
             assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
             assert metric(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') == 208
-            assert metric(gw, 'edgelink_budget_bytes{piece="streams"}') <= 208 * 64 * 1024
+            assert metric(gw, 'edgelink_budget_bytes{piece="streams"}') <= 208 * (64 * 1024 + STREAM_STATE)
             assert metric(gw, 'edgelink_budget_bytes{piece="bodies"}') == 0
             assert [ingest(gw) for _ in range(10)] == [201] * 10
             for sock in socks:
@@ -317,6 +318,34 @@ def test_streams_hold_one_slice_each_and_not_their_bodies(gateway_factory):
                 time.sleep(0.1)
             assert metric(gw, 'edgelink_budget_bytes{piece="streams"}') == 0
             gw.stop()
+    finally:
+        switch.stop()
+
+
+def test_a_thousand_streams_are_bounded_by_the_account_not_the_backstop(gateway_factory):
+    # 990 non-reading callers of a stream of 1 MiB chunks, DEFAULT settings. A stream holds
+    # more than its waiting slice (tasks, generators, the module connection, what reading
+    # leaves in the heap): uncharged, 611 streams held 20 MiB of the account while the process
+    # passed the hard mark (76.5 MiB) and the overload manager closed 721 connections, every
+    # stream. Charged (STREAM_STATE), the account refuses the streams it cannot hold.
+    from test_streaming import StreamingModule, StreamPlan
+
+    switch = StreamingModule("switch").start()
+    try:
+        switch.reply("/switch/stream", StreamPlan([], content_type=b"application/octet-stream", then="endless",
+                                                  chunk=b"z" * (1 << 20)))
+        gw = gateway_factory(module_env({"switch": switch}))
+        socks = [never_reading_request(gw, stream_head(gw, b"{}"), b"{}") for _ in range(990)]
+        time.sleep(6)
+        peak = gw.peak_rss_mib()
+        assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
+        assert overload_actions(gw)["close_connections"] == 0
+        assert metric(gw, 'edgelink_budget_refusals_total{budget="streams"}') > 0
+        assert metric(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 100
+        assert metric(gw, 'edgelink_budget_bytes{piece="streams"}') <= 40 << 20
+        assert ingest(gw) == 201
+        for sock in socks:
+            sock.close()
     finally:
         switch.stop()
 
