@@ -10,8 +10,10 @@ usable reply raises ``UpstreamError`` with a ``kind``: ``connect``, ``timeout``,
 ENFILE, ENOBUFS, ENOMEM creating or connecting the socket), which says nothing about
 the module, or ``account``: the reply would take the caller's connection past its share of
 the memory account, or the account past its total (API.md §1): a call given a ``Share``
-takes each reply byte from it (piece ``replies``) as it arrives; the caller's transport
-gives them back once the answer is written, and a failed call gives them back at once.
+takes from it (piece ``replies``) what the reply's buffer holds, before it holds it: the
+declared ``Content-Length`` before a byte is read, or, for a chunked reply, what its
+growing buffer has allocated; the caller's transport gives it back once the answer is
+written, and a failed call gives it back at once.
 
 Pool: up to ``upstream_pool_size`` idle keep-alive connections are kept per origin,
 each closed after ``upstream_pool_idle`` idle seconds. Busy connections are not capped
@@ -72,7 +74,7 @@ class UpstreamError(Exception):
 class Reply:
     status: int
     headers: list[tuple[bytes, bytes]]
-    body: bytearray  # grown in place while read: no list of parts joined into a second copy
+    body: bytearray  # filled in place while read: no list of parts joined into a second copy
 
 
 class Stream:
@@ -353,13 +355,16 @@ class UpstreamClient:
         try:
             if conn.ended:
                 raise UpstreamError("closed", "connection closed before the request was sent")
-            out = [h.send(request)]
+            out = [h.send(request) or b""]
             if body:
-                out.append(h.send(h11.Data(data=body)))
-            out.append(h.send(h11.EndOfMessage()))
+                # The body passed through as it is: h11's own send, and joining the parts,
+                # would each copy it (two more copies of up to a whole request body, held
+                # while the module answers, and counted nowhere).
+                out += h.send_with_data_passthrough(h11.Data(data=body)) or ()
+            out.append(h.send(h11.EndOfMessage()) or b"")
             # No drain: the request is already in memory, and the total timeout bounds a
             # module that does not read it.
-            conn.wire.write(b"".join(out))
+            conn.wire.writelines(out)
             if stream:
                 response = await self._read_head(conn, limit=False)
                 done = True
@@ -405,23 +410,64 @@ class UpstreamClient:
 
     async def _read_reply(self, conn: _Connection, share: Share | None) -> Reply:
         response = await self._read_head(conn)
-        body = bytearray()
+        declared = next((int(v) for k, v in response.headers if k == b"content-length"), None)
+        held = 0  # what the share holds for this reply: the buffer's whole allocation
         try:
+            if declared is not None:
+                # One buffer of the declared size, taken from the account before a byte is
+                # read and filled in place: a buffer grown as bytes arrive is reallocated
+                # (moved) again and again, over-allocated by an eighth, and the blocks it
+                # leaves behind in the heap stay resident; none of that was counted.
+                held = self._hold(share, declared + 1, 0)
+                body = bytearray(declared)
+                filled = 0
+                while True:
+                    event = await conn.next_event()
+                    kind = type(event)
+                    if isinstance(event, h11.Data):
+                        end = filled + len(event.data)  # h11 keeps a body within its Content-Length
+                        body[filled:end] = event.data
+                        filled = end
+                    elif kind is h11.EndOfMessage:
+                        if filled < declared:  # a reply that has no body whatever it declares (HEAD, 204, 304)
+                            del body[filled:]
+                            held = self._hold(share, filled + 1, held)
+                        return Reply(response.status_code, list(response.headers), body)
+                    else:
+                        raise UpstreamError("protocol", f"unexpected {kind.__name__} from module")
+            body = bytearray()
             while True:
                 event = await conn.next_event()
                 kind = type(event)
                 if isinstance(event, h11.Data):
                     if len(body) + len(event.data) > self._max_reply:
                         raise UpstreamError("too_large", f"reply exceeds {self._max_reply} bytes")
-                    if share is not None and not share.take(REPLIES, len(event.data)):
-                        raise UpstreamError("account", "the reply would exceed the memory account "
-                                                       "(EDGELINK_MEMORY_BUDGET) or this caller's share of it")
+                    # A chunked reply grows as it comes: the share holds what the buffer has
+                    # allocated (over-allocation included), taken before it grows.
+                    size = len(body) + len(event.data)
+                    if size >= body.__alloc__():  # it grows, by up to an eighth more than it needs
+                        held = self._hold(share, size + (size >> 3) + 8, held)
                     body += event.data
+                    held = self._hold(share, body.__alloc__(), held)
                 elif kind is h11.EndOfMessage:
                     return Reply(response.status_code, list(response.headers), body)
                 else:
                     raise UpstreamError("protocol", f"unexpected {kind.__name__} from module")
         except BaseException:
             if share is not None:
-                share.give(REPLIES, len(body))  # nobody will hold this reply
+                share.give(REPLIES, held)  # nobody will hold this reply
             raise
+
+    @staticmethod
+    def _hold(share: Share | None, size: int, held: int) -> int:
+        """Make the share hold ``size`` bytes for a reply that holds ``held`` now (taking
+        more, or giving back what the buffer no longer has); UpstreamError ``account`` if
+        the account or the share cannot lend them."""
+        if share is None:
+            return size
+        if size > held and not share.take(REPLIES, size - held):
+            raise UpstreamError("account", "the reply would exceed the memory account "
+                                           "(EDGELINK_MEMORY_BUDGET) or this caller's share of it")
+        if size < held:
+            share.give(REPLIES, held - size)
+        return size

@@ -238,6 +238,60 @@ def test_reply_just_under_the_limit_is_accepted(fake: FakeModule) -> None:
     run(main())
 
 
+def test_a_reply_is_charged_what_its_buffer_holds_before_it_is_read(fake: FakeModule) -> None:
+    # The account is a bound only if a reply is charged what it really holds: its declared
+    # length, taken before a byte is read (one buffer of that size, filled in place), or,
+    # chunked, what its growing buffer has allocated. A reply past the share is refused
+    # before it is read, and a failed call gives back all it took.
+    from edgelink.account import REPLIES, Account
+
+    text = orjson.dumps({"blob": "x" * (512 * 1024)})
+    fake.reply("/big", orjson.loads(text))
+
+    async def main() -> None:
+        client = UpstreamClient(make_settings({"switch": fake.url}))
+        account = Account(4 << 20, 0.25)  # a share of 1 MiB
+        share = account.open()
+        reply = await client.request(fake.url, "GET", "/big", timeout=5, share=share)
+        assert reply.body == text
+        assert share.by_piece[REPLIES] == len(text) + 1 == reply.body.__alloc__()
+        share.close()
+        small = account.open()
+        account.share_limit = len(text)  # one byte short of what the buffer takes
+        with pytest.raises(UpstreamError) as info:
+            await client.request(fake.url, "GET", "/big", timeout=5, share=small)
+        assert info.value.kind == "account" and small.held == 0 and account.used == 0
+        await client.close()
+
+    run(main())
+
+
+def test_a_reply_that_has_no_body_whatever_it_declares_keeps_none() -> None:
+    # 204 and 304 carry no body even with a Content-Length: the buffer sized from it is
+    # cut to nothing, and only that is charged.
+    from edgelink.account import REPLIES, Account
+
+    async def main() -> None:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 100000\r\n\r\n")
+            await writer.drain()
+            await reader.read()
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        client = UpstreamClient(make_settings({"switch": url}))
+        share = Account(4 << 20, 0.25).open()
+        reply = await client.request(url, "GET", "/", timeout=5, share=share)
+        assert reply.status == 204 and reply.body == b""
+        assert share.by_piece[REPLIES] == 1
+        await client.close()
+        server.close()
+
+    run(main())
+
+
 # --- Modules.call: headers, mapping, breaker -----------------------------------------------
 
 

@@ -175,7 +175,7 @@ async def _streamed_reply(req: Request[Runtime], route: Intent, session_id: str,
     room = min(rt.settings.upstream_max_reply // KEPT_REPLY_SHARE, rt.sessions.max_text)
     stream = await rt.modules.stream(route.module, route.method, route.endpoint, json=outgoing,
                                      timeout=route.timeout, idle=rt.settings.stream_idle,
-                                     correlation_id=req.correlation_id)
+                                     correlation_id=req.correlation_id, share=req.share)
     try:
         deltas = _TextDeltas(stream.content_type or b"", route.module)
         if not 200 <= stream.status < 300:

@@ -132,7 +132,8 @@ async def _relay(req: Request[Runtime], route: Intent, body: Any, started: float
     """A streaming route: the module's reply passed on as it arrives (API.md §3)."""
     rt = req.runtime
     stream = await rt.modules.stream(route.module, route.method, route.endpoint, json=body, timeout=route.timeout,
-                                     idle=rt.settings.stream_idle, correlation_id=req.correlation_id)
+                                     idle=rt.settings.stream_idle, correlation_id=req.correlation_id,
+                                     share=req.share)
     try:
         if stream.status >= 500 and route.fallback is not None:
             raise ModuleError("upstream_unavailable", route.module, f"{route.module} answered HTTP {stream.status}")
