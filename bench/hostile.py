@@ -36,10 +36,11 @@ from typing import Callable
 
 import orjson
 
-from edgelink.config import MODULE_DEFAULTS
+from edgelink.config import KNOB, MIB, MODULE_DEFAULTS
 
 TOKEN = "hostile-token-0123456789"
 BUDGET_MIB = 80
+SOFT_MIB = KNOB["memory_soft"].default / MIB  # the gateway runs with the default settings
 ENDPOINTS = (  # method, path, whether it takes a body
     ("POST", "/events/ingest", True), ("POST", "/vx11/intent/task", True), ("POST", "/vx11/intent/stream", True),
     ("POST", "/operator/chat", True), ("GET", "/health", False), ("GET", "/openapi.json", False),
@@ -130,10 +131,16 @@ class Gateway:
     log: Path
 
     def peak_mib(self) -> float:
+        return self._status_mib("VmHWM")
+
+    def rss_mib(self) -> float:
+        return self._status_mib("VmRSS")
+
+    def _status_mib(self, field: str) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmHWM")
+        raise RuntimeError(f"no {field}")
 
 
 def start_gateway(workdir: Path, module_url: str) -> Gateway:
@@ -329,7 +336,15 @@ def run(seed: int, seconds: float, round_seconds: float = 4.0, max_clients: int 
                 r.ended = time.monotonic()
                 rounds.append(r)
                 say(f"  round {len(rounds)}: {r.label()}: peak {gw.peak_mib():.1f} MiB")
-                time.sleep(0.5)  # what a round left behind is given back before the next
+                # What a round left behind is given back before the next, so that a refusal
+                # of the good client during a round is that round's doing: an authenticated
+                # round may rightly take the process over EDGELINK_MEMORY_SOFT (the idle process
+                # plus the whole account is above it), and the overload manager then refuses
+                # new bodies until the memory is back under the mark.
+                settle = time.monotonic() + 15
+                time.sleep(0.5)
+                while gw.rss_mib() >= SOFT_MIB - 2 and time.monotonic() < settle:
+                    time.sleep(0.1)
         finally:
             good.stop()
             good_thread.join(15)
