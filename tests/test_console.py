@@ -637,6 +637,7 @@ def test_timeline_aligns_skewed_clocks_and_joins_a_correlation(tmp_path: Path, w
         _wait_drawn(page, 1)
         page.fill("#tl-cid", "")
         page.select_option("#tl-source", "")
+        _wait_drawn(page, 4)  # each step's count differs from the last, so a wait sees it applied
         page.select_option("#tl-type", "system.correlation.updated")
         _wait_drawn(page, 1)
         assert set(_timeline(page)) == {"hormiguero"}
