@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from edgelink.config import MODULE_DEFAULTS, load_settings
+from edgelink.gateway.prediction import HealthPredictor
 
 
 @pytest.fixture(scope="session")
@@ -35,5 +36,7 @@ def status_request(settings: Any, nine_modules: dict[str, dict[str, Any]]) -> An
         return nine_modules
 
     app = SimpleNamespace(settings=settings, port=8000, stopping=False,
-                          modules=SimpleNamespace(probe_all=probe_all))
+                          modules=SimpleNamespace(probe_all=probe_all),
+                          prediction=HealthPredictor([m.name for m in settings.modules if m.enabled],
+                                                     settings.prediction_window))
     return SimpleNamespace(runtime=app)
