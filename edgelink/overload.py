@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import memory
@@ -41,6 +42,7 @@ ACTIONS = ("refuse_new_work", "stop_reading", "close_connections", "trim")
 BUSY_INTERVAL = 0.1  # seconds between readings while anything is in flight
 IDLE_INTERVAL = 1.0
 MAX_CLOSES_PER_READING = 16  # connections closed before the loop gets a turn again
+TRIM_INTERVAL = 1.0  # seconds between malloc_trim calls while over the soft mark
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -72,6 +74,7 @@ class OverloadManager:
         self.rss = 0
         self._timer: asyncio.TimerHandle | None = None
         self._episode: dict[str, int] | None = None  # actions taken in the current episode
+        self._trimmed_at = -TRIM_INTERVAL  # monotonic time of the last trim in an episode
         self._paused: set[Connection] = set()
 
     def start(self) -> None:
@@ -107,6 +110,16 @@ class OverloadManager:
         """One reading and the actions it calls for."""
         settings = self.settings()
         self.rss = self.monitor.read()
+        if self.rss >= settings.memory_soft and self._episode is not None:
+            # Freed memory stays in the heap until it is trimmed: without this an episode
+            # whose load is gone could hold the process over the mark, refusing new bodies
+            # for good (seen: every stream closed, the account empty, ingest still 503).
+            now = time.monotonic()
+            if now - self._trimmed_at >= TRIM_INTERVAL:
+                self._trimmed_at = now
+                if memory.trim():
+                    self.count("trim")
+                    self.rss = self.monitor.read()
         if self.rss >= settings.memory_soft:
             if self._episode is None:
                 self._enter(settings)

@@ -343,9 +343,17 @@ def test_a_thousand_streams_are_bounded_by_the_account_not_the_backstop(gateway_
         assert metric(gw, 'edgelink_budget_refusals_total{budget="streams"}') > 0
         assert metric(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 100
         assert metric(gw, 'edgelink_budget_bytes{piece="streams"}') <= 40 << 20
-        assert ingest(gw) == 201
+        # /health keeps answering; an ingest may find the account full of these authenticated
+        # streams or the process over the soft mark (a 503 is the contract's answer then), and
+        # is stored once they are gone: the memory they left is trimmed, the episode ends
+        assert gw.get("/health").status == 200
+        assert ingest(gw) in (201, 503)
         for sock in socks:
             sock.close()
+        deadline = time.monotonic() + 20
+        while metric(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 0 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the gateway notices the closed callers on its own loop turns
+        assert ingest(gw) == 201
     finally:
         switch.stop()
 
