@@ -459,9 +459,6 @@ class Settings:
         if self.memory_soft >= self.memory_hard:
             found.append(f"EDGELINK_MEMORY_SOFT ({self.memory_soft}) must be under EDGELINK_MEMORY_HARD "
                          f"({self.memory_hard})")
-        if self.memory_soft >= self.memory_hard:
-            found.append(f"EDGELINK_MEMORY_SOFT ({self.memory_soft}) must be under EDGELINK_MEMORY_HARD "
-                         f"({self.memory_hard})")
         if self.enable_auth and not self.token:
             found.append("auth is on (ENABLE_AUTH) but no token is configured: set "
                          "VX11_TENTACULO_LINK_TOKEN or VX11_GATEWAY_TOKEN, or ENABLE_AUTH=false")

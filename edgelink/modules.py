@@ -53,12 +53,14 @@ from .log import log
 from .upstream import Stream, UpstreamClient, UpstreamError
 
 GATEWAY_OVERLOADED = "gateway_overloaded"
-# What a relayed stream holds besides the slice waiting to be written (its tasks and
-# generators, the module connection and its parser, what reading 64 KiB at a time leaves in
-# the heap), charged to the caller's share (piece ``streams``) from the call to the stream's
-# end. Measured with the default settings: 400 non-reading streams took 22 MiB over the idle
-# process for 14 MiB of slices, 611 took 42 MiB for 20 (docs/memory.md).
-STREAM_STATE = 48 * 1024
+# What a relayed stream costs the process besides the slice waiting to be written (its tasks
+# and generators, the module connection and its parser, what reading 64 KiB at a time leaves
+# in the heap, and what the allocators keep once it is closed), charged to the caller's share
+# (piece ``streams``) from the call to the stream's end. Measured with the default settings
+# (docs/memory.md): at 48 KiB the account let 478 non-reading streams open, the process peaked
+# at 64-67 MiB and kept 62-66 MiB once every caller had gone, so an overload episode could
+# outlast the attack for good; at 96 KiB, 311 streams, peak 54 MiB, 54.6 MiB after.
+STREAM_STATE = 96 * 1024
 DECODE_FACTOR = 2  # bytes held while parsing, per reply byte (orjson builds a long string, then copies it)
 
 # JSON containers and separators a parsed reply may have: each becomes at most one Python

@@ -291,7 +291,8 @@ def test_streams_hold_one_slice_each_and_not_their_bodies(gateway_factory):
     # Finding 4: non-reading callers of a streaming route on 1 MiB chunks held ~759 KiB
     # each (179 MiB for 200), and eight streams posted with 1 MiB bodies kept the body
     # pool for as long as the module streamed, refusing every other ingest. With the
-    # DEFAULT account and marks, twice (peaks of 62-70 MiB measured).
+    # DEFAULT account and marks, twice (peaks of 62-70 MiB measured). 158 streams is what the
+    # account holds with room to spare at STREAM_STATE plus a full slice each.
     from test_streaming import StreamingModule, StreamPlan
 
     switch = StreamingModule("switch").start()
@@ -300,14 +301,14 @@ def test_streams_hold_one_slice_each_and_not_their_bodies(gateway_factory):
                                                   chunk=b"z" * (1 << 20)))
         for _ in range(2):
             gw = gateway_factory(module_env({"switch": switch}))
-            socks = [never_reading_request(gw, stream_head(gw, b"{}"), b"{}") for _ in range(200)]
+            socks = [never_reading_request(gw, stream_head(gw, b"{}"), b"{}") for _ in range(150)]
             big = orjson.dumps({"prompt": "p" * ((1 << 20) - 64)})
             socks += [never_reading_request(gw, stream_head(gw, big), big) for _ in range(8)]
             time.sleep(5)
             peak = gw.peak_rss_mib()
             assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
-            assert metric(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') == 208
-            assert metric(gw, 'edgelink_budget_bytes{piece="streams"}') <= 208 * (64 * 1024 + STREAM_STATE)
+            assert metric(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') == 158
+            assert metric(gw, 'edgelink_budget_bytes{piece="streams"}') <= 158 * (64 * 1024 + STREAM_STATE)
             assert metric(gw, 'edgelink_budget_bytes{piece="bodies"}') == 0
             assert [ingest(gw) for _ in range(10)] == [201] * 10
             for sock in socks:
@@ -327,7 +328,9 @@ def test_a_thousand_streams_are_bounded_by_the_account_not_the_backstop(gateway_
     # more than its waiting slice (tasks, generators, the module connection, what reading
     # leaves in the heap): uncharged, 611 streams held 20 MiB of the account while the process
     # passed the hard mark (76.5 MiB) and the overload manager closed 721 connections, every
-    # stream. Charged (STREAM_STATE), the account refuses the streams it cannot hold.
+    # stream. Charged (STREAM_STATE), the account refuses the streams it cannot hold. Charged
+    # less than what a stream leaves behind once closed (48 KiB), the process stayed over the
+    # soft mark after every caller had gone and refused every ingest for good (seen in CI).
     from test_streaming import StreamingModule, StreamPlan
 
     switch = StreamingModule("switch").start()
@@ -353,7 +356,12 @@ def test_a_thousand_streams_are_bounded_by_the_account_not_the_backstop(gateway_
         deadline = time.monotonic() + 20
         while metric(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 0 and time.monotonic() < deadline:
             time.sleep(0.1)  # the gateway notices the closed callers on its own loop turns
-        assert ingest(gw) == 201
+        # an episode ends at the first reading under the soft mark (after a trim, at most a
+        # second apart): an ingest refused meanwhile is retried, as a client told Retry-After would
+        deadline = time.monotonic() + 5
+        while (status := ingest(gw)) == 503 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert status == 201, "what the streams left keeps the process over the soft mark"
     finally:
         switch.stop()
 
