@@ -26,6 +26,19 @@ from ..log import log
 from ..modules import GATEWAY_OVERLOADED, ModuleError
 from . import streams
 from .modules import call
+from .operation import (
+    INVALID_JSON,
+    SSE,
+    STREAM_HEADERS,
+    VALIDATION,
+    Case,
+    Operation,
+    documented,
+    error,
+    json_body,
+    path_param,
+    returns,
+)
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -45,6 +58,11 @@ VIEW_PIECE = 16 * 1024
 # its reply for the session and the done event: three chats streaming at once each hold it
 # about twice (as it grows, then as one str).
 KEPT_REPLY_SHARE = 4
+
+# what the session endpoints' documentation shares
+SESSION_ID = path_param("session_id", "The session id returned by the chat.", "0b8e6a56-2f7e-4c8b-9a59-3d1f4f6f2c11")
+NO_SESSION = (error(404, "session_not_found", "unknown or expired session."),
+              error(404, "not_found", "the path matches no route (a `session_id` holding `/`)."))
 
 
 def _reply_text(data: Any) -> str | None:
@@ -76,6 +94,19 @@ async def _ask(req: Request[Runtime], route: Intent, body: dict[str, Any]) -> tu
     return text, next((m for m in names if isinstance(m, str) and m.strip()), route.module), reply.data
 
 
+@documented("Chat with fallback", ("chat",), Operation(
+    (returns(200, "The chat route answered, or its fallback did (`degraded`).", "ChatResponse"),
+     Case("200", "`\"stream\": true`: the `stream` route's text as it comes; if it fails before its "
+                 "first byte, the fallback's whole reply as one `delta` (`degraded`).",
+          schema={"$ref": "#/components/schemas/ChatEvent"}, media_type=SSE, headers=STREAM_HEADERS),
+     INVALID_JSON, VALIDATION,
+     returns(503, "`chat_unavailable`: the chat route and its fallback both failed.", "ChatUnavailable"),
+     error(503, "gateway_overloaded", "both routes failed only because the gateway is out of file "
+                                      "descriptors or buffers; no module is at fault.")),
+    description="Records the user message in the session (a new one when `session_id` is absent), "
+                "calls the `chat` route with the message and a summary of the session, and on any "
+                "failure its fallback. The reply is recorded in the session.",
+    request_body=json_body("ChatRequest", {"message": "hello", "session_id": None})))
 async def chat(req: Request[Runtime]) -> Response:
     started = time.perf_counter()
     rt = req.runtime
@@ -280,6 +311,9 @@ class _TextDeltas:
         return text if isinstance(text, str) else None
 
 
+@documented("One Context-7 session", ("chat",), Operation(
+    (returns(200, "The session and its messages, oldest first. Reading is not activity.", "Session"), *NO_SESSION),
+    parameters=(SESSION_ID,)))
 async def session(req: Request[Runtime]) -> Response:
     sessions = req.runtime.sessions
     view = sessions.view(req.params["session_id"])
@@ -313,16 +347,24 @@ async def _message_pieces(messages: list[Message]) -> AsyncGenerator[bytes, None
     yield b"]}"
 
 
+@documented("Delete a session", ("chat",), Operation(
+    (Case("204", "Deleted."), *NO_SESSION), parameters=(SESSION_ID,)))
 async def delete_session(req: Request[Runtime]) -> Response:
     if not req.runtime.sessions.delete(req.params["session_id"]):
         raise HTTPError(404, "session_not_found", session_id=req.params["session_id"])
     return empty_response(204)
 
 
+@documented("Live Context-7 sessions", ("chat",), Operation((
+    returns(200, "Live sessions.", "SessionList"),)))
 async def sessions(req: Request[Runtime]) -> Response:
     return json_response(req.runtime.sessions.list_sessions())
 
 
+@documented("Sweep expired sessions now", ("chat",), Operation(
+    (returns(200, "Expired sessions removed; `total` counts the live ones left.", "SessionCleanup"),),
+    description="What the sweep every CONTEXT7_CLEANUP_INTERVAL seconds does, at once "
+                "(Tentáculo Link's troubleshooting guide names this call). Takes no body."))
 async def cleanup(req: Request[Runtime]) -> Response:
     """Sweep expired sessions now (Tentáculo Link's troubleshooting guide names this call)."""
     sessions = req.runtime.sessions

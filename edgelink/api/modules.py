@@ -7,10 +7,25 @@ from contextlib import aclosing
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, AsyncGenerator
 
-from ..config import Intent
+from ..config import KNOB, Intent
 from ..http.messages import HTTPError, Request, Response, json_response
 from ..modules import ModuleError, ModuleReply, ModuleStream
 from . import streams
+from .operation import (
+    INVALID_JSON,
+    SSE,
+    STREAM_HEADERS,
+    UPSTREAM_CASES,
+    VALIDATION,
+    Case,
+    Operation,
+    documented,
+    error,
+    json_body,
+    path_param,
+    query_param,
+    returns,
+)
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -19,6 +34,8 @@ GATEWAY = {"module": "tentaculo_link", "version": "7.0"}
 # the HTTP answer to a module call that got no usable reply (API.md §3)
 MODULE_ERROR_STATUS = {"upstream_unavailable": 502, "circuit_open": 503, "module_disabled": 503,
                        "upstream_timeout": 504, "gateway_overloaded": 503, "invalid_json": 400}
+# what a proxy endpoint answers: the module's reply, whatever it is
+PROXY = Operation((returns(200, "The module's reply.", "ModuleReply"), *UPSTREAM_CASES), forwards=True)
 
 
 def module_error(exc: ModuleError) -> HTTPError:
@@ -53,6 +70,9 @@ async def _health(rt: Runtime) -> dict[str, dict[str, Any]]:
     return health
 
 
+@documented("Gateway and module health", ("modules",), Operation((
+    returns(200, f"Every module probed concurrently (`GET <url>/health`, each bounded by "
+               f"{KNOB['health_timeout'].quote()}); concurrent callers share one probe round.", "Status"),)))
 async def status(req: Request[Runtime]) -> Response:
     rt = req.runtime
     health = await _health(rt)
@@ -68,6 +88,8 @@ async def status(req: Request[Runtime]) -> Response:
     })
 
 
+@documented("Module health overview", ("modules",), Operation((
+    returns(200, "Every module probed, as `GET /vx11/status` does.", "Overview"),)))
 async def overview(req: Request[Runtime]) -> Response:
     health = await _health(req.runtime)
     healthy, total = _counted(health)
@@ -77,6 +99,8 @@ async def overview(req: Request[Runtime]) -> Response:
     })
 
 
+@documented("Circuit breaker per module", ("modules",), Operation((
+    returns(200, "One breaker per enabled module.", "BreakerStatus"),)))
 async def breakers(req: Request[Runtime]) -> Response:
     return json_response(req.runtime.modules.breaker_status())
 
@@ -92,10 +116,25 @@ def _route_body(route: Intent) -> dict[str, Any]:
     }
 
 
+@documented("The intent route table", ("modules",), Operation((
+    returns(200, "The route table, intent -> module.", "Routes"),)))
 async def routes(req: Request[Runtime]) -> Response:
     return json_response({"routes": {r.intent: _route_body(r) for r in req.runtime.settings.routes}})
 
 
+@documented("Forward an intent to its module", ("modules",), Operation(
+    (returns(200, "The module's reply.", "ModuleReply"),
+     Case("200", "A route with `stream = true`: the module's reply relayed as it arrives, with its status "
+                 "and content type (chunked to HTTP/1.1, close-delimited to HTTP/1.0).",
+          schema={"$ref": "#/components/schemas/StreamedEvent"}, media_type=SSE, headers=STREAM_HEADERS),
+     error(404, "unknown_intent", "no route for this intent; `known` lists the intents."),
+     error(404, "not_found", "the path matches no route (an `intent` holding `/`)."),
+     INVALID_JSON, VALIDATION, *UPSTREAM_CASES),
+    description="Forwards the JSON body (an empty body is sent as `{}`) to the intent's route, and to "
+                "its fallback when the route fails; answers with the module's status and JSON body.",
+    parameters=(path_param("intent", "A key of the route table (`GET /vx11/routes`).", "chat"),),
+    request_body=json_body("IntentRequest", {"prompt": "summarise the logs"}, required=False),
+    forwards=True))
 async def intent(req: Request[Runtime]) -> Response:
     started = time.perf_counter()
     rt = req.runtime
@@ -171,19 +210,29 @@ async def _proxy(req: Request[Runtime], module: str, path: str, method: str = "G
     return _forwarded(reply)
 
 
+@documented("Proxy: shubniggurath dashboard", ("modules",), Operation(
+    PROXY.cases, description="Calls shubniggurath `POST /shub/dashboard` with the body `{}`, as Tentáculo "
+                             "Link did.", forwards=True))
 async def shub_dashboard(req: Request[Runtime]) -> Response:
     # as Tentáculo Link called it: POST with an empty object
     return await _proxy(req, "shubniggurath", "/shub/dashboard", "POST", {})
 
 
+@documented("Proxy: hermes resources", ("modules",), PROXY)
 async def resources(req: Request[Runtime]) -> Response:
     return await _proxy(req, "hermes", "/hermes/resources")
 
 
+@documented("Proxy: hormiguero queen status", ("modules",), PROXY)
 async def queen_status(req: Request[Runtime]) -> Response:
     return await _proxy(req, "hormiguero", "/queen/status")
 
 
+@documented("Proxy: hormiguero report", ("modules",), Operation(
+    (returns(200, "The module's reply.", "ModuleReply"), VALIDATION, *UPSTREAM_CASES),
+    parameters=(query_param("limit", "How many report entries to ask the module for.",
+                            {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}),),
+    forwards=True))
 async def hormiguero_report(req: Request[Runtime]) -> Response:
     limit = req.int_query("limit", 50, 1, 1000)
     return await _proxy(req, "hormiguero", f"/report?limit={limit}")
