@@ -27,7 +27,7 @@ ENDPOINTS = (
     Endpoint("GET", "/vx11/status", modules.status, PUBLIC, aliases=("/v1/status",)),
     Endpoint("GET", "/vx11/overview", modules.overview),
     Endpoint("GET", "/vx11/circuit-breaker/status", modules.breakers),
-    Endpoint("GET", "/vx11/routes", modules.routes),
+    Endpoint("GET", "/vx11/routes", modules.intent_table),
     Endpoint("GET", "/vx11/forward/status", ops.forward_status),
     Endpoint("GET", "/vx11/forward/dead-letters", ops.forward_dead_letters),
     Endpoint("POST", "/vx11/forward/rewind", ops.forward_rewind),

@@ -225,7 +225,9 @@ class Runtime:
         old = self.settings
         knobs = list(changed(old, new))
         applied = [k.env[0] if k.env else k.toml for k in knobs if k.reload != RESTART]
-        applied += [table for table in ("modules", "routes") if getattr(new, table) != getattr(old, table)]
+        # the TOML tables by their names in the file: [routes.<intent>] is the intent table
+        applied += [table for table, field in (("modules", "modules"), ("routes", "intents"))
+                    if getattr(new, field) != getattr(old, field)]
         fixed = [k.name for k in knobs if k.reload == RESTART]
         if fixed:
             log.warning("reload_needs_restart", settings=fixed, detail="these keep their running values")
@@ -256,7 +258,7 @@ class Runtime:
         # longest of them could have ended (or at shutdown, whichever comes first).
         self._retired.append(previous)
         longest = max([new.health_timeout, old.health_timeout, new.proxy_timeout, old.proxy_timeout,
-                       *(r.timeout for r in old.routes), *(r.fallback.timeout for r in old.routes if r.fallback)])
+                       *(r.timeout for r in old.intents), *(r.fallback.timeout for r in old.intents if r.fallback)])
         asyncio.get_running_loop().call_later(longest + 1, self._close_retired, previous)
 
     def _close_retired(self, modules: Modules) -> None:

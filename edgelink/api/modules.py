@@ -7,7 +7,7 @@ from contextlib import aclosing
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, AsyncGenerator
 
-from ..config import KNOB, Intent
+from ..config import KNOB, IntentTarget
 from ..http.messages import HTTPError, Request, Response, json_response
 from ..modules import ModuleError, ModuleReply, ModuleStream
 from . import streams
@@ -46,7 +46,7 @@ def module_error(exc: ModuleError) -> HTTPError:
                      detail=exc.detail)
 
 
-async def call(req: Request[Runtime], target: Intent, body: Any) -> ModuleReply:
+async def call(req: Request[Runtime], target: IntentTarget, body: Any) -> ModuleReply:
     """Call an intent's target; ModuleError is left to the caller, which may fall back."""
     return await req.runtime.modules.call(target.module, target.method, target.endpoint, json=body,
                                           timeout=target.timeout, correlation_id=req.correlation_id,
@@ -105,11 +105,11 @@ async def breakers(req: Request[Runtime]) -> Response:
     return json_response(req.runtime.modules.breaker_status())
 
 
-def _route_body(route: Intent) -> dict[str, Any]:
-    fallback = route.fallback
+def _target_body(target: IntentTarget) -> dict[str, Any]:
+    fallback = target.fallback
     return {
-        "module": route.module, "endpoint": route.endpoint, "method": route.method, "timeout": route.timeout,
-        "description": route.description, "auth_required": route.auth_required, "stream": route.stream,
+        "module": target.module, "endpoint": target.endpoint, "method": target.method, "timeout": target.timeout,
+        "description": target.description, "auth_required": target.auth_required, "stream": target.stream,
         "fallback": None if fallback is None else {
             "module": fallback.module, "endpoint": fallback.endpoint, "method": fallback.method,
             "timeout": fallback.timeout},
@@ -118,8 +118,8 @@ def _route_body(route: Intent) -> dict[str, Any]:
 
 @documented("The intent route table", ("modules",), Operation((
     returns(200, "The route table, intent -> module.", "Routes"),)))
-async def routes(req: Request[Runtime]) -> Response:
-    return json_response({"routes": {r.intent: _route_body(r) for r in req.runtime.settings.routes}})
+async def intent_table(req: Request[Runtime]) -> Response:
+    return json_response({"routes": {t.intent: _target_body(t) for t in req.runtime.settings.intents}})
 
 
 @documented("Forward an intent to its module", ("modules",), Operation(
@@ -138,24 +138,24 @@ async def routes(req: Request[Runtime]) -> Response:
 async def intent(req: Request[Runtime]) -> Response:
     started = time.perf_counter()
     rt = req.runtime
-    route = rt.settings.route(req.params["intent"])
-    if route is None:
+    target = rt.settings.intent_target(req.params["intent"])
+    if target is None:
         raise HTTPError(404, "unknown_intent", detail=f"no route for intent {req.params['intent']!r}",
-                        known=[r.intent for r in rt.settings.routes])
+                        known=[t.intent for t in rt.settings.intents])
     body = req.json_object() if req.body.strip() else {}
     try:
         try:
-            if route.stream:
-                return await _relay(req, route, body, started)
-            reply = await call(req, route, body)
+            if target.stream:
+                return await _relay(req, target, body, started)
+            reply = await call(req, target, body)
             failed = reply.status >= 500
         except ModuleError:
-            if route.fallback is None:
+            if target.fallback is None:
                 raise
             failed = True
-        if failed and route.fallback is not None:
+        if failed and target.fallback is not None:
             # the fallback answers for a primary that is down or failing (5xx), as chat does
-            reply = await call(req, route.fallback, body)
+            reply = await call(req, target.fallback, body)
     except ModuleError as exc:
         raise module_error(exc) from None
     return _forwarded(reply)
@@ -167,15 +167,15 @@ def _forwarded(reply: ModuleReply) -> Response:
     return Response(reply.status, reply.raw)
 
 
-async def _relay(req: Request[Runtime], route: Intent, body: Any, started: float) -> Response:
+async def _relay(req: Request[Runtime], target: IntentTarget, body: Any, started: float) -> Response:
     """A streaming route: the module's reply passed on as it arrives (API.md §3)."""
     rt = req.runtime
-    stream = await rt.modules.stream(route.module, route.method, route.endpoint, json=body, timeout=route.timeout,
+    stream = await rt.modules.stream(target.module, target.method, target.endpoint, json=body, timeout=target.timeout,
                                      idle=rt.settings.stream_idle, correlation_id=req.correlation_id,
                                      share=req.share)
     try:
-        if stream.status >= 500 and route.fallback is not None:
-            raise ModuleError("upstream_unavailable", route.module, f"{route.module} answered HTTP {stream.status}")
+        if stream.status >= 500 and target.fallback is not None:
+            raise ModuleError("upstream_unavailable", target.module, f"{target.module} answered HTTP {stream.status}")
         content_type = stream.content_type or b"application/octet-stream"
         return await streams.respond(req, stream.status, content_type,
                                      _passthrough(stream, content_type.startswith(streams.SSE_TYPE)), started)
