@@ -9,7 +9,7 @@ import orjson
 
 from .. import __version__
 from ..http.messages import HTTPError, Request, Response, json_response, validation_error
-from ..probe import GATEWAY_SERVICE
+from ..runtime_truth import GATEWAY_SERVICE
 from .operation import VALIDATION, Operation, documented, error, param, query_param, returns
 
 if TYPE_CHECKING:

@@ -61,7 +61,7 @@ def _counted(health: dict[str, dict[str, Any]]) -> tuple[int, int]:
 
 async def _health(rt: Runtime) -> dict[str, dict[str, Any]]:
     """Every module's ModuleHealth with its health prediction's trend and score (API.md §11)."""
-    health = await rt.modules.probe_all()
+    health = await rt.modules.check_all()
     prediction = rt.prediction
     prediction.tick(time.monotonic())
     for name, entry in health.items():
