@@ -60,7 +60,7 @@ ENDPOINTS = (
 
 
 def build_router() -> Router:
-    """The router of ``ENDPOINTS``; LookupError names a handler declared without documentation."""
+    """The router of ``ENDPOINTS``; LookupError names a handler without its ``@documented``."""
     router = Router()
     for e in ENDPOINTS:
         doc = documentation(e.handler)
