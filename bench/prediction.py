@@ -38,7 +38,7 @@ from typing import Callable
 
 from edgelink.gateway import prediction
 from edgelink.gateway.breaker import Breaker
-from edgelink.gateway.prediction import CALL, DEGRADING, PROBE, HealthPredictor
+from edgelink.gateway.prediction import CALL, CHECK, DEGRADING, HealthPredictor
 
 TIMEOUT = 15.0  # seconds, the chat route's
 PROBE_EVERY = 30.0
@@ -91,7 +91,7 @@ def replay(trace: Trace, duration: float, truth: float, rate: float, window: flo
         clock[0] = t
         if t >= next_probe:
             _, up = trace(t)
-            p.observe("m", PROBE, t, 2.0 if up else None)
+            p.observe("m", CHECK, t, 2.0 if up else None)
             next_probe += PROBE_EVERY
         ticket = breaker.allow()
         if ticket is not None:
@@ -199,7 +199,7 @@ def cost(repeat: int, rate: float) -> list[tuple[str, str]]:
     for i in range(20):  # the arrays are allocated whole up front; samples only fill them
         for name in modules:
             p.observe(name, CALL, i * p.bucket, 40.0)
-            p.observe(name, PROBE, i * p.bucket, 2.0)
+            p.observe(name, CHECK, i * p.bucket, 2.0)
     per_module = (tracemalloc.get_traced_memory()[0] - before) / len(modules)
     tracemalloc.stop()
     return [(f"CPU per update at {rate:g} calls/s (median of {repeat})", f"{statistics.median(per_update):.2f} µs"),

@@ -6,7 +6,7 @@ TOML key, parser, default, a one-line doc and its reload policy. The ``Settings`
 the reload logic (runtime.py), ``edgelink check --print``, the settings list in
 docs/settings.md and the OpenAPI text that quotes defaults are all built from it. Besides the
 knobs, the TOML file has ``[modules.<name>]`` (``url``, ``enabled``) and ``[routes.<intent>]``
-tables.
+tables (the intent table: in code, ``Settings.intents`` of ``IntentTarget``).
 
 A bad value stops the start with a message naming the setting (API.md §8); loading reports
 every problem it finds, one a line, not only the first.
@@ -338,8 +338,9 @@ class ModuleConfig:
 
 
 @dataclass(frozen=True)
-class Intent:
-    """Where an intent goes. ``fallback`` is tried when the primary fails in any way;
+class IntentTarget:
+    """Where an intent goes: one entry of the intent table (the TOML ``[routes.<intent>]``
+    tables, ``GET /vx11/routes``). ``fallback`` is tried when the primary fails in any way;
     ``stream``: the module's reply may be streamed through."""
 
     intent: str
@@ -350,19 +351,19 @@ class Intent:
     description: str = ""
     auth_required: bool = True
     stream: bool = False
-    fallback: "Intent | None" = None
+    fallback: "IntentTarget | None" = None
 
 
 INTENT_KEYS = ("module", "endpoint", "method", "timeout", "description", "auth_required", "stream", "fallback")
-INTENT_DEFAULTS: tuple[Intent, ...] = (
-    Intent("chat", "switch", "/switch/route-v5", "POST", 15.0, "Conversational chat",
-           fallback=Intent("chat", "madre", "/madre/chat", "POST", 5.0, "Chat fallback")),
-    Intent("code", "switch", "/switch/route-v5", "POST", 20.0, "Code generation"),
-    Intent("audio", "hermes", "/hermes/analyze-audio", "POST", 30.0, "Audio analysis"),
-    Intent("analysis", "madre", "/madre/task", "POST", 60.0, "Deep analysis task"),
-    Intent("task", "madre", "/madre/task", "POST", 30.0, "Generic task"),
-    Intent("spawn", "spawner", "/spawner/spawn", "POST", 30.0, "Spawn a worker"),
-    Intent("stream", "switch", "/switch/stream", "POST", 60.0, "Streaming generation", stream=True),
+INTENT_DEFAULTS: tuple[IntentTarget, ...] = (
+    IntentTarget("chat", "switch", "/switch/route-v5", "POST", 15.0, "Conversational chat",
+                 fallback=IntentTarget("chat", "madre", "/madre/chat", "POST", 5.0, "Chat fallback")),
+    IntentTarget("code", "switch", "/switch/route-v5", "POST", 20.0, "Code generation"),
+    IntentTarget("audio", "hermes", "/hermes/analyze-audio", "POST", 30.0, "Audio analysis"),
+    IntentTarget("analysis", "madre", "/madre/task", "POST", 60.0, "Deep analysis task"),
+    IntentTarget("task", "madre", "/madre/task", "POST", 30.0, "Generic task"),
+    IntentTarget("spawn", "spawner", "/spawner/spawn", "POST", 30.0, "Spawn a worker"),
+    IntentTarget("stream", "switch", "/switch/stream", "POST", 60.0, "Streaming generation", stream=True),
 )
 
 
@@ -441,17 +442,17 @@ class Settings:
     memory_hard: int = _default("memory_hard")
     max_header_fields: int = _default("max_header_fields")
     modules: tuple[ModuleConfig, ...] = ()
-    routes: tuple[Intent, ...] = INTENT_DEFAULTS
+    intents: tuple[IntentTarget, ...] = INTENT_DEFAULTS  # the TOML [routes.<intent>] tables
     config_file: str | None = None
 
-    def route(self, intent: str) -> Intent | None:
-        for r in self.routes:
-            if r.intent == intent:
-                return r
+    def intent_target(self, intent: str) -> IntentTarget | None:
+        for target in self.intents:
+            if target.intent == intent:
+                return target
         return None
 
     def problems(self) -> list[str]:
-        """Why these settings cannot serve (auth on without a token, dangling routes)."""
+        """Why these settings cannot serve (auth on without a token, an intent sent to an unknown module)."""
         found = []
         if self.max_body > self.max_bodies:
             found.append(f"EDGELINK_MAX_BODY ({self.max_body}) is over EDGELINK_MAX_BODIES ({self.max_bodies}), "
@@ -463,10 +464,10 @@ class Settings:
             found.append("auth is on (ENABLE_AUTH) but no token is configured: set "
                          "VX11_TENTACULO_LINK_TOKEN or VX11_GATEWAY_TOKEN, or ENABLE_AUTH=false")
         names = {m.name for m in self.modules}
-        for r in self.routes:
-            for target in (r, r.fallback):
+        for t in self.intents:
+            for target in (t, t.fallback):
                 if target is not None and target.module not in names:
-                    found.append(f"routes.{r.intent}: unknown module {target.module!r} "
+                    found.append(f"routes.{t.intent}: unknown module {target.module!r} "
                                  f"(known: {', '.join(sorted(names))})")
         return found
 
@@ -529,8 +530,8 @@ def _read_toml(config_file: str | None, problems: list[str]) -> dict[str, Any]:
     return {}
 
 
-def _intent_from_toml(intent: str, value: Any, base: Intent | None, problems: list[str],
-                      where: str | None = None) -> Intent | None:
+def _intent_from_toml(intent: str, value: Any, base: IntentTarget | None, problems: list[str],
+                      where: str | None = None) -> IntentTarget | None:
     where = where or f"routes.{intent}"
     if not isinstance(value, Mapping):
         problems.append(f"{where} must be a table")
@@ -563,7 +564,7 @@ def _intent_from_toml(intent: str, value: Any, base: Intent | None, problems: li
             fallback = _intent_from_toml(intent, fb, None, problems, f"{where}.fallback")
     if missing:
         return None
-    return Intent(fallback=fallback, **values)
+    return IntentTarget(fallback=fallback, **values)
 
 
 ENV_FILE_VAR = "EDGELINK_ENV_FILE"
@@ -657,11 +658,11 @@ def load_settings(
             enabled = values["shub_enabled"]
         modules.append(ModuleConfig(name, url, enabled))
 
-    routes: dict[str, Intent | None] = {r.intent: r for r in INTENT_DEFAULTS}
+    intents: dict[str, IntentTarget | None] = {t.intent: t for t in INTENT_DEFAULTS}
     for intent, table in _table(file_data.get("routes", {}), "routes", problems).items():
-        routes[intent] = _intent_from_toml(intent, table, routes.get(intent), problems)
+        intents[intent] = _intent_from_toml(intent, table, intents.get(intent), problems)
 
-    settings = Settings(modules=tuple(modules), routes=tuple(r for r in routes.values() if r is not None),
+    settings = Settings(modules=tuple(modules), intents=tuple(t for t in intents.values() if t is not None),
                         config_file=config_file, **values)
     problems.extend(settings.problems())
     if problems:
@@ -705,13 +706,13 @@ def render(settings: Settings) -> str:
         lines += ["", f"[{section}]", *entries]
     for m in settings.modules:
         lines += ["", f"[modules.{m.name}]", f"url = {_toml_value(m.url)}", f"enabled = {_toml_value(m.enabled)}"]
-    for r in settings.routes:
-        for header, target in ((f"routes.{r.intent}", r), (f"routes.{r.intent}.fallback", r.fallback)):
+    for t in settings.intents:
+        for header, target in ((f"routes.{t.intent}", t), (f"routes.{t.intent}.fallback", t.fallback)):
             if target is None:
                 continue
             lines += ["", f"[{header}]"]
             lines += [f"{key} = {_toml_value(getattr(target, key))}" for key in INTENT_KEYS if key != "fallback"]
-        if r.fallback is None and any(d.intent == r.intent and d.fallback for d in INTENT_DEFAULTS):
+        if t.fallback is None and any(d.intent == t.intent and d.fallback for d in INTENT_DEFAULTS):
             lines.append("fallback = false")
     return "\n".join(lines) + "\n"
 

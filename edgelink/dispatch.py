@@ -63,7 +63,7 @@ class Dispatcher:
             req.correlation_id = auth.correlation_id(req.headers.get("x-correlation-id"))
 
     def _count(self, req: Request, status: int) -> str:
-        route_label = req.route or "unmatched"
+        route_label = req.route_template or "unmatched"
         method = req.method if req.method in _METHOD_LABELS else "other"
         self.runtime.metrics.requests.inc(route_label, method, str(status))
         return route_label
@@ -100,7 +100,7 @@ class Dispatcher:
                 route = req.admitted
                 if route is None:  # not seen by admit (no body): matched and checked here
                     route, req.params = self.router.match(req.method, req.path)
-                    req.route = route.template
+                    req.route_template = route.template
                     if not route.public and settings.enable_auth:
                         _check_token(settings.token, req.headers.get("x-vx11-token"))
                 if route.suspends:
@@ -158,7 +158,7 @@ class Dispatcher:
         found = self.router.lookup(req.path)
         if found is None:
             raise HTTPError(404, "not_found", detail=f"no route for {req.path}")
-        req.route, allow = found
+        req.route_template, allow = found
         if not cors.origin_allowed(settings.cors_origins, origin):
             raise HTTPError(403, "forbidden", detail="origin not allowed")
         return empty_response(204, cors.preflight_headers(settings.cors_origins, origin, allow,
@@ -176,7 +176,7 @@ class Dispatcher:
         self._admit(req)
         try:
             route, req.params = self.router.match(req.method, req.path)
-            req.route = route.template
+            req.route_template = route.template
             if not route.public and settings.enable_auth:
                 _check_token(settings.token, req.headers.get("x-vx11-token"))
         except HTTPError as exc:
@@ -194,7 +194,7 @@ class Dispatcher:
         self._admit(req)
         try:
             route, req.params = self.router.match(req.method, req.path, websocket=True)
-            req.route = route.template
+            req.route_template = route.template
             if self.runtime.stopping:
                 raise HTTPError(503, "stopping", detail="the gateway is shutting down")
             if not cors.origin_allowed(settings.cors_origins, req.headers.get("origin")):

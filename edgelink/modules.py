@@ -1,4 +1,4 @@
-"""The module registry: calls to modules behind their circuit breakers, and health probes.
+"""The module registry: calls to modules behind their circuit breakers, and health checks.
 
 ``Modules`` owns, for every module in ``settings.modules``, its URL, whether it is
 enabled, and its breaker (API.md §2), plus one shared ``UpstreamClient``. Handlers call
@@ -85,8 +85,8 @@ def _encode(module: str, data: Any) -> bytes:
         raise ModuleError("invalid_json", module, f"body cannot be forwarded as JSON: {exc}") from None
 
 
-# ModuleHealth.status for a probe that got no reply, by UpstreamError.kind.
-_PROBE_STATUS = {"connect": "unreachable", "timeout": "timeout"}
+# ModuleHealth.status for a health check that got no reply, by UpstreamError.kind.
+_UNANSWERED_STATUS = {"connect": "unreachable", "timeout": "timeout"}
 
 
 class ModuleError(Exception):
@@ -170,18 +170,18 @@ class ModuleStream:
 
 
 class Modules:
-    """``call()`` a module, ``probe_all()`` their health, ``breaker_status()``, ``close()``.
+    """``call()`` a module, ``check_all()`` their health, ``breaker_status()``, ``close()``.
 
     ``observe(module, outcome, seconds)``, if given, is told about every call that was
     let through; outcome is ``ok``, ``http_5xx``, ``not_json``, ``too_costly`` (to parse)
     or an UpstreamError kind (``local`` for the gateway's own limits).
     ``on_breaker(module, old, new)``, if given, is told every change of a breaker's state.
-    ``probed(check)``, if given, is told each enabled module's probe of every shared round.
+    ``checked(check)``, if given, is told each enabled module's health check of every shared round.
     """
 
     def __init__(self, settings: Settings, *, observe: Callable[[str, str, float], None] | None = None,
                  on_breaker: Callable[[str, str, str], None] | None = None,
-                 probed: Callable[[HealthCheck], None] | None = None,
+                 checked: Callable[[HealthCheck], None] | None = None,
                  now: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
         self.settings = settings
         self.registry: dict[str, ModuleConfig] = {m.name: m for m in settings.modules}
@@ -193,7 +193,7 @@ class Modules:
                          for m in settings.modules if m.enabled}
         self._client = UpstreamClient(settings)
         self._observe = observe
-        self._probed = probed
+        self._checked = checked
         self._now = now
         self._wall = wall
         self._token = [(b"x-vx11-token", settings.token.encode())] if settings.token else []
@@ -333,14 +333,14 @@ class Modules:
             return ModuleError("upstream_timeout", module, str(exc))
         return ModuleError("upstream_unavailable", module, str(exc))
 
-    async def probe_all(self) -> dict[str, dict[str, Any]]:
+    async def check_all(self) -> dict[str, dict[str, Any]]:
         """Every module's ModuleHealth (API.md §2), disabled ones included, in registry order."""
-        return {name: check.module_health() for name, check in (await self.probe_round()).items()}
+        return {name: check.module_health() for name, check in (await self.check_round()).items()}
 
-    async def probe_round(self) -> dict[str, HealthCheck]:
-        """Probe every enabled module concurrently; callers arriving during a round share it."""
+    async def check_round(self) -> dict[str, HealthCheck]:
+        """Check every enabled module's health concurrently; callers arriving during a round share it."""
         if self._round is None:
-            self._round = asyncio.create_task(self._probe_round())
+            self._round = asyncio.create_task(self._run_check_round())
             self._round.add_done_callback(self._round_over)
         # shield: a caller that gives up must not cancel the round the others wait for
         return await asyncio.shield(self._round)
@@ -351,7 +351,7 @@ class Modules:
                 "timestamp": self._wall()}
 
     async def close(self) -> None:
-        """Stop a probe round in progress and close pooled connections."""
+        """Stop a round of health checks in progress and close pooled connections."""
         if self._round is not None:
             self._round.cancel()
             await asyncio.gather(self._round, return_exceptions=True)
@@ -384,23 +384,23 @@ class Modules:
         if not task.cancelled() and task.exception() is not None:
             log.error("probe_round_failed", error=repr(task.exception()))
 
-    async def probe(self, name: str, correlation_id: str) -> HealthCheck:
+    async def check_one(self, name: str, correlation_id: str) -> HealthCheck:
         """One module's health, outside any shared round (for ``edgelink probe``'s progress)."""
-        return await self._probe(self.registry[name], correlation_id)
+        return await self._check(self.registry[name], correlation_id)
 
-    async def _probe_round(self) -> dict[str, HealthCheck]:
+    async def _run_check_round(self) -> dict[str, HealthCheck]:
         modules = list(self.registry.values())
         correlation_id = uuid.uuid4().hex
-        probes = await asyncio.gather(*(self._probe(m, correlation_id) for m in modules))
-        if self._probed is not None:
-            for m, p in zip(modules, probes):
+        checks = await asyncio.gather(*(self._check(m, correlation_id) for m in modules))
+        if self._checked is not None:
+            for m, c in zip(modules, checks):
                 if m.enabled:
-                    self._probed(p)
-        return {m.name: p for m, p in zip(modules, probes)}
+                    self._checked(c)
+        return {m.name: c for m, c in zip(modules, checks)}
 
-    # Probes do not feed the breakers: a breaker judges the calls it guards, and a
+    # Health checks do not feed the breakers: a breaker judges the calls it guards, and a
     # dashboard polling /vx11/status must not be what opens or closes routing to a module.
-    async def _probe(self, module: ModuleConfig, correlation_id: str) -> HealthCheck:
+    async def _check(self, module: ModuleConfig, correlation_id: str) -> HealthCheck:
         if not module.enabled:
             return HealthCheck(module.name, "disabled", None, None, module.url, None, port=module.port)
         started = self._now()
@@ -410,7 +410,7 @@ class Modules:
                                                headers=self._headers(correlation_id, False),
                                                timeout=self.settings.health_timeout)
         except UpstreamError as exc:
-            status, http_code, error, snippet = _PROBE_STATUS.get(exc.kind, "error"), None, str(exc), ""
+            status, http_code, error, snippet = _UNANSWERED_STATUS.get(exc.kind, "error"), None, str(exc), ""
             fields = None
         else:
             ok = 200 <= reply.status < 300

@@ -3,11 +3,13 @@ and a builder that walks the endpoint table.
 
 Theory of operation
 -------------------
-Each entry of the endpoint table (app.py) declares its path once, with its handler, auth,
-summary, tags and an ``Operation``: what the router cannot know, its parameters, request
-body and responses. Aliases (``/v1/health``) repeat their route's ``Operation``. The
-WebSocket route (``"WS"``) is documented as a ``GET`` that answers ``101 Switching
-Protocols``. This file holds the schemas and the pieces operations are made of.
+Each entry of the endpoint table (app.py) declares its path once, with its handler and
+auth; the handler's summary, tags and ``Operation`` (what the router cannot know, its
+parameters, request body and responses) are declared beside it (``@documented``, in
+api/operation.py, which also holds the pieces operations are made of). Aliases
+(``/v1/health``) repeat their route's ``Operation``. The WebSocket route (``"WS"``) is
+documented as a ``GET`` that answers ``101 Switching Protocols``. This file holds the
+schemas, the cases every operation gets, and the builder.
 
 ``document(router)`` walks the router. A route without an ``Operation`` raises
 ``DocumentError``, so an endpoint cannot ship undocumented.
@@ -30,13 +32,13 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from . import __version__
 from .api.chat import MAX_MESSAGE as MAX_CHAT_MESSAGE
 from .api.events import RECENT_IN_SNAPSHOT, SNAPSHOT_TYPES, TIMELINE_MAX
 from .api.health import MAX_HISTORY
+from .api.operation import JSON, Case, Operation, error, param, ref
 from .config import KNOB
 from .gateway.auth import MAX_CORRELATION_ID
 from .gateway.events import MAX_NAME_LENGTH
@@ -46,18 +48,11 @@ from .gateway.observe import MAX_NODES
 from .http.router import Route, Router
 
 OPENAPI_VERSION = "3.1.0"
-JSON = "application/json"
-PROMETHEUS = "text/plain; version=0.0.4"
-HTML = "text/html"
 
 
 class DocumentError(RuntimeError):
     """A route is served but not described, or is described with other path parameters,
     or two routes would be one operation."""
-
-
-def ref(name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{name}"}
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -435,32 +430,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                 "paths": {"type": "object"}}),
 }
 
-# --- responses ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Case:
-    """One cause of one status. ``codes``: the body is an ``Error`` with one of these codes;
-    ``schema``: the body has this schema; neither: no body."""
-
-    status: str
-    description: str
-    codes: tuple[str, ...] = ()
-    schema: dict[str, Any] | None = None
-    media_type: str = JSON
-    correlated: bool = True  # sends X-Correlation-ID
-    headers: tuple[tuple[str, str], ...] = ()  # (name, description)
-
-
-def error(status: int, codes: str | tuple[str, ...], description: str, *, correlated: bool = True,
-           headers: tuple[tuple[str, str], ...] = ()) -> Case:
-    codes = (codes,) if isinstance(codes, str) else codes
-    return Case(str(status), description, codes=codes, correlated=correlated, headers=headers)
-
-
-def reply(status: int, description: str, schema: str, *, media_type: str = JSON) -> Case:
-    return Case(str(status), description, schema=ref(schema), media_type=media_type)
-
+# --- what every operation gets --------------------------------------------------------
 
 # Answered by the HTTP server before a route is chosen, on any path.
 CONNECTION_CASES = (
@@ -482,71 +452,8 @@ CONNECTION_CASES = (
            f"{KNOB['client_share'].quote()}), or resident memory is over the soft mark "
            f"({KNOB['memory_soft'].quote()}); or the gateway is shutting down.", correlated=False),
 )
-AUTH_CASES = (
-    error(401, "auth_required", "no X-VX11-Token header."),
-    error(403, "forbidden", "the X-VX11-Token header is not the gateway token."),
-)
-WS_AUTH_CASES = (
-    error(401, "auth_required", "no token, neither as X-VX11-Token header nor as `?token=`."),
-    error(403, "forbidden", "the token is not the gateway token, or the Origin is not allowed "
-                             "(when EDGELINK_CORS_ORIGINS is set)."),
-)
-INVALID_JSON = error(400, "invalid_json", "the body is empty or not valid JSON.")
-VALIDATION = Case("422", "`validation_error`: a field is missing, of the wrong type or out of range.",
-                  schema=ref("ValidationError"))
-UPSTREAM_CASES = (
-    error(502, "upstream_unavailable", "the module could not be reached, hung up, spoke invalid HTTP, or "
-                                        f"answered without JSON or with more than {KNOB['upstream_max_reply'].shown()} "
-                                        f"({KNOB['upstream_max_reply'].env[0]})."),
-    error(503, ("circuit_open", "module_disabled", "gateway_overloaded"),
-          "the module's circuit breaker is open (it is not contacted), the module is disabled, or the "
-          "gateway itself is out of file descriptors or buffers (`gateway_overloaded`: not the module's fault, "
-          "its breaker is not told)."),
-    error(504, "upstream_timeout", "the module did not answer within the route's timeout."),
-)
-STREAM_HEADERS = (("Cache-Control", "`no-cache`"), ("X-Accel-Buffering", "`no`: proxies must not buffer it."))
-SSE = "text/event-stream"
 FORWARDED = Case("default", "The module's own reply, forwarded with its status and JSON body.",
                  schema=ref("ModuleReply"))
-
-# --- parameters -----------------------------------------------------------------------
-
-
-def param(name: str, where: str, description: str, schema: dict[str, Any], *,
-           required: bool = False, example: Any = None) -> dict[str, Any]:
-    """``example`` is what /docs' "try it" starts from; a required parameter needs one."""
-    found = {"name": name, "in": where, "description": description, "required": required, "schema": schema}
-    return found if example is None else {**found, "example": example}
-
-
-def query_param(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    """An optional query parameter, for which an empty value counts as absent (as in the handlers)."""
-    return {**param(name, "query", f"{description} Empty: as absent.", schema), "allowEmptyValue": True}
-
-
-def path_param(name: str, description: str, example: str) -> dict[str, Any]:
-    return param(name, "path", description, {"type": "string", "minLength": 1}, required=True, example=example)
-
-
-# --- what an endpoint entry adds (app.py) -----------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Operation:
-    """What the router does not know about an endpoint."""
-
-    cases: tuple[Case, ...]
-    description: str = ""
-    parameters: tuple[dict[str, Any], ...] = ()  # path and query parameters, in that order
-    request_body: dict[str, Any] | None = None
-    forwards: bool = False
-    auth_cases: tuple[Case, ...] = AUTH_CASES
-    security: tuple[str, ...] = ("VX11Token",)  # alternatives, for protected routes
-
-
-def json_body(schema: str, example: Any, *, required: bool = True) -> dict[str, Any]:
-    return {"required": required, "content": {JSON: {"schema": ref(schema), "example": example}}}
-
 
 COMPONENTS: dict[str, Any] = {
     "securitySchemes": {
@@ -680,8 +587,8 @@ def document(router: Router) -> dict[str, Any]:
     for route in router.routes:
         op = route.doc
         if not isinstance(op, Operation):
-            raise DocumentError(f"{route.method} {route.template} is served but not described: give its "
-                                f"entry in edgelink/app.py an Operation (doc=)")
+            raise DocumentError(f"{route.method} {route.template} is served but not described: give it an "
+                                f"Operation (doc=; in edgelink/api/, @documented beside its handler)")
         method = "get" if route.method == "WS" else route.method.lower()
         item = paths.setdefault(route.template, {})
         if method in item:

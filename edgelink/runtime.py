@@ -19,7 +19,7 @@ from .gateway.events import SCHEMAS
 from .gateway.health import HealthCheck
 from .gateway.metrics import Gauge, Registry
 from .gateway.observe import CardinalityCounter, CorrelationGraph
-from .gateway.prediction import CALL, DEGRADING, PROBE, HealthPredictor
+from .gateway.prediction import CALL, CHECK, DEGRADING, HealthPredictor
 from .gateway.sessions import SessionStore, Sweeper
 from .http.router import Router
 from .http.server import HttpServer
@@ -27,7 +27,7 @@ from .hub import Hub
 from .ledger import Ledger
 from .log import configure, log
 from .modules import Modules
-from .probe import GATEWAY_SERVICE, gateway_url, record_round
+from .runtime_truth import GATEWAY_SERVICE, gateway_url, record_round
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 # the account's pieces (API.md §1 "one account"), each exported from the start, at 0
@@ -51,7 +51,7 @@ class Runtime:
         self.hub = Hub(self.metrics, settings.ws_queue, settings.ws_queue_bytes)
         self.metrics.events.known(*((t, outcome) for t in SCHEMAS for outcome in ("accepted", "rejected")),
                                   ("non_canonical", "accepted"), ("invalid", "rejected"))
-        self._module_up: dict[str, bool] = {}  # each module's last probe verdict, to log changes once
+        self._module_up: dict[str, bool] = {}  # each module's last recorded check verdict, to log changes once
         self.cardinality = CardinalityCounter(time.time)
         self.correlations = CorrelationGraph(time.time)
         # stored session text draws from the account like every other piece (API.md §1)
@@ -100,7 +100,7 @@ class Runtime:
 
     def _modules(self, settings: Settings) -> Modules:
         modules = Modules(settings, observe=self._upstream_call, on_breaker=self._breaker_changed,
-                          probed=self._probed)
+                          checked=self._checked)
         self.metrics.breaker_transitions.known(*((name, to) for name in modules.breakers for to in BREAKER_STATES))
         return modules
 
@@ -115,10 +115,10 @@ class Runtime:
         else:  # cooling to half-open, a failed trial opening it again: the module stays down
             log.debug("breaker_state_changed", module=module, before=old, after=new)
 
-    def _probe_changes(self, probes: dict[str, HealthCheck]) -> None:
-        """Log a module whose probe verdict changed since the last round, once per change
+    def _log_up_down(self, checks: dict[str, HealthCheck]) -> None:
+        """Log a module whose health check verdict changed since the last round, once per change
         (a first round logs only the modules that are down)."""
-        for name, check in probes.items():
+        for name, check in checks.items():
             up = check.status == "ok"
             before = self._module_up.get(name)
             self._module_up[name] = up
@@ -149,8 +149,8 @@ class Runtime:
         if outcome != "local":  # the gateway's own limit says nothing about the module
             self.prediction.observe(module, CALL, time.monotonic(), seconds * 1000 if outcome == "ok" else None)
 
-    def _probed(self, check: HealthCheck) -> None:
-        self.prediction.observe(check.service, PROBE, time.monotonic(),
+    def _checked(self, check: HealthCheck) -> None:
+        self.prediction.observe(check.service, CHECK, time.monotonic(),
                                 check.latency_ms if check.status == "ok" else None)
 
     @staticmethod
@@ -193,7 +193,7 @@ class Runtime:
         self._schedule_recorder()
 
     def _schedule_recorder(self) -> None:
-        """Run the health recorder exactly when the probe interval says so (0 = off)."""
+        """Run the health recorder exactly when EDGELINK_PROBE_INTERVAL says so (0 = off)."""
         on = self.settings.probe_interval > 0
         if on and self._recorder is None:
             self._recorder = asyncio.create_task(self._record_health(), name="health-recorder")
@@ -225,7 +225,9 @@ class Runtime:
         old = self.settings
         knobs = list(changed(old, new))
         applied = [k.env[0] if k.env else k.toml for k in knobs if k.reload != RESTART]
-        applied += [table for table in ("modules", "routes") if getattr(new, table) != getattr(old, table)]
+        # the TOML tables by their names in the file: [routes.<intent>] is the intent table
+        applied += [table for table, field in (("modules", "modules"), ("routes", "intents"))
+                    if getattr(new, field) != getattr(old, field)]
         fixed = [k.name for k in knobs if k.reload == RESTART]
         if fixed:
             log.warning("reload_needs_restart", settings=fixed, detail="these keep their running values")
@@ -252,11 +254,11 @@ class Runtime:
         """New module clients and breakers (closed again) for new URLs, tokens, limits."""
         previous, self.modules = self.modules, self._modules(new)
         self.prediction.retain(self._predicted(new))
-        # Calls and probe rounds in flight finish on the old client; close it after the
+        # Calls and health check rounds in flight finish on the old client; close it after the
         # longest of them could have ended (or at shutdown, whichever comes first).
         self._retired.append(previous)
         longest = max([new.health_timeout, old.health_timeout, new.proxy_timeout, old.proxy_timeout,
-                       *(r.timeout for r in old.routes), *(r.fallback.timeout for r in old.routes if r.fallback)])
+                       *(r.timeout for r in old.intents), *(r.fallback.timeout for r in old.intents if r.fallback)])
         asyncio.get_running_loop().call_later(longest + 1, self._close_retired, previous)
 
     def _close_retired(self, modules: Modules) -> None:
@@ -267,7 +269,7 @@ class Runtime:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    def _self_probe(self) -> HealthCheck:
+    def _self_check(self) -> HealthCheck:
         """The gateway's own row: it is serving, since it is the one recording."""
         stopping = self.stopping
         return HealthCheck(GATEWAY_SERVICE, "error" if stopping else "ok", 503 if stopping else 200, 0.0,
@@ -276,16 +278,16 @@ class Runtime:
                            self.port)
 
     async def _record_health(self) -> None:
-        """Every probe interval: one probe round, written to the ledger's health tables."""
+        """Every EDGELINK_PROBE_INTERVAL: one round of health checks, written to the health tables."""
         while True:
             try:
-                probes = await record_round(self.modules, self.ledger, self._self_probe())
+                checks = await record_round(self.modules, self.ledger, self._self_check())
                 # replaced whole each round, so a module disabled by a reload leaves no stale series
-                enabled = {(n,): c for n, c in probes.items() if n != GATEWAY_SERVICE and c.status != "disabled"}
+                enabled = {(n,): c for n, c in checks.items() if n != GATEWAY_SERVICE and c.status != "disabled"}
                 self.metrics.module_up.values = {k: int(c.status == "ok") for k, c in enabled.items()}
-                self.metrics.module_probe.values = {k: c.latency_ms / 1000 for k, c in enabled.items()
-                                                    if c.latency_ms is not None}
-                self._probe_changes({k[0]: c for k, c in enabled.items()})
+                self.metrics.module_check_duration.values = {k: c.latency_ms / 1000 for k, c in enabled.items()
+                                                             if c.latency_ms is not None}
+                self._log_up_down({k[0]: c for k, c in enabled.items()})
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failed round is logged; the next one still runs

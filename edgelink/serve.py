@@ -26,7 +26,7 @@ from .overload import OverloadManager
 from .runtime import Runtime
 
 # Descriptors beyond connections: listening sockets, the ledger (db, WAL, shm), stdio and
-# the log, the loop's own (epoll, signal pipe), health probes, systemd's notify socket.
+# the log, the loop's own (epoll, signal pipe), health checks, systemd's notify socket.
 FD_HEADROOM = 64
 
 

@@ -117,7 +117,7 @@ def test_print_redacts_secrets_and_reads_back_the_same(tmp_path):
     for knob in KNOBS:
         if not knob.secret and knob.name != "forward_url":
             assert getattr(again, knob.name) == getattr(original, knob.name), knob.name
-    assert (again.modules, again.routes) == (original.modules, original.routes)
+    assert (again.modules, again.intents) == (original.modules, original.intents)
 
 
 # -- the systemd unit's own command lines ------------------------------------------------

@@ -30,7 +30,7 @@ def test_defaults_match_the_contract():
     assert urls["madre"] == ("http://127.0.0.1:8001", True)
     assert urls["operator"] == ("http://127.0.0.1:8011", True)
     assert urls["shubniggurath"] == ("http://127.0.0.1:8007", False)
-    chat = s.route("chat")
+    chat = s.intent_target("chat")
     assert (chat.module, chat.endpoint, chat.timeout) == ("switch", "/switch/route-v5", 15.0)
     assert (chat.fallback.module, chat.fallback.endpoint, chat.fallback.timeout) == ("madre", "/madre/chat", 5.0)
 
@@ -38,7 +38,7 @@ def test_defaults_match_the_contract():
 def test_settings_fields_are_the_knobs_with_their_declared_types():
     hints = typing.get_type_hints(Settings)
     fields = {f.name: f for f in dataclasses.fields(Settings)}
-    assert set(fields) == {k.name for k in KNOBS} | {"modules", "routes", "config_file"}
+    assert set(fields) == {k.name for k in KNOBS} | {"modules", "intents", "config_file"}
     for knob in KNOBS:
         declared = typing.get_origin(hints[knob.name]) or hints[knob.name]
         assert fields[knob.name].default == knob.default, knob.name
@@ -62,8 +62,8 @@ def test_precedence_flags_env_file(tmp_path):
     assert s.health_timeout == 0.5  # env over file
     assert s.keepalive_timeout == 9.0  # file over default
     assert module(s, "madre").url == "http://10.0.0.5:9001"
-    assert s.route("chat").timeout == 3.0 and s.route("chat").fallback.module == "madre"
-    assert s.route("custom").module == "mcp" and s.route("custom").method == "POST"
+    assert s.intent_target("chat").timeout == 3.0 and s.intent_target("chat").fallback.module == "madre"
+    assert s.intent_target("custom").module == "mcp" and s.intent_target("custom").method == "POST"
     env["MADRE_URL"] = "http://127.0.0.1:9999/"
     assert module(load_settings(env=env, config_file=str(cfg)), "madre").url == "http://127.0.0.1:9999"
 
@@ -127,12 +127,12 @@ def test_env_file_laid_over_environment(tmp_path):
 
 
 def test_intents_carry_a_stream_flag(tmp_path):
-    assert [r.intent for r in load_settings(env=TOKEN).routes if r.stream] == ["stream"]
+    assert [r.intent for r in load_settings(env=TOKEN).intents if r.stream] == ["stream"]
     cfg = tmp_path / "c.toml"
     cfg.write_text('[routes.code]\nstream = true\n[routes.stream]\nstream = false\n'
                    '[routes.live]\nmodule = "mcp"\nendpoint = "/mcp/live"\nstream = true\n')
     s = load_settings(env=TOKEN, config_file=str(cfg))
-    assert (s.route("code").stream, s.route("stream").stream, s.route("live").stream) == (True, False, True)
+    assert [s.intent_target(name).stream for name in ("code", "stream", "live")] == [True, False, True]
     cfg.write_text('[routes.code]\nstream = "sometimes"\n')
     with pytest.raises(ConfigError, match="routes.code.stream"):
         load_settings(env=TOKEN, config_file=str(cfg))

@@ -203,7 +203,7 @@ def test_status_reports_down_error_and_timeout_within_one_health_timeout(fake, g
           f"median {statistics.median(durations) * 1000:.1f} ms over {len(durations)} calls")
 
 
-def test_concurrent_status_callers_share_one_probe_round(fake, gateway_factory) -> None:
+def test_concurrent_status_callers_share_one_check_round(fake, gateway_factory) -> None:
     fakes = {name: fake(name) for name in NAMES if name != "shubniggurath"}
     fakes["hermes"].behave("/health", HANG)
     gw = gateway_factory(module_env(fakes, EDGELINK_HEALTH_TIMEOUT="1.0"))

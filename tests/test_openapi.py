@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
-from edgelink import openapi
+from edgelink import app, openapi
+from edgelink.api.operation import Case, Operation, path_param
 from edgelink.app import build_router
 from edgelink.http.router import Router
 from fakemodule import FakeModule
@@ -78,7 +79,7 @@ def test_every_route_is_documented_and_nothing_else() -> None:
     doc = openapi.document(router)
     assert _documented(doc) == _served(router)
     # every entry carries its operation; an alias shares its route's
-    assert all(isinstance(r.doc, openapi.Operation) for r in router.routes)
+    assert all(isinstance(r.doc, Operation) for r in router.routes)
     primary = {(r.method, r.template): r for r in router.routes if not r.alias_of}
     aliases = [r for r in router.routes if r.alias_of]
     assert {r.template for r in aliases} == {"/v1/health", "/v1/status", "/operator/api/chat"}
@@ -136,17 +137,24 @@ def test_undocumented_route_refuses_to_document() -> None:
         openapi.document(router)
 
 
+def test_a_table_entry_without_its_documentation_refuses_to_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the endpoint table takes each handler's docs from its @documented declaration
+    monkeypatch.setattr(app, "ENDPOINTS", (*app.ENDPOINTS, app.Endpoint("GET", "/vx11/undocumented", _handler)))
+    with pytest.raises(LookupError, match=r"test_openapi\._handler is served but not described"):
+        build_router()
+
+
 def test_path_parameters_must_match_the_template() -> None:
     router = Router()
-    router.add("GET", "/things/{thing_id}", _handler, doc=openapi.Operation(
-        (openapi.Case("200", "A thing."),), parameters=(openapi.path_param("session_id", "A session.", "s-1"),)))
+    router.add("GET", "/things/{thing_id}", _handler, doc=Operation(
+        (Case("200", "A thing."),), parameters=(path_param("session_id", "A session.", "s-1"),)))
     with pytest.raises(openapi.DocumentError, match="thing_id"):
         openapi.document(router)
 
 
 def test_only_served_routes_are_documented() -> None:
     router = Router()
-    described = openapi.Operation((openapi.Case("200", "Fine."),))
+    described = Operation((Case("200", "Fine."),))
     router.add("GET", "/health", _handler, public=True, summary="Gateway liveness", tags=("health",), doc=described)
     router.add("POST", "/events/ingest", _handler, summary="Ingest", tags=("events",), doc=described)
     doc = openapi.document(router)

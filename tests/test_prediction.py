@@ -15,11 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import Gateway, log_records, module_env, start_gateway
 from edgelink.gateway.prediction import (
     CALL,
+    CHECK,
     DEFAULT_WINDOW,
     DEGRADING,
     LEAVE,
     MIN_BASELINE,
-    PROBE,
     RECOVERING,
     STABLE,
     UNKNOWN,
@@ -129,9 +129,9 @@ def test_recovery_is_reported_once_each_way() -> None:
 
 def test_probes_alone_judge_a_module_and_failing_probes_degrade_it() -> None:
     run = Run()
-    run.feed(WINDOW, noisy(12, base=2), channel=PROBE, gap=5)
+    run.feed(WINDOW, noisy(12, base=2), channel=CHECK, gap=5)
     assert run.p.trend("m") == STABLE
-    run.feed(60, lambda t: None, channel=PROBE, gap=5)
+    run.feed(60, lambda t: None, channel=CHECK, gap=5)
     assert run.p.trend("m") == DEGRADING
 
 

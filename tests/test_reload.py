@@ -142,10 +142,13 @@ def test_sighup_applies_every_live_and_rebuild_setting(tmp_path: Path, capfd):
         old_modules = rt.modules
         env["MADRE_URL"] = f"http://127.0.0.1:{unused_port()}"
         config.write_text('[routes.extra]\nmodule = "madre"\nendpoint = "/madre/extra"\n')
+        apply = rt.apply
+        rt.apply = lambda new: seen.setdefault("changed", apply(new))  # what the "reloaded" line logs
         await hup(rt)
+        del rt.apply
         seen["rebuilt"] = rt.modules is not old_modules
         seen["madre"] = rt.modules.registry["madre"].url
-        seen["extra"] = rt.settings.route("extra")
+        seen["extra"] = rt.settings.intent_target("extra")
         for name, value in KEPT.items():
             assert getattr(initial, name) != value, name
             env[KNOB[name].env[0]] = env_value(value)
@@ -163,3 +166,5 @@ def test_sighup_applies_every_live_and_rebuild_setting(tmp_path: Path, capfd):
     assert seen["extra"] is not None and seen["extra"].endpoint == "/madre/extra"
     assert seen["restart"] == {k.name: getattr(initial, k.name) for k in KNOBS if k.reload == RESTART}
     assert "reload_needs_restart" in capfd.readouterr().err
+    # the reload names the TOML tables it applied as the file spells them ([routes.<intent>])
+    assert seen["changed"] == ["modules", "routes"]

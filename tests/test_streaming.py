@@ -525,10 +525,10 @@ def test_stream_flag_in_the_route_table(tmp_path):
     from edgelink.config import ConfigError, load_settings
 
     env = {"VX11_GATEWAY_TOKEN": "t"}
-    assert [r.intent for r in load_settings(env=env).routes if r.stream] == ["stream"]
+    assert [r.intent for r in load_settings(env=env).intents if r.stream] == ["stream"]
     config = tmp_path / "edgelink.toml"
     config.write_text('[routes.stream]\nstream = false\n[routes.code]\nstream = true\n')
-    routes = {r.intent: r for r in load_settings(env=env, config_file=str(config)).routes}
+    routes = {r.intent: r for r in load_settings(env=env, config_file=str(config)).intents}
     assert routes["stream"].stream is False and routes["stream"].endpoint == "/switch/stream"
     assert routes["code"].stream is True
     config.write_text('[routes.code]\nstream = "sometimes"\n')

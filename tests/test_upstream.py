@@ -514,7 +514,7 @@ def test_observe_hook_sees_every_outcome(fake: FakeModule) -> None:
 # --- health probes ----------------------------------------------------------------------
 
 
-def test_probe_all_reports_every_module(fake: FakeModule) -> None:
+def test_check_all_reports_every_module(fake: FakeModule) -> None:
     with FakeModule("sick") as sick, FakeModule("stuck") as stuck:
         sick.behave("/health", ERROR_500)
         stuck.behave("/health", HANG)
@@ -526,7 +526,7 @@ def test_probe_all_reports_every_module(fake: FakeModule) -> None:
         async def main() -> dict[str, Any]:
             modules = Modules(settings)
             try:
-                return await modules.probe_all()
+                return await modules.check_all()
             finally:
                 await modules.close()
 
@@ -561,7 +561,7 @@ def test_probes_run_concurrently(fake: FakeModule) -> None:
         modules = Modules(make_settings({n: fake.url for n in names}, health_timeout=timeout))
         try:
             started = time.monotonic()
-            health = await modules.probe_all()
+            health = await modules.check_all()
             # about one timeout, far from the 8 x 0.25 = 2 s that probing in turn would take
             assert time.monotonic() - started < 4 * timeout
             return health
@@ -572,27 +572,27 @@ def test_probes_run_concurrently(fake: FakeModule) -> None:
     assert len(fake.requests) == len(names)
 
 
-def test_concurrent_callers_share_one_probe_round(fake: FakeModule) -> None:
+def test_concurrent_callers_share_one_check_round(fake: FakeModule) -> None:
     fake.behave("/health", "healthy", delay=0.2)
     fake.reply("/health", {"status": "ok", "module": "madre"})
 
     async def main() -> None:
         modules = Modules(make_settings({"madre": fake.url, "switch": fake.url}))
-        first, second, third = await asyncio.gather(modules.probe_all(), modules.probe_all(), modules.probe_all())
+        first, second, third = await asyncio.gather(modules.check_all(), modules.check_all(), modules.check_all())
         assert first == second == third
         assert first["madre"]["status"] == first["switch"]["status"] == "ok"
         first["madre"]["status"] = "mangled"  # each caller gets its own copy
         assert second["madre"]["status"] == "ok"
         assert len(fake.requests) == 2  # one probe per module for three callers
 
-        impatient = asyncio.create_task(modules.probe_all())
-        patient = asyncio.create_task(modules.probe_all())
+        impatient = asyncio.create_task(modules.check_all())
+        patient = asyncio.create_task(modules.check_all())
         await asyncio.sleep(0.05)
         impatient.cancel()  # giving up must not cancel the round the other caller shares
         assert (await patient)["madre"]["status"] == "ok"
         assert len(fake.requests) == 4
 
-        rounds = await modules.probe_round()  # a later caller gets a new round
+        rounds = await modules.check_round()  # a later caller gets a new round
         assert rounds["madre"].snippet == '{"status":"ok","module":"madre"}'
         assert len(fake.requests) == 6
         await modules.close()
@@ -606,7 +606,7 @@ def test_probes_do_not_feed_the_breakers(fake: FakeModule) -> None:
     async def main() -> None:
         modules = Modules(make_settings({"switch": fake.url, "madre": f"http://127.0.0.1:{unused_port()}"}))
         for _ in range(4):
-            await modules.probe_all()
+            await modules.check_all()
         assert {n: b["state"] for n, b in modules.breaker_status()["breakers"].items()} == {
             "switch": "closed", "madre": "closed"}
         assert (await call(modules)).status == 200
@@ -618,7 +618,7 @@ def test_probes_do_not_feed_the_breakers(fake: FakeModule) -> None:
 def test_close_drops_pooled_connections(fake: FakeModule) -> None:
     async def main() -> None:
         modules = Modules(make_settings({"switch": fake.url, "madre": fake.url}))
-        await asyncio.gather(call(modules), modules.probe_all())
+        await asyncio.gather(call(modules), modules.check_all())
         await eventually(lambda: fake.open_connections >= 1)
         await modules.close()
         await eventually(lambda: fake.open_connections == 0)

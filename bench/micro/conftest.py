@@ -32,11 +32,11 @@ def nine_modules() -> dict[str, dict[str, Any]]:
 def status_request(settings: Any, nine_modules: dict[str, dict[str, Any]]) -> Any:
     """A stand-in for the request ``GET /vx11/status`` gets: the app's probe round answers at once."""
 
-    async def probe_all() -> dict[str, dict[str, Any]]:
+    async def check_all() -> dict[str, dict[str, Any]]:
         return nine_modules
 
     app = SimpleNamespace(settings=settings, port=8000, stopping=False,
-                          modules=SimpleNamespace(probe_all=probe_all),
+                          modules=SimpleNamespace(check_all=check_all),
                           prediction=HealthPredictor([m.name for m in settings.modules if m.enabled],
                                                      settings.prediction_window))
     return SimpleNamespace(runtime=app)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, AsyncGenerator
 
 import orjson
 
-from ..config import Intent
+from ..config import IntentTarget
 from ..gateway.fields import field_problems
 from ..gateway.sessions import DEFAULT_USER, Message, SessionsOverloaded, char_cost
 from ..http.messages import (
@@ -26,6 +26,19 @@ from ..log import log
 from ..modules import GATEWAY_OVERLOADED, ModuleError
 from . import streams
 from .modules import call
+from .operation import (
+    INVALID_JSON,
+    SSE,
+    STREAM_HEADERS,
+    VALIDATION,
+    Case,
+    Operation,
+    documented,
+    error,
+    json_body,
+    path_param,
+    returns,
+)
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -46,6 +59,11 @@ VIEW_PIECE = 16 * 1024
 # about twice (as it grows, then as one str).
 KEPT_REPLY_SHARE = 4
 
+# what the session endpoints' documentation shares
+SESSION_ID = path_param("session_id", "The session id returned by the chat.", "0b8e6a56-2f7e-4c8b-9a59-3d1f4f6f2c11")
+NO_SESSION = (error(404, "session_not_found", "unknown or expired session."),
+              error(404, "not_found", "the path matches no route (a `session_id` holding `/`)."))
+
 
 def _reply_text(data: Any) -> str | None:
     """The module's answer text: ``response``, else ``message``, ``text``, ``content``."""
@@ -57,25 +75,39 @@ def _reply_text(data: Any) -> str | None:
     return None
 
 
-async def _ask(req: Request[Runtime], route: Intent, body: dict[str, Any]) -> tuple[str, str, dict[str, Any]] | str:
-    """(text, model, the whole reply) from one route, or the error code if it failed in any
+async def _ask(req: Request[Runtime], target: IntentTarget,
+               body: dict[str, Any]) -> tuple[str, str, dict[str, Any]] | str:
+    """(text, model, the whole reply) from one intent target, or the error code if it failed in any
     way (logged)."""
     try:
-        reply = await call(req, route, body)
+        reply = await call(req, target, body)
     except ModuleError as exc:
-        log.warning("chat_route_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
+        log.warning("chat_route_failed", module=target.module, error=exc.code, correlation_id=req.correlation_id)
         return exc.code
     text = _reply_text(reply.data) if 200 <= reply.status < 300 else None
     if text is None:
-        log.warning("chat_route_failed", module=route.module, error="no_text", http_code=reply.status,
+        log.warning("chat_route_failed", module=target.module, error="no_text", http_code=reply.status,
                     correlation_id=req.correlation_id)
         return "no_text"
     # model_used, else model, else the provider name: a value that is not a name (a number,
     # an object, blank) counts as absent, as for the text keys.
     names = (reply.data.get(key) for key in ("model_used", "model"))
-    return text, next((m for m in names if isinstance(m, str) and m.strip()), route.module), reply.data
+    return text, next((m for m in names if isinstance(m, str) and m.strip()), target.module), reply.data
 
 
+@documented("Chat with fallback", ("chat",), Operation(
+    (returns(200, "The chat route answered, or its fallback did (`degraded`).", "ChatResponse"),
+     Case("200", "`\"stream\": true`: the `stream` route's text as it comes; if it fails before its "
+                 "first byte, the fallback's whole reply as one `delta` (`degraded`).",
+          schema={"$ref": "#/components/schemas/ChatEvent"}, media_type=SSE, headers=STREAM_HEADERS),
+     INVALID_JSON, VALIDATION,
+     returns(503, "`chat_unavailable`: the chat route and its fallback both failed.", "ChatUnavailable"),
+     error(503, "gateway_overloaded", "both routes failed only because the gateway is out of file "
+                                      "descriptors or buffers; no module is at fault.")),
+    description="Records the user message in the session (a new one when `session_id` is absent), "
+                "calls the `chat` route with the message and a summary of the session, and on any "
+                "failure its fallback. The reply is recorded in the session.",
+    request_body=json_body("ChatRequest", {"message": "hello", "session_id": None})))
 async def chat(req: Request[Runtime]) -> Response:
     started = time.perf_counter()
     rt = req.runtime
@@ -104,18 +136,18 @@ async def chat(req: Request[Runtime]) -> Response:
         "context_summary": sessions.context_summary(session_id), "metadata": {} if metadata is None else metadata,
         "correlation_id": req.correlation_id,
     }
-    route = rt.settings.route("chat")
+    target = rt.settings.intent_target("chat")
     if body.get("stream"):
-        return await _chat_stream(req, route, session_id, outgoing, started)
-    answer: tuple[str, str, dict[str, Any]] | str = "no_route"
-    answered_by, degraded = route, False
+        return await _chat_stream(req, target, session_id, outgoing, started)
+    answer: tuple[str, str, dict[str, Any]] | str = "no_target"
+    answered_by, degraded = target, False
     failures = set()
-    if route is not None:
-        answer = await _ask(req, route, outgoing)
-        if isinstance(answer, str) and route.fallback is not None:
+    if target is not None:
+        answer = await _ask(req, target, outgoing)
+        if isinstance(answer, str) and target.fallback is not None:
             failures.add(answer)
-            answered_by, degraded = route.fallback, True
-            answer = await _ask(req, route.fallback, outgoing)
+            answered_by, degraded = target.fallback, True
+            answer = await _ask(req, target.fallback, outgoing)
     if isinstance(answer, str):
         if failures | {answer} == {GATEWAY_OVERLOADED}:  # no module was at fault: say so
             raise HTTPError(503, GATEWAY_OVERLOADED, session_id=session_id,
@@ -123,7 +155,7 @@ async def chat(req: Request[Runtime]) -> Response:
         raise HTTPError(503, "chat_unavailable", session_id=session_id,
                         detail="neither the chat route nor its fallback answered")
     text, model, reply = answer
-    assert answered_by is not None  # an answer came from the route or its fallback
+    assert answered_by is not None  # an answer came from the target or its fallback
     _record_reply(req, session_id, text, {"provider": answered_by.module, "model": model})
     ours = {
         "session_id": session_id, "response": text, "model_used": model, "provider": answered_by.module,
@@ -135,20 +167,20 @@ async def chat(req: Request[Runtime]) -> Response:
     return json_response({**reply, **ours})
 
 
-async def _chat_stream(req: Request[Runtime], chat_route: Intent | None, session_id: str, outgoing: dict[str, Any],
-                       started: float) -> Response:
+async def _chat_stream(req: Request[Runtime], chat_target: IntentTarget | None, session_id: str,
+                       outgoing: dict[str, Any], started: float) -> Response:
     """``"stream": true``: SSE meta, delta..., done | error from the ``stream`` route; the
     chat's fallback answers (as one delta) if the stream fails before its first text."""
     rt = req.runtime
-    route = rt.settings.route("stream")
-    if route is not None:
+    target = rt.settings.intent_target("stream")
+    if target is not None:
         try:
             return await streams.respond(req, 200, streams.SSE_TYPE,
-                                         _streamed_reply(req, route, session_id, outgoing, started), started)
+                                         _streamed_reply(req, target, session_id, outgoing, started), started)
         except ModuleError as exc:
-            log.warning("chat_route_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
-    fallback = chat_route.fallback if chat_route is not None else None
-    answer = await _ask(req, fallback, outgoing) if fallback is not None else "no_route"
+            log.warning("chat_route_failed", module=target.module, error=exc.code, correlation_id=req.correlation_id)
+    fallback = chat_target.fallback if chat_target is not None else None
+    answer = await _ask(req, fallback, outgoing) if fallback is not None else "no_target"
     if isinstance(answer, str) or fallback is None:
         raise HTTPError(503, "chat_unavailable", session_id=session_id,
                         detail="neither the stream route nor the chat fallback answered")
@@ -161,9 +193,9 @@ async def _chat_stream(req: Request[Runtime], chat_route: Intent | None, session
                                    streams.sse("done", done))), list(streams.NO_BUFFERING), streams.SSE_TYPE)
 
 
-async def _streamed_reply(req: Request[Runtime], route: Intent, session_id: str, outgoing: dict[str, Any],
+async def _streamed_reply(req: Request[Runtime], target: IntentTarget, session_id: str, outgoing: dict[str, Any],
                           started: float) -> AsyncGenerator[bytes, None]:
-    """The SSE answer relayed from ``route``. Until its first text, a failure is raised
+    """The SSE answer relayed from ``target``. Until its first text, a failure is raised
     (for the fallback); after it, the stream ends with an ``error`` event."""
     rt = req.runtime
     # The reply kept for the session and the done event, in bytes as one str will occupy
@@ -173,13 +205,13 @@ async def _streamed_reply(req: Request[Runtime], route: Intent, session_id: str,
     kept = io.StringIO()
     chars, per_char, cut = 0, 1, False
     room = min(rt.settings.upstream_max_reply // KEPT_REPLY_SHARE, rt.sessions.max_text)
-    stream = await rt.modules.stream(route.module, route.method, route.endpoint, json=outgoing,
-                                     timeout=route.timeout, idle=rt.settings.stream_idle,
+    stream = await rt.modules.stream(target.module, target.method, target.endpoint, json=outgoing,
+                                     timeout=target.timeout, idle=rt.settings.stream_idle,
                                      correlation_id=req.correlation_id, share=req.share)
     try:
-        deltas = _TextDeltas(stream.content_type or b"", route.module)
+        deltas = _TextDeltas(stream.content_type or b"", target.module)
         if not 200 <= stream.status < 300:
-            raise ModuleError("upstream_unavailable", route.module, f"{route.module} answered HTTP {stream.status}")
+            raise ModuleError("upstream_unavailable", target.module, f"{target.module} answered HTTP {stream.status}")
         async with aclosing(stream.body()) as body:
             async for chunk in body:
                 texts = deltas.feed(chunk)
@@ -188,7 +220,7 @@ async def _streamed_reply(req: Request[Runtime], route: Intent, session_id: str,
                 out = []
                 if not (chars or cut):
                     out.append(streams.sse("meta", {"session_id": session_id, "correlation_id": req.correlation_id,
-                                                    "provider": route.module}))
+                                                    "provider": target.module}))
                 for text in texts:
                     if not cut:
                         per_char = max(per_char, char_cost(text))
@@ -199,21 +231,21 @@ async def _streamed_reply(req: Request[Runtime], route: Intent, session_id: str,
                     out.append(streams.sse("delta", {"text": text}))
                 yield b"".join(out)
         if not (chars or cut):
-            raise ModuleError("upstream_unavailable", route.module, f"{route.module} streamed no text")
+            raise ModuleError("upstream_unavailable", target.module, f"{target.module} streamed no text")
     except ModuleError as exc:
         if not (chars or cut):
             raise
-        log.warning("chat_stream_failed", module=route.module, error=exc.code, correlation_id=req.correlation_id)
+        log.warning("chat_stream_failed", module=target.module, error=exc.code, correlation_id=req.correlation_id)
         _record_reply(req, session_id, kept.getvalue(),
-                      {"provider": route.module, "model": deltas.model or route.module, "incomplete": True})
+                      {"provider": target.module, "model": deltas.model or target.module, "incomplete": True})
         yield streams.sse("error", {"error": "chat_unavailable"})
         return
     finally:
         stream.close()
-    text, model = kept.getvalue(), deltas.model or route.module
+    text, model = kept.getvalue(), deltas.model or target.module
     kept.close()
-    recorded: dict[str, Any] = {"provider": route.module, "model": model}
-    done = {"model_used": model, "provider": route.module,
+    recorded: dict[str, Any] = {"provider": target.module, "model": model}
+    done = {"model_used": model, "provider": target.module,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3), "degraded": False}
     if cut:  # the text kept is the start of what was relayed
         recorded["truncated"] = done["truncated"] = True
@@ -280,6 +312,9 @@ class _TextDeltas:
         return text if isinstance(text, str) else None
 
 
+@documented("One Context-7 session", ("chat",), Operation(
+    (returns(200, "The session and its messages, oldest first. Reading is not activity.", "Session"), *NO_SESSION),
+    parameters=(SESSION_ID,)))
 async def session(req: Request[Runtime]) -> Response:
     sessions = req.runtime.sessions
     view = sessions.view(req.params["session_id"])
@@ -313,16 +348,24 @@ async def _message_pieces(messages: list[Message]) -> AsyncGenerator[bytes, None
     yield b"]}"
 
 
+@documented("Delete a session", ("chat",), Operation(
+    (Case("204", "Deleted."), *NO_SESSION), parameters=(SESSION_ID,)))
 async def delete_session(req: Request[Runtime]) -> Response:
     if not req.runtime.sessions.delete(req.params["session_id"]):
         raise HTTPError(404, "session_not_found", session_id=req.params["session_id"])
     return empty_response(204)
 
 
+@documented("Live Context-7 sessions", ("chat",), Operation((
+    returns(200, "Live sessions.", "SessionList"),)))
 async def sessions(req: Request[Runtime]) -> Response:
     return json_response(req.runtime.sessions.list_sessions())
 
 
+@documented("Sweep expired sessions now", ("chat",), Operation(
+    (returns(200, "Expired sessions removed; `total` counts the live ones left.", "SessionCleanup"),),
+    description="What the sweep every CONTEXT7_CLEANUP_INTERVAL seconds does, at once "
+                "(Tentáculo Link's troubleshooting guide names this call). Takes no body."))
 async def cleanup(req: Request[Runtime]) -> Response:
     """Sweep expired sessions now (Tentáculo Link's troubleshooting guide names this call)."""
     sessions = req.runtime.sessions

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 
 from ..http.messages import HTTPError, Request, Response, empty_response
+from .operation import HTML as HTML_MEDIA_TYPE
+from .operation import Case, Operation, documented, error, param, ref
 
 MAX_ASSET_BYTES = 256 * 1024  # per file; the whole console is a few tens of KiB
 
@@ -46,6 +48,22 @@ class Asset:
         return self.etag[:-1] + b'-gz"'
 
 
+# what the pages' and files' documentation shares
+STATIC_CASES = (
+    Case("304", "Not Modified: `If-None-Match` names the current ETag.", headers=(("ETag", "The file's tag."),)),
+)
+IF_NONE_MATCH = param("If-None-Match", "header", "ETags the client holds; the current one answers 304.",
+                      {"type": "string"})
+PAGE = Operation(
+    (Case("200", "The page (gzip when `Accept-Encoding` admits it), sent with `Cache-Control: no-cache`, an "
+                 "`ETag` and a `Content-Security-Policy` of the gateway's own origin. The data it shows needs "
+                 "the token, entered in the page.", schema=ref("Text"), media_type=HTML_MEDIA_TYPE,
+          headers=(("ETag", "The file's tag."), ("Content-Security-Policy", "Only the gateway's own origin."))),
+     *STATIC_CASES),
+    parameters=(IF_NONE_MATCH,),
+)
+
+
 @functools.cache
 def load(name: str) -> Asset:
     """One packaged file, read and compressed once."""
@@ -67,8 +85,8 @@ def accepts_gzip(accept_encoding: str) -> bool:
     for item in accept_encoding.split(","):
         coding, _, params = item.partition(";")
         quality = 1.0
-        for param in params.split(";"):
-            key, _, value = param.strip().partition("=")
+        for option in params.split(";"):
+            key, _, value = option.strip().partition("=")
             if key.lower() == "q":
                 try:
                     quality = float(value)
@@ -96,14 +114,24 @@ def respond(req: Request, name: str) -> Response:
     return Response(200, asset.gzipped if gzipped else asset.body, headers, asset.content_type)
 
 
+@documented("Operator console (HTML page)", ("console",), PAGE)
 async def console(req: Request) -> Response:
     return respond(req, "index.html")
 
 
+@documented("Interactive API reference (HTML page)", ("console",), PAGE)
 async def docs(req: Request) -> Response:
     return respond(req, "docs.html")
 
 
+@documented("Operator console files", ("console",), Operation(
+    (Case("200", "The file, sent as the pages are: a stylesheet as `text/css`,", schema=ref("Text"),
+          media_type="text/css", headers=(("ETag", "The file's tag."),)),
+     Case("200", "a script as `text/javascript`.", schema=ref("Text"), media_type="text/javascript"),
+     *STATIC_CASES,
+     error(404, "not_found", "not one of the console's files.")),
+    parameters=({**param("asset", "path", "The file.", {"enum": list(ASSETS)}, required=True),
+                 "example": "console.js"}, IF_NONE_MATCH)))
 async def asset(req: Request) -> Response:
     name = req.params["asset"]
     if name not in ASSETS:
@@ -111,6 +139,8 @@ async def asset(req: Request) -> Response:
     return respond(req, name)
 
 
+@documented("Redirect to /docs", ("console",), Operation((
+    Case("308", "Permanent Redirect to `/docs`, the API reference.", headers=(("Location", "`/docs`."),)),)))
 async def redoc(req: Request) -> Response:
     """FastAPI served ReDoc here; its bookmarks land on the one reference there is."""
     return empty_response(308, [(b"location", b"/docs")])

@@ -10,6 +10,7 @@ import orjson
 from ..account import SNAPSHOT
 from ..gateway.auth import MAX_CORRELATION_ID
 from ..gateway.events import Event, InvalidEnvelope, SchemaRejected, parse_ingest
+from ..gateway.observe import MAX_AGE_SECONDS, MAX_NODES, WINDOW_SECONDS
 from ..http.messages import (
     HTTPError,
     Request,
@@ -19,6 +20,7 @@ from ..http.messages import (
 )
 from ..jsonbounds import MAX_DECODE_RATIO
 from ..ledger import LedgerFull, LedgerUnavailable
+from .operation import INVALID_JSON, VALIDATION, Operation, documented, error, json_body, query_param, returns
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -65,6 +67,19 @@ def schema_rejected(exc: SchemaRejected) -> HTTPError:
         "detail": exc.detail})
 
 
+@documented("Validate and store an event", ("events",), Operation(
+    (returns(201, "Accepted and committed to the ledger.", "IngestAccepted"),
+     INVALID_JSON, VALIDATION,
+     returns(422, "`schema_validation_failed`: a canonical event broke its schema; nothing is stored.",
+           "IngestRejected"),
+     error(503, "ledger_unavailable", "the disk refused the write (full, read-only, I/O error); nothing "
+                                      "is stored. Retried by itself: the next write tries again."),
+     error(507, "ledger_full", "the ledger is at EDGELINK_LEDGER_MAX_BYTES and EDGELINK_LEDGER_FULL is "
+                               "`reject`; nothing is stored.")),
+    request_body=json_body("IngestRequest", {
+        "source": "madre", "type": "system.alert", "broadcast": True,
+        "payload": {"alert_id": "a-1", "severity": "high", "message": "disk full",
+                    "timestamp": 1700000000000}})))
 async def ingest(req: Request[Runtime]) -> Response:
     rt = req.runtime
     body = req.json()
@@ -90,14 +105,23 @@ async def ingest(req: Request[Runtime]) -> Response:
     }, 201)
 
 
+@documented("Events per type, last 60 s", ("events",), Operation((
+    returns(200, f"Accepted events per type over a sliding {WINDOW_SECONDS} s window.", "Cardinality"),)))
 async def cardinality(req: Request[Runtime]) -> Response:
     return json_response(req.runtime.cardinality.snapshot())
 
 
+@documented("Correlation graph of recent events", ("events",), Operation((
+    returns(200, f"Recent canonical events (at most {MAX_NODES}, none older than {MAX_AGE_SECONDS} s) "
+               f"and their links.", "Correlations"),)))
 async def correlations(req: Request[Runtime]) -> Response:
     return json_response(req.runtime.correlations.snapshot())
 
 
+@documented("Module health and events at time t", ("events",), Operation(
+    (returns(200, "Built from the ledger and the recorded health probes.", "Snapshot"), VALIDATION),
+    parameters=(query_param("t", "The moment, Unix epoch ms; absent or 0: now.",
+                            {"type": "integer", "minimum": 0, "maximum": MAX_SNAPSHOT_T, "default": 0}),)))
 async def snapshot(req: Request[Runtime]) -> Response:
     t = req.int_query("t", 0, 0, MAX_SNAPSHOT_T)
     share = req.share  # an answer built from stored data is counted while it is built (API.md §1)
@@ -144,6 +168,22 @@ def _correlated(event: dict[str, Any], correlation_id: str) -> bool:
     return any(f.get("correlation_id") == correlation_id or f.get("truncated") is True for f in fields)
 
 
+@documented("Stored events in a time range", ("events",), Operation(
+    (returns(200, f"The newest `limit` stored events received between `since` and `until`, oldest first; "
+                f"payloads and metadata over {SNAPSHOT_FIELD_BYTES // 1024} KiB summarised, the answer at "
+                f"most {TIMELINE_MAX_BYTES // 1024} KiB (the oldest events dropped past it, `truncated`). "
+                f"With `correlation_id`, only the events whose payload or metadata carries it, among "
+                f"the newest {TIMELINE_SCAN} of the range.", "Timeline"), VALIDATION),
+    description="What the console's timeline reads (API.md §10).",
+    parameters=(
+        query_param("since", "Events received at or after this moment, Unix epoch ms.",
+                    {"type": "integer", "minimum": 0, "maximum": MAX_SNAPSHOT_T, "default": 0}),
+        query_param("until", "Events received at or before this moment, Unix epoch ms; absent or 0: now.",
+                    {"type": "integer", "minimum": 0, "maximum": MAX_SNAPSHOT_T, "default": 0}),
+        query_param("correlation_id", "Only events whose payload or metadata `correlation_id` is this.",
+                    {"type": "string", "maxLength": MAX_CORRELATION_ID}),
+        query_param("limit", "At most this many events (the newest).",
+                    {"type": "integer", "minimum": 1, "maximum": TIMELINE_MAX, "default": TIMELINE_DEFAULT}))))
 async def timeline(req: Request[Runtime]) -> Response:
     """GET /debug/events/timeline: stored events in a time range (by the gateway's receive
     time), optionally of one correlation id, oldest first; bounded in count and in bytes."""

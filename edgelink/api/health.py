@@ -9,7 +9,8 @@ import orjson
 
 from .. import __version__
 from ..http.messages import HTTPError, Request, Response, json_response, validation_error
-from ..probe import GATEWAY_SERVICE
+from ..runtime_truth import GATEWAY_SERVICE
+from .operation import VALIDATION, Operation, documented, error, param, query_param, returns
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -23,12 +24,27 @@ _OK = orjson.dumps(_BODY)
 _STOPPING = orjson.dumps({**_BODY, "status": "stopping", "error": "stopping", "status_code": 503})
 
 
+@documented("Gateway liveness", ("health",), Operation((
+    returns(200, "The gateway is up; answered from memory, never from a module.", "Health"),
+    returns(503, "The gateway is shutting down.", "Health"))))
 async def health(req: Request[Runtime]) -> Response:
     if req.runtime.stopping:
         return Response(503, _STOPPING)
     return Response(200, _OK)
 
 
+@documented("Recorded probes of one module", ("operations",), Operation(
+    (returns(200, "The module's recorded probe rounds (EDGELINK_PROBE_INTERVAL), oldest first: the newest "
+                "`limit` at or after `since`.", "HealthHistory"),
+     error(404, "not_found", "not a configured module (nor `tentaculo_link`, the gateway's own row)."),
+     VALIDATION),
+    parameters=(param("module", "query", "A module name, or `tentaculo_link` for the gateway.",
+                      {"type": "string", "minLength": 1}, required=True, example="madre"),
+                query_param("since", "Only probes at or after this moment, Unix epoch ms.",
+                            {"type": "integer", "minimum": 0, "maximum": MAX_MS, "default": 0}),
+                query_param("limit", "At most this many points (the newest).",
+                            {"type": "integer", "minimum": 1, "maximum": MAX_HISTORY,
+                             "default": DEFAULT_HISTORY}))))
 async def history(req: Request[Runtime]) -> Response:
     """GET /vx11/health/history (API.md §7): one module's recorded probes, oldest first."""
     rt = req.runtime

@@ -7,10 +7,25 @@ from contextlib import aclosing
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, AsyncGenerator
 
-from ..config import Intent
+from ..config import KNOB, IntentTarget
 from ..http.messages import HTTPError, Request, Response, json_response
 from ..modules import ModuleError, ModuleReply, ModuleStream
 from . import streams
+from .operation import (
+    INVALID_JSON,
+    SSE,
+    STREAM_HEADERS,
+    UPSTREAM_CASES,
+    VALIDATION,
+    Case,
+    Operation,
+    documented,
+    error,
+    json_body,
+    path_param,
+    query_param,
+    returns,
+)
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -19,6 +34,8 @@ GATEWAY = {"module": "tentaculo_link", "version": "7.0"}
 # the HTTP answer to a module call that got no usable reply (API.md §3)
 MODULE_ERROR_STATUS = {"upstream_unavailable": 502, "circuit_open": 503, "module_disabled": 503,
                        "upstream_timeout": 504, "gateway_overloaded": 503, "invalid_json": 400}
+# what a proxy endpoint answers: the module's reply, whatever it is
+PROXY = Operation((returns(200, "The module's reply.", "ModuleReply"), *UPSTREAM_CASES), forwards=True)
 
 
 def module_error(exc: ModuleError) -> HTTPError:
@@ -29,7 +46,7 @@ def module_error(exc: ModuleError) -> HTTPError:
                      detail=exc.detail)
 
 
-async def call(req: Request[Runtime], target: Intent, body: Any) -> ModuleReply:
+async def call(req: Request[Runtime], target: IntentTarget, body: Any) -> ModuleReply:
     """Call an intent's target; ModuleError is left to the caller, which may fall back."""
     return await req.runtime.modules.call(target.module, target.method, target.endpoint, json=body,
                                           timeout=target.timeout, correlation_id=req.correlation_id,
@@ -44,7 +61,7 @@ def _counted(health: dict[str, dict[str, Any]]) -> tuple[int, int]:
 
 async def _health(rt: Runtime) -> dict[str, dict[str, Any]]:
     """Every module's ModuleHealth with its health prediction's trend and score (API.md §11)."""
-    health = await rt.modules.probe_all()
+    health = await rt.modules.check_all()
     prediction = rt.prediction
     prediction.tick(time.monotonic())
     for name, entry in health.items():
@@ -53,6 +70,9 @@ async def _health(rt: Runtime) -> dict[str, dict[str, Any]]:
     return health
 
 
+@documented("Gateway and module health", ("modules",), Operation((
+    returns(200, f"Every module probed concurrently (`GET <url>/health`, each bounded by "
+               f"{KNOB['health_timeout'].quote()}); concurrent callers share one probe round.", "Status"),)))
 async def status(req: Request[Runtime]) -> Response:
     rt = req.runtime
     health = await _health(rt)
@@ -68,6 +88,8 @@ async def status(req: Request[Runtime]) -> Response:
     })
 
 
+@documented("Module health overview", ("modules",), Operation((
+    returns(200, "Every module probed, as `GET /vx11/status` does.", "Overview"),)))
 async def overview(req: Request[Runtime]) -> Response:
     health = await _health(req.runtime)
     healthy, total = _counted(health)
@@ -77,46 +99,63 @@ async def overview(req: Request[Runtime]) -> Response:
     })
 
 
+@documented("Circuit breaker per module", ("modules",), Operation((
+    returns(200, "One breaker per enabled module.", "BreakerStatus"),)))
 async def breakers(req: Request[Runtime]) -> Response:
     return json_response(req.runtime.modules.breaker_status())
 
 
-def _route_body(route: Intent) -> dict[str, Any]:
-    fallback = route.fallback
+def _target_body(target: IntentTarget) -> dict[str, Any]:
+    fallback = target.fallback
     return {
-        "module": route.module, "endpoint": route.endpoint, "method": route.method, "timeout": route.timeout,
-        "description": route.description, "auth_required": route.auth_required, "stream": route.stream,
+        "module": target.module, "endpoint": target.endpoint, "method": target.method, "timeout": target.timeout,
+        "description": target.description, "auth_required": target.auth_required, "stream": target.stream,
         "fallback": None if fallback is None else {
             "module": fallback.module, "endpoint": fallback.endpoint, "method": fallback.method,
             "timeout": fallback.timeout},
     }
 
 
-async def routes(req: Request[Runtime]) -> Response:
-    return json_response({"routes": {r.intent: _route_body(r) for r in req.runtime.settings.routes}})
+@documented("The intent route table", ("modules",), Operation((
+    returns(200, "The route table, intent -> module.", "Routes"),)))
+async def intent_table(req: Request[Runtime]) -> Response:
+    return json_response({"routes": {t.intent: _target_body(t) for t in req.runtime.settings.intents}})
 
 
+@documented("Forward an intent to its module", ("modules",), Operation(
+    (returns(200, "The module's reply.", "ModuleReply"),
+     Case("200", "A route with `stream = true`: the module's reply relayed as it arrives, with its status "
+                 "and content type (chunked to HTTP/1.1, close-delimited to HTTP/1.0).",
+          schema={"$ref": "#/components/schemas/StreamedEvent"}, media_type=SSE, headers=STREAM_HEADERS),
+     error(404, "unknown_intent", "no route for this intent; `known` lists the intents."),
+     error(404, "not_found", "the path matches no route (an `intent` holding `/`)."),
+     INVALID_JSON, VALIDATION, *UPSTREAM_CASES),
+    description="Forwards the JSON body (an empty body is sent as `{}`) to the intent's route, and to "
+                "its fallback when the route fails; answers with the module's status and JSON body.",
+    parameters=(path_param("intent", "A key of the route table (`GET /vx11/routes`).", "chat"),),
+    request_body=json_body("IntentRequest", {"prompt": "summarise the logs"}, required=False),
+    forwards=True))
 async def intent(req: Request[Runtime]) -> Response:
     started = time.perf_counter()
     rt = req.runtime
-    route = rt.settings.route(req.params["intent"])
-    if route is None:
+    target = rt.settings.intent_target(req.params["intent"])
+    if target is None:
         raise HTTPError(404, "unknown_intent", detail=f"no route for intent {req.params['intent']!r}",
-                        known=[r.intent for r in rt.settings.routes])
+                        known=[t.intent for t in rt.settings.intents])
     body = req.json_object() if req.body.strip() else {}
     try:
         try:
-            if route.stream:
-                return await _relay(req, route, body, started)
-            reply = await call(req, route, body)
+            if target.stream:
+                return await _relay(req, target, body, started)
+            reply = await call(req, target, body)
             failed = reply.status >= 500
         except ModuleError:
-            if route.fallback is None:
+            if target.fallback is None:
                 raise
             failed = True
-        if failed and route.fallback is not None:
+        if failed and target.fallback is not None:
             # the fallback answers for a primary that is down or failing (5xx), as chat does
-            reply = await call(req, route.fallback, body)
+            reply = await call(req, target.fallback, body)
     except ModuleError as exc:
         raise module_error(exc) from None
     return _forwarded(reply)
@@ -128,15 +167,15 @@ def _forwarded(reply: ModuleReply) -> Response:
     return Response(reply.status, reply.raw)
 
 
-async def _relay(req: Request[Runtime], route: Intent, body: Any, started: float) -> Response:
+async def _relay(req: Request[Runtime], target: IntentTarget, body: Any, started: float) -> Response:
     """A streaming route: the module's reply passed on as it arrives (API.md §3)."""
     rt = req.runtime
-    stream = await rt.modules.stream(route.module, route.method, route.endpoint, json=body, timeout=route.timeout,
+    stream = await rt.modules.stream(target.module, target.method, target.endpoint, json=body, timeout=target.timeout,
                                      idle=rt.settings.stream_idle, correlation_id=req.correlation_id,
                                      share=req.share)
     try:
-        if stream.status >= 500 and route.fallback is not None:
-            raise ModuleError("upstream_unavailable", route.module, f"{route.module} answered HTTP {stream.status}")
+        if stream.status >= 500 and target.fallback is not None:
+            raise ModuleError("upstream_unavailable", target.module, f"{target.module} answered HTTP {stream.status}")
         content_type = stream.content_type or b"application/octet-stream"
         return await streams.respond(req, stream.status, content_type,
                                      _passthrough(stream, content_type.startswith(streams.SSE_TYPE)), started)
@@ -171,19 +210,29 @@ async def _proxy(req: Request[Runtime], module: str, path: str, method: str = "G
     return _forwarded(reply)
 
 
+@documented("Proxy: shubniggurath dashboard", ("modules",), Operation(
+    PROXY.cases, description="Calls shubniggurath `POST /shub/dashboard` with the body `{}`, as Tentáculo "
+                             "Link did.", forwards=True))
 async def shub_dashboard(req: Request[Runtime]) -> Response:
     # as Tentáculo Link called it: POST with an empty object
     return await _proxy(req, "shubniggurath", "/shub/dashboard", "POST", {})
 
 
+@documented("Proxy: hermes resources", ("modules",), PROXY)
 async def resources(req: Request[Runtime]) -> Response:
     return await _proxy(req, "hermes", "/hermes/resources")
 
 
+@documented("Proxy: hormiguero queen status", ("modules",), PROXY)
 async def queen_status(req: Request[Runtime]) -> Response:
     return await _proxy(req, "hormiguero", "/queen/status")
 
 
+@documented("Proxy: hormiguero report", ("modules",), Operation(
+    (returns(200, "The module's reply.", "ModuleReply"), VALIDATION, *UPSTREAM_CASES),
+    parameters=(query_param("limit", "How many report entries to ask the module for.",
+                            {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}),),
+    forwards=True))
 async def hormiguero_report(req: Request[Runtime]) -> Response:
     limit = req.int_query("limit", 50, 1, 1000)
     return await _proxy(req, "hormiguero", f"/report?limit={limit}")

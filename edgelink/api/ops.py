@@ -12,6 +12,17 @@ from ..http.messages import HTTPError, Request, Response, json_response, validat
 from ..ledger import LedgerClosed
 from ..log import log
 from .console import accepts_gzip
+from .operation import (
+    INVALID_JSON,
+    PROMETHEUS,
+    VALIDATION,
+    Operation,
+    documented,
+    error,
+    json_body,
+    query_param,
+    returns,
+)
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -21,6 +32,10 @@ DEAD_LETTERS_LISTED, DEAD_LETTERS_MAX = 100, 1000  # the dead-letter list: defau
 MAX_SEQ = 2**63 - 1  # SQLite's largest integer
 
 
+@documented("Prometheus metrics", ("operations",), Operation((
+    returns(200, "Requests by route and status, request latency, events by type and outcome, "
+               "WebSocket clients and drops, breaker states, upstream latency.",
+          "PrometheusText", media_type=PROMETHEUS),)))
 async def metrics(req: Request[Runtime]) -> Response:
     rt = req.runtime
     m = rt.metrics
@@ -40,6 +55,8 @@ async def metrics(req: Request[Runtime]) -> Response:
     return Response(200, m.render(), content_type=PROMETHEUS_TYPE)
 
 
+@documented("This document", ("operations",), Operation((
+    returns(200, "This document.", "OpenAPIDocument"),)))
 async def openapi_json(req: Request[Runtime]) -> Response:
     rt = req.runtime
     if rt.openapi_cache is None:
@@ -54,6 +71,8 @@ async def openapi_json(req: Request[Runtime]) -> Response:
     return Response(200, rt.openapi_cache, [(b"vary", b"Accept-Encoding")])
 
 
+@documented("Forwarding to the fleet broker", ("operations",), Operation((
+    returns(200, "The forwarder's connection, cursor and backlog.", "ForwardStatus"),)))
 async def forward_status(req: Request[Runtime]) -> Response:
     rt = req.runtime
     if rt.forwarder is not None:
@@ -69,6 +88,13 @@ async def forward_status(req: Request[Runtime]) -> Response:
     })
 
 
+@documented("Events the broker refused", ("operations",), Operation(
+    (returns(200, "This epoch's dead letters, newest first: events the broker refused for themselves (too "
+                "large, refused by an ACL after retries), which the cursor moved past. `stored` says "
+                "whether the event is still in the ledger (retention treats it as forwarded).",
+           "ForwardDeadLetters"), VALIDATION),
+    parameters=(query_param("limit", f"How many to list ({DEAD_LETTERS_LISTED} by default).",
+                            {"type": "integer", "minimum": 1, "maximum": DEAD_LETTERS_MAX}),)))
 async def forward_dead_letters(req: Request[Runtime]) -> Response:
     """This epoch's dead letters, newest first (also with forwarding off: they are the ledger's)."""
     limit = req.int_query("limit", DEAD_LETTERS_LISTED, 1, DEAD_LETTERS_MAX)
@@ -76,6 +102,14 @@ async def forward_dead_letters(req: Request[Runtime]) -> Response:
     return json_response({"dead_letters": listed, "total": total})
 
 
+@documented("Forward again from a seq", ("operations",), Operation(
+    (returns(200, "The cursor is set back: forwarding resends from `from_seq` (the oldest stored event when "
+                "absent or older), for a broker that lost messages it had acknowledged. Resends are "
+                "counted in `edgelink_forward_resent_total`; the consumer's dedup by (edge_id, epoch, seq) "
+                "keeps them exactly-once.", "ForwardRewound"),
+     INVALID_JSON, VALIDATION,
+     error(409, "forwarding_disabled", "EDGELINK_FORWARD_URL is not set.")),
+    request_body=json_body("ForwardRewind", {"from_seq": 1}, required=False)))
 async def forward_rewind(req: Request[Runtime]) -> Response:
     rt = req.runtime
     body = req.json() if req.body.strip() else {}  # no body: from the oldest stored event

@@ -44,8 +44,8 @@ async def respond(req: Request[Runtime], status: int, content_type: bytes, chunk
     propagates (and ``chunks`` is closed), and ``CallerGone`` if the caller leaves while
     it waits. A body that ends at once is a plain answer."""
     metrics: Registry = req.runtime.metrics
-    route = req.route or "unmatched"
-    metered = _metered(metrics, route, chunks)
+    template = req.route_template or "unmatched"
+    metered = _metered(metrics, template, chunks)
     # The wait for the first chunk is its own task, so that the caller leaving can stop it
     # (and the upstream call under it) at once rather than at the module's first byte.
     waiting = asyncio.create_task(_first(metered))
@@ -63,7 +63,7 @@ async def respond(req: Request[Runtime], status: int, content_type: bytes, chunk
     first = waiting.result()
     if first is None:
         return Response(status, b"", list(NO_BUFFERING), content_type)
-    metrics.stream_first_byte.observe(time.perf_counter() - started, route)
+    metrics.stream_first_byte.observe(time.perf_counter() - started, template)
     return StreamingResponse(status, first, list(NO_BUFFERING), content_type, chunks=metered)
 
 
@@ -71,12 +71,13 @@ async def _first(chunks: AsyncGenerator[bytes, None]) -> bytes | None:
     return await anext(chunks, None)
 
 
-async def _metered(metrics: Registry, route: str, chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
-    metrics.streams_open.inc(route)
+async def _metered(metrics: Registry, template: str,
+                   chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+    metrics.streams_open.inc(template)
     try:
         async with aclosing(chunks):
             async for chunk in chunks:
-                metrics.stream_bytes.inc(route, amount=len(chunk))
+                metrics.stream_bytes.inc(template, amount=len(chunk))
                 yield chunk
     finally:
-        metrics.streams_open.inc(route, amount=-1)
+        metrics.streams_open.inc(template, amount=-1)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from ..account import DECODED
+from ..config import KNOB
 from ..dispatch import JSON_COST
 from ..gateway.events import (
     SCHEMAS,
@@ -23,6 +24,7 @@ from ..jsonbounds import CostlyJSON, DecodeRefused, InvalidJSON, decode
 from ..ledger import LedgerFull, LedgerUnavailable
 from ..log import log, traceback_text
 from .events import accept, now_ms
+from .operation import WS_AUTH_CASES, Case, Operation, documented, error, param, query_param
 
 if TYPE_CHECKING:
     from ..http.websocket import WebSocket
@@ -56,6 +58,41 @@ def _replay_over(task: "asyncio.Task[None]", ws: WebSocket, client_id: str) -> N
         ws.close(CLOSE_INTERNAL_ERROR, "replay failed")
 
 
+@documented("Event stream (WebSocket)", ("events",), Operation(
+    (Case("101", "Switching Protocols: the connection is a WebSocket (RFC 6455). The first frame is "
+                 "`WsConnected`; then replayed and live events as `WsEvent`. Each JSON text frame a client "
+                 "sends is echoed back; a valid canonical event (`{\"type\", \"payload\", ...}`, or `type` "
+                 "with the payload fields at top level) is also stored and broadcast to every client, the "
+                 "sender included (after its echo). "
+                 "Problems are reported as `WsError` frames (invalid JSON, binary frames, a rejected "
+                 "event); an invalid `client_id` or `since_seq` gets one and close 1008. Frames over the "
+                 f"frame limit ({KNOB['ws_max_frame'].quote()}) close with 1009, a client whose send "
+                 "queue is full with 1013, shutdown with 1001.",
+          headers=(("Upgrade", "`websocket`."), ("Connection", "`Upgrade`."),
+                   ("Sec-WebSocket-Accept", "The RFC 6455 accept key."))),
+     error(400, "bad_request", "not a valid RFC 6455 handshake (Connection without Upgrade, bad "
+                               "Sec-WebSocket-Key).", correlated=False),
+     error(426, "upgrade_required", "a plain GET without `Upgrade: websocket` (auth is not checked).",
+           headers=(("Upgrade", "`websocket`."),)),
+     error(426, "upgrade_required", "the Sec-WebSocket-Version header is not 13.", correlated=False,
+           headers=(("Sec-WebSocket-Version", "`13`."),))),
+    description="Authenticates with the X-VX11-Token header or the `token` query parameter "
+                "(browsers cannot set headers on WebSockets).",
+    parameters=(
+        query_param("client_id", "Names the client in logs and in the `source` (`ws:<client_id>`) of "
+                                 "the events it sends; absent: a random one.",
+                    {"type": "string", "maxLength": MAX_CLIENT_ID}),
+        query_param("channel", "The channel to follow; `event` is the only one.",
+                    {"type": "string", "default": "event"}),
+        query_param("since_seq", f"Replay broadcast events with a larger `seq` still in the ledger (at most "
+                                 f"{KNOB['ws_replay_max'].quote()}) before the live ones, without gap or "
+                                 f"duplicate. One above the ledger's `last_seq` is another ledger's: the "
+                                 f"replay starts from the oldest event, `truncated` true.",
+                    {"type": "integer", "minimum": 0}),
+        param("token", "query", "The gateway token, for clients that cannot set X-VX11-Token.", {"type": "string"}),
+    ),
+    auth_cases=WS_AUTH_CASES,
+    security=("VX11Token", "VX11TokenQuery")))
 async def websocket(ws: WebSocket) -> None:
     rt: Runtime = ws.request.runtime
     query = ws.request.query

@@ -1,4 +1,4 @@
-"""One health check of one service (a module, or the gateway itself): what its probe saw.
+"""One health check of one service (a module, or the gateway itself): what it saw.
 
 ``GET /vx11/status`` shows it as a ModuleHealth (``module_health()``, API.md §2); the
 ledger records it in the health tables (API.md §7). One value for both, so the two cannot

@@ -183,7 +183,7 @@ class Registry:
         self.module_up = self.add(Gauge(
             "edgelink_module_up", "1 if the module answered its last recorded health probe with 2xx, else 0",
             ("module",)))
-        self.module_probe = self.add(Gauge(
+        self.module_check_duration = self.add(Gauge(
             "edgelink_module_probe_duration_seconds", "Duration of the module's last recorded health probe",
             ("module",)))
         self.ledger_commit = self.add(Histogram(

@@ -4,7 +4,7 @@ no I/O, and a fixed number of bytes per module.
 
 Theory of operation
 -------------------
-Each module has two channels, its health probes and the live calls the gateway forwards
+Each module has two channels, its health checks and the live calls the gateway forwards
 to it (a ``/health`` and a chat call have different latencies: one baseline for both would
 be wide and blind). A channel gathers samples into **buckets** of ``bucket`` seconds: a
 count, a failure count and the newest ``BUCKET_SAMPLES`` latencies. When a bucket closes it
@@ -48,7 +48,7 @@ from typing import Callable
 STABLE, DEGRADING, RECOVERING, UNKNOWN = "stable", "degrading", "recovering", "unknown"
 TRENDS = (STABLE, DEGRADING, RECOVERING, UNKNOWN)
 
-PROBE, CALL = 0, 1  # channels
+CHECK, CALL = 0, 1  # channels: recorded health checks, forwarded calls
 DEFAULT_WINDOW = 7200.0  # seconds the baseline spans
 BASELINE = 120  # baseline entries: one per step (window / BASELINE)
 BUCKETS_PER_STEP = 12  # bucket = step / 12 (5 s with the default window)
@@ -73,7 +73,7 @@ def _median(values: list[float]) -> float:
 
 
 class _Channel:
-    """One stream of samples (probes or calls) of one module: fixed-size arrays only."""
+    """One stream of samples (health checks or calls) of one module: fixed-size arrays only."""
 
     __slots__ = ("bucket_end", "n", "errors", "lat", "lat_n", "recent", "recent_n", "recent_err", "recent_len",
                  "recent_pos", "base", "base_len", "base_pos", "last_admit", "base_calls", "base_errors",

@@ -91,8 +91,8 @@ class Request(Generic[R]):
     (unset until then)."""
 
     __slots__ = ("method", "target", "path", "query_string", "headers", "body", "client",
-                 "http_version", "params", "route", "admitted", "correlation_id", "runtime", "share", "_query",
-                 "_json", "_gone", "_decoded")
+                 "http_version", "params", "route_template", "admitted", "correlation_id", "runtime", "share",
+                 "_query", "_json", "_gone", "_decoded")
 
     def __init__(self, method: str, target: str, headers: dict[str, str], body: bytes = b"",
                  client: tuple[str, int] | None = None, http_version: str = "1.1"):
@@ -105,7 +105,7 @@ class Request(Generic[R]):
         self.client = client
         self.http_version = http_version
         self.params: dict[str, str] = {}
-        self.route: str | None = None  # the matched route template, for metrics and logs
+        self.route_template: str | None = None  # the matched route's template, for metrics and logs
         self.admitted: Any = None  # the router's Route, once the dispatcher's admit accepted it
         self.correlation_id = ""
         self.runtime: R  # set by the dispatcher, before any handler runs

@@ -42,7 +42,7 @@ class Route:
     public: bool = False
     summary: str = ""
     tags: tuple[str, ...] = ()
-    doc: Any = field(default=None, compare=False)  # the OpenAPI operation (openapi.Operation)
+    doc: Any = field(default=None, compare=False)  # the OpenAPI operation (api/operation.py Operation)
     alias_of: str = ""  # the template this route repeats under another path
     segments: tuple[str, ...] = field(default=(), compare=False)
     suspends: bool = field(default=True, compare=False)  # see may_suspend
