@@ -6,8 +6,10 @@ One ``Ledger`` object, made of roles, each in its own module with the rules it k
   epoch), upgrading an older one in place, and telling a foreign database (VX11's own)
   from the ledger's;
 * ``writer.py``: the one writer thread and its queue (group commit: an ``append``
-  returns once its row is committed), the byte bound, retention, vacuum, the forward
-  cursor's writes, and the health rounds (also into a foreign database);
+  returns once its row is committed), the forward cursor's writes, and the health
+  rounds (also into a foreign database);
+* ``retention.py``: what the file may hold, kept by the writer thread: the byte bound,
+  retention by count and age (never past the forward cursor), vacuum;
 * ``reads.py``: the reader connections and every query (replay, the timeline, health,
   the forwarder's cursor and pages);
 * ``state.py``: the settings, counters and open state the roles share;
@@ -28,6 +30,7 @@ from typing import Callable
 from ..config import Settings
 from .errors import LedgerClosed, LedgerFull, LedgerUnavailable, LedgerUnusable
 from .reads import LedgerReads
+from .retention import DROP_LOG_INTERVAL, PRUNE_BATCH, PRUNE_INTERVAL
 from .schema import (
     BUCKET_MS,
     EVENTS_SCHEMA,
@@ -38,7 +41,7 @@ from .schema import (
     open_database,
     same_row,
 )
-from .writer import DROP_LOG_INTERVAL, PRUNE_BATCH, PRUNE_INTERVAL, SNIPPET_CHARS, LedgerWriter, write_runtime_truth
+from .writer import SNIPPET_CHARS, LedgerWriter, write_runtime_truth
 
 __all__ = [
     "BUCKET_MS", "EVENTS_SCHEMA", "MIB", "SNIPPET_CHARS", "WAL_LIMIT", "WRITE_CHUNK_BYTES",

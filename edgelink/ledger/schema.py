@@ -16,6 +16,9 @@ Rules it keeps
   older file is converted at start when small enough), and a WAL held near ``WAL_LIMIT``.
 * A database the ledger did not create (VX11's own) is written as its columns are
   declared (``service_row_writer``).
+* Every connection (``connect``) makes its transactions explicit and waits up to
+  BUSY_TIMEOUT_MS for another process's lock; a failed transaction is ended without
+  killing the thread that ran it (``rollback``).
 """
 
 from __future__ import annotations
@@ -172,6 +175,16 @@ def connect(path: str, sync: str, read_only: bool = False) -> sqlite3.Connection
     if read_only:
         conn.execute("PRAGMA query_only = ON")
     return conn
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    # SQLite ends the transaction itself on some errors (disk full, I/O); a failing
+    # ROLLBACK must not kill the writer thread, whose callers would then wait forever
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        log.error("ledger_rollback_failed", error=repr(exc))
 
 
 def open_database(path: str, sync: str) -> Opened:

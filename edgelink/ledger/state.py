@@ -4,7 +4,7 @@
 the reads); each role is a class of methods over this state, so every attribute below is
 one attribute of the ``Ledger``, set by its constructor. The writer thread writes its own
 fields and the counters; the loop reads the counters for /metrics and may set the
-settings marked so (a reload, the forwarder).
+settings marked so (a reload, the forwarder): the writer reads those afresh each time.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from .schema import connect
 
 
 class LedgerState:
+    """The fields of a ``Ledger`` (for the type checker and the reader), and two helpers."""
+
     # --- settings
     path: str
     sync: str  # "full" or "normal"
@@ -31,8 +33,8 @@ class LedgerState:
     now: Callable[[], float]  # wall clock in seconds, for the retention age
     prune_interval: float
     prune_batch: int
-    forwarding: bool  # retention keeps what the stored cursor has not passed
-    on_forced_drop: Callable[[int, int, int], None] | None  # see Ledger
+    forwarding: bool  # retention keeps what the stored cursor has not passed; the forwarder sets it
+    on_forced_drop: Callable[[int, int, int], None] | None  # set by the forwarder; see Ledger
     on_commit: Callable[[float, int], None] | None  # (seconds, writes) per commit, for /metrics
     # --- the file, as start() found it
     epoch: str  # this database file's random id (API.md §5), read by start()
@@ -43,7 +45,7 @@ class LedgerState:
     commits: int  # committed write transactions (the group-commit test counts them)
     pruned: dict[str, int]  # events deleted, by the rule that deleted them (for /metrics)
     write_failures: int  # write transactions the disk refused (for /metrics)
-    # --- the writer thread's own (see writer.py)
+    # --- the writer thread's own (see writer.py and retention.py)
     # the pages in use, in bytes, when last measured, and what was written since (see _room)
     _used: int | None
     _written_since: int
