@@ -143,9 +143,9 @@ SPLIT = (
      ("http/connection.py:end_response",)),
     ("server: timers (_set_timer, _cancel_timer)", ("http/connection.py:_set_timer", "http/connection.py:_cancel_timer"), ()),
     ("dispatch: admit, route, auth, metrics, id", ("dispatch.py:respond", "dispatch.py:admit", "dispatch.py:_finish"),
-     ("api/", "ledger.py:")),
-    ("handler (api/)", ("api/",), ("ledger.py:",)),
-    ("ledger (on the loop)", ("ledger.py:",), ()),
+     ("api/", "edgelink/ledger/")),
+    ("handler (api/)", ("api/",), ("edgelink/ledger/",)),
+    ("ledger (on the loop)", ("edgelink/ledger/",), ()),
 )
 
 

@@ -1,4 +1,4 @@
-"""The SQLite ledger (edgelink/ledger.py), on real files in tmp_path."""
+"""The SQLite ledger (edgelink/ledger/), on real files in tmp_path."""
 
 from __future__ import annotations
 
@@ -724,7 +724,7 @@ def test_an_older_database_gets_counts_and_incremental_vacuum_in_place(tmp_path)
 def test_a_big_older_database_is_not_converted_but_says_so(tmp_path, monkeypatch, capfd):
     path = tmp_path / "old.db"
     pre_bound_database(path, 50)
-    monkeypatch.setattr("edgelink.ledger.CONVERT_MAX_BYTES", 1024)
+    monkeypatch.setattr("edgelink.ledger.schema.CONVERT_MAX_BYTES", 1024)
 
     async def main():
         async with opened(path) as ledger:

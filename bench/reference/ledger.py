@@ -5,7 +5,7 @@ runs every ledger call in a ``ThreadPoolExecutor(max_workers=1)``, so no lock is
 the insert and its commit done before the caller answers 201. ``synchronous`` follows
 ``EDGELINK_LEDGER_SYNC`` (FULL by default, so a committed row survives a power cut).
 
-The events table and its indexes are edgelink's own (``edgelink/ledger.py``), so both
+The events table and its indexes are edgelink's own (``edgelink/ledger/schema.py``), so both
 servers maintain the same b-trees per insert.
 """
 
