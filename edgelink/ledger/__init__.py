@@ -1,4 +1,4 @@
-"""The ledger: a SQLite file holding every accepted event and the recorded health probes.
+"""The ledger: a SQLite file holding every accepted event and the recorded health checks.
 
 One ``Ledger`` object, made of roles, each in its own module with the rules it keeps:
 

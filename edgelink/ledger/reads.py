@@ -268,7 +268,7 @@ class LedgerReads(LedgerState):
         return await self._read(query)
 
     async def health_history(self, service: str, since_ms: int, limit: int) -> list[dict[str, Any]]:
-        """The recorded probes of ``service`` with ``checked_at >= since_ms``, oldest first:
+        """The recorded health checks of ``service`` with ``checked_at >= since_ms``, oldest first:
         the newest ``limit`` of them, so a trend ends at the latest round."""
         def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = conn.execute(

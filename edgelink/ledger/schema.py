@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple
 from ..log import log
 from .errors import LedgerUnusable
 
-HEALTH_ENDPOINT = "/health"  # what a probe calls: a text endpoint_ok column names it when it answered
+HEALTH_ENDPOINT = "/health"  # what a health check calls: a text endpoint_ok column names it when it answered
 BUSY_TIMEOUT_MS = 5000  # another process (``edgelink probe``) may hold the write lock briefly
 MIB = 1024 * 1024
 WRITE_CHUNK_BYTES = MIB  # appends per transaction, in bytes: bounds what one commit adds to the WAL
