@@ -37,14 +37,15 @@ what fails later is the caller's to see, not the breaker's to count.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator, Callable
+from typing import Any, AsyncGenerator, Callable, Iterator
 
 import orjson
 
-from .account import DECODE, STREAMS, Share
+from .account import DECODE, DECODED, STREAMS, Share
 from .config import ModuleConfig, Settings
 from .gateway.breaker import Breaker
 from .gateway.health import HealthCheck, module_fields
@@ -78,11 +79,28 @@ def parse_cost_problem(body: bytes | bytearray) -> str:
     return ""
 
 
-def _encode(module: str, data: Any) -> bytes:
+@contextlib.contextmanager
+def _encoded(module: str, data: Any, share: Share | None) -> Iterator[bytes]:
+    """``data`` encoded as the body for ``module``, held in the caller's share of the account
+    (piece ``json_decoded``: the client's JSON once decoded, and this copy of it on its way to
+    the module) for as long as the call holds it, and given back on every path."""
+    if data is None:
+        yield b""
+        return
     try:
-        return orjson.dumps(data)
+        body = orjson.dumps(data)
     except orjson.JSONEncodeError as exc:  # nested too deep, for one
         raise ModuleError("invalid_json", module, f"body cannot be forwarded as JSON: {exc}") from None
+    if share is None:
+        yield body
+        return
+    if not share.take(DECODED, len(body)):
+        raise ModuleError(GATEWAY_OVERLOADED, module, "the body for the module would exceed the memory account "
+                                                      "(EDGELINK_MEMORY_BUDGET) or this caller's share of it; retry")
+    try:
+        yield body
+    finally:
+        share.give(DECODED, len(body))
 
 
 # ModuleHealth.status for a health check that got no reply, by UpstreamError.kind.
@@ -208,7 +226,12 @@ class Modules:
         if not config.enabled:
             raise ModuleError("module_disabled", module, f"module {module} is disabled")
         # Encoded before the breaker is asked: a body we cannot send says nothing about the module.
-        body = b"" if json is None else _encode(module, json)
+        with _encoded(module, json, share) as body:
+            return await self._call(config, module, method, path, body, timeout=timeout,
+                                    correlation_id=correlation_id, share=share)
+
+    async def _call(self, config: ModuleConfig, module: str, method: str, path: str, body: bytes, *,
+                    timeout: float, correlation_id: str, share: Share | None) -> ModuleReply:
         breaker = self.breakers[module]
         ticket = breaker.allow()
         if ticket is None:
@@ -281,7 +304,12 @@ class Modules:
         """Call ``module`` behind its breaker for a reply relayed as it arrives; the stream's
         state (``STREAM_STATE``) is taken from ``share`` first and given back when it is closed."""
         # Encoded before the breaker is asked, as in call(): a body we cannot send says nothing.
-        body = b"" if json is None else _encode(module, json)
+        with _encoded(module, json, share) as body:
+            return await self._stream(module, method, path, body, timeout=timeout, idle=idle,
+                                      correlation_id=correlation_id, share=share)
+
+    async def _stream(self, module: str, method: str, path: str, body: bytes, *, timeout: float, idle: float,
+                      correlation_id: str, share: Share | None) -> ModuleStream:
         if share is not None and not share.take(STREAMS, STREAM_STATE):
             raise ModuleError(GATEWAY_OVERLOADED, module, "another stream would exceed the memory account "
                                                           "(EDGELINK_MEMORY_BUDGET) or this caller's share of it; retry")

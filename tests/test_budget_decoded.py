@@ -211,3 +211,34 @@ def test_the_websocket_message_limit_counts_bytes_not_characters(gateway) -> Non
             except websockets.ConnectionClosed:
                 return ws.close_code
     assert asyncio.run(go()) == 1009
+
+
+# --- the copy of a client's JSON sent on to its module ------------------------------------------
+
+
+def test_the_body_sent_on_to_a_module_is_held_in_the_account_while_the_call_waits(gateway_factory, fake) -> None:
+    # A client's JSON is decoded, then encoded again for its module and held until the module
+    # answers: the account counts that copy too (piece json_decoded), and gives it back after.
+    import threading
+    import time
+
+    from edgelink.jsonbounds import checked_cost
+    from fakemodule import HEALTHY
+    from test_budget_transport import metric
+
+    module = fake("switch")
+    module.behave("/switch/route-v5", HEALTHY, delay=3)
+    gw = gateway_factory(module_env({"switch": module}))
+    body = {"prompt": "p" * 500_000}
+    sent = orjson.dumps(body)
+    answered: list[int] = []
+    call = threading.Thread(target=lambda: answered.append(gw.post("/vx11/intent/code", body).status))
+    call.start()
+    held, deadline = 0.0, time.monotonic() + 10
+    while not module.requests and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the module has the call: then the decoded body and its copy are held
+    held = metric(gw, 'edgelink_budget_bytes{piece="json_decoded"}')
+    call.join(15)
+    assert answered == [200]
+    assert held >= checked_cost(sent) + len(sent), (held, checked_cost(sent), len(sent))
+    assert metric(gw, 'edgelink_budget_bytes{piece="json_decoded"}') == 0
