@@ -27,13 +27,13 @@ attribute read (``server.overloaded``) on requests that carry a body or upgrade.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import memory
 from .gateway.metrics import Counter, Registry
 from .log import log
+from .procfs import RssMonitor
 
 if TYPE_CHECKING:
     from .http.server import Connection, HttpServer
@@ -43,22 +43,6 @@ BUSY_INTERVAL = 0.1  # seconds between readings while anything is in flight
 IDLE_INTERVAL = 1.0
 MAX_CLOSES_PER_READING = 16  # connections closed before the loop gets a turn again
 TRIM_INTERVAL = 1.0  # seconds between malloc_trim calls while over the soft mark
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-class RssMonitor:
-    """The resident set size in bytes, from ``/proc/self/statm`` (its second field, pages)."""
-
-    def __init__(self, path: str = "/proc/self/statm"):
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-    def read(self) -> int:
-        return int(os.pread(self._fd, 128, 0).split()[1]) * PAGE
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 class OverloadManager:

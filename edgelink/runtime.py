@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from . import forward
-from .account import PIECES, Account
+from .account import PIECES, Account, Share
 from .config import MODULES_PIECE, REBUILD, RESTART, Settings, changed
 from .forward.forwarder import Forwarder
 from .gateway.events import SCHEMAS
@@ -20,13 +20,15 @@ from .gateway.health import HealthCheck
 from .gateway.metrics import Gauge, Registry
 from .gateway.observe import CardinalityCounter, CorrelationGraph
 from .gateway.prediction import CALL, CHECK, DEGRADING, HealthPredictor
-from .gateway.sessions import SessionStore, Sweeper
+from .gateway.sessions import SessionStore
 from .http.router import Router
 from .http.server import HttpServer
 from .hub import Hub
 from .ledger import Ledger
 from .log import configure, log
 from .modules import Modules
+from .periodic import Periodic
+from .procfs import process_stats
 from .runtime_truth import GATEWAY_SERVICE, gateway_url, record_round
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
@@ -35,10 +37,18 @@ BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 BUDGET_OUTCOMES = {"local": "file_descriptors", "too_large": "module_reply", "too_costly": "module_reply"}
 
 
+def session_store(settings: Settings, share: Share | None = None,
+                  now: Callable[[], float] = time.time) -> SessionStore:
+    """The Context-7 store with the bounds the settings give (API.md §4)."""
+    return SessionStore(ttl=settings.context7_ttl_seconds, max_sessions=settings.context7_max_sessions,
+                        max_messages=settings.context7_max_messages, max_bytes=settings.context7_max_bytes,
+                        now=now, share=share)
+
+
 class Runtime:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.metrics = Registry()
+        self.metrics = Registry(process_stats)
         # The one account of bytes held for others: each connection opens its share of it,
         # every piece asks it before holding bytes; refusals are counted by piece.
         self.account = Account(settings.memory_budget, settings.client_share, self.metrics.budget_refusals.inc)
@@ -55,7 +65,7 @@ class Runtime:
         self.cardinality = CardinalityCounter(time.time)
         self.correlations = CorrelationGraph(time.time)
         # stored session text draws from the account like every other piece (API.md §1)
-        self.sessions = SessionStore.from_settings(settings, share=self.account.open(limited=False))
+        self.sessions = session_store(settings, share=self.account.open(limited=False))
         self.prediction = HealthPredictor(self._predicted(settings), settings.prediction_window,
                                           on_change=self._trend_changed)
         self.modules = self._modules(settings)
@@ -64,7 +74,8 @@ class Runtime:
         self.server: HttpServer | None = None  # set by serve(); takes new limits on reload
         self.openapi_cache: bytes | None = None
         self.openapi_gzip = b""  # openapi_cache compressed, made with it
-        self._sweeper = Sweeper(self.sessions, settings.context7_cleanup_interval)
+        self._sweeper = Periodic("context7-sweeper", settings.context7_cleanup_interval, self._sweep_sessions,
+                                 failed_event="session_sweep_failed")
         self._recorder: asyncio.Task[None] | None = None
         self._retired: list[Modules] = []  # clients replaced by a reload, still finishing calls
         self._closing: set[asyncio.Task[None]] = set()  # retired clients being closed
@@ -168,6 +179,11 @@ class Runtime:
         held: dict[tuple[str, ...], float] = {(piece,): 0.0 for piece in PIECES}
         held.update({(piece,): n for piece, n in self.account.held.items()})
         return held
+
+    def _sweep_sessions(self) -> None:
+        removed = self.sessions.sweep()
+        if removed:
+            log.debug("session_sweep", removed=removed)
 
     def _breaker_states(self) -> dict[tuple[str, ...], float]:
         return {(name, ): BREAKER_STATES[b.state] for name, b in self.modules.breakers.items()}

@@ -20,9 +20,10 @@ from edgelink.gateway.sessions import (
     SESSION_OVERHEAD,
     SessionsOverloaded,
     SessionStore,
-    Sweeper,
     text_cost,
 )
+from edgelink.periodic import Periodic
+from edgelink.runtime import session_store
 
 
 def make(clock: Clock, **bounds) -> SessionStore:
@@ -335,7 +336,7 @@ def test_sweeper_sweeps_on_the_event_loop_until_stopped():
 
     async def scenario():
         store.open("a")
-        sweeper = Sweeper(store, interval=0.01)
+        sweeper = Periodic("context7-sweeper", 0.01, store.sweep, failed_event="session_sweep_failed")
         sweeper.start()
         with pytest.raises(RuntimeError):
             sweeper.start()
@@ -462,7 +463,7 @@ def test_store_from_settings():
         "EDGELINK_CONTEXT7_MAX_BYTES": "100000",
     }
     clock = Clock()
-    store = SessionStore.from_settings(load_settings(env=env), now=clock)
+    store = session_store(load_settings(env=env), now=clock)
     for sid in ("a", "b", "c"):
         store.open(sid)
         store.append(sid, "user", "one")
@@ -477,4 +478,4 @@ def test_bad_bounds_are_refused():
     with pytest.raises(ValueError):
         SessionStore(ttl=0, max_sessions=1, max_messages=1, max_bytes=1)
     with pytest.raises(ValueError):
-        Sweeper(make(Clock()), interval=0)
+        Periodic("sweeper", 0, lambda: None, failed_event="x")

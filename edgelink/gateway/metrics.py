@@ -7,9 +7,6 @@ updated in O(1) on the hot path; rendering walks them when /metrics is scraped.
 from __future__ import annotations
 
 import bisect
-import os
-import resource
-import time
 from typing import Callable, Iterable, TypeVar
 
 # Budget names of edgelink_budget_refusals_total (docs/operations.md, API.md §1): each is
@@ -120,29 +117,14 @@ Metric = Counter | Gauge | Histogram
 M = TypeVar("M", Counter, Gauge, Histogram)
 
 
-def process_stats() -> dict[str, float]:
-    """The process_* figures of the Prometheus client libraries, from /proc/self (which
-    the unit's ProcSubset=pid still shows) and the clocks."""
-    with open("/proc/self/stat", "rb") as fh:
-        fields = fh.read().rpartition(b")")[2].split()
-    # after the command name: state is field 3 of proc(5), so field n is fields[n - 3]
-    ticks = os.sysconf("SC_CLK_TCK")
-    boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
-    return {
-        "cpu": (int(fields[11]) + int(fields[12])) / ticks,
-        "start": boot + int(fields[19]) / ticks,
-        "vsize": float(fields[20]),
-        "rss": float(int(fields[21]) * os.sysconf("SC_PAGE_SIZE")),
-        "open_fds": float(len(os.listdir("/proc/self/fd"))),
-        "max_fds": float(resource.getrlimit(resource.RLIMIT_NOFILE)[0]),
-    }
-
-
 class Registry:
     """The gateway's metrics, created in one place so /metrics always lists the same set."""
 
-    def __init__(self) -> None:
+    def __init__(self, process: Callable[[], dict[str, float]] | None = None) -> None:
+        """``process`` reads the process_* figures (``procfs.process_stats``) once per
+        scrape; without it (a piece tested alone) they are not exported."""
         self.metrics: list[Metric] = []
+        self._read_process = process
         self.requests = self.add(Counter(
             "edgelink_http_requests_total", "HTTP requests by route template, method and status",
             ("route", "method", "status")))
@@ -172,7 +154,7 @@ class Registry:
         self.add(Gauge("edgelink_build_info", "The running edgelink version (always 1)", ("version",),
                        read=lambda: {(__version__,): 1}))
         self._process: dict[str, float] = {}
-        for key, name, kind, help_text in (
+        for key, name, kind, help_text in () if process is None else (
                 ("rss", "process_resident_memory_bytes", "gauge", "Resident memory size in bytes"),
                 ("vsize", "process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes"),
                 ("cpu", "process_cpu_seconds_total", "counter", "User and system CPU time spent in seconds"),
@@ -205,7 +187,8 @@ class Registry:
         return metric
 
     def render(self) -> bytes:
-        self._process = process_stats()  # one read of /proc per scrape for all process_* metrics
+        if self._read_process is not None:
+            self._process = self._read_process()  # one read of /proc per scrape for all process_* metrics
         lines: list[str] = []
         for metric in self.metrics:
             lines.append(f"# HELP {metric.name} {metric.help}")

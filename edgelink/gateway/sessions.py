@@ -45,7 +45,6 @@ refused with ``SessionsOverloaded``.
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 import uuid
@@ -55,8 +54,6 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 import orjson
 
 from ..account import SESSIONS
-from ..config import Settings
-from ..log import log
 
 if TYPE_CHECKING:
     from ..account import Share
@@ -161,18 +158,6 @@ class SessionStore:
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._bytes = 0
         self._share = share
-
-    @classmethod
-    def from_settings(cls, settings: Settings, now: Callable[[], float] = time.time,
-                      share: Share | None = None) -> "SessionStore":
-        return cls(
-            ttl=settings.context7_ttl_seconds,
-            max_sessions=settings.context7_max_sessions,
-            max_messages=settings.context7_max_messages,
-            max_bytes=settings.context7_max_bytes,
-            now=now,
-            share=share,
-        )
 
     def __len__(self) -> int:
         """Sessions held, counting expired ones not yet swept."""
@@ -409,42 +394,3 @@ def fit_text(text: str, limit: int) -> str:
     if text_cost(text) <= limit:
         return text
     return text[:max(0, limit - _EMPTY_STR - 32) // char_cost(text)]
-
-
-class Sweeper:
-    """Runs ``store.sweep()`` every ``interval`` seconds as a task on the running loop."""
-
-    def __init__(self, store: SessionStore, interval: float) -> None:
-        if interval <= 0:
-            raise ValueError("interval must be > 0")
-        self._store = store
-        self._interval = interval
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        """Start sweeping; call from inside the running event loop."""
-        if self._task is not None:
-            raise RuntimeError("sweeper already started")
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="context7-sweeper")
-
-    async def stop(self) -> None:
-        """Stop sweeping and wait for the task to end."""
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        # wait() rather than await: the task's CancelledError is expected, while one aimed
-        # at our caller must still reach it.
-        await asyncio.wait((task,))
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                removed = self._store.sweep()
-            except Exception as exc:
-                # A bug, but one bad sweep must not end sweeping for the life of the process.
-                log.error("session_sweep_failed", error=repr(exc))
-                continue
-            if removed:
-                log.debug("session_sweep", removed=removed)
