@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from ..account import SNAPSHOT
 from ..gateway.auth import MAX_CORRELATION_ID
-from ..gateway.events import Event, InvalidEnvelope, SchemaRejected, parse_ingest
+from ..gateway.events import InvalidEnvelope, SchemaRejected, parse_ingest
 from ..gateway.observe import MAX_AGE_SECONDS, MAX_NODES, WINDOW_SECONDS
 from ..http.messages import (
     HTTPError,
@@ -18,6 +17,7 @@ from ..http.messages import (
     json_response,
     validation_error,
 )
+from ..ingest import accept, now_ms
 from ..jsonbounds import MAX_DECODE_RATIO
 from ..ledger import LedgerFull, LedgerUnavailable
 from .operation import INVALID_JSON, VALIDATION, Operation, documented, error, json_body, query_param, returns
@@ -33,31 +33,6 @@ SNAPSHOT_FIELD_BYTES = 8192  # a longer payload (or metadata) of a recent event 
 # events decoded (each at most 8 KiB of JSON, accepted at most 8x that decoded)
 SNAPSHOT_BUILD_BYTES = SNAPSHOT_MAX_BYTES + 2 * RECENT_IN_SNAPSHOT * SNAPSHOT_FIELD_BYTES * MAX_DECODE_RATIO
 SNAPSHOT_TYPES = 256  # API.md §5: counts_by_type lists at most the types with most events
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _type_label(event_type: str, canonical: bool) -> str:
-    # Free-form types would make one metric series per made-up name.
-    return event_type if canonical else "non_canonical"
-
-
-async def accept(rt: "Runtime", event: Event, top_level: Mapping[str, Any] | None = None) -> Event:
-    """Commit ``event`` to the ledger, count it, and broadcast it if it asked to be
-    (``top_level``: fields its broadcast frame also carries at the top level)."""
-    seq = await rt.ledger.append(event)
-    event = event.with_seq(seq)
-    rt.metrics.events.inc(_type_label(event.type, event.canonical), "accepted")
-    rt.cardinality.record(event.type)
-    if rt.forwarder is not None:
-        rt.forwarder.wake(seq)
-    if event.canonical:
-        rt.correlations.add(event)
-    if event.broadcast:
-        rt.hub.broadcast(event, top_level)
-    return event
 
 
 def schema_rejected(exc: SchemaRejected) -> HTTPError:

@@ -20,10 +20,10 @@ from ..gateway.events import (
 )
 from ..http.frames import CLOSE_INTERNAL_ERROR, CLOSE_TRY_AGAIN_LATER
 from ..http.messages import validation_error
+from ..ingest import accept, now_ms
 from ..jsonbounds import CostlyJSON, DecodeRefused, InvalidJSON, decode
 from ..ledger import LedgerFull, LedgerUnavailable
 from ..log import log, traceback_text
-from .events import accept, now_ms
 from .operation import WS_AUTH_CASES, Case, Operation, documented, error, param, query_param
 
 if TYPE_CHECKING:
