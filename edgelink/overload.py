@@ -51,8 +51,7 @@ class OverloadManager:
         self.server = server
         self.settings = settings  # read at each reading: a reload's new marks apply at once
         self.monitor = monitor if monitor is not None else RssMonitor()
-        self.actions: Counter = metrics.add(Counter(
-            "edgelink_overload_actions_total", "Overload manager actions taken (API.md §1), by action", ("action",)))
+        self.actions: Counter = metrics.counter("edgelink_overload_actions_total")
         for action in ACTIONS:
             self.actions.inc(action, amount=0)
         self.rss = 0

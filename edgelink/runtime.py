@@ -17,7 +17,7 @@ from .config import MODULES_PIECE, REBUILD, RESTART, Settings, changed
 from .forward.forwarder import Forwarder
 from .gateway.events import SCHEMAS
 from .gateway.health import HealthCheck
-from .gateway.metrics import Gauge, Registry
+from .gateway.metrics import Registry
 from .gateway.observe import CardinalityCounter, CorrelationGraph
 from .gateway.prediction import CALL, CHECK, DEGRADING, HealthPredictor
 from .gateway.sessions import SessionStore
@@ -81,32 +81,17 @@ class Runtime:
         self._closing: set[asyncio.Task[None]] = set()  # retired clients being closed
         # what a reload rebuilds, by the piece name the settings table gives (Knob.piece)
         self.rebuilders: dict[str, Callable[[Settings, Settings], None]] = {MODULES_PIECE: self._rebuild_modules}
-        self.metrics.add(Gauge("edgelink_budget_bytes", "Bytes held now in the memory account, by piece",
-                               ("piece",), read=self._account_held))
-        self.metrics.add(Gauge("edgelink_budget_limit_bytes", "The memory account's size (EDGELINK_MEMORY_BUDGET)",
-                               read=lambda: {(): self.account.total}))
-        self.metrics.add(Gauge("edgelink_ws_clients", "Connected WebSocket clients",
-                               read=lambda: {(): len(self.hub.clients)}))
-        self.metrics.add(Gauge("edgelink_ws_queued_bytes", "Bytes waiting in WebSocket send queues",
-                               read=lambda: {(): self.hub.queued_bytes()}))
-        self.metrics.add(Gauge("edgelink_breaker_state", "Circuit breaker state (0 closed, 1 half-open, 2 open)",
-                               ("module",), read=self._breaker_states))
-        self.metrics.add(Gauge("edgelink_context7_sessions", "Live Context-7 sessions",
-                               read=lambda: {(): len(self.sessions)}))
-        self.metrics.add(Gauge("edgelink_ledger_pruned_events_total",
-                               "Events deleted from the ledger, by rule (count, age, bytes)", ("reason",),
-                               read=lambda: {(k,): v for k, v in self.ledger.pruned.items()}, kind="counter"))
-        self.metrics.add(Gauge("edgelink_ledger_write_failures_total",
-                               "Ledger write transactions the disk refused (answered 503)",
-                               read=lambda: {(): self.ledger.write_failures}, kind="counter"))
-        self.metrics.add(Gauge("edgelink_module_anomaly_score",
-                               "How far the module's recent latency and error rate are from its baseline, in "
-                               "standard deviations (0 = as usual; API.md §11)", ("module",),
-                               read=lambda: self._predicted_values(self.prediction.score)))
-        self.metrics.add(Gauge("edgelink_module_degrading",
-                               "1 while the module's trend is degrading (its latency or errors growing past its "
-                               "baseline), else 0", ("module",),
-                               read=lambda: self._predicted_values(self._degrading)))
+        self.metrics.gauge("edgelink_budget_bytes", read=self._account_held)
+        self.metrics.gauge("edgelink_budget_limit_bytes", read=lambda: {(): self.account.total})
+        self.metrics.gauge("edgelink_ws_clients", read=lambda: {(): len(self.hub.clients)})
+        self.metrics.gauge("edgelink_ws_queued_bytes", read=lambda: {(): self.hub.queued_bytes()})
+        self.metrics.gauge("edgelink_breaker_state", read=self._breaker_states)
+        self.metrics.gauge("edgelink_context7_sessions", read=lambda: {(): len(self.sessions)})
+        self.metrics.gauge("edgelink_ledger_pruned_events_total",
+                           read=lambda: {(k,): v for k, v in self.ledger.pruned.items()})
+        self.metrics.gauge("edgelink_ledger_write_failures_total", read=lambda: {(): self.ledger.write_failures})
+        self.metrics.gauge("edgelink_module_anomaly_score", read=lambda: self._predicted_values(self.prediction.score))
+        self.metrics.gauge("edgelink_module_degrading", read=lambda: self._predicted_values(self._degrading))
         self.ledger.on_commit = self._observe_commit
 
     def _modules(self, settings: Settings) -> Modules:

@@ -18,7 +18,6 @@ from . import __version__, forward, memory, systemd
 from .app import build_router
 from .config import ConfigError, Settings
 from .dispatch import Dispatcher
-from .gateway.metrics import Gauge
 from .http.server import HttpServer
 from .ledger import LedgerUnusable
 from .log import configure, log
@@ -84,10 +83,8 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
         raise SystemExit(f"edgelink: {exc}") from None
     runtime.router = build_router()
     server = runtime.server = HttpServer(Dispatcher(runtime.router, runtime), settings, runtime.account)
-    runtime.metrics.add(Gauge("edgelink_http_connections", "Open client connections (HTTP and WebSocket)",
-                              read=lambda: {(): len(server.connections)}))
-    runtime.metrics.add(Gauge("edgelink_http_connections_limit", "The connection limit (EDGELINK_MAX_CONNECTIONS)",
-                              read=lambda: {(): server.settings.max_connections}))
+    runtime.metrics.gauge("edgelink_http_connections", read=lambda: {(): len(server.connections)})
+    runtime.metrics.gauge("edgelink_http_connections_limit", read=lambda: {(): server.settings.max_connections})
     socks = systemd.listen_fds()
     try:
         await server.start(settings.host, settings.port, socks=socks)

@@ -115,6 +115,28 @@ def test_no_import_cycle_runs_through_the_transport():
     assert mixed == []
 
 
+def test_metric_families_are_declared_in_one_place():
+    # gateway/metrics.py's FAMILIES names every family; other modules ask the Registry for
+    # theirs by name and never build one, and no declared family goes unused
+    from edgelink.gateway.metrics import FAMILIES
+
+    built, text = [], {}
+    for path in PACKAGE.rglob("*.py"):
+        source = path.read_text()
+        text[path] = source
+        if path.relative_to(PACKAGE).as_posix() == "gateway/metrics.py":
+            continue
+        tree = ast.parse(source)
+        classes = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                   and (node.module or "").endswith("metrics") for alias in node.names
+                   if alias.name in ("Counter", "Gauge", "Histogram")}
+        built += [f"{path.name}:{node.lineno}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in classes]
+    assert built == []
+    unused = [name for name in FAMILIES if sum(source.count(f'"{name}"') for source in text.values()) < 2]
+    assert unused == []
+
+
 if __name__ == "__main__":
     graph = import_graph(Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else PACKAGE)
     print(f"{len(graph)} modules, {sum(map(len, graph.values()))} imports")

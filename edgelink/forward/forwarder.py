@@ -38,7 +38,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import KNOB
-from ..gateway.metrics import Counter, Gauge, Histogram, Registry
+from ..gateway.metrics import Registry
 from ..log import log
 from .engine import DEAD_LETTER_KINDS, Engine, EngineError, Message, message
 
@@ -101,27 +101,18 @@ class Forwarder:
         self._high_sent = 0  # highest seq sent (kept with the cursor across restarts): a lower one is a resend
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
-        self.forwarded = metrics.add(Counter("edgelink_forward_forwarded_total", "Events published to the broker"))
-        self.acked = metrics.add(Counter("edgelink_forward_acked_total", "Events the broker acknowledged"))
-        self.resent = metrics.add(Counter("edgelink_forward_resent_total", "Events published again after a loss"))
-        self.reconnects = metrics.add(Counter("edgelink_forward_reconnects_total", "Broker connections lost"))
-        self.ack_latency = metrics.add(Histogram("edgelink_forward_ack_latency_seconds",
-                                                 "Time from publish to the broker's ack"))
-        self.dropped = metrics.add(Counter("edgelink_forward_dropped_total",
-                                           "Unforwarded events pruned at the ledger byte bound"))
-        self.dead_letters = metrics.add(Counter("edgelink_forward_dead_letters_total",
-                                                "Events the broker refused for themselves, passed by the cursor",
-                                                ("reason",)))
-        self.rewinds = metrics.add(Counter("edgelink_forward_rewinds_total", "Rewinds asked for"))
-        metrics.add(Gauge("edgelink_forward_lag_seconds", "Age of the oldest event not yet forwarded (0: none)",
-                          read=lambda: {(): self.lag_seconds}))
-        metrics.add(Gauge("edgelink_forward_ack_age_seconds",
-                          "Seconds since the broker's last ack while events wait to be forwarded (0: none wait)",
-                          read=lambda: {(): self.ack_age()}))
-        metrics.add(Gauge("edgelink_forward_backlog", "Events not yet acknowledged by the broker",
-                          read=lambda: {(): self.backlog}))
-        metrics.add(Gauge("edgelink_forward_state", "Forwarder state (1 for the current one)", ("state",),
-                          read=lambda: {(s,): float(s == self.state) for s in STATES}))
+        self.forwarded = metrics.counter("edgelink_forward_forwarded_total")
+        self.acked = metrics.counter("edgelink_forward_acked_total")
+        self.resent = metrics.counter("edgelink_forward_resent_total")
+        self.reconnects = metrics.counter("edgelink_forward_reconnects_total")
+        self.ack_latency = metrics.histogram("edgelink_forward_ack_latency_seconds")
+        self.dropped = metrics.counter("edgelink_forward_dropped_total")
+        self.dead_letters = metrics.counter("edgelink_forward_dead_letters_total")
+        self.rewinds = metrics.counter("edgelink_forward_rewinds_total")
+        metrics.gauge("edgelink_forward_lag_seconds", read=lambda: {(): self.lag_seconds})
+        metrics.gauge("edgelink_forward_ack_age_seconds", read=lambda: {(): self.ack_age()})
+        metrics.gauge("edgelink_forward_backlog", read=lambda: {(): self.backlog})
+        metrics.gauge("edgelink_forward_state", read=lambda: {(s,): float(s == self.state) for s in STATES})
         self._skips: set[asyncio.Task[int]] = set()  # cursor writes past dropped events
         for counter in (self.forwarded, self.acked, self.resent, self.reconnects, self.dropped, self.rewinds):
             counter.inc(amount=0)  # the series exist from the start

@@ -7,7 +7,7 @@ updated in O(1) on the hot path; rendering walks them when /metrics is scraped.
 from __future__ import annotations
 
 import bisect
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, NamedTuple, TypeVar
 
 # Budget names of edgelink_budget_refusals_total (docs/operations.md, API.md §1): each is
 # exported at 0 from the start.
@@ -113,74 +113,160 @@ class Histogram:
             yield f"{self.name}_count{_labels(self.label_names, labels)} {running}"
 
 
+class Family(NamedTuple):
+    """One metric family: what ``# TYPE`` says (a gauge read from a total kept elsewhere says
+    "counter"), its help and its label names."""
+
+    type: str
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = LATENCY_BUCKETS  # histograms only
+
+
+# Every family /metrics can show, declared here and nowhere else; the piece that owns the
+# numbers asks the Registry for its family by name (``counter``, ``gauge``, ``histogram``).
+FAMILIES: dict[str, Family] = {
+    # the transport, modules, streams, the ledger (gateway/metrics.py Registry)
+    "edgelink_http_requests_total": Family(
+        "counter", "HTTP requests by route template, method and status", ("route", "method", "status")),
+    "edgelink_http_request_duration_seconds": Family("histogram", "HTTP request latency by route template", ("route",)),
+    "edgelink_events_total": Family("counter", "Events by type and outcome (accepted, rejected)", ("type", "outcome")),
+    "edgelink_ws_slow_consumer_closes_total": Family(
+        "counter", "WebSocket clients closed with 1013 for not keeping up"),
+    "edgelink_budget_refusals_total": Family(
+        "counter", "Requests, replies and clients refused because a budget was reached", ("budget",)),
+    "edgelink_breaker_transitions_total": Family(
+        "counter", "Circuit breaker changes of state, by module and the state entered", ("module", "to")),
+    "edgelink_upstream_request_duration_seconds": Family(
+        "histogram", "Upstream module call latency", ("module", "outcome")),
+    "edgelink_streams_open": Family("gauge", "Streamed responses being sent, by route template", ("route",)),
+    "edgelink_stream_bytes_total": Family("counter", "Body bytes of streamed responses, by route template", ("route",)),
+    "edgelink_stream_first_byte_seconds": Family(
+        "histogram", "Time from request to the first body byte of a stream", ("route",)),
+    "edgelink_build_info": Family("gauge", "The running edgelink version (always 1)", ("version",)),
+    "edgelink_module_up": Family(
+        "gauge", "1 if the module answered its last recorded health probe with 2xx, else 0", ("module",)),
+    "edgelink_module_probe_duration_seconds": Family(
+        "gauge", "Duration of the module's last recorded health probe", ("module",)),
+    "edgelink_ledger_commit_duration_seconds": Family(
+        "histogram", "Ledger write transaction latency (BEGIN to COMMIT)"),
+    "edgelink_ledger_commit_batch_size": Family(
+        "histogram", "Writes (events, health rounds) per ledger commit", buckets=BATCH_BUCKETS),
+    "edgelink_ledger_events": Family("gauge", "Events stored in the ledger"),
+    "edgelink_ledger_database_bytes": Family("gauge", "Size of the ledger database file and its WAL in bytes"),
+    "edgelink_ledger_max_bytes": Family("gauge", "The ledger's byte bound (EDGELINK_LEDGER_MAX_BYTES)"),
+    # the process, as the Prometheus client libraries name it (procfs.py)
+    "process_resident_memory_bytes": Family("gauge", "Resident memory size in bytes"),
+    "process_virtual_memory_bytes": Family("gauge", "Virtual memory size in bytes"),
+    "process_cpu_seconds_total": Family("counter", "User and system CPU time spent in seconds"),
+    "process_open_fds": Family("gauge", "Open file descriptors"),
+    "process_max_fds": Family("gauge", "Maximum number of open file descriptors"),
+    "process_start_time_seconds": Family("gauge", "Start time of the process since the epoch"),
+    # read from the runtime's pieces at scrape (runtime.py)
+    "edgelink_budget_bytes": Family("gauge", "Bytes held now in the memory account, by piece", ("piece",)),
+    "edgelink_budget_limit_bytes": Family("gauge", "The memory account's size (EDGELINK_MEMORY_BUDGET)"),
+    "edgelink_ws_clients": Family("gauge", "Connected WebSocket clients"),
+    "edgelink_ws_queued_bytes": Family("gauge", "Bytes waiting in WebSocket send queues"),
+    "edgelink_breaker_state": Family("gauge", "Circuit breaker state (0 closed, 1 half-open, 2 open)", ("module",)),
+    "edgelink_context7_sessions": Family("gauge", "Live Context-7 sessions"),
+    "edgelink_ledger_pruned_events_total": Family(
+        "counter", "Events deleted from the ledger, by rule (count, age, bytes)", ("reason",)),
+    "edgelink_ledger_write_failures_total": Family(
+        "counter", "Ledger write transactions the disk refused (answered 503)"),
+    "edgelink_module_anomaly_score": Family(
+        "gauge", "How far the module's recent latency and error rate are from its baseline, in standard "
+                 "deviations (0 = as usual; API.md §11)", ("module",)),
+    "edgelink_module_degrading": Family(
+        "gauge", "1 while the module's trend is degrading (its latency or errors growing past its baseline), "
+                 "else 0", ("module",)),
+    # the listener (serve.py)
+    "edgelink_http_connections": Family("gauge", "Open client connections (HTTP and WebSocket)"),
+    "edgelink_http_connections_limit": Family("gauge", "The connection limit (EDGELINK_MAX_CONNECTIONS)"),
+    # the overload manager (overload.py)
+    "edgelink_overload_actions_total": Family(
+        "counter", "Overload manager actions taken (API.md §1), by action", ("action",)),
+    # the forwarder, when one is configured (forward/forwarder.py)
+    "edgelink_forward_forwarded_total": Family("counter", "Events published to the broker"),
+    "edgelink_forward_acked_total": Family("counter", "Events the broker acknowledged"),
+    "edgelink_forward_resent_total": Family("counter", "Events published again after a loss"),
+    "edgelink_forward_reconnects_total": Family("counter", "Broker connections lost"),
+    "edgelink_forward_ack_latency_seconds": Family("histogram", "Time from publish to the broker's ack"),
+    "edgelink_forward_dropped_total": Family("counter", "Unforwarded events pruned at the ledger byte bound"),
+    "edgelink_forward_dead_letters_total": Family(
+        "counter", "Events the broker refused for themselves, passed by the cursor", ("reason",)),
+    "edgelink_forward_rewinds_total": Family("counter", "Rewinds asked for"),
+    "edgelink_forward_lag_seconds": Family("gauge", "Age of the oldest event not yet forwarded (0: none)"),
+    "edgelink_forward_ack_age_seconds": Family(
+        "gauge", "Seconds since the broker's last ack while events wait to be forwarded (0: none wait)"),
+    "edgelink_forward_backlog": Family("gauge", "Events not yet acknowledged by the broker"),
+    "edgelink_forward_state": Family("gauge", "Forwarder state (1 for the current one)", ("state",)),
+}
+
+
 Metric = Counter | Gauge | Histogram
 M = TypeVar("M", Counter, Gauge, Histogram)
 
 
+def _family(name: str, *types: str) -> Family:
+    family = FAMILIES[name]  # KeyError: a family not declared in FAMILIES
+    if family.type not in types:
+        raise TypeError(f"{name} is declared a {family.type}")
+    return family
+
+
 class Registry:
-    """The gateway's metrics, created in one place so /metrics always lists the same set."""
+    """The gateway's metrics: the families of ``FAMILIES``, each created once, so /metrics always
+    lists the same set."""
 
     def __init__(self, process: Callable[[], dict[str, float]] | None = None) -> None:
         """``process`` reads the process_* figures (``procfs.process_stats``) once per
         scrape; without it (a piece tested alone) they are not exported."""
         self.metrics: list[Metric] = []
         self._read_process = process
-        self.requests = self.add(Counter(
-            "edgelink_http_requests_total", "HTTP requests by route template, method and status",
-            ("route", "method", "status")))
-        self.latency = self.add(Histogram(
-            "edgelink_http_request_duration_seconds", "HTTP request latency by route template", ("route",)))
-        self.events = self.add(Counter(
-            "edgelink_events_total", "Events by type and outcome (accepted, rejected)", ("type", "outcome")))
-        self.ws_drops = self.add(Counter(
-            "edgelink_ws_slow_consumer_closes_total", "WebSocket clients closed with 1013 for not keeping up"))
-        self.budget_refusals = self.add(Counter(
-            "edgelink_budget_refusals_total", "Requests, replies and clients refused because a budget was reached",
-            ("budget",), known=[(b,) for b in BUDGETS]))
-        self.breaker_transitions = self.add(Counter(
-            "edgelink_breaker_transitions_total", "Circuit breaker changes of state, by module and the state entered",
-            ("module", "to")))
-        self.upstream_latency = self.add(Histogram(
-            "edgelink_upstream_request_duration_seconds", "Upstream module call latency", ("module", "outcome")))
-        self.streams_open = self.add(Gauge(
-            "edgelink_streams_open", "Streamed responses being sent, by route template", ("route",)))
-        self.stream_bytes = self.add(Counter(
-            "edgelink_stream_bytes_total", "Body bytes of streamed responses, by route template", ("route",)))
-        self.stream_first_byte = self.add(Histogram(
-            "edgelink_stream_first_byte_seconds", "Time from request to the first body byte of a stream",
-            ("route",)))
+        self.requests = self.counter("edgelink_http_requests_total")
+        self.latency = self.histogram("edgelink_http_request_duration_seconds")
+        self.events = self.counter("edgelink_events_total")
+        self.ws_drops = self.counter("edgelink_ws_slow_consumer_closes_total")
+        self.budget_refusals = self.counter("edgelink_budget_refusals_total", known=[(b,) for b in BUDGETS])
+        self.breaker_transitions = self.counter("edgelink_breaker_transitions_total")
+        self.upstream_latency = self.histogram("edgelink_upstream_request_duration_seconds")
+        self.streams_open = self.gauge("edgelink_streams_open")
+        self.stream_bytes = self.counter("edgelink_stream_bytes_total")
+        self.stream_first_byte = self.histogram("edgelink_stream_first_byte_seconds")
         from .. import __version__
 
-        self.add(Gauge("edgelink_build_info", "The running edgelink version (always 1)", ("version",),
-                       read=lambda: {(__version__,): 1}))
+        self.gauge("edgelink_build_info", read=lambda: {(__version__,): 1})
         self._process: dict[str, float] = {}
-        for key, name, kind, help_text in () if process is None else (
-                ("rss", "process_resident_memory_bytes", "gauge", "Resident memory size in bytes"),
-                ("vsize", "process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes"),
-                ("cpu", "process_cpu_seconds_total", "counter", "User and system CPU time spent in seconds"),
-                ("open_fds", "process_open_fds", "gauge", "Open file descriptors"),
-                ("max_fds", "process_max_fds", "gauge", "Maximum number of open file descriptors"),
-                ("start", "process_start_time_seconds", "gauge", "Start time of the process since the epoch")):
-            self.add(Gauge(name, help_text, read=self._process_reader(key), kind=kind))
-        self.module_up = self.add(Gauge(
-            "edgelink_module_up", "1 if the module answered its last recorded health probe with 2xx, else 0",
-            ("module",)))
-        self.module_check_duration = self.add(Gauge(
-            "edgelink_module_probe_duration_seconds", "Duration of the module's last recorded health probe",
-            ("module",)))
-        self.ledger_commit = self.add(Histogram(
-            "edgelink_ledger_commit_duration_seconds", "Ledger write transaction latency (BEGIN to COMMIT)"))
-        self.ledger_batch = self.add(Histogram(
-            "edgelink_ledger_commit_batch_size", "Writes (events, health rounds) per ledger commit",
-            buckets=BATCH_BUCKETS))
-        self.ledger_events = self.add(Gauge("edgelink_ledger_events", "Events stored in the ledger"))
-        self.ledger_bytes = self.add(Gauge(
-            "edgelink_ledger_database_bytes", "Size of the ledger database file and its WAL in bytes"))
-        self.ledger_max_bytes = self.add(Gauge(
-            "edgelink_ledger_max_bytes", "The ledger's byte bound (EDGELINK_LEDGER_MAX_BYTES)"))
+        for key, name in () if process is None else (
+                ("rss", "process_resident_memory_bytes"), ("vsize", "process_virtual_memory_bytes"),
+                ("cpu", "process_cpu_seconds_total"), ("open_fds", "process_open_fds"),
+                ("max_fds", "process_max_fds"), ("start", "process_start_time_seconds")):
+            self.gauge(name, read=self._process_reader(key))
+        self.module_up = self.gauge("edgelink_module_up")
+        self.module_check_duration = self.gauge("edgelink_module_probe_duration_seconds")
+        self.ledger_commit = self.histogram("edgelink_ledger_commit_duration_seconds")
+        self.ledger_batch = self.histogram("edgelink_ledger_commit_batch_size")
+        self.ledger_events = self.gauge("edgelink_ledger_events")
+        self.ledger_bytes = self.gauge("edgelink_ledger_database_bytes")
+        self.ledger_max_bytes = self.gauge("edgelink_ledger_max_bytes")
 
     def _process_reader(self, key: str) -> Callable[[], dict[tuple[str, ...], float]]:
         return lambda: {(): self._process[key]}
+
+    def counter(self, name: str, known: Iterable[tuple[str, ...]] = ()) -> Counter:
+        """The counter ``name`` declared in ``FAMILIES``, exported from now on."""
+        family = _family(name, "counter")
+        return self.add(Counter(name, family.help, family.labels, known=known))
+
+    def gauge(self, name: str, read: Callable[[], dict[tuple[str, ...], float]] | None = None) -> Gauge:
+        """The gauge ``name`` declared in ``FAMILIES`` (set, or ``read`` at each scrape)."""
+        family = _family(name, "gauge", "counter")
+        return self.add(Gauge(name, family.help, family.labels, read=read, kind=family.type))
+
+    def histogram(self, name: str) -> Histogram:
+        """The histogram ``name`` declared in ``FAMILIES``, with its buckets."""
+        family = _family(name, "histogram")
+        return self.add(Histogram(name, family.help, family.labels, buckets=family.buckets))
 
     def add(self, metric: M) -> M:
         self.metrics.append(metric)
