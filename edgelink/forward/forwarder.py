@@ -9,7 +9,8 @@ Rules it keeps
   one: a window of large events cannot hold tens of megabytes in the engine's buffers
   while a broker stalls (the process's memory budget, API.md §1).
 * The cursor moves only forward, only over a contiguous prefix of acks, and is written to
-  the ledger by one write at a time while sending goes on.
+  the ledger while sending goes on, by at most CURSOR_WRITES writes queued at once (in
+  order: the acks that come during one write are queued behind it, not held until it ends).
 * Memory is O(window): the ledger is read in pages bounded by count and bytes (the next
   one read ahead once at most a window of rows and a page's bytes are left), whatever the
   backlog; a backlog and live events are one ordered stream.
@@ -52,6 +53,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 30.0
 STATES = ("disabled", "connecting", "connected", "backoff")
 WINDOW_BYTES = KNOB["forward_window_bytes"].default
 DEAD_LETTER_AFTER = 3  # refusals of the same seq (acl, invalid) before it becomes a dead letter
+CURSOR_WRITES = 2  # cursor writes queued at once (acked events hold their window slots until written)
 
 
 def type_filter(patterns: tuple[str, ...]) -> Callable[[str], bool] | None:
@@ -333,7 +335,6 @@ class _Pump:
         self.acked = fw.acked_seq  # highest contiguous acked (or skipped) seq
         self.scanned = self.acked  # highest seq read from the ledger
         self.unstored = 0  # acked events not yet in the stored cursor
-        self.storing = 0  # of them, those the running cursor write covers
         # per message in flight, in send order: the cursor after its ack (message
         # ``counted`` is the first); per burst: (messages sent up to its end, sent at)
         self.inflight: deque[int] = deque()
@@ -343,7 +344,11 @@ class _Pump:
         self.counted = 0  # messages of this connection whose ack is collected
         self.page: deque[tuple] = deque()
         self.paged = 0  # the payload bytes of the rows in ``page``
-        self.store: asyncio.Task[int] | None = None  # the running cursor write
+        # the running cursor writes, oldest first (they settle in that order), each with
+        # the acks it covers that the ones before it do not
+        self.stores: deque[tuple[asyncio.Task[int], int]] = deque()
+        self.storing = 0  # the acks they cover, of the unstored ones
+        self.requested = self.acked  # the seq the newest cursor write stores
         self.reading: asyncio.Task[list[tuple]] | None = None  # the next page, read ahead
         self.read_up_to = self.scanned  # fw.last_seq when that read started
         self.burst = max(1, fw.window // 4)
@@ -457,27 +462,29 @@ class _Pump:
             raise error
 
     def take_stored_cursor(self) -> None:
-        """Take the finished cursor write: its acks no longer hold window slots."""
-        store = self.store
-        if store is None or not store.done():
-            return
-        stored = store.result()
-        self.store = None
-        self.unstored -= self.storing
-        self.fw.acked_seq = stored
-        if stored > self.acked:  # the byte bound dropped events past us
-            self.acked = stored
-            self.scanned = max(self.scanned, stored)
+        """Take the finished cursor writes: their acks no longer hold window slots."""
+        stores = self.stores
+        while stores and stores[0][0].done():
+            store, covered = stores.popleft()
+            stored = store.result()
+            self.unstored -= covered
+            self.storing -= covered
+            self.fw.acked_seq = stored
+            if stored > self.acked:  # the byte bound dropped events past us
+                self.acked = self.requested = stored
+                self.scanned = max(self.scanned, stored)
 
     def store_cursor(self) -> None:
-        """Start writing the acked seq as the cursor, one write at a time."""
+        """Start writing the acked seq as the cursor, at most CURSOR_WRITES at a time: the
+        acks that come while one is written need not wait for it to end before theirs
+        starts (the writer thread takes what is queued in one transaction)."""
         fw = self.fw
-        if self.store is not None:
-            return
-        if self.acked > fw.acked_seq:
-            self.store = self.loop.create_task(fw.ledger.store_forward_cursor(self.acked, fw._high_sent))
+        if self.acked > self.requested and self.acked > fw.acked_seq and len(self.stores) < CURSOR_WRITES:
+            store = self.loop.create_task(fw.ledger.store_forward_cursor(self.acked, fw._high_sent))
+            self.stores.append((store, self.unstored - self.storing))
             self.storing = self.unstored
-        else:
+            self.requested = self.acked
+        elif not self.stores and self.acked <= fw.acked_seq:
             self.unstored = 0  # every ack is at or below the stored cursor already
 
     def sendable(self) -> bool:
@@ -503,8 +510,7 @@ class _Pump:
             if timeout <= 0:
                 raise EngineError("ack_timeout", f"no ack within {fw.ack_timeout:g} s for the "
                                                  f"event after seq {self.acked}")
-        if self.store is not None:
-            waits.add(self.store)
+        waits.update(store for store, _ in self.stores)
         if self.reading is not None:
             waits.add(self.reading)
         if self.sendable():
@@ -518,14 +524,15 @@ class _Pump:
     async def keep_acks(self) -> None:
         """On an error: store the acks this connection collected."""
         fw = self.fw
-        if self.store is not None:
-            fw.acked_seq, self.store = await self.store, None
+        while self.stores:
+            fw.acked_seq = await self.stores[0][0]
+            self.stores.popleft()
         if self.acked > fw.acked_seq:
             fw.acked_seq = await fw.ledger.store_forward_cursor(self.acked, fw._high_sent)
 
     def cancel_tasks(self) -> None:
-        if self.store is not None:
-            self.store.cancel()  # the write itself still lands; only the wait ends
+        for store, _ in self.stores:
+            store.cancel()  # the write itself still lands; only the wait ends
         reading = self.reading
         if reading is not None and reading.done() and not reading.cancelled():
             reading.exception()  # retrieved: no "never retrieved" warning

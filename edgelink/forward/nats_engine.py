@@ -56,7 +56,7 @@ class NatsEngine:
     def __init__(self, target: Target):
         self.target = target
         self._nc: nats.NATS | None = None
-        self._inbox = ""
+        self._inbox = b""
         self._prefix = ""
         self.acks: Acks | None = None
         self._last_error: Exception | None = None
@@ -83,9 +83,9 @@ class NatsEngine:
                 closed_cb=self._on_disconnected, **{k: v for k, v in options.items() if v is not None}),
                 timeout)
             self._bound_frames(self._nc)
-            self._inbox = self._nc.new_inbox()
+            self._inbox = self._nc.new_inbox().encode()
             # no callback: _take_replies takes this subscription's messages from the parser
-            replies = await self._nc.subscribe(self._inbox + ".*")
+            replies = await self._nc.subscribe(self._inbox.decode() + ".*")
             self._take_replies(self._nc, replies._id)
             await self._nc.subscribe(PRESENCE + edge_id, cb=self._on_presence, pending_bytes_limit=SUBSCRIPTION_LIMIT)
             await asyncio.wait_for(self._nc.flush(), timeout)
@@ -137,19 +137,30 @@ class NatsEngine:
             raise EngineError("disconnected", "not connected")
         prefix, inbox, subjects = self._prefix, self._inbox, self._subjects
         limit = nc.max_payload - HEADER_BYTES
+        commands = []
+        for msg in messages:
+            index = acks.add()
+            size = len(msg.body) + len(msg.msg_id)
+            if size > limit:  # the server would drop the connection for it
+                acks.refuse(index, EngineError("too_large", f"seq {msg.seq}: {size + HEADER_BYTES} bytes with "
+                                                            f"headers, the server's max_payload is {nc.max_payload}"))
+                break  # nothing after it counts; it is sent again after the dead letter
+            subject = prefix + safe_type(msg.type)
+            subjects[index] = subject
+            # the HPUB nats-py's publish writes, with the message's index as the reply
+            # subject's last token; the subject and the id are checked ASCII tokens
+            header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % msg.msg_id.encode()
+            commands.append(b"HPUB %s %s.%d %d %d\r\n%s%s\r\n" % (
+                subject.encode(), inbox, index, len(header), len(header) + len(msg.body), header, msg.body))
+        if not commands:
+            return
         try:
-            for msg in messages:
-                index = acks.add()
-                size = len(msg.body) + len(msg.msg_id)
-                if size > limit:  # the server would drop the connection for it
-                    acks.refuse(index, EngineError("too_large", f"seq {msg.seq}: {size + HEADER_BYTES} bytes with "
-                                                                f"headers, the server's max_payload is {nc.max_payload}"))
-                    return  # nothing after it counts; it is sent again after the dead letter
-                subject = prefix + safe_type(msg.type)
-                subjects[index] = subject
-                # appends to the client's buffer (its flusher writes it out); waits only
-                # when that buffer is full. The reply subject carries the message's index.
-                await nc.publish(subject, msg.body, reply=f"{inbox}.{index}", headers={"Nats-Msg-Id": msg.msg_id})
+            # one command for the burst, in the client's buffer (its flusher writes it out):
+            # nats-py's publish per message built a header dict, matched a regex and
+            # queued a buffer per event, a third of the engine's CPU in a catch-up
+            await nc._send_command(b"".join(commands))
+            if nc._flush_queue is not None and nc._flush_queue.empty():
+                await nc._flush_pending()
         except (OSError, NatsError) as exc:
             raise EngineError("disconnected", str(exc) or type(exc).__name__) from None
 
