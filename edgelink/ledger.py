@@ -422,11 +422,16 @@ class Ledger:
         (events and health history) it deleted."""
         return await self._submit(_Prune)
 
-    async def _submit(self, make_job: Callable[[asyncio.Future], Any]) -> Any:
+    def _queue_job(self, make_job: Callable[[asyncio.Future], Any]) -> asyncio.Future:
+        """Queue a job for the writer thread now; the future it settles."""
         if not self._open:
             raise LedgerClosed("the ledger is not open")
         future = self._started_loop().create_future()
         self._queue.put(make_job(future))
+        return future
+
+    async def _submit(self, make_job: Callable[[asyncio.Future], Any]) -> Any:
+        future = self._queue_job(make_job)
         try:
             return await future
         finally:
@@ -958,6 +963,12 @@ class Ledger:
         seq sent so far, if higher than the kept one; returns the stored cursor, which the
         byte bound may have moved further."""
         return await self._submit(lambda fut: _Cursor(seq, fut, sent=sent))
+
+    def queue_forward_cursor(self, seq: int, sent: int = 0) -> asyncio.Future[int]:
+        """``store_forward_cursor`` queued for the writer at once, not when a task runs it
+        (the forwarder's window waits on these writes: a loop round less for each); the
+        future settles with the stored cursor. Cancelling it ends only the wait."""
+        return self._queue_job(lambda fut: _Cursor(seq, fut, sent=sent))
 
     async def forward_sent_seq(self) -> int:
         """The highest seq sent as of the last cursor write in this epoch (0: none)."""

@@ -346,7 +346,7 @@ class _Pump:
         self.paged = 0  # the payload bytes of the rows in ``page``
         # the running cursor writes, oldest first (they settle in that order), each with
         # the acks it covers that the ones before it do not
-        self.stores: deque[tuple[asyncio.Task[int], int]] = deque()
+        self.stores: deque[tuple[asyncio.Future[int], int]] = deque()
         self.storing = 0  # the acks they cover, of the unstored ones
         self.requested = self.acked  # the seq the newest cursor write stores
         self.reading: asyncio.Task[list[tuple]] | None = None  # the next page, read ahead
@@ -480,7 +480,7 @@ class _Pump:
         starts (the writer thread takes what is queued in one transaction)."""
         fw = self.fw
         if self.acked > self.requested and self.acked > fw.acked_seq and len(self.stores) < CURSOR_WRITES:
-            store = self.loop.create_task(fw.ledger.store_forward_cursor(self.acked, fw._high_sent))
+            store = fw.ledger.queue_forward_cursor(self.acked, fw._high_sent)
             self.stores.append((store, self.unstored - self.storing))
             self.storing = self.unstored
             self.requested = self.acked
