@@ -332,6 +332,7 @@ class Ledger:
         self._readers: ThreadPoolExecutor | None = None
         self._reader_pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._cursor_conn: sqlite3.Connection | None = None  # write_forward_cursor_now's, on the loop
         self._open = False
         self.epoch = ""  # this database file's random id (API.md §5), read by start()
 
@@ -382,6 +383,9 @@ class Ledger:
         await asyncio.to_thread(self._readers.shutdown)
         while not self._reader_pool.empty():
             self._reader_pool.get().close()
+        if self._cursor_conn is not None:
+            self._cursor_conn.close()
+            self._cursor_conn = None
 
     def file_bytes(self) -> int:
         """What the ledger holds on disk: the database file plus its WAL."""
@@ -550,9 +554,7 @@ class Ledger:
                         self._write_dead_letter(conn, job.dead)
                     results.append((job.future, self._write_cursor(conn, job.seq, job.rewind), None))
                     if job.sent:
-                        conn.execute("INSERT INTO ledger_meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
-                                     " DO UPDATE SET value = max(value, excluded.value)",
-                                     (_FORWARD_SENT + self.epoch, job.sent))
+                        self._write_sent(conn, job.sent)
                 else:
                     write_health(conn, job.rows, self._service_row)
                     written += job.size
@@ -970,6 +972,36 @@ class Ledger:
         future settles with the stored cursor. Cancelling it ends only the wait."""
         return self._queue_job(lambda fut: _Cursor(seq, fut, sent=sent))
 
+    def write_forward_cursor_now(self, seq: int, sent: int = 0) -> int | None:
+        """``store_forward_cursor`` done now on the calling (event loop) thread, through a
+        connection of its own, if the database's write lock is free at once: the stored
+        cursor, or None (the writer thread holds the lock, or the write failed: queue it
+        with ``queue_forward_cursor`` instead). It never waits: no busy timeout, no fsync
+        (as the writer's cursor-only commits), no checkpoint (the writer's commits run
+        them). The forwarder's acked events hold their window slots until the cursor is
+        stored: this spares them two thread hand-offs (issue 23)."""
+        if not self._open:
+            raise LedgerClosed("the ledger is not open")
+        conn = self._cursor_conn
+        try:
+            if conn is None:
+                conn = self._cursor_conn = sqlite3.connect(self.path, isolation_level=None, timeout=0)
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+                conn.execute("PRAGMA cache_size = -64")  # KiB: two one-row tables
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                stored = self._write_cursor(conn, seq)
+                if sent:
+                    self._write_sent(conn, sent)
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                _rollback(conn)
+                raise
+        except sqlite3.Error:
+            return None
+        return stored
+
     async def forward_sent_seq(self) -> int:
         """The highest seq sent as of the last cursor write in this epoch (0: none)."""
         def query(conn: sqlite3.Connection) -> int:
@@ -1034,6 +1066,10 @@ class Ledger:
                      (self.epoch, seq))
         (stored,) = conn.execute("SELECT acked_seq FROM forward_cursor WHERE epoch = ?", (self.epoch,)).fetchone()
         return stored
+
+    def _write_sent(self, conn: sqlite3.Connection, sent: int) -> None:
+        conn.execute("INSERT INTO ledger_meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
+                     " DO UPDATE SET value = max(value, excluded.value)", (_FORWARD_SENT + self.epoch, sent))
 
     def _write_dead_letter(self, conn: sqlite3.Connection, dead: tuple) -> None:
         conn.execute("INSERT OR REPLACE INTO forward_dead_letters (epoch, seq, event_id, type, reason, detail, at)"

@@ -5,8 +5,10 @@ settings checks and the lazy import of the engines' libraries."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -168,6 +170,51 @@ def test_window_bounds_unacked_events_and_acks_move_the_cursor_in_order(tmp_path
 
     run_with_ledger(tmp_path, body)
     assert world.max_unacked <= 8
+
+
+def test_acked_events_free_their_window_while_the_ledger_writer_is_busy(tmp_path: Path) -> None:
+    """The cursor after an ack is written on the loop when the database's write lock is
+    free, not only through the writer thread's queue: with that thread held in a commit
+    of its own, forwarding goes on past a window and the cursor is stored; once the lock
+    is taken (here: another connection holds it), cursor writes queue for the writer."""
+    world = World()
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 100)
+        release = threading.Event()
+        commit = ledger._commit_writes
+
+        def held(conn: sqlite3.Connection, jobs: list) -> None:  # the writer thread, busy
+            release.wait(30)
+            commit(conn, jobs)
+
+        ledger._commit_writes = held  # type: ignore[method-assign]
+        busy = asyncio.ensure_future(ledger.append(build_event("other.event", "t", {}, None, False, 0)))
+        fw = forwarder(ledger, world, window=8)
+        try:
+            await fw.start()
+            await until(lambda: fw.acked_seq == 100)  # 12 windows past the held writer
+            assert await ledger.forward_cursor() == 100
+        finally:
+            release.set()
+        fw.wake(await busy)
+        await until(lambda: fw.acked_seq == 101)
+        await fill(ledger, 50)
+        locker = sqlite3.connect(ledger.path, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")  # the write lock taken: cursor writes queue for the writer
+        try:
+            fw.wake(151)
+            await until(lambda: len(world.sent) == 109)
+            await asyncio.sleep(0.1)
+            assert len(world.sent) == 109 and fw.acked_seq == 101  # acked, not stored: the window is full
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        await until(lambda: fw.acked_seq == 151)
+        await fw.stop()
+
+    run_with_ledger(tmp_path, body)
+    assert [m.seq for m in world.sent] == list(range(1, 152))
 
 
 def test_window_bytes_bound_large_events_in_flight_but_one_always_goes(tmp_path: Path) -> None:

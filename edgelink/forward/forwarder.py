@@ -53,7 +53,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 30.0
 STATES = ("disabled", "connecting", "connected", "backoff")
 WINDOW_BYTES = KNOB["forward_window_bytes"].default
 DEAD_LETTER_AFTER = 3  # refusals of the same seq (acl, invalid) before it becomes a dead letter
-CURSOR_WRITES = 2  # cursor writes queued at once (acked events hold their window slots until written)
+CURSOR_WRITES = 4  # cursor writes queued at once (acked events hold their window slots until written)
 
 
 def type_filter(patterns: tuple[str, ...]) -> Callable[[str], bool] | None:
@@ -466,24 +466,35 @@ class _Pump:
         stores = self.stores
         while stores and stores[0][0].done():
             store, covered = stores.popleft()
-            stored = store.result()
             self.unstored -= covered
             self.storing -= covered
-            self.fw.acked_seq = stored
-            if stored > self.acked:  # the byte bound dropped events past us
-                self.acked = self.requested = stored
-                self.scanned = max(self.scanned, stored)
+            self._stored(store.result())
+
+    def _stored(self, stored: int) -> None:
+        self.fw.acked_seq = stored
+        if stored > self.acked:  # the byte bound dropped events past us
+            self.acked = self.requested = stored
+            self.scanned = max(self.scanned, stored)
 
     def store_cursor(self) -> None:
-        """Start writing the acked seq as the cursor, at most CURSOR_WRITES at a time: the
-        acks that come while one is written need not wait for it to end before theirs
-        starts (the writer thread takes what is queued in one transaction)."""
+        """Store the acked seq as the cursor: at once when no write is queued and the
+        database's write lock is free (Ledger.write_forward_cursor_now), else queued for
+        the writer thread, at most CURSOR_WRITES at a time (the acks that come while one
+        is written need not wait for it to end before theirs starts)."""
         fw = self.fw
-        if self.acked > self.requested and self.acked > fw.acked_seq and len(self.stores) < CURSOR_WRITES:
-            store = fw.ledger.queue_forward_cursor(self.acked, fw._high_sent)
-            self.stores.append((store, self.unstored - self.storing))
-            self.storing = self.unstored
-            self.requested = self.acked
+        if self.acked > self.requested and self.acked > fw.acked_seq:
+            if not self.stores:
+                stored = fw.ledger.write_forward_cursor_now(self.acked, fw._high_sent)
+                if stored is not None:
+                    self.unstored = 0
+                    self.requested = self.acked
+                    self._stored(stored)
+                    return
+            if len(self.stores) < CURSOR_WRITES:
+                store = fw.ledger.queue_forward_cursor(self.acked, fw._high_sent)
+                self.stores.append((store, self.unstored - self.storing))
+                self.storing = self.unstored
+                self.requested = self.acked
         elif not self.stores and self.acked <= fw.acked_seq:
             self.unstored = 0  # every ack is at or below the stored cursor already
 
