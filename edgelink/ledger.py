@@ -72,6 +72,9 @@ BUSY_TIMEOUT_MS = 5000  # another process (``edgelink probe``) may hold the writ
 MIB = 1024 * 1024
 WRITE_CHUNK_BYTES = MIB  # appends per transaction, in bytes: bounds what one commit adds to the WAL
 WAL_LIMIT = 4 * MIB  # the auto-checkpoint threshold (SQLite's default of 1000 pages, about 4 MiB)
+# cursor writes on the loop (write_forward_cursor_now, two pages each) between two that go
+# through the writer thread, whose commit runs the auto-checkpoint: about 512 KiB of WAL
+CURSOR_RUN = 64
 # Room kept under max_bytes for the WAL (limit plus one chunk) and for the error of
 # estimating a row's pages from its bytes.
 BOUND_RESERVE = WAL_LIMIT + 3 * WRITE_CHUNK_BYTES
@@ -333,6 +336,7 @@ class Ledger:
         self._reader_pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cursor_conn: sqlite3.Connection | None = None  # write_forward_cursor_now's, on the loop
+        self._cursor_run = 0  # its commits since the writer thread last committed one
         self._open = False
         self.epoch = ""  # this database file's random id (API.md §5), read by start()
 
@@ -979,9 +983,14 @@ class Ledger:
         with ``queue_forward_cursor`` instead). It never waits: no busy timeout, no fsync
         (as the writer's cursor-only commits), no checkpoint (the writer's commits run
         them). The forwarder's acked events hold their window slots until the cursor is
-        stored: this spares them two thread hand-offs (issue 23)."""
+        stored: this spares them two thread hand-offs (issue 23). Every CURSOR_RUN-th write
+        is left to the writer thread (None), whose commit runs the auto-checkpoint: the WAL
+        stays near WAL_LIMIT."""
         if not self._open:
             raise LedgerClosed("the ledger is not open")
+        if self._cursor_run >= CURSOR_RUN:
+            self._cursor_run = 0
+            return None
         conn = self._cursor_conn
         try:
             if conn is None:
@@ -1000,6 +1009,7 @@ class Ledger:
                 raise
         except sqlite3.Error:
             return None
+        self._cursor_run += 1
         return stored
 
     async def forward_sent_seq(self) -> int:

@@ -5,6 +5,7 @@ settings checks and the lazy import of the engines' libraries."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from edgelink.forward.engine import Acks, EngineError, Message, safe_type
 from edgelink.forward.forwarder import BACKOFF_MAX, BACKOFF_MIN, Forwarder, backoff, type_filter
 from edgelink.gateway.events import build_event
 from edgelink.gateway.metrics import Registry
-from edgelink.ledger import Ledger
+from edgelink.ledger import WAL_LIMIT, WRITE_CHUNK_BYTES, Ledger
 
 
 class FakeEngine:
@@ -215,6 +216,22 @@ def test_acked_events_free_their_window_while_the_ledger_writer_is_busy(tmp_path
 
     run_with_ledger(tmp_path, body)
     assert [m.seq for m in world.sent] == list(range(1, 152))
+
+
+def test_cursor_writes_on_the_loop_leave_the_wal_near_its_limit(tmp_path: Path) -> None:
+    """The loop's cursor writes run no checkpoint: now and then one goes through the
+    writer thread, whose commit does, so the WAL stays near WAL_LIMIT (a write per ack)."""
+    world = World()
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 1500)
+        fw = forwarder(ledger, world, window=1)
+        await fw.start()
+        await until(lambda: fw.acked_seq == 1500, timeout=60)
+        await fw.stop()
+        assert os.path.getsize(ledger.path + "-wal") <= WAL_LIMIT + WRITE_CHUNK_BYTES
+
+    run_with_ledger(tmp_path, body)
 
 
 def test_window_bytes_bound_large_events_in_flight_but_one_always_goes(tmp_path: Path) -> None:
