@@ -692,3 +692,50 @@ def test_mqtt5_msg_id_property_packs_as_paho_does(msg_id: str) -> None:
     back = Properties(PacketTypes.PUBLISH)
     back.unpack(mine.pack())  # a property length over 127 takes two bytes
     assert back.UserProperty == [("msg_id", msg_id)]
+
+
+def test_nats_replies_taken_at_once_match_the_parser_at_every_split() -> None:
+    """PubAcks taken straight from the socket's bytes (the parser's buffer empty) and
+    what goes on to nats-py's parser (another frame, an unfinished one) count the same
+    acks and the same refusal, wherever the stream is cut into reads."""
+    pytest.importorskip("nats")
+    from nats.protocol.parser import Parser
+
+    from edgelink.forward.nats_engine import NatsEngine
+
+    def reply(index: int, sid: int = 1) -> bytes:
+        data = b'{"stream":"VX11","seq":%d}' % (100 + index)
+        return b"MSG _INBOX.x.%d %d %d\r\n%s\r\n" % (index, sid, len(data), data)
+
+    no_responders = b"NATS/1.0 503\r\n\r\n"
+    stream = (reply(0) + reply(1) + b"PING\r\n" + reply(2) + reply(9, sid=2) + reply(3)
+              + b"HMSG _INBOX.x.4 1 %d %d\r\n%s\r\n" % (len(no_responders), len(no_responders), no_responders)
+              + reply(5))
+
+    class Client:
+        def __init__(self) -> None:
+            self._ps = Parser(self)
+            self.others: list[int] = []
+
+        async def _process_msg(self, sid: int, *_: Any) -> None:
+            self.others.append(sid)
+
+        async def _process_ping(self) -> None:
+            pass
+
+    async def run(cut: int) -> tuple[int, str | None, list[int]]:
+        engine = NatsEngine(None)  # type: ignore[arg-type]
+        engine._inbox = b"_INBOX.x"
+        engine.acks = Acks(asyncio.get_running_loop())
+        for _ in range(6):
+            engine.acks.add()
+        client = Client()
+        engine._bound_frames(client)  # type: ignore[arg-type]
+        engine._take_replies(client, 1)  # type: ignore[arg-type]
+        await client._ps.parse(stream[:cut])
+        await client._ps.parse(stream[cut:])
+        error = engine.acks.error
+        return engine.acks.acked, error.kind if error else None, client.others
+
+    for cut in range(len(stream) + 1):
+        assert asyncio.run(run(cut)) == (4, "no_stream", [2]), cut

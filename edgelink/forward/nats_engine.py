@@ -23,11 +23,13 @@ announcement from another process means another box forwards with the same edge_
 from __future__ import annotations
 
 import asyncio
+import re
 
 import nats
 import orjson
 from nats.errors import AuthorizationError
 from nats.errors import Error as NatsError
+from nats.protocol.parser import AWAITING_CONTROL_LINE
 
 from ..log import log
 from . import Target
@@ -44,6 +46,8 @@ PERMISSIONS = "permissions violation"
 PRESENCE = "vx11-presence."  # + edge_id: where boxes announce themselves
 PRESENCE_INTERVAL = 30.0  # seconds between announcements on a connection
 CLOSE_WAIT = 2.0  # seconds a close may take before the engine is dropped anyway
+# a reply's control line, without headers or a reply subject: "MSG <subject> <sid> <bytes>"
+_REPLY_LINE = re.compile(rb"MSG ([^ \r\n]+) (\d+) (\d+)\r\n")
 
 
 class FrameTooLarge(OSError):
@@ -57,6 +61,7 @@ class NatsEngine:
         self.target = target
         self._nc: nats.NATS | None = None
         self._inbox = b""
+        self._replies_sid = 0  # the reply inbox's subscription (0: none yet)
         self._prefix = ""
         self.acks: Acks | None = None
         self._last_error: Exception | None = None
@@ -121,6 +126,8 @@ class NatsEngine:
         parse = parser.parse
 
         async def bounded(data: bytes = b"") -> None:
+            if data and self._replies_sid and not parser.buf and parser.state == AWAITING_CONTROL_LINE:
+                data = data[self._take_replies_at_once(data):]
             await parse(data)
             if len(parser.buf) > FRAME_BYTES:
                 self._oversize = len(parser.buf)
@@ -185,6 +192,29 @@ class NatsEngine:
 
         # nats-py's message handler, replaced on this instance (see the docstring)
         nc._process_msg = take  # type: ignore[method-assign,assignment]
+        self._replies_sid = sid
+
+    def _take_replies_at_once(self, data: bytes) -> int:
+        """Take the whole replies at the head of ``data`` while the parser holds nothing:
+        nats-py's parser would copy each into its buffer, match six patterns and await a
+        handler for it. What follows the first other or unfinished frame goes to the
+        parser. Returns the bytes taken."""
+        sid, skip, size = self._replies_sid, len(self._inbox) + 1, len(data)
+        match = _REPLY_LINE.match
+        pos = 0
+        while (line := match(data, pos)) is not None and int(line[2]) == sid:
+            start = line.end()
+            end = start + int(line[3])
+            if end + 2 > size or data[end:end + 2] != b"\r\n":
+                break
+            try:
+                index = int(line[1][skip:])
+            except ValueError:  # not one of ours: dropped, as the parser's way does
+                pass
+            else:
+                self._reply(index, data[start:end], False)
+            pos = end + 2
+        return pos
 
     def _reply(self, index: int, data: bytes, no_responders: bool) -> None:
         acks = self.acks
