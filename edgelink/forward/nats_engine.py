@@ -29,7 +29,7 @@ import nats
 import orjson
 from nats.errors import AuthorizationError
 from nats.errors import Error as NatsError
-from nats.protocol.parser import AWAITING_CONTROL_LINE
+from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
 from ..log import log
 from . import Target
@@ -126,8 +126,8 @@ class NatsEngine:
         parse = parser.parse
 
         async def bounded(data: bytes = b"") -> None:
-            if data and self._replies_sid and not parser.buf and parser.state == AWAITING_CONTROL_LINE:
-                data = data[self._take_replies_at_once(data):]
+            if data and self._replies_sid:
+                data = self._take_replies_at_once(parser, data)
             await parse(data)
             if len(parser.buf) > FRAME_BYTES:
                 self._oversize = len(parser.buf)
@@ -194,27 +194,43 @@ class NatsEngine:
         nc._process_msg = take  # type: ignore[method-assign,assignment]
         self._replies_sid = sid
 
-    def _take_replies_at_once(self, data: bytes) -> int:
-        """Take the whole replies at the head of ``data`` while the parser holds nothing:
-        nats-py's parser would copy each into its buffer, match six patterns and await a
-        handler for it. What follows the first other or unfinished frame goes to the
-        parser. Returns the bytes taken."""
-        sid, skip, size = self._replies_sid, len(self._inbox) + 1, len(data)
-        match = _REPLY_LINE.match
-        pos = 0
+    def _take_replies_at_once(self, parser: Parser, data: bytes) -> bytes:
+        """Take the whole replies at the head of ``data`` from its bytes: nats-py's parser
+        would copy each into its buffer, match six patterns and await a handler for it.
+        A reply the parser holds the start of is finished first; what follows the first
+        other or unfinished frame goes to the parser. Returns the bytes left to it."""
+        sid, skip = self._replies_sid, len(self._inbox) + 1
+        if parser.state == AWAITING_MSG_PAYLOAD:  # a frame whose line the parser took
+            arg = parser.msg_arg
+            missing = parser.needed + 2 - len(parser.buf)
+            if parser.header_needed or arg["sid"] != sid or arg["reply"] or missing > len(data):
+                return data
+            frame = bytes(parser.buf) + data[:missing]
+            if not frame.endswith(b"\r\n"):
+                return data
+            parser.buf.clear()
+            parser.state = AWAITING_CONTROL_LINE
+            self._reply_to(arg["subject"][skip:], frame[:-2])
+            data = data[missing:]
+        elif parser.buf:  # the start of a control line: read again with what follows
+            data = bytes(parser.buf) + data
+            parser.buf.clear()
+        match, size, pos = _REPLY_LINE.match, len(data), 0
         while (line := match(data, pos)) is not None and int(line[2]) == sid:
             start = line.end()
             end = start + int(line[3])
             if end + 2 > size or data[end:end + 2] != b"\r\n":
                 break
-            try:
-                index = int(line[1][skip:])
-            except ValueError:  # not one of ours: dropped, as the parser's way does
-                pass
-            else:
-                self._reply(index, data[start:end], False)
+            self._reply_to(line[1][skip:], data[start:end])
             pos = end + 2
-        return pos
+        return data[pos:] if pos else data
+
+    def _reply_to(self, token: bytes, data: bytes) -> None:
+        try:
+            index = int(token)
+        except ValueError:  # not one of ours: dropped, as the parser's way does
+            return
+        self._reply(index, data, False)
 
     def _reply(self, index: int, data: bytes, no_responders: bool) -> None:
         acks = self.acks
