@@ -5,8 +5,11 @@ settings checks and the lazy import of the engines' libraries."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from edgelink.forward.engine import Acks, EngineError, Message, safe_type
 from edgelink.forward.forwarder import BACKOFF_MAX, BACKOFF_MIN, Forwarder, backoff, type_filter
 from edgelink.gateway.events import build_event
 from edgelink.gateway.metrics import Registry
-from edgelink.ledger import Ledger
+from edgelink.ledger import WAL_LIMIT, WRITE_CHUNK_BYTES, Ledger
 
 
 class FakeEngine:
@@ -168,6 +171,67 @@ def test_window_bounds_unacked_events_and_acks_move_the_cursor_in_order(tmp_path
 
     run_with_ledger(tmp_path, body)
     assert world.max_unacked <= 8
+
+
+def test_acked_events_free_their_window_while_the_ledger_writer_is_busy(tmp_path: Path) -> None:
+    """The cursor after an ack is written on the loop when the database's write lock is
+    free, not only through the writer thread's queue: with that thread held in a commit
+    of its own, forwarding goes on past a window and the cursor is stored; once the lock
+    is taken (here: another connection holds it), cursor writes queue for the writer."""
+    world = World()
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 100)
+        release = threading.Event()
+        commit = ledger._commit_writes
+
+        def held(conn: sqlite3.Connection, jobs: list) -> None:  # the writer thread, busy
+            release.wait(30)
+            commit(conn, jobs)
+
+        ledger._commit_writes = held  # type: ignore[method-assign]
+        busy = asyncio.ensure_future(ledger.append(build_event("other.event", "t", {}, None, False, 0)))
+        fw = forwarder(ledger, world, window=8)
+        try:
+            await fw.start()
+            await until(lambda: fw.acked_seq == 100)  # 12 windows past the held writer
+            assert await ledger.forward_cursor() == 100
+        finally:
+            release.set()
+        fw.wake(await busy)
+        await until(lambda: fw.acked_seq == 101)
+        await fill(ledger, 50)
+        locker = sqlite3.connect(ledger.path, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")  # the write lock taken: cursor writes queue for the writer
+        try:
+            fw.wake(151)
+            await until(lambda: len(world.sent) == 109)
+            await asyncio.sleep(0.1)
+            assert len(world.sent) == 109 and fw.acked_seq == 101  # acked, not stored: the window is full
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        await until(lambda: fw.acked_seq == 151)
+        await fw.stop()
+
+    run_with_ledger(tmp_path, body)
+    assert [m.seq for m in world.sent] == list(range(1, 152))
+
+
+def test_cursor_writes_on_the_loop_leave_the_wal_near_its_limit(tmp_path: Path) -> None:
+    """The loop's cursor writes run no checkpoint: now and then one goes through the
+    writer thread, whose commit does, so the WAL stays near WAL_LIMIT (a write per ack)."""
+    world = World()
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 1500)
+        fw = forwarder(ledger, world, window=1)
+        await fw.start()
+        await until(lambda: fw.acked_seq == 1500, timeout=60)
+        await fw.stop()
+        assert os.path.getsize(ledger.path + "-wal") <= WAL_LIMIT + WRITE_CHUNK_BYTES
+
+    run_with_ledger(tmp_path, body)
 
 
 def test_window_bytes_bound_large_events_in_flight_but_one_always_goes(tmp_path: Path) -> None:
@@ -628,3 +692,50 @@ def test_mqtt5_msg_id_property_packs_as_paho_does(msg_id: str) -> None:
     back = Properties(PacketTypes.PUBLISH)
     back.unpack(mine.pack())  # a property length over 127 takes two bytes
     assert back.UserProperty == [("msg_id", msg_id)]
+
+
+def test_nats_replies_taken_at_once_match_the_parser_at_every_split() -> None:
+    """PubAcks taken straight from the socket's bytes (the parser's buffer empty) and
+    what goes on to nats-py's parser (another frame, an unfinished one) count the same
+    acks and the same refusal, wherever the stream is cut into reads."""
+    pytest.importorskip("nats")
+    from nats.protocol.parser import Parser
+
+    from edgelink.forward.nats_engine import NatsEngine
+
+    def reply(index: int, sid: int = 1) -> bytes:
+        data = b'{"stream":"VX11","seq":%d}' % (100 + index)
+        return b"MSG _INBOX.x.%d %d %d\r\n%s\r\n" % (index, sid, len(data), data)
+
+    no_responders = b"NATS/1.0 503\r\n\r\n"
+    stream = (reply(0) + reply(1) + b"PING\r\n" + reply(2) + reply(9, sid=2) + reply(3)
+              + b"HMSG _INBOX.x.4 1 %d %d\r\n%s\r\n" % (len(no_responders), len(no_responders), no_responders)
+              + reply(5))
+
+    class Client:
+        def __init__(self) -> None:
+            self._ps = Parser(self)
+            self.others: list[int] = []
+
+        async def _process_msg(self, sid: int, *_: Any) -> None:
+            self.others.append(sid)
+
+        async def _process_ping(self) -> None:
+            pass
+
+    async def run(cut: int) -> tuple[int, str | None, list[int]]:
+        engine = NatsEngine(None)  # type: ignore[arg-type]
+        engine._inbox = b"_INBOX.x"
+        engine.acks = Acks(asyncio.get_running_loop())
+        for _ in range(6):
+            engine.acks.add()
+        client = Client()
+        engine._bound_frames(client)  # type: ignore[arg-type]
+        engine._take_replies(client, 1)  # type: ignore[arg-type]
+        await client._ps.parse(stream[:cut])
+        await client._ps.parse(stream[cut:])
+        error = engine.acks.error
+        return engine.acks.acked, error.kind if error else None, client.others
+
+    for cut in range(len(stream) + 1):
+        assert asyncio.run(run(cut)) == (4, "no_stream", [2]), cut

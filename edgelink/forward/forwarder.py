@@ -9,7 +9,8 @@ Rules it keeps
   one: a window of large events cannot hold tens of megabytes in the engine's buffers
   while a broker stalls (the process's memory budget, API.md §1).
 * The cursor moves only forward, only over a contiguous prefix of acks, and is written to
-  the ledger by one write at a time while sending goes on.
+  the ledger while sending goes on, by at most CURSOR_WRITES writes queued at once (in
+  order: the acks that come during one write are queued behind it, not held until it ends).
 * Memory is O(window): the ledger is read in pages bounded by count and bytes (the next
   one read ahead once at most a window of rows and a page's bytes are left), whatever the
   backlog; a backlog and live events are one ordered stream.
@@ -52,6 +53,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 30.0
 STATES = ("disabled", "connecting", "connected", "backoff")
 WINDOW_BYTES = KNOB["forward_window_bytes"].default
 DEAD_LETTER_AFTER = 3  # refusals of the same seq (acl, invalid) before it becomes a dead letter
+CURSOR_WRITES = 4  # cursor writes queued at once (acked events hold their window slots until written)
 
 
 def type_filter(patterns: tuple[str, ...]) -> Callable[[str], bool] | None:
@@ -289,154 +291,252 @@ class Forwarder:
 
     async def _pump(self, engine: Engine) -> None:
         """Send and collect acks until an error; raises EngineError."""
-        loop = asyncio.get_running_loop()
-        acks = engine.acks
-        acked = self.acked_seq  # highest contiguous acked (or skipped) seq
-        scanned = acked  # highest seq read from the ledger
-        unstored = 0  # acked events not yet in the stored cursor
-        storing = 0  # of them, those the running cursor write covers
-        # per message in flight, in send order: the cursor after its ack (message
-        # ``counted`` is the first); per burst: [messages sent up to its end, sent at]
-        inflight: deque[int] = deque()
-        sizes: deque[int] = deque()  # the payload bytes of each message in flight, in send order
-        held = 0  # their sum: bounded by window_bytes (with at least one message in flight)
-        bursts: deque[tuple[int, float]] = deque()
-        counted = 0  # messages of this connection whose ack is collected
-        page: deque[tuple] = deque()
-        paged = 0  # the payload bytes of the rows in ``page``
-        store: asyncio.Task[int] | None = None
-        reading: asyncio.Task[list[tuple]] | None = None  # the next page, read ahead
-        read_up_to = scanned  # self.last_seq when that read started
-        epoch, edge_id, wanted = self.ledger.epoch, self.edge_id, self.wanted
-        # sends and wake-ups go in bursts of a quarter window, not one per ack: fewer
-        # loop rounds, socket writes and ledger reads per event; the clock, the counters
-        # and the histogram are touched once per burst or round, not per event
-        burst = max(1, self.window // 4)
+        pump = _Pump(self, engine)
         try:
             while True:
-                room = self.window - len(inflight) - unstored
-                if room >= burst or (room > 0 and not inflight):
-                    room_to_send = room
-                else:
-                    room_to_send = 0  # a nearly full window: wait for a burst of acks
-                if reading is not None and reading.done():
-                    rows = reading.result()
-                    reading = None
-                    if rows:
-                        scanned = rows[-1][0]
-                        page.extend(rows)
-                        paged += sum(_row_bytes(r) for r in rows)
-                    else:  # the newest events are gone (retention): nothing to read up to there
-                        scanned = max(scanned, read_up_to)
-                if reading is None and len(page) <= self.window and paged <= PAGE_BYTES and scanned < self.last_seq:
-                    # the next page is read while this one goes out and acks come in
-                    read_up_to = self.last_seq
-                    reading = loop.create_task(self.ledger.forward_page(scanned, PAGE_EVENTS, PAGE_BYTES))
-                if page and room_to_send > 0:
-                    batch: list[Message] = []
-                    resent = 0
-                    high = self._high_sent
-                    while page and len(batch) < room_to_send:
-                        size = _row_bytes(page[0])
-                        if inflight and held + size > self.window_bytes:
-                            break  # the bytes in flight are at their bound: wait for acks
-                        row = page.popleft()
-                        paged -= size
-                        seq = row[0]
-                        if wanted is not None and not wanted(row[2]):
-                            # not forwarded: the cursor passes it with the ack before it
-                            if inflight:
-                                inflight[-1] = seq
-                            else:
-                                acked = seq
-                            continue
-                        batch.append(message(edge_id, epoch, row))
-                        inflight.append(seq)
-                        sizes.append(size)
-                        held += size
-                        if seq <= high:
-                            resent += 1
-                        else:
-                            high = seq
-                    if batch:
-                        await engine.send(batch)  # never blocks on the socket (Engine.send)
-                        self._high_sent = high
-                        bursts.append((acks.sent, self.clock()))
-                        self.forwarded.inc(amount=len(batch))
-                        if resent:
-                            self.resent.inc(amount=resent)
-                if acks.acked > counted:
-                    n, now = acks.acked - counted, self.clock()
-                    for _ in range(n - 1):
-                        inflight.popleft()
-                        held -= sizes.popleft()
-                    held -= sizes.popleft()
-                    acked = max(acked, inflight.popleft())  # a drop at the byte bound may have moved it on
-                    unstored += n
-                    self.acked.inc(amount=n)
-                    while counted < acks.acked:  # each ack's latency, by the burst it went out in
-                        end, sent_at = bursts[0]
-                        upto = min(end, acks.acked)
-                        self.ack_latency.observe(now - sent_at, count=upto - counted)
-                        counted = upto
-                        if end == upto:
-                            bursts.popleft()
-                    self.last_ack_at = int(self.wall() * 1000)
-                    if self.last_error is not None:  # an ack after the error: it is over
-                        self.last_error = self.last_error_at = None
-                error = acks.error
-                if error is not None:
-                    raise error
-                self.in_flight = len(inflight)
-                if store is not None and store.done():
-                    stored = store.result()
-                    store = None
-                    unstored -= storing
-                    self.acked_seq = stored
-                    if stored > acked:  # the byte bound dropped events past us
-                        acked = stored
-                        scanned = max(scanned, stored)
-                if store is None and acked > self.acked_seq:
-                    store = loop.create_task(self.ledger.store_forward_cursor(acked, self._high_sent))
-                    storing = unstored
-                elif store is None:
-                    unstored = 0  # every ack is at or below the stored cursor already
-                room = self.window - len(inflight) - unstored
-                sendable = (room >= burst or (room > 0 and not inflight)) and (
-                    not inflight or not page or held + _row_bytes(page[0]) <= self.window_bytes)
-                if sendable and page:
-                    continue  # more to send right away
-                waits: set[asyncio.Future[Any]] = set()
-                timeout = self.idle_poll
-                if inflight:
-                    # the acks that free a burst
-                    waits.add(acks.wait(counted + min(len(inflight), max(1, burst - room))))
-                    timeout = bursts[0][1] + self.ack_timeout - self.clock()
-                    if timeout <= 0:
-                        raise EngineError("ack_timeout", f"no ack within {self.ack_timeout:g} s for the "
-                                                         f"event after seq {acked}")
-                if store is not None:
-                    waits.add(store)
-                if reading is not None:
-                    waits.add(reading)
-                if sendable:
-                    self._wakeup = loop.create_future()
-                    waits.add(self._wakeup)
-                done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                self._wakeup = None
-                if not done and not inflight:  # the idle fallback: events that came another way
-                    self.last_seq = max(self.last_seq, await self.ledger.last_seq())
+                pump.take_page()
+                pump.read_ahead()
+                await pump.send_burst()
+                pump.take_acks()
+                pump.raise_due_error()
+                self.in_flight = len(pump.inflight)
+                pump.take_stored_cursor()
+                pump.store_cursor()
+                if pump.can_send_now():
+                    continue
+                await pump.wait()
         except EngineError:
-            # the acks this connection collected are kept: a reconnect resends only after them
-            if store is not None:
-                self.acked_seq, store = await store, None
-            if acked > self.acked_seq:
-                self.acked_seq = await self.ledger.store_forward_cursor(acked, self._high_sent)
+            await pump.keep_acks()  # a reconnect resends only after them
             raise
         finally:
-            if store is not None:
-                store.cancel()  # the write itself still lands; only the wait ends
-            if reading is not None and reading.done() and not reading.cancelled():
-                reading.exception()  # retrieved: no "never retrieved" warning
-            elif reading is not None:
-                reading.cancel()
+            pump.cancel_tasks()
+
+
+class _Pump:
+    """One connection's pump, in the steps ``Forwarder._pump`` runs in a loop: take a read
+    page, read the next one ahead, send a burst, count acks, store the cursor, wait.
+
+    Sends and wake-ups go in bursts of a quarter window, not one per ack: fewer loop
+    rounds, socket writes and ledger reads per event; the clock, the counters and the
+    histogram are touched once per burst or round, not per event."""
+
+    def __init__(self, fw: Forwarder, engine: Engine):
+        self.fw, self.engine, self.acks = fw, engine, engine.acks
+        self.loop = asyncio.get_running_loop()
+        self.acked = fw.acked_seq  # highest contiguous acked (or skipped) seq
+        self.scanned = self.acked  # highest seq read from the ledger
+        self.unstored = 0  # acked events not yet in the stored cursor
+        # per message in flight, in send order: the cursor after its ack (message
+        # ``counted`` is the first); per burst: (messages sent up to its end, sent at)
+        self.inflight: deque[int] = deque()
+        self.sizes: deque[int] = deque()  # the payload bytes of each message in flight, in send order
+        self.held = 0  # their sum: bounded by window_bytes (with at least one message in flight)
+        self.bursts: deque[tuple[int, float]] = deque()
+        self.counted = 0  # messages of this connection whose ack is collected
+        self.page: deque[tuple] = deque()
+        self.paged = 0  # the payload bytes of the rows in ``page``
+        # the running cursor writes, oldest first (they settle in that order), each with
+        # the acks it covers that the ones before it do not
+        self.stores: deque[tuple[asyncio.Future[int], int]] = deque()
+        self.storing = 0  # the acks they cover, of the unstored ones
+        self.requested = self.acked  # the seq the newest cursor write stores
+        self.reading: asyncio.Task[list[tuple]] | None = None  # the next page, read ahead
+        self.read_up_to = self.scanned  # fw.last_seq when that read started
+        self.burst = max(1, fw.window // 4)
+
+    def room(self) -> int:
+        """Events the window has room for: in flight and acked-but-unstored count."""
+        return self.fw.window - len(self.inflight) - self.unstored
+
+    def burst_room(self) -> int:
+        """The room to send into now: 0 while a nearly full window waits for a burst of acks."""
+        room = self.room()
+        return room if room >= self.burst or (room > 0 and not self.inflight) else 0
+
+    def take_page(self) -> None:
+        """Add the page read ahead, once read, to the rows to send."""
+        reading = self.reading
+        if reading is None or not reading.done():
+            return
+        rows = reading.result()
+        self.reading = None
+        if rows:
+            self.scanned = rows[-1][0]
+            self.page.extend(rows)
+            self.paged += sum(_row_bytes(r) for r in rows)
+        else:  # the newest events are gone (retention): nothing to read up to there
+            self.scanned = max(self.scanned, self.read_up_to)
+
+    def read_ahead(self) -> None:
+        """Start reading the next page while this one goes out and acks come in: once at
+        most a window of rows and a page's bytes are left, and there is more to read."""
+        fw = self.fw
+        if (self.reading is None and len(self.page) <= fw.window and self.paged <= PAGE_BYTES
+                and self.scanned < fw.last_seq):
+            self.read_up_to = fw.last_seq
+            self.reading = self.loop.create_task(fw.ledger.forward_page(self.scanned, PAGE_EVENTS, PAGE_BYTES))
+
+    async def send_burst(self) -> None:
+        """Send the next rows, as many as the window's room and its bytes allow; rows the
+        type filter leaves out are passed by the cursor with the ack before them."""
+        room = self.burst_room()
+        page = self.page
+        if not page or room <= 0:
+            return
+        fw, inflight, sizes = self.fw, self.inflight, self.sizes
+        wanted, edge_id, epoch, window_bytes = fw.wanted, fw.edge_id, fw.ledger.epoch, fw.window_bytes
+        batch: list[Message] = []
+        resent = 0
+        high = fw._high_sent
+        while page and len(batch) < room:
+            size = _row_bytes(page[0])
+            if inflight and self.held + size > window_bytes:
+                break  # the bytes in flight are at their bound: wait for acks
+            row = page.popleft()
+            self.paged -= size
+            seq = row[0]
+            if wanted is not None and not wanted(row[2]):
+                # not forwarded: the cursor passes it with the ack before it
+                if inflight:
+                    inflight[-1] = seq
+                else:
+                    self.acked = seq
+                continue
+            batch.append(message(edge_id, epoch, row))
+            inflight.append(seq)
+            sizes.append(size)
+            self.held += size
+            if seq <= high:
+                resent += 1
+            else:
+                high = seq
+        if not batch:
+            return
+        await self.engine.send(batch)  # never blocks on the socket (Engine.send)
+        fw._high_sent = high
+        self.bursts.append((self.acks.sent, fw.clock()))
+        fw.forwarded.inc(amount=len(batch))
+        if resent:
+            fw.resent.inc(amount=resent)
+
+    def take_acks(self) -> None:
+        """Count the acks collected since the last round: they free their window slots and
+        bytes, move the acked seq, and give each its latency by the burst it went out in."""
+        acks, fw = self.acks, self.fw
+        if acks.acked <= self.counted:
+            return
+        inflight, sizes = self.inflight, self.sizes
+        n, now = acks.acked - self.counted, fw.clock()
+        for _ in range(n - 1):
+            inflight.popleft()
+            self.held -= sizes.popleft()
+        self.held -= sizes.popleft()
+        self.acked = max(self.acked, inflight.popleft())  # a drop at the byte bound may have moved it on
+        self.unstored += n
+        fw.acked.inc(amount=n)
+        bursts = self.bursts
+        while self.counted < acks.acked:
+            end, sent_at = bursts[0]
+            upto = min(end, acks.acked)
+            fw.ack_latency.observe(now - sent_at, count=upto - self.counted)
+            self.counted = upto
+            if end == upto:
+                bursts.popleft()
+        fw.last_ack_at = int(fw.wall() * 1000)
+        if fw.last_error is not None:  # an ack after the error: it is over
+            fw.last_error = fw.last_error_at = None
+
+    def raise_due_error(self) -> None:
+        """Raise the engine's error once every ack before it is counted."""
+        error = self.acks.error
+        if error is not None:
+            raise error
+
+    def take_stored_cursor(self) -> None:
+        """Take the finished cursor writes: their acks no longer hold window slots."""
+        stores = self.stores
+        while stores and stores[0][0].done():
+            store, covered = stores.popleft()
+            self.unstored -= covered
+            self.storing -= covered
+            self._stored(store.result())
+
+    def _stored(self, stored: int) -> None:
+        self.fw.acked_seq = stored
+        if stored > self.acked:  # the byte bound dropped events past us
+            self.acked = self.requested = stored
+            self.scanned = max(self.scanned, stored)
+
+    def store_cursor(self) -> None:
+        """Store the acked seq as the cursor: at once when no write is queued and the
+        database's write lock is free (Ledger.write_forward_cursor_now), else queued for
+        the writer thread, at most CURSOR_WRITES at a time (the acks that come while one
+        is written need not wait for it to end before theirs starts)."""
+        fw = self.fw
+        if self.acked > self.requested and self.acked > fw.acked_seq:
+            if not self.stores:
+                stored = fw.ledger.write_forward_cursor_now(self.acked, fw._high_sent)
+                if stored is not None:
+                    self.unstored = 0
+                    self.requested = self.acked
+                    self._stored(stored)
+                    return
+            if len(self.stores) < CURSOR_WRITES:
+                store = fw.ledger.queue_forward_cursor(self.acked, fw._high_sent)
+                self.stores.append((store, self.unstored - self.storing))
+                self.storing = self.unstored
+                self.requested = self.acked
+        elif not self.stores and self.acked <= fw.acked_seq:
+            self.unstored = 0  # every ack is at or below the stored cursor already
+
+    def sendable(self) -> bool:
+        """The window has room for a burst, and the bytes in flight for the next row."""
+        page = self.page
+        return self.burst_room() > 0 and (
+            not self.inflight or not page or self.held + _row_bytes(page[0]) <= self.fw.window_bytes)
+
+    def can_send_now(self) -> bool:
+        return bool(self.page) and self.sendable()
+
+    async def wait(self) -> None:
+        """Wait for what lets the pump go on: a burst of acks (bounded by the ack timeout
+        from the oldest unacked burst), the cursor write, the page read ahead, or a new
+        event; idle, re-read the newest seq after IDLE_POLL anyway."""
+        fw, inflight = self.fw, self.inflight
+        waits: set[asyncio.Future[Any]] = set()
+        timeout = fw.idle_poll
+        if inflight:
+            # the acks that free a burst
+            waits.add(self.acks.wait(self.counted + min(len(inflight), max(1, self.burst - self.room()))))
+            timeout = self.bursts[0][1] + fw.ack_timeout - fw.clock()
+            if timeout <= 0:
+                raise EngineError("ack_timeout", f"no ack within {fw.ack_timeout:g} s for the "
+                                                 f"event after seq {self.acked}")
+        waits.update(store for store, _ in self.stores)
+        if self.reading is not None:
+            waits.add(self.reading)
+        if self.sendable():
+            fw._wakeup = self.loop.create_future()
+            waits.add(fw._wakeup)
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        fw._wakeup = None
+        if not done and not inflight:  # the idle fallback: events that came another way
+            fw.last_seq = max(fw.last_seq, await fw.ledger.last_seq())
+
+    async def keep_acks(self) -> None:
+        """On an error: store the acks this connection collected."""
+        fw = self.fw
+        while self.stores:
+            fw.acked_seq = await self.stores[0][0]
+            self.stores.popleft()
+        if self.acked > fw.acked_seq:
+            fw.acked_seq = await fw.ledger.store_forward_cursor(self.acked, fw._high_sent)
+
+    def cancel_tasks(self) -> None:
+        for store, _ in self.stores:
+            store.cancel()  # the write itself still lands; only the wait ends
+        reading = self.reading
+        if reading is not None and reading.done() and not reading.cancelled():
+            reading.exception()  # retrieved: no "never retrieved" warning
+        elif reading is not None:
+            reading.cancel()

@@ -102,6 +102,8 @@ class Ledger(LedgerWriter, LedgerReads):
         self._readers = None
         self._reader_pool = queue.SimpleQueue()
         self._loop = None
+        self._cursor_conn = None
+        self._cursor_run = 0
         self._open = False
         self.epoch = ""
 
@@ -141,3 +143,6 @@ class Ledger(LedgerWriter, LedgerReads):
         self._open = False  # appends from now on fail at once instead of queueing behind the writer's stop
         await self._stop_writer()
         await self._close_readers()
+        if self._cursor_conn is not None:
+            self._cursor_conn.close()
+            self._cursor_conn = None

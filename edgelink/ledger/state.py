@@ -63,6 +63,8 @@ class LedgerState:
     _reader_pool: queue.SimpleQueue[sqlite3.Connection]
     # --- life cycle
     _loop: asyncio.AbstractEventLoop | None
+    _cursor_conn: sqlite3.Connection | None  # write_forward_cursor_now's, on the loop
+    _cursor_run: int  # its commits since the writer thread last committed one
     _open: bool
 
     def _started_loop(self) -> asyncio.AbstractEventLoop:

@@ -54,6 +54,9 @@ from .schema import (
 SNIPPET_CHARS = 200  # API.md §7
 DEAD_LETTERS_KEPT = 10_000  # dead-letter records kept (the oldest go first): a bounded table
 DEAD_LETTER_DETAIL_CHARS = 1000  # of the broker's reason kept with a dead letter
+# cursor writes on the loop (write_forward_cursor_now, two pages each) between two that go
+# through the writer thread, whose commit runs the auto-checkpoint: about 512 KiB of WAL
+CURSOR_RUN = 64
 
 
 # Jobs for the writer thread. Appends and health rounds share a transaction; a prune
@@ -131,11 +134,16 @@ class LedgerWriter(LedgerRetention):
         (events and health history) it deleted."""
         return await self._submit(_Prune)
 
-    async def _submit(self, make_job: Callable[[asyncio.Future], Any]) -> Any:
+    def _queue_job(self, make_job: Callable[[asyncio.Future], Any]) -> asyncio.Future:
+        """Queue a job for the writer thread now; the future it settles."""
         if not self._open:
             raise LedgerClosed("the ledger is not open")
         future = self._started_loop().create_future()
         self._queue.put(make_job(future))
+        return future
+
+    async def _submit(self, make_job: Callable[[asyncio.Future], Any]) -> Any:
+        future = self._queue_job(make_job)
         try:
             return await future
         finally:
@@ -150,6 +158,48 @@ class LedgerWriter(LedgerRetention):
         seq sent so far, if higher than the kept one; returns the stored cursor, which the
         byte bound may have moved further."""
         return await self._submit(lambda fut: _Cursor(seq, fut, sent=sent))
+
+    def queue_forward_cursor(self, seq: int, sent: int = 0) -> asyncio.Future[int]:
+        """``store_forward_cursor`` queued for the writer at once, not when a task runs it
+        (the forwarder's window waits on these writes: a loop round less for each); the
+        future settles with the stored cursor. Cancelling it ends only the wait."""
+        return self._queue_job(lambda fut: _Cursor(seq, fut, sent=sent))
+
+    def write_forward_cursor_now(self, seq: int, sent: int = 0) -> int | None:
+        """``store_forward_cursor`` done now on the calling (event loop) thread, through a
+        connection of its own, if the database's write lock is free at once: the stored
+        cursor, or None (the writer thread holds the lock, or the write failed: queue it
+        with ``queue_forward_cursor`` instead). It never waits: no busy timeout, no fsync
+        (as the writer's cursor-only commits), no checkpoint (the writer's commits run
+        them). The forwarder's acked events hold their window slots until the cursor is
+        stored: this spares them two thread hand-offs (issue 23). Every CURSOR_RUN-th write
+        is left to the writer thread (None), whose commit runs the auto-checkpoint: the WAL
+        stays near WAL_LIMIT."""
+        if not self._open:
+            raise LedgerClosed("the ledger is not open")
+        if self._cursor_run >= CURSOR_RUN:
+            self._cursor_run = 0
+            return None
+        conn = self._cursor_conn
+        try:
+            if conn is None:
+                conn = self._cursor_conn = sqlite3.connect(self.path, isolation_level=None, timeout=0)
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+                conn.execute("PRAGMA cache_size = -64")  # KiB: two one-row tables
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                stored = self._write_cursor(conn, seq)
+                if sent:
+                    self._write_sent(conn, sent)
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                rollback(conn)
+                raise
+        except sqlite3.Error:
+            return None
+        self._cursor_run += 1
+        return stored
 
     async def rewind_forward_cursor(self, seq: int) -> int:
         """Set the cursor to ``seq``, also back (a rewind: the events after it are forwarded
@@ -273,9 +323,7 @@ class LedgerWriter(LedgerRetention):
                         self._write_dead_letter(conn, job.dead)
                     results.append((job.future, self._write_cursor(conn, job.seq, job.rewind), None))
                     if job.sent:
-                        conn.execute("INSERT INTO ledger_meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
-                                     " DO UPDATE SET value = max(value, excluded.value)",
-                                     (FORWARD_SENT + self.epoch, job.sent))
+                        self._write_sent(conn, job.sent)
                 else:
                     write_health(conn, job.rows, self._service_row)
                     written += job.size
@@ -321,6 +369,10 @@ class LedgerWriter(LedgerRetention):
                      (self.epoch, seq))
         (stored,) = conn.execute("SELECT acked_seq FROM forward_cursor WHERE epoch = ?", (self.epoch,)).fetchone()
         return stored
+
+    def _write_sent(self, conn: sqlite3.Connection, sent: int) -> None:
+        conn.execute("INSERT INTO ledger_meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
+                     " DO UPDATE SET value = max(value, excluded.value)", (FORWARD_SENT + self.epoch, sent))
 
     def _write_dead_letter(self, conn: sqlite3.Connection, dead: tuple) -> None:
         conn.execute("INSERT OR REPLACE INTO forward_dead_letters (epoch, seq, event_id, type, reason, detail, at)"
