@@ -509,6 +509,27 @@ def test_mqtt_poison_events_never_stop_forwarding(gateway_factory, tmp_path: Pat
         broker.kill()
 
 
+def test_mqtt311_an_event_the_broker_closes_the_connection_for_becomes_a_dead_letter(gateway_factory,
+                                                                                      tmp_path: Path) -> None:
+    # MQTT 3.1.1 has no reason codes: mosquitto closes the connection on a packet over its
+    # max_packet_size. The event leading the window is sent alone, and once the broker closed
+    # the connection for it alone too it is a dead letter; every other event arrives.
+    n = 30
+    broker = Mosquitto(tmp_path, extra=["max_packet_size 65536"]).start()
+    consumer = MqttSubscriber(broker)
+    try:
+        gw = gateway_factory(forward_env(broker.url))
+        poison(gw, n, {12: {"payload": {"x": "y" * 100_000}}})
+        wait_status(gw, lambda st: st["acked_seq"] == n and st["backlog"] == 0)
+        assert_dead_letters(gw, {12: "too_large"})
+        (letter,) = gw.get("/vx11/forward/dead-letters").json()["dead_letters"]
+        assert "closed the connection" in letter["detail"], letter
+        check_delivery(consumer.wait(n - 1), n, WINDOW, interruptions=4, dead=frozenset({12}))
+    finally:
+        consumer.close()
+        broker.kill()
+
+
 def test_mqtts_against_a_test_ca(gateway_factory, tmp_path: Path) -> None:
     n = 2000
     ca = TestCA(tmp_path)

@@ -53,6 +53,12 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 30.0
 STATES = ("disabled", "connecting", "connected", "backoff")
 WINDOW_BYTES = KNOB["forward_window_bytes"].default
 DEAD_LETTER_AFTER = 3  # refusals of the same seq (acl, invalid) before it becomes a dead letter
+# Connections the broker closed, without an ack, while the same event led what was in flight
+# before it is sent alone, and then alone before it is a dead letter (``too_large``): an MQTT
+# 3.1.1 broker cannot say why it refuses a message, it closes the connection (mosquitto's
+# max_packet_size), and a box would send that event again for good.
+ISOLATE_AFTER = 2
+CLOSED_ALONE = 2
 CURSOR_WRITES = 4  # cursor writes queued at once (acked events hold their window slots until written)
 
 
@@ -100,6 +106,8 @@ class Forwarder:
         self.dead_letter_count = 0  # this epoch's recorded dead letters (read at start)
         self.lag_seconds = 0.0  # age of the oldest event still to forward (refresh_lag)
         self._refused = (0, 0)  # (seq, consecutive refusals) of the message refused last
+        self._closed_on = (0, 0)  # (seq, connections closed without an ack with it first in flight)
+        self._lost_head: int | None = None  # the first seq sent on the connection that just ended
         self._high_sent = 0  # highest seq sent (kept with the cursor across restarts): a lower one is a resend
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -244,6 +252,9 @@ class Forwarder:
             except EngineError as exc:
                 self._error(str(exc))
                 log.warning("forward_error", kind=exc.kind, error=str(exc), url=self.url, acked_seq=self.acked_seq)
+                closed = self._closed_without_ack(exc, progressed)
+                if closed is not None:
+                    exc = closed
                 if exc.kind in DEAD_LETTER_KINDS:
                     try:
                         progressed = await self._refused_message(exc) or progressed
@@ -262,6 +273,28 @@ class Forwarder:
             self.state = "backoff"
             log.info("forward_backoff", seconds=round(delay, 3), failures=failures)
             await asyncio.sleep(delay)
+
+    def _closed_without_ack(self, exc: EngineError, progressed: bool) -> EngineError | None:
+        """Count a connection the broker closed while the same event led what was in flight
+        and nothing was acked; once it was closed CLOSED_ALONE times with that event sent
+        alone (``isolating``), the refusal that makes it a dead letter."""
+        head, self._lost_head = self._lost_head, None
+        if exc.kind != "disconnected" or progressed or head is None:
+            self._closed_on = (0, 0)
+            return None
+        count = self._closed_on[1] + 1 if self._closed_on[0] == head else 1
+        self._closed_on = (head, count)
+        if count < ISOLATE_AFTER + CLOSED_ALONE:
+            return None
+        self._closed_on = (0, 0)
+        return EngineError("too_large", f"seq {head}: the broker closed the connection each time it was sent, "
+                                        f"{CLOSED_ALONE} times alone (it gives no reason: MQTT 3.1.1; a broker "
+                                        "maximum packet size below it is the usual cause)")
+
+    @property
+    def isolating(self) -> bool:
+        """The event leading the window is sent alone (see ISOLATE_AFTER)."""
+        return self._closed_on[1] >= ISOLATE_AFTER
 
     async def _refused_message(self, exc: EngineError) -> bool:
         """The broker refused the first wanted event after the cursor for itself: count
@@ -307,6 +340,7 @@ class Forwarder:
                 await pump.wait()
         except EngineError:
             await pump.keep_acks()  # a reconnect resends only after them
+            self._lost_head = pump.first_sent
             raise
         finally:
             pump.cancel_tasks()
@@ -342,11 +376,13 @@ class _Pump:
         self.requested = self.acked  # the seq the newest cursor write stores
         self.reading: asyncio.Task[list[tuple]] | None = None  # the next page, read ahead
         self.read_up_to = self.scanned  # fw.last_seq when that read started
-        self.burst = max(1, fw.window // 4)
+        self.window = 1 if fw.isolating else fw.window
+        self.burst = max(1, self.window // 4)
+        self.first_sent: int | None = None  # the first seq this connection sent
 
     def room(self) -> int:
         """Events the window has room for: in flight and acked-but-unstored count."""
-        return self.fw.window - len(self.inflight) - self.unstored
+        return self.window - len(self.inflight) - self.unstored
 
     def burst_room(self) -> int:
         """The room to send into now: 0 while a nearly full window waits for a burst of acks."""
@@ -412,6 +448,8 @@ class _Pump:
                 high = seq
         if not batch:
             return
+        if self.first_sent is None:
+            self.first_sent = batch[0].seq
         await self.engine.send(batch)  # never blocks on the socket (Engine.send)
         fw._high_sent = high
         self.bursts.append((self.acks.sent, fw.clock()))
