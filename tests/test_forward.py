@@ -548,6 +548,23 @@ def test_byte_bound_drop_moves_the_cursor_and_counts(tmp_path: Path) -> None:
     run_with_ledger(tmp_path, body)
 
 
+def test_the_dropped_count_survives_a_restart(tmp_path: Path) -> None:
+    # the byte bound keeps its count of unforwarded drops with the deletions (ledger_meta, by
+    # epoch): a forwarder started later reports it, not 0
+    import sqlite3
+
+    async def body(ledger: Ledger) -> None:
+        await fill(ledger, 3)
+        with sqlite3.connect(ledger.path) as conn:
+            conn.execute("INSERT INTO ledger_meta (key, value) VALUES (?, 7)", ("forward_dropped:" + ledger.epoch,))
+        fw = forwarder(ledger, World(), window=4)
+        await fw.start()
+        assert fw.status()["dropped"] == 7
+        await fw.stop()
+
+    run_with_ledger(tmp_path, body)
+
+
 def test_page_is_bounded_by_bytes(tmp_path: Path) -> None:
     async def body(ledger: Ledger) -> None:
         for _ in range(10):

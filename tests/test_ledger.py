@@ -590,6 +590,9 @@ def test_drop_oldest_keeps_the_file_under_the_bound_and_reports_unforwarded_drop
             assert sum(d[1] for d in drops) == 40 - len(kept) - 3  # all but the 3 forwarded ones
             assert drops[-1][2] == seqs[-len(kept)] - 1  # the highest seq dropped
             assert sum((await ledger.counts_by_type(2**62)).values()) == len(kept)
+        async with opened(path, max_bytes=BOUND, forwarding=True) as ledger:
+            # the unforwarded drops are kept with the deletions: a restart still knows them
+            assert await ledger.forward_dropped() == 40 - len(kept) - 3
         return len(kept)
 
     kept = run(main())

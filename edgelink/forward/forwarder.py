@@ -144,6 +144,7 @@ class Forwarder:
         self.ledger.on_forced_drop = self._forced_drop
         self.last_seq = await self.ledger.last_seq()
         self.dead_letter_count = (await self.ledger.dead_letters(0))[1]
+        self.dropped.inc(amount=await self.ledger.forward_dropped())  # this epoch's, across restarts
         await self.refresh_lag()
         self._task = asyncio.create_task(self._run(), name="forwarder")
         log.info("forward_started", engine=self.engine_name, url=self.url, edge_id=self.edge_id,

@@ -22,7 +22,7 @@ import orjson
 
 from ..gateway.events import Event
 from .errors import LedgerClosed
-from .schema import BUCKET_MS, FORWARD_SENT, PRUNED_BROADCAST
+from .schema import BUCKET_MS, FORWARD_DROPPED, FORWARD_SENT, PRUNED_BROADCAST
 from .state import LedgerState
 
 READERS = 2  # reader connections; the box has few cores and reads are short
@@ -291,6 +291,14 @@ class LedgerReads(LedgerState):
         """The highest seq sent as of the last cursor write in this epoch (0: none)."""
         def query(conn: sqlite3.Connection) -> int:
             row = conn.execute("SELECT value FROM ledger_meta WHERE key = ?", (FORWARD_SENT + self.epoch,)).fetchone()
+            return row[0] if row else 0
+        return await self._read(query)
+
+    async def forward_dropped(self) -> int:
+        """Unforwarded events of this epoch the byte bound dropped, in all (0: none)."""
+        def query(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT value FROM ledger_meta WHERE key = ?",
+                               (FORWARD_DROPPED + self.epoch,)).fetchone()
             return row[0] if row else 0
         return await self._read(query)
 

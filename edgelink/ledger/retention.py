@@ -28,7 +28,7 @@ import sqlite3
 import time
 
 from ..log import log
-from .schema import MIB, PRUNED_BROADCAST, WAL_LIMIT, WRITE_CHUNK_BYTES, rollback
+from .schema import FORWARD_DROPPED, MIB, PRUNED_BROADCAST, WAL_LIMIT, WRITE_CHUNK_BYTES, rollback
 from .state import LedgerState
 
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
@@ -88,6 +88,9 @@ class LedgerRetention(LedgerState):
         if count:
             conn.execute("DELETE FROM events WHERE seq <= ?", (last,))
             self._record_lost_broadcast(conn, lost_broadcast)
+        if unforwarded:  # kept with the deletion: the forwarder's dropped count survives a restart
+            conn.execute("INSERT INTO ledger_meta (key, value) VALUES (?, ?) ON CONFLICT (key)"
+                         " DO UPDATE SET value = value + excluded.value", (FORWARD_DROPPED + self.epoch, unforwarded))
         return (count, unforwarded, last), freed
 
     def _note_full(self, refused: int) -> None:

@@ -155,6 +155,7 @@ PRUNED_BROADCAST = "pruned_broadcast_seq"
 # Highest seq the forwarder had sent when it last stored its cursor (per epoch: key + epoch):
 # after a restart, sending one at or below it again counts as a resend.
 FORWARD_SENT = "forward_sent_seq:"
+FORWARD_DROPPED = "forward_dropped:"  # per epoch: unforwarded events dropped at the byte bound, in all
 
 
 class Opened(NamedTuple):
