@@ -307,7 +307,7 @@ class HttpProtocol(asyncio.Protocol):
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
-                self.refuse.protocol_error(exc, self.head, self.conn.trailing_data[0])
+                self.refuse.protocol_error(exc)
                 return
             if event is h11.NEED_DATA:
                 if self.phase is Phase.HEADERS and not self.head.line_checked \

@@ -85,12 +85,12 @@ class Refusals:
     def timeout(self) -> None:
         self.refuse(408, "request_timeout", "request_time", detail="request not received in time")
 
-    def protocol_error(self, exc: h11.RemoteProtocolError, head: Head, pending: bytes) -> None:
+    def protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         """What h11 refused: 431 (or 414, when the request line is what is too long) for a
         head over its size, else 400, never with h11's own message: it quotes the
         offending line, which may hold a token."""
         if exc.error_status_hint == 431:
-            if not head.line_too_long(pending):
+            if not self.conn.head.line_too_long(self.conn.conn.trailing_data[0]):
                 self.header_block()
         else:
             self.refuse(400, "bad_request", detail=bad_request_detail(str(exc)))
