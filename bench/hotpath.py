@@ -141,7 +141,7 @@ SPLIT = (
     ("server: headers dict, Request (_start_request)", ("http/connection.py:_start_request",), ("dispatch.py:admit",)),
     ("server: response bytes (ResponseWriter.write own)", ("http/writer.py:write",),
      ("http/connection.py:end_response",)),
-    ("server: timers (_set_timer, _cancel_timer)", ("http/connection.py:_set_timer", "http/connection.py:_cancel_timer"), ()),
+    ("server: timers (Timer.arm, Timer.cancel)", ("http/timer.py:arm", "http/timer.py:cancel"), ()),
     ("dispatch: admit, route, auth, metrics, id", ("dispatch.py:respond", "dispatch.py:admit", "dispatch.py:_finish"),
      ("api/", "edgelink/ledger/")),
     ("handler (api/)", ("api/",), ("edgelink/ledger/",)),

@@ -1,6 +1,12 @@
 """One HTTP/1.1 connection: an asyncio protocol over h11 that reads the head, then the body,
-then has the exchange answered (writer.py writes it); an upgrade hands the connection over
-to a ``WebSocketProtocol`` (upgrade.py).
+then has the exchange answered; an upgrade hands the connection over to a
+``WebSocketProtocol`` (upgrade.py).
+
+``HttpProtocol`` is the phase machine below; each role it delegates has its own piece:
+the head's limits and the answers it gives itself (head.py: ``Head``, ``Refusals``), the
+body and its reservation in the memory account (body.py: ``Body``), writing the answer
+once the handler has it (writer.py: ``ResponseWriter``), the upgrade (upgrade.py), its one
+timer and the lingering close (timer.py: ``Timer``), and the wire helpers (wire.py).
 
 h11 parses every byte a client sends; responses are serialized by the writer. Sending a
 response through h11's state machine cost about half the CPU of a small request (measured:
@@ -17,7 +23,7 @@ Theory of operation. Each connection is in one of these phases:
              in h11's buffer and are answered in order once this one is done
     CLOSED   closed or closing, or handed over to a WebSocket protocol
 
-What the connection decides itself (never the handlers): 414 for a request line over the
+What the connection decides itself (never the handlers; head.py answers): 414 for a request line over the
 limit, 431 for a header block over the limit, 413 for a body over the limit (from
 Content-Length before reading, or while reading a chunked body), 400 for bytes that are
 not HTTP, 408 when a request does not arrive in time. Each of these answers once, is
@@ -45,28 +51,22 @@ from __future__ import annotations
 import asyncio
 import enum
 import socket
-from typing import TYPE_CHECKING, Any, Callable, Coroutine
-from urllib.parse import unquote
+from typing import TYPE_CHECKING
 
 import h11
 
-from ..account import BODIES, Share
-from ..log import address, client_log, log, traceback_text
+from ..account import Share
+from .body import Body
+from .head import Head, Refusals
 from .messages import Request, Response, StreamingResponse
-from .upgrade import Accepted, WebSocketHandshake, WebSocketProtocol, WsHandler
-from .wire import (
-    RETRY_AFTER,
-    ReadGate,
-    SendWatch,
-    bad_request_detail,
-    origin_form,
-    raw_error,
-    unread_bytes,
-)
+from .timer import Timer
+from .upgrade import upgrade
+from .wire import ReadGate, SendWatch, raw_error, unread_bytes
 from .writer import ResponseWriter
 
 if TYPE_CHECKING:
     from .server import HttpServer
+    from .upgrade import WebSocketProtocol
 
 
 class Phase(enum.Enum):
@@ -80,7 +80,6 @@ class Phase(enum.Enum):
 # Pipelined requests answered without a task in one turn of the loop, before the rest wait
 # for the next turn: other connections are not kept waiting behind one client's burst.
 _ANSWERS_PER_TURN = 32
-_VERSIONS = {b"1.1": "1.1", b"1.0": "1.0"}
 # Methods whose routes take no body (API.md §1): a body they declare is read and dropped as
 # it arrives, never held, reserved or answered with 100 Continue.
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE"})
@@ -88,9 +87,8 @@ _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE"})
 
 class HttpProtocol(asyncio.Protocol):
     __slots__ = ("server", "settings", "loop", "transport", "conn", "phase", "client", "gate", "watch", "writer",
-                 "share", "must_close", "_timer", "_request", "_body", "_body_size", "_body_deadline", "_task",
-                 "_line_checked", "_stall_read", "_eof", "_refusal", "_processing", "_parser_empty", "_reserved",
-                 "_keep_body", "_head_lines", "_answered")
+                 "refuse", "head", "body", "share", "must_close", "timer", "_request", "_task", "_stall_read",
+                 "_eof", "_refusal", "_processing", "_parser_empty", "_answered")
 
     transport: asyncio.Transport
     gate: ReadGate
@@ -104,23 +102,19 @@ class HttpProtocol(asyncio.Protocol):
         self.phase = Phase.IDLE
         self.client: tuple[str, int] | None = None
         self.writer = ResponseWriter(self)
+        self.refuse = Refusals(self)  # the answers it gives itself
+        self.head = Head(self.settings, self.refuse)  # the head being read, against its limits
+        self.body = Body(self)  # the body being read, and its reservation in the account
         self.share: Share | None = None  # this connection's part of the account, while open
         self.must_close = False  # answer this request, then close (ambiguous framing)
-        self._timer: asyncio.TimerHandle | None = None
+        self.timer = Timer(self.loop, self._on_timeout)  # the phase's deadline, or the linger's
         self._request: Request | None = None
-        self._body: list[bytes] = []
-        self._body_size = 0
-        self._body_deadline = 0.0
         self._task: asyncio.Task[None] | None = None
-        self._line_checked = False  # the request line is known to be within its limit
         self._stall_read = False  # a timer already waited once for unread bytes
         self._eof = False  # the client has half-closed its side
         self._refusal: Response | None = None  # admit's answer, given once the body is discarded
         self._processing = False  # _process is running: an answer given inside it does not recurse
         self._parser_empty = False  # a fresh parser was fed nothing: asking it would only say NEED_DATA
-        self._reserved = 0  # body bytes this request holds of the account (piece "bodies")
-        self._keep_body = False  # this request's body is held (admitted, authenticated, reserved)
-        self._head_lines = 0  # line ends read since the current head began (field count check)
         self._answered = False  # a request on this connection was answered (it is not fresh)
 
     @property
@@ -160,14 +154,14 @@ class HttpProtocol(asyncio.Protocol):
             # it grows to megabytes for a client that never reads, each bit of growth
             # looking like progress to the send timeout: bound it by the setting.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.write_buffer_high)
-        self._set_timer(self.settings.header_timeout, self._on_timeout)
+        self.timer.arm(self.settings.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = Phase.CLOSED
-        self._cancel_timer()
+        self.timer.cancel()
         self.watch.stop()
         self.server.connections.discard(self)
-        self._reserved = 0
+        self.body.reserved = 0
         if self.share is not None:
             self.share.close()  # whatever the connection held, at whatever point it was lost
         if self._request is not None:
@@ -184,8 +178,9 @@ class HttpProtocol(asyncio.Protocol):
         if self.phase is Phase.IDLE or self.phase is Phase.HEADERS:
             # A head of many short fields costs h11 far more to parse than its bytes suggest:
             # count line ends as they come and look closer (rarely) only past the limit.
-            self._head_lines += data.count(b"\n")
-            if self._head_lines > self.settings.max_header_fields + 1 and self._too_many_fields():
+            head = self.head
+            head.lines += data.count(b"\n")
+            if head.lines > self.settings.max_header_fields + 1 and head.too_many_fields(self.conn.trailing_data[0]):
                 return
         if self.phase is Phase.HANDLING:
             # Pipelined bytes wait in h11's buffer until this answer is out; read no more
@@ -195,12 +190,12 @@ class HttpProtocol(asyncio.Protocol):
         if self.phase is Phase.IDLE:
             self.phase = Phase.HEADERS
             self._stall_read = False
-            idle_timer = self._timer
+            idle_timer = self.timer.handle
             self._process()
             # Most requests arrive whole and are answered above; one still incomplete gets
             # the header timeout from now (a body's own reads re-arm it as they arrive).
-            if self._timer is idle_timer and self.phase in (Phase.HEADERS, Phase.BODY):
-                self._set_timer(self.settings.header_timeout, self._on_timeout)
+            if self.timer.handle is idle_timer and self.phase in (Phase.HEADERS, Phase.BODY):
+                self.timer.arm(self.settings.header_timeout)
             return
         self._process()
 
@@ -235,7 +230,7 @@ class HttpProtocol(asyncio.Protocol):
         self.writer.written_out()
         if self.phase is Phase.IDLE:
             # Answer what was pipelined while the client was not reading.
-            self._set_timer(self.settings.keepalive_timeout, self._on_timeout)
+            self.timer.arm(self.settings.keepalive_timeout)
             self._process()
 
     # --- state the server looks at -------------------------------------------------------
@@ -312,10 +307,11 @@ class HttpProtocol(asyncio.Protocol):
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
-                self._protocol_error(exc)
+                self.refuse.protocol_error(exc)
                 return
             if event is h11.NEED_DATA:
-                if self.phase is Phase.HEADERS and not self._line_checked and self._request_line_too_long():
+                if self.phase is Phase.HEADERS and not self.head.line_checked \
+                        and self.head.line_too_long(self.conn.trailing_data[0]):
                     return
                 self.gate.unblock("pipeline")
                 return
@@ -324,18 +320,12 @@ class HttpProtocol(asyncio.Protocol):
                     continue
                 return
             if isinstance(event, h11.Data):
-                self._body_size += len(event.data)
-                if self._body_size > self.settings.max_body:
-                    self._refuse(413, "payload_too_large", "body", detail=f"body exceeds {self.settings.max_body} bytes")
-                    return
-                if self._keep_body:  # any other body is read and dropped as it arrives
-                    if self._body_size > self._reserved and not self._reserve_body(self._body_size):
-                        return  # a chunked body past what the account or this share may hold
-                    self._body.append(event.data)
+                if not self.body.receive(event.data):
+                    return  # refused: over the body limit, or past the account
                 # Each chunk buys another header timeout, but never past the body deadline:
                 # a body trickled in a byte at a time cannot hold the connection for ever.
-                left = self._body_deadline - self.loop.time()
-                self._set_timer(min(self.settings.header_timeout, max(left, 0.0)), self._on_timeout)
+                left = self.body.deadline - self.loop.time()
+                self.timer.arm(min(self.settings.header_timeout, max(left, 0.0)))
             elif isinstance(event, h11.EndOfMessage):
                 if self._refusal is not None:
                     assert self._request is not None
@@ -350,42 +340,18 @@ class HttpProtocol(asyncio.Protocol):
                 return
 
     def _start_request(self, event: h11.Request) -> bool:
-        if len(event.method) + len(event.target) + 10 > self.settings.max_request_line:  # "M T HTTP/1.1"
-            self._refuse_line()
-            return False
-        # h11 bounds only a block still incomplete; one that arrived whole is measured here.
-        size = len(event.target)
-        headers: dict[str, str] = {}
-        for name, value in event.headers.raw_items():  # a list: cheaper than iterating Headers
-            size += len(name) + len(value) + 4
-            key = name.decode("latin-1").lower()
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        if size > self.settings.max_header:
-            self._refuse_headers()
-            return False
-        if len(event.headers) > self.settings.max_header_fields:  # those the line count missed
-            self._refuse_fields()
-            return False
-        target = event.target.decode("latin-1")
-        if not target.startswith("/"):
-            target = origin_form(target)
-        request = self._request = Request(event.method.decode("ascii"), target, headers, client=self.client,
-                                          http_version=_VERSIONS.get(event.http_version) or event.http_version.decode())
-        if "%" in request.path:
-            request.path = unquote(request.path)
+        request = self._request = self.head.read(event, self.client)
+        if request is None:
+            return False  # refused
         request.share = self.share
-        self._body = []
-        self._body_size = 0
-        self._head_lines = 0
-        self._keep_body = False
+        headers = request.headers
         length = headers.get("content-length")
         chunked = "transfer-encoding" in headers
         # Both framings: h11 reads the body as chunked; RFC 9112 §6.1 says close after answering.
         self.must_close = chunked and length is not None
         if length is not None and not chunked and int(length) > self.settings.max_body:
             # Decided before reading a byte of the body (h11 has checked it is a number).
-            self._refuse(413, "payload_too_large", "body", detail=f"body exceeds {self.settings.max_body} bytes")
+            self.refuse.body_too_large()
             return False
         expects = self.conn.they_are_waiting_for_100_continue
         if (chunked or expects or (length is not None and length != "0")) \
@@ -399,36 +365,17 @@ class HttpProtocol(asyncio.Protocol):
                 self.must_close = True
                 self._answer_refusal(request)
                 return False
-            self._keep_body = self._refusal is None and request.admitted is not None
-            if self._keep_body and self.server.overloaded:
-                self._refuse_overloaded("request bodies")
+            keep = self.body.keep = self._refusal is None and request.admitted is not None
+            if keep and self.server.overloaded:
+                self.refuse.overloaded("request bodies")
                 return False
-            if self._keep_body and length is not None and not chunked and not self._reserve_body(int(length)):
+            if keep and length is not None and not chunked and not self.body.reserve(int(length)):
                 return False  # decided before reading the body (and before 100 Continue)
-            if expects and self._keep_body:
+            if expects and keep:
                 self.transport.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         self.phase = Phase.BODY
-        self._body_deadline = self.loop.time() + self.settings.body_timeout
+        self.body.deadline = self.loop.time() + self.settings.body_timeout
         return True
-
-    def _reserve_body(self, size: int) -> bool:
-        """Hold ``size`` body bytes for this request (in all, not more) of the account and
-        this connection's share; past either, answer 503 ``gateway_overloaded`` and close
-        (the account counts the refusal under ``bodies``)."""
-        assert self.share is not None
-        if not self.share.take(BODIES, size - self._reserved):
-            self._refuse(503, "gateway_overloaded", headers=RETRY_AFTER,
-                         detail="request bodies in progress would exceed the memory account "
-                                "(EDGELINK_MEMORY_BUDGET, EDGELINK_MAX_BODIES) or this connection's share; retry")
-            return False
-        self._reserved = size
-        return True
-
-    def release_body(self) -> None:
-        if self._reserved:
-            self._reserved = 0
-            if self.share is not None:
-                self.share.give(BODIES, self.share.by_piece.get(BODIES, 0))
 
     # --- the exchange ---------------------------------------------------------------------
 
@@ -436,53 +383,30 @@ class HttpProtocol(asyncio.Protocol):
         refusal, self._refusal = self._refusal, None
         assert refusal is not None
         self.phase = Phase.HANDLING
-        self._cancel_timer()
+        self.timer.cancel()
         self.writer.write(request, refusal)
 
     def _dispatch(self) -> None:
         request = self._request
         assert request is not None
-        request.body = b"".join(self._body)
-        self._body = []
+        if self.body.parts:  # else the request's body is b"" already, at no call
+            request.body = self.body.take()
         self.phase = Phase.HANDLING
-        self._cancel_timer()
+        self.timer.cancel()
         if request.headers.get("upgrade", "").lower() == "websocket":
-            self._upgrade(request)
+            upgrade(self, request)
             return
         try:
             outcome = self.server.dispatcher.respond(request)
         except Exception as exc:
-            self._dispatch_failed(request, exc)
+            self.writer.failed(request, exc)
             return
         if isinstance(outcome, StreamingResponse):  # a handler that streams without waiting first
             self._task = self.loop.create_task(self.writer.stream(request, outcome))
         elif isinstance(outcome, Response):
             self.writer.write(request, outcome)
         else:
-            self._task = self.loop.create_task(self._respond(request, outcome))
-
-    async def _respond(self, request: Request, pending: Coroutine[Any, Any, Response]) -> None:
-        if self.phase is Phase.CLOSED:
-            # The caller left before the handler ran (a burst of requests whose callers hung
-            # up at once): none of its work is done for nobody.
-            pending.close()
-            return
-        try:
-            response = await pending
-        except Exception as exc:
-            self._dispatch_failed(request, exc)
-            return
-        if isinstance(response, StreamingResponse):
-            await self.writer.stream(request, response)
-        else:
-            self.writer.write(request, response)
-
-    def _dispatch_failed(self, request: Request, exc: Exception) -> None:
-        # The dispatcher answers handler errors; this is a bug of its own.
-        log.error("dispatch_failed", error=repr(exc), path=request.path, traceback=traceback_text(exc))
-        if self.phase is not Phase.CLOSED:
-            self.transport.write(raw_error(500, "internal_error"))
-            self.close()
+            self._task = self.loop.create_task(self.writer.answer(request, outcome))
 
     def end_response(self, keep_alive: bool) -> None:
         """The writer is done with this answer: on to the next request, or close."""
@@ -505,158 +429,53 @@ class HttpProtocol(asyncio.Protocol):
         self._answered = True
         self._request = None
         self._task = None
-        self.release_body()
-        self._line_checked = False
+        self.body.release()
         self._stall_read = False
         self.server.busy_changed()
         if "write" in self.gate.blockers:
             # The client is not reading what we send: answering what it pipelined would
             # only pile answers up in memory. resume_writing carries on from here; until
             # then the send timeout, not the keep-alive one, decides how long it may wait.
-            self._cancel_timer()
+            self.timer.cancel()
             return
-        self._set_timer(self.settings.keepalive_timeout, self._on_timeout)
+        self.timer.arm(self.settings.keepalive_timeout)
         # Answer what was pipelined behind this request before reading more; _process
         # resumes reading once h11 needs data.
         self._process()
 
     # --- WebSocket upgrade ------------------------------------------------------------
 
-    def _upgrade(self, request: Request) -> None:
-        handshake = WebSocketHandshake(request)
-        if handshake.problem is not None:
-            self.writer.write(request, handshake.refusal())
-            self.close()
-            return
-        outcome = self.server.dispatcher.websocket(request)
-        if isinstance(outcome, Response):
-            outcome.headers.append((b"connection", b"close"))
-            self.writer.write(request, outcome)
-            self.close()
-            return
-        try:
-            accepted = handshake.accept(self.settings.ws_compression, self.settings.ws_max_frame)
-        except Exception as exc:  # an extension offer wsproto cannot parse
-            if client_log.allow(address(self.client)) is not None:
-                log.info("websocket_handshake_refused", error=type(exc).__name__, client=address(self.client))
-            self.transport.write(raw_error(400, "bad_request", detail="invalid WebSocket handshake"))
-            self.close()
-            return
-        self._hand_over(handshake, accepted, outcome)
-
-    def _hand_over(self, handshake: WebSocketHandshake, accepted: Accepted, handler: WsHandler) -> None:
-        """From here the connection is a ``WebSocketProtocol``'s: this one is done (CLOSED,
-        without closing the transport) and gets no more events."""
+    def hand_over(self, protocol: WebSocketProtocol) -> bytes:
+        """From here the connection is ``protocol``'s (installed with ``set_protocol``):
+        this one is done (CLOSED, without closing the transport) and gets no more events.
+        Returns what the client sent behind the request."""
         trailing, _ = self.conn.trailing_data
         self.phase = Phase.CLOSED
-        protocol = WebSocketProtocol(self.server, self.transport, self.gate, self.watch, self.share, self.client)
         self.server.connections.discard(self)
         self.server.connections.add(protocol)
         self.transport.set_protocol(protocol)
-        protocol.start(handshake, accepted, handler, trailing)
+        return trailing
 
-    # --- errors, timers, closing ------------------------------------------------------------
-
-    def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
-        status = exc.error_status_hint
-        if status == 431:
-            if not self._request_line_too_long():
-                self._refuse_headers()
-        else:
-            # Never h11's own message: it quotes the offending line, which may hold a token.
-            self._refuse(400, "bad_request", detail=bad_request_detail(str(exc)))
-
-    def _request_line_too_long(self) -> bool:
-        """While a request has not been parsed: refuse it with 414 as soon as its first
-        line is known to be over the limit (h11 would wait for the whole header block)."""
-        limit = self.settings.max_request_line
-        pending, _ = self.conn.trailing_data
-        if pending.find(b"\n", 0, limit + 1) != -1:
-            self._line_checked = True
-            return False
-        if len(pending) <= limit:
-            return False
-        self._refuse_line()
-        return True
-
-    def _refuse_line(self) -> None:
-        self._refuse(414, "uri_too_long", "request_line",
-                     detail=f"request line exceeds {self.settings.max_request_line} bytes")
-
-    def _refuse_headers(self) -> None:
-        self._refuse(431, "headers_too_large", "header_block",
-                     detail=f"header block exceeds {self.settings.max_header} bytes")
-
-    def _refuse_overloaded(self, what: str) -> None:
-        if self.server.overload is not None:
-            self.server.overload.count("refuse_new_work")
-        self._refuse(503, "gateway_overloaded", headers=RETRY_AFTER,
-                     detail=f"resident memory is over EDGELINK_MEMORY_SOFT: no new {what} for now; retry")
-
-    def _refuse_fields(self) -> None:
-        self._refuse(431, "headers_too_large", "header_fields",
-                     detail=f"more than {self.settings.max_header_fields} header fields")
-
-    def _too_many_fields(self) -> bool:
-        """With the line count past the limit: whether the head being read has more fields
-        than allowed (refused with 431 if so), counted up to its end or the header block
-        limit, before h11 parses a field of it. Pipelined requests behind a head of few
-        fields also push the count up: then it starts again."""
-        pending, _ = self.conn.trailing_data
-        limit = self.settings.max_header
-        end = pending.find(b"\n\r\n", 0, limit)
-        if end == -1:
-            end = pending.find(b"\n\n", 0, limit)
-        lines = pending.count(b"\n", 0, limit if end == -1 else end + 1)
-        if lines > self.settings.max_header_fields + 1:  # the request line, then a field a line
-            self._refuse_fields()
-            return True
-        self._head_lines = 0
-        return False
-
-    def _refuse(self, status: int, code: str, budget: str | None = None, headers: bytes = b"",
-                **extra: Any) -> None:
-        """Answer an error the server decides itself and close. Each ends its connection,
-        so a client is logged once per connection, not once per request it sent, and
-        client-caused lines are rate-limited (per address and in total)."""
-        if budget is not None:
-            self.server.dispatcher.refused(budget)
-        if client_log.allow(address(self.client)) is not None:
-            log.info("request_refused", status=status, error=code, client=address(self.client),
-                     **({"detail": extra["detail"]} if "detail" in extra else {}))
-        if not self.transport.is_closing():
-            self.transport.write(raw_error(status, code, headers, **extra))
-        self.close()
+    # --- timeouts, closing ------------------------------------------------------------------
 
     def _on_timeout(self) -> None:
-        self._timer = None
         if self.phase not in (Phase.IDLE, Phase.HEADERS, Phase.BODY):
             return
         if not self._stall_read and unread_bytes(self.transport):
             # The loop ran this timer before reading the socket (the process was stopped,
             # the loop stalled): what waits may be a whole request. Read it first, once.
             self._stall_read = self.phase is not Phase.IDLE
-            self._set_timer(self.settings.header_timeout, self._on_timeout)
+            self.timer.arm(self.settings.header_timeout)
         elif self.phase is Phase.IDLE:
             self.close()  # keep-alive idle: a quiet close is the norm
         else:
-            self._refuse(408, "request_timeout", "request_time", detail="request not received in time")
-
-    def _set_timer(self, delay: float, callback: Callable[[], None]) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(delay, callback)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+            self.refuse.timeout()
 
     def close(self) -> None:
         if self.phase is Phase.CLOSED:
             return
         self.phase = Phase.CLOSED
-        self._cancel_timer()
+        self.timer.cancel()
         transport = self.transport
         if transport.is_closing():
             return
@@ -667,12 +486,4 @@ class HttpProtocol(asyncio.Protocol):
         # client closes too (eof_received) or the keep-alive timeout passes.
         transport.write_eof()
         self.gate.open()
-        self._timer = self.loop.call_later(self.settings.keepalive_timeout, self._linger_expired)
-
-    def _linger_expired(self) -> None:
-        if self.transport.get_write_buffer_size():
-            # The answer is still going out: the send timer (running while anything waits)
-            # drops a client that stops reading; one that reads slowly gets all of it.
-            self._timer = self.loop.call_later(self.settings.keepalive_timeout, self._linger_expired)
-        else:
-            self.transport.close()
+        self.timer.linger(transport, self.settings.keepalive_timeout)

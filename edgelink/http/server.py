@@ -1,9 +1,10 @@
 """The HTTP/1.1 listener: the listening sockets, the set of live connections, the memory
 account they draw from and the overload state; it knows nothing of routes.
 
-A connection is an ``HttpProtocol`` (connection.py: head, body, the exchange; its answers
-written by writer.py) until an upgrade hands it over to a ``WebSocketProtocol``
-(upgrade.py) with ``transport.set_protocol``; both are a ``Connection`` to the listener and
+A connection is an ``HttpProtocol`` (connection.py: the phases of one exchange after
+another; the head's limits and refusals in head.py, the body in body.py, its answers
+written by writer.py, its timer in timer.py) until an upgrade hands it over to a
+``WebSocketProtocol`` (upgrade.py) with ``transport.set_protocol``; both are a ``Connection`` to the listener and
 to the overload manager. The server refuses connections itself: 503 while stopping, and
 503 (counted, logged at most once a second) when the connection limit is reached.
 

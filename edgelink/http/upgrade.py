@@ -1,5 +1,6 @@
-"""The WebSocket upgrade: the handshake, checked once, and the protocol the connection is
-handed to (``transport.set_protocol``) once the 101 is written.
+"""The WebSocket upgrade (``upgrade``): the handshake, checked once, the dispatcher asked for
+a handler, and the protocol the connection is handed to (``transport.set_protocol``) once
+the 101 is written.
 
 After the handover the HTTP protocol is out of the picture: what the client sends goes to
 ``WebSocketProtocol`` and from it to the ``WebSocket`` (websocket.py); the connection's
@@ -14,14 +15,16 @@ import base64
 from typing import TYPE_CHECKING, Awaitable, Callable, NamedTuple
 
 from ..account import REPLIES
-from ..log import log, traceback_text
+from ..log import address, client_log, log, traceback_text
 from .frames import CLOSE_GOING_AWAY, CLOSE_TRY_AGAIN_LATER
 from .messages import HTTPError, Request, Response
+from .wire import raw_error
 
 if TYPE_CHECKING:
     from wsproto.connection import Connection
 
     from ..account import Share
+    from .connection import HttpProtocol
     from .server import HttpServer
     from .websocket import WebSocket
     from .wire import ReadGate, SendWatch
@@ -95,6 +98,33 @@ class WebSocketHandshake:
             head.append(b"sec-websocket-extensions: %s\r\n" % agreed)
         head.append(b"x-correlation-id: %s\r\n\r\n" % self.request.correlation_id.encode())
         return Accepted(b"".join(head), Connection(ConnectionType.SERVER, extensions), agreed is not None)
+
+
+def upgrade(conn: HttpProtocol, request: Request) -> None:
+    """Answer an upgrade request on ``conn``: refused (the answer closes the connection),
+    or accepted, the connection handed over to a ``WebSocketProtocol`` that writes the 101
+    and runs the handler."""
+    handshake = WebSocketHandshake(request)
+    if handshake.problem is not None:
+        conn.writer.write(request, handshake.refusal())
+        conn.close()
+        return
+    outcome = conn.server.dispatcher.websocket(request)
+    if isinstance(outcome, Response):
+        outcome.headers.append((b"connection", b"close"))
+        conn.writer.write(request, outcome)
+        conn.close()
+        return
+    try:
+        accepted = handshake.accept(conn.settings.ws_compression, conn.settings.ws_max_frame)
+    except Exception as exc:  # an extension offer wsproto cannot parse
+        if client_log.allow(address(conn.client)) is not None:
+            log.info("websocket_handshake_refused", error=type(exc).__name__, client=address(conn.client))
+        conn.transport.write(raw_error(400, "bad_request", detail="invalid WebSocket handshake"))
+        conn.close()
+        return
+    protocol = WebSocketProtocol(conn.server, conn.transport, conn.gate, conn.watch, conn.share, conn.client)
+    protocol.start(handshake, accepted, outcome, conn.hand_over(protocol))
 
 
 class WebSocketProtocol(asyncio.Protocol):

@@ -1,5 +1,5 @@
-"""The response writer of one HTTP connection: the head, a whole body, or a stream paced
-by the socket.
+"""The response writer of one HTTP connection: the answer of a handler that waits first
+(``answer``, run as a task), then the head, a whole body, or a stream paced by the socket.
 
 Streamed bodies (``StreamingResponse``): the head goes out at once, then each chunk as the
 handler's generator yields it, the next one asked for only once nothing waits in our buffer
@@ -13,10 +13,10 @@ stream's slices) until it is written out."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Coroutine
 
 from ..account import REPLIES, STREAMS
-from ..log import address, client_log, log
+from ..log import address, client_log, log, traceback_text
 from .messages import Request, Response, StreamingResponse
 from .wire import REASONS, DateHeader, keep_alive, raw_error
 
@@ -61,6 +61,32 @@ class ResponseWriter:
             transport.write(b"".join(parts))
         self._hold_reply()
         conn.end_response(keep)
+
+    async def answer(self, request: Request, pending: Coroutine[Any, Any, Response]) -> None:
+        """Write the answer of a handler that waits first (``pending``), once it has it."""
+        if self.conn.closed:
+            # The caller left before the handler ran (a burst of requests whose callers hung
+            # up at once): none of its work is done for nobody.
+            pending.close()
+            return
+        try:
+            response = await pending
+        except Exception as exc:
+            self.failed(request, exc)
+            return
+        if isinstance(response, StreamingResponse):
+            await self.stream(request, response)
+        else:
+            self.write(request, response)
+
+    def failed(self, request: Request, exc: Exception) -> None:
+        """The dispatcher raised: it answers handler errors, so this is a bug of its own
+        (logged; 500 and close)."""
+        log.error("dispatch_failed", error=repr(exc), path=request.path, traceback=traceback_text(exc))
+        conn = self.conn
+        if not conn.closed:
+            conn.transport.write(raw_error(500, "internal_error"))
+            conn.close()
 
     def _hold_reply(self) -> None:
         """What the client has not taken yet waits in our buffer: it is the account's
@@ -141,7 +167,7 @@ class ResponseWriter:
             self.streaming = True
             # The handler has sent the body on: the stream may last long, its body need not.
             request.drop_body()
-            conn.release_body()
+            conn.body.release()
             try:
                 first, response.body = response.body, b""
                 await self._send_chunk(first, chunked)
