@@ -76,6 +76,14 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
         raise SystemExit(f"edgelink: {exc}") from None
     memory.return_big_buffers()
     check_fd_limit(settings)
+    # The stop signals are ours before anything listens: a SIGTERM as soon as the port
+    # answers (or during start-up) is a clean stop, not the default handler's kill. A SIGHUP
+    # before start-up is done is not a reload (systemd is told READY=1 only once started).
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_while_starting)
     runtime = Runtime(settings)
     try:
         await runtime.start()
@@ -94,15 +102,13 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     runtime.listening(server.sockets[0].getsockname()[1])
     overload = server.overload = OverloadManager(server, lambda: runtime.settings, runtime.metrics)
     overload.start()
-    loop = asyncio.get_running_loop()
     log.info("started", version=__version__, host=settings.host, port=runtime.port,
              loop=type(loop).__module__.split(".")[0], auth=settings.enable_auth,
              socket_activated=bool(socks), db=settings.db, epoch=runtime.ledger.epoch)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, _reload, runtime, reload)
+    else:
+        loop.remove_signal_handler(signal.SIGHUP)
     # What start-up allocated lives as long as the process: keep it out of the collector's
     # full passes, which would otherwise walk it again and again under load.
     gc.freeze()
@@ -123,6 +129,10 @@ async def serve(settings: Settings, *, reload: Callable[[], Settings] | None = N
     if watchdog is not None:
         watchdog.cancel()
     log.info("stopped")
+
+
+def _reload_while_starting() -> None:
+    log.warning("reload_ignored", detail="edgelink is still starting: send SIGHUP again once it has started")
 
 
 def _reload(runtime: Runtime, reload: Callable[[], Settings]) -> None:
