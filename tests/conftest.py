@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import os
 import signal
@@ -84,6 +85,10 @@ class Gateway:
                 return int(line.split()[1])
         raise KeyError(field)
 
+    def open_fds(self) -> int:
+        """How many file descriptors the process holds (its sockets among them)."""
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
     def peak_rss_mib(self) -> float:
         return self.status_kib("VmHWM") / 1024
 
@@ -93,6 +98,18 @@ class Gateway:
         return self.proc.wait(timeout)
 
 
+# What configures an edgelink or a v7 gateway, or tells it it runs under systemd: none of it
+# leaks from the shell running the tests into a process a test starts.
+OUR_ENV_PREFIXES = ("EDGELINK_", "VX11_", "TENTACULO", "ENABLE_", "NOTIFY_", "WATCHDOG_", "LISTEN_", "JOURNAL_")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any of ``OUR_ENV_PREFIXES``, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(OUR_ENV_PREFIXES)}
+    env.update(extra)
+    return env
+
+
 def start_gateway(tmp_path: Path, env: dict[str, str] | None = None, args: list[str] | None = None,
                   command: str = "serve", name: str = "gw", launcher: list[str] | None = None,
                   stdin: Any = None) -> Gateway:
@@ -100,8 +117,7 @@ def start_gateway(tmp_path: Path, env: dict[str, str] | None = None, args: list[
     ``launcher`` is a command prefix that execs the rest (to set up fds as systemd does)."""
     log_path = tmp_path / f"{name}.log"
     db = tmp_path / f"{name}.db"
-    full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("EDGELINK_", "VX11_", "TENTACULO", "NOTIFY_", "WATCHDOG_", "LISTEN_", "JOURNAL_"))}
+    full_env = clean_env()
     full_env.update({
         "VX11_GATEWAY_TOKEN": TOKEN,
         "EDGELINK_DB": str(db),
@@ -115,6 +131,80 @@ def start_gateway(tmp_path: Path, env: dict[str, str] | None = None, args: list[
                                 stdin=stdin if stdin is not None else subprocess.DEVNULL)
     started = wait_for_log(log_path, "started", proc)
     return Gateway(proc, started["port"], log_path, db, full_env.get("VX11_GATEWAY_TOKEN", ""), full_env)
+
+
+def wait_until(condition: Any, timeout: float = 10, why: str = "", every: float = 0.02) -> Any:
+    """Poll ``condition()`` every ``every`` seconds until it returns something true, and return
+    that; fail with ``why`` after ``timeout`` seconds. For what another process or thread does,
+    which no event tells us (``every``: longer where asking is costly, e.g. in a container)."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"not in {timeout} s: {why or condition}"
+        time.sleep(every)  # real time: the other side (a process, a thread) moves on its own clock
+    return result
+
+
+async def until(condition: Any, timeout: float = 10, why: str = "") -> Any:
+    """``wait_until`` inside a running loop: yields to the loop between polls, so the tasks
+    under test make progress."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"not in {timeout} s: {why or condition}"
+        await asyncio.sleep(0.005)  # real time: tasks waiting on I/O or threads need the loop to turn
+    return result
+
+
+def metric(gw: Gateway, series: str) -> float:
+    """The value of one series of ``/metrics``, written as it is exported (``name`` or
+    ``name{label="v",...}``); fails if the gateway does not export it."""
+    for line in gw.get("/metrics", token=False).body.decode().splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    raise AssertionError(f"no {series} in /metrics")
+
+
+def metric_sum(gw: Gateway, selector: str) -> float:
+    """The sum of the ``/metrics`` series a selector picks, 0 when none is exported: a bare
+    name picks every series of that name, text with a ``{`` every series beginning with it
+    (``'edgelink_budget_bytes{'`` is every piece, ``'x_total{budget="bodies"}'`` that one)."""
+    total = 0.0
+    for line in gw.get("/metrics", token=False).body.decode().splitlines():
+        if line.startswith("#") or not line:
+            continue
+        series, _, value = line.rpartition(" ")
+        if series.startswith(selector) if "{" in selector else series.partition("{")[0] == selector:
+            total += float(value)
+    return total
+
+
+def errors_logged(gw: Gateway) -> list[str]:
+    """The gateway's log lines at level error or critical."""
+    return [line for line in gw.logs().splitlines()
+            if line.startswith("{") and orjson.loads(line).get("level") in ("error", "critical")]
+
+
+def health_ok(gw: Gateway) -> None:
+    """``/health`` answers 200 ``{"status": "ok", ...}``."""
+    r = gw.get("/health", token=False)
+    assert r.status == 200 and r.json()["status"] == "ok", (r.status, r.body)
+
+
+def still_serving(gw: Gateway) -> None:
+    """``/health`` answers 200 and nothing on the way was a bug of ours: no error in the log."""
+    health_ok(gw)
+    errors = errors_logged(gw)
+    assert not errors, errors[:5]
+
+
+def post_event(gw: Gateway, event_type: str, payload: Any, source: str = "madre", **extra: Any) -> Reply:
+    """``POST /events/ingest`` of one event (``extra``: more body fields); the reply as it came."""
+    return gw.post("/events/ingest", {"source": source, "type": event_type, "payload": payload, **extra})
+
+
+def ws_url(gw: Gateway, query: str = "") -> str:
+    """The gateway's ``/ws`` URL with this query (a token goes in it when the test wants one)."""
+    return f"ws://127.0.0.1:{gw.port}/ws?{query}"
 
 
 def log_records(log_path: Path) -> list[dict[str, Any]]:

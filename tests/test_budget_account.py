@@ -14,15 +14,15 @@ import time
 import orjson
 import pytest
 
-from conftest import RawClient, log_records, module_env
+from conftest import RawClient, log_records, metric_sum, module_env
 from edgelink.modules import STREAM_STATE
-from test_budget_transport import BUDGET_MIB, metric, served
+from test_budget_transport import BUDGET_MIB, served
 
 EVENT = {"source": "t", "type": "system.alert",
          "payload": {"alert_id": "a", "severity": "info", "message": "m", "timestamp": 1}}
 
 
-def ingest(gw, sock: socket.socket | None = None) -> int:
+def raw_ingest(gw, sock: socket.socket | None = None) -> int:
     body = orjson.dumps(EVENT)
     sock = sock or gw.connect()
     client = RawClient(sock)
@@ -61,10 +61,10 @@ def test_anonymous_bodies_never_draw_from_the_account(gateway_factory, method, p
                 sock.send(b"x")
             except OSError:
                 pass  # refused (401) and closed: that is fine too
-        assert [ingest(gw) for _ in range(5)] == [201] * 5
+        assert [raw_ingest(gw) for _ in range(5)] == [201] * 5
         time.sleep(0.2)
-    assert metric(gw, 'edgelink_budget_refusals_total{budget="bodies"}') == 0
-    assert metric(gw, 'edgelink_budget_bytes{piece="bodies"}') == 0
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="bodies"}') == 0
+    assert metric_sum(gw, 'edgelink_budget_bytes{piece="bodies"}') == 0
     assert gw.peak_rss_mib() < BUDGET_MIB
     for sock in attackers:
         sock.close()
@@ -83,17 +83,17 @@ def test_an_authenticated_connection_holds_at_most_its_share(gateway_factory):
         sock.sendall(head + b"x" * 1000)
         held.append(sock)
     time.sleep(0.3)
-    assert metric(gw, 'edgelink_budget_bytes{piece="bodies"}') == 4 << 20
+    assert metric_sum(gw, 'edgelink_budget_bytes{piece="bodies"}') == 4 << 20
     refused = RawClient(gw.connect())
     refused.send(head)
     status, headers, body = refused.read_response()
     assert status == 503 and orjson.loads(body)["error"] == "gateway_overloaded" and headers["retry-after"] == "1"
-    assert metric(gw, 'edgelink_budget_refusals_total{budget="bodies"}') == 1
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="bodies"}') == 1
     for sock in held:
         sock.close()
     time.sleep(0.3)
-    assert metric(gw, 'edgelink_budget_bytes{piece="bodies"}') == 0
-    assert ingest(gw) == 201
+    assert metric_sum(gw, 'edgelink_budget_bytes{piece="bodies"}') == 0
+    assert raw_ingest(gw) == 201
 
 
 def test_more_header_fields_than_the_limit_are_refused_before_they_are_parsed(gateway_factory):
@@ -119,7 +119,7 @@ def test_more_header_fields_than_the_limit_are_refused_before_they_are_parsed(ga
         except OSError:
             break
     assert RawClient(sock).read_response()[0] == 431
-    assert metric(gw, 'edgelink_budget_refusals_total{budget="header_fields"}') == 3
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="header_fields"}') == 3
     served(gw)
 
 
@@ -269,16 +269,16 @@ def test_module_replies_waiting_for_callers_are_bounded_together(gateway_factory
         # what the account lends (40 MiB) is what the process grew by, give or take 2 MiB
         assert peak - idle < 42, f"peak RSS {peak:.1f} MiB, {peak - idle:.1f} MiB over the idle process"
         # refused by the account (while reading, or before parsing) or, past the soft mark, at the door
-        refused = (metric(gw, 'edgelink_budget_refusals_total{budget="replies"}')
-                   + metric(gw, 'edgelink_budget_refusals_total{budget="decode"}')
+        refused = (metric_sum(gw, 'edgelink_budget_refusals_total{budget="replies"}')
+                   + metric_sum(gw, 'edgelink_budget_refusals_total{budget="decode"}')
                    + overload_actions(gw)["refuse_new_work"])
         assert refused >= 10
-        assert metric(gw, 'edgelink_budget_bytes{piece="replies"}') <= 40 << 20
+        assert metric_sum(gw, 'edgelink_budget_bytes{piece="replies"}') <= 40 << 20
         for sock in socks:
             sock.close()
         time.sleep(0.5)
-        assert metric(gw, 'edgelink_budget_bytes{piece="replies"}') == 0
-        assert ingest(gw) == 201
+        assert metric_sum(gw, 'edgelink_budget_bytes{piece="replies"}') == 0
+        assert raw_ingest(gw) == 201
         gw.stop()
 
 
@@ -306,17 +306,17 @@ def test_streams_hold_one_slice_each_and_not_their_bodies(gateway_factory):
             time.sleep(5)
             peak = gw.peak_rss_mib()
             assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
-            assert metric(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') == 208
-            assert metric(gw, 'edgelink_budget_bytes{piece="streams"}') <= 208 * (64 * 1024 + STREAM_STATE)
-            assert metric(gw, 'edgelink_budget_bytes{piece="bodies"}') == 0
-            assert [ingest(gw) for _ in range(10)] == [201] * 10
+            assert metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') == 208
+            assert metric_sum(gw, 'edgelink_budget_bytes{piece="streams"}') <= 208 * (64 * 1024 + STREAM_STATE)
+            assert metric_sum(gw, 'edgelink_budget_bytes{piece="bodies"}') == 0
+            assert [raw_ingest(gw) for _ in range(10)] == [201] * 10
             for sock in socks:
                 sock.close()
             deadline = time.monotonic() + 10
-            while metric(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 0:
+            while metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 0:
                 assert time.monotonic() < deadline, "streams outlived their callers"
                 time.sleep(0.1)
-            assert metric(gw, 'edgelink_budget_bytes{piece="streams"}') == 0
+            assert metric_sum(gw, 'edgelink_budget_bytes{piece="streams"}') == 0
             gw.stop()
     finally:
         switch.stop()
@@ -340,20 +340,20 @@ def test_a_thousand_streams_are_bounded_by_the_account_not_the_backstop(gateway_
         peak = gw.peak_rss_mib()
         assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
         assert overload_actions(gw)["close_connections"] == 0
-        assert metric(gw, 'edgelink_budget_refusals_total{budget="streams"}') > 0
-        assert metric(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 100
-        assert metric(gw, 'edgelink_budget_bytes{piece="streams"}') <= 40 << 20
+        assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="streams"}') > 0
+        assert metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 100
+        assert metric_sum(gw, 'edgelink_budget_bytes{piece="streams"}') <= 40 << 20
         # /health keeps answering; an ingest may find the account full of these authenticated
         # streams or the process over the soft mark (a 503 is the contract's answer then), and
         # is stored once they are gone: the memory they left is trimmed, the episode ends
         assert gw.get("/health").status == 200
-        assert ingest(gw) in (201, 503)
+        assert raw_ingest(gw) in (201, 503)
         for sock in socks:
             sock.close()
         deadline = time.monotonic() + 20
-        while metric(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 0 and time.monotonic() < deadline:
+        while metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 0 and time.monotonic() < deadline:
             time.sleep(0.1)  # the gateway notices the closed callers on its own loop turns
-        assert ingest(gw) == 201
+        assert raw_ingest(gw) == 201
     finally:
         switch.stop()
 
@@ -375,15 +375,15 @@ def test_stream_callers_hanging_up_at_once_leave_nothing_behind(gateway_factory)
             time.sleep(0.02)
             sock.close()
         deadline = time.monotonic() + 10
-        while metric(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 0:
+        while metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 0:
             assert time.monotonic() < deadline, "streams outlived their callers"
             time.sleep(0.1)
-        assert metric(gw, "edgelink_budget_bytes{") == 0, [l for l in gw.get("/metrics").body.decode().splitlines() if "budget_bytes{" in l or "connections " in l]
+        assert metric_sum(gw, "edgelink_budget_bytes{") == 0, [l for l in gw.get("/metrics").body.decode().splitlines() if "budget_bytes{" in l or "connections " in l]
         peak = gw.peak_rss_mib()
         assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
         after = gw.status_kib("VmRSS") / 1024
         assert after < 60, f"{after:.1f} MiB still resident after every caller left"
-        assert ingest(gw) == 201
+        assert raw_ingest(gw) == 201
     finally:
         switch.stop()
 
@@ -418,8 +418,8 @@ def test_work_for_callers_that_have_gone_costs_little(gateway_factory):
     assert polite.read_response(timeout=120)[0] == 200
     stored = 'edgelink_events_total{type="non_canonical",outcome="accepted"}'
     # what was read of the callers' bodies is all handled by now; nothing more may be stored later
-    before = metric(gw, stored)
+    before = metric_sum(gw, stored)
     time.sleep(1)
-    assert metric(gw, stored) == before == 0
-    assert metric(gw, 'edgelink_events_total{type="system.alert",outcome="accepted"}') == 1
-    assert metric(gw, 'edgelink_budget_refusals_total{budget="json_cost"}') >= 1
+    assert metric_sum(gw, stored) == before == 0
+    assert metric_sum(gw, 'edgelink_events_total{type="system.alert",outcome="accepted"}') == 1
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="json_cost"}') >= 1

@@ -14,7 +14,7 @@ import time
 import orjson
 import pytest
 
-from conftest import RawClient, module_env
+from conftest import RawClient, metric_sum, module_env
 
 BUDGET_MIB = 80
 HEALTH = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -61,11 +61,6 @@ def pipelined(path: str, total: int, token: str | None = None) -> bytes:
     auth = f"X-VX11-Token: {token}\r\n" if token else ""
     one = f"GET {path} HTTP/1.1\r\nHost: t\r\n{auth}\r\n".encode()
     return one * (total // len(one))
-
-
-def metric(gw, name: str) -> float:
-    text = gw.get("/metrics", token=False).body.decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 @pytest.fixture
@@ -123,9 +118,9 @@ def test_clients_that_never_read_are_dropped_counted_and_logged_once(gateway_fac
     for sock in socks:
         flood(sock, pipelined("/openapi.json", 64 * 1024))
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and metric(gw, 'edgelink_budget_refusals_total{budget="write_buffer"}') < 3:
+    while time.monotonic() < deadline and metric_sum(gw, 'edgelink_budget_refusals_total{budget="write_buffer"}') < 3:
         time.sleep(0.1)
-    assert metric(gw, 'edgelink_budget_refusals_total{budget="write_buffer"}') == 3
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="write_buffer"}') == 3
     drops = [line for line in gw.logs().splitlines() if '"event":"connection_dropped"' in line]
     assert len(drops) == 3  # once per connection, not once per pipelined request
     assert_within_budget(gw)
@@ -179,7 +174,7 @@ def test_bodies_of_many_clients_add_up_to_the_budget(gateway_factory):
     time.sleep(0.5)
     assert len(held) == 8 and refused == 112  # 8 MiB of 1 MiB bodies
     assert_within_budget(gw)
-    assert metric(gw, 'edgelink_budget_refusals_total{budget="bodies"}') == refused
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="bodies"}') == refused
     for sock in held:  # the last byte: each body is complete, answered (not JSON: 400), released
         sock.sendall(b"x")
         assert RawClient(sock).read_response()[0] == 400
@@ -216,7 +211,7 @@ def test_slowloris(gateway_factory, kind):
             continue
         answered += status == 408
     assert answered == 200
-    assert metric(gw, 'edgelink_budget_refusals_total{budget="request_time"}') == 200
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="request_time"}') == 200
     assert_within_budget(gw)
     for sock in socks:
         sock.close()
@@ -232,7 +227,7 @@ def test_huge_request_lines(gw, size):
         status, _, body = RawClient(sock).read_response()
         assert status == 414 and orjson.loads(body)["error"] == "uri_too_long"
         sock.close()
-    assert metric(gw, 'edgelink_budget_refusals_total{budget="request_line"}') == 30
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="request_line"}') == 30
     assert_within_budget(gw)
 
 
@@ -256,5 +251,5 @@ def test_connection_flood_at_the_limit(gateway_factory):
     for sock in held:
         sock.close()
     time.sleep(0.3)
-    assert metric(gw, 'edgelink_budget_refusals_total{budget="connections"}') == 100
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="connections"}') == 100
     assert_within_budget(gw)

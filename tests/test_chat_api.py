@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import pytest
 
-from conftest import TOKEN, Gateway, RawClient, Reply, assert_error, log_records, module_env, received
+from conftest import TOKEN, Gateway, RawClient, Reply, assert_error, log_records, metric, module_env, received
 from fakemodule import ERROR_500, HANG, HEALTHY, NOT_JSON, FakeModule
 
 SWITCH_PATH = "/switch/route-v5"
@@ -42,13 +42,6 @@ def locs(reply: Reply) -> list[list[Any]]:
     body = assert_error(reply, 422, "validation_error")
     assert all(isinstance(d["msg"], str) and d["msg"] for d in body["detail"])
     return [d["loc"] for d in body["detail"]]
-
-
-def metric(gw: Gateway, name: str) -> float:
-    for line in gw.get("/metrics", token=False).body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"metric {name} not found")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ newcomer runs: each line of its banner is tried against the running demo."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shlex
 import subprocess
@@ -17,7 +16,7 @@ import orjson
 import pytest
 import websockets
 
-from conftest import EDGELINK, start_gateway
+from conftest import EDGELINK, clean_env, start_gateway
 from edgelink.demo import DemoModule
 from edgelink.http.messages import Request
 
@@ -107,7 +106,7 @@ def test_the_banner_lines_work(tmp_path: Path) -> None:
         probe, command = re.search(r"probe every module once:  (\S+=\S+) (\S+) probe$", text, re.M).groups()
         assert command == EDGELINK  # as the demo was started
         name, _, path = probe.partition("=")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGELINK_", "VX11_", "TENTACULO"))}
+        env = clean_env()
         ran = subprocess.run([command, "probe"], env={**env, name: path}, capture_output=True, text=True,
                              timeout=120, cwd=tmp_path / "..")
         assert ran.returncode == 0, ran.stdout + ran.stderr

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
+from conftest import until
 from edgelink import forward
 from edgelink.config import ConfigError, Settings
 from edgelink.forward.engine import Acks, EngineError, Message, safe_type
@@ -100,14 +101,6 @@ def forwarder(ledger: Ledger, world: World, window: int = 8, **kw: Any) -> Forwa
     kw.setdefault("ack_timeout", 5.0)
     return Forwarder(ledger, world.make, Registry(), engine="fake", url="fake://", edge_id="box", window=window,
                      rng=lambda: 0.0, **kw)
-
-
-async def until(predicate, timeout: float = 10.0) -> None:
-    """Yield to the loop until ``predicate()`` holds (the test fails on the timeout)."""
-    async def wait() -> None:
-        while not predicate():
-            await asyncio.sleep(0.005)
-    await asyncio.wait_for(wait(), timeout)
 
 
 def run_with_ledger(tmp_path: Path, body) -> Any:

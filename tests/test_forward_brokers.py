@@ -26,7 +26,7 @@ import orjson
 import pytest
 
 from brokers import HugeFrameServer, Mosquitto, MqttSubscriber, Nats, Proxy, TestCA, check_delivery
-from conftest import Gateway, log_records, start_gateway
+from conftest import Gateway, clean_env, log_records, metric, start_gateway
 from edgelink.ledger import Ledger
 from fakemodule import unused_port
 
@@ -74,7 +74,7 @@ def wait_status(gw: Gateway, predicate: Callable[[dict], bool], timeout: float =
         time.sleep(0.05)
 
 
-def ingest(gw: Gateway, n: int, threads: int = 4) -> list[int]:
+def ingest_many(gw: Gateway, n: int, threads: int = 4) -> list[int]:
     """``n`` ingests over keep-alive connections from a few threads; their statuses."""
     statuses: list[int] = []
     lock = threading.Lock()
@@ -198,7 +198,7 @@ def test_gateway_restarts_during_an_outage_at_the_count_bound_lose_nothing(kind:
     fill_db(tmp_path / "gw.db", n)
     for i in range(restarts):
         gw = start_gateway(tmp_path, env)
-        assert ingest(gw, live, threads=1) == [201] * live
+        assert ingest_many(gw, live, threads=1) == [201] * live
         assert status(gw)["backlog"] == n + (i + 1) * live
         gw.stop(signal.SIGKILL if i % 2 else signal.SIGTERM)
     total = n + restarts * live
@@ -230,7 +230,7 @@ def test_broker_down_while_ingesting(kind: str, gateway_factory) -> None:
     url = f"{'nats' if kind == 'nats' else 'mqtt'}://127.0.0.1:{port}"
     gw = gateway_factory(forward_env(url))
     rss_before = gw.peak_rss_mib()
-    statuses = ingest(gw, n)
+    statuses = ingest_many(gw, n)
     assert statuses == [201] * n
     assert gw.get("/health").status == 200
     st = status(gw)
@@ -252,7 +252,7 @@ def test_broker_down_while_ingesting(kind: str, gateway_factory) -> None:
         os.kill(gw.proc.pid, signal.SIGCONT)
     try:
         wait_status(gw, lambda st: st["acked_seq"] == n, timeout=120)
-        assert ingest(gw, 100, threads=1) == [201] * 100  # live events after the backlog
+        assert ingest_many(gw, 100, threads=1) == [201] * 100  # live events after the backlog
         wait_status(gw, lambda st: st["acked_seq"] == n + 100)
         bodies = broker.stream_seqs(expect=n + 100) if consumer is None else consumer.wait(n + 100)
         check_delivery(bodies, n + 100, WINDOW, interruptions=1)
@@ -323,7 +323,7 @@ def assert_ingest_ok(gw: Gateway) -> bool:
 def test_new_database_forwards_the_new_epoch(kind: str, side, tmp_path: Path) -> None:
     s = side(kind)
     gw = start_gateway(tmp_path, forward_env(s.url))
-    ingest(gw, 50, threads=1)
+    ingest_many(gw, 50, threads=1)
     old = wait_status(gw, lambda st: st["acked_seq"] == 50)["epoch"]
     gw.stop()
     for suffix in ("", "-wal", "-shm"):
@@ -332,7 +332,7 @@ def test_new_database_forwards_the_new_epoch(kind: str, side, tmp_path: Path) ->
     try:
         new = status(gw)["epoch"]
         assert new != old and status(gw)["acked_seq"] == 0
-        ingest(gw, 30, threads=1)
+        ingest_many(gw, 30, threads=1)
         wait_status(gw, lambda st: st["acked_seq"] == 30)
     finally:
         gw.stop()
@@ -543,7 +543,7 @@ def test_bad_url_stops_the_start(url: str, word: str, tmp_path: Path) -> None:
 def test_missing_extra_stops_the_start(kind: str, extra: str, tmp_path: Path) -> None:
     code = (f"import sys; sys.modules[{extra!r}] = None; sys.argv = ['edgelink', 'serve', '--port', '0'];"
             " from edgelink.cli import main; main()")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELINK_")}
+    env = clean_env()
     env.update(forward_env(f"{kind}://127.0.0.1:1"), VX11_GATEWAY_TOKEN="t", EDGELINK_DB=str(tmp_path / "x.db"))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0
@@ -569,13 +569,6 @@ def test_an_enormous_frame_from_the_broker_is_cut_off(kind: str, gateway_factory
         assert assert_ingest_ok(gw)
     finally:
         server.close()
-
-
-def metric(gw: Gateway, name: str) -> float:
-    for line in gw.get("/metrics").body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"no {name} in /metrics")
 
 
 def test_rewind_after_the_stream_lost_acknowledged_messages(gateway_factory, tmp_path: Path) -> None:
@@ -656,7 +649,7 @@ def test_two_boxes_with_one_edge_id_are_reported(kind: str, side, gateway_factor
 def test_one_box_is_not_reported_as_a_duplicate(side, gateway_factory) -> None:
     s = side("nats")
     gw = gateway_factory(forward_env(s.url))
-    ingest(gw, 50, threads=1)
+    ingest_many(gw, 50, threads=1)
     wait_status(gw, lambda st: st["acked_seq"] == 50)
     time.sleep(1)
     assert not any(r.get("event") == "forward_duplicate_edge_id" for r in log_records(gw.log_path))

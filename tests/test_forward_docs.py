@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from brokers import Nats
-from test_forward_brokers import forward_env, ingest, wait_status
+from test_forward_brokers import forward_env, ingest_many, wait_status
 
 pytestmark = pytest.mark.brokers
 
@@ -67,16 +67,16 @@ def test_the_documented_consumer_keeps_every_event_once_across_idle_stretches(ga
     try:
         boxes = [gateway_factory(forward_env(broker.url, EDGELINK_EDGE_ID=f"box{i}")) for i in (1, 2)]
         for gw in boxes:
-            ingest(gw, 300, threads=2)
+            ingest_many(gw, 300, threads=2)
         wait_stored(db, 600, consumer)
         time.sleep(7)  # idle: at least three fetches time out
         for gw in boxes:
-            ingest(gw, 200, threads=2)
+            ingest_many(gw, 200, threads=2)
         wait_stored(db, 1000, consumer)
         consumer.send_signal(signal.SIGKILL)  # the consumer restarts: unacked messages come again
         consumer.wait(10)
         for gw in boxes:
-            ingest(gw, 100, threads=1)
+            ingest_many(gw, 100, threads=1)
             wait_status(gw, lambda st: st["acked_seq"] == 600)
         consumer = consume()
         keys = wait_stored(db, 1200, consumer)

@@ -10,7 +10,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import log_records, module_env, start_gateway, wait_for_log
+from conftest import log_records, module_env, start_gateway, wait_for_log, wait_until
 from edgelink.config import MODULE_DEFAULTS
 from edgelink.gateway.events import SCHEMAS
 from edgelink.gateway.metrics import BUDGETS
@@ -55,13 +55,6 @@ def _events(gw: Any, event: str, module: str) -> list[dict[str, Any]]:
     return [r for r in log_records(gw.log_path) if r["event"] == event and r.get("module") == module]
 
 
-def _wait(predicate: Any, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "not in time"
-        time.sleep(0.05)
-
-
 def test_breaker_changes_are_counted_and_a_module_down_is_logged_once(tmp_path: Path) -> None:
     with FakeModule("hermes") as hermes:
         hermes.behave("/hermes/resources", ERROR_500)
@@ -96,13 +89,13 @@ def test_probe_status_changes_are_logged_once_per_change(tmp_path: Path) -> None
         gw = start_gateway(tmp_path, {**module_env({"madre": madre}), "EDGELINK_PROBE_INTERVAL": "0.1"})
         try:
             rounds = lambda n: lambda: len([r for r in madre.requests if r.path == "/health"]) >= n  # noqa: E731
-            _wait(rounds(3))
+            wait_until(rounds(3))
             madre.behave("/health", ERROR_500)
-            _wait(lambda: _events(gw, "module_down", "madre"))
-            _wait(rounds(len(madre.requests) + 3))
+            wait_until(lambda: _events(gw, "module_down", "madre"))
+            wait_until(rounds(len(madre.requests) + 3))
             madre.behave("/health", HEALTHY)
-            _wait(lambda: _events(gw, "module_up", "madre"))
-            _wait(rounds(len(madre.requests) + 3))
+            wait_until(lambda: _events(gw, "module_up", "madre"))
+            wait_until(rounds(len(madre.requests) + 3))
             records = log_records(gw.log_path)
         finally:
             gw.stop()

@@ -15,7 +15,7 @@ import h11
 import orjson
 import pytest
 
-from conftest import assert_error, module_env, received
+from conftest import assert_error, module_env, received, wait_until
 from edgelink.api.chat import _TextDeltas
 from fakemodule import HANG, FakeModule
 
@@ -152,13 +152,6 @@ def switch() -> Any:
     module = StreamingModule("switch").start()
     yield module
     module.stop()
-
-
-def wait_until(condition: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def test_intent_relays_each_chunk_as_it_arrives_and_keeps_the_connection(switch, gateway_factory):

@@ -23,7 +23,7 @@ REPO = Path(edgelink.__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
+def no_systemd_env(monkeypatch):
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         monkeypatch.delenv(name, raising=False)
 

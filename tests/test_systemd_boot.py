@@ -36,7 +36,7 @@ import orjson
 import pytest
 
 from brokers import need_binary
-from conftest import Gateway, Reply
+from conftest import Gateway, Reply, wait_until
 from edgelink.compat import tomllib
 from test_deploy_files import REPO, install_blocks
 
@@ -202,13 +202,6 @@ def machine(request, tmp_path_factory) -> Iterator[Machine]:
             proc.wait(10)
 
 
-def wait_until(predicate, timeout: float = 60, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
 def main_pid(m: Machine) -> int:
     return int(m.show("edgelink.service", "MainPID"))
 
@@ -250,7 +243,7 @@ def test_reload_applies_a_good_file_and_refuses_a_bad_one(machine):
     try:
         machine.write(ENV, env.replace(TOKEN, NEW_TOKEN))
         machine.sh("systemctl reload edgelink.service")
-        wait_until(lambda: get(machine, "/vx11/routes", NEW_TOKEN).status == 200, 30, "the new token")
+        wait_until(lambda: get(machine, "/vx11/routes", NEW_TOKEN).status == 200, 30, "the new token", every=0.5)
         assert get(machine, "/vx11/routes", TOKEN).status in (401, 403)
 
         machine.write(TOML, 'port = "not a port"\n')
@@ -265,7 +258,7 @@ def test_reload_applies_a_good_file_and_refuses_a_bad_one(machine):
         machine.write(TOML, "")
         machine.write(ENV, env)
     machine.sh("systemctl reload edgelink.service")
-    wait_until(lambda: get(machine, "/vx11/routes", TOKEN).status == 200, 30, "the first token again")
+    wait_until(lambda: get(machine, "/vx11/routes", TOKEN).status == 200, 30, "the first token again", every=0.5)
     assert main_pid(machine) == pid
 
 
@@ -280,7 +273,7 @@ def test_watchdog_restarts_a_stopped_gateway(machine):
         restarts = int(machine.show("edgelink.service", "NRestarts"))
         machine.sh(f"kill -STOP {pid}")
         wait_until(lambda: main_pid(machine) not in (0, pid)
-                   and machine.show("edgelink.service", "ActiveState") == "active", 90, "the watchdog restart")
+                   and machine.show("edgelink.service", "ActiveState") == "active", 90, "the watchdog restart", every=0.5)
         assert int(machine.show("edgelink.service", "NRestarts")) == restarts + 1
         assert any("Watchdog timeout" in message(e) for e in machine.journal("-u edgelink.service"))
         assert get(machine, "/health").status == 200
@@ -306,10 +299,10 @@ def test_restart_under_a_polling_client_fails_no_request(machine):
     poller = threading.Thread(target=poll)
     poller.start()
     try:
-        wait_until(lambda: len(answers) >= 5, 30, "the first answers")
+        wait_until(lambda: len(answers) >= 5, 30, "the first answers", every=0.5)
         machine.sh("systemctl restart edgelink.service")
         counted = len(answers)
-        wait_until(lambda: len(answers) >= counted + 5, 60, "answers after the restart")
+        wait_until(lambda: len(answers) >= counted + 5, 60, "answers after the restart", every=0.5)
     finally:
         stop.set()
         poller.join(90)
@@ -334,7 +327,7 @@ def test_missing_env_file_is_named_and_the_socket_survives_a_burst_of_failed_sta
     machine.sh(f"mv {ENV}.away {ENV}")
     # no reset-failed: the next connection (or the next automatic restart) brings it back
     assert get(machine, "/health", timeout=60).status == 200
-    wait_until(lambda: machine.show("edgelink.service", "ActiveState") == "active", 60, "the service")
+    wait_until(lambda: machine.show("edgelink.service", "ActiveState") == "active", 60, "the service", every=0.5)
 
 
 def test_journal_priorities_and_no_token(machine):

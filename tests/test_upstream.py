@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Iterator, TypeVar
 
 import orjson
 import pytest
 
+from conftest import until
 from edgelink.api.modules import module_error
 from edgelink.config import ModuleConfig, Settings
 from edgelink.http.messages import HTTPError
@@ -41,13 +42,6 @@ def run(coro: Awaitable[T]) -> T:
 def make_settings(urls: dict[str, str], disabled: tuple[str, ...] = (), **overrides: Any) -> Settings:
     modules = tuple(ModuleConfig(name, url, name not in disabled) for name, url in urls.items())
     return Settings(token=TOKEN, modules=modules, **overrides)
-
-
-async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def call(modules: Modules, module: str = "switch", method: str = "POST",
@@ -96,11 +90,11 @@ def test_pool_keeps_at_most_pool_size_idle_connections(fake: FakeModule) -> None
         modules = Modules(make_settings({"switch": fake.url}, upstream_pool_size=2))
         await asyncio.gather(*(call(modules) for _ in range(5)))  # busy connections are not capped
         assert fake.connections == 5
-        await eventually(lambda: fake.open_connections == 2)  # the other three were closed
+        await until(lambda: fake.open_connections == 2)  # the other three were closed
         await asyncio.gather(*(call(modules) for _ in range(5)))
         assert fake.connections == 8  # two reused, three new
         await modules.close()
-        await eventually(lambda: fake.open_connections == 0)
+        await until(lambda: fake.open_connections == 0)
 
     run(main())
 
@@ -109,7 +103,7 @@ def test_idle_connections_are_reaped(fake: FakeModule) -> None:
     async def main() -> None:
         modules = Modules(make_settings({"switch": fake.url}, upstream_pool_idle=0.2))
         await call(modules)
-        await eventually(lambda: fake.open_connections == 0)
+        await until(lambda: fake.open_connections == 0)
         await call(modules)
         await modules.close()
 
@@ -219,7 +213,7 @@ def test_client_connect_error_and_timeout(fake: FakeModule) -> None:
             await client.request(fake.url, "GET", "/health", timeout=0.3)
         assert info.value.kind == "timeout"
         assert 0.25 <= time.monotonic() - started < 0.9
-        await eventually(lambda: fake.open_connections == 0)  # the hung connection was dropped
+        await until(lambda: fake.open_connections == 0)  # the hung connection was dropped
         await client.close()
 
     run(main())
@@ -445,7 +439,7 @@ def test_breaker_recovers_through_one_trial(fake: FakeModule) -> None:
         clock.offset += 30  # half-open again: one slow trial, nobody else meanwhile
         fake.behave(None, "healthy", delay=0.3)
         trial = asyncio.create_task(call(modules))
-        await eventually(lambda: len(fake.requests) == 5)
+        await until(lambda: len(fake.requests) == 5)
         assert (await error_of(call(modules))).code == "circuit_open"
         assert (await trial).status == 200
         assert modules.breaker_status()["breakers"]["switch"]["state"] == "closed"
@@ -467,7 +461,7 @@ def test_cancelled_trial_lets_the_next_caller_try(fake: FakeModule) -> None:
         await asyncio.sleep(0.25)
         fake.behave(None, HANG)
         trial = asyncio.create_task(call(modules))
-        await eventually(lambda: len(fake.requests) == 4)
+        await until(lambda: len(fake.requests) == 4)
         trial.cancel()
         with pytest.raises(asyncio.CancelledError):
             await trial
@@ -619,9 +613,9 @@ def test_close_drops_pooled_connections(fake: FakeModule) -> None:
     async def main() -> None:
         modules = Modules(make_settings({"switch": fake.url, "madre": fake.url}))
         await asyncio.gather(call(modules), modules.probe_all())
-        await eventually(lambda: fake.open_connections >= 1)
+        await until(lambda: fake.open_connections >= 1)
         await modules.close()
-        await eventually(lambda: fake.open_connections == 0)
+        await until(lambda: fake.open_connections == 0)
 
     run(main())
 

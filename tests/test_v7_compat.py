@@ -17,7 +17,7 @@ import pytest
 from conftest import TOKEN, assert_error, module_env, received
 from edgelink.config import ConfigError, load_settings
 from fakemodule import unused_port
-from test_ws_events import connect, ingest, next_frame, run
+from test_ws_events import connect, next_frame, publish, run
 
 SWITCH_PATH = "/switch/route-v5"
 TS = 1_700_000_000_000
@@ -156,7 +156,7 @@ def test_cors_preflight_allows_requested_headers(gateway_factory) -> None:
 
 
 def test_since_seq_beyond_last_seq_replays_from_the_oldest(gateway) -> None:
-    seqs = [ingest(gateway, "system.alert", dict(ALERT, alert_id=f"x{i}"))["seq"] for i in range(3)]
+    seqs = [publish(gateway, "system.alert", dict(ALERT, alert_id=f"x{i}"))["seq"] for i in range(3)]
 
     async def go() -> None:
         ws, first = await connect(gateway, "client_id=old-ledger&since_seq=500")

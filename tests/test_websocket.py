@@ -16,11 +16,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import RawClient, log_records, start_gateway, wait_for_log
-
-
-def ws_url(gw, query: str = "") -> str:
-    return f"ws://127.0.0.1:{gw.port}/ws?{query}"
+from conftest import RawClient, log_records, start_gateway, wait_for_log, ws_url
 
 
 def run(coro):
