@@ -89,6 +89,22 @@ class Gateway:
         """How many file descriptors the process holds (its sockets among them)."""
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
+    def cpu_ticks(self) -> int:
+        """The CPU time the process has used (user + system), in clock ticks."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])
+
+    def wait_idle(self, quiet: float = 0.3, timeout: float = 60) -> None:
+        """Wait until the process has used no CPU for ``quiet`` seconds: it has done all it
+        would do with what it was sent (answered what it would answer, read what it would
+        read) and waits on its sockets. Fails if it is still busy after ``timeout``."""
+        last = [-1]
+
+        def unchanged() -> bool:  # the same figure as ``quiet`` seconds ago
+            before, last[0] = last[0], self.cpu_ticks()
+            return before == last[0]
+        wait_until(unchanged, timeout, "the gateway to go idle", every=quiet)
+
     def peak_rss_mib(self) -> float:
         return self.status_kib("VmHWM") / 1024
 

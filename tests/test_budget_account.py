@@ -14,7 +14,7 @@ import time
 import orjson
 import pytest
 
-from conftest import RawClient, log_records, metric_sum, module_env
+from conftest import RawClient, log_records, metric_sum, module_env, wait_for_log, wait_until
 from edgelink.modules import STREAM_STATE
 from test_budget_transport import BUDGET_MIB, served
 
@@ -46,7 +46,7 @@ def test_anonymous_bodies_never_draw_from_the_account(gateway_factory, method, p
         sock.sendall(b"%s %s HTTP/1.1\r\nHost: t\r\nContent-Length: 1048576\r\nExpect: 100-continue\r\n\r\n"
                      % (method.encode(), path.encode()))
         attackers.append(sock)
-    time.sleep(0.3)
+    time.sleep(0.3)  # real time: a 100 Continue, if the gateway wrongly sent one, has had time to come
     for sock in attackers:
         sock.setblocking(False)
         try:
@@ -61,8 +61,7 @@ def test_anonymous_bodies_never_draw_from_the_account(gateway_factory, method, p
                 sock.send(b"x")
             except OSError:
                 pass  # refused (401) and closed: that is fine too
-        assert [raw_ingest(gw) for _ in range(5)] == [201] * 5
-        time.sleep(0.2)
+        assert [raw_ingest(gw) for _ in range(5)] == [201] * 5  # answered after the trickled bytes arrived
     assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="bodies"}') == 0
     assert metric_sum(gw, 'edgelink_budget_bytes{piece="bodies"}') == 0
     assert gw.peak_rss_mib() < BUDGET_MIB
@@ -82,8 +81,7 @@ def test_an_authenticated_connection_holds_at_most_its_share(gateway_factory):
         sock = gw.connect()
         sock.sendall(head + b"x" * 1000)
         held.append(sock)
-    time.sleep(0.3)
-    assert metric_sum(gw, 'edgelink_budget_bytes{piece="bodies"}') == 4 << 20
+    wait_until(lambda: metric_sum(gw, 'edgelink_budget_bytes{piece="bodies"}') == 4 << 20, why="four bodies held")
     refused = RawClient(gw.connect())
     refused.send(head)
     status, headers, body = refused.read_response()
@@ -91,8 +89,7 @@ def test_an_authenticated_connection_holds_at_most_its_share(gateway_factory):
     assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="bodies"}') == 1
     for sock in held:
         sock.close()
-    time.sleep(0.3)
-    assert metric_sum(gw, 'edgelink_budget_bytes{piece="bodies"}') == 0
+    wait_until(lambda: metric_sum(gw, 'edgelink_budget_bytes{piece="bodies"}') == 0, why="the bodies given back")
     assert raw_ingest(gw) == 201
 
 
@@ -150,7 +147,7 @@ def test_a_slow_reader_gets_the_whole_answer_whatever_the_framing(gateway_factor
         head, sep, body = bytes(got).partition(b"\r\n\r\n")
         if sep and framing == "keep-alive" and len(body) >= int(head.split(b"content-length: ")[1].split(b"\r\n")[0]):
             break
-        time.sleep(0.01)  # ~1.6 MB/s at most: seconds for the whole answer
+        time.sleep(0.01)  # real time: a slow reader, ~1.6 MB/s at most: seconds for the whole answer
     head, _, body = bytes(got).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head[:80]
     size = len(body)
@@ -170,13 +167,11 @@ def test_client_caused_log_lines_are_limited_in_total(gateway_factory):
         sock.connect(("127.0.0.1", gw.port))
         sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
         sock.close()
-    time.sleep(1.2)
+    time.sleep(1.2)  # real time: the one-second log window passes, so the next line reports the dropped ones
     bad = RawClient(gw.connect())
     bad.send(b"BAD\x00\r\n\r\n")
     assert bad.read_response()[0] == 400
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not any(r["event"] == "log_suppressed" for r in log_records(gw.log_path)):
-        time.sleep(0.05)
+    wait_for_log(gw.log_path, "log_suppressed", gw.proc, 5)
     records = log_records(gw.log_path)
     refused = [r for r in records if r["event"] == "request_refused"]
     suppressed = [r for r in records if r["event"] == "log_suppressed"]
@@ -196,7 +191,7 @@ def test_over_the_soft_mark_new_bodies_and_websockets_wait_and_health_answers(ga
     # first reading on. Requests without a body are served; a body is refused with
     # Retry-After, a WebSocket closed 1013; each counted, the episode logged once.
     gw = gateway_factory(module_env(EDGELINK_MEMORY_SOFT=str(8 << 20), EDGELINK_MEMORY_HARD=str(9 << 20)))
-    time.sleep(0.5)
+    wait_for_log(gw.log_path, "overload_started", gw.proc)  # the first reading is over the mark
     assert set(overload_actions(gw)) == {"refuse_new_work", "stop_reading", "close_connections", "trim"}
     for _ in range(3):
         served(gw)
@@ -224,7 +219,7 @@ def test_over_the_soft_mark_new_bodies_and_websockets_wait_and_health_answers(ga
 def test_over_the_hard_mark_the_heaviest_connection_is_closed(gateway_factory):
     gw = gateway_factory(module_env(EDGELINK_MEMORY_SOFT=str(8 << 20), EDGELINK_MEMORY_HARD=str(9 << 20),
                                     EDGELINK_KEEPALIVE_TIMEOUT="60"))
-    time.sleep(0.3)
+    wait_for_log(gw.log_path, "overload_started", gw.proc)  # the first reading is over the marks
     # A client that pipelines requests for a large document and never reads holds bytes
     # in its buffer: it goes; an idle keep-alive connection holding nothing stays.
     idle = RawClient(gw.connect())
@@ -232,10 +227,7 @@ def test_over_the_hard_mark_the_heaviest_connection_is_closed(gateway_factory):
     assert idle.read_response()[0] == 200
     heavy = gw.connect()
     heavy.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n" * 40)
-    deadline = time.monotonic() + 10
-    while overload_actions(gw)["close_connections"] < 1:
-        assert time.monotonic() < deadline, "the heavy connection was not closed"
-        time.sleep(0.1)
+    wait_until(lambda: overload_actions(gw)["close_connections"] >= 1, why="the heavy connection closed")
     assert RawClient(heavy).closed_by_peer(timeout=30)  # what the kernel holds still arrives, then EOF
     idle.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
     assert idle.read_response()[0] == 200
@@ -263,7 +255,7 @@ def test_module_replies_waiting_for_callers_are_bounded_together(gateway_factory
         head = (b"POST /vx11/intent/task HTTP/1.1\r\nHost: t\r\nX-VX11-Token: %s\r\nContent-Length: 2\r\n\r\n{}"
                 % gw.token.encode())
         socks = [never_reading_request(gw, head) for _ in range(20)]
-        time.sleep(4)
+        gw.wait_idle()  # every reply read or refused: the gateway waits on its callers
         peak = gw.peak_rss_mib()
         assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
         # what the account lends (40 MiB) is what the process grew by, give or take 2 MiB
@@ -276,8 +268,7 @@ def test_module_replies_waiting_for_callers_are_bounded_together(gateway_factory
         assert metric_sum(gw, 'edgelink_budget_bytes{piece="replies"}') <= 40 << 20
         for sock in socks:
             sock.close()
-        time.sleep(0.5)
-        assert metric_sum(gw, 'edgelink_budget_bytes{piece="replies"}') == 0
+        wait_until(lambda: metric_sum(gw, 'edgelink_budget_bytes{piece="replies"}') == 0, why="the replies given back")
         assert raw_ingest(gw) == 201
         gw.stop()
 
@@ -303,7 +294,9 @@ def test_streams_hold_one_slice_each_and_not_their_bodies(gateway_factory):
             socks = [never_reading_request(gw, stream_head(gw, b"{}"), b"{}") for _ in range(200)]
             big = orjson.dumps({"prompt": "p" * ((1 << 20) - 64)})
             socks += [never_reading_request(gw, stream_head(gw, big), big) for _ in range(8)]
-            time.sleep(5)
+            wait_until(lambda: metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') == 208,
+                       why="every stream open")
+            gw.wait_idle()  # every slice filled: the gateway waits on its callers
             peak = gw.peak_rss_mib()
             assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
             assert metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') == 208
@@ -312,10 +305,8 @@ def test_streams_hold_one_slice_each_and_not_their_bodies(gateway_factory):
             assert [raw_ingest(gw) for _ in range(10)] == [201] * 10
             for sock in socks:
                 sock.close()
-            deadline = time.monotonic() + 10
-            while metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 0:
-                assert time.monotonic() < deadline, "streams outlived their callers"
-                time.sleep(0.1)
+            wait_until(lambda: metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') == 0,
+                       why="streams outlived their callers")
             assert metric_sum(gw, 'edgelink_budget_bytes{piece="streams"}') == 0
             gw.stop()
     finally:
@@ -336,7 +327,7 @@ def test_a_thousand_streams_are_bounded_by_the_account_not_the_backstop(gateway_
                                                   chunk=b"z" * (1 << 20)))
         gw = gateway_factory(module_env({"switch": switch}))
         socks = [never_reading_request(gw, stream_head(gw, b"{}"), b"{}") for _ in range(990)]
-        time.sleep(6)
+        gw.wait_idle()  # every stream open or refused, its slice filled: the gateway waits on its callers
         peak = gw.peak_rss_mib()
         assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
         assert overload_actions(gw)["close_connections"] == 0
@@ -350,9 +341,9 @@ def test_a_thousand_streams_are_bounded_by_the_account_not_the_backstop(gateway_
         assert raw_ingest(gw) in (201, 503)
         for sock in socks:
             sock.close()
-        deadline = time.monotonic() + 20
-        while metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 0 and time.monotonic() < deadline:
-            time.sleep(0.1)  # the gateway notices the closed callers on its own loop turns
+        # the gateway notices the closed callers on its own loop turns
+        wait_until(lambda: metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') == 0, 60,
+                   "streams outlived their callers")
         assert raw_ingest(gw) == 201
     finally:
         switch.stop()
@@ -372,12 +363,10 @@ def test_stream_callers_hanging_up_at_once_leave_nothing_behind(gateway_factory)
         for _ in range(30):
             sock = gw.connect()
             sock.sendall(stream_head(gw, body) + body)
-            time.sleep(0.02)
+            time.sleep(0.02)  # real time: the caller hangs up while the gateway is still reading its body
             sock.close()
-        deadline = time.monotonic() + 10
-        while metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') > 0:
-            assert time.monotonic() < deadline, "streams outlived their callers"
-            time.sleep(0.1)
+        wait_until(lambda: metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') == 0,
+                   why="streams outlived their callers")
         assert metric_sum(gw, "edgelink_budget_bytes{") == 0, [l for l in gw.get("/metrics").body.decode().splitlines() if "budget_bytes{" in l or "connections " in l]
         peak = gw.peak_rss_mib()
         assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
@@ -406,7 +395,7 @@ def test_work_for_callers_that_have_gone_costs_little(gateway_factory):
         sock = gw.connect()
         sock.sendall(head + body)
         gone.append(sock)
-    time.sleep(0.05)
+    time.sleep(0.05)  # real time: the callers hang up while the gateway is still reading their bodies
     for sock in gone:
         sock.close()
     polite = RawClient(gw.connect())
@@ -419,7 +408,7 @@ def test_work_for_callers_that_have_gone_costs_little(gateway_factory):
     stored = 'edgelink_events_total{type="non_canonical",outcome="accepted"}'
     # what was read of the callers' bodies is all handled by now; nothing more may be stored later
     before = metric_sum(gw, stored)
-    time.sleep(1)
+    time.sleep(1)  # real time: nothing may be stored later; "later" has to pass
     assert metric_sum(gw, stored) == before == 0
     assert metric_sum(gw, 'edgelink_events_total{type="system.alert",outcome="accepted"}') == 1
     assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="json_cost"}') >= 1
