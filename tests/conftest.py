@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import inspect
 import os
 import signal
 import socket
@@ -160,14 +161,45 @@ def wait_until(condition: Any, timeout: float = 10, why: str = "", every: float 
     return result
 
 
+def stays(condition: Any, seconds: float, why: str) -> None:
+    """``condition()`` holds all through ``seconds`` of real time, checked every 20 ms: for
+    checks that something does NOT happen (a window stays full, nothing more is stored)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert condition(), f"changed within {seconds} s: {why}"
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.02)  # real time: that nothing happens for a while only time can show
+
+
+async def holds(condition: Any, seconds: float, why: str) -> None:
+    """``stays`` inside a running loop: the tasks under test run meanwhile."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert condition(), f"changed within {seconds} s: {why}"
+        if time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(0.005)  # real time: that nothing happens for a while only time can show
+
+
 async def until(condition: Any, timeout: float = 10, why: str = "") -> Any:
-    """``wait_until`` inside a running loop: yields to the loop between polls, so the tasks
-    under test make progress."""
+    """``wait_until`` inside a running loop (``condition`` may be a coroutine function):
+    yields to the loop between polls, so the tasks under test make progress."""
     deadline = time.monotonic() + timeout
-    while not (result := condition()):
+
+    async def check() -> Any:
+        result = condition()
+        return await result if inspect.isawaitable(result) else result
+
+    while not (result := await check()):
         assert time.monotonic() < deadline, f"not in {timeout} s: {why or condition}"
         await asyncio.sleep(0.005)  # real time: tasks waiting on I/O or threads need the loop to turn
     return result
+
+
+async def next_loop_turn() -> None:
+    """Let every task that is ready run once; no time passes."""
+    await asyncio.sleep(0)  # not real time: zero seconds, one pass of the event loop
 
 
 def metric(gw: Gateway, series: str) -> float:
