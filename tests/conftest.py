@@ -99,12 +99,7 @@ class Gateway:
         """Wait until the process has used no CPU for ``quiet`` seconds: it has done all it
         would do with what it was sent (answered what it would answer, read what it would
         read) and waits on its sockets. Fails if it is still busy after ``timeout``."""
-        last = [-1]
-
-        def unchanged() -> bool:  # the same figure as ``quiet`` seconds ago
-            before, last[0] = last[0], self.cpu_ticks()
-            return before == last[0]
-        wait_until(unchanged, timeout, "the gateway to go idle", every=quiet)
+        wait_still(self.cpu_ticks, quiet, timeout, "the gateway to go idle")
 
     def peak_rss_mib(self) -> float:
         return self.status_kib("VmHWM") / 1024
@@ -161,25 +156,66 @@ def wait_until(condition: Any, timeout: float = 10, why: str = "", every: float 
     return result
 
 
+class Settled:
+    """A condition for ``wait_until``/``until``: true once ``read()`` has given the same figure
+    (kept in ``value``) for ``quiet`` seconds: what was under way (a round in flight, a burst
+    of work) has landed."""
+
+    def __init__(self, read: Any, quiet: float) -> None:
+        self.read, self.quiet = read, quiet
+        self.value: Any = None
+        self.since: float | None = None
+
+    def __call__(self) -> bool:
+        now, value = time.monotonic(), self.read()
+        if self.since is None or value != self.value:
+            self.value, self.since = value, now
+        return now - self.since >= self.quiet
+
+
+def wait_still(read: Any, quiet: float, timeout: float = 60, why: str = "") -> Any:
+    """The figure ``read()`` gives once it has held still for ``quiet`` seconds."""
+    settled = Settled(read, quiet)
+    wait_until(settled, timeout, why or f"{read} to hold still", every=quiet / 4)
+    return settled.value
+
+
+def ms_after(after: int) -> int:
+    """The wall clock in milliseconds, once it is past ``after`` (so timestamps taken from
+    now on are later than ``after``)."""
+    return wait_until(lambda: (now := int(time.time() * 1000)) > after and now, why="the clock ticks", every=0.001)
+
+
+def trickle(sock: socket.socket, data: bytes, every: float) -> None:
+    """Send ``data`` a byte at a time, ``every`` seconds apart, until the peer cuts it off."""
+    try:
+        for byte in data:
+            sock.sendall(bytes([byte]))
+            time.sleep(every)  # real time: a client this slow must run into the gateway's timers
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def _held_through(condition: Any, seconds: float, why: str) -> Any:
+    """A condition true once ``seconds`` have passed, failing the test as soon as
+    ``condition()`` does not hold: that nothing happens for a while only time can show."""
+    end = time.monotonic() + seconds
+
+    def over() -> bool:
+        assert condition(), f"changed within {seconds} s: {why}"
+        return time.monotonic() >= end
+    return over
+
+
 def stays(condition: Any, seconds: float, why: str) -> None:
     """``condition()`` holds all through ``seconds`` of real time, checked every 20 ms: for
     checks that something does NOT happen (a window stays full, nothing more is stored)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        assert condition(), f"changed within {seconds} s: {why}"
-        if time.monotonic() >= deadline:
-            return
-        time.sleep(0.02)  # real time: that nothing happens for a while only time can show
+    wait_until(_held_through(condition, seconds, why), seconds + 30, why)
 
 
 async def holds(condition: Any, seconds: float, why: str) -> None:
     """``stays`` inside a running loop: the tasks under test run meanwhile."""
-    deadline = time.monotonic() + seconds
-    while True:
-        assert condition(), f"changed within {seconds} s: {why}"
-        if time.monotonic() >= deadline:
-            return
-        await asyncio.sleep(0.005)  # real time: that nothing happens for a while only time can show
+    await until(_held_through(condition, seconds, why), seconds + 30, why)
 
 
 async def until(condition: Any, timeout: float = 10, why: str = "") -> Any:
@@ -262,17 +298,19 @@ def log_records(log_path: Path) -> list[dict[str, Any]]:
 def wait_for_log(log_path: Path, event: str, proc: subprocess.Popen | None = None, timeout: float = 20,
                  after: int = 0) -> dict[str, Any]:
     """The first log record named ``event`` (past the first ``after`` records)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def found() -> dict[str, Any] | None:
         for rec in log_records(log_path)[after:]:
             if rec.get("event") == event:
                 return rec
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"gateway exited with {proc.returncode}:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    if proc is not None and event == "started":
-        proc.kill()
-    raise RuntimeError(f"no {event!r} log line in time:\n{log_path.read_text()}")
+        return None
+    try:
+        return wait_until(found, timeout, f"a {event!r} log line", every=0.05)
+    except AssertionError:
+        if proc is not None and event == "started":
+            proc.kill()
+        raise RuntimeError(f"no {event!r} log line in time:\n{log_path.read_text()}") from None
 
 
 URL_ENV = {name: env for name, env, _ in MODULE_DEFAULTS}  # module name -> its URL variable

@@ -14,7 +14,7 @@ import time
 import orjson
 import pytest
 
-from conftest import RawClient, log_records, metric_sum, module_env, stays, wait_for_log, wait_until
+from conftest import RawClient, log_records, metric_sum, module_env, stays, wait_for_log, wait_still, wait_until
 from edgelink.modules import STREAM_STATE
 from test_budget_transport import BUDGET_MIB, served
 
@@ -46,7 +46,16 @@ def test_anonymous_bodies_never_draw_from_the_account(gateway_factory, method, p
         sock.sendall(b"%s %s HTTP/1.1\r\nHost: t\r\nContent-Length: 1048576\r\nExpect: 100-continue\r\n\r\n"
                      % (method.encode(), path.encode()))
         attackers.append(sock)
-    time.sleep(0.3)  # real time: a 100 Continue, if the gateway wrongly sent one, has had time to come
+    def none_told_to_continue() -> bool:
+        for sock in attackers:
+            try:
+                got = sock.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            if got.startswith(b"HTTP/1.1 100"):
+                return False
+        return True
+    stays(none_told_to_continue, 0.3, "told 100 Continue without a route that takes a body")
     for sock in attackers:
         sock.setblocking(False)
         try:
@@ -233,6 +242,21 @@ def test_over_the_hard_mark_the_heaviest_connection_is_closed(gateway_factory):
     assert idle.read_response()[0] == 200
 
 
+# What moves while module replies or streams pile up for callers that do not read.
+REPLIES = ('edgelink_budget_bytes{piece="replies"}', 'edgelink_budget_refusals_total{budget="replies"}',
+           'edgelink_budget_refusals_total{budget="decode"}', 'edgelink_overload_actions_total')
+STREAMS = ('edgelink_streams_open{route="/vx11/intent/{intent}"}', 'edgelink_budget_bytes{piece="streams"}',
+           'edgelink_budget_refusals_total{budget="streams"}', 'edgelink_overload_actions_total')
+
+
+def settle(gw, selectors: tuple[str, ...]) -> None:
+    """Until these metrics have held still for a second and the gateway is idle: the module
+    (in this process, slower than the gateway) has sent what it would, the gateway has read
+    or refused it all; only then is the peak RSS the episode's peak."""
+    wait_still(lambda: [metric_sum(gw, s) for s in selectors], 1.0, 60, "the metrics to hold still")
+    gw.wait_idle()
+
+
 def never_reading_request(gw, head: bytes, body: bytes = b"") -> socket.socket:
     sock = gw.connect()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -255,7 +279,7 @@ def test_module_replies_waiting_for_callers_are_bounded_together(gateway_factory
         head = (b"POST /vx11/intent/task HTTP/1.1\r\nHost: t\r\nX-VX11-Token: %s\r\nContent-Length: 2\r\n\r\n{}"
                 % gw.token.encode())
         socks = [never_reading_request(gw, head) for _ in range(20)]
-        gw.wait_idle()  # every reply read or refused: the gateway waits on its callers
+        settle(gw, REPLIES)  # every reply read or refused: the gateway waits on its callers
         peak = gw.peak_rss_mib()
         assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
         # what the account lends (40 MiB) is what the process grew by, give or take 2 MiB
@@ -296,7 +320,7 @@ def test_streams_hold_one_slice_each_and_not_their_bodies(gateway_factory):
             socks += [never_reading_request(gw, stream_head(gw, big), big) for _ in range(8)]
             wait_until(lambda: metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') == 208,
                        why="every stream open")
-            gw.wait_idle()  # every slice filled: the gateway waits on its callers
+            settle(gw, STREAMS)  # every slice filled: the gateway waits on its callers
             peak = gw.peak_rss_mib()
             assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
             assert metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') == 208
@@ -327,7 +351,7 @@ def test_a_thousand_streams_are_bounded_by_the_account_not_the_backstop(gateway_
                                                   chunk=b"z" * (1 << 20)))
         gw = gateway_factory(module_env({"switch": switch}))
         socks = [never_reading_request(gw, stream_head(gw, b"{}"), b"{}") for _ in range(990)]
-        gw.wait_idle()  # every stream open or refused, its slice filled: the gateway waits on its callers
+        settle(gw, STREAMS)  # every stream open or refused, its slice filled: the gateway waits on its callers
         peak = gw.peak_rss_mib()
         assert peak < BUDGET_MIB, f"peak RSS {peak:.1f} MiB"
         assert overload_actions(gw)["close_connections"] == 0

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
-from conftest import RawClient, post_event, start_gateway, still_serving
+from conftest import RawClient, ms_after, post_event, start_gateway, still_serving, wait_until
 
 TS = 1_700_000_000_000
 
@@ -340,9 +340,8 @@ def test_every_201_survives_sigkill_under_load(gateway_factory, sync):
         t.start()
     deadline = time.monotonic() + 15
     # run for ~2 s, but make sure there is a real load (a busy box may be slow to start)
-    time.sleep(2)
-    while len(accepted) < 50 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    time.sleep(2)  # real time: the load runs for a while before the kill
+    wait_until(lambda: len(accepted) >= 50, deadline - time.monotonic(), "a real load")
     gw.proc.send_signal(signal.SIGKILL)
     gw.proc.wait(10)
     stop.set()
@@ -439,8 +438,7 @@ def test_correlation_graph(gateway):
 
 
 def test_snapshot_at_a_time(gateway):
-    before = int(time.time() * 1000) - 1
-    time.sleep(0.01)
+    before = ms_after(int(time.time() * 1000)) - 1
     ids = []
     for i, event_type in enumerate(CANONICAL):
         r = post_event(gateway, event_type, VALID[event_type], source=f"s{i}")

@@ -18,7 +18,7 @@ import uuid
 import orjson
 import pytest
 
-from conftest import EDGELINK, RawClient, health_ok, recv_all, wait_until
+from conftest import EDGELINK, RawClient, health_ok, recv_all, trickle, wait_until
 
 GET_HEALTH = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -242,12 +242,7 @@ def test_slow_header_sender_is_cut_off_at_header_timeout(gateway_factory):
     sock = gw.connect()
     started = time.monotonic()
     status = None
-    try:
-        for byte in GET_HEALTH[:-2]:  # one byte per 0.25 s, never finishing the header block
-            sock.sendall(bytes([byte]))
-            time.sleep(0.25)  # real time: a sender this slow must run into the header timeout
-    except (BrokenPipeError, ConnectionResetError):
-        pass
+    trickle(sock, GET_HEALTH[:-2], 0.25)  # one byte per 0.25 s, never finishing the header block
     data = recv_all(sock, timeout=5)
     status = int(data.split()[1]) if data.startswith(b"HTTP/1.1") else None
     assert status == 408
@@ -470,12 +465,7 @@ def test_a_trickled_body_is_cut_off_at_the_body_timeout(gateway_factory):
     sock = gw.connect()
     sock.sendall(b"POST /events/ingest HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n")
     started = time.monotonic()
-    try:
-        for _ in range(40):  # one byte every 0.2 s: each arrives well within the header timeout
-            sock.sendall(b"x")
-            time.sleep(0.2)
-    except (BrokenPipeError, ConnectionResetError):
-        pass
+    trickle(sock, b"x" * 40, 0.2)  # one byte every 0.2 s: each arrives well within the header timeout
     data = recv_all(sock, timeout=5)
     assert data.startswith(b"HTTP/1.1 408")
     assert time.monotonic() - started < 8

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,10 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(found: dict, name: str, **labels: str) -> float | None:
     return found.get((name, tuple(sorted(labels.items()))))
+
+
+def breaker_state(gw, module: str) -> str:
+    return gw.get("/vx11/circuit-breaker/status").json()["breakers"][module]["state"]
 
 
 def test_counters_known_at_start_are_exported_at_zero(tmp_path: Path) -> None:
@@ -65,11 +68,11 @@ def test_breaker_changes_are_counted_and_a_module_down_is_logged_once(tmp_path: 
             assert gw.get("/resources").status == 500  # the second failure opens it
             for _ in range(3):
                 assert gw.get("/resources").status == 503  # refused at once, nothing new to log
-            time.sleep(0.6)
+            wait_until(lambda: breaker_state(gw, "hermes") == "half_open", why="the recovery time passed")
             assert gw.get("/resources").status == 500  # the trial fails: open again, still down
             assert gw.get("/resources").status == 503
             hermes.behave("/hermes/resources", HEALTHY)
-            time.sleep(0.6)
+            wait_until(lambda: breaker_state(gw, "hermes") == "half_open", why="the recovery time passed")
             assert gw.get("/resources").status == 200  # the trial works: closed
             found = samples(gw.get("/metrics", token=False).body.decode())
             down = _events(gw, "module_down", "hermes")

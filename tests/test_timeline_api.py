@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from conftest import Gateway, assert_error, post_event
+from conftest import Gateway, assert_error, ms_after, post_event
 from edgelink.api.events import TIMELINE_MAX_BYTES
 
 TS = 1_700_000_000_000
@@ -74,9 +74,8 @@ def test_one_correlation_id_from_payload_or_metadata(gateway: Gateway) -> None:
 def test_the_answer_is_bounded_in_bytes(gateway_factory: Any) -> None:
     gw = gateway_factory({"EDGELINK_LEDGER_SYNC": "normal"})
     store(gw, "madre", "blob.stored", {"n": -1, "data": "y" * 20_000})  # over 8 KiB: not even read
-    time.sleep(0.01)
-    huge_until = int(time.time() * 1000)
-    time.sleep(0.01)
+    huge_until = ms_after(int(time.time() * 1000))  # later than the huge event
+    ms_after(huge_until)  # the events from now on are later still
     big = "x" * 7000  # 60 of them are over 256 KiB: the newest that fit come back
     for n in range(60):
         store(gw, "madre", "blob.stored", {"n": n, "data": big})

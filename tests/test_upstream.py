@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Iterator, TypeVar
 import orjson
 import pytest
 
-from conftest import until
+from conftest import until, wait_until
 from edgelink.api.modules import module_error
 from edgelink.config import ModuleConfig, Settings
 from edgelink.http.messages import HTTPError
@@ -119,7 +119,7 @@ def test_module_closing_keepalive_after_each_reply_does_not_fail_the_next_call(f
         for i in range(20):
             assert (await call(modules, json={"n": i})).status == 200
             if i % 2:
-                await asyncio.sleep(0.02)  # let the close reach us too, not only race it
+                await asyncio.sleep(0.02)  # real time: let the close reach us too, not only race it
         assert modules.breaker_status()["breakers"]["switch"]["failure_count"] == 0
         await modules.close()
 
@@ -137,10 +137,7 @@ def test_pooled_connection_whose_peer_left_is_not_used(fake: FakeModule) -> None
         (conn,) = [c for pool in client._idle.values() for c in pool]
         # Sleep without yielding: the module's FIN reaches our socket, but the event loop
         # cannot tell the protocol, so only the socket poll in alive() can notice.
-        deadline = time.monotonic() + 5
-        while conn.alive():
-            assert time.monotonic() < deadline, "the closed connection still looks alive"
-            time.sleep(0.01)
+        wait_until(lambda: not conn.alive(), 5, "the closed connection still looks alive")
         assert not conn.ended
         await client.close()
 
@@ -458,7 +455,7 @@ def test_cancelled_trial_lets_the_next_caller_try(fake: FakeModule) -> None:
         modules = Modules(make_settings({"switch": fake.url}, breaker_recovery=0.2))
         for _ in range(3):
             await call(modules)
-        await asyncio.sleep(0.25)
+        await until(lambda: modules.breaker_status()["breakers"]["switch"]["state"] == "half_open")
         fake.behave(None, HANG)
         trial = asyncio.create_task(call(modules))
         await until(lambda: len(fake.requests) == 4)
@@ -581,7 +578,7 @@ def test_concurrent_callers_share_one_probe_round(fake: FakeModule) -> None:
 
         impatient = asyncio.create_task(modules.probe_all())
         patient = asyncio.create_task(modules.probe_all())
-        await asyncio.sleep(0.05)
+        await until(lambda: len(fake.requests) == 4, why="the shared round under way")
         impatient.cancel()  # giving up must not cancel the round the other caller shares
         assert (await patient)["madre"]["status"] == "ok"
         assert len(fake.requests) == 4
@@ -639,8 +636,7 @@ def test_a_body_that_cannot_be_encoded_does_not_wedge_a_half_open_breaker(fake: 
         modules = Modules(make_settings({"switch": fake.url}, breaker_recovery=0.2))
         for _ in range(3):
             await call(modules)
-        await asyncio.sleep(0.25)
-        assert modules.breaker_status()["breakers"]["switch"]["state"] == "half_open"
+        await until(lambda: modules.breaker_status()["breakers"]["switch"]["state"] == "half_open")
         error = await error_of(call(modules, json={"deep": _nested(300)}))
         assert (error.status, error.code) == (400, "invalid_json")
         assert modules.breaker_status()["breakers"]["switch"]["state"] == "half_open"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import http.client
 import os
 import socket
@@ -23,7 +24,7 @@ from typing import Any
 import orjson
 import websockets
 
-from conftest import post_event, still_serving, ws_url
+from conftest import post_event, still_serving, until, wait_until, ws_url
 
 TS = 1_700_000_000_000
 ALERT = {"alert_id": "al-1", "severity": "warning", "message": "fan speed low", "timestamp": TS}
@@ -279,9 +280,9 @@ def _keepalive_ingester(gw, count: int, answers: list, progress: list, worker: i
     headers = {"X-VX11-Token": gw.token, "Content-Type": "application/json"}
     try:
         for i in range(count):
-            deadline = time.monotonic() + 30
-            while reader is not None and len(reader) < i - lead and time.monotonic() < deadline:
-                time.sleep(0.001)
+            if reader is not None:  # at most ``lead`` ahead of the reader (after 30 s, on regardless)
+                with contextlib.suppress(AssertionError):
+                    wait_until(lambda: len(reader) >= i - lead, 30, every=0.001)
             body = {"source": f"ing{worker}", "type": "system.alert", "broadcast": True,
                     "payload": dict(ALERT, alert_id=f"{worker}-{i}", message="m" * pad or ALERT["message"])}
             conn.request("POST", "/events/ingest", body=orjson.dumps(body), headers=headers)
@@ -306,9 +307,9 @@ async def _collect(ws, seqs: list[int]) -> None:
 
 
 async def _wait_for(seqs: list[int], target: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while (not seqs or seqs[-1] < target) and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    """Until ``seqs`` reaches ``target`` (or the timeout: the caller's check says what is missing)."""
+    with contextlib.suppress(AssertionError):
+        await until(lambda: seqs and seqs[-1] >= target, timeout)
 
 
 async def _probe_seam(ws, first: dict, live_after: int, ingest_over: asyncio.Event) -> list[int]:
@@ -667,7 +668,7 @@ def test_a_replay_paced_by_a_slow_reader_keeps_up_with_live_events(gateway_facto
             frame = orjson.loads(await asyncio.wait_for(ws.recv(), 20))
             seqs.append(frame["seq"])
             if len(seqs) < 300:
-                await asyncio.sleep(0.005)  # slow at first, while the ingester runs
+                await asyncio.sleep(0.005)  # real time: a reader slow at first, while the ingester runs
         await asyncio.to_thread(ingester.join, 30)
         assert seqs == list(range(1, before + during + 1))
         await ws.close()
