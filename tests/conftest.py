@@ -186,14 +186,19 @@ def ms_after(after: int) -> int:
     return wait_until(lambda: (now := int(time.time() * 1000)) > after and now, why="the clock ticks", every=0.001)
 
 
-def trickle(sock: socket.socket, data: bytes, every: float) -> None:
-    """Send ``data`` a byte at a time, ``every`` seconds apart, until the peer cuts it off."""
-    try:
-        for byte in data:
-            sock.sendall(bytes([byte]))
-            time.sleep(every)  # real time: a client this slow must run into the gateway's timers
-    except (BrokenPipeError, ConnectionResetError):
-        pass
+def trickle(socks: socket.socket | list[socket.socket], data: bytes, every: float) -> None:
+    """Send ``data`` a byte at a time, ``every`` seconds apart, to one socket or to each of
+    a list, until the gateway has cut every one off."""
+    live = [socks] if isinstance(socks, socket.socket) else list(socks)
+    for byte in data:
+        for sock in list(live):
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:  # cut off (reset, broken pipe): that one is done
+                live.remove(sock)
+        if not live:
+            return
+        time.sleep(every)  # real time: a client this slow must run into the gateway's timers
 
 
 def _held_through(condition: Any, seconds: float, why: str) -> Any:

@@ -15,7 +15,7 @@ import time
 import orjson
 import pytest
 
-from conftest import RawClient, metric_sum, module_env, wait_until
+from conftest import RawClient, metric_sum, module_env, trickle, wait_until
 
 BUDGET_MIB = 80
 HEALTH = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -189,13 +189,7 @@ def test_slowloris(gateway_factory, kind):
         else:
             sock.sendall(b"POST /events/ingest HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
         socks.append(sock)
-    for _ in range(3):  # a byte now and then, never a whole request
-        time.sleep(0.5)  # real time: the trickle has to be slow to be a slowloris
-        for sock in socks:
-            try:
-                sock.send(b"p")
-            except OSError:
-                pass
+    trickle(socks, b"ppp", 0.5)  # a byte now and then, never a whole request
     served(gw)  # while the attack is on
     answered = 0
     for sock in socks:

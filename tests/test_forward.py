@@ -386,7 +386,8 @@ def test_new_events_wake_the_forwarder(tmp_path: Path) -> None:
     async def body(ledger: Ledger) -> None:
         fw = forwarder(ledger, world, idle_poll=3600)
         await fw.start()
-        await asyncio.sleep(0.05)  # real time: its first (empty) read is over: only the wake can bring the event
+        # parked: its first (empty) read is over, so only the wake can bring the event
+        await until(lambda: fw._wakeup is not None, why="the forwarder waiting for a wake-up")
         seq = await ledger.append(build_event("custom.event", "t", {}, None, False, 1))
         fw.wake(seq)
         await until(lambda: fw.acked_seq == seq, timeout=5)  # long before the idle poll
