@@ -381,6 +381,18 @@ def gateway(gateway_factory: Any) -> Gateway:
     return gateway_factory()
 
 
+@pytest.fixture(scope="module")
+def shared_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One default gateway for a test module's tests that change nothing another test reads
+    and read nothing another test changes (no log, counter or stored-event checks): a
+    gateway start saved per test."""
+    gw = start_gateway(tmp_path_factory.mktemp("shared"))
+    yield gw
+    if gw.proc.poll() is None:
+        gw.proc.kill()
+        gw.proc.wait()
+
+
 def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
     """Read until the peer closes (or the timeout passes)."""
     sock.settimeout(timeout)

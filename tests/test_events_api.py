@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
-from conftest import RawClient, ms_after, post_event, start_gateway, still_serving, wait_until
+from conftest import RawClient, ms_after, post_event, still_serving, wait_until
 
 TS = 1_700_000_000_000
 
@@ -87,16 +87,6 @@ def snapshot_counts(gw) -> dict[str, int]:
     return r.json()["events"]["counts_by_type"]
 
 
-@pytest.fixture(scope="module")
-def shared_gw(tmp_path_factory):
-    """One gateway for the tests that only look at their own events."""
-    gw = start_gateway(tmp_path_factory.mktemp("events_api"))
-    yield gw
-    if gw.proc.poll() is None:
-        gw.proc.kill()
-        gw.proc.wait()
-
-
 # --- accepted events -----------------------------------------------------------------
 
 
@@ -163,8 +153,8 @@ def _rejection_cases(event_type: str) -> list[tuple[str, Any, str]]:
 
 
 @pytest.mark.parametrize("event_type", CANONICAL)
-def test_schema_failures_are_rejected_and_nothing_is_stored(shared_gw, event_type):
-    gw = shared_gw
+def test_schema_failures_are_rejected_and_nothing_is_stored(shared_gateway, event_type):
+    gw = shared_gateway
     before_rows = ledger_rows(gw.db)
     before_counts = snapshot_counts(gw)
     for what, payload, word in _rejection_cases(event_type):
@@ -189,9 +179,9 @@ def test_schema_failures_are_rejected_and_nothing_is_stored(shared_gw, event_typ
     still_serving(gw)
 
 
-def test_size_limit_counts_compact_utf8_bytes(shared_gw):
+def test_size_limit_counts_compact_utf8_bytes(shared_gateway):
     """A payload sent with whitespace is measured compact; multi-byte characters count in bytes."""
-    gw = shared_gw
+    gw = shared_gateway
     payload = sized_payload("forensic.snapshot.created", 1024)
     spaced = orjson.dumps({"source": "s", "type": "forensic.snapshot.created", "payload": payload},
                           option=orjson.OPT_INDENT_2)
@@ -214,8 +204,8 @@ def _locs(reply) -> list[list]:
     return [d["loc"] for d in body["detail"]]
 
 
-def test_envelope_errors_are_validation_errors(shared_gw):
-    gw = shared_gw
+def test_envelope_errors_are_validation_errors(shared_gateway):
+    gw = shared_gateway
     before = ledger_rows(gw.db)
     for not_object in ([1, 2], "text", 3, None, True):
         r = gw.request("POST", "/events/ingest", raw=orjson.dumps(not_object))
@@ -233,8 +223,8 @@ def test_envelope_errors_are_validation_errors(shared_gw):
     still_serving(gw)
 
 
-def test_malformed_bodies_are_400_not_500(shared_gw):
-    gw = shared_gw
+def test_malformed_bodies_are_400_not_500(shared_gateway):
+    gw = shared_gateway
     before = ledger_rows(gw.db)
     for raw in (b'{"source": "s", "type": ', b"not json", b"{'source': 's'}", b""):
         r = gw.request("POST", "/events/ingest", raw=raw)
@@ -251,8 +241,8 @@ def test_malformed_bodies_are_400_not_500(shared_gw):
     still_serving(gw)
 
 
-def test_two_mib_body_is_413(shared_gw):
-    gw = shared_gw
+def test_two_mib_body_is_413(shared_gateway):
+    gw = shared_gateway
     size = 2 * 1024 * 1024
     # decided from Content-Length, before the body is sent
     client = RawClient(gw.connect())
@@ -286,8 +276,8 @@ def test_two_mib_body_is_413(shared_gw):
 
 
 @pytest.mark.parametrize("token,status,code", [(None, 401, "auth_required"), ("wrong-token", 403, "forbidden")])
-def test_auth_is_required(shared_gw, token, status, code):
-    gw = shared_gw
+def test_auth_is_required(shared_gateway, token, status, code):
+    gw = shared_gateway
     before = ledger_rows(gw.db)
     body = {"source": "s", "type": "system.alert", "payload": VALID["system.alert"]}
     headers = {"X-VX11-Token": token} if token else {}

@@ -38,36 +38,36 @@ def wait_for_refusals(gw, error: str, timeout: float = 5) -> int:
     return wait_until(lambda: refusals(gw, error), timeout, f"a request_refused {error} log line")
 
 
-def test_health_shape_and_correlation_id(gateway):
-    r = gateway.get("/health", token=False, headers={"X-Correlation-ID": "abc-123"})
+def test_health_shape_and_correlation_id(shared_gateway):
+    r = shared_gateway.get("/health", token=False, headers={"X-Correlation-ID": "abc-123"})
     assert r.status == 200
     body = r.json()
     assert body["status"] == "ok" and body["module"] == "tentaculo_link" and body["version"] == "7.0"
     assert isinstance(body["edgelink"], str)
     assert r.headers["x-correlation-id"] == "abc-123"
     assert r.headers["content-type"] == "application/json"
-    assert gateway.get("/v1/health", token=False).json() == body
+    assert shared_gateway.get("/v1/health", token=False).json() == body
 
 
-def test_correlation_id_replaced_when_too_long_or_unprintable(gateway):
+def test_correlation_id_replaced_when_too_long_or_unprintable(shared_gateway):
     for bad in ("x" * 129, "has space"):
-        cid = gateway.get("/health", headers={"X-Correlation-ID": bad}).headers["x-correlation-id"]
+        cid = shared_gateway.get("/health", headers={"X-Correlation-ID": bad}).headers["x-correlation-id"]
         assert cid != bad and len(cid) == 32
         int(cid, 16)
         # a uuid4 hex, as API.md §1 says, although made without the uuid module
         assert uuid.UUID(cid).version == 4 and uuid.UUID(cid).hex == cid
 
 
-def test_keep_alive_serves_many_requests_on_one_connection(gateway):
-    client = RawClient(gateway.connect())
+def test_keep_alive_serves_many_requests_on_one_connection(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     for _ in range(5):
         client.send(GET_HEALTH)
         status, headers, body = client.read_response()
         assert status == 200 and orjson.loads(body)["status"] == "ok"
 
 
-def test_pipelined_requests_answered_in_order(gateway):
-    client = RawClient(gateway.connect())
+def test_pipelined_requests_answered_in_order(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Correlation-ID: one\r\n\r\n"
                 b"GET /missing HTTP/1.1\r\nHost: t\r\nX-Correlation-ID: two\r\n\r\n"
                 b"DELETE /v1/health HTTP/1.1\r\nHost: t\r\nX-Correlation-ID: three\r\n\r\n")
@@ -94,16 +94,16 @@ def test_long_pipeline_answered_in_order_across_sync_and_task_handlers(gateway):
     health_ok(gateway)
 
 
-def test_http10_answered_and_closed(gateway):
-    client = RawClient(gateway.connect())
+def test_http10_answered_and_closed(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"GET /health HTTP/1.0\r\n\r\n")
     status, _, body = client.read_response()
     assert status == 200 and orjson.loads(body)["status"] == "ok"
     assert client.closed_by_peer()
 
 
-def test_head_has_length_but_no_body(gateway):
-    client = RawClient(gateway.connect())
+def test_head_has_length_but_no_body(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"HEAD /health HTTP/1.1\r\nHost: t\r\n\r\n")
     client.sock.settimeout(5)
     while b"\r\n\r\n" not in client.buf:
@@ -117,16 +117,16 @@ def test_head_has_length_but_no_body(gateway):
     assert client.read_response()[0] == 200
 
 
-def test_not_found_and_method_not_allowed_are_json_errors(gateway):
-    r = gateway.get("/nope")
+def test_not_found_and_method_not_allowed_are_json_errors(shared_gateway):
+    r = shared_gateway.get("/nope")
     assert r.status == 404 and r.json()["error"] == "not_found" and r.json()["status_code"] == 404
-    r = gateway.post("/health", {"x": 1})
+    r = shared_gateway.post("/health", {"x": 1})
     assert r.status == 405 and r.json()["error"] == "method_not_allowed"
     assert r.headers["allow"] == "GET, HEAD"
 
 
-def test_chunked_body_is_read_and_connection_kept(gateway):
-    client = RawClient(gateway.connect())
+def test_chunked_body_is_read_and_connection_kept(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
                 b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
     assert client.read_response()[0] == 405
@@ -134,10 +134,10 @@ def test_chunked_body_is_read_and_connection_kept(gateway):
     assert client.read_response()[0] == 200
 
 
-def test_expect_100_continue(gateway):
-    client = RawClient(gateway.connect())
+def test_expect_100_continue(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"POST /vx11/intent/nope HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n"
-                b"X-VX11-Token: " + gateway.token.encode() + b"\r\n\r\n")
+                b"X-VX11-Token: " + shared_gateway.token.encode() + b"\r\n\r\n")
     status, _, _ = client.read_response()
     assert status == 100
     client.send(b"{}")
@@ -151,15 +151,15 @@ def test_expect_100_continue(gateway):
     ("/no/such/route", None, 404, "not_found"),
     ("/health", None, 405, "method_not_allowed"),
 ])
-def test_expect_100_continue_only_after_route_and_token(gateway, target, token, status, error):
-    client = RawClient(gateway.connect())
+def test_expect_100_continue_only_after_route_and_token(shared_gateway, target, token, status, error):
+    client = RawClient(shared_gateway.connect())
     auth = b"X-VX11-Token: %s\r\n" % token.encode() if token else b""
     client.send(b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n%s\r\n"
                 % (target.encode(), auth))
     got, headers, body = client.read_response()
     assert got == status and orjson.loads(body)["error"] == error  # no 100 first
     assert headers["connection"] == "close" and client.closed_by_peer()
-    health_ok(gateway)
+    health_ok(shared_gateway)
 
 
 def test_expect_100_continue_over_limit_refused_without_continue(gateway_factory):
@@ -228,13 +228,13 @@ def test_content_length_longer_than_body_times_out(gateway_factory):
     health_ok(gw)
 
 
-def test_content_length_shorter_than_body_extra_bytes_are_a_bad_request(gateway):
-    client = RawClient(gateway.connect())
+def test_content_length_shorter_than_body_extra_bytes_are_a_bad_request(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}trailing-junk\r\n\r\n")
     assert client.read_response()[0] == 405
     assert client.read_response()[0] == 400
     assert client.closed_by_peer()
-    health_ok(gateway)
+    health_ok(shared_gateway)
 
 
 def test_slow_header_sender_is_cut_off_at_header_timeout(gateway_factory):
@@ -362,12 +362,12 @@ def test_refuses_to_start_with_a_bad_value_naming_the_setting(tmp_path):
 
 
 @pytest.mark.parametrize("path", ["/debug/events/cardinality", "/operator/snapshot"])
-def test_protected_routes_need_the_token(gateway, path):
-    r = gateway.get(path, token=False)
+def test_protected_routes_need_the_token(shared_gateway, path):
+    r = shared_gateway.get(path, token=False)
     assert r.status == 401 and r.json()["error"] == "auth_required"
-    r = gateway.get(path, headers={"X-VX11-Token": "nope"})
+    r = shared_gateway.get(path, headers={"X-VX11-Token": "nope"})
     assert r.status == 403 and r.json()["error"] == "forbidden"
-    assert gateway.get(path).status == 200
+    assert shared_gateway.get(path).status == 200
 
 
 def test_auth_can_be_turned_off(gateway_factory):
@@ -393,8 +393,8 @@ def test_cors_preflight_and_echo(gateway_factory):
         "access-control-allow-origin") is None
 
 
-def test_cors_off_by_default(gateway):
-    r = gateway.request("OPTIONS", "/health", token=False, headers={
+def test_cors_off_by_default(shared_gateway):
+    r = shared_gateway.request("OPTIONS", "/health", token=False, headers={
         "Origin": "https://ui.example", "Access-Control-Request-Method": "GET"})
     assert r.status == 405 and "access-control-allow-origin" not in r.headers
 
@@ -486,27 +486,27 @@ def nested(levels: int) -> bytes:
     ("/vx11/intent/task", b'{"task":%s}'),
 ])
 @pytest.mark.parametrize("levels", [65, 300, 1000])
-def test_json_nested_deeper_than_64_is_invalid_json(gateway, path, body, levels):
-    r = gateway.post(path, raw=body % nested(levels - 1))
+def test_json_nested_deeper_than_64_is_invalid_json(shared_gateway, path, body, levels):
+    r = shared_gateway.post(path, raw=body % nested(levels - 1))
     assert r.status == 400, r.body
     assert r.json()["error"] == "invalid_json" and "64" in r.json()["detail"]
 
 
-def test_json_nested_64_deep_or_brackets_in_strings_are_not_refused(gateway):
+def test_json_nested_64_deep_or_brackets_in_strings_are_not_refused(shared_gateway):
     for raw in (b'{"task":%s}' % nested(63), b'{"task":"%s"}' % (b"[{" * 500),
                 b'{"task":"\\"%s"}' % (b"[" * 100)):
-        r = gateway.post("/vx11/intent/task", raw=raw)
+        r = shared_gateway.post("/vx11/intent/task", raw=raw)
         assert r.status == 502 and r.json()["error"] == "upstream_unavailable", r.body  # parsed, then sent on
 
 
-def test_websocket_message_nested_too_deep_gets_invalid_json_and_stays_open(gateway):
+def test_websocket_message_nested_too_deep_gets_invalid_json_and_stays_open(shared_gateway):
     import asyncio
 
     import websockets
 
     async def go():
-        async with websockets.connect(f"ws://127.0.0.1:{gateway.port}/ws",
-                                      additional_headers={"X-VX11-Token": gateway.token}) as ws:
+        async with websockets.connect(f"ws://127.0.0.1:{shared_gateway.port}/ws",
+                                      additional_headers={"X-VX11-Token": shared_gateway.token}) as ws:
             assert orjson.loads(await ws.recv())["type"] == "connected"
             await ws.send(nested(300).decode())
             frame = orjson.loads(await ws.recv())
@@ -517,20 +517,20 @@ def test_websocket_message_nested_too_deep_gets_invalid_json_and_stays_open(gate
     asyncio.run(asyncio.wait_for(go(), 30))
 
 
-def test_content_length_with_transfer_encoding_is_answered_then_closed(gateway):
-    client = RawClient(gateway.connect())
+def test_content_length_with_transfer_encoding_is_answered_then_closed(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
                 b"5\r\nhello\r\n0\r\n\r\n")
     status, headers, _ = client.read_response()
     assert status == 405 and headers["connection"] == "close"
     assert client.closed_by_peer()
-    health_ok(gateway)
+    health_ok(shared_gateway)
 
 
 @pytest.mark.parametrize("target", [b"http://127.0.0.1/health", b"HTTP://gw.example:8000/health?x=1",
                                     b"https://gw/v1/health"])
-def test_absolute_form_targets_are_served_like_origin_form(gateway, target):
-    client = RawClient(gateway.connect())
+def test_absolute_form_targets_are_served_like_origin_form(shared_gateway, target):
+    client = RawClient(shared_gateway.connect())
     client.send(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target)
     status, _, body = client.read_response()
     assert status == 200 and orjson.loads(body)["module"] == "tentaculo_link"
@@ -552,8 +552,8 @@ def test_request_line_over_8_kib_is_414(gateway, size, complete):
     health_ok(gateway)
 
 
-def test_request_line_under_the_limit_with_a_large_header_block_is_431(gateway):
-    client = RawClient(gateway.connect())
+def test_request_line_under_the_limit_with_a_large_header_block_is_431(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 20_000 + b"\r\n\r\n")
     assert client.read_response()[0] == 431
 
@@ -651,13 +651,16 @@ def test_accept_loop_survives_running_out_of_descriptors(gateway_factory):
     first = RawClient(gw.connect())
     first.send(GET_HEALTH)
     assert first.read_response()[0] == 200
+    idle_fds = gw.open_fds()
     held = [gw.connect() for _ in range(100)]  # past the limit: accept() gets EMFILE
     wait_until(lambda: gw.open_fds() >= 64, why="every descriptor in use")
     first.send(GET_HEALTH)  # existing connections keep being served meanwhile
     assert first.read_response()[0] == 200
     for s in held:
         s.close()
-    health_ok(gw)  # waits in the listen queue until the gateway can accept it again
+    # descriptors free again (accepted at EMFILE, a connection would be closed at once)
+    wait_until(lambda: gw.open_fds() <= idle_fds, why="the closed connections' descriptors given back")
+    health_ok(gw)
 
 
 def _depth_of(value) -> int:

@@ -101,13 +101,13 @@ def test_the_answer_is_bounded_in_bytes(gateway_factory: Any) -> None:
 @pytest.mark.parametrize("query", ["?limit=0", "?limit=1001", "?since=x", "?until=-1", "?since=10&until=5",
                                    f"?correlation_id={'c' * 129}", "?correlation_id=a%20b",
                                    "?correlation_id=%C3%A9"])
-def test_bad_queries_are_422(gateway: Gateway, query: str) -> None:
-    assert_error(gateway.get(f"/debug/events/timeline{query}"), 422, "validation_error")
+def test_bad_queries_are_422(shared_gateway: Gateway, query: str) -> None:
+    assert_error(shared_gateway.get(f"/debug/events/timeline{query}"), 422, "validation_error")
 
 
-def test_auth(gateway: Gateway) -> None:
-    assert_error(gateway.get("/debug/events/timeline", token=False), 401, "auth_required")
-    assert_error(gateway.get("/debug/events/timeline", headers={"X-VX11-Token": "wrong"}), 403, "forbidden")
+def test_auth(shared_gateway: Gateway) -> None:
+    assert_error(shared_gateway.get("/debug/events/timeline", token=False), 401, "auth_required")
+    assert_error(shared_gateway.get("/debug/events/timeline", headers={"X-VX11-Token": "wrong"}), 403, "forbidden")
 
 
 def test_a_ledger_of_large_events_costs_the_answer_its_bound_only(gateway_factory: Any) -> None:
