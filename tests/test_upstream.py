@@ -118,8 +118,9 @@ def test_module_closing_keepalive_after_each_reply_does_not_fail_the_next_call(f
         modules = Modules(make_settings({"switch": fake.url}))
         for i in range(20):
             assert (await call(modules, json={"n": i})).status == 200
-            if i % 2:
-                await asyncio.sleep(0.02)  # real time: let the close reach us too, not only race it
+            if i % 2:  # let the close reach us too, not only race it: the pooled connection saw it
+                await until(lambda: all(c.ended for pool in modules._client._idle.values() for c in pool),
+                            why="the module's close seen by the pooled connection")
         assert modules.breaker_status()["breakers"]["switch"]["failure_count"] == 0
         await modules.close()
 
