@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 import pytest
 
+from conftest import wait_until
 from fakemodule import unused_port
 
 
@@ -57,16 +58,18 @@ def broker_port() -> int:
 
 
 def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"broker exited with {proc.returncode}:\n{log.read_text()}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
+            return True
         except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"broker did not listen on {port}:\n{log.read_text()}")
+            return False
+    try:
+        wait_until(listening, timeout, f"the broker listening on {port}")
+    except AssertionError:
+        raise RuntimeError(f"broker did not listen on {port}:\n{log.read_text()}") from None
 
 
 class Broker:
@@ -276,12 +279,15 @@ class MqttSubscriber:
             self.bodies.append(body)
 
     def wait(self, expect: int, timeout: float = 60) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """What arrived, once ``expect`` distinct events did (or the timeout passed: the
+        caller's check then says what is missing)."""
+        def enough() -> bool:
             with self.lock:
-                if len({(b["epoch"], b["seq"]) for b in self.bodies}) >= expect:
-                    break
-            time.sleep(0.05)
+                return len({(b["epoch"], b["seq"]) for b in self.bodies}) >= expect
+        try:
+            wait_until(enough, timeout, f"{expect} events delivered")
+        except AssertionError:
+            pass
         with self.lock:
             return list(self.bodies)
 
@@ -333,7 +339,7 @@ class Proxy:
         async def deliver() -> None:
             while (item := await line.get()) is not None:
                 due, data = item
-                await asyncio.sleep(due - time.monotonic())
+                await asyncio.sleep(due - time.monotonic())  # real time: a delay line delays
                 writer.write(data)
                 await writer.drain()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
+import inspect
 import os
 import signal
 import socket
@@ -84,6 +86,21 @@ class Gateway:
                 return int(line.split()[1])
         raise KeyError(field)
 
+    def open_fds(self) -> int:
+        """How many file descriptors the process holds (its sockets among them)."""
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def cpu_ticks(self) -> int:
+        """The CPU time the process has used (user + system), in clock ticks."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])
+
+    def wait_idle(self, quiet: float = 0.3, timeout: float = 60) -> None:
+        """Wait until the process has used no CPU for ``quiet`` seconds: it has done all it
+        would do with what it was sent (answered what it would answer, read what it would
+        read) and waits on its sockets. Fails if it is still busy after ``timeout``."""
+        wait_still(self.cpu_ticks, quiet, timeout, "the gateway to go idle")
+
     def peak_rss_mib(self) -> float:
         return self.status_kib("VmHWM") / 1024
 
@@ -93,6 +110,18 @@ class Gateway:
         return self.proc.wait(timeout)
 
 
+# What configures an edgelink or a v7 gateway, or tells it it runs under systemd: none of it
+# leaks from the shell running the tests into a process a test starts.
+OUR_ENV_PREFIXES = ("EDGELINK_", "VX11_", "TENTACULO", "ENABLE_", "NOTIFY_", "WATCHDOG_", "LISTEN_", "JOURNAL_")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any of ``OUR_ENV_PREFIXES``, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(OUR_ENV_PREFIXES)}
+    env.update(extra)
+    return env
+
+
 def start_gateway(tmp_path: Path, env: dict[str, str] | None = None, args: list[str] | None = None,
                   command: str = "serve", name: str = "gw", launcher: list[str] | None = None,
                   stdin: Any = None) -> Gateway:
@@ -100,8 +129,7 @@ def start_gateway(tmp_path: Path, env: dict[str, str] | None = None, args: list[
     ``launcher`` is a command prefix that execs the rest (to set up fds as systemd does)."""
     log_path = tmp_path / f"{name}.log"
     db = tmp_path / f"{name}.db"
-    full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("EDGELINK_", "VX11_", "TENTACULO", "NOTIFY_", "WATCHDOG_", "LISTEN_", "JOURNAL_"))}
+    full_env = clean_env()
     full_env.update({
         "VX11_GATEWAY_TOKEN": TOKEN,
         "EDGELINK_DB": str(db),
@@ -117,6 +145,157 @@ def start_gateway(tmp_path: Path, env: dict[str, str] | None = None, args: list[
     return Gateway(proc, started["port"], log_path, db, full_env.get("VX11_GATEWAY_TOKEN", ""), full_env)
 
 
+def wait_until(condition: Any, timeout: float = 10, why: str = "", every: float = 0.02) -> Any:
+    """Poll ``condition()`` every ``every`` seconds until it returns something true, and return
+    that; fail with ``why`` after ``timeout`` seconds. For what another process or thread does,
+    which no event tells us (``every``: longer where asking is costly, e.g. in a container)."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"not in {timeout} s: {why or condition}"
+        time.sleep(every)  # real time: the other side (a process, a thread) moves on its own clock
+    return result
+
+
+class Settled:
+    """A condition for ``wait_until``/``until``: true once ``read()`` has given the same figure
+    (kept in ``value``) for ``quiet`` seconds: what was under way (a round in flight, a burst
+    of work) has landed."""
+
+    def __init__(self, read: Any, quiet: float) -> None:
+        self.read, self.quiet = read, quiet
+        self.value: Any = None
+        self.since: float | None = None
+
+    def __call__(self) -> bool:
+        now, value = time.monotonic(), self.read()
+        if self.since is None or value != self.value:
+            self.value, self.since = value, now
+        return now - self.since >= self.quiet
+
+
+def wait_still(read: Any, quiet: float, timeout: float = 60, why: str = "") -> Any:
+    """The figure ``read()`` gives once it has held still for ``quiet`` seconds."""
+    settled = Settled(read, quiet)
+    wait_until(settled, timeout, why or f"{read} to hold still", every=quiet / 4)
+    return settled.value
+
+
+def ms_after(after: int) -> int:
+    """The wall clock in milliseconds, once it is past ``after`` (so timestamps taken from
+    now on are later than ``after``)."""
+    return wait_until(lambda: (now := int(time.time() * 1000)) > after and now, why="the clock ticks", every=0.001)
+
+
+def trickle(socks: socket.socket | list[socket.socket], data: bytes, every: float) -> None:
+    """Send ``data`` a byte at a time, ``every`` seconds apart, to one socket or to each of
+    a list, until the gateway has cut every one off."""
+    live = [socks] if isinstance(socks, socket.socket) else list(socks)
+    for byte in data:
+        for sock in list(live):
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:  # cut off (reset, broken pipe): that one is done
+                live.remove(sock)
+        if not live:
+            return
+        time.sleep(every)  # real time: a client this slow must run into the gateway's timers
+
+
+def _held_through(condition: Any, seconds: float, why: str) -> Any:
+    """A condition true once ``seconds`` have passed, failing the test as soon as
+    ``condition()`` does not hold: that nothing happens for a while only time can show."""
+    end = time.monotonic() + seconds
+
+    def over() -> bool:
+        assert condition(), f"changed within {seconds} s: {why}"
+        return time.monotonic() >= end
+    return over
+
+
+def stays(condition: Any, seconds: float, why: str) -> None:
+    """``condition()`` holds all through ``seconds`` of real time, checked every 20 ms: for
+    checks that something does NOT happen (a window stays full, nothing more is stored)."""
+    wait_until(_held_through(condition, seconds, why), seconds + 30, why)
+
+
+async def holds(condition: Any, seconds: float, why: str) -> None:
+    """``stays`` inside a running loop: the tasks under test run meanwhile."""
+    await until(_held_through(condition, seconds, why), seconds + 30, why)
+
+
+async def until(condition: Any, timeout: float = 10, why: str = "") -> Any:
+    """``wait_until`` inside a running loop (``condition`` may be a coroutine function):
+    yields to the loop between polls, so the tasks under test make progress."""
+    deadline = time.monotonic() + timeout
+
+    async def check() -> Any:
+        result = condition()
+        return await result if inspect.isawaitable(result) else result
+
+    while not (result := await check()):
+        assert time.monotonic() < deadline, f"not in {timeout} s: {why or condition}"
+        await asyncio.sleep(0.005)  # real time: tasks waiting on I/O or threads need the loop to turn
+    return result
+
+
+async def next_loop_turn() -> None:
+    """Let every task that is ready run once; no time passes."""
+    await asyncio.sleep(0)  # not real time: zero seconds, one pass of the event loop
+
+
+def metric(gw: Gateway, series: str) -> float:
+    """The value of one series of ``/metrics``, written as it is exported (``name`` or
+    ``name{label="v",...}``); fails if the gateway does not export it."""
+    for line in gw.get("/metrics", token=False).body.decode().splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return float(value)
+    raise AssertionError(f"no {series} in /metrics")
+
+
+def metric_sum(gw: Gateway, selector: str) -> float:
+    """The sum of the ``/metrics`` series a selector picks, 0 when none is exported: a bare
+    name picks every series of that name, text with a ``{`` every series beginning with it
+    (``'edgelink_budget_bytes{'`` is every piece, ``'x_total{budget="bodies"}'`` that one)."""
+    total = 0.0
+    for line in gw.get("/metrics", token=False).body.decode().splitlines():
+        if line.startswith("#") or not line:
+            continue
+        series, _, value = line.rpartition(" ")
+        if series.startswith(selector) if "{" in selector else series.partition("{")[0] == selector:
+            total += float(value)
+    return total
+
+
+def errors_logged(gw: Gateway) -> list[str]:
+    """The gateway's log lines at level error or critical."""
+    return [line for line in gw.logs().splitlines()
+            if line.startswith("{") and orjson.loads(line).get("level") in ("error", "critical")]
+
+
+def health_ok(gw: Gateway) -> None:
+    """``/health`` answers 200 ``{"status": "ok", ...}``."""
+    r = gw.get("/health", token=False)
+    assert r.status == 200 and r.json()["status"] == "ok", (r.status, r.body)
+
+
+def still_serving(gw: Gateway) -> None:
+    """``/health`` answers 200 and nothing on the way was a bug of ours: no error in the log."""
+    health_ok(gw)
+    errors = errors_logged(gw)
+    assert not errors, errors[:5]
+
+
+def post_event(gw: Gateway, event_type: str, payload: Any, source: str = "madre", **extra: Any) -> Reply:
+    """``POST /events/ingest`` of one event (``extra``: more body fields); the reply as it came."""
+    return gw.post("/events/ingest", {"source": source, "type": event_type, "payload": payload, **extra})
+
+
+def ws_url(gw: Gateway, query: str = "") -> str:
+    """The gateway's ``/ws`` URL with this query (a token goes in it when the test wants one)."""
+    return f"ws://127.0.0.1:{gw.port}/ws?{query}"
+
+
 def log_records(log_path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in log_path.read_bytes().splitlines() if line.startswith(b"{")]
 
@@ -124,17 +303,19 @@ def log_records(log_path: Path) -> list[dict[str, Any]]:
 def wait_for_log(log_path: Path, event: str, proc: subprocess.Popen | None = None, timeout: float = 20,
                  after: int = 0) -> dict[str, Any]:
     """The first log record named ``event`` (past the first ``after`` records)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def found() -> dict[str, Any] | None:
         for rec in log_records(log_path)[after:]:
             if rec.get("event") == event:
                 return rec
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"gateway exited with {proc.returncode}:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    if proc is not None and event == "started":
-        proc.kill()
-    raise RuntimeError(f"no {event!r} log line in time:\n{log_path.read_text()}")
+        return None
+    try:
+        return wait_until(found, timeout, f"a {event!r} log line", every=0.05)
+    except AssertionError:
+        if proc is not None and event == "started":
+            proc.kill()
+        raise RuntimeError(f"no {event!r} log line in time:\n{log_path.read_text()}") from None
 
 
 URL_ENV = {name: env for name, env, _ in MODULE_DEFAULTS}  # module name -> its URL variable
@@ -198,6 +379,18 @@ def gateway_factory(tmp_path: Path) -> Iterator[Any]:
 @pytest.fixture
 def gateway(gateway_factory: Any) -> Gateway:
     return gateway_factory()
+
+
+@pytest.fixture(scope="module")
+def shared_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One default gateway for a test module's tests that change nothing another test reads
+    and read nothing another test changes (no log, counter or stored-event checks): a
+    gateway start saved per test."""
+    gw = start_gateway(tmp_path_factory.mktemp("shared"))
+    yield gw
+    if gw.proc.poll() is None:
+        gw.proc.kill()
+        gw.proc.wait()
 
 
 def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:

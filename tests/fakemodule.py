@@ -193,7 +193,7 @@ class FakeModule:
                         {k.decode(): v.decode() for k, v in request.headers}, body, parsed, conn_id))
                 behaviour, delay, status, data = self._plan(path)
                 if delay:
-                    await asyncio.sleep(delay)
+                    await asyncio.sleep(delay)  # real time: a module that is slow to answer
                 if not await self._answer(h, reader, writer, behaviour, status, data):
                     return
                 if h.our_state is not h11.DONE or h.their_state is not h11.DONE:

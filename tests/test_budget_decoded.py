@@ -220,11 +220,10 @@ def test_the_body_sent_on_to_a_module_is_held_in_the_account_while_the_call_wait
     # A client's JSON is decoded, then encoded again for its module and held until the module
     # answers: the account counts that copy too (piece json_decoded), and gives it back after.
     import threading
-    import time
 
+    from conftest import metric, wait_until
     from edgelink.jsonbounds import checked_cost
     from fakemodule import HEALTHY
-    from test_budget_transport import metric
 
     module = fake("switch")
     module.behave("/switch/route-v5", HEALTHY, delay=3)
@@ -234,9 +233,8 @@ def test_the_body_sent_on_to_a_module_is_held_in_the_account_while_the_call_wait
     answered: list[int] = []
     call = threading.Thread(target=lambda: answered.append(gw.post("/vx11/intent/code", body).status))
     call.start()
-    held, deadline = 0.0, time.monotonic() + 10
-    while not module.requests and time.monotonic() < deadline:
-        time.sleep(0.05)  # until the module has the call: then the decoded body and its copy are held
+    # once the module has the call, the decoded body and its copy are held
+    wait_until(lambda: module.requests, why="the call at the module")
     held = metric(gw, 'edgelink_budget_bytes{piece="json_decoded"}')
     call.join(15)
     assert answered == [200]

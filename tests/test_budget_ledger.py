@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -22,7 +21,18 @@ import orjson
 import pytest
 import websockets
 
-from conftest import EDGELINK, TOKEN, Gateway, assert_error, log_records, start_gateway
+from conftest import (
+    EDGELINK,
+    TOKEN,
+    Gateway,
+    assert_error,
+    clean_env,
+    health_ok,
+    log_records,
+    metric_sum,
+    post_event,
+    start_gateway,
+)
 
 MIB = 1024 * 1024
 BUDGET_MIB = 80
@@ -37,20 +47,15 @@ def db_bytes(db: Path) -> int:
     return sum(os.path.getsize(p) for p in (db, Path(f"{db}-wal")) if p.exists())
 
 
-def metric(gw: Gateway, name: str, labels: str = "") -> float:
-    text = gw.get("/metrics").body.decode()
-    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
-
-
 def post_big(gw: Gateway, i: int, payload: dict = BIG_PAYLOAD):
     return gw.post("/events/ingest", {"source": "attacker", "type": f"blob.{i % 3}", "payload": payload})
 
 
-def still_serves(gw: Gateway) -> None:
-    assert gw.get("/health").status == 200
-    small = gw.post("/events/ingest", {"source": "ok", "type": "system.alert", "payload": {
-        "alert_id": "a", "severity": "low", "message": "m", "timestamp": 1}})
+def serves_and_stores(gw: Gateway) -> None:
+    """``/health`` answers and a small event is still stored."""
+    health_ok(gw)
+    small = post_event(gw, "system.alert", {"alert_id": "a", "severity": "low", "message": "m", "timestamp": 1},
+                       source="ok")
     assert small.status == 201, small.body
 
 
@@ -66,10 +71,10 @@ def test_byte_bound_drop_oldest_holds_the_file_and_the_memory(gateway_factory):
     snap = gw.get("/operator/snapshot").json()
     kept = sum(snap["events"]["counts_by_type"].values())
     assert 5 <= kept < 16, kept
-    dropped = metric(gw, "edgelink_ledger_pruned_events_total", '{reason="bytes"}')
+    dropped = metric_sum(gw, 'edgelink_ledger_pruned_events_total{reason="bytes"}')
     assert dropped == 60 - kept
     assert any(r["event"] == "ledger_dropped_oldest" for r in log_records(gw.log_path))
-    still_serves(gw)
+    serves_and_stores(gw)
 
 
 def test_byte_bound_reject_answers_507_counted_and_logged_once(gateway_factory):
@@ -81,7 +86,7 @@ def test_byte_bound_reject_answers_507_counted_and_logged_once(gateway_factory):
     for reply in refused:
         assert_error(reply, 507, "ledger_full")
     assert db_bytes(gw.db) <= BOUND + FILE_SLACK
-    assert metric(gw, "edgelink_budget_refusals_total", '{budget="ledger"}') == len(refused)
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="ledger"}') == len(refused)
     assert [r["event"] for r in log_records(gw.log_path)].count("ledger_full") == 1
     # nothing refused was stored, and nothing stored was dropped
     snap = gw.get("/operator/snapshot").json()
@@ -113,9 +118,9 @@ def test_a_websocket_event_meeting_a_full_ledger_gets_an_error_frame_and_stays(g
     assert (refusal["channel"], refusal["type"], refusal["error"], refusal["event_type"]) == (
         "control", "error", "ledger_full", "system.alert")
     assert after == {"channel": "control", "type": "error", "error": "invalid_json"}
-    refused = metric(gw, "edgelink_budget_refusals_total", '{budget="ledger"}')
+    refused = metric_sum(gw, 'edgelink_budget_refusals_total{budget="ledger"}')
     assert gw.post("/events/ingest", {**event, "source": "t"}).status == 507  # the same event over HTTP
-    assert metric(gw, "edgelink_budget_refusals_total", '{budget="ledger"}') == refused + 1
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="ledger"}') == refused + 1
     assert not any(r["event"] == "websocket_failed" for r in log_records(gw.log_path))
 
 
@@ -138,7 +143,7 @@ def test_concurrent_snapshots_of_big_events_stay_small(gateway_factory):
             assert event["payload"] == {"truncated": True, "bytes": len(b'{"blob":"') + 1_040_000 + 2}
     peak = gw.peak_rss_mib()
     assert peak < BUDGET_MIB, (before, peak)
-    still_serves(gw)
+    serves_and_stores(gw)
 
 
 def test_snapshot_stays_under_256_kib_with_many_types_and_fields_just_under_8_kib(gateway_factory):
@@ -201,7 +206,7 @@ def test_full_disk_answers_503_stores_nothing_unacknowledged_and_recovers(tmp_pa
         filler.unlink()  # space returns: ingest recovers by itself
         reply = post_big(gw, 99)
         assert reply.status == 201, reply.body
-        still_serves(gw)
+        serves_and_stores(gw)
         counts = gw.get("/operator/snapshot").json()["events"]["counts_by_type"]
         assert sum(counts.values()) == acked + 2
         assert any(r["event"] == "ledger_recovered" for r in log_records(gw.log_path))
@@ -236,7 +241,7 @@ def test_a_read_only_ledger_answers_503_and_recovers_when_writable_again(tmp_pat
     db = ext4_disk / "edgelink.db"
     gw = start_gateway(tmp_path, {"EDGELINK_DB": str(db)})
     try:
-        still_serves(gw)
+        serves_and_stores(gw)
         # the database and its WAL refuse writes (not the -shm index, which is mapped)
         files = [str(db), f"{db}-wal"]
         subprocess.run(["chattr", "+i", *files], check=True)
@@ -244,18 +249,17 @@ def test_a_read_only_ledger_answers_503_and_recovers_when_writable_again(tmp_pat
             assert_error(post_big(gw, i, {"n": i}), 503, "ledger_unavailable")
         assert gw.get("/health").status == 200
         subprocess.run(["chattr", "-i", *files], check=True)
-        still_serves(gw)
+        serves_and_stores(gw)
         counts = gw.get("/operator/snapshot").json()["events"]["counts_by_type"]
         assert counts == {"system.alert": 2}  # the refused events were not stored
-        assert metric(gw, "edgelink_ledger_write_failures_total") >= 1
+        assert metric_sum(gw, "edgelink_ledger_write_failures_total") >= 1
     finally:
         gw.proc.kill()
         gw.proc.wait()
 
 
 def run_edgelink(tmp_path: Path, db: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGELINK_", "VX11_"))}
-    env.update({"VX11_GATEWAY_TOKEN": TOKEN, "EDGELINK_DB": str(db), "EDGELINK_HOST": "127.0.0.1"})
+    env = clean_env(VX11_GATEWAY_TOKEN=TOKEN, EDGELINK_DB=str(db), EDGELINK_HOST="127.0.0.1")
     return subprocess.run([EDGELINK, *args], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=30)
 
@@ -350,7 +354,7 @@ def test_snapshot_of_200000_made_up_types_costs_o_types_and_lists_the_256_most_f
         assert len(counts) == 256
         assert counts["frequent.0"] == counts["frequent.1"] == counts["frequent.2"] == 100
         assert events["other_types"] == 200_300 - sum(counts.values()) == 200_000 - 253
-    still_serves(gw)
+    serves_and_stores(gw)
 
 
 def test_snapshot_of_long_multibyte_type_names_stays_under_256_kib(gateway_factory):

@@ -8,13 +8,14 @@ with the attackers closing, the current RSS (``VmRSS``) must come back down too.
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 
 import orjson
 import pytest
 
-from conftest import RawClient, module_env
+from conftest import RawClient, metric_sum, module_env, trickle, wait_until
 
 BUDGET_MIB = 80
 HEALTH = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -41,17 +42,14 @@ def never_reading(gw) -> socket.socket:
 def flood(sock: socket.socket, data: bytes, seconds: float = 2.0) -> int:
     """Send ``data`` without reading until it is all out or the server stops reading."""
     sock.setblocking(False)
-    sent, stalled_since = 0, None
+    sent = 0
     deadline = time.monotonic() + seconds
     while sent < len(data) and time.monotonic() < deadline:
         try:
             sent += sock.send(data[sent:sent + 65536])
-            stalled_since = None
         except BlockingIOError:
-            stalled_since = stalled_since or time.monotonic()
-            if time.monotonic() - stalled_since > 0.5:
-                break  # the server stopped reading us: that is the point
-            time.sleep(0.01)
+            if not select.select([], [sock], [], 0.5)[1]:
+                break  # the server stopped reading us for 0.5 s: that is the point
         except (BrokenPipeError, ConnectionResetError):
             break
     return sent
@@ -61,11 +59,6 @@ def pipelined(path: str, total: int, token: str | None = None) -> bytes:
     auth = f"X-VX11-Token: {token}\r\n" if token else ""
     one = f"GET {path} HTTP/1.1\r\nHost: t\r\n{auth}\r\n".encode()
     return one * (total // len(one))
-
-
-def metric(gw, name: str) -> float:
-    text = gw.get("/metrics", token=False).body.decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 @pytest.fixture
@@ -82,12 +75,11 @@ def test_pipelined_requests_from_clients_that_never_read(gw, path):
         socks = [never_reading(gw) for _ in range(clients)]
         for sock in socks:
             flood(sock, data)
-        time.sleep(1.5)  # time to answer all it would answer
+        gw.wait_idle()  # it has answered all it would answer
         assert_within_budget(gw)
         for sock in socks:
             sock.close()
-    time.sleep(0.5)
-    assert gw.status_kib("VmRSS") / 1024 < BUDGET_MIB
+    wait_until(lambda: gw.status_kib("VmRSS") / 1024 < BUDGET_MIB, why="memory given back")
     assert_within_budget(gw)
 
 
@@ -98,12 +90,11 @@ def test_many_connections_pipelining_a_large_document(gw):
     socks = [never_reading(gw) for _ in range(200)]
     for sock in socks:
         flood(sock, data, seconds=0.5)
-    time.sleep(3)  # time to answer all it would answer
+    gw.wait_idle()  # it has answered all it would answer
     assert_within_budget(gw)
     for sock in socks:
         sock.close()
-    time.sleep(0.5)
-    assert gw.status_kib("VmRSS") / 1024 < BUDGET_MIB
+    wait_until(lambda: gw.status_kib("VmRSS") / 1024 < BUDGET_MIB, why="memory given back")
 
 
 def test_pipelined_requests_with_a_token(gw):
@@ -111,7 +102,7 @@ def test_pipelined_requests_with_a_token(gw):
     socks = [never_reading(gw) for _ in range(3)]
     for sock in socks:
         flood(sock, data)
-    time.sleep(0.5)
+    gw.wait_idle()  # it has answered all it would answer
     assert_within_budget(gw)
     for sock in socks:
         sock.close()
@@ -122,10 +113,9 @@ def test_clients_that_never_read_are_dropped_counted_and_logged_once(gateway_fac
     socks = [never_reading(gw) for _ in range(3)]
     for sock in socks:
         flood(sock, pipelined("/openapi.json", 64 * 1024))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and metric(gw, 'edgelink_budget_refusals_total{budget="write_buffer"}') < 3:
-        time.sleep(0.1)
-    assert metric(gw, 'edgelink_budget_refusals_total{budget="write_buffer"}') == 3
+    wait_until(lambda: metric_sum(gw, 'edgelink_budget_refusals_total{budget="write_buffer"}') >= 3,
+               why="three connections dropped")
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="write_buffer"}') == 3
     drops = [line for line in gw.logs().splitlines() if '"event":"connection_dropped"' in line]
     assert len(drops) == 3  # once per connection, not once per pipelined request
     assert_within_budget(gw)
@@ -147,7 +137,7 @@ def test_large_bodies_held_open(gateway_factory, token):
                      % (auth, len(body) + 1))
         flood(sock, body, seconds=3)
         socks.append(sock)
-    time.sleep(0.5)
+    gw.wait_idle()  # it has read all it would read
     assert_within_budget(gw)
     for sock in socks:
         sock.close()
@@ -176,10 +166,10 @@ def test_bodies_of_many_clients_add_up_to_the_budget(gateway_factory):
         assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "gateway_overloaded"
         refused += 1
         sock.close()
-    time.sleep(0.5)
+    gw.wait_idle()  # it has read all it would read
     assert len(held) == 8 and refused == 112  # 8 MiB of 1 MiB bodies
     assert_within_budget(gw)
-    assert metric(gw, 'edgelink_budget_refusals_total{budget="bodies"}') == refused
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="bodies"}') == refused
     for sock in held:  # the last byte: each body is complete, answered (not JSON: 400), released
         sock.sendall(b"x")
         assert RawClient(sock).read_response()[0] == 400
@@ -199,15 +189,8 @@ def test_slowloris(gateway_factory, kind):
         else:
             sock.sendall(b"POST /events/ingest HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
         socks.append(sock)
-    for _ in range(3):  # a byte now and then, never a whole request
-        time.sleep(0.5)
-        for sock in socks:
-            try:
-                sock.send(b"p")
-            except OSError:
-                pass
+    trickle(socks, b"ppp", 0.5)  # a byte now and then, never a whole request
     served(gw)  # while the attack is on
-    time.sleep(2)
     answered = 0
     for sock in socks:
         try:
@@ -216,7 +199,7 @@ def test_slowloris(gateway_factory, kind):
             continue
         answered += status == 408
     assert answered == 200
-    assert metric(gw, 'edgelink_budget_refusals_total{budget="request_time"}') == 200
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="request_time"}') == 200
     assert_within_budget(gw)
     for sock in socks:
         sock.close()
@@ -232,12 +215,13 @@ def test_huge_request_lines(gw, size):
         status, _, body = RawClient(sock).read_response()
         assert status == 414 and orjson.loads(body)["error"] == "uri_too_long"
         sock.close()
-    assert metric(gw, 'edgelink_budget_refusals_total{budget="request_line"}') == 30
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="request_line"}') == 30
     assert_within_budget(gw)
 
 
 def test_connection_flood_at_the_limit(gateway_factory):
     gw = gateway_factory(module_env(EDGELINK_MAX_CONNECTIONS="50"))
+    idle_fds = gw.open_fds()  # no client connected yet
     held = [gw.connect() for _ in range(50)]
     for sock in held:
         sock.sendall(HEALTH)
@@ -255,6 +239,6 @@ def test_connection_flood_at_the_limit(gateway_factory):
     assert 1 <= len(logged) < 10  # summarised, not one line per refused connection
     for sock in held:
         sock.close()
-    time.sleep(0.3)
-    assert metric(gw, 'edgelink_budget_refusals_total{budget="connections"}') == 100
+    wait_until(lambda: gw.open_fds() <= idle_fds, why="the closed connections' slots free")
+    assert metric_sum(gw, 'edgelink_budget_refusals_total{budget="connections"}') == 100
     assert_within_budget(gw)

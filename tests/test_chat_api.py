@@ -19,7 +19,18 @@ from typing import Any
 import orjson
 import pytest
 
-from conftest import TOKEN, Gateway, RawClient, Reply, assert_error, log_records, module_env, received
+from conftest import (
+    TOKEN,
+    Gateway,
+    RawClient,
+    Reply,
+    assert_error,
+    log_records,
+    metric,
+    module_env,
+    received,
+    wait_until,
+)
 from fakemodule import ERROR_500, HANG, HEALTHY, NOT_JSON, FakeModule
 
 SWITCH_PATH = "/switch/route-v5"
@@ -42,13 +53,6 @@ def locs(reply: Reply) -> list[list[Any]]:
     body = assert_error(reply, 422, "validation_error")
     assert all(isinstance(d["msg"], str) and d["msg"] for d in body["detail"])
     return [d["loc"] for d in body["detail"]]
-
-
-def metric(gw: Gateway, name: str) -> float:
-    for line in gw.get("/metrics", token=False).body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"metric {name} not found")
 
 
 @pytest.fixture
@@ -340,8 +344,7 @@ def test_idle_session_expires_and_its_id_starts_afresh(switch, gateway_factory) 
     assert gw.get(f"/operator/session/{sid}").json()["message_count"] == 4
     assert metric(gw, "edgelink_context7_sessions") == 1
 
-    time.sleep(2.0)
-    assert metric(gw, "edgelink_context7_sessions") == 0  # swept, not only hidden
+    wait_until(lambda: metric(gw, "edgelink_context7_sessions") == 0, why="swept, not only hidden")
     assert_error(gw.get(f"/operator/session/{sid}"), 404, "session_not_found")
     assert gw.get("/vx11/context-7/sessions").json() == {"sessions": [], "total": 0}
 
@@ -380,7 +383,7 @@ def test_running_out_of_fds_does_not_open_healthy_modules_breakers(switch, madre
     statuses: dict[int, int] = {}
     codes: set[str] = set()
     waiting = []
-    time.sleep(3)  # the refusals are immediate; the others wait on switch until the route timeout
+    gw.wait_idle()  # the refusals are immediate; the others wait on switch until the route timeout
     answered, _, _ = select.select([c.sock for c in clients], [], [], 0)
     for client in clients:
         if client.sock not in answered:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import subprocess
@@ -10,17 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EDGELINK, TOKEN, log_records, wait_for_log
+from conftest import EDGELINK, TOKEN, clean_env, log_records, wait_for_log
 from edgelink.compat import tomllib
 from edgelink.config import KNOBS, load_settings
 
 SERVICE = Path(__file__).resolve().parent.parent / "systemd" / "edgelink.service"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGELINK_", "VX11_", "TENTACULO", "ENABLE_"))}
-    env.update(extra)
-    return env
 
 
 def check(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -8,6 +8,7 @@ import asyncio
 import orjson
 import pytest
 
+from conftest import next_loop_turn
 from edgelink.account import Account
 from edgelink.config import Settings
 from edgelink.dispatch import Dispatcher
@@ -47,7 +48,7 @@ def test_a_request_holds_its_decoded_body_until_answered(tmp_path):
     async def handler(req: Request):
         req.json()
         seen.append(req.share.held)
-        await asyncio.sleep(0)
+        await next_loop_turn()
         return json_response({"ok": True})
 
     router = Router()

@@ -12,7 +12,7 @@ import orjson
 import pytest
 import websockets
 
-from conftest import log_records, start_gateway, wait_for_log
+from conftest import log_records, start_gateway, stays, wait_for_log, wait_still, wait_until
 from fakemodule import FakeModule, unused_port
 
 
@@ -155,23 +155,18 @@ def test_reload_turns_health_recording_on_and_off(tmp_path):
     envfile.write_text("EDGELINK_PROBE_INTERVAL=0\n")
     gw = start_gateway(tmp_path, {"EDGELINK_ENV_FILE": str(envfile), "EDGELINK_HEALTH_TIMEOUT": "0.2"})
     try:
-        time.sleep(0.5)
-        assert _history_rows(gw.db) == 0
+        stays(lambda: _history_rows(gw.db) == 0, 0.5, "probing off: nothing recorded")
         envfile.write_text("EDGELINK_PROBE_INTERVAL=0.2\n")
         seen = len(log_records(gw.log_path))
         gw.proc.send_signal(signal.SIGHUP)
         wait_for_log(gw.log_path, "reloaded", gw.proc, 10, seen)
-        deadline = time.monotonic() + 10
-        while _history_rows(gw.db) < 20 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _history_rows(gw.db) >= 20  # two rounds of ten services
+        wait_until(lambda: _history_rows(gw.db) >= 20, why="two rounds of ten services")
         envfile.write_text("EDGELINK_PROBE_INTERVAL=0\n")
         seen = len(log_records(gw.log_path))
         gw.proc.send_signal(signal.SIGHUP)
         wait_for_log(gw.log_path, "reloaded", gw.proc, 10, seen)
-        time.sleep(0.5)  # a round in flight may still land
-        settled = _history_rows(gw.db)
-        time.sleep(1.0)
-        assert _history_rows(gw.db) == settled  # off means off, not back to back
+        # a round in flight (0.2 s health timeout) may still land
+        settled = wait_still(lambda: _history_rows(gw.db), 0.5, why="the last round landed")
+        stays(lambda: _history_rows(gw.db) == settled, 1.0, "off means off, not back to back")
     finally:
         gw.stop()

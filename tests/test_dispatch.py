@@ -7,6 +7,7 @@ import asyncio
 
 import orjson
 
+from conftest import next_loop_turn
 from edgelink.config import Settings
 from edgelink.dispatch import Dispatcher
 from edgelink.http.messages import Request, json_response
@@ -16,7 +17,7 @@ from edgelink.runtime import Runtime
 
 def dispatcher(tmp_path, matched: list[str]) -> Dispatcher:
     async def item(req):
-        await asyncio.sleep(0)
+        await next_loop_turn()
         return json_response({"id": req.params["id"], "body": orjson.loads(req.body)})
 
     router = Router()

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
-from conftest import RawClient, start_gateway
+from conftest import RawClient, ms_after, post_event, still_serving, wait_until
 
 TS = 1_700_000_000_000
 
@@ -81,33 +81,10 @@ def ledger_rows(db: Path) -> list[tuple]:
         conn.close()
 
 
-def still_serving(gw) -> None:
-    r = gw.get("/health", token=False)
-    assert r.status == 200 and r.json()["status"] == "ok"
-    # and nothing on the way was a bug of ours: no error in its log
-    errors = [line for line in gw.logs().splitlines()
-              if line.startswith("{") and orjson.loads(line).get("level") in ("error", "critical")]
-    assert not errors, errors[:5]
-
-
-def ingest(gw, event_type: str, payload: Any, source: str = "madre", **extra: Any):
-    return gw.post("/events/ingest", {"source": source, "type": event_type, "payload": payload, **extra})
-
-
 def snapshot_counts(gw) -> dict[str, int]:
     r = gw.get("/operator/snapshot")
     assert r.status == 200
     return r.json()["events"]["counts_by_type"]
-
-
-@pytest.fixture(scope="module")
-def shared_gw(tmp_path_factory):
-    """One gateway for the tests that only look at their own events."""
-    gw = start_gateway(tmp_path_factory.mktemp("events_api"))
-    yield gw
-    if gw.proc.poll() is None:
-        gw.proc.kill()
-        gw.proc.wait()
 
 
 # --- accepted events -----------------------------------------------------------------
@@ -116,7 +93,7 @@ def shared_gw(tmp_path_factory):
 def test_ingest_every_canonical_type_and_a_non_canonical_one(gateway):
     answers = []
     for i, event_type in enumerate(CANONICAL):
-        r = ingest(gateway, event_type, VALID[event_type], source=f"src-{i}", broadcast=True,
+        r = post_event(gateway, event_type, VALID[event_type], source=f"src-{i}", broadcast=True,
                    metadata={"trace": i})
         assert r.status == 201, r.body
         body = r.json()
@@ -128,12 +105,12 @@ def test_ingest_every_canonical_type_and_a_non_canonical_one(gateway):
         assert isinstance(body["seq"], int) and not isinstance(body["seq"], bool)
         answers.append(body)
     # broadcast defaults to false
-    r = ingest(gateway, "system.alert", VALID["system.alert"])
+    r = post_event(gateway, "system.alert", VALID["system.alert"])
     assert r.status == 201 and r.json()["broadcast"] is False and r.json()["canonical"] is True
     answers.append(r.json())
     # a non-canonical type is accepted unchecked and never broadcast, even when asked
     for payload in ({"anything": [1, 2, {"x": None}]}, {}):
-        r = ingest(gateway, "custom.sensor.reading", payload, source="probe", broadcast=True)
+        r = post_event(gateway, "custom.sensor.reading", payload, source="probe", broadcast=True)
         assert r.status == 201, r.body
         body = r.json()
         assert body["status"] == "received" and body["type"] == "custom.sensor.reading"
@@ -176,12 +153,12 @@ def _rejection_cases(event_type: str) -> list[tuple[str, Any, str]]:
 
 
 @pytest.mark.parametrize("event_type", CANONICAL)
-def test_schema_failures_are_rejected_and_nothing_is_stored(shared_gw, event_type):
-    gw = shared_gw
+def test_schema_failures_are_rejected_and_nothing_is_stored(shared_gateway, event_type):
+    gw = shared_gateway
     before_rows = ledger_rows(gw.db)
     before_counts = snapshot_counts(gw)
     for what, payload, word in _rejection_cases(event_type):
-        r = ingest(gw, event_type, payload, source="rejectme", broadcast=True)
+        r = post_event(gw, event_type, payload, source="rejectme", broadcast=True)
         assert r.status == 422, (what, r.body)
         body = r.json()
         assert body["status"] == "rejected" and body["reason"] == "schema_validation_failed", what
@@ -194,7 +171,7 @@ def test_schema_failures_are_rejected_and_nothing_is_stored(shared_gw, event_typ
     assert snapshot_counts(gw) == before_counts
 
     # exactly at the limit is accepted, and stored
-    r = ingest(gw, event_type, sized_payload(event_type, MAX_BYTES[event_type]), source="edge")
+    r = post_event(gw, event_type, sized_payload(event_type, MAX_BYTES[event_type]), source="edge")
     assert r.status == 201, r.body
     rows = ledger_rows(gw.db)
     assert rows[-1][:3] == (r.json()["seq"], r.json()["event_id"], event_type)
@@ -202,9 +179,9 @@ def test_schema_failures_are_rejected_and_nothing_is_stored(shared_gw, event_typ
     still_serving(gw)
 
 
-def test_size_limit_counts_compact_utf8_bytes(shared_gw):
+def test_size_limit_counts_compact_utf8_bytes(shared_gateway):
     """A payload sent with whitespace is measured compact; multi-byte characters count in bytes."""
-    gw = shared_gw
+    gw = shared_gateway
     payload = sized_payload("forensic.snapshot.created", 1024)
     spaced = orjson.dumps({"source": "s", "type": "forensic.snapshot.created", "payload": payload},
                           option=orjson.OPT_INDENT_2)
@@ -213,7 +190,7 @@ def test_size_limit_counts_compact_utf8_bytes(shared_gw):
     payload = sized_payload("forensic.snapshot.created", 1024)
     payload["note"] = payload["note"][:-1] + "é"
     assert compact_size(payload) == 1025
-    r = ingest(gw, "forensic.snapshot.created", payload)
+    r = post_event(gw, "forensic.snapshot.created", payload)
     assert r.status == 422 and r.json()["reason"] == "schema_validation_failed"
 
 
@@ -227,27 +204,27 @@ def _locs(reply) -> list[list]:
     return [d["loc"] for d in body["detail"]]
 
 
-def test_envelope_errors_are_validation_errors(shared_gw):
-    gw = shared_gw
+def test_envelope_errors_are_validation_errors(shared_gateway):
+    gw = shared_gateway
     before = ledger_rows(gw.db)
     for not_object in ([1, 2], "text", 3, None, True):
         r = gw.request("POST", "/events/ingest", raw=orjson.dumps(not_object))
         assert _locs(r) == [["body"]], not_object
     for payload in ([1], "x", 5, True):
-        assert ["body", "payload"] in _locs(ingest(gw, "system.alert", payload)), payload
+        assert ["body", "payload"] in _locs(post_event(gw, "system.alert", payload)), payload
     assert ["body", "payload"] in _locs(gw.post("/events/ingest", {"source": "s", "type": "system.alert"}))
     assert _locs(gw.post("/events/ingest", {"type": "system.alert", "payload": VALID["system.alert"]})) \
         == [["body", "source"]]
-    assert ["body", "source"] in _locs(ingest(gw, "system.alert", VALID["system.alert"], source=12))
+    assert ["body", "source"] in _locs(post_event(gw, "system.alert", VALID["system.alert"], source=12))
     assert ["body", "type"] in _locs(gw.post("/events/ingest", {"source": "s", "payload": {}}))
-    assert ["body", "broadcast"] in _locs(ingest(gw, "system.alert", VALID["system.alert"], broadcast="yes"))
-    assert ["body", "metadata"] in _locs(ingest(gw, "system.alert", VALID["system.alert"], metadata=[1]))
+    assert ["body", "broadcast"] in _locs(post_event(gw, "system.alert", VALID["system.alert"], broadcast="yes"))
+    assert ["body", "metadata"] in _locs(post_event(gw, "system.alert", VALID["system.alert"], metadata=[1]))
     assert ledger_rows(gw.db) == before
     still_serving(gw)
 
 
-def test_malformed_bodies_are_400_not_500(shared_gw):
-    gw = shared_gw
+def test_malformed_bodies_are_400_not_500(shared_gateway):
+    gw = shared_gateway
     before = ledger_rows(gw.db)
     for raw in (b'{"source": "s", "type": ', b"not json", b"{'source': 's'}", b""):
         r = gw.request("POST", "/events/ingest", raw=raw)
@@ -264,8 +241,8 @@ def test_malformed_bodies_are_400_not_500(shared_gw):
     still_serving(gw)
 
 
-def test_two_mib_body_is_413(shared_gw):
-    gw = shared_gw
+def test_two_mib_body_is_413(shared_gateway):
+    gw = shared_gateway
     size = 2 * 1024 * 1024
     # decided from Content-Length, before the body is sent
     client = RawClient(gw.connect())
@@ -299,8 +276,8 @@ def test_two_mib_body_is_413(shared_gw):
 
 
 @pytest.mark.parametrize("token,status,code", [(None, 401, "auth_required"), ("wrong-token", 403, "forbidden")])
-def test_auth_is_required(shared_gw, token, status, code):
-    gw = shared_gw
+def test_auth_is_required(shared_gateway, token, status, code):
+    gw = shared_gateway
     before = ledger_rows(gw.db)
     body = {"source": "s", "type": "system.alert", "payload": VALID["system.alert"]}
     headers = {"X-VX11-Token": token} if token else {}
@@ -353,9 +330,8 @@ def test_every_201_survives_sigkill_under_load(gateway_factory, sync):
         t.start()
     deadline = time.monotonic() + 15
     # run for ~2 s, but make sure there is a real load (a busy box may be slow to start)
-    time.sleep(2)
-    while len(accepted) < 50 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    time.sleep(2)  # real time: the load runs for a while before the kill
+    wait_until(lambda: len(accepted) >= 50, deadline - time.monotonic(), "a real load")
     gw.proc.send_signal(signal.SIGKILL)
     gw.proc.wait(10)
     stop.set()
@@ -372,9 +348,9 @@ def test_every_201_survives_sigkill_under_load(gateway_factory, sync):
         assert rows[a["event_id"]] == (a["seq"], a["type"], a["source"])
     # seq keeps increasing after the restart, past everything stored or answered
     highest = max(max(seq for seq, _, _ in rows.values()), max(a["seq"] for a in accepted))
-    r = ingest(gw2, "system.alert", VALID["system.alert"], source="after-restart")
+    r = post_event(gw2, "system.alert", VALID["system.alert"], source="after-restart")
     assert r.status == 201 and r.json()["seq"] > highest
-    r2 = ingest(gw2, "custom.after", {"k": 1})
+    r2 = post_event(gw2, "custom.after", {"k": 1})
     assert r2.status == 201 and r2.json()["seq"] > r.json()["seq"]
     counts = snapshot_counts(gw2)
     assert sum(counts.values()) == len(rows) + 2
@@ -393,14 +369,14 @@ def test_cardinality_counts_each_accepted_event_once(gateway):
     assert empty["window_seconds"] == 60 and isinstance(empty["timestamp"], int)
 
     for i in range(3):
-        assert ingest(gateway, "system.alert", dict(VALID["system.alert"], alert_id=f"a{i}"),
+        assert post_event(gateway, "system.alert", dict(VALID["system.alert"], alert_id=f"a{i}"),
                       broadcast=i == 0).status == 201
-    assert ingest(gateway, "switch.tension.updated", VALID["switch.tension.updated"]).status == 201
+    assert post_event(gateway, "switch.tension.updated", VALID["switch.tension.updated"]).status == 201
     for _ in range(2):
-        assert ingest(gateway, "custom.thing", {"x": 1}, broadcast=True).status == 201
+        assert post_event(gateway, "custom.thing", {"x": 1}, broadcast=True).status == 201
     # rejected ones are not counted
-    assert ingest(gateway, "system.alert", {"alert_id": "x"}).status == 422
-    assert ingest(gateway, "switch.tension.updated", dict(VALID["switch.tension.updated"], value=True)).status == 422
+    assert post_event(gateway, "system.alert", {"alert_id": "x"}).status == 422
+    assert post_event(gateway, "switch.tension.updated", dict(VALID["switch.tension.updated"], value=True)).status == 422
     assert gateway.post("/events/ingest", {"source": "s", "type": "system.alert", "payload": []}).status == 422
     assert gateway.request("POST", "/events/ingest", raw=b"{nope").status == 400
 
@@ -418,14 +394,14 @@ def test_correlation_graph(gateway):
     assert empty["status"] == "ok"
     assert empty["graph"] == {"nodes": [], "edges": [], "total_nodes": 0, "total_edges": 0}
 
-    alert = ingest(gateway, "system.alert", dict(VALID["system.alert"], correlation_id="flow-7")).json()
-    decision = ingest(gateway, "madre.decision.explained", dict(VALID["madre.decision.explained"]),
+    alert = post_event(gateway, "system.alert", dict(VALID["system.alert"], correlation_id="flow-7")).json()
+    decision = post_event(gateway, "madre.decision.explained", dict(VALID["madre.decision.explained"]),
                       metadata={"correlation_id": "flow-7"}).json()
-    lone = ingest(gateway, "forensic.snapshot.created", VALID["forensic.snapshot.created"]).json()
-    other = ingest(gateway, "shub.action.narrated", dict(VALID["shub.action.narrated"], correlation_id="flow-8")).json()
-    ingest(gateway, "custom.not.a.node", {"correlation_id": "flow-7"})
-    assert ingest(gateway, "system.alert", {"correlation_id": "flow-7"}).status == 422  # rejected: no node
-    meta = ingest(gateway, "system.correlation.updated", {
+    lone = post_event(gateway, "forensic.snapshot.created", VALID["forensic.snapshot.created"]).json()
+    other = post_event(gateway, "shub.action.narrated", dict(VALID["shub.action.narrated"], correlation_id="flow-8")).json()
+    post_event(gateway, "custom.not.a.node", {"correlation_id": "flow-7"})
+    assert post_event(gateway, "system.alert", {"correlation_id": "flow-7"}).status == 422  # rejected: no node
+    meta = post_event(gateway, "system.correlation.updated", {
         "correlation_id": "meta-1", "related_events": [lone["event_id"], "not-an-event", 17], "strength": 0.6,
         "timestamp": TS}).json()
 
@@ -452,16 +428,15 @@ def test_correlation_graph(gateway):
 
 
 def test_snapshot_at_a_time(gateway):
-    before = int(time.time() * 1000) - 1
-    time.sleep(0.01)
+    before = ms_after(int(time.time() * 1000)) - 1
     ids = []
     for i, event_type in enumerate(CANONICAL):
-        r = ingest(gateway, event_type, VALID[event_type], source=f"s{i}")
+        r = post_event(gateway, event_type, VALID[event_type], source=f"s{i}")
         ids.append(r.json()["event_id"])
-    ids.append(ingest(gateway, "custom.snap", {"k": 1}).json()["event_id"])
+    ids.append(post_event(gateway, "custom.snap", {"k": 1}).json()["event_id"])
     for i in range(20):
-        ids.append(ingest(gateway, "system.alert", dict(VALID["system.alert"], alert_id=f"x{i}")).json()["event_id"])
-    assert ingest(gateway, "system.alert", {}).status == 422
+        ids.append(post_event(gateway, "system.alert", dict(VALID["system.alert"], alert_id=f"x{i}")).json()["event_id"])
+    assert post_event(gateway, "system.alert", {}).status == 422
 
     r = gateway.get(f"/operator/snapshot?t={before}")
     assert r.status == 200

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
+from conftest import holds, until
 from edgelink import forward
 from edgelink.config import ConfigError, Settings
 from edgelink.forward.engine import Acks, EngineError, Message, safe_type
@@ -105,14 +106,6 @@ def forwarder(ledger: Ledger, world: World, window: int = 8, **kw: Any) -> Forwa
                      rng=lambda: 0.0, **kw)
 
 
-async def until(predicate, timeout: float = 10.0) -> None:
-    """Yield to the loop until ``predicate()`` holds (the test fails on the timeout)."""
-    async def wait() -> None:
-        while not predicate():
-            await asyncio.sleep(0.005)
-    await asyncio.wait_for(wait(), timeout)
-
-
 def run_with_ledger(tmp_path: Path, body) -> Any:
     async def main() -> Any:
         ledger = Ledger(str(tmp_path / "l.db"), sync="normal")
@@ -157,12 +150,11 @@ def test_window_bounds_unacked_events_and_acks_move_the_cursor_in_order(tmp_path
         fw = forwarder(ledger, world, window=8)
         await fw.start()
         await until(lambda: len(world.sent) == 8)
-        await asyncio.sleep(0.05)
-        assert len(world.sent) == 8  # the window is full: nothing more goes out
+        await holds(lambda: len(world.sent) == 8, 0.05, "the window is full: nothing more goes out")
         world.engine.ack(2)
         world.engine.ack(3)
-        await asyncio.sleep(0.05)
-        assert fw.acked_seq == 0 and len(world.sent) == 8  # seq 1 not acked: the cursor stays
+        await holds(lambda: fw.acked_seq == 0 and len(world.sent) == 8, 0.05,
+                    "seq 1 not acked: the cursor stays")
         world.engine.ack(1)
         await until(lambda: fw.acked_seq == 3)
         assert await ledger.forward_cursor() == 3
@@ -206,8 +198,8 @@ def test_acked_events_free_their_window_while_the_ledger_writer_is_busy(tmp_path
         try:
             fw.wake(151)
             await until(lambda: len(world.sent) == 109)
-            await asyncio.sleep(0.1)
-            assert len(world.sent) == 109 and fw.acked_seq == 101  # acked, not stored: the window is full
+            # acked, not stored: the window is full
+            await holds(lambda: len(world.sent) == 109 and fw.acked_seq == 101, 0.1, "the window stays full")
         finally:
             locker.execute("ROLLBACK")
             locker.close()
@@ -247,8 +239,8 @@ def test_window_bytes_bound_large_events_in_flight_but_one_always_goes(tmp_path:
         fw = forwarder(ledger, world, window=16, window_bytes=100_000)
         await fw.start()
         await until(lambda: len(world.sent) == 2)
-        await asyncio.sleep(0.05)  # a wrong bound would have sent more by now (the window allows 16)
-        assert len(world.sent) == 2
+        # a wrong bound would have sent more by now (the window allows 16)
+        await holds(lambda: len(world.sent) == 2, 0.05, "100 kB in flight: two 40 kB events")
         world.engine.ack(1)
         await until(lambda: len(world.sent) == 3)
         for seq in range(2, 21):
@@ -280,14 +272,12 @@ def test_a_nearly_full_window_waits_for_a_burst_of_acks(tmp_path: Path) -> None:
         await fw.start()
         await until(lambda: len(world.sent) == 8)
         world.engine.ack(2)  # out of order: the pump waits on seq 1 then
-        await asyncio.sleep(0.05)
-        assert fw.acked_seq == 0 and len(world.sent) == 8
+        await holds(lambda: fw.acked_seq == 0 and len(world.sent) == 8, 0.05, "seq 1 not acked")
         world.engine.ack(1)
         await until(lambda: fw.acked_seq == 2)
         await until(lambda: len(world.sent) == 10)  # two slots: one burst
         world.engine.ack(3)
-        await asyncio.sleep(0.05)
-        assert len(world.sent) == 10  # one free slot is less than a burst: no wake-up yet
+        await holds(lambda: len(world.sent) == 10, 0.05, "one free slot is less than a burst: no wake-up yet")
         world.engine.ack(4)
         await until(lambda: fw.acked_seq == 4 and len(world.sent) == 12)
         await fw.stop()
@@ -338,8 +328,8 @@ def test_a_refused_message_stops_the_cursor_before_it_and_reconnects(tmp_path: P
         world.engine.refuse(4)
         for seq in (1, 2, 5):
             world.engine.ack(seq)
-        await asyncio.sleep(0.05)
-        assert len(world.engines) == 1 and fw.acked_seq == 2  # seq 3 not acked: not due yet
+        await until(lambda: fw.acked_seq == 2)
+        await holds(lambda: len(world.engines) == 1 and fw.acked_seq == 2, 0.05, "seq 3 not acked: not due yet")
         world.engine.ack(3)
         await until(lambda: len(world.engines) == 2 and world.engine.sent)
         # the cursor stops right before the refused seq 4, acks collected then are kept
@@ -440,7 +430,7 @@ def test_refused_connections_back_off_instead_of_spinning(tmp_path: Path) -> Non
         await fill(ledger, 3)
         fw = forwarder(ledger, world)
         await fw.start()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # real time: how often it reconnects in half a second is the point
         connects = world.connects
         assert fw.status()["state"] in ("backoff", "connecting")
         assert "unreachable" in fw.status()["last_error"]
@@ -460,7 +450,8 @@ def test_new_events_wake_the_forwarder(tmp_path: Path) -> None:
     async def body(ledger: Ledger) -> None:
         fw = forwarder(ledger, world, idle_poll=3600)
         await fw.start()
-        await asyncio.sleep(0.05)
+        # parked: its first (empty) read is over, so only the wake can bring the event
+        await until(lambda: fw._wakeup is not None, why="the forwarder waiting for a wake-up")
         seq = await ledger.append(build_event("custom.event", "t", {}, None, False, 1))
         fw.wake(seq)
         await until(lambda: fw.acked_seq == seq, timeout=5)  # long before the idle poll
@@ -478,7 +469,7 @@ def test_types_filter_skips_others_but_moves_the_cursor(tmp_path: Path) -> None:
         fw = forwarder(ledger, world, types=("keep.*",))
         await fw.start()
         await until(lambda: fw.acked_seq == 30 or (fw.acked_seq == 28 and len(world.sent) == 10))
-        await asyncio.sleep(0.05)
+        await holds(lambda: len(world.sent) == 10, 0.05, "no other type goes out")
         await fw.stop()
 
     run_with_ledger(tmp_path, body)

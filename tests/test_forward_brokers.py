@@ -26,7 +26,7 @@ import orjson
 import pytest
 
 from brokers import HugeFrameServer, Mosquitto, MqttSubscriber, Nats, Proxy, TestCA, check_delivery
-from conftest import Gateway, log_records, start_gateway
+from conftest import Gateway, clean_env, log_records, metric, start_gateway, stays, wait_for_log, wait_until
 from edgelink.ledger import Ledger
 from fakemodule import unused_port
 
@@ -64,17 +64,19 @@ def status(gw: Gateway) -> dict[str, Any]:
 
 
 def wait_status(gw: Gateway, predicate: Callable[[dict], bool], timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        st = status(gw)
-        if predicate(st):
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"forward status never matched: {st}\n{gw.logs()[-3000:]}")
-        time.sleep(0.05)
+    """The forward status once ``predicate`` holds for it."""
+    last: dict[str, Any] = {}
+
+    def matched() -> dict[str, Any] | None:
+        last.update(st=status(gw))
+        return last["st"] if predicate(last["st"]) else None
+    try:
+        return wait_until(matched, timeout, "the forward status", every=0.05)
+    except AssertionError:
+        raise AssertionError(f"forward status never matched: {last.get('st')}\n{gw.logs()[-3000:]}") from None
 
 
-def ingest(gw: Gateway, n: int, threads: int = 4) -> list[int]:
+def ingest_many(gw: Gateway, n: int, threads: int = 4) -> list[int]:
     """``n`` ingests over keep-alive connections from a few threads; their statuses."""
     statuses: list[int] = []
     lock = threading.Lock()
@@ -160,7 +162,7 @@ def test_backlog_with_broker_killed_mid_catch_up(kind: str, n: int, side, gatewa
     gw = gateway_factory(forward_env(s.url))
     wait_status(gw, lambda st: st["acked_seq"] >= n // 4)
     s.broker.kill(signal.SIGKILL)
-    time.sleep(0.3)
+    wait_for_log(gw.log_path, "forward_error", gw.proc, 30)  # the kill is seen before the broker is back
     s.broker.start()
     st = wait_status(gw, lambda st: st["acked_seq"] == n, timeout=120)
     # the kill was seen, and the acks after it cleared the error (API.md §9)
@@ -198,7 +200,7 @@ def test_gateway_restarts_during_an_outage_at_the_count_bound_lose_nothing(kind:
     fill_db(tmp_path / "gw.db", n)
     for i in range(restarts):
         gw = start_gateway(tmp_path, env)
-        assert ingest(gw, live, threads=1) == [201] * live
+        assert ingest_many(gw, live, threads=1) == [201] * live
         assert status(gw)["backlog"] == n + (i + 1) * live
         gw.stop(signal.SIGKILL if i % 2 else signal.SIGTERM)
     total = n + restarts * live
@@ -230,7 +232,7 @@ def test_broker_down_while_ingesting(kind: str, gateway_factory) -> None:
     url = f"{'nats' if kind == 'nats' else 'mqtt'}://127.0.0.1:{port}"
     gw = gateway_factory(forward_env(url))
     rss_before = gw.peak_rss_mib()
-    statuses = ingest(gw, n)
+    statuses = ingest_many(gw, n)
     assert statuses == [201] * n
     assert gw.get("/health").status == 200
     st = status(gw)
@@ -252,7 +254,7 @@ def test_broker_down_while_ingesting(kind: str, gateway_factory) -> None:
         os.kill(gw.proc.pid, signal.SIGCONT)
     try:
         wait_status(gw, lambda st: st["acked_seq"] == n, timeout=120)
-        assert ingest(gw, 100, threads=1) == [201] * 100  # live events after the backlog
+        assert ingest_many(gw, 100, threads=1) == [201] * 100  # live events after the backlog
         wait_status(gw, lambda st: st["acked_seq"] == n + 100)
         bodies = broker.stream_seqs(expect=n + 100) if consumer is None else consumer.wait(n + 100)
         check_delivery(bodies, n + 100, WINDOW, interruptions=1)
@@ -274,8 +276,7 @@ def test_blackholed_acks_hold_the_cursor_until_healed(kind: str, side, gateway_f
         wait_status(gw, lambda st: st["acked_seq"] >= 100)
         proxy.blackhole = True
         held = wait_status(gw, lambda st: st["last_error"] is not None and "timeout" in st["last_error"])["acked_seq"]
-        time.sleep(1.5)
-        assert status(gw)["acked_seq"] == held  # no ack came back: the cursor stays
+        stays(lambda: status(gw)["acked_seq"] == held, 1.5, "no ack came back: the cursor stays")
         assert assert_ingest_ok(gw)
         proxy.blackhole = False
         wait_status(gw, lambda st: st["acked_seq"] == n + 1 and st["state"] == "connected", timeout=90)
@@ -323,7 +324,7 @@ def assert_ingest_ok(gw: Gateway) -> bool:
 def test_new_database_forwards_the_new_epoch(kind: str, side, tmp_path: Path) -> None:
     s = side(kind)
     gw = start_gateway(tmp_path, forward_env(s.url))
-    ingest(gw, 50, threads=1)
+    ingest_many(gw, 50, threads=1)
     old = wait_status(gw, lambda st: st["acked_seq"] == 50)["epoch"]
     gw.stop()
     for suffix in ("", "-wal", "-shm"):
@@ -332,7 +333,7 @@ def test_new_database_forwards_the_new_epoch(kind: str, side, tmp_path: Path) ->
     try:
         new = status(gw)["epoch"]
         assert new != old and status(gw)["acked_seq"] == 0
-        ingest(gw, 30, threads=1)
+        ingest_many(gw, 30, threads=1)
         wait_status(gw, lambda st: st["acked_seq"] == 30)
     finally:
         gw.stop()
@@ -353,7 +354,7 @@ def assert_degraded(gw: Gateway, kind_word: str) -> None:
     assert st["state"] in (("backoff", "connecting", "connected") if kind_word == "no_stream"
                            else ("backoff", "connecting")), st
     assert assert_ingest_ok(gw)
-    time.sleep(1.0)
+    time.sleep(1.0)  # real time: how many retries a couple of seconds hold is the point (no hot loop)
     errors = [r for r in log_records(gw.log_path) if r.get("event") == "forward_error"]
     assert errors and all(kind_word in r["error"] for r in errors), errors
     assert len(errors) <= 12, "a hot retry loop"  # backoff: 0.05..0.8 s in the first 2 s
@@ -564,7 +565,7 @@ def test_bad_url_stops_the_start(url: str, word: str, tmp_path: Path) -> None:
 def test_missing_extra_stops_the_start(kind: str, extra: str, tmp_path: Path) -> None:
     code = (f"import sys; sys.modules[{extra!r}] = None; sys.argv = ['edgelink', 'serve', '--port', '0'];"
             " from edgelink.cli import main; main()")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELINK_")}
+    env = clean_env()
     env.update(forward_env(f"{kind}://127.0.0.1:1"), VX11_GATEWAY_TOKEN="t", EDGELINK_DB=str(tmp_path / "x.db"))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0
@@ -580,23 +581,13 @@ def test_an_enormous_frame_from_the_broker_is_cut_off(kind: str, gateway_factory
         gw = gateway_factory(forward_env(server.url))
         before = gw.peak_rss_mib()
         wait_status(gw, lambda st: (st["last_error"] or "").startswith("frame_too_large"))
-        deadline = time.monotonic() + 30
-        while server.connections < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.connections >= 2  # retried
+        wait_until(lambda: server.connections >= 2, 30, "retried")
         assert gw.peak_rss_mib() - before < 16, (before, gw.peak_rss_mib(), server.streamed)
         assert server.streamed[0] < 64 << 20, server.streamed  # cut off long before the end
         assert any(r.get("event") == "forward_frame_too_large" for r in log_records(gw.log_path))
         assert assert_ingest_ok(gw)
     finally:
         server.close()
-
-
-def metric(gw: Gateway, name: str) -> float:
-    for line in gw.get("/metrics").body.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"no {name} in /metrics")
 
 
 def test_rewind_after_the_stream_lost_acknowledged_messages(gateway_factory, tmp_path: Path) -> None:
@@ -611,7 +602,7 @@ def test_rewind_after_the_stream_lost_acknowledged_messages(gateway_factory, tmp
         gw = gateway_factory(forward_env(broker.url))
         wait_status(gw, lambda st: st["acked_seq"] == n)
         broker.purge()
-        time.sleep(1)
+        time.sleep(1)  # real time: the stream's 0.5 s duplicate window passes, or it would drop the resends
         assert gw.post("/vx11/forward/rewind", {}, token=False).status == 401
         reply = gw.post("/vx11/forward/rewind", {})
         assert reply.status == 200 and reply.json() == {"from_seq": 1, "acked_seq": 0, "backlog": n}, reply.body
@@ -660,16 +651,16 @@ def test_two_boxes_with_one_edge_id_are_reported(kind: str, side, gateway_factor
     # one client id, so each connection takes the other's over (a reconnect storm)
     s = side(kind)
     boxes = [gateway_factory(forward_env(s.url)) for _ in range(2)]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        warned = [any(r.get("event") == "forward_duplicate_edge_id" for r in log_records(gw.log_path))
-                  for gw in boxes]
-        if any(warned):
-            break
+    def warned() -> bool:
+        if any(r.get("event") == "forward_duplicate_edge_id" for gw in boxes for r in log_records(gw.log_path)):
+            return True
         for gw in boxes:
             assert_ingest_ok(gw)  # traffic, so an MQTT connection is in use
-        time.sleep(0.2)
-    assert any(warned), [gw.logs()[-2000:] for gw in boxes]
+        return False
+    try:
+        wait_until(warned, 60, "a forward_duplicate_edge_id warning", every=0.2)
+    except AssertionError:
+        raise AssertionError([gw.logs()[-2000:] for gw in boxes]) from None
     record = next(r for gw in boxes for r in log_records(gw.log_path) if r.get("event") == "forward_duplicate_edge_id")
     assert record["edge_id"] == "box1" and record["level"] == "warning"
 
@@ -677,7 +668,7 @@ def test_two_boxes_with_one_edge_id_are_reported(kind: str, side, gateway_factor
 def test_one_box_is_not_reported_as_a_duplicate(side, gateway_factory) -> None:
     s = side("nats")
     gw = gateway_factory(forward_env(s.url))
-    ingest(gw, 50, threads=1)
+    ingest_many(gw, 50, threads=1)
     wait_status(gw, lambda st: st["acked_seq"] == 50)
-    time.sleep(1)
-    assert not any(r.get("event") == "forward_duplicate_edge_id" for r in log_records(gw.log_path))
+    stays(lambda: not any(r.get("event") == "forward_duplicate_edge_id" for r in log_records(gw.log_path)), 1,
+          "one box is no duplicate")

@@ -11,13 +11,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from brokers import Nats
-from test_forward_brokers import forward_env, ingest, wait_status
+from conftest import stays, wait_until
+from test_forward_brokers import forward_env, ingest_many, wait_status
 
 pytestmark = pytest.mark.brokers
 
@@ -38,17 +38,20 @@ def stored(db: Path) -> set[tuple]:
 
 
 def wait_stored(db: Path, count: int, consumer: subprocess.Popen, timeout: float = 60) -> set[tuple]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """The keys stored in the consumer's database, once there are ``count``."""
+    def enough() -> set[tuple] | None:
         assert consumer.poll() is None, consumer.stderr.read()
         try:
             keys = stored(db)
         except sqlite3.OperationalError:  # the consumer holds the write lock right now
-            keys = set()
-        if len(keys) >= count:
-            return keys
-        time.sleep(0.2)
-    raise AssertionError(f"{len(stored(db))} of {count} events stored")
+            return None
+        return keys if len(keys) >= count else None
+    try:
+        return wait_until(enough, timeout, "events stored", every=0.2)
+    except AssertionError as e:
+        if "not in" not in str(e):
+            raise
+        raise AssertionError(f"{len(stored(db))} of {count} events stored") from None
 
 
 def test_the_documented_consumer_keeps_every_event_once_across_idle_stretches(gateway_factory,
@@ -67,21 +70,22 @@ def test_the_documented_consumer_keeps_every_event_once_across_idle_stretches(ga
     try:
         boxes = [gateway_factory(forward_env(broker.url, EDGELINK_EDGE_ID=f"box{i}")) for i in (1, 2)]
         for gw in boxes:
-            ingest(gw, 300, threads=2)
+            ingest_many(gw, 300, threads=2)
         wait_stored(db, 600, consumer)
-        time.sleep(7)  # idle: at least three fetches time out
+        # idle: at least three of the consumer's fetches time out, and it lives through them
+        stays(lambda: consumer.poll() is None, 7, "the consumer died on an idle stream")
         for gw in boxes:
-            ingest(gw, 200, threads=2)
+            ingest_many(gw, 200, threads=2)
         wait_stored(db, 1000, consumer)
         consumer.send_signal(signal.SIGKILL)  # the consumer restarts: unacked messages come again
         consumer.wait(10)
         for gw in boxes:
-            ingest(gw, 100, threads=1)
+            ingest_many(gw, 100, threads=1)
             wait_status(gw, lambda st: st["acked_seq"] == 600)
         consumer = consume()
         keys = wait_stored(db, 1200, consumer)
-        time.sleep(5)  # idle again
-        assert consumer.poll() is None, consumer.stderr.read()
+        # idle again: fetches time out while nothing comes
+        stays(lambda: consumer.poll() is None, 5, "the consumer died on an idle stream")
         for gw, box in zip(boxes, ("box1", "box2")):
             epoch = gw.get("/vx11/forward/status").json()["epoch"]
             assert {k for k in keys if k[0] == box} == {(box, epoch, seq) for seq in range(1, 601)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -17,13 +18,9 @@ import uuid
 import orjson
 import pytest
 
-from conftest import EDGELINK, RawClient, recv_all
+from conftest import EDGELINK, RawClient, health_ok, recv_all, trickle, wait_until
 
 GET_HEALTH = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
-
-
-def still_serving(gw) -> None:
-    assert gw.get("/health", token=False).status == 200
 
 
 def refusals(gw, error: str) -> int:
@@ -37,42 +34,40 @@ def refusals(gw, error: str) -> int:
 
 
 def wait_for_refusals(gw, error: str, timeout: float = 5) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and refusals(gw, error) == 0:
-        time.sleep(0.05)
-    return refusals(gw, error)
+    """The count of ``request_refused`` lines for ``error``, once there is one."""
+    return wait_until(lambda: refusals(gw, error), timeout, f"a request_refused {error} log line")
 
 
-def test_health_shape_and_correlation_id(gateway):
-    r = gateway.get("/health", token=False, headers={"X-Correlation-ID": "abc-123"})
+def test_health_shape_and_correlation_id(shared_gateway):
+    r = shared_gateway.get("/health", token=False, headers={"X-Correlation-ID": "abc-123"})
     assert r.status == 200
     body = r.json()
     assert body["status"] == "ok" and body["module"] == "tentaculo_link" and body["version"] == "7.0"
     assert isinstance(body["edgelink"], str)
     assert r.headers["x-correlation-id"] == "abc-123"
     assert r.headers["content-type"] == "application/json"
-    assert gateway.get("/v1/health", token=False).json() == body
+    assert shared_gateway.get("/v1/health", token=False).json() == body
 
 
-def test_correlation_id_replaced_when_too_long_or_unprintable(gateway):
+def test_correlation_id_replaced_when_too_long_or_unprintable(shared_gateway):
     for bad in ("x" * 129, "has space"):
-        cid = gateway.get("/health", headers={"X-Correlation-ID": bad}).headers["x-correlation-id"]
+        cid = shared_gateway.get("/health", headers={"X-Correlation-ID": bad}).headers["x-correlation-id"]
         assert cid != bad and len(cid) == 32
         int(cid, 16)
         # a uuid4 hex, as API.md §1 says, although made without the uuid module
         assert uuid.UUID(cid).version == 4 and uuid.UUID(cid).hex == cid
 
 
-def test_keep_alive_serves_many_requests_on_one_connection(gateway):
-    client = RawClient(gateway.connect())
+def test_keep_alive_serves_many_requests_on_one_connection(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     for _ in range(5):
         client.send(GET_HEALTH)
         status, headers, body = client.read_response()
         assert status == 200 and orjson.loads(body)["status"] == "ok"
 
 
-def test_pipelined_requests_answered_in_order(gateway):
-    client = RawClient(gateway.connect())
+def test_pipelined_requests_answered_in_order(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Correlation-ID: one\r\n\r\n"
                 b"GET /missing HTTP/1.1\r\nHost: t\r\nX-Correlation-ID: two\r\n\r\n"
                 b"DELETE /v1/health HTTP/1.1\r\nHost: t\r\nX-Correlation-ID: three\r\n\r\n")
@@ -96,19 +91,19 @@ def test_long_pipeline_answered_in_order_across_sync_and_task_handlers(gateway):
     assert [a[1]["x-correlation-id"] for a in answers] == [
         f"ingest-{i}" if i % 25 == 24 else f"get-{i}" for i in range(150)]
     assert [a[0] for a in answers] == [201 if i % 25 == 24 else 200 for i in range(150)]
-    still_serving(gateway)
+    health_ok(gateway)
 
 
-def test_http10_answered_and_closed(gateway):
-    client = RawClient(gateway.connect())
+def test_http10_answered_and_closed(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"GET /health HTTP/1.0\r\n\r\n")
     status, _, body = client.read_response()
     assert status == 200 and orjson.loads(body)["status"] == "ok"
     assert client.closed_by_peer()
 
 
-def test_head_has_length_but_no_body(gateway):
-    client = RawClient(gateway.connect())
+def test_head_has_length_but_no_body(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"HEAD /health HTTP/1.1\r\nHost: t\r\n\r\n")
     client.sock.settimeout(5)
     while b"\r\n\r\n" not in client.buf:
@@ -122,16 +117,16 @@ def test_head_has_length_but_no_body(gateway):
     assert client.read_response()[0] == 200
 
 
-def test_not_found_and_method_not_allowed_are_json_errors(gateway):
-    r = gateway.get("/nope")
+def test_not_found_and_method_not_allowed_are_json_errors(shared_gateway):
+    r = shared_gateway.get("/nope")
     assert r.status == 404 and r.json()["error"] == "not_found" and r.json()["status_code"] == 404
-    r = gateway.post("/health", {"x": 1})
+    r = shared_gateway.post("/health", {"x": 1})
     assert r.status == 405 and r.json()["error"] == "method_not_allowed"
     assert r.headers["allow"] == "GET, HEAD"
 
 
-def test_chunked_body_is_read_and_connection_kept(gateway):
-    client = RawClient(gateway.connect())
+def test_chunked_body_is_read_and_connection_kept(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
                 b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
     assert client.read_response()[0] == 405
@@ -139,10 +134,10 @@ def test_chunked_body_is_read_and_connection_kept(gateway):
     assert client.read_response()[0] == 200
 
 
-def test_expect_100_continue(gateway):
-    client = RawClient(gateway.connect())
+def test_expect_100_continue(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"POST /vx11/intent/nope HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n"
-                b"X-VX11-Token: " + gateway.token.encode() + b"\r\n\r\n")
+                b"X-VX11-Token: " + shared_gateway.token.encode() + b"\r\n\r\n")
     status, _, _ = client.read_response()
     assert status == 100
     client.send(b"{}")
@@ -156,15 +151,15 @@ def test_expect_100_continue(gateway):
     ("/no/such/route", None, 404, "not_found"),
     ("/health", None, 405, "method_not_allowed"),
 ])
-def test_expect_100_continue_only_after_route_and_token(gateway, target, token, status, error):
-    client = RawClient(gateway.connect())
+def test_expect_100_continue_only_after_route_and_token(shared_gateway, target, token, status, error):
+    client = RawClient(shared_gateway.connect())
     auth = b"X-VX11-Token: %s\r\n" % token.encode() if token else b""
     client.send(b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nExpect: 100-continue\r\n%s\r\n"
                 % (target.encode(), auth))
     got, headers, body = client.read_response()
     assert got == status and orjson.loads(body)["error"] == error  # no 100 first
     assert headers["connection"] == "close" and client.closed_by_peer()
-    still_serving(gateway)
+    health_ok(shared_gateway)
 
 
 def test_expect_100_continue_over_limit_refused_without_continue(gateway_factory):
@@ -188,7 +183,7 @@ def test_malformed_requests_get_400_and_close(gateway, garbage):
     status, _, body = client.read_response()
     assert status == 400 and orjson.loads(body)["error"] == "bad_request"
     assert client.closed_by_peer()
-    still_serving(gateway)
+    health_ok(gateway)
     assert wait_for_refusals(gateway, "bad_request") == 1
 
 
@@ -197,7 +192,7 @@ def test_header_block_over_limit_gets_431(gateway):
     client.send(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n")
     status, _, body = client.read_response()
     assert status == 431 and orjson.loads(body)["error"] == "headers_too_large"
-    still_serving(gateway)
+    health_ok(gateway)
     assert wait_for_refusals(gateway, "headers_too_large") == 1
 
 
@@ -208,7 +203,7 @@ def test_body_over_limit_refused_from_content_length_before_reading(gateway_fact
     client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: 1001\r\n\r\n")
     status, _, body = client.read_response(timeout=5)
     assert status == 413 and orjson.loads(body)["status_code"] == 413
-    still_serving(gw)
+    health_ok(gw)
 
 
 def test_chunked_body_over_limit_refused_while_reading(gateway_factory):
@@ -220,7 +215,7 @@ def test_chunked_body_over_limit_refused_while_reading(gateway_factory):
     status, _, _ = client.read_response(timeout=5)
     assert status == 413
     assert client.closed_by_peer()
-    still_serving(gw)
+    health_ok(gw)
 
 
 def test_content_length_longer_than_body_times_out(gateway_factory):
@@ -230,16 +225,16 @@ def test_content_length_longer_than_body_times_out(gateway_factory):
     status, _, body = client.read_response(timeout=10)
     assert status == 408 and orjson.loads(body)["error"] == "request_timeout"
     assert client.closed_by_peer()
-    still_serving(gw)
+    health_ok(gw)
 
 
-def test_content_length_shorter_than_body_extra_bytes_are_a_bad_request(gateway):
-    client = RawClient(gateway.connect())
+def test_content_length_shorter_than_body_extra_bytes_are_a_bad_request(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}trailing-junk\r\n\r\n")
     assert client.read_response()[0] == 405
     assert client.read_response()[0] == 400
     assert client.closed_by_peer()
-    still_serving(gateway)
+    health_ok(shared_gateway)
 
 
 def test_slow_header_sender_is_cut_off_at_header_timeout(gateway_factory):
@@ -247,17 +242,12 @@ def test_slow_header_sender_is_cut_off_at_header_timeout(gateway_factory):
     sock = gw.connect()
     started = time.monotonic()
     status = None
-    try:
-        for byte in GET_HEALTH[:-2]:  # one byte per 0.25 s, never finishing the header block
-            sock.sendall(bytes([byte]))
-            time.sleep(0.25)
-    except (BrokenPipeError, ConnectionResetError):
-        pass
+    trickle(sock, GET_HEALTH[:-2], 0.25)  # one byte per 0.25 s, never finishing the header block
     data = recv_all(sock, timeout=5)
     status = int(data.split()[1]) if data.startswith(b"HTTP/1.1") else None
     assert status == 408
     assert time.monotonic() - started < 2 + 10  # cut off, not served to the end
-    still_serving(gw)
+    health_ok(gw)
 
 
 def test_keep_alive_idle_connection_closed(gateway_factory):
@@ -276,6 +266,7 @@ def test_idle_connection_without_request_closed_at_header_timeout(gateway_factor
 
 def test_connection_limit(gateway_factory):
     gw = gateway_factory({"EDGELINK_MAX_CONNECTIONS": "3"})
+    idle_fds = gw.open_fds()  # no client connected yet
     held = [gw.connect() for _ in range(3)]
     for s in held:  # make sure each is accepted and counted before the next one
         s.sendall(GET_HEALTH)
@@ -285,8 +276,14 @@ def test_connection_limit(gateway_factory):
     assert status == 503 and orjson.loads(body)["error"] == "too_many_connections"
     for s in held:
         s.close()
-    time.sleep(0.2)
-    still_serving(gw)
+    wait_until(lambda: gw.open_fds() <= idle_fds, why="the closed connections' slots free")
+    health_ok(gw)
+
+
+def proc_state(pid: int) -> str:
+    """The state letter of ``/proc/<pid>/stat`` (``T``: stopped by a signal)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rpartition(")")[2].split()[0]
 
 
 def _rss_kb(pid: int) -> int:
@@ -308,13 +305,13 @@ def test_client_that_never_reads_does_not_make_the_server_buffer(gateway):
     while time.monotonic() < deadline and sent < 50_000_000:
         try:
             sent += sock.send(request)
-        except BlockingIOError:
-            time.sleep(0.01)  # the server stopped reading us: that is the point
+        except BlockingIOError:  # the server stopped reading us: that is the point
+            select.select([], [sock], [], 0.5)
     # The server stopped reading well before 50 MB of requests (~430k responses) arrived.
     assert sent < 50_000_000
     growth_kb = _rss_kb(gateway.proc.pid) - before
     assert growth_kb < 20_000, f"server RSS grew by {growth_kb} kB"
-    still_serving(gateway)
+    health_ok(gateway)
     sock.close()
 
 
@@ -327,7 +324,7 @@ def test_client_vanishing_mid_request_is_harmless(gateway):
     s.sendall(GET_HEALTH)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     s.close()  # RST right after the request
-    still_serving(gateway)
+    health_ok(gateway)
     assert "Traceback" not in gateway.logs()
 
 
@@ -339,7 +336,7 @@ def test_no_traceback_reaches_client_or_log_after_bad_input(gateway):
         data = recv_all(s, timeout=5)
         assert b"Traceback" not in data
         s.close()
-    still_serving(gateway)
+    health_ok(gateway)
     assert "Traceback" not in gateway.logs()
 
 
@@ -365,12 +362,12 @@ def test_refuses_to_start_with_a_bad_value_naming_the_setting(tmp_path):
 
 
 @pytest.mark.parametrize("path", ["/debug/events/cardinality", "/operator/snapshot"])
-def test_protected_routes_need_the_token(gateway, path):
-    r = gateway.get(path, token=False)
+def test_protected_routes_need_the_token(shared_gateway, path):
+    r = shared_gateway.get(path, token=False)
     assert r.status == 401 and r.json()["error"] == "auth_required"
-    r = gateway.get(path, headers={"X-VX11-Token": "nope"})
+    r = shared_gateway.get(path, headers={"X-VX11-Token": "nope"})
     assert r.status == 403 and r.json()["error"] == "forbidden"
-    assert gateway.get(path).status == 200
+    assert shared_gateway.get(path).status == 200
 
 
 def test_auth_can_be_turned_off(gateway_factory):
@@ -396,8 +393,8 @@ def test_cors_preflight_and_echo(gateway_factory):
         "access-control-allow-origin") is None
 
 
-def test_cors_off_by_default(gateway):
-    r = gateway.request("OPTIONS", "/health", token=False, headers={
+def test_cors_off_by_default(shared_gateway):
+    r = shared_gateway.request("OPTIONS", "/health", token=False, headers={
         "Origin": "https://ui.example", "Access-Control-Request-Method": "GET"})
     assert r.status == 405 and "access-control-allow-origin" not in r.headers
 
@@ -412,21 +409,21 @@ def test_client_that_never_reads_is_dropped_after_the_send_timeout(gateway_facto
         try:
             sock.send(GET_HEALTH * 100)
         except BlockingIOError:
-            time.sleep(0.01)
+            select.select([], [sock], [], 0.5)
         except (BrokenPipeError, ConnectionResetError):
             break
-    dropped = False
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and not dropped:
+
+    def dropped() -> bool:
         try:
             sock.send(GET_HEALTH)
-            time.sleep(0.2)
         except BlockingIOError:
-            time.sleep(0.2)
+            pass
         except (BrokenPipeError, ConnectionResetError):
-            dropped = True
-    assert dropped
-    still_serving(gw)
+            return True
+        return False
+
+    wait_until(dropped, 15, "the connection dropped by the gateway")
+    health_ok(gw)
     assert '"event":"connection_dropped"' in gw.logs()
 
 
@@ -468,16 +465,11 @@ def test_a_trickled_body_is_cut_off_at_the_body_timeout(gateway_factory):
     sock = gw.connect()
     sock.sendall(b"POST /events/ingest HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n")
     started = time.monotonic()
-    try:
-        for _ in range(40):  # one byte every 0.2 s: each arrives well within the header timeout
-            sock.sendall(b"x")
-            time.sleep(0.2)
-    except (BrokenPipeError, ConnectionResetError):
-        pass
+    trickle(sock, b"x" * 40, 0.2)  # one byte every 0.2 s: each arrives well within the header timeout
     data = recv_all(sock, timeout=5)
     assert data.startswith(b"HTTP/1.1 408")
     assert time.monotonic() - started < 8
-    still_serving(gw)
+    health_ok(gw)
 
 
 # --- hostile framing and stalls (issue 11) ------------------------------------------------
@@ -494,27 +486,27 @@ def nested(levels: int) -> bytes:
     ("/vx11/intent/task", b'{"task":%s}'),
 ])
 @pytest.mark.parametrize("levels", [65, 300, 1000])
-def test_json_nested_deeper_than_64_is_invalid_json(gateway, path, body, levels):
-    r = gateway.post(path, raw=body % nested(levels - 1))
+def test_json_nested_deeper_than_64_is_invalid_json(shared_gateway, path, body, levels):
+    r = shared_gateway.post(path, raw=body % nested(levels - 1))
     assert r.status == 400, r.body
     assert r.json()["error"] == "invalid_json" and "64" in r.json()["detail"]
 
 
-def test_json_nested_64_deep_or_brackets_in_strings_are_not_refused(gateway):
+def test_json_nested_64_deep_or_brackets_in_strings_are_not_refused(shared_gateway):
     for raw in (b'{"task":%s}' % nested(63), b'{"task":"%s"}' % (b"[{" * 500),
                 b'{"task":"\\"%s"}' % (b"[" * 100)):
-        r = gateway.post("/vx11/intent/task", raw=raw)
+        r = shared_gateway.post("/vx11/intent/task", raw=raw)
         assert r.status == 502 and r.json()["error"] == "upstream_unavailable", r.body  # parsed, then sent on
 
 
-def test_websocket_message_nested_too_deep_gets_invalid_json_and_stays_open(gateway):
+def test_websocket_message_nested_too_deep_gets_invalid_json_and_stays_open(shared_gateway):
     import asyncio
 
     import websockets
 
     async def go():
-        async with websockets.connect(f"ws://127.0.0.1:{gateway.port}/ws",
-                                      additional_headers={"X-VX11-Token": gateway.token}) as ws:
+        async with websockets.connect(f"ws://127.0.0.1:{shared_gateway.port}/ws",
+                                      additional_headers={"X-VX11-Token": shared_gateway.token}) as ws:
             assert orjson.loads(await ws.recv())["type"] == "connected"
             await ws.send(nested(300).decode())
             frame = orjson.loads(await ws.recv())
@@ -525,20 +517,20 @@ def test_websocket_message_nested_too_deep_gets_invalid_json_and_stays_open(gate
     asyncio.run(asyncio.wait_for(go(), 30))
 
 
-def test_content_length_with_transfer_encoding_is_answered_then_closed(gateway):
-    client = RawClient(gateway.connect())
+def test_content_length_with_transfer_encoding_is_answered_then_closed(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"POST /health HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
                 b"5\r\nhello\r\n0\r\n\r\n")
     status, headers, _ = client.read_response()
     assert status == 405 and headers["connection"] == "close"
     assert client.closed_by_peer()
-    still_serving(gateway)
+    health_ok(shared_gateway)
 
 
 @pytest.mark.parametrize("target", [b"http://127.0.0.1/health", b"HTTP://gw.example:8000/health?x=1",
                                     b"https://gw/v1/health"])
-def test_absolute_form_targets_are_served_like_origin_form(gateway, target):
-    client = RawClient(gateway.connect())
+def test_absolute_form_targets_are_served_like_origin_form(shared_gateway, target):
+    client = RawClient(shared_gateway.connect())
     client.send(b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target)
     status, _, body = client.read_response()
     assert status == 200 and orjson.loads(body)["module"] == "tentaculo_link"
@@ -557,11 +549,11 @@ def test_request_line_over_8_kib_is_414(gateway, size, complete):
     assert status == 414 and orjson.loads(body)["error"] == "uri_too_long"
     assert client.closed_by_peer()
     assert refusals(gateway, "uri_too_long") == 1
-    still_serving(gateway)
+    health_ok(gateway)
 
 
-def test_request_line_under_the_limit_with_a_large_header_block_is_431(gateway):
-    client = RawClient(gateway.connect())
+def test_request_line_under_the_limit_with_a_large_header_block_is_431(shared_gateway):
+    client = RawClient(shared_gateway.connect())
     client.send(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 20_000 + b"\r\n\r\n")
     assert client.read_response()[0] == 431
 
@@ -575,7 +567,7 @@ def test_refusal_is_not_lost_to_a_reset_when_the_body_was_sent(gateway_factory):
         sock.sendall(body)  # the server answers 413 at the headers and drains the rest
     except (BrokenPipeError, ConnectionResetError):
         pass
-    time.sleep(0.3)
+    time.sleep(0.3)  # real time: a reset, if the server sent one, has arrived and discarded the answer
     status, _, reply = RawClient(sock).read_response()
     assert status == 413 and orjson.loads(reply)["error"] == "payload_too_large"
 
@@ -587,11 +579,11 @@ def test_request_sent_while_the_gateway_was_stopped_is_answered(gateway_factory)
     assert client.read_response()[0] == 200  # now an idle keep-alive connection
     os.kill(gw.proc.pid, signal.SIGSTOP)
     try:
-        time.sleep(0.3)
+        wait_until(lambda: proc_state(gw.proc.pid) == "T", why="the gateway stopped")
         body = b'{"type":"x.y","source":"madre","payload":{}}'
         client.send(b"POST /events/ingest HTTP/1.1\r\nHost: t\r\nX-VX11-Token: %s\r\nContent-Length: %d\r\n\r\n%s"
                     % (gw.token.encode(), len(body), body))
-        time.sleep(2.5)  # the keep-alive timer is long overdue when the process resumes
+        time.sleep(2.5)  # real time: the keep-alive timer is long overdue when the process resumes
     finally:
         os.kill(gw.proc.pid, signal.SIGCONT)
     status, _, reply = client.read_response()
@@ -610,6 +602,7 @@ def test_unauthenticated_body_is_refused_and_not_buffered(gateway):
 
 def test_budget_refusals_are_counted_in_metrics(gateway_factory):
     gw = gateway_factory({"EDGELINK_MAX_BODY": "1000", "EDGELINK_MAX_CONNECTIONS": "2"})
+    idle_fds = gw.open_fds()  # no client connected yet
     for raw in (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n",
                 b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 20_000 + b"\r\n\r\n",
                 b"POST /events/ingest HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n"):
@@ -624,7 +617,7 @@ def test_budget_refusals_are_counted_in_metrics(gateway_factory):
     assert RawClient(gw.connect()).read_response()[0] == 503
     for s in held:
         s.close()
-    time.sleep(0.2)
+    wait_until(lambda: gw.open_fds() <= idle_fds, why="the closed connections' slots free")
     text = gw.get("/metrics", token=False).body.decode()
     for budget in ("request_line", "header_block", "body", "connections"):
         assert f'edgelink_budget_refusals_total{{budget="{budget}"}} 1' in text, (budget, text)
@@ -650,7 +643,7 @@ def test_fd_limit_too_low_is_a_warning_naming_both_figures(gateway_factory):
     rec = next(orjson.loads(line) for line in gw.logs().splitlines() if '"fd_limit_low"' in line)
     assert rec["limit"] == 64 and rec["needed"] > 2000 and rec["level"] == "warning"
     assert _nofile(gw.proc.pid) == (64, 64)
-    still_serving(gw)
+    health_ok(gw)
 
 
 def test_accept_loop_survives_running_out_of_descriptors(gateway_factory):
@@ -658,14 +651,16 @@ def test_accept_loop_survives_running_out_of_descriptors(gateway_factory):
     first = RawClient(gw.connect())
     first.send(GET_HEALTH)
     assert first.read_response()[0] == 200
+    idle_fds = gw.open_fds()
     held = [gw.connect() for _ in range(100)]  # past the limit: accept() gets EMFILE
-    time.sleep(0.5)
+    wait_until(lambda: gw.open_fds() >= 64, why="every descriptor in use")
     first.send(GET_HEALTH)  # existing connections keep being served meanwhile
     assert first.read_response()[0] == 200
     for s in held:
         s.close()
-    time.sleep(0.5)
-    still_serving(gw)
+    # descriptors free again (accepted at EMFILE, a connection would be closed at once)
+    wait_until(lambda: gw.open_fds() <= idle_fds, why="the closed connections' descriptors given back")
+    health_ok(gw)
 
 
 def _depth_of(value) -> int:

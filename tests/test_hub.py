@@ -13,6 +13,7 @@ import orjson
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
+from conftest import next_loop_turn, until
 from edgelink.gateway.events import Event
 from edgelink.gateway.metrics import Registry
 from edgelink.http.websocket import WebSocket
@@ -222,7 +223,7 @@ def test_a_send_queue_drains_in_order_and_in_few_writes_once_the_client_reads(tm
         while len(ws._out) < 2000:  # the transport has paused: frames wait in the send queue
             n += 1
             hub.broadcast(Event(f"e-{n}", "system.alert", "t", 1, {"b": blob}, None, True, True, n))
-            await asyncio.sleep(0)
+            await next_loop_turn()
             assert n < 100_000, "the transport never paused"
         counted = ws._transport = _CountingTransport(ws._transport)
         peer.writer.transport.resume_reading()
@@ -248,10 +249,7 @@ def test_messages_received_are_taken_from_the_account_until_handled(tmp_path):
         ws.share = account.open()
         for text in ('{"n": 1}', '{"emoji": "\N{GRINNING FACE}"}'):  # 8 and 17 bytes
             peer.writer.write(peer.conn.send(TextMessage(data=text)))
-        for _ in range(100):
-            if ws.share.held == 25:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: ws.share.held == 25, why="25 bytes held")
         assert ws.share.by_piece[INBOUND] == 25  # held while the handler has not taken them
         assert await ws.receive() == '{"n": 1}' and ws.share.held == 17
         others = account.open()

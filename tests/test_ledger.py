@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from clock import T0, Clock
+from conftest import next_loop_turn, until
 from edgelink.config import Settings
 from edgelink.gateway.events import Event, build_event
 from edgelink.gateway.health import HealthCheck
@@ -157,7 +158,7 @@ def test_group_commit_batches_concurrent_appends(tmp_path):
             blocker = raw(path)
             blocker.execute("BEGIN IMMEDIATE")
             tasks = [asyncio.create_task(ledger.append(event())) for _ in range(200)]
-            await asyncio.sleep(0)  # every task has queued its event
+            await next_loop_turn()  # every task has queued its event
             blocker.execute("COMMIT")
             seqs = await asyncio.gather(*tasks)
             assert sorted(seqs) == list(range(seqs[0], seqs[0] + 200)) and len(set(seqs)) == 200
@@ -188,7 +189,7 @@ def test_a_cancelled_append_is_still_committed(tmp_path):
         async with opened(path) as ledger:
             e = event()
             task = asyncio.create_task(ledger.append(e))
-            await asyncio.sleep(0)  # queued
+            await next_loop_turn()  # queued
             task.cancel()
         # close() flushed it
         return e
@@ -204,7 +205,7 @@ def test_close_flushes_pending_appends(tmp_path):
         ledger = Ledger(str(path), now=Clock(), prune_interval=3600)
         await ledger.start()
         tasks = [asyncio.create_task(ledger.append(event())) for _ in range(50)]
-        await asyncio.sleep(0)  # every append is queued, none answered yet
+        await next_loop_turn()  # every append is queued, none answered yet
         await ledger.close()
         seqs = [t.result() for t in tasks]  # all done by the time close() returns
         with pytest.raises(LedgerClosed):
@@ -359,10 +360,9 @@ def test_retention_runs_in_the_background(tmp_path):
         async with opened(tmp_path / "l.db", retention_events=5, prune_interval=0.01) as ledger:
             for _ in range(20):
                 await ledger.append(event())
-            for _ in range(2000):  # waits for the background pass; no timing is asserted
-                if sum((await ledger.counts_by_type(2**62)).values()) == 5:
-                    break
-                await asyncio.sleep(0.005)
+            async def five_left() -> bool:
+                return sum((await ledger.counts_by_type(2**62)).values()) == 5
+            await until(five_left, why="the background pass")  # no timing is asserted
             assert await ledger.counts_by_type(2**62) == {"custom.event": 5}
 
     run(main())
@@ -380,11 +380,10 @@ def test_appends_are_served_between_retention_batches(tmp_path):
             db.execute("CREATE TRIGGER i AFTER INSERT ON events BEGIN INSERT INTO log (what) VALUES ('insert'); END")
             db.execute("BEGIN IMMEDIATE")  # holds the writer inside the first retention batch
             prune = asyncio.create_task(ledger.prune())
-            await asyncio.sleep(0)  # the request is queued
-            while ledger._queue.qsize():  # until the writer has taken the prune request
-                await asyncio.sleep(0.001)
+            await next_loop_turn()  # the request is queued
+            await until(lambda: not ledger._queue.qsize(), why="the writer has taken the prune request")
             during = asyncio.create_task(ledger.append(event("during")))
-            await asyncio.sleep(0)
+            await next_loop_turn()
             db.execute("COMMIT")
             await asyncio.gather(during, prune)
             log = [what for (what,) in db.execute("SELECT what FROM log ORDER BY n")]
@@ -585,7 +584,7 @@ def test_drop_oldest_keeps_the_file_under_the_bound_and_reports_unforwarded_drop
             assert os.path.getsize(f"{path}-wal") <= WAL_LIMIT + 2 * WRITE_CHUNK_BYTES
             kept = stored_seqs(path)
             assert kept == seqs[-len(kept):] and 5 <= len(kept) < 16  # the oldest went, in order
-            await asyncio.sleep(0)  # the reports arrive on the loop after each commit
+            await next_loop_turn()  # the reports arrive on the loop after each commit
             assert sum(d[0] for d in drops) == 40 - len(kept) == ledger.pruned["bytes"]
             assert sum(d[1] for d in drops) == 40 - len(kept) - 3  # all but the 3 forwarded ones
             assert drops[-1][2] == seqs[-len(kept)] - 1  # the highest seq dropped
@@ -684,10 +683,8 @@ def test_pruned_space_goes_back_to_the_file_system(tmp_path):
                 await ledger.append(big(i))
             grown = os.path.getsize(path)
             await ledger.prune()
-            for _ in range(200):  # incremental vacuum runs in small steps between batches
-                if os.path.getsize(path) < 8 * MIB:
-                    break
-                await asyncio.sleep(0.02)
+            # incremental vacuum runs in small steps between batches
+            await until(lambda: os.path.getsize(path) < 8 * MIB, why="the file shrunk")
             assert grown > 25 * MIB and os.path.getsize(path) < 8 * MIB, (grown, os.path.getsize(path))
 
     run(main())

@@ -9,14 +9,13 @@ import io
 import re
 import socket
 import subprocess
-import time
 from datetime import datetime, timezone
 
 import orjson
 import pytest
 import websockets
 
-from conftest import EDGELINK, TOKEN, log_records, wait_for_log
+from conftest import EDGELINK, TOKEN, log_records, wait_for_log, wait_until
 from edgelink.config import Settings
 from edgelink.dispatch import Dispatcher
 from edgelink.http.messages import Request
@@ -59,10 +58,10 @@ def test_real_process_under_journald_prefixes_every_line(tmp_path):
     with open(log_path, "wb") as out:
         proc = subprocess.Popen([EDGELINK, "serve", "--port", "0"], stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 20
-        while b'"event":"started"' not in log_path.read_bytes() and time.monotonic() < deadline:
+        def started() -> bool:
             assert proc.poll() is None, log_path.read_text()
-            time.sleep(0.05)
+            return b'"event":"started"' in log_path.read_bytes()
+        wait_until(started, 20, "the started line")
         lines = log_path.read_text().splitlines()
         started = next(line for line in lines if '"event":"started"' in line)
         assert started.startswith("<6>{")
@@ -70,9 +69,7 @@ def test_real_process_under_journald_prefixes_every_line(tmp_path):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"GET /vx11/routes HTTP/1.1\r\nHost: x\r\nX-VX11-Token: wrong\r\n\r\n")
             assert s.recv(4096).startswith(b"HTTP/1.1 403")
-        deadline = time.monotonic() + 10
-        while '"request_refused"' not in log_path.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: '"request_refused"' in log_path.read_text(), why="the request_refused line")
         refused = next(line for line in log_path.read_text().splitlines() if '"request_refused"' in line)
         assert refused.startswith("<4>{")
     finally:

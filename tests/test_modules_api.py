@@ -22,7 +22,7 @@ from typing import Any, Callable
 import orjson
 import pytest
 
-from conftest import TOKEN, URL_ENV, Gateway, Reply, assert_error, module_env, received
+from conftest import TOKEN, URL_ENV, Gateway, Reply, assert_error, module_env, received, wait_until
 from edgelink.config import MODULE_DEFAULTS
 from fakemodule import (
     CLOSE_AFTER_REPLY,
@@ -239,8 +239,7 @@ def test_status_in_flight_during_a_reload_still_answers(fake, gateway_factory, t
 
     thread = threading.Thread(target=call)
     thread.start()
-    while not received(hermes, "/health"):  # the round is in flight
-        time.sleep(0.02)
+    wait_until(lambda: received(hermes, "/health"), why="the round is in flight")
     config.write_text(f'[modules.hermes]\nurl = "{other.url}"\n')
     gw.proc.send_signal(signal.SIGHUP)
     thread.join(10)
@@ -475,8 +474,7 @@ def test_breaker_opens_refuses_without_contacting_and_recovers_through_one_trial
     madre.behave("/madre/task", HEALTHY, delay=1.0)  # healthy again; the trial will take a while
     assert_error(intent(gw, "task"), 503, "circuit_open", module="madre")  # still open: not contacted
     assert len(received(madre, "/madre/task")) == 3
-    time.sleep(1.3)
-    assert breaker_of(gw, "madre")["state"] == "half_open"
+    wait_until(lambda: breaker_of(gw, "madre")["state"] == "half_open", why="the recovery time passed")
 
     # Half-open: one trial goes through; callers arriving meanwhile are refused.
     replies = concurrently(5, lambda i: intent(gw, "task", {"i": i}))
@@ -499,7 +497,7 @@ def test_breaker_trial_failure_reopens(fake, gateway_factory) -> None:
     for _ in range(2):
         assert intent(gw, "task").status == 500
     assert intent(gw, "task").status == 503
-    time.sleep(0.7)
+    wait_until(lambda: breaker_of(gw, "madre")["state"] == "half_open", why="the recovery time passed")
     assert intent(gw, "task").status == 500  # the trial, answered by the still failing module
     assert len(received(madre, "/madre/task")) == 3
     assert breaker_of(gw, "madre")["state"] == "open"

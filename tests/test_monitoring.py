@@ -18,7 +18,7 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 import edgelink
-from conftest import module_env, start_gateway
+from conftest import module_env, start_gateway, wait_until
 from fakemodule import FakeModule
 
 REPO = Path(edgelink.__file__).resolve().parent.parent
@@ -69,12 +69,8 @@ def scraped(tmp_path_factory) -> tuple[str, dict, object]:
             for _ in range(3):
                 assert gw.post("/events/ingest", {"source": "t", "type": "system.alert",
                                                   "payload": ALERT["system.alert"]}).status == 201
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                text = gw.get("/metrics", token=False).body.decode()
-                if 'edgelink_module_up{module="madre"} 1' in text:
-                    break
-                time.sleep(0.1)
+            wait_until(lambda: 'edgelink_module_up{module="madre"} 1' in gw.get("/metrics", token=False).body.decode(),
+                       why="madre probed up")
 
             async def with_client() -> str:
                 async with websockets.connect(f"ws://127.0.0.1:{gw.port}/ws?token={gw.token}") as ws:

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import log_records, module_env, start_gateway, wait_for_log
+from conftest import log_records, module_env, start_gateway, wait_for_log, wait_until
 from edgelink.config import MODULE_DEFAULTS
 from edgelink.gateway.events import SCHEMAS
 from edgelink.gateway.metrics import BUDGETS
@@ -27,6 +26,10 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(found: dict, name: str, **labels: str) -> float | None:
     return found.get((name, tuple(sorted(labels.items()))))
+
+
+def breaker_state(gw, module: str) -> str:
+    return gw.get("/vx11/circuit-breaker/status").json()["breakers"][module]["state"]
 
 
 def test_counters_known_at_start_are_exported_at_zero(tmp_path: Path) -> None:
@@ -55,13 +58,6 @@ def _events(gw: Any, event: str, module: str) -> list[dict[str, Any]]:
     return [r for r in log_records(gw.log_path) if r["event"] == event and r.get("module") == module]
 
 
-def _wait(predicate: Any, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "not in time"
-        time.sleep(0.05)
-
-
 def test_breaker_changes_are_counted_and_a_module_down_is_logged_once(tmp_path: Path) -> None:
     with FakeModule("hermes") as hermes:
         hermes.behave("/hermes/resources", ERROR_500)
@@ -72,11 +68,11 @@ def test_breaker_changes_are_counted_and_a_module_down_is_logged_once(tmp_path: 
             assert gw.get("/resources").status == 500  # the second failure opens it
             for _ in range(3):
                 assert gw.get("/resources").status == 503  # refused at once, nothing new to log
-            time.sleep(0.6)
+            wait_until(lambda: breaker_state(gw, "hermes") == "half_open", why="the recovery time passed")
             assert gw.get("/resources").status == 500  # the trial fails: open again, still down
             assert gw.get("/resources").status == 503
             hermes.behave("/hermes/resources", HEALTHY)
-            time.sleep(0.6)
+            wait_until(lambda: breaker_state(gw, "hermes") == "half_open", why="the recovery time passed")
             assert gw.get("/resources").status == 200  # the trial works: closed
             found = samples(gw.get("/metrics", token=False).body.decode())
             down = _events(gw, "module_down", "hermes")
@@ -96,13 +92,13 @@ def test_probe_status_changes_are_logged_once_per_change(tmp_path: Path) -> None
         gw = start_gateway(tmp_path, {**module_env({"madre": madre}), "EDGELINK_PROBE_INTERVAL": "0.1"})
         try:
             rounds = lambda n: lambda: len([r for r in madre.requests if r.path == "/health"]) >= n  # noqa: E731
-            _wait(rounds(3))
+            wait_until(rounds(3))
             madre.behave("/health", ERROR_500)
-            _wait(lambda: _events(gw, "module_down", "madre"))
-            _wait(rounds(len(madre.requests) + 3))
+            wait_until(lambda: _events(gw, "module_down", "madre"))
+            wait_until(rounds(len(madre.requests) + 3))
             madre.behave("/health", HEALTHY)
-            _wait(lambda: _events(gw, "module_up", "madre"))
-            _wait(rounds(len(madre.requests) + 3))
+            wait_until(lambda: _events(gw, "module_up", "madre"))
+            wait_until(rounds(len(madre.requests) + 3))
             records = log_records(gw.log_path)
         finally:
             gw.stop()

@@ -10,7 +10,7 @@ import time
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import EDGELINK, TOKEN, URL_ENV, module_env
+from conftest import EDGELINK, TOKEN, URL_ENV, module_env, wait_until
 from fakemodule import ERROR_500, HANG, FakeModule
 
 
@@ -46,13 +46,12 @@ def test_background_health_recording_feeds_snapshot(gateway_factory, tmp_path):
     with FakeModule("madre") as madre:
         before = int(time.time() * 1000)
         gw = gateway_factory({**module_env({"madre": madre}), "EDGELINK_PROBE_INTERVAL": "0.2"})
-        deadline = time.monotonic() + 10
-        rows = []
-        while time.monotonic() < deadline and len(rows) < 10:
-            time.sleep(0.2)
+        def recorded() -> list:
             with sqlite3.connect(f"file:{gw.db}?mode=ro", uri=True) as conn:
                 rows = conn.execute("SELECT service_name, port, status, http_code, latency_ms, endpoint_ok, "
                                     "snippet, checked_at FROM copilot_runtime_services").fetchall()
+            return rows if len(rows) >= 10 else []
+        rows = wait_until(recorded, why="a round of ten services recorded", every=0.2)
         by_name = {r[0]: r for r in rows}
         assert by_name["madre"][2] == "ok" and by_name["madre"][3] == 200 and by_name["madre"][5] == 1
         assert orjson.loads(by_name["madre"][6])["status"] == "ok"

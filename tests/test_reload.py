@@ -14,7 +14,7 @@ import signal
 from pathlib import Path
 from typing import Any, Callable
 
-from conftest import TOKEN
+from conftest import TOKEN, until
 from edgelink.config import KNOB, KNOBS, RESTART, load_settings
 from edgelink.log import LEVELS, log
 from edgelink.runtime import Runtime
@@ -125,11 +125,7 @@ def test_sighup_applies_every_live_and_rebuild_setting(tmp_path: Path, capfd):
     async def hup(rt: Runtime) -> None:
         before = rt.settings
         os.kill(os.getpid(), signal.SIGHUP)
-        for _ in range(1000):
-            if rt.settings is not before:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("the reload did not happen")
+        await until(lambda: rt.settings is not before, why="the reload")
 
     async def on_ready(rt: Runtime) -> None:
         assert rt.settings == initial

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 import uuid
 
 import orjson
@@ -13,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clock import T0, Clock
+from conftest import holds, until
 from edgelink.account import Account
 from edgelink.config import load_settings
 from edgelink.gateway.sessions import (
@@ -341,17 +341,14 @@ def test_sweeper_sweeps_on_the_event_loop_until_stopped():
         with pytest.raises(RuntimeError):
             sweeper.start()
         clock.advance(10)
-        deadline = time.monotonic() + 10
-        while len(store) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert len(store) == 0
+        await until(lambda: len(store) == 0, why="the sweep")
         await sweeper.stop()
         await sweeper.stop()  # idempotent
         assert [t for t in asyncio.all_tasks() if t.get_name() == "context7-sweeper"] == []
         store.open("b")
         clock.advance(10)
-        await asyncio.sleep(0.05)
-        assert len(store) == 1  # stopped: nobody swept
+        # five sweep intervals, in which a running sweeper would sweep
+        await holds(lambda: len(store) == 1, 0.05, "stopped: nobody swept")
 
     asyncio.run(scenario())
 

@@ -10,7 +10,7 @@ import time
 
 import orjson
 
-from conftest import RawClient, module_env, received
+from conftest import RawClient, module_env, received, wait_for_log, wait_until
 from fakemodule import HANG, HEALTHY
 
 
@@ -25,10 +25,9 @@ def test_in_flight_request_finishes_and_health_says_stopping(fake, gateway_facto
     result = {}
     thread = threading.Thread(target=lambda: result.update(reply=gw.post("/vx11/intent/task", {"n": 1})))
     thread.start()
-    while not received(madre, "/madre/task"):
-        time.sleep(0.02)
+    wait_until(lambda: received(madre, "/madre/task"), why="the request in flight at the module")
     gw.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    wait_for_log(gw.log_path, "stopping", gw.proc)
 
     idle.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
     status, headers, body = idle.read_response()
@@ -51,10 +50,11 @@ def test_a_connection_made_before_the_signal_gets_its_request_answered(gateway_f
     answer, not a closed connection: under socket activation a poller across a restart would
     otherwise lose that request (tests/test_systemd_boot.py)."""
     gw = gateway_factory()
+    idle_fds = gw.open_fds()
     fresh = RawClient(gw.connect())
-    time.sleep(0.3)  # accepted by the gateway, nothing sent yet
+    wait_until(lambda: gw.open_fds() > idle_fds, why="accepted by the gateway, nothing sent yet")
     gw.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    wait_for_log(gw.log_path, "stopping", gw.proc)
     fresh.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
     status, headers, body = fresh.read_response()
     assert status == 503 and orjson.loads(body)["status"] == "stopping"
@@ -69,8 +69,7 @@ def test_grace_period_bounds_a_request_that_never_finishes(fake, gateway_factory
     sock = gw.connect()
     sock.sendall(b'POST /vx11/intent/task HTTP/1.1\r\nHost: t\r\nX-VX11-Token: ' + gw.token.encode()
                  + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
-    while not received(madre, "/madre/task"):
-        time.sleep(0.02)
+    wait_until(lambda: received(madre, "/madre/task"), why="the request in flight at the module")
     started = time.monotonic()
     gw.proc.send_signal(signal.SIGTERM)
     assert gw.proc.wait(15) == 0
@@ -87,10 +86,9 @@ def test_websocket_upgrade_during_shutdown_is_refused(fake, gateway_factory):
     assert idle.read_response()[0] == 200
     thread = threading.Thread(target=lambda: gw.post("/vx11/intent/task", {"n": 1}))
     thread.start()
-    while not received(madre, "/madre/task"):
-        time.sleep(0.02)
+    wait_until(lambda: received(madre, "/madre/task"), why="the request in flight at the module")
     gw.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    wait_for_log(gw.log_path, "stopping", gw.proc)
     idle.send(b"GET /ws?token=" + gw.token.encode() + b" HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
               b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")

@@ -15,7 +15,7 @@ import h11
 import orjson
 import pytest
 
-from conftest import assert_error, module_env, received
+from conftest import Settled, assert_error, module_env, received, until, wait_for_log, wait_until
 from edgelink.api.chat import _TextDeltas
 from fakemodule import HANG, FakeModule
 
@@ -54,8 +54,7 @@ class StreamingModule(FakeModule):
                 (b"content-type", data.content_type), (b"transfer-encoding", b"chunked")])))
             for i, chunk in enumerate(data.chunks):
                 if i == data.gate_after:
-                    while not data.gate.is_set():
-                        await asyncio.sleep(0.01)
+                    await until(data.gate.is_set, 120, "the test opens the gate")
                 writer.write(h.send(h11.Data(data=chunk)))
                 await writer.drain()
                 self.sent += len(chunk)
@@ -154,13 +153,6 @@ def switch() -> Any:
     module.stop()
 
 
-def wait_until(condition: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def test_intent_relays_each_chunk_as_it_arrives_and_keeps_the_connection(switch, gateway_factory):
     plan = StreamPlan([data("one"), data("two"), data("three")], gate_after=1)
     switch.reply("/switch/stream", plan)
@@ -256,7 +248,7 @@ def test_slow_caller_pauses_an_endless_module_and_memory_stays_flat(switch, gate
     while got < 48 * 1024 * 1024:  # read slowly: small reads with pauses
         got += len(client.chunk() or b"")
         if got % (4 * 1024 * 1024) < 65536:
-            time.sleep(0.05)
+            time.sleep(0.05)  # real time: a slow reader
             # TCP holds the module back: what it sent beyond what we read is socket buffers.
             assert switch.sent - got < 32 * 1024 * 1024, (switch.sent, got)
     growth = gw.peak_rss_mib() - before
@@ -307,7 +299,7 @@ def test_stream_in_flight_at_sigterm_finishes_within_the_grace(switch, gateway_f
     client.send("POST", "/vx11/intent/stream", {}, gw.token)
     assert client.head()[0] == 200 and client.chunk() == data("a")
     gw.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    wait_for_log(gw.log_path, "stopping", gw.proc)
     plan.gate.set()
     assert client.rest() == data("b")
     assert gw.proc.wait(15) == 0
@@ -442,10 +434,8 @@ def test_a_client_that_does_not_read_holds_at_most_one_chunk_in_the_gateway():
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # keep the kernel's share small
         writer.write(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
-        last = -1
-        while producer.produced != last:  # until the producer is no longer asked for chunks
-            last = producer.produced
-            await asyncio.sleep(0.2)
+        # until the producer is no longer asked for chunks: its count holds still for 0.2 s
+        await until(Settled(lambda: producer.produced, 0.2))
         [conn] = server.connections
         # What waits in the process is the one chunk that did not fit in the kernel's buffer.
         assert conn.transport.get_write_buffer_size() <= producer.size + 16
@@ -546,7 +536,7 @@ def test_caller_leaving_before_the_first_byte_closes_the_module_connection(switc
         client = StreamClient(gw.port)
         client.send("POST", path, {"message": "hi", "stream": True}, gw.token)
         wait_until(lambda: received(switch, "/switch/stream"))
-        time.sleep(0.2)  # the module's head is in: the gateway waits for its first byte
+        time.sleep(0.2)  # real time: the module's head is in, the gateway waits for its first byte (unseen from here)
         left = time.monotonic()
         client.close()
         wait_until(lambda: switch.ended, timeout=5)

@@ -17,13 +17,14 @@ import pytest
 import uvloop
 
 import edgelink
+from conftest import holds, until
 from edgelink import systemd
 
 REPO = Path(edgelink.__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
+def no_systemd_env(monkeypatch):
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         monkeypatch.delenv(name, raising=False)
 
@@ -149,7 +150,7 @@ def test_watchdog_pings_at_half_the_period(notify_socket, monkeypatch, run):
         task = systemd.start_watchdog()
         assert task is not None
         started = time.monotonic()
-        await asyncio.sleep(5 * HALF)
+        await asyncio.sleep(5 * HALF)  # real time: how many pings half a second holds is the point
         elapsed = time.monotonic() - started
         task.cancel()
         await asyncio.wait((task,))
@@ -168,20 +169,17 @@ def test_watchdog_stops_while_the_loop_is_blocked_and_after_cancel(notify_socket
 
     async def scenario():
         task = systemd.start_watchdog()
-        await asyncio.sleep(3 * HALF)
-        assert drain(notify_socket), "no ping before the block"
+        await until(lambda: drain(notify_socket), why="a ping before the block")
 
-        time.sleep(6 * HALF)  # the loop is stuck: a thread would keep pinging, the loop cannot
+        time.sleep(6 * HALF)  # real time: the loop stuck for 3 periods: a thread would keep pinging, it cannot
         assert drain(notify_socket) == []
 
-        await asyncio.sleep(3 * HALF)  # unstuck: pings resume
-        assert drain(notify_socket)
+        await until(lambda: drain(notify_socket), why="unstuck: pings resume")
 
         task.cancel()
         await asyncio.wait((task,))
         drain(notify_socket)
-        await asyncio.sleep(3 * HALF)
-        assert drain(notify_socket) == []
+        await holds(lambda: drain(notify_socket) == [], 3 * HALF, "no ping after the cancel")
 
     run(scenario())
 

@@ -36,7 +36,7 @@ import orjson
 import pytest
 
 from brokers import need_binary
-from conftest import Gateway, Reply
+from conftest import Gateway, Reply, wait_until
 from edgelink.compat import tomllib
 from test_deploy_files import REPO, install_blocks
 
@@ -112,18 +112,17 @@ class Machine:
 
     def wait_booted(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
-        while not self.leader:
+
+        def leader() -> int:
             children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"nspawn did not boot:\n{self.console.read_text()[-3000:]}")
+            assert self.proc.poll() is None, f"nspawn did not boot:\n{self.console.read_text()[-3000:]}"
             pids = children.read_text().split() if children.exists() else []
-            self.leader = int(pids[0]) if pids else 0
-            time.sleep(0.2)
-        state = ""
-        while not state:  # empty until the container's systemd takes calls on its private socket
-            assert time.monotonic() < deadline, f"no systemd in the container:\n{self.console.read_text()[-3000:]}"
-            state = self.sh("systemctl is-system-running --wait", check=False, timeout=timeout).stdout.strip()
-            time.sleep(0.2)
+            return int(pids[0]) if pids else 0
+        self.leader = wait_until(leader, timeout, "nspawn booting", every=0.2)
+        # empty until the container's systemd takes calls on its private socket
+        state = wait_until(lambda: self.sh("systemctl is-system-running --wait", check=False,
+                                           timeout=timeout).stdout.strip(),
+                           deadline - time.monotonic(), "systemd in the container", every=0.2)
         assert state in ("running", "degraded"), (state, self.sh("systemctl --failed --no-pager").stdout)
 
     def sh(self, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -202,13 +201,6 @@ def machine(request, tmp_path_factory) -> Iterator[Machine]:
             proc.wait(10)
 
 
-def wait_until(predicate, timeout: float = 60, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-
-
 def main_pid(m: Machine) -> int:
     return int(m.show("edgelink.service", "MainPID"))
 
@@ -250,7 +242,7 @@ def test_reload_applies_a_good_file_and_refuses_a_bad_one(machine):
     try:
         machine.write(ENV, env.replace(TOKEN, NEW_TOKEN))
         machine.sh("systemctl reload edgelink.service")
-        wait_until(lambda: get(machine, "/vx11/routes", NEW_TOKEN).status == 200, 30, "the new token")
+        wait_until(lambda: get(machine, "/vx11/routes", NEW_TOKEN).status == 200, 30, "the new token", every=0.5)
         assert get(machine, "/vx11/routes", TOKEN).status in (401, 403)
 
         machine.write(TOML, 'port = "not a port"\n')
@@ -265,7 +257,7 @@ def test_reload_applies_a_good_file_and_refuses_a_bad_one(machine):
         machine.write(TOML, "")
         machine.write(ENV, env)
     machine.sh("systemctl reload edgelink.service")
-    wait_until(lambda: get(machine, "/vx11/routes", TOKEN).status == 200, 30, "the first token again")
+    wait_until(lambda: get(machine, "/vx11/routes", TOKEN).status == 200, 30, "the first token again", every=0.5)
     assert main_pid(machine) == pid
 
 
@@ -280,7 +272,7 @@ def test_watchdog_restarts_a_stopped_gateway(machine):
         restarts = int(machine.show("edgelink.service", "NRestarts"))
         machine.sh(f"kill -STOP {pid}")
         wait_until(lambda: main_pid(machine) not in (0, pid)
-                   and machine.show("edgelink.service", "ActiveState") == "active", 90, "the watchdog restart")
+                   and machine.show("edgelink.service", "ActiveState") == "active", 90, "the watchdog restart", every=0.5)
         assert int(machine.show("edgelink.service", "NRestarts")) == restarts + 1
         assert any("Watchdog timeout" in message(e) for e in machine.journal("-u edgelink.service"))
         assert get(machine, "/health").status == 200
@@ -306,10 +298,10 @@ def test_restart_under_a_polling_client_fails_no_request(machine):
     poller = threading.Thread(target=poll)
     poller.start()
     try:
-        wait_until(lambda: len(answers) >= 5, 30, "the first answers")
+        wait_until(lambda: len(answers) >= 5, 30, "the first answers", every=0.5)
         machine.sh("systemctl restart edgelink.service")
         counted = len(answers)
-        wait_until(lambda: len(answers) >= counted + 5, 60, "answers after the restart")
+        wait_until(lambda: len(answers) >= counted + 5, 60, "answers after the restart", every=0.5)
     finally:
         stop.set()
         poller.join(90)
@@ -334,7 +326,7 @@ def test_missing_env_file_is_named_and_the_socket_survives_a_burst_of_failed_sta
     machine.sh(f"mv {ENV}.away {ENV}")
     # no reset-failed: the next connection (or the next automatic restart) brings it back
     assert get(machine, "/health", timeout=60).status == 200
-    wait_until(lambda: machine.show("edgelink.service", "ActiveState") == "active", 60, "the service")
+    wait_until(lambda: machine.show("edgelink.service", "ActiveState") == "active", 60, "the service", every=0.5)
 
 
 def test_journal_priorities_and_no_token(machine):

@@ -9,16 +9,16 @@ from typing import Any
 import orjson
 import pytest
 
-from conftest import Gateway, assert_error
+from conftest import Gateway, assert_error, ms_after, post_event
 from edgelink.api.events import TIMELINE_MAX_BYTES
 
 TS = 1_700_000_000_000
 
 
-def ingest(gw: Gateway, source: str, event_type: str, payload: dict[str, Any],
-           metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    reply = gw.post("/events/ingest", {"source": source, "type": event_type, "payload": payload,
-                                       "metadata": metadata})
+def store(gw: Gateway, source: str, event_type: str, payload: dict[str, Any],
+          metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An event ingested and stored (201): its answer."""
+    reply = post_event(gw, event_type, payload, source, metadata=metadata)
     assert reply.status == 201, reply.body
     return reply.json()
 
@@ -35,7 +35,7 @@ def timeline(gw: Gateway, query: str = "") -> dict[str, Any]:
 
 def test_a_time_range_oldest_first_and_its_limit(gateway: Gateway) -> None:
     before = int(time.time() * 1000)
-    sent = [ingest(gateway, "madre", "system.alert", alert(n)) for n in range(5)]
+    sent = [store(gateway, "madre", "system.alert", alert(n)) for n in range(5)]
     after = int(time.time() * 1000)
     body = timeline(gateway)
     assert set(body) == {"status", "since", "until", "correlation_id", "events", "truncated"}
@@ -58,13 +58,13 @@ def test_a_time_range_oldest_first_and_its_limit(gateway: Gateway) -> None:
 
 def test_one_correlation_id_from_payload_or_metadata(gateway: Gateway) -> None:
     flow = {"correlation_id": "flow-7"}
-    in_payload = ingest(gateway, "hormiguero", "system.correlation.updated",
+    in_payload = store(gateway, "hormiguero", "system.correlation.updated",
                         {"correlation_id": "flow-7", "related_events": [], "strength": 1, "timestamp": TS})
-    in_metadata = ingest(gateway, "madre", "system.alert", alert(1), metadata=flow)
-    free_form = ingest(gateway, "sensor", "sensor.reading", {"value": 3}, metadata=flow)
-    ingest(gateway, "madre", "system.alert", alert(2), metadata={"correlation_id": "flow-70"})  # not it
-    ingest(gateway, "madre", "system.alert", alert(3, note="flow-7"))  # the words, not the id
-    ingest(gateway, "madre", "system.alert", alert(4))
+    in_metadata = store(gateway, "madre", "system.alert", alert(1), metadata=flow)
+    free_form = store(gateway, "sensor", "sensor.reading", {"value": 3}, metadata=flow)
+    store(gateway, "madre", "system.alert", alert(2), metadata={"correlation_id": "flow-70"})  # not it
+    store(gateway, "madre", "system.alert", alert(3, note="flow-7"))  # the words, not the id
+    store(gateway, "madre", "system.alert", alert(4))
     body = timeline(gateway, "?correlation_id=flow-7")
     assert body["correlation_id"] == "flow-7"
     assert [e["event_id"] for e in body["events"]] == [e["event_id"] for e in (in_payload, in_metadata, free_form)]
@@ -73,13 +73,12 @@ def test_one_correlation_id_from_payload_or_metadata(gateway: Gateway) -> None:
 
 def test_the_answer_is_bounded_in_bytes(gateway_factory: Any) -> None:
     gw = gateway_factory({"EDGELINK_LEDGER_SYNC": "normal"})
-    ingest(gw, "madre", "blob.stored", {"n": -1, "data": "y" * 20_000})  # over 8 KiB: not even read
-    time.sleep(0.01)
-    huge_until = int(time.time() * 1000)
-    time.sleep(0.01)
+    store(gw, "madre", "blob.stored", {"n": -1, "data": "y" * 20_000})  # over 8 KiB: not even read
+    huge_until = ms_after(int(time.time() * 1000))  # later than the huge event
+    ms_after(huge_until)  # the events from now on are later still
     big = "x" * 7000  # 60 of them are over 256 KiB: the newest that fit come back
     for n in range(60):
-        ingest(gw, "madre", "blob.stored", {"n": n, "data": big})
+        store(gw, "madre", "blob.stored", {"n": n, "data": big})
     reply = gw.get("/debug/events/timeline?limit=1000")
     body = orjson.loads(reply.body)
     assert len(reply.body) <= TIMELINE_MAX_BYTES and body["truncated"] is True
@@ -92,7 +91,7 @@ def test_the_answer_is_bounded_in_bytes(gateway_factory: Any) -> None:
     # long names cost bytes no summary saves: the oldest events give way
     long_name = "s" * 256
     for n in range(700):
-        ingest(gw, long_name, "t" * 256, {"n": n})
+        store(gw, long_name, "t" * 256, {"n": n})
     reply = gw.get("/debug/events/timeline?limit=1000")
     body = orjson.loads(reply.body)
     assert len(reply.body) <= TIMELINE_MAX_BYTES and body["truncated"] is True
@@ -102,13 +101,13 @@ def test_the_answer_is_bounded_in_bytes(gateway_factory: Any) -> None:
 @pytest.mark.parametrize("query", ["?limit=0", "?limit=1001", "?since=x", "?until=-1", "?since=10&until=5",
                                    f"?correlation_id={'c' * 129}", "?correlation_id=a%20b",
                                    "?correlation_id=%C3%A9"])
-def test_bad_queries_are_422(gateway: Gateway, query: str) -> None:
-    assert_error(gateway.get(f"/debug/events/timeline{query}"), 422, "validation_error")
+def test_bad_queries_are_422(shared_gateway: Gateway, query: str) -> None:
+    assert_error(shared_gateway.get(f"/debug/events/timeline{query}"), 422, "validation_error")
 
 
-def test_auth(gateway: Gateway) -> None:
-    assert_error(gateway.get("/debug/events/timeline", token=False), 401, "auth_required")
-    assert_error(gateway.get("/debug/events/timeline", headers={"X-VX11-Token": "wrong"}), 403, "forbidden")
+def test_auth(shared_gateway: Gateway) -> None:
+    assert_error(shared_gateway.get("/debug/events/timeline", token=False), 401, "auth_required")
+    assert_error(shared_gateway.get("/debug/events/timeline", headers={"X-VX11-Token": "wrong"}), 403, "forbidden")
 
 
 def test_a_ledger_of_large_events_costs_the_answer_its_bound_only(gateway_factory: Any) -> None:
@@ -117,7 +116,7 @@ def test_a_ledger_of_large_events_costs_the_answer_its_bound_only(gateway_factor
     gw = gateway_factory({"EDGELINK_LEDGER_SYNC": "normal"})
     data = "z" * 7500
     for n in range(1000):
-        ingest(gw, "madre", "blob.stored", {"n": n, "data": data})
+        store(gw, "madre", "blob.stored", {"n": n, "data": data})
     timeline(gw, "?limit=1")  # the code paths warm
     before = gw.peak_rss_mib()
     for _ in range(5):

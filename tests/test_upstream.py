@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Iterator, TypeVar
 
 import orjson
 import pytest
 
+from conftest import until, wait_until
 from edgelink.api.modules import module_error
 from edgelink.config import ModuleConfig, Settings
 from edgelink.http.messages import HTTPError
@@ -41,13 +42,6 @@ def run(coro: Awaitable[T]) -> T:
 def make_settings(urls: dict[str, str], disabled: tuple[str, ...] = (), **overrides: Any) -> Settings:
     modules = tuple(ModuleConfig(name, url, name not in disabled) for name, url in urls.items())
     return Settings(token=TOKEN, modules=modules, **overrides)
-
-
-async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def call(modules: Modules, module: str = "switch", method: str = "POST",
@@ -96,11 +90,11 @@ def test_pool_keeps_at_most_pool_size_idle_connections(fake: FakeModule) -> None
         modules = Modules(make_settings({"switch": fake.url}, upstream_pool_size=2))
         await asyncio.gather(*(call(modules) for _ in range(5)))  # busy connections are not capped
         assert fake.connections == 5
-        await eventually(lambda: fake.open_connections == 2)  # the other three were closed
+        await until(lambda: fake.open_connections == 2)  # the other three were closed
         await asyncio.gather(*(call(modules) for _ in range(5)))
         assert fake.connections == 8  # two reused, three new
         await modules.close()
-        await eventually(lambda: fake.open_connections == 0)
+        await until(lambda: fake.open_connections == 0)
 
     run(main())
 
@@ -109,7 +103,7 @@ def test_idle_connections_are_reaped(fake: FakeModule) -> None:
     async def main() -> None:
         modules = Modules(make_settings({"switch": fake.url}, upstream_pool_idle=0.2))
         await call(modules)
-        await eventually(lambda: fake.open_connections == 0)
+        await until(lambda: fake.open_connections == 0)
         await call(modules)
         await modules.close()
 
@@ -124,8 +118,9 @@ def test_module_closing_keepalive_after_each_reply_does_not_fail_the_next_call(f
         modules = Modules(make_settings({"switch": fake.url}))
         for i in range(20):
             assert (await call(modules, json={"n": i})).status == 200
-            if i % 2:
-                await asyncio.sleep(0.02)  # let the close reach us too, not only race it
+            if i % 2:  # let the close reach us too, not only race it: the pooled connection saw it
+                await until(lambda: all(c.ended for pool in modules._client._idle.values() for c in pool),
+                            why="the module's close seen by the pooled connection")
         assert modules.breaker_status()["breakers"]["switch"]["failure_count"] == 0
         await modules.close()
 
@@ -143,10 +138,7 @@ def test_pooled_connection_whose_peer_left_is_not_used(fake: FakeModule) -> None
         (conn,) = [c for pool in client._idle.values() for c in pool]
         # Sleep without yielding: the module's FIN reaches our socket, but the event loop
         # cannot tell the protocol, so only the socket poll in alive() can notice.
-        deadline = time.monotonic() + 5
-        while conn.alive():
-            assert time.monotonic() < deadline, "the closed connection still looks alive"
-            time.sleep(0.01)
+        wait_until(lambda: not conn.alive(), 5, "the closed connection still looks alive")
         assert not conn.ended
         await client.close()
 
@@ -219,7 +211,7 @@ def test_client_connect_error_and_timeout(fake: FakeModule) -> None:
             await client.request(fake.url, "GET", "/health", timeout=0.3)
         assert info.value.kind == "timeout"
         assert 0.25 <= time.monotonic() - started < 0.9
-        await eventually(lambda: fake.open_connections == 0)  # the hung connection was dropped
+        await until(lambda: fake.open_connections == 0)  # the hung connection was dropped
         await client.close()
 
     run(main())
@@ -445,7 +437,7 @@ def test_breaker_recovers_through_one_trial(fake: FakeModule) -> None:
         clock.offset += 30  # half-open again: one slow trial, nobody else meanwhile
         fake.behave(None, "healthy", delay=0.3)
         trial = asyncio.create_task(call(modules))
-        await eventually(lambda: len(fake.requests) == 5)
+        await until(lambda: len(fake.requests) == 5)
         assert (await error_of(call(modules))).code == "circuit_open"
         assert (await trial).status == 200
         assert modules.breaker_status()["breakers"]["switch"]["state"] == "closed"
@@ -464,10 +456,10 @@ def test_cancelled_trial_lets_the_next_caller_try(fake: FakeModule) -> None:
         modules = Modules(make_settings({"switch": fake.url}, breaker_recovery=0.2))
         for _ in range(3):
             await call(modules)
-        await asyncio.sleep(0.25)
+        await until(lambda: modules.breaker_status()["breakers"]["switch"]["state"] == "half_open")
         fake.behave(None, HANG)
         trial = asyncio.create_task(call(modules))
-        await eventually(lambda: len(fake.requests) == 4)
+        await until(lambda: len(fake.requests) == 4)
         trial.cancel()
         with pytest.raises(asyncio.CancelledError):
             await trial
@@ -587,7 +579,7 @@ def test_concurrent_callers_share_one_check_round(fake: FakeModule) -> None:
 
         impatient = asyncio.create_task(modules.check_all())
         patient = asyncio.create_task(modules.check_all())
-        await asyncio.sleep(0.05)
+        await until(lambda: len(fake.requests) == 4, why="the shared round under way")
         impatient.cancel()  # giving up must not cancel the round the other caller shares
         assert (await patient)["madre"]["status"] == "ok"
         assert len(fake.requests) == 4
@@ -619,9 +611,9 @@ def test_close_drops_pooled_connections(fake: FakeModule) -> None:
     async def main() -> None:
         modules = Modules(make_settings({"switch": fake.url, "madre": fake.url}))
         await asyncio.gather(call(modules), modules.check_all())
-        await eventually(lambda: fake.open_connections >= 1)
+        await until(lambda: fake.open_connections >= 1)
         await modules.close()
-        await eventually(lambda: fake.open_connections == 0)
+        await until(lambda: fake.open_connections == 0)
 
     run(main())
 
@@ -645,8 +637,7 @@ def test_a_body_that_cannot_be_encoded_does_not_wedge_a_half_open_breaker(fake: 
         modules = Modules(make_settings({"switch": fake.url}, breaker_recovery=0.2))
         for _ in range(3):
             await call(modules)
-        await asyncio.sleep(0.25)
-        assert modules.breaker_status()["breakers"]["switch"]["state"] == "half_open"
+        await until(lambda: modules.breaker_status()["breakers"]["switch"]["state"] == "half_open")
         error = await error_of(call(modules, json={"deep": _nested(300)}))
         assert (error.status, error.code) == (400, "invalid_json")
         assert modules.breaker_status()["breakers"]["switch"]["state"] == "half_open"

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import http.client
-import time
 from typing import Any
 
 import orjson
 import websockets
 
-from conftest import TOKEN, start_gateway
+from conftest import TOKEN, start_gateway, wait_until
 
 TS = 1_700_000_000_000
 
@@ -85,9 +84,8 @@ def test_a_v7_client_against_edgelink_demo(tmp_path) -> None:
         client = V7Client(gw.port, TOKEN)
 
         # status polling, as the UI's dashboard does
-        deadline = time.monotonic() + 30
-        while not (status := client.status())["summary"]["all_healthy"] and time.monotonic() < deadline:
-            time.sleep(0.2)
+        status = wait_until(lambda: (s := client.status())["summary"]["all_healthy"] and s, 30,
+                            "every module healthy", every=0.2)
         assert status["ok"] is True and status["module"] == "tentaculo_link" and status["version"] == "7.0"
         assert status["modules"]["madre"]["status"] == "ok" and status["modules"]["madre"]["module"] == "madre"
         assert status["summary"]["total_modules"] == status["summary"]["healthy_modules"] == 9
@@ -102,9 +100,8 @@ def test_a_v7_client_against_edgelink_demo(tmp_path) -> None:
         assert client.post("/vx11/context-7/cleanup") == {"status": "ok", "removed": 0, "total": 1}
         assert client.get("/shub/dashboard") == {"status": "ok", "tracks": 0}
 
-        deadline = time.monotonic() + 30
-        while "madre" not in (state := client.get("/operator/snapshot")["state"]) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        state = wait_until(lambda: "madre" in (s := client.get("/operator/snapshot")["state"]) and s, 30,
+                           "madre in the snapshot", every=0.2)
         assert state["madre"]["status"] == "ok"
 
         async def events() -> None:

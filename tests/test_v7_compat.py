@@ -8,16 +8,15 @@ deliberate differences are in docs/migrating-from-v7.md (tests/test_migration_gu
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import orjson
 import pytest
 
-from conftest import TOKEN, assert_error, module_env, received
+from conftest import TOKEN, assert_error, module_env, received, wait_until
 from edgelink.config import ConfigError, load_settings
 from fakemodule import unused_port
-from test_ws_events import connect, ingest, next_frame, run
+from test_ws_events import connect, next_frame, publish, run
 
 SWITCH_PATH = "/switch/route-v5"
 TS = 1_700_000_000_000
@@ -99,12 +98,8 @@ def test_chat_body_and_reply_as_v7_gave_them(fake, gateway_factory) -> None:
 def test_snapshot_has_v7_state_key(fake, gateway_factory) -> None:
     madre = fake("madre")
     gw = gateway_factory(module_env({"madre": madre}, EDGELINK_PROBE_INTERVAL="0.2"))
-    deadline = time.monotonic() + 30
-    while True:
-        snapshot = gw.get("/operator/snapshot").json()
-        if "madre" in snapshot.get("state", {}) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    snapshot = wait_until(lambda: "madre" in (s := gw.get("/operator/snapshot").json()).get("state", {}) and s,
+                          30, "madre probed")
     state = snapshot["state"]
     # what a UI reading snapshot.state.madre.status finds
     assert state["madre"] == {"status": "ok"}
@@ -122,7 +117,8 @@ def test_context7_cleanup(fake, gateway_factory) -> None:
     assert_error(gw.request("POST", "/vx11/context-7/cleanup", token=False), 401, "auth_required")
     for sid in ("old-1", "old-2"):
         assert gw.post("/operator/chat", {"message": "hi", "session_id": sid}).status == 200
-    time.sleep(1.2)
+    # the 1 s TTL passes: the two sessions are expired (hidden, not swept yet)
+    wait_until(lambda: gw.get("/vx11/context-7/sessions").json()["total"] == 0, why="the sessions expired")
     assert gw.post("/operator/chat", {"message": "hi", "session_id": "fresh"}).status == 200
     reply = gw.request("POST", "/vx11/context-7/cleanup")  # as curl -X POST sends it: no body
     assert reply.status == 200, reply.body
@@ -156,7 +152,7 @@ def test_cors_preflight_allows_requested_headers(gateway_factory) -> None:
 
 
 def test_since_seq_beyond_last_seq_replays_from_the_oldest(gateway) -> None:
-    seqs = [ingest(gateway, "system.alert", dict(ALERT, alert_id=f"x{i}"))["seq"] for i in range(3)]
+    seqs = [publish(gateway, "system.alert", dict(ALERT, alert_id=f"x{i}"))["seq"] for i in range(3)]
 
     async def go() -> None:
         ws, first = await connect(gateway, "client_id=old-ledger&since_seq=500")

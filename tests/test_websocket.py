@@ -16,11 +16,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conftest import RawClient, log_records, start_gateway, wait_for_log
-
-
-def ws_url(gw, query: str = "") -> str:
-    return f"ws://127.0.0.1:{gw.port}/ws?{query}"
+from conftest import RawClient, log_records, start_gateway, wait_for_log, ws_url
 
 
 def run(coro):
@@ -34,25 +30,25 @@ async def connected(gw, query: str = "", **kw):
     return ws, first
 
 
-def test_connect_with_header_or_query_token(gateway):
+def test_connect_with_header_or_query_token(shared_gateway):
     async def go():
-        ws, first = await connected(gateway, "client_id=alpha")
+        ws, first = await connected(shared_gateway, "client_id=alpha")
         epoch = first.pop("epoch")
         assert len(epoch) == 32 and int(epoch, 16) >= 0
         assert first == {"channel": "control", "type": "connected", "client_id": "alpha",
                          "last_seq": 0, "replayed": 0, "truncated": False}
         await ws.close()
-        async with websockets.connect(ws_url(gateway, f"token={gateway.token}")) as ws2:
+        async with websockets.connect(ws_url(shared_gateway, f"token={shared_gateway.token}")) as ws2:
             assert orjson.loads(await ws2.recv())["type"] == "connected"
     run(go())
 
 
 @pytest.mark.parametrize("token,status", [(None, 401), ("wrong", 403)])
-def test_handshake_refused_without_or_with_wrong_token(gateway, token, status):
+def test_handshake_refused_without_or_with_wrong_token(shared_gateway, token, status):
     async def go():
         query = f"token={token}" if token else ""
         with pytest.raises(InvalidStatus) as info:
-            await websockets.connect(ws_url(gateway, query))
+            await websockets.connect(ws_url(shared_gateway, query))
         assert info.value.response.status_code == status
         body = orjson.loads(info.value.response.body)
         assert body["status_code"] == status
@@ -66,28 +62,28 @@ def _handshake(gw, headers: dict[str, str], path: str = "/ws") -> tuple[int, dic
     return client.read_response()
 
 
-def test_invalid_handshakes_get_http_errors(gateway):
+def test_invalid_handshakes_get_http_errors(shared_gateway):
     good = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), "X-VX11-Token": gateway.token}
-    status, headers, body = _handshake(gateway, {**good, "Sec-WebSocket-Version": "8"})
+            "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), "X-VX11-Token": shared_gateway.token}
+    status, headers, body = _handshake(shared_gateway, {**good, "Sec-WebSocket-Version": "8"})
     assert status == 426 and headers["sec-websocket-version"] == "13"
-    status, _, body = _handshake(gateway, {**good, "Sec-WebSocket-Key": "short"})
+    status, _, body = _handshake(shared_gateway, {**good, "Sec-WebSocket-Key": "short"})
     assert status == 400 and orjson.loads(body)["error"] == "bad_request"
-    status, _, _ = _handshake(gateway, {k: v for k, v in good.items() if k != "Connection"})
+    status, _, _ = _handshake(shared_gateway, {k: v for k, v in good.items() if k != "Connection"})
     assert status == 400
-    status, _, _ = _handshake(gateway, good, path="/nowhere")
+    status, _, _ = _handshake(shared_gateway, good, path="/nowhere")
     assert status == 404
-    status, headers, _ = _handshake(gateway, good)
+    status, headers, _ = _handshake(shared_gateway, good)
     assert status == 101 and headers["upgrade"].lower() == "websocket"
 
 
-def test_plain_get_on_ws_endpoint_is_426(gateway):
-    assert gateway.get("/ws").status == 426
+def test_plain_get_on_ws_endpoint_is_426(shared_gateway):
+    assert shared_gateway.get("/ws").status == 426
 
 
-def test_echo_invalid_json_and_binary(gateway):
+def test_echo_invalid_json_and_binary(shared_gateway):
     async def go():
-        ws, _ = await connected(gateway)
+        ws, _ = await connected(shared_gateway)
         await ws.send('{"hello": "world"}')
         assert orjson.loads(await ws.recv()) == {"hello": "world"}
         await ws.send("not json {")
@@ -100,23 +96,23 @@ def test_echo_invalid_json_and_binary(gateway):
     run(go())
 
 
-def test_frame_over_limit_closes_1009(gateway):
+def test_frame_over_limit_closes_1009(shared_gateway):
     async def go():
-        ws, _ = await connected(gateway, max_size=None)
+        ws, _ = await connected(shared_gateway, max_size=None)
         await ws.send("x" * (100 * 1024))
         with pytest.raises(ConnectionClosed):
             while True:
                 await ws.recv()
         assert ws.close_code == 1009
         # others are still served
-        ws2, _ = await connected(gateway)
+        ws2, _ = await connected(shared_gateway)
         await ws2.close()
     run(go())
 
 
-def test_fragmented_message_over_limit_closes_1009(gateway):
+def test_fragmented_message_over_limit_closes_1009(shared_gateway):
     async def go():
-        ws, _ = await connected(gateway)
+        ws, _ = await connected(shared_gateway)
         await ws.send(("y" * 20_000 for _ in range(5)))  # 100 kB in five fragments
         with pytest.raises(ConnectionClosed):
             while True:
@@ -125,9 +121,9 @@ def test_fragmented_message_over_limit_closes_1009(gateway):
     run(go())
 
 
-def test_client_close_handshake(gateway):
+def test_client_close_handshake(shared_gateway):
     async def go():
-        ws, _ = await connected(gateway)
+        ws, _ = await connected(shared_gateway)
         await ws.close(1000, "bye")
         assert ws.close_code == 1000
     run(go())
@@ -139,7 +135,7 @@ def test_server_pings_and_closes_a_client_that_never_pongs(gateway_factory):
     async def go():
         # A responsive client survives several ping periods.
         ok, _ = await connected(gw)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.5)  # real time: five ping periods pass
         await ok.send('{"alive": true}')
         assert orjson.loads(await ok.recv()) == {"alive": True}
         await ok.close()
@@ -187,9 +183,9 @@ def test_origin_checked_when_cors_configured(gateway_factory):
     run(go())
 
 
-def test_invalid_since_seq_is_reported_and_closed(gateway):
+def test_invalid_since_seq_is_reported_and_closed(shared_gateway):
     async def go():
-        async with websockets.connect(ws_url(gateway, f"token={gateway.token}&since_seq=abc")) as ws:
+        async with websockets.connect(ws_url(shared_gateway, f"token={shared_gateway.token}&since_seq=abc")) as ws:
             msg = orjson.loads(await ws.recv())
             assert msg["error"] == "invalid_since_seq"
             with pytest.raises(ConnectionClosed):
@@ -198,8 +194,8 @@ def test_invalid_since_seq_is_reported_and_closed(gateway):
     run(go())
 
 
-def test_refused_handshake_carries_the_correlation_id_header(gateway):
-    status, headers, body = _handshake(gateway, {
+def test_refused_handshake_carries_the_correlation_id_header(shared_gateway):
+    status, headers, body = _handshake(shared_gateway, {
         "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
         "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), "X-Correlation-ID": "ws-cid-1"})
     assert status == 401
@@ -231,9 +227,10 @@ def test_permessage_deflate_only_when_enabled(gateway_factory, enabled):
 
 @pytest.mark.parametrize("since", ["99999999999999999999", str(2**63), "1_0", "\u0661\u0662", "-1", "+5", " 5",
                                    "0x10", "1.0"])
-def test_since_seq_that_is_not_ascii_digits_or_beyond_2_63_closes_1008(gateway, since):
+def test_since_seq_that_is_not_ascii_digits_or_beyond_2_63_closes_1008(shared_gateway, since):
     async def go():
-        async with websockets.connect(ws_url(gateway, f"token={gateway.token}&since_seq={quote(since)}")) as ws:
+        url = ws_url(shared_gateway, f"token={shared_gateway.token}&since_seq={quote(since)}")
+        async with websockets.connect(url) as ws:
             msg = orjson.loads(await ws.recv())
             assert msg["error"] == "invalid_since_seq", msg
             with pytest.raises(ConnectionClosed):

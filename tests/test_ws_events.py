@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import http.client
 import os
 import socket
@@ -23,6 +24,8 @@ from typing import Any
 import orjson
 import websockets
 
+from conftest import post_event, still_serving, until, wait_until, ws_url
+
 TS = 1_700_000_000_000
 ALERT = {"alert_id": "al-1", "severity": "warning", "message": "fan speed low", "timestamp": TS}
 NARRATION = {"action": "fade", "reason": "end of cue", "next_step": "stop", "timestamp": TS}
@@ -33,14 +36,10 @@ def run(coro, timeout: float = 60):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-def ws_url(gw, query: str = "") -> str:
-    return f"ws://127.0.0.1:{gw.port}/ws?token={gw.token}&{query}"
-
-
 async def connect(gw, query: str = "", **kw: Any):
     """A client past its control frame; it reads without client-side flow control, so
     that it is never the slow one."""
-    ws = await websockets.connect(ws_url(gw, query), max_queue=None, **kw)
+    ws = await websockets.connect(ws_url(gw, f"token={gw.token}&{query}"), max_queue=None, **kw)
     first = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
     assert first["channel"] == "control" and first["type"] == "connected", first
     return ws, first
@@ -50,21 +49,20 @@ async def next_frame(ws, timeout: float = 10) -> dict:
     return orjson.loads(await asyncio.wait_for(ws.recv(), timeout))
 
 
-def ingest(gw, event_type: str, payload: Any, *, broadcast: bool = True, source: str = "madre",
-           metadata: Any = None) -> dict:
-    body = {"source": source, "type": event_type, "payload": payload, "broadcast": broadcast}
-    if metadata is not None:
-        body["metadata"] = metadata
-    r = gw.post("/events/ingest", body)
+def publish(gw, event_type: str, payload: Any, *, broadcast: bool = True, source: str = "madre",
+            metadata: Any = None) -> dict:
+    """An event ingested (broadcast unless told not to): its answer and ``http_status``, 201 or 422."""
+    extra = {"metadata": metadata} if metadata is not None else {}
+    r = post_event(gw, event_type, payload, source, broadcast=broadcast, **extra)
     assert r.status in (201, 422), r.body
     return r.json() | {"http_status": r.status}
 
 
-async def aingest(gw, *args: Any, **kw: Any) -> dict:
-    return await asyncio.to_thread(ingest, gw, *args, **kw)
+async def apublish(gw, *args: Any, **kw: Any) -> dict:
+    return await asyncio.to_thread(publish, gw, *args, **kw)
 
 
-def ledger_rows(db: Path) -> dict[str, tuple]:
+def ledger_by_id(db: Path) -> dict[str, tuple]:
     """event_id -> (seq, type, source, broadcast), read from the SQLite file itself."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
@@ -74,14 +72,6 @@ def ledger_rows(db: Path) -> dict[str, tuple]:
         conn.close()
 
 
-def still_serving(gw) -> None:
-    assert gw.get("/health", token=False).status == 200
-    # and nothing on the way was a bug of ours: no error in its log
-    errors = [line for line in gw.logs().splitlines()
-              if line.startswith("{") and orjson.loads(line).get("level") in ("error", "critical")]
-    assert not errors, errors[:5]
-
-
 def expected_frame(answer: dict, payload: Any, metadata: Any, timestamp: int) -> dict:
     return {"channel": "event", "event_id": answer["event_id"], "seq": answer["seq"], "type": answer["type"],
             "source": answer["source"], "timestamp": timestamp, "payload": payload, "metadata": metadata}
@@ -89,7 +79,7 @@ def expected_frame(answer: dict, payload: Any, metadata: Any, timestamp: int) ->
 
 async def expect_marker(gw, clients: list, label: str) -> dict:
     """Broadcast a marker; every client's next frame must be it (nothing slipped in before)."""
-    marker = await aingest(gw, "system.alert", dict(ALERT, alert_id=f"marker-{label}"))
+    marker = await apublish(gw, "system.alert", dict(ALERT, alert_id=f"marker-{label}"))
     for ws in clients:
         frame = await next_frame(ws)
         assert frame["event_id"] == marker["event_id"], (label, frame)
@@ -104,7 +94,7 @@ def test_broadcast_reaches_every_client_with_the_exact_frame(gateway):
         clients = [(await connect(gateway, f"client_id=fan{i}"))[0] for i in range(5)]
         before = int(time.time() * 1000)
         meta = {"correlation_id": "c-9", "origin": "test"}
-        answer = await aingest(gateway, "system.alert", ALERT, metadata=meta, source="hermes")
+        answer = await apublish(gateway, "system.alert", ALERT, metadata=meta, source="hermes")
         assert answer["broadcast"] is True
         frames = [await next_frame(ws) for ws in clients]
         assert set(frames[0]) == FRAME_KEYS  # no internal fields (canonical, broadcast, ...)
@@ -113,7 +103,7 @@ def test_broadcast_reaches_every_client_with_the_exact_frame(gateway):
         for frame in frames:
             assert frame == expected_frame(answer, ALERT, meta, timestamp)
         # metadata absent -> null
-        answer = await aingest(gateway, "switch.tension.updated",
+        answer = await apublish(gateway, "switch.tension.updated",
                                {"value": 3, "components": {"a": 1}, "timestamp": TS})
         for ws in clients:
             frame = await next_frame(ws)
@@ -121,11 +111,11 @@ def test_broadcast_reaches_every_client_with_the_exact_frame(gateway):
                                            frame["timestamp"])
 
         # what must not go out: broadcast false, a non-canonical type asking for it, a rejected event
-        quiet = await aingest(gateway, "system.alert", ALERT, broadcast=False)
+        quiet = await apublish(gateway, "system.alert", ALERT, broadcast=False)
         assert quiet["http_status"] == 201 and quiet["broadcast"] is False
-        custom = await aingest(gateway, "custom.thing", {"k": 1}, broadcast=True)
+        custom = await apublish(gateway, "custom.thing", {"k": 1}, broadcast=True)
         assert custom["http_status"] == 201 and custom["broadcast"] is False
-        rejected = await aingest(gateway, "system.alert", {"alert_id": "x"}, broadcast=True)
+        rejected = await apublish(gateway, "system.alert", {"alert_id": "x"}, broadcast=True)
         assert rejected["http_status"] == 422
         await expect_marker(gateway, clients, "after-quiet")
 
@@ -171,7 +161,7 @@ def test_client_events_are_echoed_stored_and_sent_to_every_client(gateway):
         # nothing else: one broadcast per event
         await expect_marker(gateway, [a, b, c], "after-valid")
 
-        rows = ledger_rows(gateway.db)
+        rows = ledger_by_id(gateway.db)
         assert rows[frame["event_id"]] == (frame["seq"], "system.alert", "operator-ui", True)
         assert rows[from_b[0]["event_id"]] == (from_b[0]["seq"], "shub.action.narrated", "ws:b", True)
         stored = len(rows)
@@ -196,7 +186,7 @@ def test_client_events_are_echoed_stored_and_sent_to_every_client(gateway):
         await c.send("{not json")
         assert await next_frame(c) == {"channel": "control", "type": "error", "error": "invalid_json"}
         await expect_marker(gateway, [a, b, c], "after-invalid")
-        assert len(ledger_rows(gateway.db)) == stored + 1  # only the marker
+        assert len(ledger_by_id(gateway.db)) == stored + 1  # only the marker
 
         # cardinality counted each accepted event once: 2 client events and 2 markers
         card = gateway.get("/debug/events/cardinality").json()
@@ -218,11 +208,11 @@ def _read_seqs(frames: list[dict]) -> list[int]:
 
 def test_replay_since_seq(gateway):
     k = 12
-    answers = [ingest(gateway, "system.alert", dict(ALERT, alert_id=f"r{i}")) for i in range(k)]
+    answers = [publish(gateway, "system.alert", dict(ALERT, alert_id=f"r{i}")) for i in range(k)]
     assert [a["seq"] for a in answers] == list(range(1, k + 1))
     # events that are not broadcast take seqs but are never replayed
-    ingest(gateway, "system.alert", ALERT, broadcast=False)
-    ingest(gateway, "custom.thing", {"x": 1}, broadcast=True)
+    publish(gateway, "system.alert", ALERT, broadcast=False)
+    publish(gateway, "custom.thing", {"x": 1}, broadcast=True)
     last_seq = k + 2
 
     async def go():
@@ -248,7 +238,7 @@ def test_replay_since_seq(gateway):
         clients[None] = plain
 
         # then live events follow, the same for everyone
-        live = await aingest(gateway, "system.alert", dict(ALERT, alert_id="live"))
+        live = await apublish(gateway, "system.alert", dict(ALERT, alert_id="live"))
         assert live["seq"] == last_seq + 1
         for since, ws in clients.items():
             frame = await next_frame(ws)
@@ -260,7 +250,7 @@ def test_replay_since_seq(gateway):
 
 def test_replay_is_truncated_to_the_newest(gateway_factory):
     gw = gateway_factory({"EDGELINK_WS_REPLAY_MAX": "10"})
-    answers = [ingest(gw, "system.alert", dict(ALERT, alert_id=f"t{i}")) for i in range(25)]
+    answers = [publish(gw, "system.alert", dict(ALERT, alert_id=f"t{i}")) for i in range(25)]
     assert answers[-1]["seq"] == 25
 
     async def go():
@@ -275,7 +265,7 @@ def test_replay_is_truncated_to_the_newest(gateway_factory):
         # live events follow a truncated replay
         ws, first = await connect(gw, "since_seq=0")
         frames = [await next_frame(ws) for _ in range(first["replayed"])]
-        live = await aingest(gw, "forensic.snapshot.created", {"snapshot_id": "s", "reason": "r", "timestamp": TS})
+        live = await apublish(gw, "forensic.snapshot.created", {"snapshot_id": "s", "reason": "r", "timestamp": TS})
         assert (await next_frame(ws))["seq"] == live["seq"] == frames[-1]["seq"] + 1
         await ws.close()
     run(go())
@@ -290,9 +280,9 @@ def _keepalive_ingester(gw, count: int, answers: list, progress: list, worker: i
     headers = {"X-VX11-Token": gw.token, "Content-Type": "application/json"}
     try:
         for i in range(count):
-            deadline = time.monotonic() + 30
-            while reader is not None and len(reader) < i - lead and time.monotonic() < deadline:
-                time.sleep(0.001)
+            if reader is not None:  # at most ``lead`` ahead of the reader (after 30 s, on regardless)
+                with contextlib.suppress(AssertionError):
+                    wait_until(lambda: len(reader) >= i - lead, 30, every=0.001)
             body = {"source": f"ing{worker}", "type": "system.alert", "broadcast": True,
                     "payload": dict(ALERT, alert_id=f"{worker}-{i}", message="m" * pad or ALERT["message"])}
             conn.request("POST", "/events/ingest", body=orjson.dumps(body), headers=headers)
@@ -317,9 +307,9 @@ async def _collect(ws, seqs: list[int]) -> None:
 
 
 async def _wait_for(seqs: list[int], target: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while (not seqs or seqs[-1] < target) and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    """Until ``seqs`` reaches ``target`` (or the timeout: the caller's check says what is missing)."""
+    with contextlib.suppress(AssertionError):
+        await until(lambda: seqs and seqs[-1] >= target, timeout)
 
 
 async def _probe_seam(ws, first: dict, live_after: int, ingest_over: asyncio.Event) -> list[int]:
@@ -509,7 +499,7 @@ def test_slow_consumer_is_closed_and_the_others_get_everything(gateway_factory):
         if closes:  # the close frame made it out before the socket was dropped
             assert struct.unpack("!H", closes[0][:2])[0] == 1013
         # the survivors still get live events
-        marker = await aingest(gw, "system.alert", dict(ALERT, alert_id="after-slow"))
+        marker = await apublish(gw, "system.alert", dict(ALERT, alert_id="after-slow"))
         for ws, seqs, task in normal:
             await _wait_for(seqs, marker["seq"], 10)
             assert seqs[-1] == marker["seq"]
@@ -574,7 +564,7 @@ def test_first_frame_is_always_the_control_frame_while_events_flow(gateway):
 
 
 def test_a_different_epoch_replays_from_the_oldest_stored_event(gateway):
-    answers = [ingest(gateway, "system.alert", dict(ALERT, alert_id=f"e{i}")) for i in range(5)]
+    answers = [publish(gateway, "system.alert", dict(ALERT, alert_id=f"e{i}")) for i in range(5)]
 
     async def go():
         ws, first = await connect(gateway, "since_seq=3")
@@ -603,7 +593,7 @@ def test_metadata_is_at_most_4_kib_on_ingest_and_from_clients(gateway):
         body = r.json()
         assert (r.status, body["error"]) == (422, "validation_error"), body
         assert body["detail"][0]["loc"] == ["body", "metadata"]
-        assert ingest(gateway, event_type, payload, metadata=at_limit)["http_status"] == 201
+        assert publish(gateway, event_type, payload, metadata=at_limit)["http_status"] == 201
 
     async def go():
         sender, _ = await connect(gateway, "client_id=sender")
@@ -613,7 +603,7 @@ def test_metadata_is_at_most_4_kib_on_ingest_and_from_clients(gateway):
         assert echo.get("metadata") == big, echo  # the echo
         error = await next_frame(sender)
         assert (error["channel"], error["type"], error["error"]) == ("control", "error", "validation_error")
-        marker = await aingest(gateway, "system.alert", dict(ALERT, alert_id="after-big"))
+        marker = await apublish(gateway, "system.alert", dict(ALERT, alert_id="after-big"))
         assert (await next_frame(other))["seq"] == marker["seq"]  # the big one was not broadcast
         await sender.close()
         await other.close()
@@ -668,7 +658,7 @@ def test_a_replay_paced_by_a_slow_reader_keeps_up_with_live_events(gateway_facto
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", gw.port))
-        ws = await websockets.connect(ws_url(gw, "since_seq=0"), sock=sock, max_queue=4)
+        ws = await websockets.connect(ws_url(gw, f"token={gw.token}&since_seq=0"), sock=sock, max_queue=4)
         first = orjson.loads(await ws.recv())
         assert first["replayed"] == before
         ingester = threading.Thread(target=_keepalive_ingester, args=(gw, during, answers, [0], 1, STUCK_PAD))
@@ -678,7 +668,7 @@ def test_a_replay_paced_by_a_slow_reader_keeps_up_with_live_events(gateway_facto
             frame = orjson.loads(await asyncio.wait_for(ws.recv(), 20))
             seqs.append(frame["seq"])
             if len(seqs) < 300:
-                await asyncio.sleep(0.005)  # slow at first, while the ingester runs
+                await asyncio.sleep(0.005)  # real time: a reader slow at first, while the ingester runs
         await asyncio.to_thread(ingester.join, 30)
         assert seqs == list(range(1, before + during + 1))
         await ws.close()
@@ -700,7 +690,7 @@ def test_deflate_streams_keep_their_order_while_echoes_and_broadcasts_interleave
                  for i in range(count)]
 
         def post(worker: int) -> list[int]:
-            return [ingest(gw, "system.alert", dict(ALERT, alert_id=f"in-{worker}-{i}"))["seq"]
+            return [publish(gw, "system.alert", dict(ALERT, alert_id=f"in-{worker}-{i}"))["seq"]
                     for i in range(count // 3)]
 
         posting = [asyncio.create_task(asyncio.to_thread(post, w)) for w in range(3)]
