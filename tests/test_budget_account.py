@@ -301,8 +301,10 @@ def test_streams_hold_one_slice_each_and_not_their_bodies(gateway_factory):
     # Finding 4: non-reading callers of a streaming route on 1 MiB chunks held ~759 KiB
     # each (179 MiB for 200), and eight streams posted with 1 MiB bodies kept the body
     # pool for as long as the module streamed, refusing every other ingest. With the
-    # DEFAULT account and marks, twice (peaks of 62-70 MiB measured). 158 streams is what the
-    # account holds with room to spare at STREAM_STATE plus a full slice each.
+    # DEFAULT account and marks, twice (peaks of 62-70 MiB measured). 158 streams at
+    # STREAM_STATE plus a full slice each is 25 MiB of the 40; a 1 MiB body holds about three
+    # times its size (as it arrives, decoded, encoded for the module) until its stream starts,
+    # so the eight come one after another: together they could find the account full.
     from test_streaming import StreamingModule, StreamPlan
 
     switch = StreamingModule("switch").start()
@@ -313,7 +315,11 @@ def test_streams_hold_one_slice_each_and_not_their_bodies(gateway_factory):
             gw = gateway_factory(module_env({"switch": switch}))
             socks = [never_reading_request(gw, stream_head(gw, b"{}"), b"{}") for _ in range(150)]
             big = orjson.dumps({"prompt": "p" * ((1 << 20) - 64)})
-            socks += [never_reading_request(gw, stream_head(gw, big), big) for _ in range(8)]
+            opened = 'edgelink_streams_open{route="/vx11/intent/{intent}"}'
+            wait_until(lambda: metric_sum(gw, opened) == 150, why="every stream open")
+            for n in range(151, 159):
+                socks.append(never_reading_request(gw, stream_head(gw, big), big))
+                wait_until(lambda: metric_sum(gw, opened) == n, why="the stream with a body open")
             wait_until(lambda: metric_sum(gw, 'edgelink_streams_open{route="/vx11/intent/{intent}"}') == 158,
                        why="every stream open")
             settle(gw, STREAMS)  # every slice filled: the gateway waits on its callers
