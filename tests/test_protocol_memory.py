@@ -10,7 +10,7 @@ import os
 import struct
 
 import orjson
-from memtransport import App, connect, make_server, turns
+from memtransport import App, MemoryTransport, connect, make_server, turns
 
 from edgelink.http.connection import HttpProtocol
 from edgelink.http.upgrade import WebSocketProtocol
@@ -365,6 +365,32 @@ def test_shutdown_closes_websockets_with_1001_and_answers_a_request_in_flight_th
         server.loop.run_ready()  # type: ignore[attr-defined]
         await asyncio.wait_for(stopping, 5)
         assert server.connections == set()
+
+    asyncio.run(run())
+
+
+def test_a_connection_accepted_as_shutdown_begins_has_its_request_answered():
+    # Under socket activation a poller across a restart connects at any moment: one the listener
+    # accepted in the pass that closed it was answered with a bare 503 error (no /health body)
+    # and not waited for. It is served like a connection made just before the signal.
+    async def run() -> None:
+        app = App()
+        server = make_server(app)
+        loop = asyncio.get_running_loop()
+        stopping = loop.create_task(server.shutdown(30.0))
+        accepted: list[MemoryTransport] = []
+        # accepted before the listener closed: its connection_made is a callback already queued
+        loop.call_soon(lambda: accepted.append(connect(server)))
+        await turns()
+        [late] = accepted
+        assert not stopping.done()  # its request is waited for
+        late.send(get("/health"))
+        await turns()
+        [answer] = answers(late.take())
+        assert answer[0] == 200 and answer[2] == b"/health|" and b"connection: close" in answer[1]
+        late.send_eof()
+        server.loop.run_ready()  # type: ignore[attr-defined]
+        await asyncio.wait_for(stopping, 5)
 
     asyncio.run(run())
 

@@ -130,10 +130,9 @@ class HttpProtocol(asyncio.Protocol):
         self.gate = ReadGate(self.transport)
         self.watch = SendWatch(self.loop, self.settings.send_timeout, self.transport, self.client,
                                self.server.dispatcher, self.abort)
-        if self.server.stopping:
-            self.transport.write(raw_error(503, "stopping"))
-            self.close()
-            return
+        # A connection accepted once shutdown began (in the loop pass that closed the listener)
+        # is served like one accepted just before: its request is answered, /health with its
+        # 503 "stopping" body, then it is closed; the header timeout and the grace bound it.
         if len(self.server.connections) >= self.settings.max_connections:
             self.server.refuse_connection(self.client)
             self.transport.write(raw_error(503, "too_many_connections"))

@@ -5,8 +5,9 @@ A connection is an ``HttpProtocol`` (connection.py: the phases of one exchange a
 another; the head's limits and refusals in head.py, the body in body.py, its answers
 written by writer.py, its timer in timer.py) until an upgrade hands it over to a
 ``WebSocketProtocol`` (upgrade.py) with ``transport.set_protocol``; both are a ``Connection`` to the listener and
-to the overload manager. The server refuses connections itself: 503 while stopping, and
-503 (counted, logged at most once a second) when the connection limit is reached.
+to the overload manager. Shutdown closes the listener (a connection it had accepted still
+has its request answered); the server refuses connections itself with 503 (counted, logged
+at most once a second) when the connection limit is reached.
 
 The loop and the clock are parameters (the running loop and ``time.monotonic`` by default),
 so that tests drive a connection with a loop whose timers they advance
@@ -143,6 +144,9 @@ class HttpServer:
         self.stopping = True
         for server in self._servers:
             server.close()
+        # Connections the listener accepted before it closed get connection_made in a later
+        # callback: let them in, so that their requests are waited for and answered too.
+        await asyncio.sleep(0)
         for conn in list(self.connections):
             conn.begin_shutdown()
         if any(c.busy for c in self.connections):
