@@ -1,7 +1,9 @@
 """Fixtures of the micro-benchmarks.
 
 Not collected by a plain ``pytest`` (the project's testpaths is ``tests``); run them with
-``.venv/bin/pytest bench/micro --benchmark-only``.
+``.venv/bin/pytest bench/micro --benchmark-only``, in one process: the suite's workers
+(``-n 4`` in the project's addopts) are turned off here, as pytest-benchmark would turn off
+the benchmarks under them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,13 @@ import pytest
 
 from edgelink.config import MODULE_DEFAULTS, load_settings
 from edgelink.gateway.prediction import HealthPredictor
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """No xdist workers: before xdist's own pytest_configure starts them, and before
+    pytest-benchmark's reads ``dist``."""
+    config.option.numprocesses, config.option.dist = 0, "no"
 
 
 @pytest.fixture(scope="session")
