@@ -60,6 +60,12 @@ def broker(kind: str, tmp: Path) -> Any:
     return Mosquitto(tmp).start()
 
 
+def process_cpu() -> float:
+    """CPU seconds of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def poll(gw: Gateway) -> dict[str, Any]:
     """The forwarder's status."""
     for _ in range(50):  # a busy 2-core box may reset one poll; the next one answers
@@ -171,10 +177,6 @@ def in_process(kind: str, root: Path, window: int, runs: int) -> dict[str, Any]:
     url = b.url + ("/5" if kind == "mqtt5" else "")
     settings = load_settings({"EDGELINK_FORWARD_URL": url, "EDGELINK_EDGE_ID": "box1", "ENABLE_AUTH": "false"})
 
-    def process_cpu() -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-
     async def catch_up(db: Path) -> tuple[float, float, float, int]:
         ledger = Ledger(str(db), sync="normal")
         await ledger.start()
@@ -266,16 +268,20 @@ def floor_mqtt(port: int, bodies: list[tuple[str, bytes, str]], window: int) -> 
     return elapsed
 
 
-def gateway_rate(gw: Gateway, backlog: int) -> float:
+def gateway_rate(gw: Gateway, backlog: int, broker_pid: int) -> tuple[float, float, float]:
     """Events/s the gateway's broker acked, from the first status poll (its wall clock
     before the poll, and the acked seq the poll read) to the last ack (the status's
     ``last_ack_at``, the gateway's own wall clock). Polls every 50 ms: the end is not a
-    poll's time, so sparse polls take less CPU from the catch-up without blurring it."""
-    t0 = time.time()
+    poll's time, so sparse polls take less CPU from the catch-up without blurring it.
+    With it, the CPU seconds per event of the gateway and of the broker over the same span
+    (to the poll that saw the backlog acked)."""
+    t0, cpu0, broker0 = time.time(), cpu_seconds(gw.proc.pid), cpu_seconds(broker_pid)
     first = acked(gw)
     while (st := poll(gw))["acked_seq"] < backlog:
         time.sleep(0.05)
-    return (backlog - first) / (st["last_ack_at"] / 1000 - t0)
+    events = backlog - first
+    return (events / (st["last_ack_at"] / 1000 - t0), (cpu_seconds(gw.proc.pid) - cpu0) / events,
+            (cpu_seconds(broker_pid) - broker0) / events)
 
 
 def floor_pairs(kind: str, root: Path, runs: int, backlog: int, window: int = 64) -> dict[str, Any]:
@@ -290,22 +296,33 @@ def floor_pairs(kind: str, root: Path, runs: int, backlog: int, window: int = 64
                              "metadata": None, "canonical": False}), f"floor:{run_id}:{i}")
               for run_id in ("x",) for i in range(1, backlog + 1)]
     gateway_rates, floor_rates = [], []
+    cpu: dict[str, list[float]] = {"gateway": [], "floor": [], "broker_gateway": [], "broker_floor": []}
+    assert b.proc is not None  # started
     try:
         for run in range(runs):
             gw = gateway(tmp, b.url, window, f"g{run}", backlog, sync="full")  # the default
             try:
-                gateway_rates.append(gateway_rate(gw, backlog))
+                rate, own, broker_cpu = gateway_rate(gw, backlog, b.proc.pid)
             finally:
                 gw.stop(signal.SIGKILL)
+            gateway_rates.append(rate)
+            cpu["gateway"].append(own)
+            cpu["broker_gateway"].append(broker_cpu)
             run_bodies = [(subject, body, msg_id.replace(":x:", f":{run}:")) for subject, body, msg_id in bodies]
+            # the floor runs in this process (paho's network loop in a thread of it)
+            mine0, broker0 = process_cpu(), cpu_seconds(b.proc.pid)
             seconds = floor_nats(b.url, run_bodies, window) if kind == "nats" else floor_mqtt(b.port, run_bodies, window)
             floor_rates.append(backlog / seconds)
+            cpu["floor"].append((process_cpu() - mine0) / backlog)
+            cpu["broker_floor"].append((cpu_seconds(b.proc.pid) - broker0) / backlog)
     finally:
         b.kill()
     g, f = statistics.median(gateway_rates), statistics.median(floor_rates)
     return {"window": window, "backlog": backlog, "runs": runs,
             "gateway_events_per_s": round(g), "floor_events_per_s": round(f), "ratio": round(g / f, 2),
-            "gateway_each": [round(r) for r in gateway_rates], "floor_each": [round(r) for r in floor_rates]}
+            "gateway_each": [round(r) for r in gateway_rates], "floor_each": [round(r) for r in floor_rates],
+            # medians, CPU seconds per 100,000 events: the client's own and the broker's
+            **{f"cpu_s_per_100k_{k}": round(statistics.median(v) * 100_000, 2) for k, v in cpu.items()}}
 
 
 def main() -> int:

@@ -46,8 +46,9 @@ PERMISSIONS = "permissions violation"
 PRESENCE = "vx11-presence."  # + edge_id: where boxes announce themselves
 PRESENCE_INTERVAL = 30.0  # seconds between announcements on a connection
 CLOSE_WAIT = 2.0  # seconds a close may take before the engine is dropped anyway
-# a reply's control line, without headers or a reply subject: "MSG <subject> <sid> <bytes>"
-_REPLY_LINE = re.compile(rb"MSG ([^ \r\n]+) (\d+) (\d+)\r\n")
+# a reply's control line, without headers or a reply subject: "MSG <subject> <sid> <bytes>";
+# nats-server writes the empty reply field as a second space ("MSG <subject> <sid>  <bytes>")
+_REPLY_LINE = re.compile(rb"MSG ([^ \r\n]+) (\d+) {1,2}(\d+)\r\n")
 
 
 class FrameTooLarge(OSError):
